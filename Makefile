@@ -1,0 +1,66 @@
+# Loracle. On a fresh machine `make demo` and `make test` work with nothing done before.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# CPU build by default; GPU users: make install TORCH_SPEC='torch==2.13.0 --index-url ...'
+# or install their CUDA torch into .venv first (an installed torch satisfies this pin's range).
+TORCH_SPEC ?= torch==2.13.0
+BUF_VERSION := 1.75.0
+BUF := .tools/node_modules/.bin/buf
+STAMP := $(VENV)/.installed
+export LORACLE_TEST_POSTGRES_URL ?= postgresql://postgres@127.0.0.1:5432/test
+
+.PHONY: install demo test proto check-generated lint-proto lint format typecheck pytest \
+        services bench eval-import serve clean
+
+install: $(STAMP) $(BUF)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install $(TORCH_SPEC)
+	$(BIN)/pip install -e '.[dev]'
+	touch $@
+
+$(BUF):
+	npm install --prefix .tools --no-audit --no-fund --loglevel=error @bufbuild/buf@$(BUF_VERSION)
+
+demo: install
+	$(BIN)/python -m server.devtools.demo
+
+test: check-generated lint-proto lint typecheck pytest
+
+proto: install
+	scripts/gen_protos.sh
+
+check-generated: install
+	scripts/check_generated.sh
+
+lint-proto: install
+	$(BUF) lint
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+typecheck: install
+	$(BIN)/mypy server client tests bench
+
+services:
+	scripts/ensure_services.sh
+
+pytest: install services
+	$(BIN)/pytest -q tests
+
+bench: install
+	$(BIN)/python bench/bench_catalog.py
+
+serve: install
+	$(BIN)/loracle-server --data-dir ./data
+
+clean:
+	rm -rf $(VENV) .tools .mypy_cache .ruff_cache .pytest_cache demo-data

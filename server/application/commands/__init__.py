@@ -1,0 +1,99 @@
+"""Commands and their handlers; the names of the seed API are kept."""
+
+from server.application.commands.base import (
+    CommandBus,
+    CommandError,
+    CommandResult,
+    ErrorKind,
+    HandlerAlreadyRegisteredError,
+    ICommand,
+    ICommandHandler,
+    IStreamCommand,
+    IStreamCommandHandler,
+)
+from server.application.commands.generation import (
+    CancelGenerationCommand,
+    GenerateImageCommand,
+    GenerationRequest,
+    LoraChoice,
+    QuickGenerateCommand,
+    SubmitGenerationCommand,
+)
+from server.application.commands.import_catalog import (
+    CatalogRecordInput,
+    ImportCatalogResult,
+    ImportLoRACatalogCommand,
+    ImportLoRACatalogHandler,
+    RecordError,
+)
+from server.application.commands.import_loras import (
+    ImportFileResult,
+    ImportLoRAsCommand,
+    ImportLoRAsHandler,
+    ImportOutcome,
+    ImportTotals,
+    ImportUpdate,
+)
+from server.application.commands.recommend import (
+    FilterConfidentRecommendationsCommand,
+    LoRARecommendation,
+    Recommender,
+    RecommendLoRAsCommand,
+    RecommendLoRAsHandler,
+    RecommendTopLoRACommand,
+    RecommendTopLoRAHandler,
+)
+from server.application.commands.register_lora import (
+    RegisterLoRACommand,
+    RegisterLoRAHandler,
+    RegisterLoRAResult,
+)
+from server.application.commands.update_lora import (
+    DeleteLoRACommand,
+    DeleteLoRAHandler,
+    UpdateLoRACommand,
+    UpdateLoRAHandler,
+)
+
+__all__ = [
+    "CancelGenerationCommand",
+    "CatalogRecordInput",
+    "CommandBus",
+    "CommandError",
+    "CommandResult",
+    "DeleteLoRACommand",
+    "DeleteLoRAHandler",
+    "ErrorKind",
+    "FilterConfidentRecommendationsCommand",
+    "GenerateImageCommand",
+    "GenerationRequest",
+    "HandlerAlreadyRegisteredError",
+    "ICommand",
+    "ICommandHandler",
+    "IStreamCommand",
+    "IStreamCommandHandler",
+    "ImportCatalogResult",
+    "ImportFileResult",
+    "ImportLoRACatalogCommand",
+    "ImportLoRACatalogHandler",
+    "ImportLoRAsCommand",
+    "ImportLoRAsHandler",
+    "ImportOutcome",
+    "ImportTotals",
+    "ImportUpdate",
+    "LoRARecommendation",
+    "LoraChoice",
+    "QuickGenerateCommand",
+    "RecommendLoRAsCommand",
+    "RecommendLoRAsHandler",
+    "RecommendTopLoRACommand",
+    "RecommendTopLoRAHandler",
+    "Recommender",
+    "RecordError",
+    "RegisterLoRACommand",
+    "RegisterLoRAHandler",
+    "RegisterLoRAResult",
+    "SubmitGenerationCommand",
+    "UpdateLoRACommand",
+    "UpdateLoRAHandler",
+]

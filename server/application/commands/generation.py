@@ -1,0 +1,54 @@
+"""Generation commands: declared with the v1 contract, handled once the diffusers executor
+lands. With no handler registered the bus answers UNIMPLEMENTED."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from server.application.commands.base import ICommand, IStreamCommand
+
+
+@dataclass(frozen=True, slots=True)
+class LoraChoice:
+    lora: str
+    weight: float | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GenerationRequest:
+    model: str = ""
+    prompt: str
+    negative_prompt: str = ""
+    width: int = 0
+    height: int = 0
+    steps: int = 0
+    guidance_scale: float | None = None
+    seed: int | None = None
+    num_images: int = 1
+    scheduler: str = ""
+    loras: tuple[LoraChoice, ...] = field(default_factory=tuple)
+    output_format: str = "png"
+    preview_every_n_steps: int = 0
+    chunk_size_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GenerateImageCommand(IStreamCommand[object]):
+    request: GenerationRequest
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QuickGenerateCommand(IStreamCommand[object]):
+    prompt: str
+    model: str = ""
+    seed: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SubmitGenerationCommand(ICommand[str]):
+    request: GenerationRequest
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CancelGenerationCommand(ICommand[None]):
+    generation_id: str

@@ -1,0 +1,166 @@
+"""ImportLoraCatalog: metadata records without files, matched on source_id. A batch is saved
+in one transaction with its request record, so a retried batch writes nothing twice."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from eventsourcing.domain import Aggregate
+
+from server.application.commands.base import CommandResult, ICommand, ICommandHandler
+from server.application.commands.idempotency import previous_result, record_for
+from server.application.context import current_context
+from server.application.ports import CatalogRepository
+from server.domain.lora import Lora, lora_id_for_source, metadata_to_dict
+from server.domain.models import BaseModelRef, LoraMetadata, LoraSource
+
+MAX_RECORDS_PER_BATCH = 10_000
+MAX_TEXT = 20_000
+MAX_ITEMS = 500
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CatalogRecordInput:
+    source_id: str
+    name: str
+    base_model: str = ""
+    tags: tuple[str, ...] = ()
+    trigger_words: tuple[str, ...] = ()
+    file_name: str = ""
+    description: str = ""
+    downloads: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RecordError:
+    index: int
+    source_id: str
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class ImportCatalogResult:
+    created: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    errors: tuple[RecordError, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ImportLoRACatalogCommand(ICommand[ImportCatalogResult]):
+    records: tuple[CatalogRecordInput, ...]
+
+
+class ImportLoRACatalogHandler(ICommandHandler[ImportLoRACatalogCommand, ImportCatalogResult]):
+    def __init__(self, catalog: CatalogRepository) -> None:
+        self._catalog = catalog
+
+    def handle(self, command: ImportLoRACatalogCommand) -> CommandResult[ImportCatalogResult]:
+        if len(command.records) > MAX_RECORDS_PER_BATCH:
+            return CommandResult.validation_error(
+                "records", f"at most {MAX_RECORDS_PER_BATCH} records per request"
+            )
+        previous = previous_result(self._catalog, command)
+        if previous is not None:
+            return CommandResult.success(
+                _result_from(previous), position=self._catalog.max_position()
+            )
+        ctx = current_context()
+        pending: dict[uuid.UUID, Lora] = {}
+        created = updated = unchanged = 0
+        errors: list[RecordError] = []
+        for index, record in enumerate(command.records):
+            problem = _problem(record)
+            if problem:
+                errors.append(RecordError(index, record.source_id, problem))
+                continue
+            metadata = metadata_to_dict(_metadata(record))
+            lora_id = lora_id_for_source(record.source_id)
+            lora = pending.get(lora_id) or self._catalog.get_lora(lora_id)
+            if lora is None:
+                lora = Lora(
+                    key=f"source:{record.source_id}",
+                    source=LoraSource.CATALOG.value,
+                    source_id=record.source_id,
+                    metadata=metadata,
+                    file=None,
+                    principal=ctx.principal,
+                    request_id=ctx.request_id,
+                )
+                created += 1
+            elif lora.metadata == metadata and not lora.deleted:
+                unchanged += 1
+                continue
+            else:
+                lora.update_record(
+                    metadata=metadata, principal=ctx.principal, request_id=ctx.request_id
+                )
+                updated += 1
+            pending[lora_id] = lora
+        result = ImportCatalogResult(created, updated, unchanged, tuple(errors))
+        command_record = record_for(command, _result_dict(result))
+        aggregates: list[Aggregate] = [*pending.values()]
+        if command_record is not None:
+            aggregates.append(command_record)
+        position = self._catalog.save(*aggregates) if aggregates else self._catalog.max_position()
+        return CommandResult.success(result, position=position)
+
+
+def _problem(record: CatalogRecordInput) -> str:
+    if not record.source_id.strip():
+        return "source_id: must not be empty"
+    if len(record.source_id) > 256:
+        return "source_id: at most 256 characters"
+    if not record.name.strip():
+        return "name: must not be empty"
+    if len(record.name) > 512 or len(record.file_name) > 512:
+        return "name and file_name: at most 512 characters"
+    if len(record.description) > MAX_TEXT:
+        return f"description: at most {MAX_TEXT} characters"
+    if len(record.tags) > MAX_ITEMS or len(record.trigger_words) > MAX_ITEMS:
+        return f"tags and trigger_words: at most {MAX_ITEMS} each"
+    if record.downloads < 0:
+        return "downloads: must not be negative"
+    return ""
+
+
+def _clean(items: tuple[str, ...]) -> tuple[str, ...]:
+    out: dict[str, None] = {}
+    for item in items:
+        text = " ".join(item.split())
+        if text:
+            out.setdefault(text, None)
+    return tuple(out)
+
+
+def _metadata(record: CatalogRecordInput) -> LoraMetadata:
+    return LoraMetadata(
+        name=record.name.strip(),
+        base_model=BaseModelRef.parse(record.base_model),
+        file_name=record.file_name.strip(),
+        trigger_words=_clean(record.trigger_words),
+        tags=_clean(record.tags),
+        description=record.description.strip(),
+        downloads=record.downloads,
+    )
+
+
+def _result_dict(result: ImportCatalogResult) -> dict[str, object]:
+    return {
+        "created": result.created,
+        "updated": result.updated,
+        "unchanged": result.unchanged,
+        "errors": [[e.index, e.source_id, e.error] for e in result.errors],
+    }
+
+
+def _result_from(d: dict[str, object]) -> ImportCatalogResult:
+    errors = d.get("errors", [])
+    assert isinstance(errors, list)
+    return ImportCatalogResult(
+        int(str(d["created"])),
+        int(str(d["updated"])),
+        int(str(d["unchanged"])),
+        tuple(RecordError(int(i), str(s), str(e)) for i, s, e in errors),
+    )

@@ -1,0 +1,158 @@
+"""ImportLoras: scan a directory, register new files, update changed ones, mark missing ones
+unavailable, and report every bad file without stopping. Each file is saved on its own, so an
+interrupted import keeps what it did and a rerun skips it."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+from server.application.commands.base import IStreamCommand, IStreamCommandHandler
+from server.application.commands.catalog_ops import upsert_file
+from server.application.commands.idempotency import previous_result, record_for
+from server.application.context import current_context
+from server.application.ports import CatalogRepository, Consistency, LoraFiles, LoraReadModel
+from server.domain.errors import BadLoraFileError, DomainError
+from server.domain.models import FileEntry
+
+
+class ImportOutcome(enum.Enum):
+    REGISTERED = "REGISTERED"
+    UPDATED = "UPDATED"
+    UNCHANGED = "UNCHANGED"
+    FAILED = "FAILED"
+    MARKED_UNAVAILABLE = "MARKED_UNAVAILABLE"
+
+
+@dataclass(frozen=True, slots=True)
+class ImportFileResult:
+    path: str
+    outcome: ImportOutcome
+    lora_id: str = ""
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ImportTotals:
+    files_total: int = 0
+    files_done: int = 0
+    registered: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    failed: int = 0
+    marked_unavailable: int = 0
+
+    def add(self, outcome: ImportOutcome) -> ImportTotals:
+        field = outcome.value.lower()
+        done = self.files_done + (outcome is not ImportOutcome.MARKED_UNAVAILABLE)
+        return replace(self, files_done=done, **{field: getattr(self, field) + 1})
+
+
+@dataclass(frozen=True, slots=True)
+class ImportUpdate:
+    """One message of the import stream; the last has `done` and the consistency position."""
+
+    totals: ImportTotals
+    file: ImportFileResult | None = None
+    done: bool = False
+    position: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ImportLoRAsCommand(IStreamCommand[ImportUpdate]):
+    directory: str = ""
+
+
+class ImportLoRAsHandler(IStreamCommandHandler[ImportLoRAsCommand, ImportUpdate]):
+    def __init__(
+        self,
+        files: LoraFiles,
+        catalog: CatalogRepository,
+        read_model: LoraReadModel,
+        consistency: Consistency,
+    ) -> None:
+        self._files = files
+        self._catalog = catalog
+        self._read_model = read_model
+        self._consistency = consistency
+
+    def handle(self, command: ImportLoRAsCommand) -> Iterator[ImportUpdate]:
+        previous = previous_result(self._catalog, command)
+        if previous is not None:
+            yield ImportUpdate(
+                ImportTotals(**previous), done=True, position=self._catalog.max_position()
+            )
+            return
+        target = command.directory or str(self._files.roots[0])
+        root, directory = self._files.resolve(target)
+        prefix = "" if directory == root else directory.relative_to(root).as_posix()
+        self._consistency.wait_for(self._catalog.max_position(), None)
+        known = {e.path: e for e in self._read_model.files_under(prefix)}
+        candidates = list(self._files.scan(target))
+        totals = ImportTotals(files_total=len(candidates))
+        seen: set[str] = set()
+        position = 0
+        for candidate in candidates:
+            result, saved_at = self._import_one(candidate, known)
+            seen.add(result.path)
+            position = max(position, saved_at)
+            totals = totals.add(result.outcome)
+            yield ImportUpdate(totals, result)
+        for path, entry in sorted(known.items()):
+            if path in seen or not entry.available:
+                continue
+            lora = self._catalog.get_lora(uuid.UUID(entry.lora_id))
+            if lora is None or lora.deleted or not lora.available:
+                continue
+            ctx = current_context()
+            lora.mark_unavailable(
+                reason="file missing", principal=ctx.principal, request_id=ctx.request_id
+            )
+            position = max(position, self._catalog.save(lora))
+            totals = totals.add(ImportOutcome.MARKED_UNAVAILABLE)
+            yield ImportUpdate(
+                totals, ImportFileResult(path, ImportOutcome.MARKED_UNAVAILABLE, entry.lora_id)
+            )
+        record = record_for(command, asdict(totals))
+        if record is not None:
+            position = max(position, self._catalog.save(record))
+        yield ImportUpdate(totals, done=True, position=position or self._catalog.max_position())
+
+    def _import_one(
+        self, candidate: Path, known: dict[str, FileEntry]
+    ) -> tuple[ImportFileResult, int]:
+        rel = self._files.relative(candidate)
+        entry = known.get(rel)
+        if entry is not None and entry.available and _same_stat(candidate, entry):
+            return ImportFileResult(rel, ImportOutcome.UNCHANGED, entry.lora_id), 0
+        try:
+            scanned = self._files.read(str(candidate))
+            change = upsert_file(
+                scanned,
+                self._catalog,
+                self._read_model,
+                path_owner=entry.lora_id if entry else None,
+            )
+            position = self._catalog.save(change.lora) if change.changed else 0
+        except BadLoraFileError as exc:
+            return ImportFileResult(rel, ImportOutcome.FAILED, error=exc.why), 0
+        except DomainError as exc:
+            if exc.reason == "UNAVAILABLE":
+                raise
+            return ImportFileResult(rel, ImportOutcome.FAILED, error=exc.message), 0
+        return ImportFileResult(
+            rel, ImportOutcome(change.outcome.value), str(change.lora.id)
+        ), position
+
+
+def _same_stat(path: Path, entry: FileEntry) -> bool:
+    try:
+        stat = path.stat()
+    except OSError:
+        return False
+    mtime = datetime.fromtimestamp(stat.st_mtime, tz=UTC)
+    return stat.st_size == entry.size_bytes and mtime == entry.modified_time

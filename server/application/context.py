@@ -1,0 +1,48 @@
+"""Who is asking, and within what limits: travels with each dispatch in a context variable."""
+
+from __future__ import annotations
+
+import contextvars
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchContext:
+    principal: str = "anonymous"
+    request_id: str = ""
+    correlation_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # Monotonic time by which the caller stops waiting; None for no deadline.
+    deadline: float | None = None
+    # A consistency token's position: queries wait until the read model has reached it.
+    min_position: int = 0
+    scopes: frozenset[str] = frozenset()
+
+    def time_remaining(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+    def with_request_id(self, request_id: str) -> DispatchContext:
+        return replace(self, request_id=request_id)
+
+
+SYSTEM_CONTEXT = DispatchContext(principal="system", correlation_id="")
+_current: contextvars.ContextVar[DispatchContext | None] = contextvars.ContextVar(
+    "loracle_dispatch_context", default=None
+)
+
+
+def current_context() -> DispatchContext:
+    """The context of the dispatch being handled (a system context outside any dispatch)."""
+    return _current.get() or SYSTEM_CONTEXT
+
+
+@contextmanager
+def use_context(ctx: DispatchContext) -> Iterator[DispatchContext]:
+    token = _current.set(ctx)
+    try:
+        yield ctx
+    finally:
+        _current.reset(token)

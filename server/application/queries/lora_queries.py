@@ -1,0 +1,141 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import ClassVar
+
+from server.application.ports import LoraReadModel
+from server.application.queries.base import IQuery, IQueryHandler, QueryResult
+from server.domain.errors import FieldViolation, NotFoundError, ValidationError
+from server.domain.models import (
+    Architecture,
+    AuditEntry,
+    EventFilter,
+    LoraFilter,
+    LoraView,
+    Page,
+    architecture_of,
+)
+
+MAX_PAGE_SIZE = 1000
+LORAS = frozenset({"loras"})
+EVENTS = frozenset({"events"})
+
+
+def page_size(value: int, default: int, maximum: int = MAX_PAGE_SIZE) -> int:
+    if value == 0:
+        return default
+    if not 1 <= value <= maximum:
+        raise ValidationError(FieldViolation("page_size", f"must be between 0 and {maximum}"))
+    return value
+
+
+def base_model_architecture(base_model: str) -> Architecture:
+    arch = architecture_of(base_model)
+    if arch in (Architecture.UNSPECIFIED, Architecture.OTHER):
+        raise ValidationError(
+            FieldViolation(
+                "base_model",
+                f"{base_model!r} is not a known base model; use an architecture "
+                "(SD1, SD2, SDXL, SD3, FLUX) or a lineage such as 'SD 1.5' or 'Pony'",
+            )
+        )
+    return arch
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GetLoRAByIdQuery(IQuery[LoraView]):
+    reads: ClassVar[frozenset[str]] = LORAS
+    lora_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GetAllLoRAsQuery(IQuery[Page[LoraView]]):
+    reads: ClassVar[frozenset[str]] = LORAS
+    page_size: int = 0
+    page_token: str = ""
+    tag: str = ""
+    available_only: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GetLoRAsByBaseModelQuery(IQuery[Page[LoraView]]):
+    reads: ClassVar[frozenset[str]] = LORAS
+    base_model: str
+    page_size: int = 0
+    page_token: str = ""
+    tag: str = ""
+    available_only: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SearchLoRAsByPromptQuery(IQuery[Page[object]]):
+    """Ranked search; its engine arrives with the recommendation issue."""
+
+    reads: ClassVar[frozenset[str]] = LORAS
+    prompt: str
+    base_model: str = ""
+    page_size: int = 0
+    page_token: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ListEventsQuery(IQuery[Page[AuditEntry]]):
+    reads: ClassVar[frozenset[str]] = EVENTS
+    page_size: int = 0
+    page_token: str = ""
+    aggregate_id: str = ""
+    type: str = ""
+    principal: str = ""
+    start_time: datetime | None = None
+    end_time: datetime | None = None
+
+
+class GetLoRAByIdHandler(IQueryHandler[GetLoRAByIdQuery, LoraView]):
+    def __init__(self, read_model: LoraReadModel) -> None:
+        self._read_model = read_model
+
+    def handle(self, query: GetLoRAByIdQuery) -> QueryResult[LoraView]:
+        view = self._read_model.get(query.lora_id) if query.lora_id else None
+        if view is None:
+            raise NotFoundError("lora", query.lora_id)
+        return QueryResult.success(view)
+
+
+class GetAllLoRAsHandler(IQueryHandler[GetAllLoRAsQuery, Page[LoraView]]):
+    def __init__(self, read_model: LoraReadModel) -> None:
+        self._read_model = read_model
+
+    def handle(self, query: GetAllLoRAsQuery) -> QueryResult[Page[LoraView]]:
+        flt = LoraFilter(None, query.tag.strip(), query.available_only)
+        return QueryResult.success(
+            self._read_model.list_loras(flt, page_size(query.page_size, 50), query.page_token)
+        )
+
+
+class GetLoRAsByBaseModelHandler(IQueryHandler[GetLoRAsByBaseModelQuery, Page[LoraView]]):
+    def __init__(self, read_model: LoraReadModel) -> None:
+        self._read_model = read_model
+
+    def handle(self, query: GetLoRAsByBaseModelQuery) -> QueryResult[Page[LoraView]]:
+        flt = LoraFilter(
+            base_model_architecture(query.base_model), query.tag.strip(), query.available_only
+        )
+        return QueryResult.success(
+            self._read_model.list_loras(flt, page_size(query.page_size, 50), query.page_token)
+        )
+
+
+class ListEventsHandler(IQueryHandler[ListEventsQuery, Page[AuditEntry]]):
+    def __init__(self, read_model: LoraReadModel) -> None:
+        self._read_model = read_model
+
+    def handle(self, query: ListEventsQuery) -> QueryResult[Page[AuditEntry]]:
+        if query.start_time and query.end_time and query.end_time <= query.start_time:
+            raise ValidationError(FieldViolation("end_time", "must be after start_time"))
+        flt = EventFilter(
+            query.aggregate_id, query.type, query.principal, query.start_time, query.end_time
+        )
+        return QueryResult.success(
+            self._read_model.events(flt, page_size(query.page_size, 100), query.page_token)
+        )

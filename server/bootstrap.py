@@ -1,0 +1,110 @@
+"""The composition root: the only module that wires infrastructure to the application.
+Tests pass their own pieces by keyword; everything else gets the real thing."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from server.application.commands import (
+    CommandBus,
+    DeleteLoRACommand,
+    DeleteLoRAHandler,
+    ImportLoRACatalogCommand,
+    ImportLoRACatalogHandler,
+    ImportLoRAsCommand,
+    ImportLoRAsHandler,
+    RegisterLoRACommand,
+    RegisterLoRAHandler,
+    UpdateLoRACommand,
+    UpdateLoRAHandler,
+)
+from server.application.middleware import Authorizer, Middleware, default_middlewares
+from server.application.ports import LoraFiles
+from server.application.queries import (
+    GetAllLoRAsHandler,
+    GetAllLoRAsQuery,
+    GetLoRAByIdHandler,
+    GetLoRAByIdQuery,
+    GetLoRAsByBaseModelHandler,
+    GetLoRAsByBaseModelQuery,
+    ListEventsHandler,
+    ListEventsQuery,
+    QueryBus,
+)
+from server.config import Settings
+from server.infrastructure.event_store import EventStore
+from server.infrastructure.lora_files import LoraFileReader
+from server.infrastructure.projector import Projector
+from server.infrastructure.read_model import ProjectedChange, SqlReadModel
+from server.infrastructure.storage_url import StorageUrl
+
+log = logging.getLogger("loracle")
+
+
+@dataclass
+class Container:
+    settings: Settings
+    commands: CommandBus
+    queries: QueryBus
+    store: EventStore
+    read_model: SqlReadModel
+    projector: Projector
+    files: LoraFiles
+    middlewares: list[Middleware] = field(default_factory=list)
+
+    def close(self) -> None:
+        self.projector.stop()
+        self.read_model.close()
+        self.store.close()
+
+
+def bootstrap(
+    settings: Settings,
+    *,
+    files: LoraFiles | None = None,
+    authorizer: Authorizer | None = None,
+    start_projector: bool = True,
+) -> Container:
+    url = StorageUrl.parse(settings.resolved_storage_url)
+    if url.kind == "sqlite":
+        assert url.sqlite_path is not None
+        url.sqlite_path.parent.mkdir(parents=True, exist_ok=True)
+    if files is None:
+        roots = settings.resolved_lora_roots
+        for root in roots:
+            root.mkdir(parents=True, exist_ok=True)
+        files = LoraFileReader(roots, max_header_bytes=settings.max_header_bytes)
+
+    store = EventStore(url)
+    read_model = SqlReadModel(url)
+    projector = Projector(store, read_model)
+    middlewares = default_middlewares(authorizer)
+    queries = QueryBus(middlewares, consistency=projector)
+
+    def invalidate(change: ProjectedChange) -> None:
+        topics = {"events"} if change.audit else set()
+        if change.upserts or change.deletes:
+            topics.add("loras")
+        queries.invalidate(topics)
+
+    projector.on_change(invalidate)
+    if settings.rebuild_projections:
+        log.info("rebuilt read models up to position %d", projector.rebuild())
+
+    commands = CommandBus(middlewares)
+    commands.register(RegisterLoRACommand, RegisterLoRAHandler(files, store, read_model, projector))
+    commands.register(ImportLoRAsCommand, ImportLoRAsHandler(files, store, read_model, projector))
+    commands.register(ImportLoRACatalogCommand, ImportLoRACatalogHandler(store))
+    commands.register(UpdateLoRACommand, UpdateLoRAHandler(store))
+    commands.register(DeleteLoRACommand, DeleteLoRAHandler(store))
+
+    queries.register(GetLoRAByIdQuery, GetLoRAByIdHandler(read_model))
+    queries.register(GetAllLoRAsQuery, GetAllLoRAsHandler(read_model))
+    queries.register(GetLoRAsByBaseModelQuery, GetLoRAsByBaseModelHandler(read_model))
+    queries.register(ListEventsQuery, ListEventsHandler(read_model))
+
+    if start_projector:
+        projector.catch_up()
+        projector.start()
+    return Container(settings, commands, queries, store, read_model, projector, files, middlewares)

@@ -1,0 +1,120 @@
+"""Settings from flags, environment (LORACLE_*) and a TOML file, in that order of precedence."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from server.domain.errors import FieldViolation, ValidationError
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    listen: str = "127.0.0.1:50051"
+    data_dir: Path = Path("./data")
+    # Empty: sqlite:///<data_dir>/loracle.db
+    storage_url: str = ""
+    # Empty: [<data_dir>/loras]
+    lora_roots: tuple[Path, ...] = ()
+    max_header_bytes: int = 16 * 1024 * 1024
+    max_message_bytes: int = 64 * 1024 * 1024
+    shutdown_grace_seconds: float = 10.0
+    log_level: str = "INFO"
+    rebuild_projections: bool = False
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def resolved_storage_url(self) -> str:
+        return self.storage_url or f"sqlite:///{self.data_dir.resolve() / 'loracle.db'}"
+
+    @property
+    def resolved_lora_roots(self) -> tuple[Path, ...]:
+        return self.lora_roots or (self.data_dir.resolve() / "loras",)
+
+
+_ENV = {
+    "listen": "LORACLE_LISTEN",
+    "data_dir": "LORACLE_DATA_DIR",
+    "storage_url": "LORACLE_STORAGE_URL",
+    "lora_roots": "LORACLE_LORA_ROOTS",  # os.pathsep-separated
+    "log_level": "LORACLE_LOG_LEVEL",
+}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    kinds = {f.name: f.type for f in fields(Settings)}
+    kind = str(kinds[name])
+    try:
+        if "Path" in kind and "tuple" in kind:
+            items = value.split(os.pathsep) if isinstance(value, str) else list(value)
+            return tuple(Path(str(v)).expanduser() for v in items if str(v))
+        if "Path" in kind:
+            return Path(str(value)).expanduser()
+        if kind == "int":
+            return int(value)
+        if kind == "float":
+            return float(value)
+        if kind == "bool":
+            return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+        return str(value)
+    except (TypeError, ValueError):
+        raise ValidationError(FieldViolation(name, f"invalid value {value!r}")) from None
+
+
+def load_settings(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    parser = argparse.ArgumentParser(prog="loracle-server", description=__doc__)
+    parser.add_argument("--listen", help="HOST:PORT to serve gRPC on (default 127.0.0.1:50051)")
+    parser.add_argument("--data-dir", help="where the SQLite store and default LoRA root live")
+    parser.add_argument("--config", help="TOML settings file (keys as in Settings)")
+    parser.add_argument("--storage-url", help="sqlite:///PATH or postgresql://USER@HOST/DB")
+    parser.add_argument(
+        "--lora-root",
+        action="append",
+        dest="lora_roots",
+        help="directory LoRA files may be registered from (repeatable)",
+    )
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
+    parser.add_argument(
+        "--rebuild-projections",
+        action="store_true",
+        default=None,
+        help="drop the read models and rebuild them from the event log",
+    )
+    args = parser.parse_args(argv)
+    env = os.environ if environ is None else environ
+
+    values: dict[str, Any] = {}
+    if args.config:
+        path = Path(args.config)
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ValidationError(FieldViolation("config", f"{path}: {exc}")) from None
+        known = {f.name for f in fields(Settings)}
+        for key, value in data.items():
+            if key in known:
+                values[key] = _coerce(key, value)
+            else:
+                values.setdefault("extra", {})[key] = value
+    for name, var in _ENV.items():
+        if env.get(var):
+            values[name] = _coerce(name, env[var])
+    for name in (
+        "listen",
+        "data_dir",
+        "storage_url",
+        "lora_roots",
+        "log_level",
+        "rebuild_projections",
+    ):
+        value = getattr(args, name)
+        if value is not None:
+            values[name] = _coerce(name, value)
+    return replace(Settings(), **values)

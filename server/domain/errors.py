@@ -1,0 +1,102 @@
+"""Domain errors. The transport maps each class to a status code in one table (rpc/errors.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    field: str
+    description: str
+
+
+class DomainError(Exception):
+    """Base of every error a client may see; `reason` is a stable UPPER_SNAKE code."""
+
+    reason = "DOMAIN_ERROR"
+
+    def __init__(self, message: str, *, metadata: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.metadata = dict(metadata or {})
+
+
+class ValidationError(DomainError):
+    """The request itself is wrong; each violation names the offending field."""
+
+    reason = "INVALID_ARGUMENT"
+
+    def __init__(self, violations: list[FieldViolation] | FieldViolation) -> None:
+        self.violations = [violations] if isinstance(violations, FieldViolation) else violations
+        super().__init__("; ".join(f"{v.field}: {v.description}" for v in self.violations))
+
+
+class NotFoundError(DomainError):
+    """The named resource does not exist (or no longer does)."""
+
+    reason = "NOT_FOUND"
+
+    def __init__(self, resource: str, resource_id: str) -> None:
+        super().__init__(
+            f"{resource} {resource_id!r} not found",
+            metadata={"resource": resource, "id": resource_id},
+        )
+        self.resource = resource
+        self.resource_id = resource_id
+
+
+class ConflictError(DomainError):
+    """The write clashes with existing state, e.g. a reused request_id."""
+
+    reason = "ALREADY_EXISTS"
+
+
+class PreconditionError(DomainError):
+    """The system is not in a state that allows the operation."""
+
+    reason = "FAILED_PRECONDITION"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str = "FAILED_PRECONDITION",
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, metadata=metadata)
+        self.reason = reason
+
+
+class UnavailableError(DomainError):
+    """A dependency (the store) is down; the client may retry."""
+
+    reason = "UNAVAILABLE"
+
+    def __init__(self, message: str, *, retry_after_seconds: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
+
+
+class ConsistencyTimeoutError(DomainError):
+    """The read model did not reach the requested consistency token in time."""
+
+    reason = "CONSISTENCY_TIMEOUT"
+
+
+class NotImplementedYetError(DomainError):
+    """A v1 method that is specified but not built yet."""
+
+    reason = "UNIMPLEMENTED"
+
+
+class BadLoraFileError(DomainError):
+    """A file that cannot be a LoRA: not safetensors, truncated, oversized header, wrong tensors,
+    or outside the configured roots."""
+
+    reason = "BAD_LORA_FILE"
+
+    def __init__(self, path: str, why: str) -> None:
+        super().__init__(f"{path}: {why}", metadata={"path": path})
+        self.path = path
+        self.why = why

@@ -1,0 +1,189 @@
+"""The catalog's vocabulary: pure values, no I/O, no grpc, no torch."""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class Architecture(enum.StrEnum):
+    """Network family; LoRAs apply only to models of the same family."""
+
+    UNSPECIFIED = "UNSPECIFIED"
+    SD1 = "SD1"
+    SD2 = "SD2"
+    SDXL = "SDXL"
+    SD3 = "SD3"
+    FLUX = "FLUX"
+    OTHER = "OTHER"
+
+
+class LoraSource(enum.StrEnum):
+    FILE = "FILE"
+    CATALOG = "CATALOG"
+
+
+# Civitai, kohya (ss_base_model_version) and modelspec (architecture) spell base models many
+# ways; the first pattern that matches wins, so specific names come before generic ones.
+_LINEAGE_PATTERNS: tuple[tuple[re.Pattern[str], Architecture], ...] = tuple(
+    (re.compile(p, re.IGNORECASE), a)
+    for p, a in (
+        (r"flux", Architecture.FLUX),
+        (r"sd[ _-]?3|stable-diffusion-v3", Architecture.SD3),
+        (
+            r"sdxl|sd[ _-]?xl|stable-diffusion-xl|pony|illustrious|noobai|playground|sd[ _]?1?0?24",
+            Architecture.SDXL,
+        ),
+        (r"sd[ _-]?v?2|stable-diffusion-v2|stable-diffusion-2", Architecture.SD2),
+        (r"sd[ _-]?v?1|stable-diffusion-v1|stable-diffusion-1|^sd$", Architecture.SD1),
+    )
+)
+
+
+def architecture_of(lineage: str) -> Architecture:
+    """Maps a base-model name from any source to its architecture (OTHER when unknown)."""
+    name = lineage.strip()
+    if not name:
+        return Architecture.UNSPECIFIED
+    try:
+        return Architecture(name.upper())
+    except ValueError:
+        pass
+    for pattern, arch in _LINEAGE_PATTERNS:
+        if pattern.search(name):
+            return arch
+    return Architecture.OTHER
+
+
+@dataclass(frozen=True, slots=True)
+class BaseModelRef:
+    architecture: Architecture
+    lineage: str = ""
+
+    @staticmethod
+    def parse(lineage: str) -> BaseModelRef:
+        return BaseModelRef(architecture_of(lineage), lineage.strip())
+
+    def is_compatible_with(self, architecture: Architecture) -> bool:
+        return self.architecture == architecture and architecture not in (
+            Architecture.UNSPECIFIED,
+            Architecture.OTHER,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class LoraFile:
+    path: str  # relative to its LoRA root, POSIX separators
+    size_bytes: int
+    sha256: str
+    modified_time: datetime
+
+    @property
+    def autov2(self) -> str:
+        """Civitai's AutoV2 hash: the first ten hex digits of the SHA-256."""
+        return self.sha256[:10].upper()
+
+
+@dataclass(frozen=True, slots=True)
+class LoraMetadata:
+    """What a file's header and sidecars, or a catalog record, say about a LoRA."""
+
+    name: str
+    base_model: BaseModelRef
+    file_name: str = ""
+    trigger_words: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    description: str = ""
+    preferred_weight: float | None = None
+    training_tags: tuple[tuple[str, int], ...] = ()
+    rank: int = 0
+    downloads: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class LoraView:
+    """A LoRA as readers see it: the read model's row and the API's `Lora`."""
+
+    id: str
+    metadata: LoraMetadata
+    source: LoraSource
+    source_id: str = ""
+    file: LoraFile | None = None
+    available: bool = False
+    create_time: datetime | None = None
+    update_time: datetime | None = None
+    version: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[T]):
+    items: tuple[T, ...]
+    next_page_token: str = ""
+    total_size: int = 0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self) -> Iterator[T]:
+        return iter(self.items)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    position: int
+    aggregate_id: str
+    aggregate_version: int
+    type: str
+    principal: str
+    request_id: str
+    occurred_at: datetime
+    data: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class LoraFilter:
+    architecture: Architecture | None = None
+    tag: str = ""
+    available_only: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class EventFilter:
+    aggregate_id: str = ""
+    type: str = ""
+    principal: str = ""
+    start_time: datetime | None = None
+    end_time: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FileEntry:
+    """What an import needs to know about a catalogued file to skip re-hashing it."""
+
+    lora_id: str
+    path: str
+    size_bytes: int
+    modified_time: datetime
+    sha256: str
+    available: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ScannedLora:
+    """A LoRA file as read from disk: where it lives, its identity and what it says."""
+
+    root: Path
+    file: LoraFile
+    metadata: LoraMetadata
+    header_metadata: dict[str, str] = field(default_factory=dict)

@@ -1,0 +1,506 @@
+"""Reads LoRA `.safetensors` files without loading tensors.
+
+Files come from disk trees that users fill with downloads, so everything here is hostile input:
+paths are confined to the configured roots, pickle formats are refused outright, the header is
+bounded before it is read, and metadata is parsed defensively (bad values are dropped, never
+raised).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+import math
+import os
+import re
+import stat
+import struct
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import BinaryIO, TypeGuard
+
+from server.domain.errors import BadLoraFileError, FieldViolation, ValidationError
+from server.domain.models import (
+    Architecture,
+    BaseModelRef,
+    LoraFile,
+    LoraMetadata,
+    ScannedLora,
+)
+
+__all__ = ["LoraFileReader", "ScannedLora", "detect_architecture", "sha256_file"]
+
+SAFETENSORS_SUFFIX = ".safetensors"
+# Formats a LoRA is commonly shipped in; all but safetensors are pickles that can run code on load.
+PICKLE_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin"})
+CANDIDATE_SUFFIXES = PICKLE_SUFFIXES | {SAFETENSORS_SUFFIX}
+
+_CHUNK = 1024 * 1024
+_MAX_SIDECAR_BYTES = 1024 * 1024
+_MAX_TRAINING_TAGS = 200
+
+# Bytes per element; unknown (newer) dtypes are accepted without a size check.
+_DTYPE_SIZES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+
+# kohya (lora_down/lora_up), peft (lora_A/lora_B), and the older diffusers attention-processor
+# spellings (to_k_lora.down, lora_linear_layer.down).
+_LORA_KEY = re.compile(r"lora[._](?:down|up|A|B)\b|lora_linear_layer\.(?:down|up)\b")
+_LORA_DOWN_KEY = re.compile(r"lora[._](?:down|A)\b|lora_linear_layer\.down\b")
+_CONTEXT_DIMS = {768: Architecture.SD1, 1024: Architecture.SD2, 2048: Architecture.SDXL}
+_TEXT_ENCODER_DIMS = {768: Architecture.SD1, 1024: Architecture.SD2}
+_A1111_SD_VERSIONS = {"SD1": Architecture.SD1, "SD2": Architecture.SD2, "SDXL": Architecture.SDXL}
+# kohya writes the string "None" for settings that were not given.
+_NULLISH = frozenset({"", "none", "null"})
+_UNKNOWN_ARCHITECTURES = (Architecture.UNSPECIFIED, Architecture.OTHER)
+
+
+def sha256_file(path: Path) -> str:
+    with path.open("rb") as f:
+        return _sha256_stream(f)
+
+
+def _sha256_stream(f: BinaryIO) -> str:
+    digest = hashlib.sha256()
+    while chunk := f.read(_CHUNK):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+class LoraFileReader:
+    def __init__(self, roots: Sequence[Path], *, max_header_bytes: int = 16 * 1024 * 1024) -> None:
+        resolved: list[Path] = []
+        for root in roots:
+            r = Path(root).expanduser().resolve()
+            if r not in resolved:
+                resolved.append(r)
+        self._roots = tuple(resolved)
+        self._max_header_bytes = max_header_bytes
+
+    @property
+    def roots(self) -> tuple[Path, ...]:
+        return self._roots
+
+    def resolve(self, path: str) -> tuple[Path, Path]:
+        """Confines `path` to the roots after following symlinks, so a link can't leak files."""
+        if not path:
+            raise _bad_path("must not be empty")
+        if "\0" in path:
+            raise _bad_path("must not contain NUL characters")
+        if ".." in re.split(r"[\\/]", path):
+            raise _bad_path(f"{path!r} must not contain '..' components")
+        if not self._roots:
+            raise _bad_path("no LoRA roots are configured")
+        candidate = Path(path)
+        if not candidate.is_absolute():
+            candidate = self._roots[0] / candidate
+        real = Path(os.path.realpath(candidate))
+        root = self._root_of(real)
+        if root is None:
+            raise _bad_path(f"{path!r} is outside the configured LoRA roots")
+        if not real.exists():
+            raise _bad_path(f"{path!r} does not exist")
+        return root, real
+
+    def relative(self, absolute: Path) -> str:
+        lexical = Path(os.path.abspath(absolute))
+        for candidate in (lexical, Path(os.path.realpath(absolute))):
+            root = self._root_of(candidate)
+            if root is not None:
+                return candidate.relative_to(root).as_posix()
+        raise _bad_path(f"{str(absolute)!r} is outside the configured LoRA roots")
+
+    def read(self, path: str) -> ScannedLora:
+        root, absolute = self.resolve(path)
+        rel = absolute.relative_to(root).as_posix()
+        suffix = absolute.suffix.lower()
+        if suffix in PICKLE_SUFFIXES:
+            raise BadLoraFileError(
+                rel, f"{suffix} is a pickle-based format that can run code; use .safetensors"
+            )
+        if suffix != SAFETENSORS_SUFFIX:
+            raise BadLoraFileError(rel, f"not a safetensors file (extension {suffix or 'none'!r})")
+        # A FIFO or device would block or stream forever; only plain files are read.
+        if not stat.S_ISREG(absolute.stat().st_mode):
+            raise BadLoraFileError(rel, "not a regular file")
+        with absolute.open("rb") as f:
+            st = os.fstat(f.fileno())
+            tensors, header_metadata = _read_header(f, st.st_size, self._max_header_bytes, rel)
+            f.seek(0)
+            sha256 = _sha256_stream(f)
+        lora_file = LoraFile(
+            path=rel,
+            size_bytes=st.st_size,
+            sha256=sha256,
+            modified_time=datetime.fromtimestamp(st.st_mtime, tz=UTC),
+        )
+        metadata = _extract_metadata(absolute, root, tensors, header_metadata)
+        return ScannedLora(root, lora_file, metadata, header_metadata)
+
+    def scan(self, directory: str) -> Iterator[Path]:
+        """Validates eagerly (errors surface at the call, not at the first `next`)."""
+        _, absolute = self.resolve(directory)
+        if not absolute.is_dir():
+            raise _bad_path(f"{directory!r} is not a directory")
+        try:
+            entries = _sorted_entries(absolute)
+        except OSError as e:
+            raise _bad_path(f"{directory!r} cannot be listed: {e.strerror}") from e
+        return _walk(entries)
+
+    def _root_of(self, real: Path) -> Path | None:
+        """The most specific root holding `real`: nested roots give the shortest relative path."""
+        matches = [r for r in self._roots if real == r or real.is_relative_to(r)]
+        return max(matches, key=lambda r: len(r.parts)) if matches else None
+
+
+def _bad_path(description: str) -> ValidationError:
+    return ValidationError(FieldViolation("path", description))
+
+
+def _sorted_entries(directory: Path) -> list[os.DirEntry[str]]:
+    with os.scandir(directory) as it:
+        return sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+
+
+def _walk(entries: list[os.DirEntry[str]]) -> Iterator[Path]:
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            try:
+                children = _sorted_entries(Path(entry.path))
+            except OSError:
+                continue  # an unreadable subdirectory must not abort the whole scan
+            yield from _walk(children)
+        elif os.path.splitext(entry.name)[1].lower() in CANDIDATE_SUFFIXES:
+            # Symlinks (even dangling ones) are yielded so read() can say why they are refused;
+            # links to directories are neither followed nor yielded.
+            if entry.is_symlink() and entry.is_dir():
+                continue
+            if entry.is_symlink() or entry.is_file(follow_symlinks=False):
+                yield Path(entry.path)
+
+
+# --- header -------------------------------------------------------------------------------------
+
+
+def _human_size(n: int) -> str:
+    for unit, scale in (("MB", 1024 * 1024), ("KB", 1024)):
+        if n >= scale:
+            return f"{n / scale:.1f}".removesuffix(".0") + f" {unit}"
+    return f"{n} bytes"
+
+
+def _read_header(
+    f: BinaryIO, size: int, max_header_bytes: int, rel: str
+) -> tuple[dict[str, dict[str, object]], dict[str, str]]:
+    """Bounds the declared header length before reading it, so a hostile file can't make us
+    allocate gigabytes."""
+    if size == 0:
+        raise BadLoraFileError(rel, "empty file")
+    prefix = f.read(9)
+    if len(prefix) < 8:
+        raise BadLoraFileError(rel, f"not a safetensors file (only {size} bytes)")
+    (n,) = struct.unpack("<Q", prefix[:8])
+    # safetensors headers are JSON objects; anything else is some other format or garbage.
+    if len(prefix) == 9 and prefix[8:9] != b"{":
+        raise BadLoraFileError(rel, "not a safetensors file")
+    if n == 0:
+        raise BadLoraFileError(rel, "not a safetensors file (header length is 0)")
+    if n > max_header_bytes:
+        raise BadLoraFileError(
+            rel, f"header too large ({_human_size(n)} > {_human_size(max_header_bytes)} limit)"
+        )
+    if 8 + n > size:
+        raise BadLoraFileError(rel, f"truncated: header says {n} bytes but file has {size}")
+    raw = prefix[8:] + f.read(n - len(prefix[8:]))
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise BadLoraFileError(rel, "header is not UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise BadLoraFileError(rel, f"header is not valid JSON ({e.msg})") from None
+    if not isinstance(header, dict):
+        raise BadLoraFileError(rel, "header is not a JSON object")
+
+    raw_metadata = header.pop("__metadata__", None)
+    metadata: dict[str, str] = {}
+    if isinstance(raw_metadata, dict):
+        metadata = {k: v for k, v in raw_metadata.items() if isinstance(v, str)}
+
+    data_size = size - 8 - n
+    tensors: dict[str, dict[str, object]] = {}
+    for key, entry in header.items():
+        tensors[key] = _check_tensor(rel, key, entry, data_size)
+    if not any(_LORA_KEY.search(k) for k in tensors):
+        raise BadLoraFileError(rel, "no LoRA tensors (looks like a full model or embedding)")
+    return tensors, metadata
+
+
+def _check_tensor(rel: str, key: str, entry: object, data_size: int) -> dict[str, object]:
+    if not isinstance(entry, dict):
+        raise BadLoraFileError(rel, f"tensor {key!r} is not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str):
+        raise BadLoraFileError(rel, f"tensor {key!r} has no dtype")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise BadLoraFileError(rel, f"tensor {key!r} has an invalid shape")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_is_count(o) for o in offsets)
+        or not offsets[0] <= offsets[1] <= data_size
+    ):
+        raise BadLoraFileError(rel, f"tensor {key!r} has data_offsets outside the file")
+    element_size = _DTYPE_SIZES.get(dtype)
+    if element_size is not None and offsets[1] - offsets[0] != math.prod(shape) * element_size:
+        raise BadLoraFileError(rel, f"tensor {key!r} size does not match its shape and dtype")
+    return entry
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+# --- metadata -----------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Draft:
+    name: str = ""
+    base_model: BaseModelRef = field(default_factory=lambda: BaseModelRef(Architecture.UNSPECIFIED))
+    trigger_words: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    description: str = ""
+    preferred_weight: float | None = None
+    training_tags: tuple[tuple[str, int], ...] = ()
+    rank: int = 0
+
+    def fill_base_model(self, ref: BaseModelRef) -> None:
+        """Fills an unknown base model; an OTHER one gives way to any known architecture."""
+        current = self.base_model.architecture
+        if current == Architecture.UNSPECIFIED or (
+            current == Architecture.OTHER and ref.architecture not in _UNKNOWN_ARCHITECTURES
+        ):
+            self.base_model = ref
+
+    def override_base_model(self, ref: BaseModelRef) -> None:
+        """A sidecar names the architecture; the existing, more specific lineage stays when they
+        agree."""
+        if ref.architecture == Architecture.UNSPECIFIED:
+            return
+        if ref.architecture == Architecture.OTHER:
+            self.fill_base_model(ref)
+        elif ref.architecture != self.base_model.architecture:
+            self.base_model = ref
+
+
+def _extract_metadata(
+    absolute: Path, root: Path, tensors: Mapping[str, Mapping[str, object]], meta: Mapping[str, str]
+) -> LoraMetadata:
+    d = _Draft()
+    _apply_kohya(d, meta)
+    _apply_modelspec(d, meta)
+    # Civitai first, then A1111: the A1111 card is what the user edited locally, so it wins.
+    civitai = _read_sidecar(absolute.with_name(absolute.stem + ".civitai.info"), root)
+    if civitai is not None:
+        _apply_civitai(d, civitai)
+    a1111 = _read_sidecar(absolute.with_name(absolute.stem + ".json"), root)
+    if a1111 is not None:
+        _apply_a1111(d, a1111)
+    if d.base_model.architecture in _UNKNOWN_ARCHITECTURES:
+        detected = detect_architecture(tensors)
+        if detected is not None:
+            d.base_model = BaseModelRef(detected, "")
+    if d.rank <= 0:
+        d.rank = _rank_from_shapes(tensors)
+    return LoraMetadata(
+        name=d.name or absolute.stem,
+        base_model=d.base_model,
+        file_name=absolute.stem,
+        trigger_words=d.trigger_words,
+        tags=d.tags,
+        description=d.description,
+        preferred_weight=d.preferred_weight,
+        training_tags=d.training_tags,
+        rank=d.rank,
+    )
+
+
+def _value(meta: Mapping[str, str], key: str) -> str:
+    v = meta.get(key, "").strip()
+    return "" if v.lower() in _NULLISH else v
+
+
+def _apply_kohya(d: _Draft, meta: Mapping[str, str]) -> None:
+    d.name = d.name or _value(meta, "ss_output_name")
+    for key in ("ss_base_model_version", "ss_sd_model_name"):
+        if lineage := _value(meta, key):
+            d.fill_base_model(BaseModelRef.parse(lineage))
+    if d.rank <= 0:
+        d.rank = _parse_int(_value(meta, "ss_network_dim")) or 0
+    if not d.training_tags:
+        d.training_tags = _tag_frequency(_value(meta, "ss_tag_frequency"))
+    d.description = d.description or _value(meta, "ss_training_comment")
+
+
+def _apply_modelspec(d: _Draft, meta: Mapping[str, str]) -> None:
+    d.name = d.name or _value(meta, "modelspec.title")
+    if architecture := _value(meta, "modelspec.architecture"):
+        # "stable-diffusion-xl-v1-base/lora": the part after the slash is the adapter kind.
+        d.fill_base_model(BaseModelRef.parse(architecture.split("/", 1)[0]))
+    d.trigger_words = d.trigger_words or _clean(_value(meta, "modelspec.trigger_phrase").split(","))
+    d.tags = d.tags or _clean(_value(meta, "modelspec.tags").split(","))
+    d.description = d.description or _value(meta, "modelspec.description")
+
+
+def _apply_a1111(d: _Draft, sidecar: Mapping[str, object]) -> None:
+    if description := _str(sidecar.get("description")):
+        d.description = description
+    if words := _clean(_str(sidecar.get("activation text")).split(",")):
+        d.trigger_words = words
+    weight = sidecar.get("preferred weight")
+    if _is_number(weight) and math.isfinite(weight) and weight != 0:
+        d.preferred_weight = float(weight)
+    version = _str(sidecar.get("sd version"))
+    if version.upper() in _A1111_SD_VERSIONS:
+        d.override_base_model(BaseModelRef.parse(version))
+    # Notes are the user's own; they stand in only when nothing describes the LoRA.
+    d.description = d.description or _str(sidecar.get("notes"))
+
+
+def _apply_civitai(d: _Draft, info: Mapping[str, object]) -> None:
+    model = info.get("model")
+    model = model if isinstance(model, dict) else {}
+    if name := _str(model.get("name")):
+        d.name = name
+    description = _strip_html(_str(model.get("description"))) or _strip_html(
+        _str(info.get("description"))
+    )
+    if description:
+        d.description = description
+    if words := _clean(_strs(info.get("trainedWords"))):
+        d.trigger_words = words
+    if tags := _clean(_strs(model.get("tags"))):
+        d.tags = tags
+    if base := _str(info.get("baseModel")):
+        d.override_base_model(BaseModelRef.parse(base))
+
+
+def _read_sidecar(path: Path, root: Path) -> dict[str, object] | None:
+    """Sidecars are optional hints: anything odd (too big, bad JSON, a link out of the root) is
+    ignored rather than failing the LoRA."""
+    try:
+        real = Path(os.path.realpath(path))
+        if not (real == root or real.is_relative_to(root)):
+            return None
+        st = real.stat()
+        if not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_SIDECAR_BYTES:
+            return None
+        with real.open("rb") as f:
+            data = f.read(_MAX_SIDECAR_BYTES + 1)
+        if len(data) > _MAX_SIDECAR_BYTES:
+            return None
+        parsed = json.loads(data.decode("utf-8-sig"))
+    except (OSError, ValueError):
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
+def _tag_frequency(raw: str) -> tuple[tuple[str, int], ...]:
+    if not raw:
+        return ()
+    try:
+        datasets = json.loads(raw)
+    except ValueError:
+        return ()
+    if not isinstance(datasets, dict):
+        return ()
+    totals: dict[str, int] = {}
+    for tags in datasets.values():
+        if not isinstance(tags, dict):
+            continue
+        for tag, count in tags.items():
+            tag = tag.strip()
+            if tag and isinstance(count, int) and not isinstance(count, bool) and count > 0:
+                totals[tag] = totals.get(tag, 0) + count
+    ranked = sorted(totals.items(), key=lambda tc: (-tc[1], tc[0]))
+    return tuple(ranked[:_MAX_TRAINING_TAGS])
+
+
+def detect_architecture(tensors: Mapping[str, Mapping[str, object]]) -> Architecture | None:
+    """Infers the family from tensor shapes, for files whose metadata was stripped."""
+    keys = sorted(tensors)
+    for key in keys:
+        is_cross_k = ("attn2_to_k" in key and "lora_down" in key) or (
+            "attn2.to_k" in key and "lora_A" in key
+        )
+        if is_cross_k and (arch := _CONTEXT_DIMS.get(_dim(tensors[key], 1))):
+            return arch
+    if any(k.startswith("lora_te2_") or "text_encoder_2" in k for k in keys):
+        return Architecture.SDXL
+    for key in keys:
+        is_te_q = "q_proj" in key and (
+            (key.startswith("lora_te_") and "lora_down" in key)
+            or ("text_encoder" in key and "lora_A" in key)
+        )
+        if is_te_q and (arch := _TEXT_ENCODER_DIMS.get(_dim(tensors[key], 1))):
+            return arch
+    return None
+
+
+def _rank_from_shapes(tensors: Mapping[str, Mapping[str, object]]) -> int:
+    for key in sorted(tensors):
+        if _LORA_DOWN_KEY.search(key):
+            return _dim(tensors[key], 0)
+    return 0
+
+
+def _dim(entry: Mapping[str, object], index: int) -> int:
+    shape = entry.get("shape")
+    if isinstance(shape, list) and len(shape) > index and isinstance(shape[index], int):
+        return int(shape[index])
+    return 0
+
+
+def _parse_int(raw: str) -> int | None:
+    try:
+        value = float(raw)
+    except ValueError:
+        return None
+    if not math.isfinite(value) or value != int(value) or value <= 0:
+        return None
+    return int(value)
+
+
+def _is_number(value: object) -> TypeGuard[int | float]:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _str(value: object) -> str:
+    return value.strip() if isinstance(value, str) else ""
+
+
+def _strs(value: object) -> list[str]:
+    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+
+
+def _clean(values: Iterable[str]) -> tuple[str, ...]:
+    """Strips, drops empties and de-duplicates, keeping first-seen order."""
+    return tuple(dict.fromkeys(s for v in values if (s := v.strip())))
+
+
+_BLOCK_END = re.compile(r"<\s*(?:br|/p|/div|/li|/h[1-6])\b[^>]*>", re.IGNORECASE)
+_TAG = re.compile(r"<[^>]*>")
+
+
+def _strip_html(text: str) -> str:
+    text = _TAG.sub("", _BLOCK_END.sub("\n", text))
+    lines = (" ".join(html.unescape(line).split()) for line in text.splitlines())
+    return "\n".join(line for line in lines if line)

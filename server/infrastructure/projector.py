@@ -1,0 +1,190 @@
+"""Follows the event log and keeps the read models up to date, off the request path.
+
+Each batch of events is applied in one read-model transaction together with the new tracking
+position, so a crash never applies an event twice or skips one. Other processes writing to a
+shared PostgreSQL are picked up by polling; local writes wake the projector at once."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from server.domain.errors import (
+    ConsistencyTimeoutError,
+    DomainError,
+    FieldViolation,
+    ValidationError,
+)
+from server.domain.lora import CommandRecord, Lora
+from server.domain.models import AuditEntry, LoraView
+from server.infrastructure.event_store import EventStore
+from server.infrastructure.read_model import ProjectedChange, SqlReadModel
+
+log = logging.getLogger("loracle.projector")
+
+_EVENT_FIELDS_NOT_IN_DATA = frozenset(
+    {
+        "timestamp",
+        "originator_topic",
+        "originator_id",
+        "originator_version",
+        "principal",
+        "request_id",
+    }
+)
+
+ChangeListener = Callable[[ProjectedChange], None]
+
+
+class Projector:
+    def __init__(
+        self,
+        store: EventStore,
+        read_model: SqlReadModel,
+        *,
+        batch_size: int = 1000,
+        poll_interval: float = 0.25,
+        default_wait: float = 30.0,
+    ) -> None:
+        self._store = store
+        self._read_model = read_model
+        self._batch_size = batch_size
+        self._poll_interval = poll_interval
+        self._default_wait = default_wait
+        self._position = read_model.position()
+        self._cond = threading.Condition()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._listeners: list[ChangeListener] = []
+        self.last_error: str = ""
+        store.on_saved(lambda _position: self._wake.set())
+
+    @property
+    def position(self) -> int:
+        return self._position
+
+    def on_change(self, listener: ChangeListener) -> None:
+        """Called after each applied batch (query-cache invalidation, search indexes)."""
+        self._listeners.append(listener)
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="loracle-projector", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def rebuild(self) -> int:
+        """Drops the read models and replays the whole log into them."""
+        self._read_model.reset()
+        with self._cond:
+            self._position = 0
+        return self.catch_up()
+
+    def catch_up(self) -> int:
+        """Projects everything recorded so far; returns the position reached."""
+        while self._project_batch():
+            pass
+        return self._position
+
+    def wait_for(self, position: int, timeout: float | None) -> None:
+        if position <= self._position:
+            return
+        if position > self._store.max_position():
+            raise ValidationError(
+                FieldViolation("consistency_token", "refers to a write this store has not recorded")
+            )
+        self._wake.set()
+        deadline = time.monotonic() + (self._default_wait if timeout is None else timeout)
+        with self._cond:
+            while self._position < position:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ConsistencyTimeoutError(
+                        f"read model at {self._position} has not reached {position} yet"
+                    )
+                self._cond.wait(min(remaining, self._poll_interval))
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                more = self._project_batch()
+                self.last_error = ""
+            except DomainError as exc:
+                self.last_error = exc.message
+                log.warning("projection paused: %s", exc.message)
+                more = False
+            except Exception as exc:  # keep following the log whatever one batch did
+                self.last_error = type(exc).__name__
+                log.exception("projection batch failed; retrying")
+                more = False
+            if not more:
+                self._wake.wait(self._poll_interval)
+                self._wake.clear()
+
+    def _project_batch(self) -> bool:
+        notifications = self._store.notifications(self._position, self._batch_size)
+        if not notifications:
+            return False
+        latest: dict[uuid.UUID, int] = {}
+        audit: list[AuditEntry] = []
+        for n in notifications:
+            event = self._store.decode(n)
+            if n.topic.startswith(_topic_prefix(CommandRecord)):
+                continue
+            latest[uuid.UUID(str(n.originator_id))] = n.originator_version
+            audit.append(_audit_entry(n.id, event))
+        upserts: list[LoraView] = []
+        deletes: list[str] = []
+        for aggregate_id, version in latest.items():
+            aggregate = self._store.get_at(aggregate_id, version)
+            if isinstance(aggregate, Lora):
+                if aggregate.deleted:
+                    deletes.append(str(aggregate_id))
+                else:
+                    upserts.append(aggregate.view())
+        change = ProjectedChange(notifications[-1].id, upserts, deletes, audit)
+        self._read_model.apply(change)
+        with self._cond:
+            self._position = change.position
+            self._cond.notify_all()
+        for listener in self._listeners:
+            try:
+                listener(change)
+            except Exception:
+                log.exception("projection listener failed")
+        return len(notifications) == self._batch_size
+
+
+def _topic_prefix(cls: type[Any]) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}."
+
+
+def _audit_entry(position: int, event: Any) -> AuditEntry:
+    owner, _, name = type(event).__qualname__.rpartition(".")
+    data = {k: v for k, v in vars(event).items() if k not in _EVENT_FIELDS_NOT_IN_DATA}
+    occurred = event.timestamp
+    if isinstance(occurred, datetime):
+        occurred = occurred if occurred.tzinfo else occurred.replace(tzinfo=UTC)
+        occurred = occurred.astimezone(UTC)
+    return AuditEntry(
+        position=position,
+        aggregate_id=str(event.originator_id),
+        aggregate_version=int(event.originator_version),
+        type=f"{owner}{name}",
+        principal=str(getattr(event, "principal", "")),
+        request_id=str(getattr(event, "request_id", "")),
+        occurred_at=occurred,
+        data=data,
+    )

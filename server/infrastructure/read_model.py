@@ -1,0 +1,421 @@
+"""Read models: denormalised tables projected from the event log, in the same database.
+One SQLAlchemy Core implementation serves SQLite and PostgreSQL alike."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from server.domain.errors import FieldViolation, UnavailableError, ValidationError
+from server.domain.lora import file_from_dict, file_to_dict, metadata_from_dict, metadata_to_dict
+from server.domain.models import (
+    AuditEntry,
+    EventFilter,
+    FileEntry,
+    LoraFilter,
+    LoraSource,
+    LoraView,
+    Page,
+)
+from server.infrastructure.storage_url import StorageUrl
+
+metadata = sa.MetaData()
+
+loras = sa.Table(
+    "rm_loras",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("name_key", sa.String(512), nullable=False),
+    sa.Column("architecture", sa.String(16), nullable=False),
+    sa.Column("available", sa.Boolean, nullable=False),
+    sa.Column("source", sa.String(16), nullable=False),
+    sa.Column("source_id", sa.String(256), nullable=False),
+    sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("file_path", sa.String(4096), nullable=False),
+    sa.Column("file_name_key", sa.String(512), nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("view_json", sa.Text, nullable=False),
+    sa.Index("rm_loras_order", "name_key", "id"),
+    sa.Index("rm_loras_arch", "architecture", "name_key", "id"),
+    sa.Index("rm_loras_sha", "sha256"),
+    sa.Index("rm_loras_path", "file_path"),
+    sa.Index("rm_loras_file_name", "file_name_key"),
+)
+
+lora_tags = sa.Table(
+    "rm_lora_tags",
+    metadata,
+    sa.Column("lora_id", sa.String(36), nullable=False),
+    sa.Column("tag_key", sa.String(256), nullable=False),
+    sa.PrimaryKeyConstraint("tag_key", "lora_id"),
+    sa.Index("rm_lora_tags_lora", "lora_id"),
+)
+
+audit_events = sa.Table(
+    "rm_audit_events",
+    metadata,
+    sa.Column("position", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("aggregate_id", sa.String(36), nullable=False),
+    sa.Column("aggregate_version", sa.Integer, nullable=False),
+    sa.Column("type", sa.String(128), nullable=False),
+    sa.Column("principal", sa.String(256), nullable=False),
+    sa.Column("request_id", sa.String(256), nullable=False),
+    sa.Column("occurred_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("data_json", sa.Text, nullable=False),
+    sa.Index("rm_audit_aggregate", "aggregate_id", "position"),
+    sa.Index("rm_audit_type", "type", "position"),
+    sa.Index("rm_audit_principal", "principal", "position"),
+    sa.Index("rm_audit_time", "occurred_at"),
+)
+
+tracking = sa.Table(
+    "rm_tracking",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("position", sa.BigInteger, nullable=False),
+)
+
+TRACKING_NAME = "catalog"
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectedChange:
+    """One projected batch: LoRAs to upsert or delete and audit rows, up to `position`."""
+
+    position: int
+    upserts: Sequence[LoraView] = ()
+    deletes: Sequence[str] = ()
+    audit: Sequence[AuditEntry] = ()
+
+
+def view_to_json(view: LoraView) -> str:
+    return json.dumps(
+        {
+            "id": view.id,
+            "metadata": metadata_to_dict(view.metadata),
+            "source": view.source.value,
+            "source_id": view.source_id,
+            "file": None if view.file is None else file_to_dict(view.file),
+            "available": view.available,
+            "create_time": view.create_time.isoformat() if view.create_time else None,
+            "update_time": view.update_time.isoformat() if view.update_time else None,
+            "version": view.version,
+        },
+        separators=(",", ":"),
+    )
+
+
+def view_from_json(text: str) -> LoraView:
+    d = json.loads(text)
+    return LoraView(
+        id=d["id"],
+        metadata=metadata_from_dict(d["metadata"]),
+        source=LoraSource(d["source"]),
+        source_id=d["source_id"],
+        file=None if d["file"] is None else file_from_dict(d["file"]),
+        available=bool(d["available"]),
+        create_time=datetime.fromisoformat(d["create_time"]) if d["create_time"] else None,
+        update_time=datetime.fromisoformat(d["update_time"]) if d["update_time"] else None,
+        version=int(d["version"]),
+    )
+
+
+def _encode_token(payload: dict[str, Any]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(payload).encode()).decode().rstrip("=")
+
+
+def _decode_token(token: str, filter_key: str) -> dict[str, Any]:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        payload = json.loads(raw)
+        if not isinstance(payload, dict) or payload.get("f") != filter_key:
+            raise ValueError("token was issued for a different filter")
+        return payload
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValidationError(
+            FieldViolation("page_token", f"not a page token of this listing ({exc})")
+        ) from None
+
+
+class SqlReadModel:
+    def __init__(self, url: StorageUrl) -> None:
+        kwargs: dict[str, Any] = {"future": True}
+        if url.kind == "memory":
+            kwargs["poolclass"] = sa.StaticPool
+            kwargs["connect_args"] = {"check_same_thread": False}
+        elif url.kind == "sqlite":
+            kwargs["connect_args"] = {"timeout": 10, "check_same_thread": False}
+        else:
+            kwargs["pool_pre_ping"] = True
+            kwargs["connect_args"] = {
+                "connect_timeout": 5,
+                "options": f"-c search_path={url.schema}",
+            }
+        self.engine: Engine = sa.create_engine(url.sqlalchemy_url(), **kwargs)
+        if url.kind == "sqlite":
+            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+        try:
+            metadata.create_all(self.engine)
+        except (OperationalError, DBAPIError) as exc:
+            raise UnavailableError(f"read model unavailable: {exc.orig}") from None
+
+    # -- writes (the projector only) ----------------------------------------------------
+
+    def apply(self, change: ProjectedChange) -> None:
+        with self._begin() as conn:
+            ids = [v.id for v in change.upserts] + list(change.deletes)
+            if ids:
+                conn.execute(lora_tags.delete().where(lora_tags.c.lora_id.in_(ids)))
+                conn.execute(loras.delete().where(loras.c.id.in_(ids)))
+            if change.upserts:
+                conn.execute(loras.insert(), [_lora_row(v) for v in change.upserts])
+                tag_rows = [
+                    {"lora_id": v.id, "tag_key": tag}
+                    for v in change.upserts
+                    for tag in sorted({t.casefold() for t in v.metadata.tags})
+                ]
+                if tag_rows:
+                    conn.execute(lora_tags.insert(), tag_rows)
+            if change.audit:
+                conn.execute(audit_events.insert(), [_audit_row(a) for a in change.audit])
+            updated = conn.execute(
+                tracking.update()
+                .where(tracking.c.name == TRACKING_NAME)
+                .values(position=change.position)
+            )
+            if updated.rowcount == 0:
+                conn.execute(tracking.insert().values(name=TRACKING_NAME, position=change.position))
+
+    def reset(self) -> None:
+        """Empties every read model so the projector rebuilds them from the event log."""
+        with self._begin() as conn:
+            for table in (lora_tags, loras, audit_events, tracking):
+                conn.execute(table.delete())
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def position(self) -> int:
+        with self._connect() as conn:
+            value = conn.execute(
+                sa.select(tracking.c.position).where(tracking.c.name == TRACKING_NAME)
+            ).scalar()
+        return int(value or 0)
+
+    def get(self, lora_id: str) -> LoraView | None:
+        with self._connect() as conn:
+            text = conn.execute(sa.select(loras.c.view_json).where(loras.c.id == lora_id)).scalar()
+        return None if text is None else view_from_json(text)
+
+    def find_by_sha256(self, sha256: str) -> LoraView | None:
+        with self._connect() as conn:
+            text = conn.execute(
+                sa.select(loras.c.view_json).where(loras.c.sha256 == sha256).limit(1)
+            ).scalar()
+        return None if text is None else view_from_json(text)
+
+    def find_by_path(self, path: str) -> LoraView | None:
+        with self._connect() as conn:
+            text = conn.execute(
+                sa.select(loras.c.view_json)
+                .where(loras.c.file_path == path)
+                .where(loras.c.source == LoraSource.FILE.value)
+                .limit(1)
+            ).scalar()
+        return None if text is None else view_from_json(text)
+
+    def find_by_file_name(self, file_name: str) -> list[LoraView]:
+        with self._connect() as conn:
+            rows = (
+                conn.execute(
+                    sa.select(loras.c.view_json)
+                    .where(loras.c.file_name_key == file_name.casefold())
+                    .order_by(loras.c.available.desc(), loras.c.id)
+                )
+                .scalars()
+                .all()
+            )
+        return [view_from_json(t) for t in rows]
+
+    def list_loras(self, flt: LoraFilter, page_size: int, page_token: str = "") -> Page[LoraView]:
+        filter_key = f"{flt.architecture}|{flt.tag.casefold()}|{flt.available_only}"
+        where = []
+        if flt.architecture is not None:
+            where.append(loras.c.architecture == flt.architecture.value)
+        if flt.available_only:
+            where.append(loras.c.available.is_(True))
+        if flt.tag:
+            where.append(
+                loras.c.id.in_(
+                    sa.select(lora_tags.c.lora_id).where(lora_tags.c.tag_key == flt.tag.casefold())
+                )
+            )
+        page_where = list(where)
+        if page_token:
+            after = _decode_token(page_token, filter_key)
+            page_where.append(
+                sa.tuple_(loras.c.name_key, loras.c.id)
+                > sa.tuple_(sa.literal(after["n"]), sa.literal(after["i"]))
+            )
+        with self._connect() as conn:
+            total = conn.execute(
+                sa.select(sa.func.count()).select_from(loras).where(*where)
+            ).scalar_one()
+            rows = conn.execute(
+                sa.select(loras.c.name_key, loras.c.id, loras.c.view_json)
+                .where(*page_where)
+                .order_by(loras.c.name_key, loras.c.id)
+                .limit(page_size + 1)
+            ).all()
+        more = len(rows) > page_size
+        rows = rows[:page_size]
+        token = _encode_token({"f": filter_key, "n": rows[-1][0], "i": rows[-1][1]}) if more else ""
+        return Page(tuple(view_from_json(r[2]) for r in rows), token, int(total))
+
+    def all_views(self, batch: int = 2000) -> Iterable[LoraView]:
+        """Every catalogued LoRA, streamed in id order (for indexes that follow the catalog)."""
+        last = ""
+        while True:
+            with self._connect() as conn:
+                rows = conn.execute(
+                    sa.select(loras.c.id, loras.c.view_json)
+                    .where(loras.c.id > last)
+                    .order_by(loras.c.id)
+                    .limit(batch)
+                ).all()
+            if not rows:
+                return
+            for row in rows:
+                yield view_from_json(row[1])
+            last = rows[-1][0]
+
+    def files_under(self, root_prefix: str) -> list[FileEntry]:
+        """File-backed LoRAs whose path lies in `root_prefix` ("" for the whole root)."""
+        query = sa.select(loras.c.view_json).where(loras.c.source == LoraSource.FILE.value)
+        if root_prefix:
+            prefix = root_prefix.rstrip("/") + "/"
+            query = query.where(loras.c.file_path.startswith(prefix, autoescape=True))
+        with self._connect() as conn:
+            texts = conn.execute(query).scalars().all()
+        entries = []
+        for text in texts:
+            view = view_from_json(text)
+            if view.file is not None:
+                entries.append(
+                    FileEntry(
+                        view.id,
+                        view.file.path,
+                        view.file.size_bytes,
+                        view.file.modified_time,
+                        view.file.sha256,
+                        view.available,
+                    )
+                )
+        return entries
+
+    def events(self, flt: EventFilter, page_size: int, page_token: str = "") -> Page[AuditEntry]:
+        filter_key = "|".join(
+            [flt.aggregate_id, flt.type, flt.principal, str(flt.start_time), str(flt.end_time)]
+        )
+        where = []
+        if flt.aggregate_id:
+            where.append(audit_events.c.aggregate_id == flt.aggregate_id)
+        if flt.type:
+            where.append(audit_events.c.type == flt.type)
+        if flt.principal:
+            where.append(audit_events.c.principal == flt.principal)
+        if flt.start_time is not None:
+            where.append(audit_events.c.occurred_at >= flt.start_time.astimezone(UTC))
+        if flt.end_time is not None:
+            where.append(audit_events.c.occurred_at < flt.end_time.astimezone(UTC))
+        if page_token:
+            where.append(audit_events.c.position > int(_decode_token(page_token, filter_key)["p"]))
+        with self._connect() as conn:
+            rows = (
+                conn.execute(
+                    sa.select(audit_events)
+                    .where(*where)
+                    .order_by(audit_events.c.position)
+                    .limit(page_size + 1)
+                )
+                .mappings()
+                .all()
+            )
+        more = len(rows) > page_size
+        entries = tuple(_audit_entry(r) for r in rows[:page_size])
+        token = _encode_token({"f": filter_key, "p": entries[-1].position}) if more else ""
+        return Page(entries, token, 0)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def _connect(self) -> Connection:
+        try:
+            return self.engine.connect()
+        except (OperationalError, DBAPIError) as exc:
+            raise UnavailableError(f"read model unavailable: {type(exc.orig).__name__}") from None
+
+    def _begin(self) -> Any:
+        try:
+            return self.engine.begin()
+        except (OperationalError, DBAPIError) as exc:
+            raise UnavailableError(f"read model unavailable: {type(exc.orig).__name__}") from None
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cursor = dbapi_conn.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def _lora_row(v: LoraView) -> dict[str, Any]:
+    return {
+        "id": v.id,
+        "name_key": v.metadata.name.casefold(),
+        "architecture": v.metadata.base_model.architecture.value,
+        "available": v.available,
+        "source": v.source.value,
+        "source_id": v.source_id,
+        "sha256": v.file.sha256 if v.file else "",
+        "file_path": v.file.path if v.file else "",
+        "file_name_key": v.metadata.file_name.casefold(),
+        "version": v.version,
+        "view_json": view_to_json(v),
+    }
+
+
+def _audit_row(a: AuditEntry) -> dict[str, Any]:
+    return {
+        "position": a.position,
+        "aggregate_id": a.aggregate_id,
+        "aggregate_version": a.aggregate_version,
+        "type": a.type,
+        "principal": a.principal,
+        "request_id": a.request_id,
+        "occurred_at": a.occurred_at,
+        "data_json": json.dumps(a.data, default=str, separators=(",", ":")),
+    }
+
+
+def _audit_entry(row: Any) -> AuditEntry:
+    occurred = row["occurred_at"]
+    if occurred.tzinfo is None:
+        occurred = occurred.replace(tzinfo=UTC)
+    return AuditEntry(
+        position=int(row["position"]),
+        aggregate_id=row["aggregate_id"],
+        aggregate_version=int(row["aggregate_version"]),
+        type=row["type"],
+        principal=row["principal"],
+        request_id=row["request_id"],
+        occurred_at=occurred,
+        data=json.loads(row["data_json"]),
+    )

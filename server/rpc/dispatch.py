@@ -1,0 +1,122 @@
+"""Runs bus dispatches off the event loop and turns failures into statuses. Servicers use
+only this, so every RPC gets the same context, deadline and error handling."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+
+from server.application.commands import CommandBus, CommandResult, ICommand, IStreamCommand
+from server.application.context import DispatchContext
+from server.application.queries import IQuery, IStreamQuery, QueryBus, QueryResult
+from server.rpc.errors import to_status
+from server.rpc.mapping import position_from_token
+
+T = TypeVar("T")
+_DONE = object()
+
+
+class Dispatcher:
+    def __init__(self, commands: CommandBus, queries: QueryBus) -> None:
+        self.commands = commands
+        self.queries = queries
+
+    def context(
+        self,
+        rpc: grpc.aio.ServicerContext[Any, Any],
+        *,
+        request_id: str = "",
+        consistency_token: str = "",
+    ) -> DispatchContext:
+        remaining = rpc.time_remaining()
+        return DispatchContext(
+            principal="anonymous",
+            request_id=request_id,
+            correlation_id=_correlation_id(rpc),
+            deadline=None if remaining is None else time.monotonic() + remaining,
+            min_position=position_from_token(consistency_token),
+        )
+
+    async def command(
+        self, rpc: grpc.aio.ServicerContext[Any, Any], command: ICommand[T], request_id: str
+    ) -> tuple[T, int]:
+        """The command's data and consistency position; aborts the RPC on failure."""
+        ctx = await self._context_or_abort(rpc, request_id=request_id)
+        try:
+            result: CommandResult[T] = await _in_thread(self.commands.dispatch, command, ctx)
+            data = result.unwrap()
+        except Exception as exc:
+            await abort(rpc, exc, ctx.correlation_id)
+        return data, result.position
+
+    async def query(
+        self, rpc: grpc.aio.ServicerContext[Any, Any], query: IQuery[T], consistency_token: str = ""
+    ) -> T:
+        ctx = await self._context_or_abort(rpc, consistency_token=consistency_token)
+        try:
+            result: QueryResult[T] = await _in_thread(self.queries.dispatch, query, ctx)
+        except Exception as exc:
+            await abort(rpc, exc, ctx.correlation_id)
+        return result.data
+
+    async def stream_command(
+        self, rpc: grpc.aio.ServicerContext[Any, Any], command: IStreamCommand[T], request_id: str
+    ) -> AsyncIterator[T]:
+        ctx = await self._context_or_abort(rpc, request_id=request_id)
+        async for item in self._drain(rpc, ctx, lambda: self.commands.stream(command, ctx)):
+            yield item
+
+    async def stream_query(
+        self, rpc: grpc.aio.ServicerContext[Any, Any], query: IStreamQuery[T]
+    ) -> AsyncIterator[T]:
+        ctx = await self._context_or_abort(rpc)
+        async for item in self._drain(rpc, ctx, lambda: self.queries.stream(query, ctx)):
+            yield item
+
+    async def _drain(
+        self,
+        rpc: grpc.aio.ServicerContext[Any, Any],
+        ctx: DispatchContext,
+        start: Callable[[], Iterator[T]],
+    ) -> AsyncIterator[T]:
+        try:
+            stream = await _in_thread(start)
+            while True:
+                item = await _in_thread(next, stream, _DONE)
+                if item is _DONE:
+                    return
+                yield item
+        except Exception as exc:
+            await abort(rpc, exc, ctx.correlation_id)
+
+    async def _context_or_abort(
+        self, rpc: grpc.aio.ServicerContext[Any, Any], **kwargs: str
+    ) -> DispatchContext:
+        try:
+            return self.context(rpc, **kwargs)
+        except Exception as exc:
+            await abort(rpc, exc, _correlation_id(rpc))
+
+
+async def abort(
+    rpc: grpc.aio.ServicerContext[Any, Any], exc: BaseException, correlation_id: str
+) -> NoReturn:
+    await rpc.abort_with_status(to_status(exc, correlation_id))
+    raise AssertionError("abort_with_status returned")  # pragma: no cover
+
+
+async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
+    """Torch and the database block; the event loop must not."""
+    return await asyncio.to_thread(fn, *args)
+
+
+def _correlation_id(rpc: grpc.aio.ServicerContext[Any, Any]) -> str:
+    for key, value in rpc.invocation_metadata() or ():
+        if key == "x-correlation-id" and isinstance(value, str) and 0 < len(value) <= 64:
+            return value
+    return uuid.uuid4().hex

@@ -1,0 +1,195 @@
+"""Proto messages <-> application messages. Pure translation, no decisions."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from google.protobuf import timestamp_pb2
+
+from loracle.v1 import command_service_pb2 as cmd_pb
+from loracle.v1 import types_pb2
+from server.application.commands import (
+    CatalogRecordInput,
+    GenerationRequest,
+    ImportOutcome,
+    ImportTotals,
+    ImportUpdate,
+    LoraChoice,
+    LoRARecommendation,
+)
+from server.domain.errors import FieldViolation, ValidationError
+from server.domain.models import Architecture, AuditEntry, LoraSource, LoraView
+
+_ARCH = {
+    Architecture.UNSPECIFIED: types_pb2.ARCHITECTURE_UNSPECIFIED,
+    Architecture.SD1: types_pb2.ARCHITECTURE_SD1,
+    Architecture.SD2: types_pb2.ARCHITECTURE_SD2,
+    Architecture.SDXL: types_pb2.ARCHITECTURE_SDXL,
+    Architecture.SD3: types_pb2.ARCHITECTURE_SD3,
+    Architecture.FLUX: types_pb2.ARCHITECTURE_FLUX,
+    Architecture.OTHER: types_pb2.ARCHITECTURE_OTHER,
+}
+_SOURCE = {
+    LoraSource.FILE: types_pb2.LORA_SOURCE_FILE,
+    LoraSource.CATALOG: types_pb2.LORA_SOURCE_CATALOG,
+}
+_OUTCOME = {
+    ImportOutcome.REGISTERED: cmd_pb.IMPORT_OUTCOME_REGISTERED,
+    ImportOutcome.UPDATED: cmd_pb.IMPORT_OUTCOME_UPDATED,
+    ImportOutcome.UNCHANGED: cmd_pb.IMPORT_OUTCOME_UNCHANGED,
+    ImportOutcome.FAILED: cmd_pb.IMPORT_OUTCOME_FAILED,
+    ImportOutcome.MARKED_UNAVAILABLE: cmd_pb.IMPORT_OUTCOME_MARKED_UNAVAILABLE,
+}
+_FORMATS = {
+    types_pb2.IMAGE_FORMAT_UNSPECIFIED: "png",
+    types_pb2.IMAGE_FORMAT_PNG: "png",
+    types_pb2.IMAGE_FORMAT_JPEG: "jpeg",
+    types_pb2.IMAGE_FORMAT_WEBP: "webp",
+}
+
+
+def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
+    if value is None:
+        return None
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def lora_to_proto(view: LoraView) -> types_pb2.Lora:
+    m = view.metadata
+    msg = types_pb2.Lora(
+        id=view.id,
+        name=m.name,
+        base_model=types_pb2.BaseModelRef(
+            architecture=_ARCH[m.base_model.architecture], lineage=m.base_model.lineage
+        ),
+        trigger_words=m.trigger_words,
+        tags=m.tags,
+        description=m.description,
+        source=_SOURCE[view.source],
+        source_id=view.source_id,
+        available=view.available,
+        downloads=m.downloads,
+        file_name=m.file_name,
+        training_tags=[types_pb2.TagCount(tag=t, count=c) for t, c in m.training_tags],
+        rank=m.rank,
+        create_time=timestamp(view.create_time),
+        update_time=timestamp(view.update_time),
+        version=view.version,
+    )
+    if m.preferred_weight is not None:
+        msg.preferred_weight = m.preferred_weight
+    if view.file is not None:
+        msg.file.CopyFrom(
+            types_pb2.LoraFile(
+                path=view.file.path,
+                size_bytes=view.file.size_bytes,
+                sha256=view.file.sha256,
+                autov2=view.file.autov2,
+                modified_time=timestamp(view.file.modified_time),
+            )
+        )
+    return msg
+
+
+def recommendation_to_proto(rec: LoRARecommendation) -> types_pb2.Recommendation:
+    return types_pb2.Recommendation(
+        lora=lora_to_proto(rec.lora),
+        confidence=rec.confidence,
+        weight=rec.weight,
+        trigger_words=rec.trigger_words,
+        reasons=rec.reasons,
+    )
+
+
+def audit_to_proto(entry: AuditEntry) -> types_pb2.AuditEvent:
+    import json
+
+    return types_pb2.AuditEvent(
+        position=entry.position,
+        aggregate_id=entry.aggregate_id,
+        aggregate_version=entry.aggregate_version,
+        type=entry.type,
+        principal=entry.principal,
+        request_id=entry.request_id,
+        occur_time=timestamp(entry.occurred_at),
+        data_json=json.dumps(entry.data, default=str, sort_keys=True),
+    )
+
+
+def totals_to_proto(t: ImportTotals) -> cmd_pb.ImportProgress:
+    return cmd_pb.ImportProgress(
+        files_total=t.files_total,
+        files_done=t.files_done,
+        registered=t.registered,
+        updated=t.updated,
+        unchanged=t.unchanged,
+        failed=t.failed,
+        marked_unavailable=t.marked_unavailable,
+    )
+
+
+def import_update_to_proto(update: ImportUpdate) -> cmd_pb.ImportLorasResponse:
+    msg = cmd_pb.ImportLorasResponse(progress=totals_to_proto(update.totals), done=update.done)
+    if update.file is not None:
+        msg.file.CopyFrom(
+            cmd_pb.ImportFileResult(
+                path=update.file.path,
+                outcome=_OUTCOME[update.file.outcome],
+                lora_id=update.file.lora_id,
+                error=update.file.error,
+            )
+        )
+    if update.done:
+        msg.consistency_token = token_for(update.position)
+    return msg
+
+
+def catalog_record_from_proto(r: cmd_pb.CatalogRecord) -> CatalogRecordInput:
+    return CatalogRecordInput(
+        source_id=r.source_id,
+        name=r.name,
+        base_model=r.base_model,
+        tags=tuple(r.tags),
+        trigger_words=tuple(r.trigger_words),
+        file_name=r.file_name,
+        description=r.description,
+        downloads=r.downloads,
+    )
+
+
+def generation_request_from_proto(spec: types_pb2.GenerationSpec) -> GenerationRequest:
+    return GenerationRequest(
+        model=spec.model,
+        prompt=spec.prompt,
+        negative_prompt=spec.negative_prompt,
+        width=spec.width,
+        height=spec.height,
+        steps=spec.steps,
+        guidance_scale=spec.guidance_scale if spec.HasField("guidance_scale") else None,
+        seed=spec.seed if spec.HasField("seed") else None,
+        num_images=spec.num_images or 1,
+        scheduler=spec.scheduler,
+        loras=tuple(
+            LoraChoice(s.lora, s.weight if s.HasField("weight") else None) for s in spec.loras
+        ),
+        output_format=_FORMATS.get(spec.output_format, "png"),
+        preview_every_n_steps=spec.preview_every_n_steps,
+        chunk_size_bytes=spec.chunk_size_bytes,
+    )
+
+
+def token_for(position: int) -> str:
+    """Consistency tokens are opaque to clients; today they carry a log position."""
+    return str(position) if position > 0 else ""
+
+
+def position_from_token(token: str) -> int:
+    if not token:
+        return 0
+    if not token.isdigit() or len(token) > 18:
+        raise ValidationError(
+            FieldViolation("consistency_token", "not a token returned by a command of this service")
+        )
+    return int(token)

@@ -1,0 +1,303 @@
+"""gRPC servicers: translate messages to bus dispatches and results back. No decisions here."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+from google.protobuf import timestamp_pb2
+
+from loracle.v1 import command_service_pb2 as cmd_pb
+from loracle.v1 import command_service_pb2_grpc as cmd_grpc
+from loracle.v1 import query_service_pb2 as qry_pb
+from loracle.v1 import query_service_pb2_grpc as qry_grpc
+from server.application.commands import (
+    CancelGenerationCommand,
+    DeleteLoRACommand,
+    FilterConfidentRecommendationsCommand,
+    GenerateImageCommand,
+    ImportLoRACatalogCommand,
+    ImportLoRAsCommand,
+    QuickGenerateCommand,
+    RecommendLoRAsCommand,
+    RecommendTopLoRACommand,
+    RegisterLoRACommand,
+    SubmitGenerationCommand,
+    UpdateLoRACommand,
+)
+from server.application.queries import (
+    GetAllLoRAsQuery,
+    GetGenerationQuery,
+    GetLoRAByIdQuery,
+    GetLoRAsByBaseModelQuery,
+    ListBaseModelsQuery,
+    ListEventsQuery,
+    ListGenerationsQuery,
+    SearchLoRAsByPromptQuery,
+    WatchGenerationQuery,
+)
+from server.rpc.dispatch import Dispatcher
+from server.rpc.mapping import (
+    audit_to_proto,
+    catalog_record_from_proto,
+    generation_request_from_proto,
+    import_update_to_proto,
+    lora_to_proto,
+    recommendation_to_proto,
+    token_for,
+)
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+
+class CommandServicer(cmd_grpc.CommandServiceServicer):
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self._d = dispatcher
+
+    async def RegisterLora(
+        self, request: cmd_pb.RegisterLoraRequest, context: Ctx
+    ) -> cmd_pb.RegisterLoraResponse:
+        result, position = await self._d.command(
+            context, RegisterLoRACommand(path=request.path), request.request_id
+        )
+        return cmd_pb.RegisterLoraResponse(
+            lora=lora_to_proto(result.lora),
+            created=result.created,
+            consistency_token=token_for(position),
+        )
+
+    async def ImportLoras(
+        self, request: cmd_pb.ImportLorasRequest, context: Ctx
+    ) -> AsyncIterator[cmd_pb.ImportLorasResponse]:
+        command = ImportLoRAsCommand(directory=request.directory)
+        async for update in self._d.stream_command(context, command, request.request_id):
+            yield import_update_to_proto(update)
+
+    async def ImportLoraCatalog(
+        self, request: cmd_pb.ImportLoraCatalogRequest, context: Ctx
+    ) -> cmd_pb.ImportLoraCatalogResponse:
+        command = ImportLoRACatalogCommand(
+            records=tuple(catalog_record_from_proto(r) for r in request.records)
+        )
+        result, position = await self._d.command(context, command, request.request_id)
+        return cmd_pb.ImportLoraCatalogResponse(
+            created=result.created,
+            updated=result.updated,
+            unchanged=result.unchanged,
+            errors=[
+                cmd_pb.CatalogRecordError(index=e.index, source_id=e.source_id, error=e.error)
+                for e in result.errors
+            ],
+            consistency_token=token_for(position),
+        )
+
+    async def UpdateLora(
+        self, request: cmd_pb.UpdateLoraRequest, context: Ctx
+    ) -> cmd_pb.UpdateLoraResponse:
+        changes: dict[str, Any] = {}
+        for path in request.update_mask.paths:
+            if path in ("trigger_words", "tags"):
+                changes[path] = list(getattr(request.lora, path))
+            elif path == "preferred_weight":
+                has = request.lora.HasField("preferred_weight")
+                changes[path] = request.lora.preferred_weight if has else None
+            elif path in ("name", "description"):
+                changes[path] = getattr(request.lora, path)
+            else:
+                changes[path] = None  # refused by validation with the editable list
+        command = UpdateLoRACommand(lora_id=request.lora.id, changes=changes)
+        view, position = await self._d.command(context, command, request.request_id)
+        return cmd_pb.UpdateLoraResponse(
+            lora=lora_to_proto(view), consistency_token=token_for(position)
+        )
+
+    async def DeleteLora(
+        self, request: cmd_pb.DeleteLoraRequest, context: Ctx
+    ) -> cmd_pb.DeleteLoraResponse:
+        _, position = await self._d.command(
+            context, DeleteLoRACommand(lora_id=request.id), request.request_id
+        )
+        return cmd_pb.DeleteLoraResponse(consistency_token=token_for(position))
+
+    async def RecommendLoras(
+        self, request: cmd_pb.RecommendLorasRequest, context: Ctx
+    ) -> cmd_pb.RecommendLorasResponse:
+        command = RecommendLoRAsCommand(
+            prompt=request.prompt,
+            base_model=request.base_model,
+            max_loras=request.max_loras or 3,
+            min_confidence=(request.min_confidence if request.HasField("min_confidence") else None),
+            include_unavailable=request.include_unavailable,
+        )
+        recs, position = await self._d.command(context, command, request.request_id)
+        return cmd_pb.RecommendLorasResponse(
+            recommendations=[recommendation_to_proto(r) for r in recs],
+            consistency_token=token_for(position),
+        )
+
+    async def RecommendTopLora(
+        self, request: cmd_pb.RecommendTopLoraRequest, context: Ctx
+    ) -> cmd_pb.RecommendTopLoraResponse:
+        command = RecommendTopLoRACommand(
+            prompt=request.prompt,
+            base_model=request.base_model,
+            min_confidence=(request.min_confidence if request.HasField("min_confidence") else None),
+            include_unavailable=request.include_unavailable,
+        )
+        rec, position = await self._d.command(context, command, request.request_id)
+        response = cmd_pb.RecommendTopLoraResponse(consistency_token=token_for(position))
+        if rec is None:
+            response.none_reason = "no LoRA is confident enough for this prompt"
+        else:
+            response.recommendation.CopyFrom(recommendation_to_proto(rec))
+        return response
+
+    async def FilterConfidentRecommendations(
+        self, request: cmd_pb.FilterConfidentRecommendationsRequest, context: Ctx
+    ) -> cmd_pb.FilterConfidentRecommendationsResponse:
+        command = FilterConfidentRecommendationsCommand(
+            recommendation_id=request.recommendation_id, min_confidence=request.min_confidence
+        )
+        recs, _ = await self._d.command(context, command, request.request_id)
+        return cmd_pb.FilterConfidentRecommendationsResponse(
+            recommendations=[recommendation_to_proto(r) for r in recs]
+        )
+
+    async def GenerateImage(
+        self, request: cmd_pb.GenerateImageRequest, context: Ctx
+    ) -> AsyncIterator[cmd_pb.GenerateImageResponse]:
+        command = GenerateImageCommand(request=generation_request_from_proto(request.spec))
+        async for event in self._d.stream_command(context, command, request.request_id):
+            yield cmd_pb.GenerateImageResponse(event=event)  # type: ignore[arg-type]
+
+    async def QuickGenerate(
+        self, request: cmd_pb.QuickGenerateRequest, context: Ctx
+    ) -> AsyncIterator[cmd_pb.QuickGenerateResponse]:
+        command = QuickGenerateCommand(
+            prompt=request.prompt,
+            model=request.model,
+            seed=request.seed if request.HasField("seed") else None,
+        )
+        async for event in self._d.stream_command(context, command, request.request_id):
+            yield cmd_pb.QuickGenerateResponse(event=event)  # type: ignore[arg-type]
+
+    async def SubmitGeneration(
+        self, request: cmd_pb.SubmitGenerationRequest, context: Ctx
+    ) -> cmd_pb.SubmitGenerationResponse:
+        command = SubmitGenerationCommand(request=generation_request_from_proto(request.spec))
+        generation_id, position = await self._d.command(context, command, request.request_id)
+        return cmd_pb.SubmitGenerationResponse(
+            generation_id=generation_id, consistency_token=token_for(position)
+        )
+
+    async def CancelGeneration(
+        self, request: cmd_pb.CancelGenerationRequest, context: Ctx
+    ) -> cmd_pb.CancelGenerationResponse:
+        command = CancelGenerationCommand(generation_id=request.generation_id)
+        _, position = await self._d.command(context, command, request.request_id)
+        return cmd_pb.CancelGenerationResponse(consistency_token=token_for(position))
+
+
+class QueryServicer(qry_grpc.QueryServiceServicer):
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self._d = dispatcher
+
+    async def GetLora(self, request: qry_pb.GetLoraRequest, context: Ctx) -> qry_pb.GetLoraResponse:
+        view = await self._d.query(
+            context, GetLoRAByIdQuery(lora_id=request.id), request.consistency_token
+        )
+        return qry_pb.GetLoraResponse(lora=lora_to_proto(view))
+
+    async def ListLoras(
+        self, request: qry_pb.ListLorasRequest, context: Ctx
+    ) -> qry_pb.ListLorasResponse:
+        query: GetAllLoRAsQuery | GetLoRAsByBaseModelQuery
+        if request.base_model:
+            query = GetLoRAsByBaseModelQuery(
+                base_model=request.base_model,
+                page_size=request.page_size,
+                page_token=request.page_token,
+                tag=request.tag,
+                available_only=request.available_only,
+            )
+        else:
+            query = GetAllLoRAsQuery(
+                page_size=request.page_size,
+                page_token=request.page_token,
+                tag=request.tag,
+                available_only=request.available_only,
+            )
+        page = await self._d.query(context, query, request.consistency_token)
+        return qry_pb.ListLorasResponse(
+            loras=[lora_to_proto(v) for v in page.items],
+            next_page_token=page.next_page_token,
+            total_size=page.total_size,
+        )
+
+    async def SearchLoras(
+        self, request: qry_pb.SearchLorasRequest, context: Ctx
+    ) -> qry_pb.SearchLorasResponse:
+        query = SearchLoRAsByPromptQuery(
+            prompt=request.query,
+            base_model=request.base_model,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        await self._d.query(context, query, request.consistency_token)
+        return qry_pb.SearchLorasResponse()  # pragma: no cover - no handler until search lands
+
+    async def ListBaseModels(
+        self, request: qry_pb.ListBaseModelsRequest, context: Ctx
+    ) -> qry_pb.ListBaseModelsResponse:
+        await self._d.query(context, ListBaseModelsQuery())
+        return qry_pb.ListBaseModelsResponse()  # pragma: no cover - no handler yet
+
+    async def GetGeneration(
+        self, request: qry_pb.GetGenerationRequest, context: Ctx
+    ) -> qry_pb.GetGenerationResponse:
+        await self._d.query(
+            context, GetGenerationQuery(generation_id=request.id), request.consistency_token
+        )
+        return qry_pb.GetGenerationResponse()  # pragma: no cover - no handler yet
+
+    async def ListGenerations(
+        self, request: qry_pb.ListGenerationsRequest, context: Ctx
+    ) -> qry_pb.ListGenerationsResponse:
+        await self._d.query(
+            context,
+            ListGenerationsQuery(page_size=request.page_size, page_token=request.page_token),
+            request.consistency_token,
+        )
+        return qry_pb.ListGenerationsResponse()  # pragma: no cover - no handler yet
+
+    async def WatchGeneration(
+        self, request: qry_pb.WatchGenerationRequest, context: Ctx
+    ) -> AsyncIterator[qry_pb.WatchGenerationResponse]:
+        query = WatchGenerationQuery(
+            generation_id=request.generation_id, after_sequence=request.after_sequence
+        )
+        async for event in self._d.stream_query(context, query):
+            yield qry_pb.WatchGenerationResponse(event=event)  # type: ignore[arg-type]
+
+    async def ListEvents(
+        self, request: qry_pb.ListEventsRequest, context: Ctx
+    ) -> qry_pb.ListEventsResponse:
+        query = ListEventsQuery(
+            page_size=request.page_size,
+            page_token=request.page_token,
+            aggregate_id=request.aggregate_id,
+            type=request.type,
+            principal=request.principal,
+            start_time=_time(request.start_time, request.HasField("start_time")),
+            end_time=_time(request.end_time, request.HasField("end_time")),
+        )
+        page = await self._d.query(context, query)
+        return qry_pb.ListEventsResponse(
+            events=[audit_to_proto(e) for e in page.items], next_page_token=page.next_page_token
+        )
+
+
+def _time(value: timestamp_pb2.Timestamp, present: bool) -> datetime | None:
+    return value.ToDatetime(tzinfo=UTC) if present else None

@@ -1,0 +1,44 @@
+"""Shared test helpers: real components wired for tests, and small fakes for unit tests."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psycopg
+
+from server.bootstrap import Container, bootstrap
+from server.config import Settings
+
+POSTGRES_URL = os.environ.get("LORACLE_TEST_POSTGRES_URL", "")
+
+
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'loracle.db'}"
+
+
+@contextmanager
+def postgres_schema() -> Iterator[str]:
+    """A throwaway schema in the test PostgreSQL; yields a storage URL that uses it."""
+    if not POSTGRES_URL:
+        raise RuntimeError("LORACLE_TEST_POSTGRES_URL is not set (make test sets it)")
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(POSTGRES_URL.replace("postgresql+psycopg", "postgresql"),
+                         autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    try:
+        yield f"{POSTGRES_URL}?schema={schema}"
+    finally:
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+def make_container(tmp_path: Path, storage_url: str = "", **kwargs: object) -> Container:
+    roots = (tmp_path / "loras",)
+    roots[0].mkdir(parents=True, exist_ok=True)
+    settings = Settings(data_dir=tmp_path, storage_url=storage_url or sqlite_url(tmp_path),
+                        lora_roots=roots)
+    return bootstrap(settings, **kwargs)  # type: ignore[arg-type]
