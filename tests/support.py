@@ -26,8 +26,9 @@ def postgres_schema() -> Iterator[str]:
     if not POSTGRES_URL:
         raise RuntimeError("LORACLE_TEST_POSTGRES_URL is not set (make test sets it)")
     schema = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(POSTGRES_URL.replace("postgresql+psycopg", "postgresql"),
-                         autocommit=True) as conn:
+    with psycopg.connect(
+        POSTGRES_URL.replace("postgresql+psycopg", "postgresql"), autocommit=True
+    ) as conn:
         conn.execute(f"CREATE SCHEMA {schema}")
     try:
         yield f"{POSTGRES_URL}?schema={schema}"
@@ -39,6 +40,7 @@ def postgres_schema() -> Iterator[str]:
 def make_container(tmp_path: Path, storage_url: str = "", **kwargs: object) -> Container:
     roots = (tmp_path / "loras",)
     roots[0].mkdir(parents=True, exist_ok=True)
-    settings = Settings(data_dir=tmp_path, storage_url=storage_url or sqlite_url(tmp_path),
-                        lora_roots=roots)
+    settings = Settings(
+        data_dir=tmp_path, storage_url=storage_url or sqlite_url(tmp_path), lora_roots=roots
+    )
     return bootstrap(settings, **kwargs)  # type: ignore[arg-type]

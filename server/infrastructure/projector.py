@@ -58,6 +58,8 @@ class Projector:
         self._default_wait = default_wait
         self._position = read_model.position()
         self._cond = threading.Condition()
+        # One batch at a time in this process; other processes are fenced by tracking.
+        self._project_lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -75,6 +77,7 @@ class Projector:
 
     def start(self) -> None:
         if self._thread is None:
+            self._stop.clear()
             self._thread = threading.Thread(target=self._run, name="loracle-projector", daemon=True)
             self._thread.start()
 
@@ -87,9 +90,10 @@ class Projector:
 
     def rebuild(self) -> int:
         """Drops the read models and replays the whole log into them."""
-        self._read_model.reset()
-        with self._cond:
-            self._position = 0
+        with self._project_lock:
+            self._read_model.reset()
+            with self._cond:
+                self._position = 0
         return self.catch_up()
 
     def catch_up(self) -> int:
@@ -134,7 +138,12 @@ class Projector:
                 self._wake.clear()
 
     def _project_batch(self) -> bool:
-        notifications = self._store.notifications(self._position, self._batch_size)
+        with self._project_lock:
+            return self._project_batch_locked()
+
+    def _project_batch_locked(self) -> bool:
+        after = self._position
+        notifications = self._store.notifications(after, self._batch_size)
         if not notifications:
             return False
         latest: dict[uuid.UUID, int] = {}
@@ -154,8 +163,12 @@ class Projector:
                     deletes.append(str(aggregate_id))
                 else:
                     upserts.append(aggregate.view())
-        change = ProjectedChange(notifications[-1].id, upserts, deletes, audit)
-        self._read_model.apply(change)
+        change = ProjectedChange(after, notifications[-1].id, upserts, deletes, audit)
+        if not self._read_model.apply(change):
+            with self._cond:
+                self._position = self._read_model.position()
+                self._cond.notify_all()
+            return True
         with self._cond:
             self._position = change.position
             self._cond.notify_all()

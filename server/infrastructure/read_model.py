@@ -88,8 +88,10 @@ TRACKING_NAME = "catalog"
 
 @dataclass(frozen=True, slots=True)
 class ProjectedChange:
-    """One projected batch: LoRAs to upsert or delete and audit rows, up to `position`."""
+    """One projected batch: LoRAs to upsert or delete and audit rows, from the event after
+    `after` up to `position`."""
 
+    after: int
     position: int
     upserts: Sequence[LoraView] = ()
     deletes: Sequence[str] = ()
@@ -169,8 +171,17 @@ class SqlReadModel:
 
     # -- writes (the projector only) ----------------------------------------------------
 
-    def apply(self, change: ProjectedChange) -> None:
+    def apply(self, change: ProjectedChange) -> bool:
+        """Applies the batch with its tracking position in one transaction. Returns False and
+        changes nothing when another projector got there first (tracking moved on)."""
         with self._begin() as conn:
+            current = conn.execute(
+                sa.select(tracking.c.position)
+                .where(tracking.c.name == TRACKING_NAME)
+                .with_for_update()
+            ).scalar()
+            if int(current or 0) != change.after:
+                return False
             ids = [v.id for v in change.upserts] + list(change.deletes)
             if ids:
                 conn.execute(lora_tags.delete().where(lora_tags.c.lora_id.in_(ids)))
@@ -193,6 +204,7 @@ class SqlReadModel:
             )
             if updated.rowcount == 0:
                 conn.execute(tracking.insert().values(name=TRACKING_NAME, position=change.position))
+        return True
 
     def reset(self) -> None:
         """Empties every read model so the projector rebuilds them from the event log."""

@@ -293,7 +293,7 @@ class QueryServicer(qry_grpc.QueryServiceServicer):
             start_time=_time(request.start_time, request.HasField("start_time")),
             end_time=_time(request.end_time, request.HasField("end_time")),
         )
-        page = await self._d.query(context, query)
+        page = await self._d.query(context, query, request.consistency_token)
         return qry_pb.ListEventsResponse(
             events=[audit_to_proto(e) for e in page.items], next_page_token=page.next_page_token
         )

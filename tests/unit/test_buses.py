@@ -130,7 +130,7 @@ def test_duplicate_registration_fails_fast() -> None:
 def test_stream_handler_type_must_match_command_kind() -> None:
     bus = CommandBus()
     with pytest.raises(TypeError):
-        bus.register(Count, AddHandler())  # type: ignore[arg-type]
+        bus.register(Count, AddHandler())
 
 
 def test_unregistered_command_is_unimplemented() -> None:

@@ -40,12 +40,19 @@ def root(c: Container) -> Path:
     return c.files.roots[0]
 
 
-def lora_file(c: Container, rel: str, *, arch: Architecture = Architecture.SD1,
-              name: str = "Test", seed: int = 0) -> Path:
+def lora_file(
+    c: Container,
+    rel: str,
+    *,
+    arch: Architecture = Architecture.SD1,
+    name: str = "Test",
+    seed: int = 0,
+) -> Path:
     path = root(c) / rel
     path.parent.mkdir(parents=True, exist_ok=True)
-    return write_synthetic_lora(path, architecture=arch, name=name, trigger_words=["trg"],
-                                tags=["style"], seed=seed)
+    return write_synthetic_lora(
+        path, architecture=arch, name=name, trigger_words=["trg"], tags=["style"], seed=seed
+    )
 
 
 def run_import(c: Container, directory: str = "", request_id: str = "") -> list[ImportUpdate]:
@@ -69,7 +76,8 @@ def test_register_reads_metadata_and_is_queryable(memory_container: Container) -
     assert data.created
     assert data.lora.name == "Watercolor"
     assert data.lora.metadata.base_model.architecture is Architecture.SDXL
-    assert data.lora.file is not None and data.lora.file.path == "a/watercolor.safetensors"
+    assert data.lora.file is not None
+    assert data.lora.file.path == "a/watercolor.safetensors"
     read(c, result.position)
     view = c.queries.dispatch(GetLoRAByIdQuery(lora_id=data.lora.id)).data
     assert view == data.lora
@@ -105,19 +113,25 @@ def test_request_id_reused_for_another_request_is_refused(memory_container: Cont
     lora_file(c, "y.safetensors", seed=1)
     c.commands.dispatch(RegisterLoRACommand(path="x.safetensors"), ctx("dup")).unwrap()
     result = c.commands.dispatch(RegisterLoRACommand(path="y.safetensors"), ctx("dup"))
-    assert result.error is not None and result.error.kind is ErrorKind.VALIDATION
+    assert result.error is not None
+    assert result.error.kind is ErrorKind.VALIDATION
     assert result.error.field_violations[0].field == "request_id"
 
 
-@pytest.mark.parametrize(("path", "field"), [
-    ("../outside.safetensors", "path"),
-    ("/etc/passwd", "path"),
-    ("missing.safetensors", "path"),
-])
-def test_bad_paths_are_refused_with_field_violations(memory_container: Container, path: str,
-                                                     field: str) -> None:
+@pytest.mark.parametrize(
+    ("path", "field"),
+    [
+        ("../outside.safetensors", "path"),
+        ("/etc/passwd", "path"),
+        ("missing.safetensors", "path"),
+    ],
+)
+def test_bad_paths_are_refused_with_field_violations(
+    memory_container: Container, path: str, field: str
+) -> None:
     result = memory_container.commands.dispatch(RegisterLoRACommand(path=path), ctx())
-    assert result.error is not None and result.error.kind is ErrorKind.VALIDATION
+    assert result.error is not None
+    assert result.error.kind is ErrorKind.VALIDATION
     assert result.error.field_violations[0].field == field
     assert count_events(memory_container) == 0
 
@@ -126,7 +140,8 @@ def test_bad_file_is_refused_and_nothing_is_written(memory_container: Container)
     c = memory_container
     (root(c) / "junk.safetensors").write_bytes(b"\x00" * 3)
     result = c.commands.dispatch(RegisterLoRACommand(path="junk.safetensors"), ctx("j"))
-    assert result.error is not None and result.error.kind is ErrorKind.VALIDATION
+    assert result.error is not None
+    assert result.error.kind is ErrorKind.VALIDATION
     assert count_events(c) == 0
 
 
@@ -148,7 +163,9 @@ def test_import_registers_updates_skips_fails_and_marks_missing(
         "styles/broken.safetensors": ImportOutcome.FAILED,
         "styles/model.ckpt": ImportOutcome.FAILED,
     }
-    assert first[-1].done and first[-1].totals.registered == 3 and first[-1].totals.failed == 2
+    assert first[-1].done
+    assert first[-1].totals.registered == 3
+    assert first[-1].totals.failed == 2
     assert [u.totals.files_done for u in first[:-1]] == [1, 2, 3, 4, 5]
     errors = {u.file.path: u.file.error for u in first if u.file and u.file.error}
     assert "pickle" in errors["styles/model.ckpt"]
@@ -166,7 +183,8 @@ def test_import_registers_updates_skips_fails_and_marks_missing(
     page = c.queries.dispatch(GetAllLoRAsQuery()).data
     by_name = {v.name: v for v in page}
     assert set(by_name) == {"A2", "B", "C"}
-    assert not by_name["B"].available and by_name["A2"].available
+    assert not by_name["B"].available
+    assert by_name["A2"].available
     available = c.queries.dispatch(GetAllLoRAsQuery(available_only=True)).data
     assert {v.name for v in available} == {"A2", "C"}
 
@@ -187,16 +205,19 @@ def test_retried_import_returns_the_stored_summary(memory_container: Container) 
     first = run_import(c, request_id="imp")
     before = count_events(c)
     retry = run_import(c, request_id="imp")
-    assert len(retry) == 1 and retry[0].done
+    assert len(retry) == 1
+    assert retry[0].done
     assert retry[0].totals == first[-1].totals
     assert count_events(c) == before
 
 
-def records(n: int, **overrides: object) -> tuple[CatalogRecordInput, ...]:
-    base: dict[str, object] = {"base_model": "SD 1.5", "tags": ("style",)}
-    base.update(overrides)
-    return tuple(CatalogRecordInput(source_id=f"civitai:{i}", name=f"LoRA {i}",
-                                    **base) for i in range(n))  # type: ignore[arg-type]
+def records(n: int) -> tuple[CatalogRecordInput, ...]:
+    return tuple(
+        CatalogRecordInput(
+            source_id=f"civitai:{i}", name=f"LoRA {i}", base_model="SD 1.5", tags=("style",)
+        )
+        for i in range(n)
+    )
 
 
 def test_catalog_import_creates_updates_and_reports_bad_records(
@@ -205,7 +226,8 @@ def test_catalog_import_creates_updates_and_reports_bad_records(
     c = memory_container
     first = c.commands.dispatch(ImportLoRACatalogCommand(records=records(5)), ctx("c1")).unwrap()
     assert (first.created, first.updated, first.unchanged) == (5, 0, 0)
-    changed = records(5)[:3] + (
+    changed = (
+        *records(5)[:3],
         CatalogRecordInput(source_id="civitai:3", name="Renamed", base_model="SDXL 1.0"),
         CatalogRecordInput(source_id="", name="no id"),
         CatalogRecordInput(source_id="civitai:9", name=" "),
@@ -213,8 +235,10 @@ def test_catalog_import_creates_updates_and_reports_bad_records(
     second = c.commands.dispatch(ImportLoRACatalogCommand(records=changed), ctx("c2"))
     result = second.unwrap()
     assert (result.created, result.updated, result.unchanged) == (0, 1, 3)
-    assert [(e.index, e.error.split(":")[0]) for e in result.errors] == [(4, "source_id"),
-                                                                        (5, "name")]
+    assert [(e.index, e.error.split(":")[0]) for e in result.errors] == [
+        (4, "source_id"),
+        (5, "name"),
+    ]
     read(c, second.position)
     sdxl = c.queries.dispatch(GetLoRAsByBaseModelQuery(base_model="Pony")).data
     assert [v.name for v in sdxl] == ["Renamed"]
@@ -226,55 +250,75 @@ def test_update_and_delete(memory_container: Container) -> None:
     c = memory_container
     lora_file(c, "x.safetensors", name="Old")
     lora = c.commands.dispatch(RegisterLoRACommand(path="x.safetensors"), ctx()).unwrap().lora
-    updated = c.commands.dispatch(UpdateLoRACommand(
-        lora_id=lora.id, changes={"name": "New", "tags": ["a", "a", " b "],
-                                  "preferred_weight": 0.7}), ctx("u1"))
+    updated = c.commands.dispatch(
+        UpdateLoRACommand(
+            lora_id=lora.id,
+            changes={"name": "New", "tags": ["a", "a", " b "], "preferred_weight": 0.7},
+        ),
+        ctx("u1"),
+    )
     view = updated.unwrap()
     assert (view.name, view.metadata.tags, view.metadata.preferred_weight) == (
-        "New", ("a", "b"), 0.7)
-    bad = c.commands.dispatch(UpdateLoRACommand(
-        lora_id=lora.id, changes={"sha256": "x", "preferred_weight": float("nan")}), ctx())
+        "New",
+        ("a", "b"),
+        0.7,
+    )
+    bad = c.commands.dispatch(
+        UpdateLoRACommand(
+            lora_id=lora.id, changes={"sha256": "x", "preferred_weight": float("nan")}
+        ),
+        ctx(),
+    )
     assert bad.error is not None
-    assert {v.field for v in bad.error.field_violations} == {"update_mask",
-                                                             "lora.preferred_weight"}
+    assert {v.field for v in bad.error.field_violations} == {"update_mask", "lora.preferred_weight"}
     deleted = c.commands.dispatch(DeleteLoRACommand(lora_id=lora.id), ctx("d1"))
     assert deleted.is_success
     read(c, deleted.position)
     with pytest.raises(NotFoundError):
         c.queries.dispatch(GetLoRAByIdQuery(lora_id=lora.id))
     again = c.commands.dispatch(DeleteLoRACommand(lora_id=lora.id), ctx("d2"))
-    assert again.error is not None and again.error.kind is ErrorKind.NOT_FOUND
+    assert again.error is not None
+    assert again.error.kind is ErrorKind.NOT_FOUND
     # Registering the file again brings the LoRA back under the same id.
     back = c.commands.dispatch(RegisterLoRACommand(path="x.safetensors"), ctx()).unwrap()
-    assert back.lora.id == lora.id and back.lora.available
+    assert back.lora.id == lora.id
+    assert back.lora.available
 
 
 def test_events_are_the_audit_trail(memory_container: Container) -> None:
     c = memory_container
     lora_file(c, "x.safetensors")
-    reg = c.commands.dispatch(RegisterLoRACommand(path="x.safetensors"),
-                              ctx("r1", principal="alice")).unwrap()
-    upd = c.commands.dispatch(UpdateLoRACommand(lora_id=reg.lora.id, changes={"name": "N"}),
-                              ctx("r2", principal="bob"))
+    reg = c.commands.dispatch(
+        RegisterLoRACommand(path="x.safetensors"), ctx("r1", principal="alice")
+    ).unwrap()
+    upd = c.commands.dispatch(
+        UpdateLoRACommand(lora_id=reg.lora.id, changes={"name": "N"}), ctx("r2", principal="bob")
+    )
     read(c, upd.position)
     events = c.queries.dispatch(ListEventsQuery()).data
     assert [(e.type, e.principal, e.request_id) for e in events] == [
-        ("LoraRegistered", "alice", "r1"), ("LoraEdited", "bob", "r2")]
+        ("LoraRegistered", "alice", "r1"),
+        ("LoraEdited", "bob", "r2"),
+    ]
     assert events.items[1].data == {"changes": {"name": "N"}}
     bobs = c.queries.dispatch(ListEventsQuery(principal="bob")).data
     assert [e.type for e in bobs] == ["LoraEdited"]
     first_page = c.queries.dispatch(ListEventsQuery(page_size=1)).data
     assert first_page.next_page_token
-    second_page = c.queries.dispatch(ListEventsQuery(page_size=1,
-                                                     page_token=first_page.next_page_token))
+    second_page = c.queries.dispatch(
+        ListEventsQuery(page_size=1, page_token=first_page.next_page_token)
+    )
     assert [e.type for e in second_page.data] == ["LoraEdited"]
 
 
 def test_listing_validates_paging_and_base_model(memory_container: Container) -> None:
     c = memory_container
-    for query in (GetAllLoRAsQuery(page_size=-1), GetAllLoRAsQuery(page_size=1001),
-                  GetAllLoRAsQuery(page_token="garbage"),
-                  GetLoRAsByBaseModelQuery(base_model="Potato 9")):
+    for query in (
+        GetAllLoRAsQuery(page_size=-1),
+        GetAllLoRAsQuery(page_size=1001),
+        GetAllLoRAsQuery(page_token="garbage"),
+        GetLoRAsByBaseModelQuery(base_model="Potato 9"),
+    ):
         with pytest.raises(ValidationError):
             c.queries.dispatch(query)
 
@@ -296,6 +340,6 @@ def test_pages_cover_the_catalog_exactly_once(memory_container: Container) -> No
 
     ids = [i for page in pages() for i in page]
     assert len(ids) == len(set(ids)) == 23
+    token = c.queries.dispatch(GetAllLoRAsQuery(page_size=5)).data.next_page_token
     with pytest.raises(ValidationError):  # a token is bound to its filter
-        token = c.queries.dispatch(GetAllLoRAsQuery(page_size=5)).data.next_page_token
         c.queries.dispatch(GetAllLoRAsQuery(page_size=5, page_token=token, tag="style"))

@@ -462,6 +462,7 @@ class ListEventsRequest(_message.Message):
     PRINCIPAL_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Maximum events per page, 1 to 1000; 0 means 100."""
     page_token: _builtins.str
@@ -472,6 +473,8 @@ class ListEventsRequest(_message.Message):
     """Only events of this type, e.g. "LoraRegistered"; empty for all."""
     principal: _builtins.str
     """Only events caused by this principal; empty for all."""
+    consistency_token: _builtins.str
+    """From a command's response: wait until that write is visible."""
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """Only events at or after this time."""
@@ -490,10 +493,11 @@ class ListEventsRequest(_message.Message):
         principal: _builtins.str = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
+        consistency_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregate_id", b"aggregate_id", "end_time", b"end_time", "page_size", b"page_size", "page_token", b"page_token", "principal", b"principal", "start_time", b"start_time", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregate_id", b"aggregate_id", "consistency_token", b"consistency_token", "end_time", b"end_time", "page_size", b"page_size", "page_token", b"page_token", "principal", b"principal", "start_time", b"start_time", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,388 @@
+"""Blocking client for scripts and the CLI. The asyncio twin is client.async_client."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import grpc
+from google.protobuf.message import Message
+
+from client import _requests as rq
+from client.errors import from_rpc_error
+from loracle.v1 import (
+    command_service_pb2,
+    command_service_pb2_grpc,
+    query_service_pb2,
+    query_service_pb2_grpc,
+    types_pb2,
+)
+
+__all__ = ["LoracleClient"]
+
+_Req = TypeVar("_Req", bound=Message)
+_Resp = TypeVar("_Resp", bound=Message)
+
+
+class LoracleClient:
+    """Wraps both services of one server; every failure surfaces as a client.errors class.
+
+    `timeout` is the deadline of unary calls. Streaming calls (imports, generation) can run
+    far longer than any sensible unary deadline, so they use `stream_timeout` (default: none).
+    A channel passed in stays owned by the caller and is not closed by `close()`.
+    """
+
+    def __init__(
+        self,
+        target: str = rq.DEFAULT_TARGET,
+        *,
+        timeout: float | None = 30.0,
+        metadata: Sequence[tuple[str, str]] = (),
+        channel: grpc.Channel | None = None,
+        stream_timeout: float | None = None,
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        self.stream_timeout = stream_timeout
+        self._metadata = rq.metadata_tuple(metadata)
+        self._owns_channel = channel is None
+        self._channel = (
+            channel
+            if channel is not None
+            else grpc.insecure_channel(target, options=rq.CHANNEL_OPTIONS)
+        )
+        self._commands = command_service_pb2_grpc.CommandServiceStub(self._channel)
+        self._queries = query_service_pb2_grpc.QueryServiceStub(self._channel)
+
+    def close(self) -> None:
+        if self._owns_channel:
+            self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # --- plumbing --------------------------------------------------------------------------
+
+    def _unary(self, method: grpc.UnaryUnaryMultiCallable[_Req, _Resp], request: _Req) -> _Resp:
+        try:
+            return method(request, timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+
+    def _stream(
+        self, method: grpc.UnaryStreamMultiCallable[_Req, _Resp], request: _Req
+    ) -> Iterator[_Resp]:
+        call = method(request, timeout=self.stream_timeout, metadata=self._metadata)
+        try:
+            yield from call
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        finally:
+            # Stops the server-side work when the caller abandons the iterator early.
+            call.cancel()
+
+    # --- commands --------------------------------------------------------------------------
+
+    def register_lora(
+        self, path: str, *, request_id: str | None = None
+    ) -> command_service_pb2.RegisterLoraResponse:
+        return self._unary(self._commands.RegisterLora, rq.register_lora(path, request_id))
+
+    def import_loras(
+        self, directory: str = "", *, request_id: str | None = None
+    ) -> Iterator[command_service_pb2.ImportLorasResponse]:
+        return self._stream(self._commands.ImportLoras, rq.import_loras(directory, request_id))
+
+    def import_lora_catalog(
+        self,
+        records: Iterable[command_service_pb2.CatalogRecord | Mapping[str, Any]],
+        *,
+        batch_size: int = rq.DEFAULT_CATALOG_BATCH_SIZE,
+        request_id: str | None = None,
+        on_batch: rq.CatalogProgress | None = None,
+    ) -> command_service_pb2.ImportLoraCatalogResponse:
+        """Sends records in batches and returns one response summed over them.
+
+        Error indices refer to positions in `records`. `on_batch(records_seen, response)` is
+        called after each batch, for progress display.
+        """
+        job = rq.CatalogImport(records, batch_size, request_id)
+        for batch in job.batches():
+            response = self._unary(self._commands.ImportLoraCatalog, batch.request)
+            job.add(batch, response)
+            if on_batch is not None:
+                on_batch(job.records_seen, response)
+        return job.result()
+
+    def update_lora(
+        self,
+        lora_id: str,
+        *,
+        name: str | None = None,
+        trigger_words: Sequence[str] | None = None,
+        tags: Sequence[str] | None = None,
+        description: str | None = None,
+        preferred_weight: float | None = None,
+        request_id: str | None = None,
+    ) -> command_service_pb2.UpdateLoraResponse:
+        request = rq.update_lora(
+            lora_id,
+            name=name,
+            trigger_words=trigger_words,
+            tags=tags,
+            description=description,
+            preferred_weight=preferred_weight,
+            request_id=request_id,
+        )
+        return self._unary(self._commands.UpdateLora, request)
+
+    def delete_lora(
+        self, lora_id: str, *, request_id: str | None = None
+    ) -> command_service_pb2.DeleteLoraResponse:
+        return self._unary(self._commands.DeleteLora, rq.delete_lora(lora_id, request_id))
+
+    def recommend_loras(
+        self,
+        prompt: str,
+        base_model: str,
+        *,
+        max_loras: int = 3,
+        min_confidence: float | None = None,
+        include_unavailable: bool = False,
+        request_id: str | None = None,
+    ) -> command_service_pb2.RecommendLorasResponse:
+        request = rq.recommend_loras(
+            prompt,
+            base_model,
+            max_loras=max_loras,
+            min_confidence=min_confidence,
+            include_unavailable=include_unavailable,
+            request_id=request_id,
+        )
+        return self._unary(self._commands.RecommendLoras, request)
+
+    def recommend_top_lora(
+        self,
+        prompt: str,
+        base_model: str,
+        *,
+        min_confidence: float | None = None,
+        include_unavailable: bool = False,
+        request_id: str | None = None,
+    ) -> command_service_pb2.RecommendTopLoraResponse:
+        request = rq.recommend_top_lora(
+            prompt,
+            base_model,
+            min_confidence=min_confidence,
+            include_unavailable=include_unavailable,
+            request_id=request_id,
+        )
+        return self._unary(self._commands.RecommendTopLora, request)
+
+    def filter_confident_recommendations(
+        self, recommendation_id: str, min_confidence: float, *, request_id: str | None = None
+    ) -> command_service_pb2.FilterConfidentRecommendationsResponse:
+        request = rq.filter_confident_recommendations(recommendation_id, min_confidence, request_id)
+        return self._unary(self._commands.FilterConfidentRecommendations, request)
+
+    def generate_image(
+        self, spec: types_pb2.GenerationSpec, *, request_id: str | None = None
+    ) -> Iterator[types_pb2.GenerationEvent]:
+        stream = self._stream(self._commands.GenerateImage, rq.generate_image(spec, request_id))
+        return _events(stream)
+
+    def quick_generate(
+        self,
+        prompt: str,
+        *,
+        model: str = "",
+        seed: int | None = None,
+        request_id: str | None = None,
+    ) -> Iterator[types_pb2.GenerationEvent]:
+        request = rq.quick_generate(prompt, model, seed, request_id)
+        stream = self._stream(self._commands.QuickGenerate, request)
+        return _events(stream)
+
+    def submit_generation(
+        self, spec: types_pb2.GenerationSpec, *, request_id: str | None = None
+    ) -> command_service_pb2.SubmitGenerationResponse:
+        request = rq.submit_generation(spec, request_id)
+        return self._unary(self._commands.SubmitGeneration, request)
+
+    def cancel_generation(
+        self, generation_id: str, *, request_id: str | None = None
+    ) -> command_service_pb2.CancelGenerationResponse:
+        request = rq.cancel_generation(generation_id, request_id)
+        return self._unary(self._commands.CancelGeneration, request)
+
+    # --- queries ---------------------------------------------------------------------------
+
+    def get_lora(self, lora_id: str, *, consistency_token: str = "") -> types_pb2.Lora:
+        request = rq.get_lora(lora_id, consistency_token)
+        return self._unary(self._queries.GetLora, request).lora
+
+    def list_loras(
+        self,
+        *,
+        base_model: str = "",
+        tag: str = "",
+        available_only: bool = False,
+        page_size: int = 50,
+        page_token: str = "",
+        consistency_token: str = "",
+    ) -> query_service_pb2.ListLorasResponse:
+        request = rq.list_loras(
+            base_model=base_model,
+            tag=tag,
+            available_only=available_only,
+            page_size=page_size,
+            page_token=page_token,
+            consistency_token=consistency_token,
+        )
+        return self._unary(self._queries.ListLoras, request)
+
+    def iter_loras(
+        self,
+        *,
+        base_model: str = "",
+        tag: str = "",
+        available_only: bool = False,
+        page_size: int = 200,
+        page_token: str = "",
+        consistency_token: str = "",
+    ) -> Iterator[types_pb2.Lora]:
+        token: str | None = page_token
+        while token is not None:
+            page = self.list_loras(
+                base_model=base_model,
+                tag=tag,
+                available_only=available_only,
+                page_size=page_size,
+                page_token=token,
+                consistency_token=consistency_token,
+            )
+            yield from page.loras
+            token = rq.next_page_token(page.next_page_token, len(page.loras), token)
+
+    def search_loras(
+        self,
+        query: str,
+        *,
+        base_model: str = "",
+        page_size: int = 20,
+        page_token: str = "",
+        consistency_token: str = "",
+    ) -> query_service_pb2.SearchLorasResponse:
+        request = rq.search_loras(
+            query,
+            base_model=base_model,
+            page_size=page_size,
+            page_token=page_token,
+            consistency_token=consistency_token,
+        )
+        return self._unary(self._queries.SearchLoras, request)
+
+    def list_base_models(self) -> list[types_pb2.BaseModel]:
+        request = query_service_pb2.ListBaseModelsRequest()
+        return list(self._unary(self._queries.ListBaseModels, request).models)
+
+    def list_events(
+        self,
+        *,
+        aggregate_id: str = "",
+        type: str = "",
+        principal: str = "",
+        page_size: int = 100,
+        page_token: str = "",
+        start_time: datetime | None = None,
+        end_time: datetime | None = None,
+        consistency_token: str = "",
+    ) -> query_service_pb2.ListEventsResponse:
+        request = rq.list_events(
+            aggregate_id=aggregate_id,
+            type=type,
+            principal=principal,
+            page_size=page_size,
+            page_token=page_token,
+            start_time=start_time,
+            end_time=end_time,
+            consistency_token=consistency_token,
+        )
+        return self._unary(self._queries.ListEvents, request)
+
+    def iter_events(
+        self,
+        *,
+        aggregate_id: str = "",
+        type: str = "",
+        principal: str = "",
+        page_size: int = 100,
+        page_token: str = "",
+        start_time: datetime | None = None,
+        end_time: datetime | None = None,
+        consistency_token: str = "",
+    ) -> Iterator[types_pb2.AuditEvent]:
+        token: str | None = page_token
+        while token is not None:
+            page = self.list_events(
+                aggregate_id=aggregate_id,
+                type=type,
+                principal=principal,
+                page_size=page_size,
+                page_token=token,
+                start_time=start_time,
+                end_time=end_time,
+                consistency_token=consistency_token,
+            )
+            yield from page.events
+            token = rq.next_page_token(page.next_page_token, len(page.events), token)
+
+    def get_generation(
+        self, generation_id: str, *, consistency_token: str = ""
+    ) -> types_pb2.Generation:
+        request = rq.get_generation(generation_id, consistency_token)
+        return self._unary(self._queries.GetGeneration, request).generation
+
+    def list_generations(
+        self,
+        *,
+        state: types_pb2.GenerationState.ValueType = types_pb2.GENERATION_STATE_UNSPECIFIED,
+        page_size: int = 50,
+        page_token: str = "",
+        consistency_token: str = "",
+    ) -> query_service_pb2.ListGenerationsResponse:
+        request = rq.list_generations(
+            state=state,
+            page_size=page_size,
+            page_token=page_token,
+            consistency_token=consistency_token,
+        )
+        return self._unary(self._queries.ListGenerations, request)
+
+    def watch_generation(
+        self, generation_id: str, after_sequence: int = 0
+    ) -> Iterator[types_pb2.GenerationEvent]:
+        request = rq.watch_generation(generation_id, after_sequence)
+        stream = self._stream(self._queries.WatchGeneration, request)
+        return _events(stream)
+
+
+def _events(
+    responses: Iterator[
+        command_service_pb2.GenerateImageResponse
+        | command_service_pb2.QuickGenerateResponse
+        | query_service_pb2.WatchGenerationResponse
+    ],
+) -> Iterator[types_pb2.GenerationEvent]:
+    for response in responses:
+        yield response.event

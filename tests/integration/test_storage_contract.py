@@ -1,0 +1,210 @@
+"""The storage contract: the same tests on every back end (SQLite file and PostgreSQL).
+Each back end subclasses StorageContract and says how to make a fresh store URL."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from server.application.commands import (
+    CatalogRecordInput,
+    ImportLoRACatalogCommand,
+    RegisterLoRACommand,
+    UpdateLoRACommand,
+)
+from server.application.context import DispatchContext
+from server.application.queries import GetAllLoRAsQuery, GetLoRAByIdQuery, ListEventsQuery
+from server.bootstrap import Container
+from server.devtools.synthetic_loras import write_synthetic_lora
+from server.domain.errors import ConflictError, ConsistencyTimeoutError, ValidationError
+from server.domain.lora import Lora
+from server.domain.models import Architecture, EventFilter, LoraFilter
+from tests.support import make_container, postgres_schema, sqlite_url
+
+
+def catalog(n: int, prefix: str = "civitai") -> tuple[CatalogRecordInput, ...]:
+    return tuple(
+        CatalogRecordInput(
+            source_id=f"{prefix}:{i}",
+            name=f"LoRA {i:04d}",
+            base_model="SDXL 1.0" if i % 3 == 0 else "SD 1.5",
+            tags=("style", f"t{i % 5}"),
+            trigger_words=(f"trg{i}",),
+            description=f"number {i}",
+            downloads=i,
+        )
+        for i in range(n)
+    )
+
+
+class StorageContract:
+    @pytest.fixture
+    def url(self, tmp_path: Path) -> Iterator[str]:
+        raise NotImplementedError
+
+    @pytest.fixture
+    def c(self, tmp_path: Path, url: str) -> Iterator[Container]:
+        container = make_container(tmp_path, url)
+        yield container
+        container.close()
+
+    def test_catalog_round_trip_and_read_your_writes(self, c: Container) -> None:
+        result = c.commands.dispatch(
+            ImportLoRACatalogCommand(records=catalog(30)),
+            DispatchContext(request_id="b1", principal="p"),
+        )
+        assert result.unwrap().created == 30
+        page = c.queries.dispatch(
+            GetAllLoRAsQuery(page_size=100), DispatchContext(min_position=result.position)
+        ).data
+        assert page.total_size == 30
+        assert [v.name for v in page][:3] == ["LoRA 0000", "LoRA 0001", "LoRA 0002"]
+        sdxl = c.read_model.list_loras(LoraFilter(Architecture.SDXL), 100)
+        assert sdxl.total_size == 10
+        tagged = c.read_model.list_loras(LoraFilter(None, "T1"), 100)
+        assert {v.name for v in tagged} == {f"LoRA {i:04d}" for i in range(30) if i % 5 == 1}
+
+    def test_idempotent_batches(self, c: Container) -> None:
+        ctx = DispatchContext(request_id="same-batch")
+        first = c.commands.dispatch(ImportLoRACatalogCommand(records=catalog(10)), ctx)
+        position = c.store.max_position()
+        again = c.commands.dispatch(ImportLoRACatalogCommand(records=catalog(10)), ctx)
+        assert again.unwrap() == first.unwrap()
+        assert c.store.max_position() == position
+
+    def test_concurrent_writers_of_one_aggregate_conflict(self, c: Container) -> None:
+        c.commands.dispatch(ImportLoRACatalogCommand(records=catalog(1)), DispatchContext())
+        c.projector.catch_up()
+        (view,) = c.read_model.all_views()
+        first = c.store.get_lora(uuid.UUID(view.id))
+        second = c.store.get_lora(uuid.UUID(view.id))
+        assert isinstance(first, Lora)
+        assert isinstance(second, Lora)
+        first.edit(changes={"name": "one"}, principal="a", request_id="")
+        second.edit(changes={"name": "two"}, principal="b", request_id="")
+        c.store.save(first)
+        with pytest.raises(ConflictError):
+            c.store.save(second)
+
+    def test_concurrent_imports_all_land(self, c: Container) -> None:
+        errors: list[BaseException] = []
+
+        def work(k: int) -> None:
+            try:
+                c.commands.dispatch(
+                    ImportLoRACatalogCommand(records=catalog(20, f"w{k}")),
+                    DispatchContext(request_id=f"w{k}"),
+                ).unwrap()
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        c.projector.wait_for(c.store.max_position(), 10)
+        assert c.read_model.list_loras(LoraFilter(), 1).total_size == 80
+        positions = [e.position for e in c.read_model.events(EventFilter(), 1000)]
+        assert positions == sorted(positions)
+        assert len(positions) == 80
+
+    def test_rebuilt_projections_equal_incremental_ones(self, c: Container) -> None:
+        result = c.commands.dispatch(
+            ImportLoRACatalogCommand(records=catalog(12)), DispatchContext()
+        )
+        c.projector.catch_up()
+        lora_id = c.read_model.list_loras(LoraFilter(), 1).items[0].id
+        c.commands.dispatch(
+            UpdateLoRACommand(lora_id=lora_id, changes={"tags": ["x"]}), DispatchContext()
+        )
+        c.projector.catch_up()
+        before = (list(c.read_model.all_views()), c.read_model.events(EventFilter(), 1000))
+        c.projector.stop()
+        c.projector.rebuild()
+        after = (list(c.read_model.all_views()), c.read_model.events(EventFilter(), 1000))
+        assert after == before
+        assert result.position < c.read_model.position()
+
+    def test_state_survives_a_restart(self, tmp_path: Path, url: str) -> None:
+        c = make_container(tmp_path, url)
+        position = c.commands.dispatch(
+            ImportLoRACatalogCommand(records=catalog(3)), DispatchContext(request_id="persist")
+        ).position
+        c.projector.wait_for(position, 5)
+        c.close()
+        reopened = make_container(tmp_path, url)
+        try:
+            assert reopened.read_model.position() == position
+            page = reopened.queries.dispatch(GetAllLoRAsQuery()).data
+            assert page.total_size == 3
+            retry = reopened.commands.dispatch(
+                ImportLoRACatalogCommand(records=catalog(3)), DispatchContext(request_id="persist")
+            )
+            assert retry.unwrap().created == 3  # the first answer, nothing written twice
+            assert reopened.store.max_position() == position
+        finally:
+            reopened.close()
+
+    def test_consistency_token_waits_and_bounds(self, c: Container) -> None:
+        c.projector.stop()  # nothing projects: a wait must time out, not hang
+        result = c.commands.dispatch(
+            ImportLoRACatalogCommand(records=catalog(1)), DispatchContext()
+        )
+        with pytest.raises(ConsistencyTimeoutError):
+            c.queries.dispatch(
+                GetAllLoRAsQuery(),
+                DispatchContext(min_position=result.position, deadline=time.monotonic() + 0.3),
+            )
+        with pytest.raises(ValidationError):
+            c.queries.dispatch(
+                GetAllLoRAsQuery(), DispatchContext(min_position=result.position + 1000)
+            )
+        c.projector.start()
+        page = c.queries.dispatch(
+            GetAllLoRAsQuery(), DispatchContext(min_position=result.position)
+        ).data
+        assert page.total_size == 1
+
+    def test_registered_files_and_audit_filters(self, c: Container) -> None:
+        root = c.files.roots[0]
+        write_synthetic_lora(root / "a.safetensors", architecture=Architecture.SD2, name="A")
+        reg = c.commands.dispatch(
+            RegisterLoRACommand(path="a.safetensors"),
+            DispatchContext(principal="carol", request_id="r"),
+        )
+        lora = reg.unwrap().lora
+        view = c.queries.dispatch(
+            GetLoRAByIdQuery(lora_id=lora.id), DispatchContext(min_position=reg.position)
+        ).data
+        assert view.file is not None
+        assert lora.file is not None
+        assert view.file.sha256 == lora.file.sha256
+        assert c.read_model.find_by_sha256(view.file.sha256) == view
+        assert c.read_model.find_by_path("a.safetensors") == view
+        events = c.queries.dispatch(ListEventsQuery(principal="carol")).data
+        assert [e.aggregate_id for e in events] == [lora.id]
+        late = c.queries.dispatch(
+            ListEventsQuery(start_time=events.items[0].occurred_at.replace(year=2999))
+        ).data
+        assert len(late) == 0
+
+
+class TestSQLite(StorageContract):
+    @pytest.fixture
+    def url(self, tmp_path: Path) -> str:
+        return sqlite_url(tmp_path)
+
+
+@pytest.mark.postgres
+class TestPostgres(StorageContract):
+    @pytest.fixture
+    def url(self, tmp_path: Path) -> Iterator[str]:
+        with postgres_schema() as url:
+            yield url
