@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
+
+
+def clean_terms(values: Iterable[str]) -> tuple[str, ...]:
+    """Tags and trigger words as stored: inner whitespace folded, empties dropped, duplicates
+    removed in first-seen order, so every source of terms agrees on one form."""
+    return tuple(dict.fromkeys(s for v in values if (s := " ".join(v.split()))))
 
 
 class Architecture(enum.StrEnum):

@@ -16,7 +16,7 @@ import os
 import re
 import stat
 import struct
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,6 +29,7 @@ from server.domain.models import (
     LoraFile,
     LoraMetadata,
     ScannedLora,
+    clean_terms,
 )
 
 __all__ = ["LoraFileReader", "ScannedLora", "detect_architecture", "sha256_file"]
@@ -355,15 +356,17 @@ def _apply_modelspec(d: _Draft, meta: Mapping[str, str]) -> None:
     if architecture := _value(meta, "modelspec.architecture"):
         # "stable-diffusion-xl-v1-base/lora": the part after the slash is the adapter kind.
         d.fill_base_model(BaseModelRef.parse(architecture.split("/", 1)[0]))
-    d.trigger_words = d.trigger_words or _clean(_value(meta, "modelspec.trigger_phrase").split(","))
-    d.tags = d.tags or _clean(_value(meta, "modelspec.tags").split(","))
+    d.trigger_words = d.trigger_words or clean_terms(
+        _value(meta, "modelspec.trigger_phrase").split(",")
+    )
+    d.tags = d.tags or clean_terms(_value(meta, "modelspec.tags").split(","))
     d.description = d.description or _value(meta, "modelspec.description")
 
 
 def _apply_a1111(d: _Draft, sidecar: Mapping[str, object]) -> None:
     if description := _str(sidecar.get("description")):
         d.description = description
-    if words := _clean(_str(sidecar.get("activation text")).split(",")):
+    if words := clean_terms(_str(sidecar.get("activation text")).split(",")):
         d.trigger_words = words
     weight = sidecar.get("preferred weight")
     if _is_number(weight) and math.isfinite(weight) and weight != 0:
@@ -385,9 +388,9 @@ def _apply_civitai(d: _Draft, info: Mapping[str, object]) -> None:
     )
     if description:
         d.description = description
-    if words := _clean(_strs(info.get("trainedWords"))):
+    if words := clean_terms(_strs(info.get("trainedWords"))):
         d.trigger_words = words
-    if tags := _clean(_strs(model.get("tags"))):
+    if tags := clean_terms(_strs(model.get("tags"))):
         d.tags = tags
     if base := _str(info.get("baseModel")):
         d.override_base_model(BaseModelRef.parse(base))
@@ -489,11 +492,6 @@ def _str(value: object) -> str:
 
 def _strs(value: object) -> list[str]:
     return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
-
-
-def _clean(values: Iterable[str]) -> tuple[str, ...]:
-    """Strips, drops empties and de-duplicates, keeping first-seen order."""
-    return tuple(dict.fromkeys(s for v in values if (s := v.strip())))
 
 
 _BLOCK_END = re.compile(r"<\s*(?:br|/p|/div|/li|/h[1-6])\b[^>]*>", re.IGNORECASE)

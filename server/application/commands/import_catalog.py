@@ -13,7 +13,7 @@ from server.application.commands.idempotency import previous_result, record_for
 from server.application.context import current_context
 from server.application.ports import CatalogRepository
 from server.domain.lora import Lora, lora_id_for_source, metadata_to_dict
-from server.domain.models import BaseModelRef, LoraMetadata, LoraSource
+from server.domain.models import BaseModelRef, LoraMetadata, LoraSource, clean_terms
 
 MAX_RECORDS_PER_BATCH = 10_000
 MAX_TEXT = 20_000
@@ -125,22 +125,13 @@ def _problem(record: CatalogRecordInput) -> str:
     return ""
 
 
-def _clean(items: tuple[str, ...]) -> tuple[str, ...]:
-    out: dict[str, None] = {}
-    for item in items:
-        text = " ".join(item.split())
-        if text:
-            out.setdefault(text, None)
-    return tuple(out)
-
-
 def _metadata(record: CatalogRecordInput) -> LoraMetadata:
     return LoraMetadata(
         name=record.name.strip(),
         base_model=BaseModelRef.parse(record.base_model),
         file_name=record.file_name.strip(),
-        trigger_words=_clean(record.trigger_words),
-        tags=_clean(record.tags),
+        trigger_words=clean_terms(record.trigger_words),
+        tags=clean_terms(record.tags),
         description=record.description.strip(),
         downloads=record.downloads,
     )

@@ -12,7 +12,7 @@ from server.application.context import current_context
 from server.application.ports import CatalogRepository
 from server.domain.errors import FieldViolation
 from server.domain.lora import EDITABLE_FIELDS, Lora
-from server.domain.models import LoraView
+from server.domain.models import LoraView, clean_terms
 
 MAX_WEIGHT = 10.0
 
@@ -130,12 +130,7 @@ def _normalise(changes: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in changes.items():
         if key in ("tags", "trigger_words"):
-            seen: dict[str, None] = {}
-            for item in value:
-                text = " ".join(item.split())
-                if text:
-                    seen.setdefault(text, None)
-            out[key] = list(seen)
+            out[key] = list(clean_terms(value))
         elif isinstance(value, str):
             out[key] = value.strip()
         elif key == "preferred_weight":
