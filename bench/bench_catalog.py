@@ -1,0 +1,656 @@
+"""Catalog benchmark: import speed, and GetLora/ListLoras throughput relative to a bare echo server.
+
+The development machine is small and noisy, so absolute calls/second mean little from one run
+to the next. Each query figure is therefore reported next to a bare grpc.aio "echo" server that
+answers the same QueryService methods with a pre-built response of the same size and shape,
+measured in the same run and interleaved A/B/A/B. The ratio loracle_qps / echo_qps is the share
+of the gRPC + protobuf ceiling that Loracle keeps after its own work (buses, cache, read model,
+mapping), and it is the figure worth comparing between runs.
+
+Four processes take part so that no two share a GIL: this orchestrator (idle while measuring),
+the Loracle server, the echo server and the load generator. The last two are this same file,
+started with a hidden first argument (`_echo`, `_load`).
+
+Usage: .venv/bin/python bench/bench_catalog.py [--catalog PATH] [--seconds S] [--concurrency N]
+                                                [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import itertools
+import json
+import math
+import os
+import platform
+import random
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+import grpc
+
+from client import LoracleClient, LoracleError, read_catalog_jsonl
+from loracle.v1 import query_service_pb2, query_service_pb2_grpc
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CATALOG = REPO_ROOT.parent / "shared" / "eval" / "civitai_loras.jsonl"
+SYNTHETIC_RECORDS = 7955
+IMPORT_BATCH = 2000
+LIST_PAGE_SIZE = 50
+LIST_PAGES = 20
+ROUNDS = 2
+WARMUP_SECONDS = 1.0
+CALL_TIMEOUT = 10.0
+START_TIMEOUT = 60.0
+SERVICE = "loracle.v1.QueryService"
+PORT_LINE = re.compile(r"\(port (\d+)\)")
+
+# (workload label in output, RPC method, JSON key)
+WORKLOADS = (
+    ("GetLora", "GetLora", "get_lora"),
+    (f"ListLoras page_size={LIST_PAGE_SIZE}", "ListLoras", "list_loras_50"),
+)
+TARGETS = ("loracle", "echo")
+
+
+def log(message: str) -> None:
+    """Progress goes to stderr so that stdout stays the table plus one JSON line."""
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+# --- subprocesses -------------------------------------------------------------------------
+
+
+@dataclass
+class Child:
+    """A subprocess whose stdout and stderr go to files, so a chatty child never blocks."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    stdout_path: Path
+    stderr_path: Path
+
+    def tail(self, limit: int = 4000) -> str:
+        parts = []
+        for path in (self.stdout_path, self.stderr_path):
+            with contextlib.suppress(OSError):
+                parts.append(path.read_text(errors="replace")[-limit:])
+        return "\n".join(parts)
+
+    def wait_for_port(self, timeout: float = START_TIMEOUT) -> int:
+        """Polls stdout for "(port N)", the line both servers print once they serve."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = PORT_LINE.search(self.stdout_path.read_text(errors="replace"))
+            if match:
+                return int(match.group(1))
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.name} did not start:\n{self.tail()}")
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=timeout)
+
+
+@dataclass
+class Children:
+    """Every subprocess started, stopped in reverse order whatever happens."""
+
+    workdir: Path
+    started: list[Child] = field(default_factory=list)
+
+    def start(self, name: str, args: Sequence[str], *, share_stderr: bool = False) -> Child:
+        """`share_stderr` lets the child's progress lines reach the terminal as they happen."""
+        stdout_path = self.workdir / f"{name}.stdout"
+        stderr_path = self.workdir / f"{name}.stderr"
+        with stdout_path.open("wb") as out, stderr_path.open("wb") as err:
+            process = subprocess.Popen(
+                [sys.executable, *args],
+                cwd=REPO_ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=None if share_stderr else err,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        child = Child(name, process, stdout_path, stderr_path)
+        self.started.append(child)
+        return child
+
+    def stop_all(self) -> None:
+        for child in reversed(self.started):
+            with contextlib.suppress(Exception):
+                child.stop()
+
+
+def _raise_system_exit(signum: int, _frame: object) -> NoReturn:
+    """Turns SIGTERM into an exception so that the `finally` blocks stop the children."""
+    log("terminated")
+    raise SystemExit(128 + signum)
+
+
+# --- catalog ------------------------------------------------------------------------------
+
+
+_WORDS = (
+    "anime",
+    "portrait",
+    "detailed",
+    "style",
+    "girl",
+    "character",
+    "concept",
+    "fantasy",
+    "city",
+    "night",
+    "realistic",
+    "painting",
+    "watercolor",
+    "cyberpunk",
+    "mecha",
+    "dress",
+    "forest",
+    "castle",
+    "dragon",
+    "flower",
+    "ocean",
+    "sunset",
+    "photo",
+    "cinematic",
+)
+
+
+def synthetic_catalog(count: int = SYNTHETIC_RECORDS) -> list[dict[str, Any]]:
+    """Records shaped like the civitai export (field sizes and base-model mix), seeded."""
+    rng = random.Random(count)
+    records = []
+    for index in range(count):
+        base_model = rng.choices(("SD 1.5", "Other", "SD 2.1"), weights=(88, 11, 1))[0]
+        words = rng.sample(_WORDS, 3)
+        records.append(
+            {
+                "source_id": f"synthetic:{index}",
+                "name": f"{' '.join(words).title()} {index}",
+                "base_model": base_model,
+                "tags": rng.sample(_WORDS, rng.randint(3, 8)),
+                "trigger_words": [f"{w}{index}" for w in rng.sample(_WORDS, rng.randint(0, 4))],
+                "file_name": f"{'_'.join(words)}_{index}",
+                "description": " ".join(rng.choices(_WORDS, k=rng.randint(40, 90))),
+                "downloads": rng.randint(0, 130_000),
+            }
+        )
+    return records
+
+
+def load_catalog(path: Path) -> tuple[list[dict[str, Any]], str]:
+    if path.is_file():
+        return list(read_catalog_jsonl(path)), "shared/eval"
+    log(f"{path} not found: importing {SYNTHETIC_RECORDS} synthetic records instead")
+    return synthetic_catalog(), "synthetic"
+
+
+@dataclass
+class Prepared:
+    """What the load phase needs from the imported catalog."""
+
+    records: int
+    seconds: float
+    source: str
+    ids: list[str]
+    page_tokens: list[str]
+    get_response: bytes
+    list_response: bytes
+
+
+def _median_by_size(messages: Sequence[bytes]) -> bytes:
+    return sorted(messages, key=len)[len(messages) // 2]
+
+
+def import_and_prepare(address: str, catalog: Path) -> Prepared:
+    """Imports the catalog, checks it is all visible, and collects ids, tokens and responses."""
+    records, source = load_catalog(catalog)
+    with LoracleClient(address, timeout=120.0) as client:
+        log(f"importing {len(records)} records ({source}) in batches of {IMPORT_BATCH}")
+        started = time.perf_counter()
+        result = client.import_lora_catalog(
+            records, batch_size=IMPORT_BATCH, request_id=f"bench-{uuid.uuid4()}"
+        )
+        seconds = time.perf_counter() - started
+        if result.errors:
+            first = result.errors[0]
+            raise RuntimeError(
+                f"{len(result.errors)} records refused, first #{first.index}: {first.error}"
+            )
+        token = result.consistency_token
+        total = client.list_loras(page_size=1, consistency_token=token).total_size
+        if total != len(records):
+            raise RuntimeError(f"ListLoras total_size {total}, expected {len(records)}")
+        loras = list(client.iter_loras(page_size=1000, consistency_token=token))
+        ids = [lora.id for lora in loras]
+        random.Random(0).shuffle(ids)
+        # A typical single LoRA: the median serialized size over the whole catalog.
+        get_response = _median_by_size(
+            [query_service_pb2.GetLoraResponse(lora=lora).SerializeToString() for lora in loras]
+        )
+        tokens = [""]
+        pages: list[bytes] = []
+        for _ in range(LIST_PAGES):
+            page = client.list_loras(page_size=LIST_PAGE_SIZE, page_token=tokens[-1])
+            pages.append(page.SerializeToString())
+            if not page.next_page_token or len(tokens) == LIST_PAGES:
+                break
+            tokens.append(page.next_page_token)
+    return Prepared(
+        records=len(records),
+        seconds=seconds,
+        source=source,
+        ids=ids,
+        page_tokens=tokens,
+        get_response=get_response,
+        list_response=_median_by_size(pages),
+    )
+
+
+# --- echo server (child) ------------------------------------------------------------------
+
+
+async def _echo_server(blobs: dict[str, str]) -> None:
+    """Answers GetLora/ListLoras with fixed messages through the same grpc.aio handler path.
+
+    Requests are deserialized and the responses serialized on every call, as in Loracle, so
+    the only thing missing is Loracle's own work between the two.
+    """
+    get_response = query_service_pb2.GetLoraResponse.FromString(base64.b64decode(blobs["get_lora"]))
+    list_response = query_service_pb2.ListLorasResponse.FromString(
+        base64.b64decode(blobs["list_loras"])
+    )
+
+    async def get_lora(
+        _request: query_service_pb2.GetLoraRequest, _context: grpc.aio.ServicerContext[Any, Any]
+    ) -> query_service_pb2.GetLoraResponse:
+        return get_response
+
+    async def list_loras(
+        _request: query_service_pb2.ListLorasRequest, _context: grpc.aio.ServicerContext[Any, Any]
+    ) -> query_service_pb2.ListLorasResponse:
+        return list_response
+
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
+        "GetLora": grpc.unary_unary_rpc_method_handler(
+            get_lora,
+            request_deserializer=query_service_pb2.GetLoraRequest.FromString,
+            response_serializer=query_service_pb2.GetLoraResponse.SerializeToString,
+        ),
+        "ListLoras": grpc.unary_unary_rpc_method_handler(
+            list_loras,
+            request_deserializer=query_service_pb2.ListLorasRequest.FromString,
+            response_serializer=query_service_pb2.ListLorasResponse.SerializeToString,
+        ),
+    }
+    server = grpc.aio.server()
+    # Registered the way generated add_*Servicer_to_server code does it, as Loracle's are.
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(f"echo serving (port {port})", flush=True)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    parent = os.getppid()
+    # Exits on its own if the orchestrator dies without stopping it.
+    while not stop.is_set() and os.getppid() == parent:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=1.0)
+    await server.stop(1.0)
+
+
+# --- load generator (child) ---------------------------------------------------------------
+
+
+def percentile(sorted_values: Sequence[float], pct: float) -> float:
+    """Nearest-rank percentile; 0.0 for no values."""
+    if not sorted_values:
+        return 0.0
+    rank = max(1, math.ceil(pct / 100 * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+@dataclass
+class Measurement:
+    target: str
+    method: str
+    round: int
+    seconds: float
+    latencies_ms: list[float]
+    errors: int
+    first_error: str
+
+    @property
+    def qps(self) -> float:
+        return len(self.latencies_ms) / self.seconds
+
+
+async def _measure(
+    call: Callable[..., Any],
+    requests: Iterator[Any],
+    concurrency: int,
+    warmup: float,
+    seconds: float,
+) -> tuple[list[float], int, str]:
+    """N workers keep one call each in flight; calls completing inside the window count."""
+    begin = time.perf_counter()
+    window_start = begin + warmup
+    window_end = window_start + seconds
+    latencies: list[float] = []
+    errors = 0
+    first_error = ""
+
+    async def worker() -> None:
+        nonlocal errors, first_error
+        while True:
+            sent = time.perf_counter()
+            if sent >= window_end:
+                return
+            try:
+                await call(next(requests), timeout=CALL_TIMEOUT)
+            except grpc.aio.AioRpcError as err:
+                errors += 1
+                first_error = first_error or f"{err.code().name}: {err.details()}"
+                continue
+            done = time.perf_counter()
+            if window_start <= done <= window_end:
+                latencies.append((done - sent) * 1000)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies, errors, first_error
+
+
+async def _load(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    channels = {name: grpc.aio.insecure_channel(address) for name, address in plan["targets"]}
+    try:
+        for channel in channels.values():
+            await asyncio.wait_for(channel.channel_ready(), timeout=START_TIMEOUT)
+        stubs = {name: query_service_pb2_grpc.QueryServiceStub(ch) for name, ch in channels.items()}
+        get_requests = [query_service_pb2.GetLoraRequest(id=i) for i in plan["ids"]]
+        list_requests = [
+            query_service_pb2.ListLorasRequest(page_size=LIST_PAGE_SIZE, page_token=token)
+            for token in plan["page_tokens"]
+        ]
+        results = []
+        for target, method, round_number in plan["schedule"]:
+            stub = stubs[target]
+            if method == "GetLora":
+                call: Callable[..., Any] = stub.GetLora
+                requests: Iterator[Any] = itertools.cycle(get_requests)
+            else:
+                call, requests = stub.ListLoras, itertools.cycle(list_requests)
+            latencies, errors, first_error = await _measure(
+                call, requests, plan["concurrency"], plan["warmup"], plan["seconds"]
+            )
+            result = Measurement(
+                target, method, round_number, plan["seconds"], latencies, errors, first_error
+            )
+            log(
+                f"{method:<9} {target:<7} round {round_number}: {result.qps:8.1f} calls/s"
+                + (f", {errors} errors ({first_error})" if errors else "")
+            )
+            results.append(
+                {
+                    "target": target,
+                    "method": method,
+                    "round": round_number,
+                    "seconds": plan["seconds"],
+                    "latencies_ms": [round(v, 4) for v in latencies],
+                    "errors": errors,
+                    "first_error": first_error,
+                }
+            )
+        return results
+    finally:
+        for channel in channels.values():
+            await channel.close()
+
+
+# --- orchestration ------------------------------------------------------------------------
+
+
+def schedule() -> list[tuple[str, str, int]]:
+    """A/B/A/B per workload: drift over the run lands on both targets alike."""
+    return [
+        (target, method, round_number)
+        for _label, method, _key in WORKLOADS
+        for round_number in range(1, ROUNDS + 1)
+        for target in TARGETS
+    ]
+
+
+def summarize(measurements: list[Measurement]) -> dict[str, dict[str, float]]:
+    summary: dict[str, dict[str, float]] = {}
+    for _label, method, key in WORKLOADS:
+        figures: dict[str, float] = {}
+        for target in TARGETS:
+            runs = [m for m in measurements if m.target == target and m.method == method]
+            calls = sum(len(m.latencies_ms) for m in runs)
+            pooled = sorted(v for m in runs for v in m.latencies_ms)
+            figures[f"{target}_qps"] = round(calls / sum(m.seconds for m in runs), 1)
+            figures[f"{target}_p50_ms"] = round(percentile(pooled, 50), 3)
+            figures[f"{target}_p99_ms"] = round(percentile(pooled, 99), 3)
+        echo = figures["echo_qps"]
+        ratio = round(figures["loracle_qps"] / echo, 3) if echo else 0.0
+        summary[key] = {
+            "loracle_qps": figures["loracle_qps"],
+            "echo_qps": figures["echo_qps"],
+            "ratio": ratio,
+            "loracle_p50_ms": figures["loracle_p50_ms"],
+            "loracle_p99_ms": figures["loracle_p99_ms"],
+            "echo_p50_ms": figures["echo_p50_ms"],
+            "echo_p99_ms": figures["echo_p99_ms"],
+        }
+    return summary
+
+
+def print_table(
+    prepared: Prepared,
+    summary: dict[str, dict[str, float]],
+    measurements: list[Measurement],
+    args: argparse.Namespace,
+) -> None:
+    rate = prepared.records / prepared.seconds
+    print(
+        f"Catalog import: {prepared.records} records ({prepared.source}) in "
+        f"{prepared.seconds:.2f} s = {rate:.0f} records/s (batches of {IMPORT_BATCH}); "
+        "ListLoras total_size matches"
+    )
+    print(
+        f"Queries: {args.concurrency} calls in flight, {args.seconds:g} s per measurement after "
+        f"{WARMUP_SECONDS:g} s warm-up, {ROUNDS} interleaved rounds per target; "
+        f"{os.cpu_count()} CPUs, Python {platform.python_version()}"
+    )
+    print()
+    print(f"{'workload':<24}{'target':<9}{'calls/s':>10}{'p50 ms':>9}{'p99 ms':>9}  rounds")
+    for label, method, key in WORKLOADS:
+        figures = summary[key]
+        for target in TARGETS:
+            rounds = " / ".join(
+                f"{m.qps:.0f}" for m in measurements if m.target == target and m.method == method
+            )
+            print(
+                f"{label:<24}{target:<9}{figures[f'{target}_qps']:>10.1f}"
+                f"{figures[f'{target}_p50_ms']:>9.2f}{figures[f'{target}_p99_ms']:>9.2f}  {rounds}"
+            )
+        print(f"{'':<24}{'ratio':<9}{figures['ratio']:>10.3f}  (loracle / echo)")
+    print()
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="loracle-bench-") as tmp:
+        workdir = Path(tmp)
+        children = Children(workdir)
+        try:
+            data_dir = workdir / "data"
+            (data_dir / "loras").mkdir(parents=True)
+            loracle = children.start(
+                "loracle",
+                ["-m", "server", "--listen", "127.0.0.1:0", "--data-dir", str(data_dir)],
+            )
+            loracle_address = f"127.0.0.1:{loracle.wait_for_port()}"
+            log(f"Loracle serving on {loracle_address} (SQLite in a temporary directory)")
+
+            prepared = import_and_prepare(loracle_address, args.catalog)
+            responses_path = workdir / "responses.json"
+            responses_path.write_text(
+                json.dumps(
+                    {
+                        "get_lora": base64.b64encode(prepared.get_response).decode(),
+                        "list_loras": base64.b64encode(prepared.list_response).decode(),
+                    }
+                )
+            )
+            echo = children.start("echo", [str(Path(__file__).resolve()), "_echo", tmp])
+            echo_address = f"127.0.0.1:{echo.wait_for_port()}"
+            log(
+                f"echo serving on {echo_address} (GetLora {len(prepared.get_response)} B, "
+                f"ListLoras {len(prepared.list_response)} B per response)"
+            )
+
+            plan_path, out_path = workdir / "plan.json", workdir / "results.json"
+            steps = schedule()
+            plan_path.write_text(
+                json.dumps(
+                    {
+                        "targets": [["loracle", loracle_address], ["echo", echo_address]],
+                        "ids": prepared.ids,
+                        "page_tokens": prepared.page_tokens,
+                        "schedule": steps,
+                        "concurrency": args.concurrency,
+                        "warmup": WARMUP_SECONDS,
+                        "seconds": args.seconds,
+                    }
+                )
+            )
+            load = children.start(
+                "load", [str(Path(__file__).resolve()), "_load", tmp], share_stderr=True
+            )
+            budget = len(steps) * (WARMUP_SECONDS + args.seconds + CALL_TIMEOUT) + START_TIMEOUT
+            try:
+                code = load.process.wait(timeout=budget)
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(f"load generator still running after {budget:.0f} s") from None
+            if code != 0:
+                raise RuntimeError(f"load generator exited with {code}:\n{load.tail()}")
+            measurements = [Measurement(**m) for m in json.loads(out_path.read_text())]
+        finally:
+            children.stop_all()
+
+    failed = [m for m in measurements if m.errors]
+    if failed:
+        m = failed[0]
+        raise RuntimeError(f"{m.method} on {m.target} had {m.errors} errors: {m.first_error}")
+    summary = summarize(measurements)
+    if not args.json:
+        print_table(prepared, summary, measurements, args)
+    return {
+        "catalog": {
+            "records": prepared.records,
+            "seconds": round(prepared.seconds, 3),
+            "records_per_second": round(prepared.records / prepared.seconds, 1),
+            "source": prepared.source,
+        },
+        **summary,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "concurrency": args.concurrency,
+        "seconds": args.seconds,
+    }
+
+
+def _positive(kind: Callable[[str], float], upper: float) -> Callable[[str], Any]:
+    def parse(text: str) -> float:
+        value = kind(text)
+        if not 0 < value <= upper:
+            raise argparse.ArgumentTypeError(f"must be in (0, {upper:g}]")
+        return value
+
+    return parse
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Import a LoRA catalog into a fresh Loracle, then measure GetLora and "
+        "ListLoras against a bare gRPC echo server, side by side."
+    )
+    parser.add_argument(
+        "--catalog",
+        type=Path,
+        default=DEFAULT_CATALOG,
+        help="JSON Lines catalog (default ../shared/eval/civitai_loras.jsonl; synthetic if absent)",
+    )
+    parser.add_argument(
+        "--seconds",
+        type=_positive(float, 600),
+        default=5.0,
+        help="measured seconds per run, after 1 s warm-up (default 5)",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=_positive(int, 1024),
+        default=16,
+        help="calls kept in flight (default 16)",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print only the JSON line on stdout, no table"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["_echo"]:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(_echo_server(json.loads((Path(argv[1]) / "responses.json").read_text())))
+        return 0
+    if argv[:1] == ["_load"]:
+        workdir = Path(argv[1])
+        try:
+            results = asyncio.run(_load(json.loads((workdir / "plan.json").read_text())))
+        except KeyboardInterrupt:
+            return 130
+        (workdir / "results.json").write_text(json.dumps(results))
+        return 0
+
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _raise_system_exit)
+    try:
+        result = run(args)
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    except (RuntimeError, LoracleError, grpc.RpcError, OSError) as exc:
+        log(f"failed: {exc}")
+        return 1
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
