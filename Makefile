@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 export LORACLE_TEST_POSTGRES_URL ?= postgresql://postgres@127.0.0.1:5432/test
 
 .PHONY: install demo test proto check-generated lint-proto lint format typecheck pytest \
-        services bench eval-import serve clean
+        services bench eval-recommend serve clean
 
 install: $(STAMP) $(BUF)
 
@@ -58,6 +58,13 @@ pytest: install services
 
 bench: install
 	$(BIN)/python bench/bench_catalog.py
+
+# make eval-recommend CATALOG=... QUERIES=... [HISTORY=...] [LIMIT=N]
+CATALOG ?= ../shared/eval/civitai_loras.jsonl
+QUERIES ?= ../shared/eval/dev_queries.jsonl
+eval-recommend: install
+	$(BIN)/python bench/eval_recommend.py --catalog $(CATALOG) --queries $(QUERIES) \
+		$(if $(HISTORY),--history $(HISTORY)) $(if $(LIMIT),--limit $(LIMIT))
 
 serve: install
 	$(BIN)/loracle-server --data-dir ./data

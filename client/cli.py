@@ -135,6 +135,13 @@ def _resolve_lora(client: LoracleClient, text: str) -> types_pb2.Lora:
 # --- loras --------------------------------------------------------------------------------
 
 
+def _settle(client: LoracleClient, consistency_token: str) -> None:
+    """Returns once the server's read models show this write, so the next `loracle` command
+    (a list, a show) sees it: read-your-writes across separate CLI runs."""
+    if consistency_token:
+        client.list_loras(page_size=1, consistency_token=consistency_token)
+
+
 def _cmd_import(client: LoracleClient, args: argparse.Namespace, out: _Output) -> int:
     files: list[command_service_pb2.ImportFileResult] = []
     last = command_service_pb2.ImportLorasResponse()
@@ -151,6 +158,7 @@ def _cmd_import(client: LoracleClient, args: argparse.Namespace, out: _Output) -
             )
             if message.HasField("file"):
                 files.append(message.file)
+    _settle(client, last.consistency_token)
     totals = last.progress
     if out.json_mode:
         out.json(
@@ -191,6 +199,7 @@ def _cmd_import_catalog(client: LoracleClient, args: argparse.Namespace, out: _O
             progress.update(task, completed=records_seen)
 
         result = client.import_lora_catalog(records, batch_size=args.batch_size, on_batch=advance)
+    _settle(client, result.consistency_token)
     if out.json_mode:
         out.json(_to_dict(result))
         return 0
@@ -208,6 +217,7 @@ def _cmd_import_catalog(client: LoracleClient, args: argparse.Namespace, out: _O
 
 def _cmd_register(client: LoracleClient, args: argparse.Namespace, out: _Output) -> int:
     response = client.register_lora(args.path)
+    _settle(client, response.consistency_token)
     if out.json_mode:
         out.json(_to_dict(response))
         return 0
@@ -315,6 +325,7 @@ def _cmd_update(client: LoracleClient, args: argparse.Namespace, out: _Output) -
         description=args.description,
         preferred_weight=args.preferred_weight,
     )
+    _settle(client, response.consistency_token)
     if out.json_mode:
         out.json(_to_dict(response))
     else:
@@ -325,10 +336,65 @@ def _cmd_update(client: LoracleClient, args: argparse.Namespace, out: _Output) -
 def _cmd_delete(client: LoracleClient, args: argparse.Namespace, out: _Output) -> int:
     lora = _resolve_lora(client, args.id)
     response = client.delete_lora(lora.id)
+    _settle(client, response.consistency_token)
     if out.json_mode:
         out.json({"id": lora.id, **_to_dict(response)})
     else:
         out.out.print(f"deleted {lora.id} {lora.name}")
+    return 0
+
+
+# --- recommendations -----------------------------------------------------------------------
+
+
+def _recommendation_table(recs: Sequence[types_pb2.Recommendation]) -> Table:
+    table = Table("#", "LoRA", "confidence", "weight", "trigger words", "why")
+    for rank, rec in enumerate(recs, start=1):
+        table.add_row(
+            str(rank),
+            f"{rec.lora.name}\n{rec.lora.id[:8]}",
+            f"{rec.confidence:.2f}",
+            f"{rec.weight:g}",
+            _truncate(", ".join(rec.trigger_words), 60),
+            "\n".join(rec.reasons),
+        )
+    return table
+
+
+def _cmd_recommend(client: LoracleClient, args: argparse.Namespace, out: _Output) -> int:
+    response = client.recommend_loras(
+        args.prompt,
+        args.base_model,
+        max_loras=args.max,
+        min_confidence=args.min_confidence,
+        include_unavailable=args.include_unavailable,
+    )
+    if out.json_mode:
+        out.json(_to_dict(response))
+        return 0
+    if not response.recommendations:
+        out.out.print("no LoRA fits this prompt well enough")
+        return 0
+    out.out.print(_recommendation_table(response.recommendations))
+    out.out.print(f"recommendation id: {response.recommendation_id}")
+    return 0
+
+
+def _cmd_search(client: LoracleClient, args: argparse.Namespace, out: _Output) -> int:
+    response = client.search_loras(args.query, base_model=args.base_model, page_size=args.limit)
+    if out.json_mode:
+        out.json(_to_dict(response))
+        return 0
+    table = Table("#", "LoRA", "score", "base model", "why")
+    for rank, hit in enumerate(response.results, start=1):
+        table.add_row(
+            str(rank),
+            f"{hit.lora.name}\n{hit.lora.id[:8]}",
+            f"{hit.score:.2f}",
+            _base_model(hit.lora.base_model),
+            "\n".join(hit.reasons),
+        )
+    out.out.print(table)
     return 0
 
 
@@ -465,6 +531,22 @@ def _build_parser() -> argparse.ArgumentParser:
     p = loras_commands.add_parser("delete", help="remove a LoRA from the catalog")
     p.add_argument("id", metavar="ID", help="full id or a unique prefix")
     p.set_defaults(handler=_cmd_delete)
+
+    p = commands.add_parser("recommend", help="recommend LoRAs for a prompt")
+    p.add_argument("prompt", metavar="PROMPT")
+    p.add_argument("--base-model", required=True, metavar="X", help='e.g. "SD 1.5" or SDXL')
+    p.add_argument("--max", type=_positive_int, default=3, metavar="N")
+    p.add_argument("--min-confidence", type=float, metavar="C")
+    p.add_argument(
+        "--include-unavailable", action="store_true", help="also catalog entries without a file"
+    )
+    p.set_defaults(handler=_cmd_recommend)
+
+    p = commands.add_parser("search", help="search the catalog")
+    p.add_argument("query", metavar="QUERY")
+    p.add_argument("--base-model", default="", metavar="X")
+    p.add_argument("--limit", type=_positive_int, default=20, metavar="N")
+    p.set_defaults(handler=_cmd_search)
 
     p = commands.add_parser("models", help="list the configured base models")
     p.set_defaults(handler=_cmd_models)

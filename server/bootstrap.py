@@ -10,10 +10,18 @@ from server.application.commands import (
     CommandBus,
     DeleteLoRACommand,
     DeleteLoRAHandler,
+    FilterConfidentRecommendationsCommand,
+    FilterConfidentRecommendationsHandler,
     ImportLoRACatalogCommand,
     ImportLoRACatalogHandler,
     ImportLoRAsCommand,
     ImportLoRAsHandler,
+    RecommendLoRAsCommand,
+    RecommendLoRAsHandler,
+    RecommendTopLoRACommand,
+    RecommendTopLoRAHandler,
+    RecordGenerationCommand,
+    RecordGenerationHandler,
     RegisterLoRACommand,
     RegisterLoRAHandler,
     UpdateLoRACommand,
@@ -31,12 +39,16 @@ from server.application.queries import (
     ListEventsHandler,
     ListEventsQuery,
     QueryBus,
+    SearchLoRAsByPromptHandler,
+    SearchLoRAsByPromptQuery,
 )
 from server.config import Settings
+from server.domain.recommend.engine import RecommendationEngine
 from server.infrastructure.event_store import EventStore
 from server.infrastructure.lora_files import LoraFileReader
 from server.infrastructure.projector import Projector
 from server.infrastructure.read_model import ProjectedChange, SqlReadModel
+from server.infrastructure.recommender import CatalogRecommender
 from server.infrastructure.storage_url import StorageUrl
 
 log = logging.getLogger("loracle")
@@ -51,6 +63,7 @@ class Container:
     read_model: SqlReadModel
     projector: Projector
     files: LoraFiles
+    recommender: CatalogRecommender
     middlewares: list[Middleware] = field(default_factory=list)
 
     def close(self) -> None:
@@ -82,12 +95,18 @@ def bootstrap(
     middlewares = default_middlewares(authorizer)
     queries = QueryBus(middlewares, consistency=projector)
 
+    recommender = CatalogRecommender(RecommendationEngine(), read_model)
+
     def invalidate(change: ProjectedChange) -> None:
         topics = {"events"} if change.audit else set()
         if change.upserts or change.deletes:
             topics.add("loras")
+        if change.history:
+            topics.add("history")
         queries.invalidate(topics)
 
+    # The index must see a batch before the cache forgets the old answers.
+    projector.on_change(recommender.on_change)
     projector.on_change(invalidate)
     if settings.rebuild_projections:
         log.info("rebuilt read models up to position %d", projector.rebuild())
@@ -98,13 +117,33 @@ def bootstrap(
     commands.register(ImportLoRACatalogCommand, ImportLoRACatalogHandler(store))
     commands.register(UpdateLoRACommand, UpdateLoRAHandler(store))
     commands.register(DeleteLoRACommand, DeleteLoRAHandler(store))
+    commands.register(
+        RecommendLoRAsCommand,
+        RecommendLoRAsHandler(recommender, catalog=store, read_model=read_model),
+    )
+    commands.register(
+        RecommendTopLoRACommand,
+        RecommendTopLoRAHandler(recommender, catalog=store, read_model=read_model),
+    )
+    commands.register(
+        FilterConfidentRecommendationsCommand,
+        FilterConfidentRecommendationsHandler(store, read_model),
+    )
+    commands.register(RecordGenerationCommand, RecordGenerationHandler(store))
 
     queries.register(GetLoRAByIdQuery, GetLoRAByIdHandler(read_model))
     queries.register(GetAllLoRAsQuery, GetAllLoRAsHandler(read_model))
     queries.register(GetLoRAsByBaseModelQuery, GetLoRAsByBaseModelHandler(read_model))
     queries.register(ListEventsQuery, ListEventsHandler(read_model))
+    queries.register(SearchLoRAsByPromptQuery, SearchLoRAsByPromptHandler(recommender))
 
     if start_projector:
         projector.catch_up()
+    # Loaded after the catch-up and before the projector thread runs, so no batch is missed
+    # or applied twice.
+    recommender.load()
+    if start_projector:
         projector.start()
-    return Container(settings, commands, queries, store, read_model, projector, files, middlewares)
+    return Container(
+        settings, commands, queries, store, read_model, projector, files, recommender, middlewares
+    )

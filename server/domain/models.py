@@ -68,6 +68,22 @@ def architecture_of(lineage: str) -> Architecture:
     return Architecture.OTHER
 
 
+def resolve_architecture(base_model: str) -> Architecture:
+    """The architecture a request's `base_model` names; refuses names we cannot place."""
+    from server.domain.errors import FieldViolation, ValidationError
+
+    arch = architecture_of(base_model)
+    if arch in (Architecture.UNSPECIFIED, Architecture.OTHER):
+        raise ValidationError(
+            FieldViolation(
+                "base_model",
+                f"{base_model!r} is not a known base model; use an architecture "
+                "(SD1, SD2, SDXL, SD3, FLUX) or a lineage such as 'SD 1.5' or 'Pony'",
+            )
+        )
+    return arch
+
+
 @dataclass(frozen=True, slots=True)
 class BaseModelRef:
     architecture: Architecture
@@ -183,6 +199,15 @@ class FileEntry:
     modified_time: datetime
     sha256: str
     available: bool
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryEntry:
+    """A past generation as the read model keeps it."""
+
+    position: int
+    prompt: str
+    lora_ids: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,6 +46,9 @@ class EventStore:
     def get_lora(self, lora_id: uuid.UUID) -> Lora | None:
         return cast(Lora | None, self._get(lora_id, Lora))
 
+    def get(self, aggregate_id: uuid.UUID) -> Aggregate | None:
+        return cast(Aggregate | None, self._get(aggregate_id, Aggregate))
+
     def find_command(self, request_id: str) -> CommandRecord | None:
         return cast(
             CommandRecord | None, self._get(CommandRecord.create_id(request_id), CommandRecord)

@@ -21,7 +21,8 @@ from server.domain.errors import (
     ValidationError,
 )
 from server.domain.lora import CommandRecord, Lora
-from server.domain.models import AuditEntry, LoraView
+from server.domain.models import AuditEntry, HistoryEntry, LoraView
+from server.domain.recommendation import PastGeneration
 from server.infrastructure.event_store import EventStore
 from server.infrastructure.read_model import ProjectedChange, SqlReadModel
 
@@ -148,12 +149,16 @@ class Projector:
             return False
         latest: dict[uuid.UUID, int] = {}
         audit: list[AuditEntry] = []
+        history: list[HistoryEntry] = []
         for n in notifications:
-            event = self._store.decode(n)
-            if n.topic.startswith(_topic_prefix(CommandRecord)):
+            if n.topic.startswith(_COMMAND_RECORD):
                 continue
-            latest[uuid.UUID(str(n.originator_id))] = n.originator_version
+            event = self._store.decode(n)
             audit.append(_audit_entry(n.id, event))
+            if n.topic.startswith(_LORA):
+                latest[uuid.UUID(str(n.originator_id))] = n.originator_version
+            elif n.topic.startswith(_PAST_GENERATION):
+                history.append(HistoryEntry(n.id, event.prompt, tuple(event.lora_ids)))
         upserts: list[LoraView] = []
         deletes: list[str] = []
         for aggregate_id, version in latest.items():
@@ -163,7 +168,7 @@ class Projector:
                     deletes.append(str(aggregate_id))
                 else:
                     upserts.append(aggregate.view())
-        change = ProjectedChange(after, notifications[-1].id, upserts, deletes, audit)
+        change = ProjectedChange(after, notifications[-1].id, upserts, deletes, audit, history)
         if not self._read_model.apply(change):
             with self._cond:
                 self._position = self._read_model.position()
@@ -182,6 +187,11 @@ class Projector:
 
 def _topic_prefix(cls: type[Any]) -> str:
     return f"{cls.__module__}:{cls.__qualname__}."
+
+
+_COMMAND_RECORD = _topic_prefix(CommandRecord)
+_LORA = _topic_prefix(Lora)
+_PAST_GENERATION = _topic_prefix(PastGeneration)
 
 
 def _audit_entry(position: int, event: Any) -> AuditEntry:

@@ -20,6 +20,7 @@ from server.domain.models import (
     AuditEntry,
     EventFilter,
     FileEntry,
+    HistoryEntry,
     LoraFilter,
     LoraSource,
     LoraView,
@@ -76,6 +77,14 @@ audit_events = sa.Table(
     sa.Index("rm_audit_time", "occurred_at"),
 )
 
+generation_history = sa.Table(
+    "rm_generation_history",
+    metadata,
+    sa.Column("position", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("prompt", sa.Text, nullable=False),
+    sa.Column("lora_ids", sa.Text, nullable=False),
+)
+
 tracking = sa.Table(
     "rm_tracking",
     metadata,
@@ -96,6 +105,7 @@ class ProjectedChange:
     upserts: Sequence[LoraView] = ()
     deletes: Sequence[str] = ()
     audit: Sequence[AuditEntry] = ()
+    history: Sequence[HistoryEntry] = ()
 
 
 def view_to_json(view: LoraView) -> str:
@@ -197,6 +207,18 @@ class SqlReadModel:
                     conn.execute(lora_tags.insert(), tag_rows)
             if change.audit:
                 conn.execute(audit_events.insert(), [_audit_row(a) for a in change.audit])
+            if change.history:
+                conn.execute(
+                    generation_history.insert(),
+                    [
+                        {
+                            "position": h.position,
+                            "prompt": h.prompt,
+                            "lora_ids": json.dumps(list(h.lora_ids)),
+                        }
+                        for h in change.history
+                    ],
+                )
             updated = conn.execute(
                 tracking.update()
                 .where(tracking.c.name == TRACKING_NAME)
@@ -209,7 +231,7 @@ class SqlReadModel:
     def reset(self) -> None:
         """Empties every read model so the projector rebuilds them from the event log."""
         with self._begin() as conn:
-            for table in (lora_tags, loras, audit_events, tracking):
+            for table in (lora_tags, loras, audit_events, generation_history, tracking):
                 conn.execute(table.delete())
 
     # -- reads ---------------------------------------------------------------------------
@@ -307,6 +329,29 @@ class SqlReadModel:
             for row in rows:
                 yield view_from_json(row[1])
             last = rows[-1][0]
+
+    def history(self, batch: int = 5000) -> Iterable[HistoryEntry]:
+        """Every recorded generation, oldest first."""
+        last = 0
+        while True:
+            with self._connect() as conn:
+                rows = (
+                    conn.execute(
+                        sa.select(generation_history)
+                        .where(generation_history.c.position > last)
+                        .order_by(generation_history.c.position)
+                        .limit(batch)
+                    )
+                    .mappings()
+                    .all()
+                )
+            if not rows:
+                return
+            for row in rows:
+                yield HistoryEntry(
+                    int(row["position"]), row["prompt"], tuple(json.loads(row["lora_ids"]))
+                )
+            last = int(rows[-1]["position"])
 
     def files_under(self, root_prefix: str) -> list[FileEntry]:
         """File-backed LoRAs whose path lies in `root_prefix` ("" for the whole root)."""

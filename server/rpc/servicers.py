@@ -133,6 +133,7 @@ class CommandServicer(cmd_grpc.CommandServiceServicer):
         )
         recs, position = await self._d.command(context, command, request.request_id)
         return cmd_pb.RecommendLorasResponse(
+            recommendation_id=recs.recommendation_id,
             recommendations=[recommendation_to_proto(r) for r in recs],
             consistency_token=token_for(position),
         )
@@ -146,12 +147,14 @@ class CommandServicer(cmd_grpc.CommandServiceServicer):
             min_confidence=(request.min_confidence if request.HasField("min_confidence") else None),
             include_unavailable=request.include_unavailable,
         )
-        rec, position = await self._d.command(context, command, request.request_id)
-        response = cmd_pb.RecommendTopLoraResponse(consistency_token=token_for(position))
-        if rec is None:
-            response.none_reason = "no LoRA is confident enough for this prompt"
-        else:
-            response.recommendation.CopyFrom(recommendation_to_proto(rec))
+        top, position = await self._d.command(context, command, request.request_id)
+        response = cmd_pb.RecommendTopLoraResponse(
+            recommendation_id=top.recommendation_id,
+            none_reason=top.none_reason,
+            consistency_token=token_for(position),
+        )
+        if top.recommendation is not None:
+            response.recommendation.CopyFrom(recommendation_to_proto(top.recommendation))
         return response
 
     async def FilterConfidentRecommendations(
@@ -245,8 +248,16 @@ class QueryServicer(qry_grpc.QueryServiceServicer):
             page_size=request.page_size,
             page_token=request.page_token,
         )
-        await self._d.query(context, query, request.consistency_token)
-        return qry_pb.SearchLorasResponse()  # pragma: no cover - no handler until search lands
+        page = await self._d.query(context, query, request.consistency_token)
+        return qry_pb.SearchLorasResponse(
+            results=[
+                qry_pb.LoraSearchResult(
+                    lora=lora_to_proto(hit.lora), score=hit.confidence, reasons=hit.reasons
+                )
+                for hit in page.items
+            ],
+            next_page_token=page.next_page_token,
+        )
 
     async def ListBaseModels(
         self, request: qry_pb.ListBaseModelsRequest, context: Ctx

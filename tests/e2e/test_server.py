@@ -105,10 +105,9 @@ def test_errors_carry_status_codes_and_rich_details(server: RunningServer) -> No
         with pytest.raises(NotFound) as missing:
             client.get_lora(str(uuid.uuid4()))
         assert missing.value.reason == "NOT_FOUND"
-        with pytest.raises(Unimplemented):
-            client.recommend_loras("a cat", "SD 1.5")
-        with pytest.raises(Unimplemented):
-            client.search_loras("a cat")
+        with pytest.raises(InvalidArgument) as bad_model:
+            client.recommend_loras("a cat", "Potato XL 9000")
+        assert bad_model.value.field_violations[0][0] == "base_model"
         with pytest.raises(Unimplemented):
             list(client.generate_image(types_pb2.GenerationSpec(prompt="a cat")))
         with pytest.raises(Unimplemented):

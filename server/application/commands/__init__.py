@@ -36,12 +36,19 @@ from server.application.commands.import_loras import (
 )
 from server.application.commands.recommend import (
     FilterConfidentRecommendationsCommand,
+    FilterConfidentRecommendationsHandler,
     LoRARecommendation,
+    RecommendationSet,
     Recommender,
     RecommendLoRAsCommand,
     RecommendLoRAsHandler,
     RecommendTopLoRACommand,
     RecommendTopLoRAHandler,
+    TopRecommendation,
+)
+from server.application.commands.record_generation import (
+    RecordGenerationCommand,
+    RecordGenerationHandler,
 )
 from server.application.commands.register_lora import (
     RegisterLoRACommand,
@@ -65,6 +72,7 @@ __all__ = [
     "DeleteLoRAHandler",
     "ErrorKind",
     "FilterConfidentRecommendationsCommand",
+    "FilterConfidentRecommendationsHandler",
     "GenerateImageCommand",
     "GenerationRequest",
     "HandlerAlreadyRegisteredError",
@@ -88,12 +96,16 @@ __all__ = [
     "RecommendLoRAsHandler",
     "RecommendTopLoRACommand",
     "RecommendTopLoRAHandler",
+    "RecommendationSet",
     "Recommender",
     "RecordError",
+    "RecordGenerationCommand",
+    "RecordGenerationHandler",
     "RegisterLoRACommand",
     "RegisterLoRAHandler",
     "RegisterLoRAResult",
     "SubmitGenerationCommand",
+    "TopRecommendation",
     "UpdateLoRACommand",
     "UpdateLoRAHandler",
 ]

@@ -75,7 +75,7 @@ class ImportLoRACatalogHandler(ICommandHandler[ImportLoRACatalogCommand, ImportC
             if problem:
                 errors.append(RecordError(index, record.source_id, problem))
                 continue
-            metadata = metadata_to_dict(_metadata(record))
+            metadata = metadata_to_dict(metadata_from_record(record))
             lora_id = lora_id_for_source(record.source_id)
             lora = pending.get(lora_id) or self._catalog.get_lora(lora_id)
             if lora is None:
@@ -125,7 +125,7 @@ def _problem(record: CatalogRecordInput) -> str:
     return ""
 
 
-def _metadata(record: CatalogRecordInput) -> LoraMetadata:
+def metadata_from_record(record: CatalogRecordInput) -> LoraMetadata:
     return LoraMetadata(
         name=record.name.strip(),
         base_model=BaseModelRef.parse(record.base_model),

@@ -1,14 +1,24 @@
-"""Recommendation commands. The engine behind them (the Recommender port) arrives with the
-recommendation issue; until one is wired in, the bus answers UNIMPLEMENTED for these."""
+"""Recommendation commands. Recommending is a command because it records what was
+recommended, for whom and for which prompt (a `Recommendation` event)."""
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
+
+from eventsourcing.domain import Aggregate
 
 from server.application.commands.base import CommandResult, ICommand, ICommandHandler
-from server.domain.errors import FieldViolation
+from server.application.commands.idempotency import previous_result, record_for
+from server.application.context import current_context
+from server.application.ports import CatalogRepository, LoraReadModel
+from server.domain.errors import FieldViolation, NotFoundError
 from server.domain.models import LoraView
+from server.domain.recommendation import Recommendation
+
+DEFAULT_TOP_CONFIDENCE = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,6 +28,39 @@ class LoRARecommendation:
     weight: float
     trigger_words: tuple[str, ...] = ()
     reasons: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RecommendationSet:
+    """Recommendations, best first, and the id they were recorded under ("" when the handler
+    has no store to record to). Iterates like the list the seed API returned."""
+
+    recommendation_id: str
+    recommendations: tuple[LoRARecommendation, ...]
+
+    def __len__(self) -> int:
+        return len(self.recommendations)
+
+    def __iter__(self) -> Iterator[LoRARecommendation]:
+        return iter(self.recommendations)
+
+    def __getitem__(self, index: int) -> LoRARecommendation:
+        return self.recommendations[index]
+
+
+@dataclass(frozen=True, slots=True)
+class TopRecommendation:
+    recommendation_id: str
+    recommendation: LoRARecommendation | None
+    none_reason: str = ""
+
+    @property
+    def lora(self) -> LoraView | None:
+        return None if self.recommendation is None else self.recommendation.lora
+
+    @property
+    def confidence(self) -> float:
+        return 0.0 if self.recommendation is None else self.recommendation.confidence
 
 
 class Recommender(Protocol):
@@ -33,7 +76,7 @@ class Recommender(Protocol):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class RecommendLoRAsCommand(ICommand[list[LoRARecommendation]]):
+class RecommendLoRAsCommand(ICommand[RecommendationSet]):
     prompt: str
     base_model: str
     max_loras: int = 3
@@ -42,7 +85,7 @@ class RecommendLoRAsCommand(ICommand[list[LoRARecommendation]]):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class RecommendTopLoRACommand(ICommand[LoRARecommendation | None]):
+class RecommendTopLoRACommand(ICommand[TopRecommendation]):
     prompt: str
     base_model: str
     min_confidence: float | None = None
@@ -50,9 +93,12 @@ class RecommendTopLoRACommand(ICommand[LoRARecommendation | None]):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class FilterConfidentRecommendationsCommand(ICommand[list[LoRARecommendation]]):
+class FilterConfidentRecommendationsCommand(ICommand[RecommendationSet]):
     recommendation_id: str
     min_confidence: float
+
+
+MAX_PROMPT = 10_000
 
 
 def _validate(
@@ -61,6 +107,8 @@ def _validate(
     out = []
     if not prompt.strip():
         out.append(FieldViolation("prompt", "must not be empty"))
+    elif len(prompt) > MAX_PROMPT:
+        out.append(FieldViolation("prompt", f"at most {MAX_PROMPT} characters"))
     if not base_model.strip():
         out.append(FieldViolation("base_model", "must not be empty"))
     if not 1 <= max_loras <= 20:
@@ -70,40 +118,167 @@ def _validate(
     return out
 
 
-class RecommendLoRAsHandler(ICommandHandler[RecommendLoRAsCommand, list[LoRARecommendation]]):
-    def __init__(self, recommender: Recommender) -> None:
-        self._recommender = recommender
+def _item(rec: LoRARecommendation) -> dict[str, Any]:
+    return {
+        "lora_id": rec.lora.id,
+        "confidence": rec.confidence,
+        "weight": rec.weight,
+        "trigger_words": list(rec.trigger_words),
+        "reasons": list(rec.reasons),
+    }
 
-    def handle(self, command: RecommendLoRAsCommand) -> CommandResult[list[LoRARecommendation]]:
+
+class _Recording:
+    """Records a recommendation (with the request's idempotency record) and replays it."""
+
+    def __init__(self, catalog: CatalogRepository | None, read_model: LoraReadModel | None) -> None:
+        self._catalog = catalog
+        self._read_model = read_model
+
+    def replay(self, command: object) -> tuple[str, int] | None:
+        if self._catalog is None:
+            return None
+        previous = previous_result(self._catalog, command)
+        if previous is None:
+            return None
+        return str(previous["recommendation_id"]), self._catalog.max_position()
+
+    def record(
+        self, command: object, prompt: str, base_model: str, recs: list[LoRARecommendation]
+    ) -> tuple[str, int]:
+        if self._catalog is None:
+            return "", 0
+        ctx = current_context()
+        made = Recommendation(
+            prompt=prompt,
+            base_model=base_model,
+            items=[_item(r) for r in recs],
+            principal=ctx.principal,
+            request_id=ctx.request_id,
+        )
+        pending: list[Aggregate] = [made]
+        record = record_for(command, {"recommendation_id": str(made.id)})
+        if record is not None:
+            pending.append(record)
+        return str(made.id), self._catalog.save(*pending)
+
+    def load(self, recommendation_id: str) -> list[LoRARecommendation]:
+        if self._catalog is None or self._read_model is None:
+            raise NotFoundError("recommendation", recommendation_id)
+        try:
+            key = uuid.UUID(recommendation_id)
+        except ValueError:
+            raise NotFoundError("recommendation", recommendation_id) from None
+        made = self._catalog.get(key)
+        if not isinstance(made, Recommendation):
+            raise NotFoundError("recommendation", recommendation_id)
+        out = []
+        for item in made.items:
+            view = self._read_model.get(str(item["lora_id"]))
+            if view is None:  # deleted since: nothing to recommend any more
+                continue
+            out.append(
+                LoRARecommendation(
+                    view,
+                    float(item["confidence"]),
+                    float(item["weight"]),
+                    tuple(item["trigger_words"]),
+                    tuple(item["reasons"]),
+                )
+            )
+        return out
+
+
+class RecommendLoRAsHandler(ICommandHandler[RecommendLoRAsCommand, RecommendationSet]):
+    def __init__(
+        self,
+        recommender: Recommender,
+        *,
+        catalog: CatalogRepository | None = None,
+        read_model: LoraReadModel | None = None,
+    ) -> None:
+        self._recommender = recommender
+        self._recording = _Recording(catalog, read_model)
+
+    def handle(self, command: RecommendLoRAsCommand) -> CommandResult[RecommendationSet]:
         violations = _validate(
             command.prompt, command.base_model, command.max_loras, command.min_confidence
         )
         if violations:
             return CommandResult.validation_error(violations)
-        return CommandResult.success(
-            self._recommender.recommend(
-                command.prompt,
-                command.base_model,
-                max_loras=command.max_loras,
-                min_confidence=command.min_confidence,
-                include_unavailable=command.include_unavailable,
+        replay = self._recording.replay(command)
+        if replay is not None:
+            recs = self._recording.load(replay[0])
+            return CommandResult.success(
+                RecommendationSet(replay[0], tuple(recs)), position=replay[1]
             )
-        )
-
-
-class RecommendTopLoRAHandler(ICommandHandler[RecommendTopLoRACommand, LoRARecommendation | None]):
-    def __init__(self, recommender: Recommender) -> None:
-        self._recommender = recommender
-
-    def handle(self, command: RecommendTopLoRACommand) -> CommandResult[LoRARecommendation | None]:
-        violations = _validate(command.prompt, command.base_model, 1, command.min_confidence)
-        if violations:
-            return CommandResult.validation_error(violations)
-        found = self._recommender.recommend(
+        recs = self._recommender.recommend(
             command.prompt,
             command.base_model,
-            max_loras=1,
+            max_loras=command.max_loras,
             min_confidence=command.min_confidence,
             include_unavailable=command.include_unavailable,
         )
-        return CommandResult.success(found[0] if found else None)
+        rec_id, position = self._recording.record(command, command.prompt, command.base_model, recs)
+        return CommandResult.success(RecommendationSet(rec_id, tuple(recs)), position=position)
+
+
+class RecommendTopLoRAHandler(ICommandHandler[RecommendTopLoRACommand, TopRecommendation]):
+    def __init__(
+        self,
+        recommender: Recommender,
+        *,
+        catalog: CatalogRepository | None = None,
+        read_model: LoraReadModel | None = None,
+        default_min_confidence: float = DEFAULT_TOP_CONFIDENCE,
+    ) -> None:
+        self._recommender = recommender
+        self._recording = _Recording(catalog, read_model)
+        self._default = default_min_confidence
+
+    def handle(self, command: RecommendTopLoRACommand) -> CommandResult[TopRecommendation]:
+        violations = _validate(command.prompt, command.base_model, 1, command.min_confidence)
+        if violations:
+            return CommandResult.validation_error(violations)
+        threshold = self._default if command.min_confidence is None else command.min_confidence
+        replay = self._recording.replay(command)
+        if replay is not None:
+            recs = self._recording.load(replay[0])
+            return CommandResult.success(_top(replay[0], recs, threshold), position=replay[1])
+        recs = self._recommender.recommend(
+            command.prompt,
+            command.base_model,
+            max_loras=1,
+            min_confidence=threshold,
+            include_unavailable=command.include_unavailable,
+        )
+        rec_id, position = self._recording.record(command, command.prompt, command.base_model, recs)
+        return CommandResult.success(_top(rec_id, recs, threshold), position=position)
+
+
+def _top(rec_id: str, recs: list[LoRARecommendation], threshold: float) -> TopRecommendation:
+    if recs and recs[0].confidence >= threshold:
+        return TopRecommendation(rec_id, recs[0])
+    return TopRecommendation(
+        rec_id, None, f"no LoRA reaches confidence {threshold:.2f} for this prompt"
+    )
+
+
+class FilterConfidentRecommendationsHandler(
+    ICommandHandler[FilterConfidentRecommendationsCommand, RecommendationSet]
+):
+    """Reads a recorded recommendation back; writes nothing."""
+
+    def __init__(self, catalog: CatalogRepository, read_model: LoraReadModel) -> None:
+        self._recording = _Recording(catalog, read_model)
+
+    def handle(
+        self, command: FilterConfidentRecommendationsCommand
+    ) -> CommandResult[RecommendationSet]:
+        if not 0.0 <= command.min_confidence <= 1.0:
+            return CommandResult.validation_error(
+                FieldViolation("min_confidence", "must be in [0, 1]")
+            )
+        recs = self._recording.load(command.recommendation_id)
+        kept = tuple(r for r in recs if r.confidence >= command.min_confidence)
+        return CommandResult.success(RecommendationSet(command.recommendation_id, kept))

@@ -25,6 +25,7 @@ from server.application.queries.lora_queries import (
     GetLoRAsByBaseModelQuery,
     ListEventsHandler,
     ListEventsQuery,
+    SearchLoRAsByPromptHandler,
     SearchLoRAsByPromptQuery,
 )
 
@@ -48,6 +49,7 @@ __all__ = [
     "QueryBus",
     "QueryCache",
     "QueryResult",
+    "SearchLoRAsByPromptHandler",
     "SearchLoRAsByPromptQuery",
     "WatchGenerationQuery",
 ]

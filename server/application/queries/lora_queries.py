@@ -2,8 +2,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
+from server.application.commands.recommend import LoRARecommendation
 from server.application.ports import LoraReadModel
 from server.application.queries.base import IQuery, IQueryHandler, QueryResult
 from server.domain.errors import FieldViolation, NotFoundError, ValidationError
@@ -14,11 +15,12 @@ from server.domain.models import (
     LoraFilter,
     LoraView,
     Page,
-    architecture_of,
+    resolve_architecture,
 )
 
 MAX_PAGE_SIZE = 1000
 LORAS = frozenset({"loras"})
+HISTORY = frozenset({"history"})
 EVENTS = frozenset({"events"})
 
 
@@ -28,19 +30,6 @@ def page_size(value: int, default: int, maximum: int = MAX_PAGE_SIZE) -> int:
     if not 1 <= value <= maximum:
         raise ValidationError(FieldViolation("page_size", f"must be between 0 and {maximum}"))
     return value
-
-
-def base_model_architecture(base_model: str) -> Architecture:
-    arch = architecture_of(base_model)
-    if arch in (Architecture.UNSPECIFIED, Architecture.OTHER):
-        raise ValidationError(
-            FieldViolation(
-                "base_model",
-                f"{base_model!r} is not a known base model; use an architecture "
-                "(SD1, SD2, SDXL, SD3, FLUX) or a lineage such as 'SD 1.5' or 'Pony'",
-            )
-        )
-    return arch
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -69,14 +58,43 @@ class GetLoRAsByBaseModelQuery(IQuery[Page[LoraView]]):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class SearchLoRAsByPromptQuery(IQuery[Page[object]]):
-    """Ranked search; its engine arrives with the recommendation issue."""
+class SearchLoRAsByPromptQuery(IQuery[Page[LoRARecommendation]]):
+    """Ranked search for people browsing: the recommendation engine, no side effects."""
 
-    reads: ClassVar[frozenset[str]] = LORAS
+    reads: ClassVar[frozenset[str]] = LORAS | HISTORY
     prompt: str
     base_model: str = ""
     page_size: int = 0
     page_token: str = ""
+
+
+class LoraSearch(Protocol):
+    def search(
+        self, query: str, architecture: Architecture | None, limit: int
+    ) -> list[LoRARecommendation]: ...
+
+
+MAX_SEARCH_RESULTS = 100
+
+
+class SearchLoRAsByPromptHandler(IQueryHandler[SearchLoRAsByPromptQuery, Page[LoRARecommendation]]):
+    def __init__(self, search: LoraSearch) -> None:
+        self._search = search
+
+    def handle(self, query: SearchLoRAsByPromptQuery) -> QueryResult[Page[LoRARecommendation]]:
+        if not query.prompt.strip():
+            raise ValidationError(FieldViolation("query", "must not be empty"))
+        size = page_size(query.page_size, 20, maximum=100)
+        offset = 0
+        if query.page_token:
+            if not query.page_token.isdigit() or int(query.page_token) >= MAX_SEARCH_RESULTS:
+                raise ValidationError(FieldViolation("page_token", "not a token of this search"))
+            offset = int(query.page_token)
+        arch = resolve_architecture(query.base_model) if query.base_model else None
+        hits = self._search.search(query.prompt, arch, MAX_SEARCH_RESULTS)
+        page = hits[offset : offset + size]
+        more = offset + size < len(hits)
+        return QueryResult.success(Page(tuple(page), str(offset + size) if more else "", len(hits)))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -119,7 +137,7 @@ class GetLoRAsByBaseModelHandler(IQueryHandler[GetLoRAsByBaseModelQuery, Page[Lo
 
     def handle(self, query: GetLoRAsByBaseModelQuery) -> QueryResult[Page[LoraView]]:
         flt = LoraFilter(
-            base_model_architecture(query.base_model), query.tag.strip(), query.available_only
+            resolve_architecture(query.base_model), query.tag.strip(), query.available_only
         )
         return QueryResult.success(
             self._read_model.list_loras(flt, page_size(query.page_size, 50), query.page_token)

@@ -1,0 +1,156 @@
+"""Evaluates recommendations through the service's own code path: the real bootstrap, the
+command bus, the recommendation handler and engine, on a temporary store.
+
+    make eval-recommend CATALOG=../shared/eval/civitai_loras.jsonl \\
+        QUERIES=../shared/eval/dev_queries.jsonl [HISTORY=../shared/eval/dev_history.jsonl]
+
+The last line printed is one JSON object: recall@1/5/10 and MRR@10 per prompt field, the
+expected calibration error of the top-3 recommendations, and per-call latency."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from client.catalog import read_catalog_jsonl
+from server.application.commands import (
+    CatalogRecordInput,
+    ImportLoRACatalogCommand,
+    RecommendLoRAsCommand,
+    RecordGenerationCommand,
+)
+from server.application.context import DispatchContext
+from server.bootstrap import Container, bootstrap
+from server.config import Settings
+from server.devtools.eval_metrics import expected_calibration_error, first_hit, ranking_metrics
+from server.domain.lora import lora_id_for_source
+
+FIELDS = ("prompt", "prompt_no_trigger")
+ECE_TOP = 3
+
+
+def load_catalog(c: Container, path: Path, batch: int = 2000) -> int:
+    records = [
+        CatalogRecordInput(
+            source_id=r["source_id"],
+            name=r.get("name") or "",
+            base_model=r.get("base_model") or "",
+            tags=tuple(r.get("tags") or ()),
+            trigger_words=tuple(r.get("trigger_words") or ()),
+            file_name=r.get("file_name") or "",
+            description=r.get("description") or "",
+            downloads=int(r.get("downloads") or 0),
+        )
+        for r in read_catalog_jsonl(path)
+    ]
+    for start in range(0, len(records), batch):
+        command = ImportLoRACatalogCommand(records=tuple(records[start : start + batch]))
+        result = c.commands.dispatch(
+            command, DispatchContext(principal="eval", request_id=str(uuid.uuid4()))
+        )
+        errors = result.unwrap().errors
+        if errors:
+            print(
+                f"catalog: {len(errors)} records refused, first: {errors[0].error}", file=sys.stderr
+            )
+    return len(records)
+
+
+def load_history(c: Container, path: Path) -> int:
+    count = 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        ids = tuple(str(lora_id_for_source(s)) for s in row["loras"])
+        c.commands.dispatch(
+            RecordGenerationCommand(prompt=row["prompt"], lora_ids=ids),
+            DispatchContext(principal="eval"),
+        ).unwrap()
+        count += 1
+    return count
+
+
+def evaluate(c: Container, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    source_of: dict[str, str] = {}
+    hits: dict[str, list[int | None]] = {f: [] for f in FIELDS}
+    confidences: list[float] = []
+    correct: list[bool] = []
+    latencies: list[float] = []
+    for row in rows:
+        expected = set(row["expected"])
+        for field in FIELDS:
+            prompt = row.get(field)
+            if not prompt:
+                continue
+            command = RecommendLoRAsCommand(
+                prompt=prompt, base_model=row["base_model"], max_loras=10, include_unavailable=True
+            )
+            start = time.perf_counter()
+            result = c.commands.dispatch(
+                command, DispatchContext(principal="eval", request_id=str(uuid.uuid4()))
+            )
+            latencies.append((time.perf_counter() - start) * 1000)
+            recs = result.unwrap()
+            ranked = []
+            for rec in recs:
+                source_of[rec.lora.id] = rec.lora.source_id
+                ranked.append(rec.lora.source_id)
+            hits[field].append(first_hit(ranked, expected))
+            for rec in list(recs)[:ECE_TOP]:
+                confidences.append(rec.confidence)
+                correct.append(rec.lora.source_id in expected)
+    lat = np.array(latencies) if latencies else np.zeros(1)
+    return {
+        **{f: ranking_metrics(hits[f]) for f in FIELDS},
+        "ece": expected_calibration_error(confidences, correct),
+        "latency_ms": {
+            "p50": round(float(np.percentile(lat, 50)), 2),
+            "p99": round(float(np.percentile(lat, 99)), 2),
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--catalog", required=True, type=Path)
+    parser.add_argument("--queries", required=True, type=Path)
+    parser.add_argument("--history", type=Path)
+    parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N rows")
+    parser.add_argument("--storage", choices=("sqlite", "memory"), default="sqlite")
+    args = parser.parse_args(argv)
+    rows = [json.loads(line) for line in args.queries.read_text().splitlines() if line.strip()]
+    if args.limit:
+        rows = rows[: args.limit]
+    with tempfile.TemporaryDirectory(prefix="loracle-eval-") as tmp:
+        url = "memory://" if args.storage == "memory" else ""
+        c = bootstrap(Settings(data_dir=Path(tmp), storage_url=url))
+        try:
+            start = time.perf_counter()
+            n = load_catalog(c, args.catalog)
+            past = load_history(c, args.history) if args.history else 0
+            c.projector.wait_for(c.store.max_position(), 600)
+            print(
+                f"loaded {n} LoRAs and {past} past generations in "
+                f"{time.perf_counter() - start:.1f}s; evaluating {len(rows)} rows",
+                file=sys.stderr,
+            )
+            report = evaluate(c, rows)
+        finally:
+            c.close()
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
