@@ -1,0 +1,602 @@
+"""Recommendation benchmark: RecommendLoras latency, index build time and server memory, at the
+size of the real catalog sample and at a synthetic scale-up of it.
+
+For each catalog size this starts the real server (SQLite in a temporary directory), imports
+the catalog through the typed client, and makes sequential RecommendLoras calls (one in
+flight: the latency one user sees). It then restarts the server on the same data and reads the
+start-up log line `recommendation index: N LoRAs, M past generations in X.XXs`, which times
+the rebuild of the recommendation index from the read models.
+
+The scale-up repeats the real records with deterministic variations (see `scaled_catalog`);
+it lives only in memory and in the temporary data directory.
+
+Usage: .venv/bin/python bench/bench_recommend.py [--catalog PATH] [--queries PATH]
+                                                  [--scale N] [--calls N] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import random
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+import grpc
+
+from client import LoracleClient, LoracleError, read_catalog_jsonl
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CATALOG = REPO_ROOT.parent / "shared" / "eval" / "civitai_loras.jsonl"
+DEFAULT_QUERIES = REPO_ROOT.parent / "shared" / "eval" / "dev_queries.jsonl"
+SYNTHETIC_RECORDS = 7955
+DEFAULT_SCALE = 100_000
+DEFAULT_CALLS = 300
+IMPORT_BATCH = 2000
+WARMUP_CALLS = 20
+BASE_MODEL = "SD 1.5"
+MAX_LORAS = 3
+SEED = 20240601
+CALL_TIMEOUT = 30.0
+IMPORT_TIMEOUT = 300.0
+START_TIMEOUT = 120.0
+STOP_TIMEOUT = 30.0
+VISIBLE_TRIES = 10
+# Targets are printed next to the measured p50; the run never fails on them.
+P50_TARGETS_MS = ((SYNTHETIC_RECORDS, 10.0), (100_000, 30.0))
+PORT_LINE = re.compile(r"\(port (\d+)\)")
+INDEX_LINE = re.compile(r"recommendation index: (\d+) LoRAs, (\d+) past generations in ([0-9.]+)s")
+
+
+def log(message: str) -> None:
+    """Progress goes to stderr so that stdout stays the table plus one JSON line."""
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+# --- subprocesses (the pattern of bench_catalog.py) ----------------------------------------
+
+
+@dataclass
+class Child:
+    """A subprocess whose stdout and stderr go to files, so a chatty child never blocks."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    stdout_path: Path
+    stderr_path: Path
+
+    def tail(self, limit: int = 4000) -> str:
+        parts = []
+        for path in (self.stdout_path, self.stderr_path):
+            with contextlib.suppress(OSError):
+                parts.append(path.read_text(errors="replace")[-limit:])
+        return "\n".join(parts)
+
+    def wait_for_port(self, timeout: float = START_TIMEOUT) -> int:
+        """Polls stdout for "(port N)", the line the server prints once it serves."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = PORT_LINE.search(self.stdout_path.read_text(errors="replace"))
+            if match:
+                return int(match.group(1))
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.02)
+        raise RuntimeError(f"{self.name} did not start:\n{self.tail()}")
+
+    def wait_for_stderr(self, pattern: re.Pattern[str], timeout: float = 10.0) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while True:
+            match = pattern.search(self.stderr_path.read_text(errors="replace"))
+            if match:
+                return match
+            if time.monotonic() >= deadline or self.process.poll() is not None:
+                raise RuntimeError(f"{self.name}: no line matching {pattern.pattern!r}")
+            time.sleep(0.05)
+
+    def rss_mib(self) -> float:
+        """Resident memory of the server process (VmRSS), in MiB."""
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        match = re.search(r"^VmRSS:\s+(\d+)\s+kB", status, re.MULTILINE)
+        if match is None:
+            raise RuntimeError(f"no VmRSS in /proc/{self.process.pid}/status")
+        return int(match.group(1)) / 1024
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=timeout)
+
+
+@dataclass
+class Children:
+    """Every subprocess started, stopped in reverse order whatever happens."""
+
+    workdir: Path
+    started: list[Child] = field(default_factory=list)
+
+    def start(self, name: str, args: Sequence[str]) -> Child:
+        stdout_path = self.workdir / f"{name}.stdout"
+        stderr_path = self.workdir / f"{name}.stderr"
+        with stdout_path.open("wb") as out, stderr_path.open("wb") as err:
+            process = subprocess.Popen(
+                [sys.executable, *args],
+                cwd=REPO_ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        child = Child(name, process, stdout_path, stderr_path)
+        self.started.append(child)
+        return child
+
+    def stop_all(self) -> None:
+        for child in reversed(self.started):
+            with contextlib.suppress(Exception):
+                child.stop()
+
+
+def _raise_system_exit(signum: int, _frame: object) -> NoReturn:
+    """Turns SIGTERM into an exception so that the `finally` blocks stop the children."""
+    log("terminated")
+    raise SystemExit(128 + signum)
+
+
+# --- catalog and queries ------------------------------------------------------------------
+
+
+_WORDS = (
+    "anime",
+    "portrait",
+    "detailed",
+    "style",
+    "girl",
+    "character",
+    "concept",
+    "fantasy",
+    "city",
+    "night",
+    "realistic",
+    "painting",
+    "watercolor",
+    "cyberpunk",
+    "mecha",
+    "dress",
+    "forest",
+    "castle",
+    "dragon",
+    "flower",
+    "ocean",
+    "sunset",
+    "photo",
+    "cinematic",
+)
+
+
+def synthetic_catalog(count: int = SYNTHETIC_RECORDS) -> list[dict[str, Any]]:
+    """Records shaped like the civitai export (field sizes and base-model mix), seeded."""
+    rng = random.Random(count)
+    records = []
+    for index in range(count):
+        base_model = rng.choices(("SD 1.5", "Other", "SD 2.1"), weights=(88, 11, 1))[0]
+        words = rng.sample(_WORDS, 3)
+        records.append(
+            {
+                "source_id": f"synthetic:{index}",
+                "name": f"{' '.join(words).title()} {index}",
+                "base_model": base_model,
+                "tags": rng.sample(_WORDS, rng.randint(3, 8)),
+                "trigger_words": [f"{w}{index}" for w in rng.sample(_WORDS, rng.randint(0, 4))],
+                "file_name": f"{'_'.join(words)}_{index}",
+                "description": " ".join(rng.choices(_WORDS, k=rng.randint(40, 90))),
+                "downloads": rng.randint(0, 130_000),
+            }
+        )
+    return records
+
+
+def load_catalog(path: Path) -> tuple[list[dict[str, Any]], str]:
+    if path.is_file():
+        return list(read_catalog_jsonl(path)), "shared/eval"
+    log(f"{path} not found: using {SYNTHETIC_RECORDS} synthetic base records instead")
+    return synthetic_catalog(), "synthetic"
+
+
+def scaled_catalog(base: Sequence[dict[str, Any]], count: int) -> list[dict[str, Any]]:
+    """`count` records built from `base`; the first len(base) are `base` itself.
+
+    Record i >= n (n = len(base)) is a variant N = i // n of base record i % n: source_id and
+    file_name get an `:sN` / `_sN` suffix and the name a variant number; the tags are a
+    shuffled subset of its own plus, sometimes, one tag of another record; the description
+    keeps its length but is its own words shuffled with about a fifth replaced by words of
+    another record's description. Vocabulary, field lengths, base-model mix and trigger words
+    stay those of the real catalog. Seeded, so every run sends the same records.
+    """
+    n = len(base)
+    if count <= n:
+        return [dict(r) for r in base[:count]]
+    rng = random.Random(SEED)
+    out = [dict(r) for r in base]
+    for i in range(n, count):
+        variant, src = divmod(i, n)
+        record = base[src]
+        other = base[rng.randrange(n)]
+        tags = list(record.get("tags") or ())
+        rng.shuffle(tags)
+        if len(tags) > 2:
+            tags = tags[: rng.randint(len(tags) - 1, len(tags))]
+        other_tags = other.get("tags") or ()
+        if other_tags and rng.random() < 0.5:
+            extra = rng.choice(other_tags)
+            if extra not in tags:
+                tags.append(extra)
+        words = str(record.get("description") or "").split()
+        other_words = str(other.get("description") or "").split()
+        rng.shuffle(words)
+        if other_words:
+            for k in range(len(words)):
+                if rng.random() < 0.2:
+                    words[k] = rng.choice(other_words)
+        file_name = str(record.get("file_name") or "")
+        out.append(
+            {
+                "source_id": f"{record['source_id']}:s{variant}",
+                "name": f"{record.get('name') or ''} v{variant + 1}",
+                "base_model": record.get("base_model"),
+                "tags": tags,
+                "trigger_words": list(record.get("trigger_words") or ()),
+                "file_name": f"{file_name}_s{variant}" if file_name else "",
+                "description": " ".join(words),
+                "downloads": int(int(record.get("downloads") or 0) * rng.uniform(0.05, 1.0)),
+            }
+        )
+    return out
+
+
+def load_prompts(
+    path: Path, catalog: Sequence[dict[str, Any]], calls: int
+) -> tuple[list[str], str]:
+    """A deterministic sample of `calls` prompts (with repeats only if there are fewer)."""
+    rng = random.Random(SEED)
+    prompts: list[str] = []
+    source = "shared/eval"
+    if path.is_file():
+        with path.open(encoding="utf-8") as lines:
+            for line in lines:
+                if line.strip():
+                    prompt = json.loads(line).get("prompt")
+                    if isinstance(prompt, str) and prompt.strip():
+                        prompts.append(prompt)
+    if not prompts:
+        log(f"{path} not found or empty: synthesizing prompts from catalog names and tags")
+        source = "synthetic"
+        for _ in range(max(calls, 1000)):
+            record = catalog[rng.randrange(len(catalog))]
+            tags = list(record.get("tags") or ())
+            picked = rng.sample(tags, min(len(tags), rng.randint(1, 4)))
+            prompts.append(
+                ", ".join(["masterpiece", "best quality", str(record.get("name") or ""), *picked])
+            )
+    total = calls + WARMUP_CALLS
+    if len(prompts) >= total:
+        return rng.sample(prompts, total), source
+    return [prompts[rng.randrange(len(prompts))] for _ in range(total)], source
+
+
+# --- measurement --------------------------------------------------------------------------
+
+
+def percentile(sorted_values: Sequence[float], pct: float) -> float:
+    """Nearest-rank percentile; 0.0 for no values."""
+    if not sorted_values:
+        return 0.0
+    rank = max(1, math.ceil(pct / 100 * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+@dataclass
+class SizeResult:
+    loras: int
+    source: str
+    import_seconds: float
+    records_per_second: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+    empty_results: int
+    index_build_seconds: float
+    index_loras: int
+    restart_seconds: float
+    rss_mib: float
+    rss_after_restart_mib: float
+
+
+def start_server(children: Children, name: str, data_dir: Path) -> tuple[Child, str, float]:
+    started = time.perf_counter()
+    child = children.start(
+        name,
+        [
+            "-m",
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            str(data_dir),
+            "--log-level",
+            "INFO",
+        ],
+    )
+    address = f"127.0.0.1:{child.wait_for_port()}"
+    return child, address, time.perf_counter() - started
+
+
+def recommend(client: LoracleClient, prompts: Sequence[str]) -> tuple[list[float], int]:
+    """Sequential calls, one in flight; per-call wall latency (ms) and empty answers."""
+    latencies: list[float] = []
+    empty = 0
+    for prompt in prompts:
+        sent = time.perf_counter()
+        response = client.recommend_loras(
+            prompt, BASE_MODEL, max_loras=MAX_LORAS, include_unavailable=True
+        )
+        latencies.append((time.perf_counter() - sent) * 1000)
+        if not response.recommendations:
+            empty += 1
+    return latencies, empty
+
+
+def import_catalog(address: str, records: Sequence[dict[str, Any]]) -> float:
+    """Imports in batches of IMPORT_BATCH and waits until ListLoras sees every record."""
+    with LoracleClient(address, timeout=IMPORT_TIMEOUT) as client:
+        done = 0
+
+        def progress(seen: int, _response: Any) -> None:
+            nonlocal done
+            if seen - done >= 20_000:
+                done = seen
+                log(f"  {seen} / {len(records)} records sent")
+
+        started = time.perf_counter()
+        result = client.import_lora_catalog(
+            records,
+            batch_size=IMPORT_BATCH,
+            request_id=f"bench-{uuid.uuid4()}",
+            on_batch=progress,
+        )
+        if result.errors:
+            first = result.errors[0]
+            raise RuntimeError(
+                f"{len(result.errors)} records refused, first #{first.index}: {first.error}"
+            )
+        token = result.consistency_token
+        total = -1
+        for _ in range(VISIBLE_TRIES):
+            total = client.list_loras(page_size=1, consistency_token=token).total_size
+            if total == len(records):
+                return time.perf_counter() - started
+            time.sleep(0.5)
+        raise RuntimeError(f"ListLoras total_size {total}, expected {len(records)}")
+
+
+def measure_size(
+    workdir: Path, records: Sequence[dict[str, Any]], source: str, prompts: Sequence[str]
+) -> SizeResult:
+    size = len(records)
+    children = Children(workdir)
+    data_dir = workdir / f"data-{size}"
+    (data_dir / "loras").mkdir(parents=True)
+    warmup, measured = prompts[:WARMUP_CALLS], prompts[WARMUP_CALLS:]
+    try:
+        server, address, _ = start_server(children, f"loracle-{size}", data_dir)
+        log(f"{size} LoRAs ({source}): server on {address}, importing in batches of 2000")
+        import_seconds = import_catalog(address, records)
+        loras_per_s = size / import_seconds
+        log(f"  imported in {import_seconds:.1f} s ({loras_per_s:.0f} records/s)")
+
+        with LoracleClient(address, timeout=CALL_TIMEOUT) as client:
+            recommend(client, warmup)
+            rss = server.rss_mib()
+            log(f"  {len(measured)} sequential RecommendLoras calls")
+            latencies, empty = recommend(client, measured)
+        ordered = sorted(latencies)
+
+        server.stop()
+        if server.process.returncode not in (0, -signal.SIGTERM):
+            log(f"  server exited with {server.process.returncode} on SIGTERM")
+        log("  restarting on the same data directory")
+        again, address, restart_seconds = start_server(
+            children, f"loracle-{size}-restart", data_dir
+        )
+        index = again.wait_for_stderr(INDEX_LINE)
+        with LoracleClient(address, timeout=CALL_TIMEOUT) as client:
+            recommend(client, warmup)
+        rss_restart = again.rss_mib()
+    finally:
+        children.stop_all()
+    return SizeResult(
+        loras=size,
+        source=source,
+        import_seconds=round(import_seconds, 2),
+        records_per_second=round(loras_per_s, 1),
+        p50_ms=round(percentile(ordered, 50), 3),
+        p90_ms=round(percentile(ordered, 90), 3),
+        p99_ms=round(percentile(ordered, 99), 3),
+        max_ms=round(ordered[-1], 3),
+        empty_results=empty,
+        index_build_seconds=float(index.group(3)),
+        index_loras=int(index.group(1)),
+        restart_seconds=round(restart_seconds, 2),
+        rss_mib=round(rss, 1),
+        rss_after_restart_mib=round(rss_restart, 1),
+    )
+
+
+def p50_target(loras: int) -> float | None:
+    """The p50 target of a size near one of the targets' sizes (within 25 %), else None."""
+    for size, target in P50_TARGETS_MS:
+        if size / 1.25 <= loras <= size * 1.25:
+            return target
+    return None
+
+
+def print_table(results: Sequence[SizeResult], args: argparse.Namespace, prompts: str) -> None:
+    print(
+        f"RecommendLoras: {args.calls} sequential calls after {WARMUP_CALLS} warm-up calls, "
+        f"base_model {BASE_MODEL!r}, max_loras={MAX_LORAS}, include_unavailable; prompts from "
+        f"{prompts}; {os.cpu_count()} CPUs, Python {platform.python_version()}"
+    )
+    print()
+    header = (
+        f"{'LoRAs':>7} {'source':<11}{'import s':>9}{'rec/s':>7}{'p50 ms':>8}{'p50 target':>12}"
+        f"{'p90 ms':>8}{'p99 ms':>8}{'index s':>8}{'RSS MiB':>8}{'restart':>8}"
+    )
+    print(header)
+    for r in results:
+        target = p50_target(r.loras)
+        if target is None:
+            verdict = "-"
+        else:
+            verdict = f"<={target:g} " + ("ok" if r.p50_ms <= target else "MISS")
+        print(
+            f"{r.loras:>7} {r.source:<11}{r.import_seconds:>9.1f}{r.records_per_second:>7.0f}"
+            f"{r.p50_ms:>8.2f}{verdict:>12}{r.p90_ms:>8.2f}{r.p99_ms:>8.2f}"
+            f"{r.index_build_seconds:>8.2f}{r.rss_mib:>8.0f}{r.rss_after_restart_mib:>8.0f}"
+        )
+    print()
+    print(
+        "index s: recommendation index rebuilt from the read models at start-up (server log). "
+        "RSS MiB: server VmRSS after import + warm-up; restart: after restart + 20 calls."
+    )
+    for r in results:
+        if r.empty_results:
+            print(f"note: {r.empty_results} calls at {r.loras} LoRAs returned no recommendation")
+        if r.index_loras != r.loras:
+            print(f"note: the index at {r.loras} LoRAs reported {r.index_loras} LoRAs")
+    print()
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    base, source = load_catalog(args.catalog)
+    prompts, prompt_source = load_prompts(args.queries, base, args.calls)
+    sizes: list[tuple[list[dict[str, Any]], str]] = [(base, source)]
+    if args.scale > len(base):
+        sizes.append((scaled_catalog(base, args.scale), "synthetic"))
+        log(f"scaled {len(base)} records to {args.scale} in memory")
+    elif args.scale < len(base):
+        sizes.append((scaled_catalog(base, args.scale), source))
+    results = []
+    with tempfile.TemporaryDirectory(prefix="loracle-bench-rec-") as tmp:
+        for records, size_source in sizes:
+            results.append(measure_size(Path(tmp), records, size_source, prompts))
+    if not args.json:
+        print_table(results, args, prompt_source)
+    keys = (
+        "loras",
+        "source",
+        "import_seconds",
+        "p50_ms",
+        "p90_ms",
+        "p99_ms",
+        "index_build_seconds",
+        "rss_mib",
+    )
+    return {
+        "sizes": [
+            {
+                **{k: asdict(r)[k] for k in keys},
+                **{k: v for k, v in asdict(r).items() if k not in keys},
+            }
+            for r in results
+        ],
+        "calls": args.calls,
+        "prompts": prompt_source,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+    }
+
+
+def _bounded_int(lower: int, upper: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if not lower <= value <= upper:
+            raise argparse.ArgumentTypeError(f"must be in [{lower}, {upper}]")
+        return value
+
+    return parse
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="RecommendLoras latency, index build time and server memory at the real "
+        "catalog size and at a synthetic scale-up."
+    )
+    parser.add_argument(
+        "--catalog",
+        type=Path,
+        default=DEFAULT_CATALOG,
+        help="JSON Lines catalog (default ../shared/eval/civitai_loras.jsonl; synthetic if absent)",
+    )
+    parser.add_argument(
+        "--queries",
+        type=Path,
+        default=DEFAULT_QUERIES,
+        help="JSON Lines with a 'prompt' field (default ../shared/eval/dev_queries.jsonl; "
+        "prompts are synthesized from the catalog if absent)",
+    )
+    parser.add_argument(
+        "--scale",
+        type=_bounded_int(1, 1_000_000),
+        default=DEFAULT_SCALE,
+        help=f"records in the synthetic scale-up (default {DEFAULT_SCALE}; "
+        "equal to the catalog size: no second size)",
+    )
+    parser.add_argument(
+        "--calls",
+        type=_bounded_int(1, 100_000),
+        default=DEFAULT_CALLS,
+        help=f"measured calls per size, after {WARMUP_CALLS} warm-up calls "
+        f"(default {DEFAULT_CALLS})",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print only the JSON line on stdout, no table"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    signal.signal(signal.SIGTERM, _raise_system_exit)
+    started = time.monotonic()
+    try:
+        result = run(args)
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    except (RuntimeError, LoracleError, grpc.RpcError, OSError) as exc:
+        log(f"failed: {exc}")
+        return 1
+    log(f"done in {time.monotonic() - started:.0f} s")
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
