@@ -169,19 +169,19 @@ class Projector:
                 else:
                     upserts.append(aggregate.view())
         change = ProjectedChange(after, notifications[-1].id, upserts, deletes, audit, history)
-        if not self._read_model.apply(change):
-            with self._cond:
-                self._position = self._read_model.position()
-                self._cond.notify_all()
-            return True
-        with self._cond:
-            self._position = change.position
-            self._cond.notify_all()
+        # False: another process sharing the database applied this batch first. This process's
+        # in-memory consumers (the recommendation index, the query cache) still need it.
+        self._read_model.apply(change)
+        # Listeners run before waiters wake, so a query that waited for this position can
+        # neither hit a cache entry computed before it nor an index that lacks it.
         for listener in self._listeners:
             try:
                 listener(change)
             except Exception:
                 log.exception("projection listener failed")
+        with self._cond:
+            self._position = change.position
+            self._cond.notify_all()
         return len(notifications) == self._batch_size
 
 

@@ -208,3 +208,29 @@ class TestPostgres(StorageContract):
     def url(self, tmp_path: Path) -> Iterator[str]:
         with postgres_schema() as url:
             yield url
+
+
+def test_listeners_run_before_waiters_wake(tmp_path: Path) -> None:
+    """A query that waited for a position must not find a cache entry or an index that
+    predates it: the projector calls its listeners before it publishes the position."""
+    c = make_container(tmp_path)
+    try:
+        seen: list[tuple[int, int]] = []
+        c.projector.on_change(lambda change: seen.append((c.projector.position, change.position)))
+        result = c.commands.dispatch(
+            ImportLoRACatalogCommand(records=catalog(2)), DispatchContext()
+        )
+        c.projector.wait_for(result.position, 10)
+        assert seen
+        assert all(published < applied for published, applied in seen)
+        cached = c.queries.dispatch(GetAllLoRAsQuery()).data
+        assert cached.total_size == 2
+        more = c.commands.dispatch(
+            ImportLoRACatalogCommand(records=catalog(5, "more")), DispatchContext()
+        )
+        fresh = c.queries.dispatch(
+            GetAllLoRAsQuery(), DispatchContext(min_position=more.position)
+        ).data
+        assert fresh.total_size == 7
+    finally:
+        c.close()
