@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -78,7 +79,13 @@ def test_retry_with_same_request_id_writes_nothing_twice(server: RunningServer) 
     rid = str(uuid.uuid4())
     with LoracleClient(server.address) as client:
         first = client.register_lora("retry/once.safetensors", request_id=rid)
-        positions_after_first = len(list(client.iter_events(aggregate_id=first.lora.id)))
+        positions_after_first = len(
+            list(
+                client.iter_events(
+                    aggregate_id=first.lora.id, consistency_token=first.consistency_token
+                )
+            )
+        )
         second = client.register_lora("retry/once.safetensors", request_id=rid)
         assert second.created == first.created is True
         assert second.lora.id == first.lora.id
@@ -110,8 +117,21 @@ def test_errors_carry_status_codes_and_rich_details(server: RunningServer) -> No
         assert bad_model.value.field_violations[0][0] == "base_model"
         with pytest.raises(Unimplemented):
             list(client.generate_image(types_pb2.GenerationSpec(prompt="a cat")))
-        with pytest.raises(Unimplemented):
-            client.list_base_models()
+
+
+def test_embedded_placeholder_model_is_listed_and_becomes_ready(server: RunningServer) -> None:
+    with LoracleClient(server.address) as client:
+        deadline = time.monotonic() + 90
+        while True:
+            (model,) = client.list_base_models()
+            if model.ready or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    assert model.name == "tiny-sd15"
+    assert model.is_placeholder
+    assert model.architecture == types_pb2.ARCHITECTURE_SD1
+    assert model.ready, model.error
+    assert model.default_scheduler == "EulerDiscreteScheduler"
 
 
 def test_bad_files_are_reported_without_stopping_the_import(server: RunningServer) -> None:
