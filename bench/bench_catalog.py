@@ -512,7 +512,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             (data_dir / "loras").mkdir(parents=True)
             loracle = children.start(
                 "loracle",
-                ["-m", "server", "--listen", "127.0.0.1:0", "--data-dir", str(data_dir)],
+                [
+                    "-m",
+                    "server",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--data-dir",
+                    str(data_dir),
+                    "--no-embedded-model",
+                ],
             )
             loracle_address = f"127.0.0.1:{loracle.wait_for_port()}"
             log(f"Loracle serving on {loracle_address} (SQLite in a temporary directory)")

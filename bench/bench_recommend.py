@@ -337,6 +337,7 @@ def start_server(children: Children, name: str, data_dir: Path) -> tuple[Child, 
         [
             "-m",
             "server",
+            "--no-embedded-model",
             "--listen",
             "127.0.0.1:0",
             "--data-dir",

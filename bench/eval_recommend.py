@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = rows[: args.limit]
     with tempfile.TemporaryDirectory(prefix="loracle-eval-") as tmp:
         url = "memory://" if args.storage == "memory" else ""
-        c = bootstrap(Settings(data_dir=Path(tmp), storage_url=url))
+        c = bootstrap(Settings(data_dir=Path(tmp), storage_url=url), build_embedded_model=False)
         try:
             start = time.perf_counter()
             n = load_catalog(c, args.catalog)

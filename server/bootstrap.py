@@ -36,6 +36,8 @@ from server.application.queries import (
     GetLoRAByIdQuery,
     GetLoRAsByBaseModelHandler,
     GetLoRAsByBaseModelQuery,
+    ListBaseModelsHandler,
+    ListBaseModelsQuery,
     ListEventsHandler,
     ListEventsQuery,
     QueryBus,
@@ -44,6 +46,7 @@ from server.application.queries import (
 )
 from server.config import Settings
 from server.domain.recommend.engine import RecommendationEngine
+from server.infrastructure.diffusion.registry import ModelRegistry
 from server.infrastructure.event_store import EventStore
 from server.infrastructure.lora_files import LoraFileReader
 from server.infrastructure.projector import Projector
@@ -64,9 +67,11 @@ class Container:
     projector: Projector
     files: LoraFiles
     recommender: CatalogRecommender
+    models: ModelRegistry
     middlewares: list[Middleware] = field(default_factory=list)
 
     def close(self) -> None:
+        self.models.close()
         self.projector.stop()
         self.read_model.close()
         self.store.close()
@@ -78,6 +83,7 @@ def bootstrap(
     files: LoraFiles | None = None,
     authorizer: Authorizer | None = None,
     start_projector: bool = True,
+    build_embedded_model: bool = True,
 ) -> Container:
     url = StorageUrl.parse(settings.resolved_storage_url)
     if url.kind == "sqlite":
@@ -136,6 +142,10 @@ def bootstrap(
     queries.register(GetLoRAsByBaseModelQuery, GetLoRAsByBaseModelHandler(read_model))
     queries.register(ListEventsQuery, ListEventsHandler(read_model))
     queries.register(SearchLoRAsByPromptQuery, SearchLoRAsByPromptHandler(recommender))
+    models = ModelRegistry(settings.models, data_dir=settings.data_dir.resolve())
+    queries.register(ListBaseModelsQuery, ListBaseModelsHandler(models))
+    if build_embedded_model and settings.embedded_model:
+        models.ensure_embedded()
 
     if start_projector:
         projector.catch_up()
@@ -145,5 +155,14 @@ def bootstrap(
     if start_projector:
         projector.start()
     return Container(
-        settings, commands, queries, store, read_model, projector, files, recommender, middlewares
+        settings,
+        commands,
+        queries,
+        store,
+        read_model,
+        projector,
+        files,
+        recommender,
+        models,
+        middlewares,
     )

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from server.domain.errors import FieldViolation, ValidationError
+from server.domain.models import BaseModelConfig, resolve_architecture
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +27,10 @@ class Settings:
     shutdown_grace_seconds: float = 10.0
     log_level: str = "INFO"
     rebuild_projections: bool = False
+    # [[models]] tables; none configured means the embedded tiny placeholder model.
+    models: tuple[BaseModelConfig, ...] = ()
+    # Build the placeholder when no model is configured (off: it is listed as not ready).
+    embedded_model: bool = True
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -66,6 +71,47 @@ def _coerce(name: str, value: Any) -> Any:
         raise ValidationError(FieldViolation(name, f"invalid value {value!r}")) from None
 
 
+def _models(tables: Any, base: Path) -> tuple[BaseModelConfig, ...]:
+    if not isinstance(tables, list):
+        raise ValidationError(FieldViolation("models", "must be an array of [[models]] tables"))
+    out = []
+    names: set[str] = set()
+    for i, table in enumerate(tables):
+        where = f"models[{i}]"
+        if not isinstance(table, dict):
+            raise ValidationError(FieldViolation(where, "must be a table"))
+        name, path = str(table.get("name", "")).strip(), str(table.get("path", "")).strip()
+        if not name or name in names:
+            raise ValidationError(FieldViolation(f"{where}.name", "required and unique"))
+        if not path:
+            raise ValidationError(FieldViolation(f"{where}.path", "required"))
+        names.add(name)
+        try:
+            arch = resolve_architecture(str(table.get("architecture", "")))
+        except ValidationError as exc:
+            raise ValidationError(
+                FieldViolation(f"{where}.architecture", exc.violations[0].description)
+            ) from None
+        try:
+            budget = float(table.get("vram_budget_gb", 0.0))
+        except (TypeError, ValueError):
+            raise ValidationError(
+                FieldViolation(f"{where}.vram_budget_gb", "must be a number")
+            ) from None
+        resolved = Path(path).expanduser()
+        out.append(
+            BaseModelConfig(
+                name=name,
+                architecture=arch,
+                path=resolved if resolved.is_absolute() else base / resolved,
+                scheduler=str(table.get("scheduler", "")),
+                dtype=str(table.get("dtype", "auto")),
+                vram_budget_gb=budget,
+            )
+        )
+    return tuple(out)
+
+
 def load_settings(
     argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
 ) -> Settings:
@@ -82,6 +128,13 @@ def load_settings(
     )
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
     parser.add_argument(
+        "--no-embedded-model",
+        dest="embedded_model",
+        action="store_false",
+        default=None,
+        help="do not build the tiny placeholder model when no model is configured",
+    )
+    parser.add_argument(
         "--rebuild-projections",
         action="store_true",
         default=None,
@@ -97,7 +150,9 @@ def load_settings(
             data = tomllib.loads(path.read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ValidationError(FieldViolation("config", f"{path}: {exc}")) from None
-        known = {f.name for f in fields(Settings)}
+        known = {f.name for f in fields(Settings)} - {"models"}
+        if "models" in data:
+            values["models"] = _models(data.pop("models"), path.parent)
         for key, value in data.items():
             if key in known:
                 values[key] = _coerce(key, value)
@@ -107,6 +162,7 @@ def load_settings(
         if env.get(var):
             values[name] = _coerce(name, env[var])
     for name in (
+        "embedded_model",
         "listen",
         "data_dir",
         "storage_url",

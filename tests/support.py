@@ -43,4 +43,7 @@ def make_container(tmp_path: Path, storage_url: str = "", **kwargs: object) -> C
     settings = Settings(
         data_dir=tmp_path, storage_url=storage_url or sqlite_url(tmp_path), lora_roots=roots
     )
+    # Unit and integration tests do not need the embedded model; building it in every
+    # container would only burn CPU (tests/integration/test_models.py builds it on purpose).
+    kwargs.setdefault("build_embedded_model", False)
     return bootstrap(settings, **kwargs)  # type: ignore[arg-type]

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from client import LoracleClient
 from client.cli import main as cli
 from server.devtools.synthetic_loras import write_demo_loras
 
@@ -46,6 +47,15 @@ def start_server(data_dir: Path) -> tuple[subprocess.Popen[str], str]:
     raise SystemExit("demo: the server did not start")
 
 
+def wait_for_models(address: str, timeout: float = 120) -> None:
+    with LoracleClient(address) as client:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(m.ready or not m.is_placeholder for m in client.list_base_models()):
+                return
+            time.sleep(0.5)
+
+
 def step(title: str) -> None:
     print(f"\n=== {title}", flush=True)
 
@@ -73,8 +83,16 @@ def main() -> int:
             step(title)
             if cli([*server, *args]) != 0:
                 raise SystemExit(f"demo: `loracle {' '.join(args)}` failed")
-        step("planned, not built yet: recommendations and generation (UNIMPLEMENTED)")
+        step('loracle recommend "pixel art, a knight on a horse" --base-model "SD 1.5"')
+        if (
+            cli([*server, "recommend", "pixel art, a knight on a horse", "--base-model", "SD 1.5"])
+            != 0
+        ):
+            raise SystemExit("demo: `loracle recommend` failed")
+        step("loracle models  (the embedded tiny SD1.5 placeholder is built on first start)")
+        wait_for_models(address)
         cli([*server, "models"])
+        step("planned, not built yet: image generation (GenerateImage answers UNIMPLEMENTED)")
     finally:
         step("stopping the server (SIGTERM, graceful)")
         process.send_signal(signal.SIGTERM)

@@ -218,3 +218,25 @@ class ScannedLora:
     file: LoraFile
     metadata: LoraMetadata
     header_metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class BaseModelConfig:
+    """A base model as configured: a local diffusers folder or a single-file checkpoint."""
+
+    name: str
+    architecture: Architecture
+    path: Path
+    scheduler: str = ""
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on the CPU
+    vram_budget_gb: float = 0.0
+    placeholder: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class BaseModelInfo:
+    config: BaseModelConfig
+    ready: bool
+    error: str = ""
+    dtype: str = ""
+    default_scheduler: str = ""

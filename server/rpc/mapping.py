@@ -18,7 +18,7 @@ from server.application.commands import (
     LoRARecommendation,
 )
 from server.domain.errors import FieldViolation, ValidationError
-from server.domain.models import Architecture, AuditEntry, LoraSource, LoraView
+from server.domain.models import Architecture, AuditEntry, BaseModelInfo, LoraSource, LoraView
 
 _ARCH = {
     Architecture.UNSPECIFIED: types_pb2.ARCHITECTURE_UNSPECIFIED,
@@ -91,6 +91,19 @@ def lora_to_proto(view: LoraView) -> types_pb2.Lora:
             )
         )
     return msg
+
+
+def base_model_to_proto(info: BaseModelInfo) -> types_pb2.BaseModel:
+    return types_pb2.BaseModel(
+        name=info.config.name,
+        architecture=_ARCH[info.config.architecture],
+        path=str(info.config.path),
+        ready=info.ready,
+        error=info.error,
+        default_scheduler=info.default_scheduler,
+        dtype=info.dtype,
+        is_placeholder=info.config.placeholder,
+    )
 
 
 def recommendation_to_proto(rec: LoRARecommendation) -> types_pb2.Recommendation:

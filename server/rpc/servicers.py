@@ -41,6 +41,7 @@ from server.application.queries import (
 from server.rpc.dispatch import Dispatcher
 from server.rpc.mapping import (
     audit_to_proto,
+    base_model_to_proto,
     catalog_record_from_proto,
     generation_request_from_proto,
     import_update_to_proto,
@@ -262,8 +263,8 @@ class QueryServicer(qry_grpc.QueryServiceServicer):
     async def ListBaseModels(
         self, request: qry_pb.ListBaseModelsRequest, context: Ctx
     ) -> qry_pb.ListBaseModelsResponse:
-        await self._d.query(context, ListBaseModelsQuery())
-        return qry_pb.ListBaseModelsResponse()  # pragma: no cover - no handler yet
+        models = await self._d.query(context, ListBaseModelsQuery())
+        return qry_pb.ListBaseModelsResponse(models=[base_model_to_proto(m) for m in models])
 
     async def GetGeneration(
         self, request: qry_pb.GetGenerationRequest, context: Ctx

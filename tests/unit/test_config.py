@@ -50,3 +50,36 @@ def test_bad_toml_is_a_clear_error(tmp_path: Path) -> None:
 def test_settings_are_immutable() -> None:
     with pytest.raises(AttributeError):
         Settings().listen = "x"  # type: ignore[misc]
+
+
+def test_models_from_toml(tmp_path: Path) -> None:
+    config = tmp_path / "loracle.toml"
+    config.write_text(
+        '[[models]]\nname = "sd15"\narchitecture = "SD 1.5"\npath = "models/sd15"\n'
+        '[[models]]\nname = "xl"\narchitecture = "SDXL"\npath = "/srv/xl.safetensors"\n'
+        'dtype = "float16"\nvram_budget_gb = 12\n'
+    )
+    settings = load_settings(["--config", str(config)], environ={})
+    sd15, xl = settings.models
+    assert (sd15.name, sd15.architecture.value, sd15.path) == (
+        "sd15",
+        "SD1",
+        tmp_path / "models/sd15",
+    )
+    assert (xl.dtype, xl.vram_budget_gb, xl.path) == ("float16", 12.0, Path("/srv/xl.safetensors"))
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ('[[models]]\nname = "a"\narchitecture = "Potato"\npath = "x"\n', "models[0].architecture"),
+        ('[[models]]\narchitecture = "SD1"\npath = "x"\n', "models[0].name"),
+        ('[[models]]\nname = "a"\narchitecture = "SD1"\n', "models[0].path"),
+    ],
+)
+def test_bad_model_tables_name_the_field(tmp_path: Path, body: str, field: str) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text(body)
+    with pytest.raises(ValidationError) as err:
+        load_settings(["--config", str(config)], environ={})
+    assert err.value.violations[0].field == field

@@ -12,6 +12,7 @@ from server.application.queries.base import (
 )
 from server.application.queries.generation_queries import (
     GetGenerationQuery,
+    ListBaseModelsHandler,
     ListBaseModelsQuery,
     ListGenerationsQuery,
     WatchGenerationQuery,
@@ -42,6 +43,7 @@ __all__ = [
     "IQueryHandler",
     "IStreamQuery",
     "IStreamQueryHandler",
+    "ListBaseModelsHandler",
     "ListBaseModelsQuery",
     "ListEventsHandler",
     "ListEventsQuery",
