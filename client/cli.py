@@ -7,6 +7,7 @@ plain JSON document on stdout instead so the output can be piped into other tool
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -398,6 +399,84 @@ def _cmd_search(client: LoracleClient, args: argparse.Namespace, out: _Output) -
     return 0
 
 
+# --- generation ----------------------------------------------------------------------------
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected WIDTHxHEIGHT, e.g. 512x512") from None
+    return width, height
+
+
+def _output_paths(base: str, count: int) -> list[str]:
+    if count == 1:
+        return [base]
+    stem, dot, suffix = base.rpartition(".")
+    return [f"{stem}-{i}.{suffix}" if dot else f"{base}-{i}" for i in range(count)]
+
+
+def _cmd_generate(client: LoracleClient, args: argparse.Namespace, out: _Output) -> int:
+    spec = types_pb2.GenerationSpec(
+        prompt=args.prompt,
+        model=args.model,
+        negative_prompt=args.negative,
+        steps=args.steps,
+        num_images=args.images,
+    )
+    if args.size:
+        spec.width, spec.height = args.size
+    if args.seed is not None:
+        spec.seed = args.seed
+    images: dict[int, bytearray] = {}
+    done: dict[int, types_pb2.ImageInfo] = {}
+    final = types_pb2.GenerationEvent()
+    with out.progress() as progress:
+        task = progress.add_task("queued", total=None)
+        for event in client.generate_image(spec):
+            kind = event.WhichOneof("event")
+            if kind == "queued":
+                progress.update(task, description=f"queued (position {event.queued.position})")
+            elif kind == "progress":
+                progress.update(
+                    task,
+                    description="denoising",
+                    total=event.progress.total_steps,
+                    completed=event.progress.step,
+                )
+            elif kind == "image_chunk":
+                images.setdefault(event.image_chunk.image_index, bytearray()).extend(
+                    event.image_chunk.data
+                )
+            elif kind == "image_complete":
+                done[event.image_complete.index] = event.image_complete
+            final = event
+    if final.WhichOneof("event") != "completed":
+        reason = final.failed.error if final.HasField("failed") else "cancelled"
+        raise _LocalError(f"generation {final.generation_id} did not complete: {reason}")
+    written = []
+    for index, path in zip(sorted(done), _output_paths(args.output, len(done)), strict=True):
+        data = bytes(images.get(index, b""))
+        if hashlib.sha256(data).hexdigest() != done[index].sha256:
+            raise _LocalError(f"image {index} arrived damaged (SHA-256 mismatch)")
+        with open(path, "wb") as f:
+            f.write(data)
+        written.append({"path": path, "sha256": done[index].sha256, "seed": done[index].seed})
+    if out.json_mode:
+        out.json(
+            {
+                "generation_id": final.generation_id,
+                "images": written,
+                "timings": _to_dict(final.completed.timings),
+            }
+        )
+        return 0
+    for item in written:
+        out.out.print(f"wrote {item['path']} (seed {item['seed']})")
+    return 0
+
+
 # --- models, events -----------------------------------------------------------------------
 
 
@@ -541,6 +620,17 @@ def _build_parser() -> argparse.ArgumentParser:
         "--include-unavailable", action="store_true", help="also catalog entries without a file"
     )
     p.set_defaults(handler=_cmd_recommend)
+
+    p = commands.add_parser("generate", help="generate an image")
+    p.add_argument("prompt", metavar="PROMPT")
+    p.add_argument("-o", "--output", default="out.png", metavar="FILE")
+    p.add_argument("--model", default="", metavar="NAME")
+    p.add_argument("--negative", default="", metavar="PROMPT")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--steps", type=_non_negative_int, default=0, metavar="N")
+    p.add_argument("--size", type=_size, metavar="WxH")
+    p.add_argument("--images", type=_positive_int, default=1, metavar="N")
+    p.set_defaults(handler=_cmd_generate)
 
     p = commands.add_parser("search", help="search the catalog")
     p.add_argument("query", metavar="QUERY")

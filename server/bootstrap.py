@@ -27,6 +27,8 @@ from server.application.commands import (
     UpdateLoRACommand,
     UpdateLoRAHandler,
 )
+from server.application.commands.generate import GenerateImageHandler
+from server.application.commands.generation import GenerateImageCommand
 from server.application.middleware import Authorizer, Middleware, default_middlewares
 from server.application.ports import LoraFiles
 from server.application.queries import (
@@ -46,6 +48,7 @@ from server.application.queries import (
 )
 from server.config import Settings
 from server.domain.recommend.engine import RecommendationEngine
+from server.infrastructure.diffusion.executor import DiffusionExecutor, make_job
 from server.infrastructure.diffusion.registry import ModelRegistry
 from server.infrastructure.event_store import EventStore
 from server.infrastructure.lora_files import LoraFileReader
@@ -68,9 +71,11 @@ class Container:
     files: LoraFiles
     recommender: CatalogRecommender
     models: ModelRegistry
+    executor: DiffusionExecutor
     middlewares: list[Middleware] = field(default_factory=list)
 
     def close(self) -> None:
+        self.executor.stop()
         self.models.close()
         self.projector.stop()
         self.read_model.close()
@@ -146,6 +151,9 @@ def bootstrap(
     queries.register(ListBaseModelsQuery, ListBaseModelsHandler(models))
     if build_embedded_model and settings.embedded_model:
         models.ensure_embedded()
+    executor = DiffusionExecutor(max_queue=settings.max_queue)
+    commands.register(GenerateImageCommand, GenerateImageHandler(models, executor, make_job))
+    executor.start()
 
     if start_projector:
         projector.catch_up()
@@ -155,14 +163,15 @@ def bootstrap(
     if start_projector:
         projector.start()
     return Container(
-        settings,
-        commands,
-        queries,
-        store,
-        read_model,
-        projector,
-        files,
-        recommender,
-        models,
-        middlewares,
+        settings=settings,
+        commands=commands,
+        queries=queries,
+        store=store,
+        read_model=read_model,
+        projector=projector,
+        files=files,
+        recommender=recommender,
+        models=models,
+        executor=executor,
+        middlewares=middlewares,
     )

@@ -29,6 +29,8 @@ class Settings:
     rebuild_projections: bool = False
     # [[models]] tables; none configured means the embedded tiny placeholder model.
     models: tuple[BaseModelConfig, ...] = ()
+    # Generation jobs that may wait; more are refused with RESOURCE_EXHAUSTED.
+    max_queue: int = 16
     # Build the placeholder when no model is configured (off: it is listed as not ready).
     embedded_model: bool = True
     extra: Mapping[str, Any] = field(default_factory=dict)

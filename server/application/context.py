@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,6 +21,14 @@ class DispatchContext:
     # A consistency token's position: queries wait until the read model has reached it.
     min_position: int = 0
     scopes: frozenset[str] = frozenset()
+    # Set by the transport when the caller goes away: long streams stop working for nobody.
+    cancellation: threading.Event = field(default_factory=threading.Event, compare=False)
+
+    def abandoned(self) -> bool:
+        """The caller cancelled, or its deadline passed."""
+        if self.cancellation.is_set():
+            return True
+        return self.deadline is not None and time.monotonic() > self.deadline
 
     def time_remaining(self) -> float | None:
         return None if self.deadline is None else self.deadline - time.monotonic()

@@ -92,7 +92,13 @@ def main() -> int:
         step("loracle models  (the embedded tiny SD1.5 placeholder is built on first start)")
         wait_for_models(address)
         cli([*server, "models"])
-        step("planned, not built yet: image generation (GenerateImage answers UNIMPLEMENTED)")
+        out = DATA / "lighthouse.png"
+        step(
+            f'loracle generate "a lighthouse at dusk" --seed 7 -o {out}  (placeholder model: noise)'
+        )
+        if cli([*server, "generate", "a lighthouse at dusk", "--seed", "7", "-o", str(out)]) != 0:
+            raise SystemExit("demo: `loracle generate` failed")
+        print(f"  image written to {out.resolve()}")
     finally:
         step("stopping the server (SIGTERM, graceful)")
         process.send_signal(signal.SIGTERM)

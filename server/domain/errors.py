@@ -100,3 +100,13 @@ class BadLoraFileError(DomainError):
         super().__init__(f"{path}: {why}", metadata={"path": path})
         self.path = path
         self.why = why
+
+
+class ResourceExhaustedError(DomainError):
+    """A bounded resource (the generation queue) is full; retry after `retry_after_seconds`."""
+
+    reason = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str, retry_after_seconds: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds

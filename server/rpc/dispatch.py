@@ -93,6 +93,10 @@ class Dispatcher:
                 yield item
         except Exception as exc:
             await abort(rpc, exc, ctx.correlation_id)
+        finally:
+            # Reached too when the client cancels (the generator is closed): the handler
+            # sees ctx.abandoned() and stops, e.g. cancelling its generation job.
+            ctx.cancellation.set()
 
     async def _context_or_abort(
         self, rpc: grpc.aio.ServicerContext[Any, Any], **kwargs: str

@@ -19,6 +19,7 @@ from server.domain.errors import (
     NotFoundError,
     NotImplementedYetError,
     PreconditionError,
+    ResourceExhaustedError,
     UnavailableError,
     ValidationError,
 )
@@ -35,6 +36,7 @@ STATUS_TABLE: tuple[tuple[type[DomainError], grpc.StatusCode], ...] = (
     (UnavailableError, grpc.StatusCode.UNAVAILABLE),
     (ConsistencyTimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (NotImplementedYetError, grpc.StatusCode.UNIMPLEMENTED),
+    (ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
 )
 
 
@@ -78,7 +80,7 @@ def to_status(exc: BaseException, correlation_id: str) -> grpc.Status:
                 ]
             )
         )
-    if isinstance(exc, UnavailableError):
+    if isinstance(exc, UnavailableError | ResourceExhaustedError):
         seconds = max(exc.retry_after_seconds, 0.0)
         details.append(
             error_details_pb2.RetryInfo(

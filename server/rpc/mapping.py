@@ -17,7 +17,9 @@ from server.application.commands import (
     LoraChoice,
     LoRARecommendation,
 )
+from server.domain import generation as gen
 from server.domain.errors import FieldViolation, ValidationError
+from server.domain.generation import GenerationEvent
 from server.domain.models import Architecture, AuditEntry, BaseModelInfo, LoraSource, LoraView
 
 _ARCH = {
@@ -191,6 +193,52 @@ def generation_request_from_proto(spec: types_pb2.GenerationSpec) -> GenerationR
         preview_every_n_steps=spec.preview_every_n_steps,
         chunk_size_bytes=spec.chunk_size_bytes,
     )
+
+
+def generation_event_to_proto(event: GenerationEvent) -> types_pb2.GenerationEvent:
+    msg = types_pb2.GenerationEvent(generation_id=event.generation_id, sequence=event.sequence)
+    p = event.payload
+    if isinstance(p, gen.Queued):
+        msg.queued.position = p.position
+    elif isinstance(p, gen.Started):
+        msg.started.batch_size = p.batch_size
+    elif isinstance(p, gen.Progress):
+        msg.progress.CopyFrom(
+            types_pb2.GenerationEvent.Progress(
+                step=p.step, total_steps=p.total_steps, elapsed_seconds=p.elapsed_seconds
+            )
+        )
+    elif isinstance(p, gen.ImageChunk):
+        msg.image_chunk.CopyFrom(
+            types_pb2.GenerationEvent.ImageChunk(
+                image_index=p.image_index, offset=p.offset, data=p.data, last=p.last
+            )
+        )
+    elif isinstance(p, gen.ImageComplete):
+        msg.image_complete.CopyFrom(
+            types_pb2.ImageInfo(
+                index=p.image_index,
+                sha256=p.sha256,
+                size_bytes=p.size_bytes,
+                mime_type=p.mime_type,
+                seed=p.seed,
+            )
+        )
+    elif isinstance(p, gen.Completed):
+        t = p.timings
+        msg.completed.timings.CopyFrom(
+            types_pb2.StageTimings(
+                queue_seconds=t.queue_seconds,
+                text_encoding_seconds=t.text_encoding_seconds,
+                denoising_seconds=t.denoising_seconds,
+                decoding_seconds=t.decoding_seconds,
+            )
+        )
+    elif isinstance(p, gen.Failed):
+        msg.failed.error = p.error
+    else:
+        msg.cancelled.SetInParent()
+    return msg
 
 
 def token_for(position: int) -> str:

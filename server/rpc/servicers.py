@@ -43,6 +43,7 @@ from server.rpc.mapping import (
     audit_to_proto,
     base_model_to_proto,
     catalog_record_from_proto,
+    generation_event_to_proto,
     generation_request_from_proto,
     import_update_to_proto,
     lora_to_proto,
@@ -174,7 +175,7 @@ class CommandServicer(cmd_grpc.CommandServiceServicer):
     ) -> AsyncIterator[cmd_pb.GenerateImageResponse]:
         command = GenerateImageCommand(request=generation_request_from_proto(request.spec))
         async for event in self._d.stream_command(context, command, request.request_id):
-            yield cmd_pb.GenerateImageResponse(event=event)  # type: ignore[arg-type]
+            yield cmd_pb.GenerateImageResponse(event=generation_event_to_proto(event))
 
     async def QuickGenerate(
         self, request: cmd_pb.QuickGenerateRequest, context: Ctx

@@ -116,7 +116,7 @@ def test_errors_carry_status_codes_and_rich_details(server: RunningServer) -> No
             client.recommend_loras("a cat", "Potato XL 9000")
         assert bad_model.value.field_violations[0][0] == "base_model"
         with pytest.raises(Unimplemented):
-            list(client.generate_image(types_pb2.GenerationSpec(prompt="a cat")))
+            client.get_generation("00000000-0000-0000-0000-000000000000")
 
 
 def test_embedded_placeholder_model_is_listed_and_becomes_ready(server: RunningServer) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from server.application.commands.base import ICommand, IStreamCommand
+from server.domain.generation import GenerationEvent
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +34,7 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class GenerateImageCommand(IStreamCommand[object]):
+class GenerateImageCommand(IStreamCommand[GenerationEvent]):
     request: GenerationRequest
 
 
