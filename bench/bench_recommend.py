@@ -17,7 +17,6 @@ Usage: .venv/bin/python bench/bench_recommend.py [--catalog PATH] [--queries PAT
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -25,24 +24,30 @@ import platform
 import random
 import re
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import grpc
 
-from client import LoracleClient, LoracleError, read_catalog_jsonl
+from client import LoracleClient, LoracleError
+from server.devtools.bench_support import (
+    DEFAULT_CATALOG,
+    REPO_ROOT,
+    SYNTHETIC_RECORDS,
+    Child,
+    Children,
+    load_catalog,
+    log,
+    raise_system_exit,
+)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CATALOG = REPO_ROOT.parent / "shared" / "eval" / "civitai_loras.jsonl"
 DEFAULT_QUERIES = REPO_ROOT.parent / "shared" / "eval" / "dev_queries.jsonl"
-SYNTHETIC_RECORDS = 7955
 DEFAULT_SCALE = 100_000
 DEFAULT_CALLS = 300
 IMPORT_BATCH = 2000
@@ -52,172 +57,10 @@ MAX_LORAS = 3
 SEED = 20240601
 CALL_TIMEOUT = 30.0
 IMPORT_TIMEOUT = 300.0
-START_TIMEOUT = 120.0
-STOP_TIMEOUT = 30.0
 VISIBLE_TRIES = 10
 # Targets are printed next to the measured p50; the run never fails on them.
 P50_TARGETS_MS = ((SYNTHETIC_RECORDS, 10.0), (100_000, 30.0))
-PORT_LINE = re.compile(r"\(port (\d+)\)")
 INDEX_LINE = re.compile(r"recommendation index: (\d+) LoRAs, (\d+) past generations in ([0-9.]+)s")
-
-
-def log(message: str) -> None:
-    """Progress goes to stderr so that stdout stays the table plus one JSON line."""
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
-
-
-# --- subprocesses (the pattern of bench_catalog.py) ----------------------------------------
-
-
-@dataclass
-class Child:
-    """A subprocess whose stdout and stderr go to files, so a chatty child never blocks."""
-
-    name: str
-    process: subprocess.Popen[bytes]
-    stdout_path: Path
-    stderr_path: Path
-
-    def tail(self, limit: int = 4000) -> str:
-        parts = []
-        for path in (self.stdout_path, self.stderr_path):
-            with contextlib.suppress(OSError):
-                parts.append(path.read_text(errors="replace")[-limit:])
-        return "\n".join(parts)
-
-    def wait_for_port(self, timeout: float = START_TIMEOUT) -> int:
-        """Polls stdout for "(port N)", the line the server prints once it serves."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            match = PORT_LINE.search(self.stdout_path.read_text(errors="replace"))
-            if match:
-                return int(match.group(1))
-            if self.process.poll() is not None:
-                break
-            time.sleep(0.02)
-        raise RuntimeError(f"{self.name} did not start:\n{self.tail()}")
-
-    def wait_for_stderr(self, pattern: re.Pattern[str], timeout: float = 10.0) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        while True:
-            match = pattern.search(self.stderr_path.read_text(errors="replace"))
-            if match:
-                return match
-            if time.monotonic() >= deadline or self.process.poll() is not None:
-                raise RuntimeError(f"{self.name}: no line matching {pattern.pattern!r}")
-            time.sleep(0.05)
-
-    def rss_mib(self) -> float:
-        """Resident memory of the server process (VmRSS), in MiB."""
-        status = Path(f"/proc/{self.process.pid}/status").read_text()
-        match = re.search(r"^VmRSS:\s+(\d+)\s+kB", status, re.MULTILINE)
-        if match is None:
-            raise RuntimeError(f"no VmRSS in /proc/{self.process.pid}/status")
-        return int(match.group(1)) / 1024
-
-    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=timeout)
-
-
-@dataclass
-class Children:
-    """Every subprocess started, stopped in reverse order whatever happens."""
-
-    workdir: Path
-    started: list[Child] = field(default_factory=list)
-
-    def start(self, name: str, args: Sequence[str]) -> Child:
-        stdout_path = self.workdir / f"{name}.stdout"
-        stderr_path = self.workdir / f"{name}.stderr"
-        with stdout_path.open("wb") as out, stderr_path.open("wb") as err:
-            process = subprocess.Popen(
-                [sys.executable, *args],
-                cwd=REPO_ROOT,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-        child = Child(name, process, stdout_path, stderr_path)
-        self.started.append(child)
-        return child
-
-    def stop_all(self) -> None:
-        for child in reversed(self.started):
-            with contextlib.suppress(Exception):
-                child.stop()
-
-
-def _raise_system_exit(signum: int, _frame: object) -> NoReturn:
-    """Turns SIGTERM into an exception so that the `finally` blocks stop the children."""
-    log("terminated")
-    raise SystemExit(128 + signum)
-
-
-# --- catalog and queries ------------------------------------------------------------------
-
-
-_WORDS = (
-    "anime",
-    "portrait",
-    "detailed",
-    "style",
-    "girl",
-    "character",
-    "concept",
-    "fantasy",
-    "city",
-    "night",
-    "realistic",
-    "painting",
-    "watercolor",
-    "cyberpunk",
-    "mecha",
-    "dress",
-    "forest",
-    "castle",
-    "dragon",
-    "flower",
-    "ocean",
-    "sunset",
-    "photo",
-    "cinematic",
-)
-
-
-def synthetic_catalog(count: int = SYNTHETIC_RECORDS) -> list[dict[str, Any]]:
-    """Records shaped like the civitai export (field sizes and base-model mix), seeded."""
-    rng = random.Random(count)
-    records = []
-    for index in range(count):
-        base_model = rng.choices(("SD 1.5", "Other", "SD 2.1"), weights=(88, 11, 1))[0]
-        words = rng.sample(_WORDS, 3)
-        records.append(
-            {
-                "source_id": f"synthetic:{index}",
-                "name": f"{' '.join(words).title()} {index}",
-                "base_model": base_model,
-                "tags": rng.sample(_WORDS, rng.randint(3, 8)),
-                "trigger_words": [f"{w}{index}" for w in rng.sample(_WORDS, rng.randint(0, 4))],
-                "file_name": f"{'_'.join(words)}_{index}",
-                "description": " ".join(rng.choices(_WORDS, k=rng.randint(40, 90))),
-                "downloads": rng.randint(0, 130_000),
-            }
-        )
-    return records
-
-
-def load_catalog(path: Path) -> tuple[list[dict[str, Any]], str]:
-    if path.is_file():
-        return list(read_catalog_jsonl(path)), "shared/eval"
-    log(f"{path} not found: using {SYNTHETIC_RECORDS} synthetic base records instead")
-    return synthetic_catalog(), "synthetic"
 
 
 def scaled_catalog(base: Sequence[dict[str, Any]], count: int) -> list[dict[str, Any]]:
@@ -584,7 +427,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
-    signal.signal(signal.SIGTERM, _raise_system_exit)
+    signal.signal(signal.SIGTERM, raise_system_exit)
     started = time.monotonic()
     try:
         result = run(args)
