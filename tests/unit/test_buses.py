@@ -233,3 +233,30 @@ def test_queries_wait_for_their_consistency_token() -> None:
     assert [p for p, _ in waiter.calls] == [5]
     with pytest.raises(ConsistencyTimeoutError):
         bus.dispatch(Square(x=2), DispatchContext(min_position=11))
+
+
+def test_every_domain_error_survives_the_result_round_trip() -> None:
+    from server.application.commands import CommandError
+    from server.domain.errors import (
+        ConflictError,
+        PreconditionError,
+        ResourceExhaustedError,
+        UnavailableError,
+    )
+
+    errors = [
+        ValidationError(FieldViolation("f", "bad")),
+        NotFoundError("lora", "x"),
+        ConflictError("c"),
+        PreconditionError("p", reason="MODEL_NOT_READY"),
+        UnavailableError("u"),
+        NotImplementedYetError("n"),
+        ResourceExhaustedError("full", 2.5),
+    ]
+    for error in errors:
+        back = CommandError.from_exception(error).to_exception()
+        assert type(back) is type(error)
+        assert back.reason == error.reason
+    full = CommandError.from_exception(ResourceExhaustedError("full", 2.5)).to_exception()
+    assert isinstance(full, ResourceExhaustedError)
+    assert full.retry_after_seconds == 2.5

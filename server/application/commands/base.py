@@ -18,6 +18,7 @@ from server.domain.errors import (
     NotFoundError,
     NotImplementedYetError,
     PreconditionError,
+    ResourceExhaustedError,
     UnavailableError,
     ValidationError,
 )
@@ -43,6 +44,7 @@ class ErrorKind(enum.Enum):
     PRECONDITION = "FAILED_PRECONDITION"
     UNAVAILABLE = "UNAVAILABLE"
     UNIMPLEMENTED = "UNIMPLEMENTED"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
     FAILURE = "INTERNAL"
 
 
@@ -77,6 +79,10 @@ class CommandError:
             exc = UnavailableError(self.message)
         elif self.kind is ErrorKind.UNIMPLEMENTED:
             exc = NotImplementedYetError(self.message)
+        elif self.kind is ErrorKind.RESOURCE_EXHAUSTED:
+            exc = ResourceExhaustedError(
+                self.message, float(self.metadata.get("retry_after_seconds", 1.0))
+            )
         else:
             exc = DomainError(self.message, metadata=self.metadata)
         return exc
@@ -90,10 +96,14 @@ class CommandError:
             (PreconditionError, ErrorKind.PRECONDITION),
             (UnavailableError, ErrorKind.UNAVAILABLE),
             (NotImplementedYetError, ErrorKind.UNIMPLEMENTED),
+            (ResourceExhaustedError, ErrorKind.RESOURCE_EXHAUSTED),
         ]
         kind = next((k for t, k in kinds if isinstance(exc, t)), ErrorKind.FAILURE)
         violations = tuple(exc.violations) if isinstance(exc, ValidationError) else ()
-        return CommandError(kind, exc.message, violations, exc.reason, dict(exc.metadata))
+        metadata = dict(exc.metadata)
+        if isinstance(exc, ResourceExhaustedError):
+            metadata["retry_after_seconds"] = str(exc.retry_after_seconds)
+        return CommandError(kind, exc.message, violations, exc.reason, metadata)
 
 
 @dataclass(frozen=True, slots=True)
