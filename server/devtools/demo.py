@@ -3,48 +3,18 @@ kohya-style metadata, imported and listed through the `loracle` CLI, then a grac
 
 from __future__ import annotations
 
-import re
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from client import LoracleClient
 from client.cli import main as cli
+from server.devtools.local_server import start_server
 from server.devtools.synthetic_loras import write_demo_loras
 
 DATA = Path("demo-data")
-
-
-def start_server(data_dir: Path) -> tuple[subprocess.Popen[str], str]:
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "server",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            str(data_dir),
-            "--log-level",
-            "WARNING",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stdout is not None
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        match = re.search(r"\(port (\d+)\)", line)
-        if match:
-            return process, f"127.0.0.1:{match.group(1)}"
-        if not line and process.poll() is not None:
-            break
-    process.kill()
-    raise SystemExit("demo: the server did not start")
 
 
 def wait_for_models(address: str, timeout: float = 120) -> None:
@@ -66,8 +36,9 @@ def main() -> int:
     for path in write_demo_loras(DATA / "loras"):
         print(f"  {path.relative_to(DATA / 'loras')}  ({path.stat().st_size:,} bytes)")
     step("starting loracle-server (SQLite in demo-data/)")
-    process, address = start_server(DATA)
-    print(f"  listening on {address}")
+    running = start_server(DATA, "--log-level", "WARNING")
+    address = running.address
+    print(f"  listening on {address}; its log: {running.log_path}")
     try:
         server = ["--server", address]
         steps = [
@@ -101,9 +72,7 @@ def main() -> int:
         print(f"  image written to {out.resolve()}")
     finally:
         step("stopping the server (SIGTERM, graceful)")
-        process.send_signal(signal.SIGTERM)
-        code = process.wait(timeout=30)
-        print(f"  server exited with {code}")
+        print(f"  server exited with {running.stop(signal.SIGTERM, timeout=30)}")
     return 0
 
 

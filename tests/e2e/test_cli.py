@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from client.cli import main
-from tests.e2e.conftest import RunningServer
+from server.devtools.local_server import RunningServer
 
 
 def cli(server: RunningServer, *args: str) -> list[str]:

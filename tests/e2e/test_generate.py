@@ -16,7 +16,7 @@ from PIL import Image
 from client import InvalidArgument, LoracleClient, Unimplemented
 from client.cli import main
 from loracle.v1 import command_service_pb2, command_service_pb2_grpc, types_pb2
-from tests.e2e.conftest import RunningServer
+from server.devtools.local_server import RunningServer
 
 
 @pytest.fixture(scope="module")

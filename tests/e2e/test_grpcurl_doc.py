@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 import pytest
 
-from tests.e2e.conftest import RunningServer
+from server.devtools.local_server import RunningServer
 from tests.e2e.reflection_client import run_grpcurl_line
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "grpcurl.md"

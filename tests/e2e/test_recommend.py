@@ -8,7 +8,7 @@ import pytest
 
 from client import InvalidArgument, LoracleClient, NotFound
 from client.cli import main
-from tests.e2e.conftest import RunningServer
+from server.devtools.local_server import RunningServer
 
 
 @pytest.fixture(scope="module")

@@ -21,9 +21,9 @@ from client import (
     Unimplemented,
 )
 from loracle.v1 import command_service_pb2, types_pb2
+from server.devtools.local_server import RunningServer, start_server
 from server.devtools.synthetic_loras import write_synthetic_lora
 from server.domain.models import Architecture
-from tests.e2e.conftest import RunningServer, start_server
 
 
 def test_health_reports_both_services_serving(server: RunningServer) -> None:
