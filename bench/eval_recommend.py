@@ -22,11 +22,11 @@ import numpy as np
 
 from client.catalog import read_catalog_jsonl
 from server.application.commands import (
-    CatalogRecordInput,
     ImportLoRACatalogCommand,
     RecommendLoRAsCommand,
     RecordGenerationCommand,
 )
+from server.application.commands.import_catalog import catalog_record_from_json
 from server.application.context import DispatchContext
 from server.bootstrap import Container, bootstrap
 from server.config import Settings
@@ -38,19 +38,7 @@ ECE_TOP = 3
 
 
 def load_catalog(c: Container, path: Path, batch: int = 2000) -> int:
-    records = [
-        CatalogRecordInput(
-            source_id=r["source_id"],
-            name=r.get("name") or "",
-            base_model=r.get("base_model") or "",
-            tags=tuple(r.get("tags") or ()),
-            trigger_words=tuple(r.get("trigger_words") or ()),
-            file_name=r.get("file_name") or "",
-            description=r.get("description") or "",
-            downloads=int(r.get("downloads") or 0),
-        )
-        for r in read_catalog_jsonl(path)
-    ]
+    records = [catalog_record_from_json(r) for r in read_catalog_jsonl(path)]
     for start in range(0, len(records), batch):
         command = ImportLoRACatalogCommand(records=tuple(records[start : start + batch]))
         result = c.commands.dispatch(

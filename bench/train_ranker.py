@@ -20,7 +20,11 @@ from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GroupKFold
 
-from server.application.commands.import_catalog import CatalogRecordInput, metadata_from_record
+from client.catalog import read_catalog_jsonl
+from server.application.commands.import_catalog import (
+    catalog_record_from_json,
+    metadata_from_record,
+)
 from server.devtools.eval_metrics import expected_calibration_error, ranking_metrics
 from server.domain.lora import lora_id_for_source
 from server.domain.models import Architecture, LoraSource, LoraView
@@ -33,18 +37,8 @@ RANKER = ROOT / "server" / "domain" / "recommend" / "ranker.json"
 
 def load_views(path: Path) -> list[LoraView]:
     views = []
-    for line in path.read_text().splitlines():
-        r = json.loads(line)
-        record = CatalogRecordInput(
-            source_id=r["source_id"],
-            name=r["name"],
-            base_model=r.get("base_model") or "",
-            tags=tuple(r.get("tags") or ()),
-            trigger_words=tuple(r.get("trigger_words") or ()),
-            file_name=r.get("file_name") or "",
-            description=r.get("description") or "",
-            downloads=int(r.get("downloads") or 0),
-        )
+    for row in read_catalog_jsonl(path):
+        record = catalog_record_from_json(row)
         views.append(
             LoraView(
                 id=str(lora_id_for_source(record.source_id)),

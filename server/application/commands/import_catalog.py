@@ -4,7 +4,9 @@ in one transaction with its request record, so a retried batch writes nothing tw
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from eventsourcing.domain import Aggregate
 
@@ -30,6 +32,20 @@ class CatalogRecordInput:
     file_name: str = ""
     description: str = ""
     downloads: int = 0
+
+
+def catalog_record_from_json(row: Mapping[str, Any]) -> CatalogRecordInput:
+    """One object of the JSON Lines catalog format (null fields read as empty)."""
+    return CatalogRecordInput(
+        source_id=str(row.get("source_id") or ""),
+        name=str(row.get("name") or ""),
+        base_model=str(row.get("base_model") or ""),
+        tags=tuple(row.get("tags") or ()),
+        trigger_words=tuple(row.get("trigger_words") or ()),
+        file_name=str(row.get("file_name") or ""),
+        description=str(row.get("description") or ""),
+        downloads=int(row.get("downloads") or 0),
+    )
 
 
 @dataclass(frozen=True, slots=True)
