@@ -10,6 +10,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Generic, TypeVar
 
+from server.domain.errors import FieldViolation, ValidationError
+
 T = TypeVar("T")
 
 
@@ -70,8 +72,6 @@ def architecture_of(lineage: str) -> Architecture:
 
 def resolve_architecture(base_model: str) -> Architecture:
     """The architecture a request's `base_model` names; refuses names we cannot place."""
-    from server.domain.errors import FieldViolation, ValidationError
-
     arch = architecture_of(base_model)
     if arch in (Architecture.UNSPECIFIED, Architecture.OTHER):
         raise ValidationError(

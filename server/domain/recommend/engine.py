@@ -153,7 +153,7 @@ class RecommendationEngine:
                 break
             if min_confidence is not None and candidate.confidence < min_confidence:
                 break
-            twin = _near_duplicate(candidate, chosen, self) if diversify else None
+            twin = self._near_duplicate(candidate, chosen) if diversify else None
             if twin is not None:
                 skipped[twin].append(candidate.lora.name)
                 continue
@@ -299,6 +299,22 @@ class RecommendationEngine:
                 )
                 break
         return out
+
+    def _concept(self, lora_id: str) -> frozenset[str]:
+        slot = self._slot_of.get(lora_id)
+        return frozenset() if slot is None else self._docs[slot].concept
+
+    def _near_duplicate(self, candidate: Scored, chosen: list[Scored]) -> int | None:
+        """Index of an already chosen recommendation of the same concept (mostly the same
+        trigger words or, without triggers, name words), else None."""
+        concept = self._concept(candidate.lora.id)
+        if not concept:
+            return None
+        for i, other in enumerate(chosen):
+            other_concept = self._concept(other.lora.id)
+            if other_concept and len(concept & other_concept) / len(concept | other_concept) >= 0.6:
+                return i
+        return None
 
     def _weight(self, view: LoraView) -> float:
         w = view.metadata.preferred_weight
@@ -464,29 +480,6 @@ def _reasons(found: _Candidates, row: int, slot: int) -> tuple[str, ...]:
     if found.matrix[row, _NAME_COVERAGE] >= 0.5:
         out.append("prompt names the LoRA")
     return tuple(out)
-
-
-def _near_duplicate(
-    candidate: Scored, chosen: list[Scored], engine: RecommendationEngine
-) -> int | None:
-    """Index of an already chosen recommendation of the same concept (same triggers, or a
-    name that differs only in version words), else None."""
-    slot = engine._slot_of.get(candidate.lora.id)
-    if slot is None:
-        return None
-    concept = engine._docs[slot].concept
-    for i, other in enumerate(chosen):
-        other_slot = engine._slot_of.get(other.lora.id)
-        if other_slot is None:
-            continue
-        other_concept = engine._docs[other_slot].concept
-        if (
-            concept
-            and other_concept
-            and (len(concept & other_concept) / len(concept | other_concept) >= 0.6)
-        ):
-            return i
-    return None
 
 
 _ARCH_CODE = {arch: i for i, arch in enumerate(Architecture)}
