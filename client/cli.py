@@ -417,6 +417,18 @@ def _output_paths(base: str, count: int) -> list[str]:
     return [f"{stem}-{i}.{suffix}" if dot else f"{base}-{i}" for i in range(count)]
 
 
+def _lora_choice(text: str) -> types_pb2.LoraSelection:
+    name, colon, weight = text.rpartition(":")
+    if not colon:
+        return types_pb2.LoraSelection(lora=text)
+    try:
+        return types_pb2.LoraSelection(lora=name, weight=float(weight))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            "expected NAME or NAME:WEIGHT, e.g. pixel_art:0.8"
+        ) from None
+
+
 def _cmd_generate(client: LoracleClient, args: argparse.Namespace, out: _Output) -> int:
     spec = types_pb2.GenerationSpec(
         prompt=args.prompt,
@@ -424,20 +436,82 @@ def _cmd_generate(client: LoracleClient, args: argparse.Namespace, out: _Output)
         negative_prompt=args.negative,
         steps=args.steps,
         num_images=args.images,
+        scheduler=args.scheduler,
+        loras=args.lora,
     )
     if args.size:
         spec.width, spec.height = args.size
     if args.seed is not None:
         spec.seed = args.seed
+    if args.guidance is not None:
+        spec.guidance_scale = args.guidance
+    if args.detach:
+        submitted = client.submit_generation(spec)
+        if out.json_mode:
+            out.json(_to_dict(submitted))
+        else:
+            out.out.print(
+                f"submitted {submitted.generation_id} (queue position "
+                f"{submitted.queue_position}); follow it with: loracle watch "
+                f"{submitted.generation_id} -o {args.output}"
+            )
+        return 0
+    return _follow(client.generate_image(spec), args.output, out)
+
+
+def _cmd_watch(client: LoracleClient, args: argparse.Namespace, out: _Output) -> int:
+    return _follow(client.watch_generation(args.generation_id), args.output, out)
+
+
+def _cmd_cancel(client: LoracleClient, args: argparse.Namespace, out: _Output) -> int:
+    response = client.cancel_generation(args.generation_id)
+    generation = response.generation
+    if out.json_mode:
+        out.json(_to_dict(generation))
+        return 0
+    state = types_pb2.GenerationState.Name(generation.state).removeprefix("GENERATION_STATE_")
+    out.out.print(f"{generation.id}: {state.lower()}")
+    return 0
+
+
+def _cmd_generations(client: LoracleClient, args: argparse.Namespace, out: _Output) -> int:
+    state = (
+        types_pb2.GenerationState.Value(f"GENERATION_STATE_{args.state.upper()}")
+        if args.state
+        else types_pb2.GENERATION_STATE_UNSPECIFIED
+    )
+    page = client.list_generations(state=state, page_size=args.limit)
+    if out.json_mode:
+        out.json([_to_dict(g) for g in page.generations])
+        return 0
+    table = Table("id", "state", "created", "model", "images", "prompt")
+    for g in page.generations:
+        table.add_row(
+            g.id,
+            types_pb2.GenerationState.Name(g.state).removeprefix("GENERATION_STATE_").lower(),
+            _time(g.create_time),
+            g.spec.model,
+            str(len(g.images)),
+            g.spec.prompt[:60],
+        )
+    out.out.print(table)
+    return 0
+
+
+def _follow(events: Iterator[types_pb2.GenerationEvent], output: str, out: _Output) -> int:
+    """Shows a generation's stream with a progress bar, reassembles its images from chunks
+    and writes them after checking each one's SHA-256."""
     images: dict[int, bytearray] = {}
     done: dict[int, types_pb2.ImageInfo] = {}
     final = types_pb2.GenerationEvent()
     with out.progress() as progress:
         task = progress.add_task("queued", total=None)
-        for event in client.generate_image(spec):
+        for event in events:
             kind = event.WhichOneof("event")
             if kind == "queued":
                 progress.update(task, description=f"queued (position {event.queued.position})")
+            elif kind == "started":
+                progress.update(task, description=f"started (batch of {event.started.batch_size})")
             elif kind == "progress":
                 progress.update(
                     task,
@@ -456,7 +530,7 @@ def _cmd_generate(client: LoracleClient, args: argparse.Namespace, out: _Output)
         reason = final.failed.error if final.HasField("failed") else "cancelled"
         raise _LocalError(f"generation {final.generation_id} did not complete: {reason}")
     written = []
-    for index, path in zip(sorted(done), _output_paths(args.output, len(done)), strict=True):
+    for index, path in zip(sorted(done), _output_paths(output, len(done)), strict=True):
         data = bytes(images.get(index, b""))
         if hashlib.sha256(data).hexdigest() != done[index].sha256:
             raise _LocalError(f"image {index} arrived damaged (SHA-256 mismatch)")
@@ -630,7 +704,38 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_non_negative_int, default=0, metavar="N")
     p.add_argument("--size", type=_size, metavar="WxH")
     p.add_argument("--images", type=_positive_int, default=1, metavar="N")
+    p.add_argument("--guidance", type=float, metavar="CFG")
+    p.add_argument("--scheduler", default="", metavar="NAME", help="e.g. euler_a, dpmpp_2m")
+    p.add_argument(
+        "--lora",
+        type=_lora_choice,
+        action="append",
+        default=[],
+        metavar="NAME[:WEIGHT]",
+        help="apply a catalogued LoRA (repeatable); <lora:NAME:W> in the prompt works too",
+    )
+    p.add_argument(
+        "--detach", action="store_true", help="submit and print the id instead of waiting"
+    )
     p.set_defaults(handler=_cmd_generate)
+
+    p = commands.add_parser("watch", help="follow a generation (from any connection)")
+    p.add_argument("generation_id", metavar="ID")
+    p.add_argument("-o", "--output", default="out.png", metavar="FILE")
+    p.set_defaults(handler=_cmd_watch)
+
+    p = commands.add_parser("cancel", help="cancel a queued or running generation")
+    p.add_argument("generation_id", metavar="ID")
+    p.set_defaults(handler=_cmd_cancel)
+
+    p = commands.add_parser("generations", help="list generations, newest first")
+    p.add_argument(
+        "--state",
+        default="",
+        choices=["", "queued", "running", "succeeded", "failed", "cancelled"],
+    )
+    p.add_argument("--limit", type=_positive_int, default=20, metavar="N")
+    p.set_defaults(handler=_cmd_generations)
 
     p = commands.add_parser("search", help="search the catalog")
     p.add_argument("query", metavar="QUERY")

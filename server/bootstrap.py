@@ -27,13 +27,29 @@ from server.application.commands import (
     UpdateLoRACommand,
     UpdateLoRAHandler,
 )
-from server.application.commands.generate import GenerateImageHandler
-from server.application.commands.generation import GenerateImageCommand
+from server.application.commands.generate import (
+    CancelGenerationHandler,
+    GenerateImageHandler,
+    GenerationJobs,
+    GenerationRecorder,
+    QuickGenerateHandler,
+    SubmitGenerationHandler,
+    fail_interrupted,
+)
+from server.application.commands.generation import (
+    CancelGenerationCommand,
+    GenerateImageCommand,
+    QuickGenerateCommand,
+    SubmitGenerationCommand,
+)
+from server.application.context import SYSTEM_CONTEXT
 from server.application.middleware import Authorizer, Middleware, default_middlewares
 from server.application.ports import LoraFiles
 from server.application.queries import (
     GetAllLoRAsHandler,
     GetAllLoRAsQuery,
+    GetGenerationHandler,
+    GetGenerationQuery,
     GetLoRAByIdHandler,
     GetLoRAByIdQuery,
     GetLoRAsByBaseModelHandler,
@@ -42,13 +58,19 @@ from server.application.queries import (
     ListBaseModelsQuery,
     ListEventsHandler,
     ListEventsQuery,
+    ListGenerationsHandler,
+    ListGenerationsQuery,
     QueryBus,
     SearchLoRAsByPromptHandler,
     SearchLoRAsByPromptQuery,
+    WatchGenerationHandler,
+    WatchGenerationQuery,
 )
 from server.config import Settings
+from server.domain.generation_job import GenerationState
 from server.domain.recommend.engine import RecommendationEngine
-from server.infrastructure.diffusion.executor import DiffusionExecutor, make_job
+from server.infrastructure.diffusion.executor import DiffusionExecutor
+from server.infrastructure.diffusion.images import ImageStore
 from server.infrastructure.diffusion.registry import ModelRegistry
 from server.infrastructure.event_store import EventStore
 from server.infrastructure.lora_files import LoraFileReader
@@ -72,10 +94,13 @@ class Container:
     recommender: CatalogRecommender
     models: ModelRegistry
     executor: DiffusionExecutor
+    recorder: GenerationRecorder
     middlewares: list[Middleware] = field(default_factory=list)
 
     def close(self) -> None:
         self.executor.stop()
+        self.recorder.flush()
+        self.recorder.close()
         self.models.close()
         self.projector.stop()
         self.read_model.close()
@@ -114,6 +139,8 @@ def bootstrap(
             topics.add("loras")
         if change.history:
             topics.add("history")
+        if change.generations:
+            topics.add("generations")
         queries.invalidate(topics)
 
     # The index must see a batch before the cache forgets the old answers.
@@ -151,8 +178,42 @@ def bootstrap(
     queries.register(ListBaseModelsQuery, ListBaseModelsHandler(models))
     if build_embedded_model and settings.embedded_model:
         models.ensure_embedded()
-    executor = DiffusionExecutor(max_queue=settings.max_queue)
-    commands.register(GenerateImageCommand, GenerateImageHandler(models, executor, make_job))
+    images = ImageStore(
+        settings.data_dir.resolve() / "generations",
+        retention_seconds=settings.image_retention_hours * 3600,
+    )
+    executor = DiffusionExecutor(
+        max_queue=settings.max_queue,
+        max_batch=settings.max_batch,
+        batch_wait=settings.batch_wait_ms / 1000,
+        threads=settings.torch_threads,
+        device_budget_gb=settings.device_budget_gb,
+        adapter_budget_gb=settings.adapter_budget_gb,
+        images=images,
+    )
+
+    def record_history(prompt: str, lora_ids: tuple[str, ...], key: str) -> None:
+        commands.dispatch(
+            RecordGenerationCommand(prompt=prompt, lora_ids=lora_ids, generation_key=key),
+            SYSTEM_CONTEXT,
+        ).unwrap()
+
+    recorder = GenerationRecorder(store, record_history)
+    jobs = GenerationJobs(
+        models=models,
+        executor=executor,
+        catalog=store,
+        loras=read_model,
+        lora_roots=files.roots,
+        recorder=recorder,
+    )
+    commands.register(GenerateImageCommand, GenerateImageHandler(jobs))
+    commands.register(QuickGenerateCommand, QuickGenerateHandler(jobs, recommender))
+    commands.register(SubmitGenerationCommand, SubmitGenerationHandler(jobs))
+    commands.register(CancelGenerationCommand, CancelGenerationHandler(jobs, store))
+    queries.register(GetGenerationQuery, GetGenerationHandler(read_model))
+    queries.register(ListGenerationsQuery, ListGenerationsHandler(read_model))
+    queries.register(WatchGenerationQuery, WatchGenerationHandler(read_model, executor, images))
     executor.start()
 
     if start_projector:
@@ -162,6 +223,12 @@ def bootstrap(
     recommender.load()
     if start_projector:
         projector.start()
+        # A job the previous process left queued or running can never finish now.
+        stale = read_model.list_generations((GenerationState.QUEUED, GenerationState.RUNNING), 1000)
+        if stale.items:
+            log.warning(
+                "marked %d interrupted generation(s) failed", fail_interrupted(store, stale.items)
+            )
     return Container(
         settings=settings,
         commands=commands,
@@ -173,5 +240,6 @@ def bootstrap(
         recommender=recommender,
         models=models,
         executor=executor,
+        recorder=recorder,
         middlewares=middlewares,
     )

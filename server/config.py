@@ -31,6 +31,17 @@ class Settings:
     models: tuple[BaseModelConfig, ...] = ()
     # Generation jobs that may wait; more are refused with RESOURCE_EXHAUSTED.
     max_queue: int = 16
+    # Images run together in one batch, and how long the first job waits for companions.
+    max_batch: int = 8
+    batch_wait_ms: float = 10.0
+    # Device memory the resident pipelines may use (0: no limit); least recently used
+    # models are unloaded to make room. LoRA adapters kept loaded per pipeline.
+    device_budget_gb: float = 0.0
+    adapter_budget_gb: float = 2.0
+    # Finished images stay in <data_dir>/generations this long for WatchGeneration.
+    image_retention_hours: float = 24.0
+    # Torch CPU threads for the worker (1 keeps a busy 2-core machine responsive).
+    torch_threads: int = 1
     # Build the placeholder when no model is configured (off: it is listed as not ready).
     embedded_model: bool = True
     extra: Mapping[str, Any] = field(default_factory=dict)
@@ -100,18 +111,25 @@ def _models(tables: Any, base: Path) -> tuple[BaseModelConfig, ...]:
             raise ValidationError(
                 FieldViolation(f"{where}.vram_budget_gb", "must be a number")
             ) from None
-        resolved = Path(path).expanduser()
+        config_dir = str(table.get("config_dir", "")).strip()
         out.append(
             BaseModelConfig(
                 name=name,
                 architecture=arch,
-                path=resolved if resolved.is_absolute() else base / resolved,
+                path=_resolve(path, base),
                 scheduler=str(table.get("scheduler", "")),
                 dtype=str(table.get("dtype", "auto")),
                 vram_budget_gb=budget,
+                config_dir=_resolve(config_dir, base) if config_dir else None,
             )
         )
     return tuple(out)
+
+
+def _resolve(path: str, base: Path) -> Path:
+    """A path from the TOML file: relative ones are relative to that file's folder."""
+    resolved = Path(path).expanduser()
+    return resolved if resolved.is_absolute() else base / resolved
 
 
 def load_settings(
@@ -135,6 +153,11 @@ def load_settings(
         action="store_false",
         default=None,
         help="do not build the tiny placeholder model when no model is configured",
+    )
+    parser.add_argument("--max-queue", type=int, help="generation jobs that may wait (16)")
+    parser.add_argument("--max-batch", type=int, help="images generated together (8)")
+    parser.add_argument(
+        "--batch-wait-ms", type=float, help="wait for compatible jobs to batch with (10)"
     )
     parser.add_argument(
         "--rebuild-projections",
@@ -171,6 +194,9 @@ def load_settings(
         "lora_roots",
         "log_level",
         "rebuild_projections",
+        "max_queue",
+        "max_batch",
+        "batch_wait_ms",
     ):
         value = getattr(args, name)
         if value is not None:

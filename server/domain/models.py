@@ -231,6 +231,9 @@ class BaseModelConfig:
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on the CPU
     vram_budget_gb: float = 0.0
     placeholder: bool = False
+    # A local diffusers folder of the same architecture whose configs and tokenizers a
+    # single-file checkpoint is loaded with (a checkpoint holds only weights).
+    config_dir: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)

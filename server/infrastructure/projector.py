@@ -20,6 +20,7 @@ from server.domain.errors import (
     FieldViolation,
     ValidationError,
 )
+from server.domain.generation_job import Generation, GenerationView
 from server.domain.lora import CommandRecord, Lora
 from server.domain.models import AuditEntry, HistoryEntry, LoraView
 from server.domain.recommendation import PastGeneration
@@ -155,12 +156,13 @@ class Projector:
                 continue
             event = self._store.decode(n)
             audit.append(_audit_entry(n.id, event))
-            if n.topic.startswith(_LORA):
+            if n.topic.startswith((_LORA, _GENERATION)):
                 latest[uuid.UUID(str(n.originator_id))] = n.originator_version
             elif n.topic.startswith(_PAST_GENERATION):
                 history.append(HistoryEntry(n.id, event.prompt, tuple(event.lora_ids)))
         upserts: list[LoraView] = []
         deletes: list[str] = []
+        generations: list[GenerationView] = []
         for aggregate_id, version in latest.items():
             aggregate = self._store.get_at(aggregate_id, version)
             if isinstance(aggregate, Lora):
@@ -168,7 +170,11 @@ class Projector:
                     deletes.append(str(aggregate_id))
                 else:
                     upserts.append(aggregate.view())
-        change = ProjectedChange(after, notifications[-1].id, upserts, deletes, audit, history)
+            elif isinstance(aggregate, Generation):
+                generations.append(aggregate.view())
+        change = ProjectedChange(
+            after, notifications[-1].id, upserts, deletes, audit, history, generations
+        )
         # False: another process sharing the database applied this batch first. This process's
         # in-memory consumers (the recommendation index, the query cache) still need it.
         self._read_model.apply(change)
@@ -192,6 +198,7 @@ def _topic_prefix(cls: type[Any]) -> str:
 _COMMAND_RECORD = _topic_prefix(CommandRecord)
 _LORA = _topic_prefix(Lora)
 _PAST_GENERATION = _topic_prefix(PastGeneration)
+_GENERATION = _topic_prefix(Generation)
 
 
 def _audit_entry(position: int, event: Any) -> AuditEntry:

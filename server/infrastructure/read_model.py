@@ -15,6 +15,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from server.domain.errors import FieldViolation, UnavailableError, ValidationError
+from server.domain.generation_job import GenerationState, GenerationView, ImageRecord
 from server.domain.lora import file_from_dict, file_to_dict, metadata_from_dict, metadata_to_dict
 from server.domain.models import (
     AuditEntry,
@@ -85,6 +86,17 @@ generation_history = sa.Table(
     sa.Column("lora_ids", sa.Text, nullable=False),
 )
 
+generations = sa.Table(
+    "rm_generations",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("view_json", sa.Text, nullable=False),
+    sa.Index("rm_generations_order", "created_at", "id"),
+    sa.Index("rm_generations_state", "state", "created_at", "id"),
+)
+
 tracking = sa.Table(
     "rm_tracking",
     metadata,
@@ -106,6 +118,7 @@ class ProjectedChange:
     deletes: Sequence[str] = ()
     audit: Sequence[AuditEntry] = ()
     history: Sequence[HistoryEntry] = ()
+    generations: Sequence[GenerationView] = ()
 
 
 def view_to_json(view: LoraView) -> str:
@@ -219,6 +232,10 @@ class SqlReadModel:
                         for h in change.history
                     ],
                 )
+            if change.generations:
+                ids = [g.id for g in change.generations]
+                conn.execute(generations.delete().where(generations.c.id.in_(ids)))
+                conn.execute(generations.insert(), [_generation_row(g) for g in change.generations])
             updated = conn.execute(
                 tracking.update()
                 .where(tracking.c.name == TRACKING_NAME)
@@ -231,7 +248,14 @@ class SqlReadModel:
     def reset(self) -> None:
         """Empties every read model so the projector rebuilds them from the event log."""
         with self._begin() as conn:
-            for table in (lora_tags, loras, audit_events, generation_history, tracking):
+            for table in (
+                lora_tags,
+                loras,
+                audit_events,
+                generation_history,
+                generations,
+                tracking,
+            ):
                 conn.execute(table.delete())
 
     # -- reads ---------------------------------------------------------------------------
@@ -410,6 +434,52 @@ class SqlReadModel:
         token = _encode_token({"f": filter_key, "p": entries[-1].position}) if more else ""
         return Page(entries, token, 0)
 
+    def get_generation(self, generation_id: str) -> GenerationView | None:
+        with self._connect() as conn:
+            row = conn.execute(
+                sa.select(generations.c.view_json).where(generations.c.id == generation_id)
+            ).first()
+        return None if row is None else generation_from_json(row[0])
+
+    def list_generations(
+        self,
+        states: Sequence[GenerationState] = (),
+        page_size: int = 50,
+        page_token: str = "",
+    ) -> Page[GenerationView]:
+        """Newest first; keyset-paged on (submission time, id)."""
+        filter_key = ",".join(sorted(s.value for s in states))
+        where: list[sa.ColumnElement[bool]] = (
+            [generations.c.state.in_([s.value for s in states])] if states else []
+        )
+        page_where = list(where)
+        if page_token:
+            after = _decode_token(page_token, filter_key)
+            created = datetime.fromisoformat(after["t"])
+            page_where.append(
+                sa.or_(
+                    generations.c.created_at < created,
+                    sa.and_(generations.c.created_at == created, generations.c.id < after["i"]),
+                )
+            )
+        with self._connect() as conn:
+            total = conn.execute(
+                sa.select(sa.func.count()).select_from(generations).where(*where)
+            ).scalar_one()
+            rows = conn.execute(
+                sa.select(generations.c.created_at, generations.c.id, generations.c.view_json)
+                .where(*page_where)
+                .order_by(generations.c.created_at.desc(), generations.c.id.desc())
+                .limit(page_size + 1)
+            ).all()
+        more = len(rows) > page_size
+        rows = rows[:page_size]
+        token = ""
+        if more:
+            last = _aware(rows[-1][0])
+            token = _encode_token({"f": filter_key, "t": last.isoformat(), "i": rows[-1][1]})
+        return Page(tuple(generation_from_json(r[2]) for r in rows), token, int(total))
+
     def close(self) -> None:
         self.engine.dispose()
 
@@ -476,3 +546,49 @@ def _audit_entry(row: Any) -> AuditEntry:
         occurred_at=occurred,
         data=json.loads(row["data_json"]),
     )
+
+
+def generation_to_json(g: GenerationView) -> str:
+    return json.dumps(
+        {
+            "id": g.id,
+            "state": g.state.value,
+            "spec": g.spec,
+            "images": [i.to_dict() for i in g.images],
+            "error": g.error,
+            "timings": g.timings,
+            "create_time": g.create_time.isoformat() if g.create_time else None,
+            "end_time": g.end_time.isoformat() if g.end_time else None,
+            "version": g.version,
+        },
+        separators=(",", ":"),
+        default=str,
+    )
+
+
+def generation_from_json(text: str) -> GenerationView:
+    d = json.loads(text)
+    return GenerationView(
+        id=d["id"],
+        state=GenerationState(d["state"]),
+        spec=d["spec"],
+        images=tuple(ImageRecord.from_dict(i) for i in d["images"]),
+        error=d["error"],
+        timings={k: float(v) for k, v in d["timings"].items()},
+        create_time=datetime.fromisoformat(d["create_time"]) if d["create_time"] else None,
+        end_time=datetime.fromisoformat(d["end_time"]) if d["end_time"] else None,
+        version=int(d["version"]),
+    )
+
+
+def _generation_row(g: GenerationView) -> dict[str, Any]:
+    return {
+        "id": g.id,
+        "state": g.state.value,
+        "created_at": g.create_time or datetime.now(UTC),
+        "view_json": generation_to_json(g),
+    }
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=UTC)

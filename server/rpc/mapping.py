@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from google.protobuf import timestamp_pb2
 
@@ -20,6 +21,7 @@ from server.application.commands import (
 from server.domain import generation as gen
 from server.domain.errors import FieldViolation, ValidationError
 from server.domain.generation import GenerationEvent
+from server.domain.generation_job import GenerationState, GenerationView
 from server.domain.models import Architecture, AuditEntry, BaseModelInfo, LoraSource, LoraView
 
 _ARCH = {
@@ -208,6 +210,10 @@ def generation_event_to_proto(event: GenerationEvent) -> types_pb2.GenerationEve
                 step=p.step, total_steps=p.total_steps, elapsed_seconds=p.elapsed_seconds
             )
         )
+    elif isinstance(p, gen.Preview):
+        msg.preview.CopyFrom(
+            types_pb2.GenerationEvent.Preview(image_index=p.image_index, step=p.step, jpeg=p.jpeg)
+        )
     elif isinstance(p, gen.ImageChunk):
         msg.image_chunk.CopyFrom(
             types_pb2.GenerationEvent.ImageChunk(
@@ -238,6 +244,64 @@ def generation_event_to_proto(event: GenerationEvent) -> types_pb2.GenerationEve
         msg.failed.error = p.error
     else:
         msg.cancelled.SetInParent()
+    return msg
+
+
+_STATES = {
+    GenerationState.QUEUED: types_pb2.GENERATION_STATE_QUEUED,
+    GenerationState.RUNNING: types_pb2.GENERATION_STATE_RUNNING,
+    GenerationState.SUCCEEDED: types_pb2.GENERATION_STATE_SUCCEEDED,
+    GenerationState.FAILED: types_pb2.GENERATION_STATE_FAILED,
+    GenerationState.CANCELLED: types_pb2.GENERATION_STATE_CANCELLED,
+}
+STATE_NAMES = {v: k.value for k, v in _STATES.items()}
+_FORMAT_ENUMS = {name: value for value, name in _FORMATS.items()}
+
+
+def generation_to_proto(view: GenerationView) -> types_pb2.Generation:
+    spec: dict[str, Any] = view.spec
+    msg = types_pb2.Generation(
+        id=view.id,
+        state=_STATES[view.state],
+        spec=types_pb2.GenerationSpec(
+            model=str(spec.get("model", "")),
+            prompt=str(spec.get("prompt", "")),
+            negative_prompt=str(spec.get("negative_prompt", "")),
+            width=int(spec.get("width", 0)),
+            height=int(spec.get("height", 0)),
+            steps=int(spec.get("steps", 0)),
+            guidance_scale=float(spec.get("guidance_scale", 0.0)),
+            seed=int(spec.get("seed", 0)),
+            num_images=int(spec.get("num_images", 1)),
+            scheduler=str(spec.get("scheduler", "")),
+            loras=[
+                types_pb2.LoraSelection(lora=str(item["lora"]), weight=float(item["weight"]))
+                for item in spec.get("loras", ())
+            ],
+            output_format=_FORMAT_ENUMS.get(
+                str(spec.get("output_format", "png")), types_pb2.IMAGE_FORMAT_PNG
+            ),
+            preview_every_n_steps=int(spec.get("preview_every_n_steps", 0)),
+            chunk_size_bytes=int(spec.get("chunk_size_bytes", 0)),
+        ),
+        images=[
+            types_pb2.ImageInfo(
+                index=i.index,
+                sha256=i.sha256,
+                size_bytes=i.size_bytes,
+                mime_type=i.mime_type,
+                seed=i.seed,
+            )
+            for i in view.images
+        ],
+        error=view.error,
+        create_time=timestamp(view.create_time),
+        end_time=timestamp(view.end_time),
+    )
+    if view.timings:
+        msg.timings.CopyFrom(
+            types_pb2.StageTimings(**{k: float(v) for k, v in view.timings.items()})
+        )
     return msg
 
 

@@ -40,11 +40,13 @@ from server.application.queries import (
 )
 from server.rpc.dispatch import Dispatcher
 from server.rpc.mapping import (
+    STATE_NAMES,
     audit_to_proto,
     base_model_to_proto,
     catalog_record_from_proto,
     generation_event_to_proto,
     generation_request_from_proto,
+    generation_to_proto,
     import_update_to_proto,
     lora_to_proto,
     recommendation_to_proto,
@@ -186,23 +188,30 @@ class CommandServicer(cmd_grpc.CommandServiceServicer):
             seed=request.seed if request.HasField("seed") else None,
         )
         async for event in self._d.stream_command(context, command, request.request_id):
-            yield cmd_pb.QuickGenerateResponse(event=event)  # type: ignore[arg-type]
+            yield cmd_pb.QuickGenerateResponse(event=generation_event_to_proto(event))
 
     async def SubmitGeneration(
         self, request: cmd_pb.SubmitGenerationRequest, context: Ctx
     ) -> cmd_pb.SubmitGenerationResponse:
         command = SubmitGenerationCommand(request=generation_request_from_proto(request.spec))
-        generation_id, position = await self._d.command(context, command, request.request_id)
+        (generation_id, queue_position), position = await self._d.command(
+            context, command, request.request_id
+        )
         return cmd_pb.SubmitGenerationResponse(
-            generation_id=generation_id, consistency_token=token_for(position)
+            generation_id=generation_id,
+            queue_position=queue_position,
+            consistency_token=token_for(position),
         )
 
     async def CancelGeneration(
         self, request: cmd_pb.CancelGenerationRequest, context: Ctx
     ) -> cmd_pb.CancelGenerationResponse:
         command = CancelGenerationCommand(generation_id=request.generation_id)
-        _, position = await self._d.command(context, command, request.request_id)
-        return cmd_pb.CancelGenerationResponse(consistency_token=token_for(position))
+        view, position = await self._d.command(context, command, request.request_id)
+        response = cmd_pb.CancelGenerationResponse(consistency_token=token_for(position))
+        if view is not None:
+            response.generation.CopyFrom(generation_to_proto(view))
+        return response
 
 
 class QueryServicer(qry_grpc.QueryServiceServicer):
@@ -270,20 +279,24 @@ class QueryServicer(qry_grpc.QueryServiceServicer):
     async def GetGeneration(
         self, request: qry_pb.GetGenerationRequest, context: Ctx
     ) -> qry_pb.GetGenerationResponse:
-        await self._d.query(
+        view = await self._d.query(
             context, GetGenerationQuery(generation_id=request.id), request.consistency_token
         )
-        return qry_pb.GetGenerationResponse()  # pragma: no cover - no handler yet
+        return qry_pb.GetGenerationResponse(generation=generation_to_proto(view))
 
     async def ListGenerations(
         self, request: qry_pb.ListGenerationsRequest, context: Ctx
     ) -> qry_pb.ListGenerationsResponse:
-        await self._d.query(
-            context,
-            ListGenerationsQuery(page_size=request.page_size, page_token=request.page_token),
-            request.consistency_token,
+        query = ListGenerationsQuery(
+            page_size=request.page_size,
+            page_token=request.page_token,
+            state=STATE_NAMES.get(request.state, ""),
         )
-        return qry_pb.ListGenerationsResponse()  # pragma: no cover - no handler yet
+        page = await self._d.query(context, query, request.consistency_token)
+        return qry_pb.ListGenerationsResponse(
+            generations=[generation_to_proto(v) for v in page.items],
+            next_page_token=page.next_page_token,
+        )
 
     async def WatchGeneration(
         self, request: qry_pb.WatchGenerationRequest, context: Ctx
@@ -292,7 +305,7 @@ class QueryServicer(qry_grpc.QueryServiceServicer):
             generation_id=request.generation_id, after_sequence=request.after_sequence
         )
         async for event in self._d.stream_query(context, query):
-            yield qry_pb.WatchGenerationResponse(event=event)  # type: ignore[arg-type]
+            yield qry_pb.WatchGenerationResponse(event=generation_event_to_proto(event))
 
     async def ListEvents(
         self, request: qry_pb.ListEventsRequest, context: Ctx

@@ -1,32 +1,71 @@
-"""GenerateImage: validate, resolve the model, queue the job on the executor and stream its
-events. The caller going away (cancel, deadline) cancels the job within one step."""
+"""Generation commands: GenerateImage, QuickGenerate, SubmitGeneration, CancelGeneration.
+
+All four go through `GenerationJobs`, which validates, resolves the model and the LoRAs (with
+the architecture check) before anything is queued, records the Submitted event in the same
+step that takes a queue slot, and has the job's lifecycle recorded as events."""
 
 from __future__ import annotations
 
+import logging
+import queue
 import random
+import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
-from server.application.commands.base import IStreamCommandHandler
-from server.application.commands.generation import GenerateImageCommand, GenerationRequest
-from server.application.context import current_context
+from server.application.commands.base import (
+    CommandResult,
+    ICommandHandler,
+    IStreamCommandHandler,
+)
+from server.application.commands.generation import (
+    CancelGenerationCommand,
+    GenerateImageCommand,
+    GenerationRequest,
+    LoraChoice,
+    QuickGenerateCommand,
+    SubmitGenerationCommand,
+)
+from server.application.commands.idempotency import previous_result, record_for
+from server.application.commands.recommend import LoRARecommendation
+from server.application.context import DispatchContext, current_context
+from server.application.ports import CatalogRepository
 from server.domain.errors import (
     FieldViolation,
     NotFoundError,
-    NotImplementedYetError,
     PreconditionError,
+    ResourceExhaustedError,
     ValidationError,
 )
-from server.domain.generation import GenerationEvent
-from server.domain.models import Architecture, BaseModelInfo
+from server.domain.generation import (
+    TERMINAL,
+    Cancelled,
+    Completed,
+    Failed,
+    GenerationEvent,
+    GenerationJob,
+    Payload,
+    ResolvedLora,
+    Started,
+)
+from server.domain.generation_job import Generation, GenerationView
+from server.domain.models import Architecture, BaseModelInfo, LoraView
 from server.domain.recommend.prompt import parse_prompt
+from server.domain.schedulers import SCHEDULERS
+
+log = logging.getLogger("loracle.generation")
 
 MAX_SIDE = 2048
+MAX_PIXELS = 2048 * 2048
 MAX_STEPS = 150
 MAX_IMAGES = 8
 MAX_PROMPT = 10_000
+MAX_LORAS = 8
 FORMATS = ("png", "jpeg", "webp")
+QUICK_MIN_CONFIDENCE = 0.5
 
 
 class ModelLookup(Protocol):
@@ -34,31 +73,41 @@ class ModelLookup(Protocol):
 
 
 class JobStream(Protocol):
+    @property
+    def generation_id(self) -> str: ...
+    @property
+    def finished(self) -> bool: ...
+    @property
+    def last_sequence(self) -> int: ...
     def events(
         self, after: int = ..., poll: float = ..., stop: Callable[[], bool] | None = ...
     ) -> Iterator[GenerationEvent]: ...
     def cancel(self) -> None: ...
-    @property
-    def finished(self) -> bool: ...
+    def on_transition(self, listener: Callable[[Any, Payload], None]) -> None: ...
 
 
 class Executor(Protocol):
-    def submit(self, job: Any) -> JobStream: ...
+    def submit(
+        self, job: GenerationJob, on_accept: Callable[[int], None] | None = ...
+    ) -> JobStream: ...
+    def handle(self, generation_id: str) -> JobStream | None: ...
 
 
-class JobFactory(Protocol):
-    def __call__(
+class LoraLookup(Protocol):
+    def get(self, lora_id: str) -> LoraView | None: ...
+    def find_by_file_name(self, file_name: str) -> list[LoraView]: ...
+
+
+class Recommender(Protocol):
+    def recommend(
         self,
+        prompt: str,
+        base_model: str,
         *,
-        generation_id: str,
-        model: BaseModelInfo,
-        request: GenerationRequest,
-        width: int,
-        height: int,
-        steps: int,
-        guidance_scale: float,
-        seed: int,
-    ) -> Any: ...
+        max_loras: int,
+        min_confidence: float | None,
+        include_unavailable: bool,
+    ) -> list[LoRARecommendation]: ...
 
 
 def _defaults(model: BaseModelInfo) -> tuple[int, int, float]:
@@ -81,57 +130,85 @@ def validate(request: GenerationRequest) -> list[FieldViolation]:
             out.append(
                 FieldViolation(f"spec.{name}", f"a multiple of 8 from 64 to {MAX_SIDE}, or 0")
             )
+    if request.width * request.height > MAX_PIXELS:
+        out.append(FieldViolation("spec.width", f"width x height at most {MAX_PIXELS} pixels"))
     if not 0 <= request.steps <= MAX_STEPS:
         out.append(FieldViolation("spec.steps", f"from 1 to {MAX_STEPS}, or 0"))
     if request.guidance_scale is not None and not 0.0 <= request.guidance_scale <= 30.0:
         out.append(FieldViolation("spec.guidance_scale", "from 0 to 30"))
     if not 1 <= request.num_images <= MAX_IMAGES:
         out.append(FieldViolation("spec.num_images", f"from 1 to {MAX_IMAGES}"))
-    if request.seed is not None and not 0 <= request.seed < 2**63:
+    if request.seed is not None and not 0 <= request.seed < 2**63 - MAX_IMAGES:
         out.append(FieldViolation("spec.seed", "must not be negative"))
+    if request.scheduler and request.scheduler not in SCHEDULERS:
+        out.append(FieldViolation("spec.scheduler", f"one of {', '.join(SCHEDULERS)}, or empty"))
     if request.output_format not in FORMATS:
         out.append(FieldViolation("spec.output_format", "png, jpeg or webp"))
     if request.chunk_size_bytes and not 1024 <= request.chunk_size_bytes <= 4 * 1024 * 1024:
         out.append(FieldViolation("spec.chunk_size_bytes", "from 1 KiB to 4 MiB, or 0"))
+    if not 0 <= request.preview_every_n_steps <= MAX_STEPS:
+        out.append(FieldViolation("spec.preview_every_n_steps", f"from 0 to {MAX_STEPS}"))
+    for i, choice in enumerate(request.loras):
+        if not choice.lora.strip():
+            out.append(FieldViolation(f"spec.loras[{i}].lora", "must not be empty"))
+        if choice.weight is not None and not -4.0 <= choice.weight <= 4.0:
+            out.append(FieldViolation(f"spec.loras[{i}].weight", "from -4 to 4"))
     return out
 
 
-class GenerateImageHandler(IStreamCommandHandler[GenerateImageCommand, GenerationEvent]):
-    def __init__(self, models: ModelLookup, executor: Executor, make_job: JobFactory) -> None:
+class GenerationJobs:
+    """The shared path of every generation command."""
+
+    def __init__(
+        self,
+        *,
+        models: ModelLookup,
+        executor: Executor,
+        catalog: CatalogRepository,
+        loras: LoraLookup,
+        lora_roots: Sequence[Path],
+        recorder: GenerationRecorder,
+    ) -> None:
         self._models = models
         self._executor = executor
-        self._make_job = make_job
+        self._catalog = catalog
+        self._loras = loras
+        self._roots = tuple(lora_roots)
+        self.recorder = recorder
 
-    def handle(self, command: GenerateImageCommand) -> Iterator[GenerationEvent]:
-        request = command.request
+    # -- preparing ---------------------------------------------------------------------------
+
+    def prepare(self, request: GenerationRequest) -> GenerationJob:
         violations = validate(request)
+        parsed = parse_prompt(request.prompt)
+        choices = [*request.loras, *(LoraChoice(t.name, t.weight) for t in parsed.lora_tags)]
+        if len(choices) > MAX_LORAS:
+            violations.append(FieldViolation("spec.loras", f"at most {MAX_LORAS} LoRAs"))
         if violations:
             raise ValidationError(violations)
-        if request.loras or parse_prompt(request.prompt).lora_tags:
-            raise NotImplementedYetError(
-                "applying LoRAs to a generation is not built yet; remove the LoRAs"
-            )
-        model = self._model(request.model)
+        model = self.model(request.model)
+        loras = self._resolve_loras(choices, model)
         side, steps, guidance = _defaults(model)
-        job = self._make_job(
+        return GenerationJob(
             generation_id=str(uuid.uuid4()),
-            model=model,
-            request=request,
+            model=model.config,
+            prompt=_strip_lora_tags(request.prompt),
+            original_prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
             width=request.width or side,
             height=request.height or side,
             steps=request.steps or steps,
             guidance_scale=guidance if request.guidance_scale is None else request.guidance_scale,
             seed=request.seed if request.seed is not None else random.randrange(2**31),
+            num_images=request.num_images,
+            scheduler=request.scheduler,
+            loras=loras,
+            output_format=request.output_format,
+            chunk_size=request.chunk_size_bytes or 64 * 1024,
+            preview_every=request.preview_every_n_steps,
         )
-        handle = self._executor.submit(job)
-        ctx = current_context()
-        try:
-            yield from handle.events(stop=ctx.abandoned)
-        finally:
-            if not handle.finished:
-                handle.cancel()
 
-    def _model(self, name: str) -> BaseModelInfo:
+    def model(self, name: str) -> BaseModelInfo:
         statuses = self._models.statuses()
         if name:
             found = next((m for m in statuses if m.config.name == name), None)
@@ -148,3 +225,396 @@ class GenerateImageHandler(IStreamCommandHandler[GenerateImageCommand, Generatio
                 metadata={"model": found.config.name},
             )
         return found
+
+    def _resolve_loras(
+        self, choices: Sequence[LoraChoice], model: BaseModelInfo
+    ) -> tuple[ResolvedLora, ...]:
+        resolved: dict[str, ResolvedLora] = {}
+        for choice in choices:
+            view = self._find_lora(choice.lora)
+            if view.file is None or not view.available:
+                raise PreconditionError(
+                    f"LoRA {view.name!r} has no file on this server (a catalog record only)",
+                    reason="LORA_UNAVAILABLE",
+                    metadata={"lora": view.id},
+                )
+            arch = view.metadata.base_model.architecture
+            if arch is not model.config.architecture:
+                raise PreconditionError(
+                    f"LoRA {view.name!r} is for {arch.value} models; "
+                    f"{model.config.name!r} is {model.config.architecture.value}",
+                    reason="LORA_ARCHITECTURE_MISMATCH",
+                    metadata={
+                        "lora": view.id,
+                        "lora_architecture": arch.value,
+                        "model": model.config.name,
+                        "model_architecture": model.config.architecture.value,
+                    },
+                )
+            weight = choice.weight
+            if weight is None:
+                weight = view.metadata.preferred_weight
+            resolved[view.id] = ResolvedLora(
+                lora_id=view.id,
+                name=view.name,
+                file_name=view.metadata.file_name,
+                sha256=view.file.sha256,
+                path=self._locate(view),
+                weight=1.0 if weight is None else float(weight),
+            )
+        return tuple(resolved.values())
+
+    def _find_lora(self, reference: str) -> LoraView:
+        view = self._loras.get(reference) if _is_uuid(reference) else None
+        if view is None:
+            matches = [v for v in self._loras.find_by_file_name(reference) if v.available]
+            matches = matches or self._loras.find_by_file_name(reference)
+            if len(matches) > 1:
+                raise ValidationError(
+                    FieldViolation(
+                        "spec.loras",
+                        f"{reference!r} names {len(matches)} LoRAs; use one of their ids: "
+                        + ", ".join(m.id for m in matches[:5]),
+                    )
+                )
+            view = matches[0] if matches else None
+        if view is None:
+            raise NotFoundError("LoRA", reference)
+        return view
+
+    def _locate(self, view: LoraView) -> Path:
+        assert view.file is not None
+        for root in self._roots:
+            candidate = root / view.file.path
+            if candidate.is_file():
+                return candidate
+        raise PreconditionError(
+            f"LoRA {view.name!r}: its file {view.file.path!r} is missing under the LoRA roots",
+            reason="LORA_FILE_MISSING",
+            metadata={"lora": view.id},
+        )
+
+    # -- queuing -----------------------------------------------------------------------------
+
+    def submit(self, job: GenerationJob, command: object) -> tuple[JobStream, int, int]:
+        """Queues the job and records it; returns (stream, queue position, log position)."""
+        ctx = current_context()
+        accepted: dict[str, int] = {}
+
+        def record(position: int) -> None:
+            generation = Generation(
+                generation_id=job.generation_id,
+                spec=job.spec(),
+                principal=ctx.principal,
+                request_id=ctx.request_id,
+                queue_position=position,
+            )
+            pending: list[Any] = [generation]
+            rec = record_for(command, {"generation_id": job.generation_id, "position": position})
+            if rec is not None:
+                pending.append(rec)
+            accepted["log"] = self._catalog.save(*pending)
+            accepted["queue"] = position
+
+        handle = self._executor.submit(job, record)
+        self.recorder.follow(handle, job, ctx)
+        return handle, accepted["queue"], accepted["log"]
+
+    def replay(self, command: object) -> dict[str, Any] | None:
+        """The earlier result of a retried request (same request_id), if any."""
+        return previous_result(self._catalog, command)
+
+    def stream(
+        self, handle: JobStream, ctx: DispatchContext, after: int = 0
+    ) -> Iterator[GenerationEvent]:
+        """A job's events for one caller; the caller going away cancels the job."""
+        try:
+            for event in handle.events(after=after, stop=ctx.abandoned):
+                yield event
+                if isinstance(event.payload, Failed) and event.payload.code:
+                    raise ResourceExhaustedError(event.payload.error, 5.0)
+        finally:
+            if not handle.finished:
+                handle.cancel()
+
+    def handle(self, generation_id: str) -> JobStream | None:
+        return self._executor.handle(generation_id)
+
+
+def _strip_lora_tags(prompt: str) -> str:
+    import re
+
+    return " ".join(re.sub(r"<(?:lora|lyco):[^>]*>", " ", prompt, flags=re.IGNORECASE).split())
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
+
+
+# -- recording the lifecycle ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Transition:
+    generation_id: str
+    payload: Payload
+    images: tuple[dict[str, Any], ...]
+    principal: str
+    request_id: str
+    prompt: str
+    lora_ids: tuple[str, ...]
+
+
+class GenerationRecorder:
+    """Records Started and the outcome of each job as events, on its own thread so the worker
+    that owns the device never waits on the database. Finished generations that used LoRAs
+    are also recorded as history the recommendations learn from."""
+
+    def __init__(
+        self,
+        catalog: CatalogRepository,
+        record_history: Callable[[str, tuple[str, ...], str], None] | None = None,
+    ) -> None:
+        self._catalog = catalog
+        self._history = record_history
+        self._queue: queue.Queue[_Transition | _Flush | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="loracle-recorder", daemon=True)
+        self._thread.start()
+
+    def follow(self, handle: JobStream, job: GenerationJob, ctx: DispatchContext) -> None:
+        def on_transition(source: Any, payload: Payload) -> None:
+            images = tuple(
+                {
+                    "index": i.image_index,
+                    "sha256": i.sha256,
+                    "size_bytes": i.size_bytes,
+                    "mime_type": i.mime_type,
+                    "seed": i.seed,
+                }
+                for i in getattr(source, "images", ())
+            )
+            self._queue.put(
+                _Transition(
+                    job.generation_id,
+                    payload,
+                    images,
+                    ctx.principal,
+                    ctx.request_id,
+                    job.original_prompt,
+                    tuple(lora.lora_id for lora in job.loras),
+                )
+            )
+
+        handle.on_transition(on_transition)
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Waits until every transition queued so far is saved (tests, shutdown)."""
+        done = threading.Event()
+        self._queue.put(_Flush(done))
+        done.wait(timeout)
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if isinstance(item, _Flush):
+                item.done.set()
+                continue
+            try:
+                self._save(item)
+            except Exception:
+                log.exception(
+                    "could not record %s of generation %s", item.payload, item.generation_id
+                )
+
+    def _save(self, t: _Transition) -> None:
+        generation = self._catalog.get(uuid.UUID(t.generation_id))
+        if not isinstance(generation, Generation) or generation.finished:
+            return
+        images = list(t.images)
+        p = t.payload
+        if isinstance(p, Started):
+            if generation.state.value != "QUEUED":
+                return
+            generation.start(p.batch_size, t.principal, t.request_id)
+        elif isinstance(p, Completed):
+            timings = {
+                "queue_seconds": p.timings.queue_seconds,
+                "text_encoding_seconds": p.timings.text_encoding_seconds,
+                "denoising_seconds": p.timings.denoising_seconds,
+                "decoding_seconds": p.timings.decoding_seconds,
+            }
+            generation.succeed(images, timings, t.principal, t.request_id)
+        elif isinstance(p, Failed):
+            generation.fail(p.error, images, t.principal, t.request_id)
+        elif isinstance(p, Cancelled):
+            generation.cancel(images, t.principal, t.request_id)
+        else:
+            return
+        self._catalog.save(generation)
+        if isinstance(p, Completed) and t.lora_ids and self._history is not None:
+            self._history(t.prompt, t.lora_ids, t.generation_id)
+
+
+@dataclass(frozen=True, slots=True)
+class _Flush:
+    done: threading.Event
+
+
+def fail_interrupted(catalog: CatalogRepository, views: Sequence[GenerationView]) -> int:
+    """At start-up: jobs a previous process left queued or running can never finish."""
+    failed = 0
+    for view in views:
+        generation = catalog.get(uuid.UUID(view.id))
+        if isinstance(generation, Generation) and not generation.finished:
+            generation.fail(
+                f"the server restarted while this generation was {view.state.value.lower()}; "
+                "submit it again",
+                list(generation.images),
+                "system",
+                "",
+            )
+            catalog.save(generation)
+            failed += 1
+    return failed
+
+
+# -- handlers ------------------------------------------------------------------------------
+
+
+class GenerateImageHandler(IStreamCommandHandler[GenerateImageCommand, GenerationEvent]):
+    def __init__(self, jobs: GenerationJobs) -> None:
+        self._jobs = jobs
+
+    def handle(self, command: GenerateImageCommand) -> Iterator[GenerationEvent]:
+        ctx = current_context()
+        previous = self._jobs.replay(command)
+        if previous is not None:  # a retry re-attaches to the same generation
+            handle = self._jobs.handle(str(previous["generation_id"]))
+            if handle is None:
+                raise PreconditionError(
+                    "this request's generation is no longer streaming here; use "
+                    "WatchGeneration or GetGeneration with its id",
+                    reason="GENERATION_NOT_LIVE",
+                    metadata={"generation_id": str(previous["generation_id"])},
+                )
+            yield from self._jobs.stream(handle, ctx)
+            return
+        job = self._jobs.prepare(command.request)
+        handle, _, _ = self._jobs.submit(job, command)
+        yield from self._jobs.stream(handle, ctx)
+
+
+class QuickGenerateHandler(IStreamCommandHandler[QuickGenerateCommand, GenerationEvent]):
+    """A prompt alone: the model's defaults plus the LoRAs the recommender is confident
+    about, with their trigger words added to the prompt."""
+
+    def __init__(
+        self,
+        jobs: GenerationJobs,
+        recommender: Recommender,
+        *,
+        min_confidence: float = QUICK_MIN_CONFIDENCE,
+        max_loras: int = 2,
+    ) -> None:
+        self._jobs = jobs
+        self._recommender = recommender
+        self._min_confidence = min_confidence
+        self._max_loras = max_loras
+
+    def handle(self, command: QuickGenerateCommand) -> Iterator[GenerationEvent]:
+        ctx = current_context()
+        if not command.prompt.strip():
+            raise ValidationError(FieldViolation("prompt", "must not be empty"))
+        previous = self._jobs.replay(command)
+        if previous is not None:
+            handle = self._jobs.handle(str(previous["generation_id"]))
+            if handle is not None:
+                yield from self._jobs.stream(handle, ctx)
+                return
+        request = self.request_for(command)
+        job = self._jobs.prepare(request)
+        handle, _, _ = self._jobs.submit(job, command)
+        yield from self._jobs.stream(handle, ctx)
+
+    def request_for(self, command: QuickGenerateCommand) -> GenerationRequest:
+        model = self._jobs.model(command.model)
+        explicit = parse_prompt(command.prompt).lora_tags
+        prompt = command.prompt
+        loras: list[LoraChoice] = []
+        if not explicit:
+            recs = self._recommender.recommend(
+                command.prompt,
+                model.config.architecture.value,
+                max_loras=self._max_loras,
+                min_confidence=self._min_confidence,
+                include_unavailable=False,
+            )
+            lowered = prompt.lower()
+            for rec in recs:
+                loras.append(LoraChoice(rec.lora.id, rec.weight))
+                missing = [w for w in rec.trigger_words if w.lower() not in lowered]
+                if missing:
+                    prompt = f"{prompt}, {', '.join(missing)}"
+        return GenerationRequest(
+            model=model.config.name, prompt=prompt, seed=command.seed, loras=tuple(loras)
+        )
+
+
+class SubmitGenerationHandler(ICommandHandler[SubmitGenerationCommand, tuple[str, int]]):
+    """Returns (generation id, queue position) at once; WatchGeneration follows the job."""
+
+    def __init__(self, jobs: GenerationJobs) -> None:
+        self._jobs = jobs
+
+    def handle(self, command: SubmitGenerationCommand) -> CommandResult[tuple[str, int]]:
+        previous = self._jobs.replay(command)
+        if previous is not None:
+            return CommandResult.success(
+                (str(previous["generation_id"]), int(previous["position"])),
+                position=0,
+            )
+        job = self._jobs.prepare(command.request)
+        _, position, log_position = self._jobs.submit(job, command)
+        return CommandResult.success((job.generation_id, position), position=log_position)
+
+
+class CancelGenerationHandler(ICommandHandler[CancelGenerationCommand, GenerationView | None]):
+    """Cancels a live job (it stops within one denoising step). Cancelling a finished one
+    changes nothing and is not an error: the caller's goal already holds or cannot."""
+
+    def __init__(self, jobs: GenerationJobs, catalog: CatalogRepository) -> None:
+        self._jobs = jobs
+        self._catalog = catalog
+
+    def handle(self, command: CancelGenerationCommand) -> CommandResult[GenerationView | None]:
+        if not _is_uuid(command.generation_id):
+            return CommandResult.validation_error(
+                FieldViolation("generation_id", "not a generation id")
+            )
+        generation = self._catalog.get(uuid.UUID(command.generation_id))
+        if not isinstance(generation, Generation):
+            return CommandResult.not_found("generation", command.generation_id)
+        handle = self._jobs.handle(command.generation_id)
+        if handle is not None and not handle.finished:
+            handle.cancel()
+            for event in handle.events(after=handle.last_sequence, poll=0.1):
+                if isinstance(event.payload, TERMINAL):
+                    break
+            self._jobs.recorder.flush()
+        elif not generation.finished:  # not live here (another process died with it)
+            ctx = current_context()
+            generation.cancel(list(generation.images), ctx.principal, ctx.request_id)
+            self._catalog.save(generation)
+        fresh = self._catalog.get(uuid.UUID(command.generation_id))
+        assert isinstance(fresh, Generation)
+        return CommandResult.success(fresh.view(), position=self._catalog.max_position())

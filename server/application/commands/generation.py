@@ -1,5 +1,4 @@
-"""Generation commands: declared with the v1 contract, handled once the diffusers executor
-lands. With no handler registered the bus answers UNIMPLEMENTED."""
+"""Generation commands and the request they carry (handlers: generate.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +6,7 @@ from dataclasses import dataclass, field
 
 from server.application.commands.base import ICommand, IStreamCommand
 from server.domain.generation import GenerationEvent
+from server.domain.generation_job import GenerationView
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,17 +39,19 @@ class GenerateImageCommand(IStreamCommand[GenerationEvent]):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class QuickGenerateCommand(IStreamCommand[object]):
+class QuickGenerateCommand(IStreamCommand[GenerationEvent]):
     prompt: str
     model: str = ""
     seed: int | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class SubmitGenerationCommand(ICommand[str]):
+class SubmitGenerationCommand(ICommand[tuple[str, int]]):
+    """Answers (generation id, queue position)."""
+
     request: GenerationRequest
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class CancelGenerationCommand(ICommand[None]):
+class CancelGenerationCommand(ICommand["GenerationView | None"]):
     generation_id: str

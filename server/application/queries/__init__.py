@@ -11,10 +11,13 @@ from server.application.queries.base import (
     QueryResult,
 )
 from server.application.queries.generation_queries import (
+    GetGenerationHandler,
     GetGenerationQuery,
     ListBaseModelsHandler,
     ListBaseModelsQuery,
+    ListGenerationsHandler,
     ListGenerationsQuery,
+    WatchGenerationHandler,
     WatchGenerationQuery,
 )
 from server.application.queries.lora_queries import (
@@ -34,6 +37,7 @@ __all__ = [
     "ConsistencyWaiter",
     "GetAllLoRAsHandler",
     "GetAllLoRAsQuery",
+    "GetGenerationHandler",
     "GetGenerationQuery",
     "GetLoRAByIdHandler",
     "GetLoRAByIdQuery",
@@ -47,11 +51,13 @@ __all__ = [
     "ListBaseModelsQuery",
     "ListEventsHandler",
     "ListEventsQuery",
+    "ListGenerationsHandler",
     "ListGenerationsQuery",
     "QueryBus",
     "QueryCache",
     "QueryResult",
     "SearchLoRAsByPromptHandler",
     "SearchLoRAsByPromptQuery",
+    "WatchGenerationHandler",
     "WatchGenerationQuery",
 ]

@@ -17,6 +17,7 @@ from server.domain.errors import NotImplementedYetError
 R = TypeVar("R")
 R_co = TypeVar("R_co", covariant=True)
 Q = TypeVar("Q", bound="IQuery[Any]")
+SQ = TypeVar("SQ", bound="IStreamQuery[Any]")
 
 
 class IQuery(Generic[R_co]):
@@ -52,9 +53,9 @@ class IQueryHandler(ABC, Generic[Q, R]):
     def handle(self, query: Q) -> QueryResult[R]: ...
 
 
-class IStreamQueryHandler(ABC, Generic[Q, R]):
+class IStreamQueryHandler(ABC, Generic[SQ, R]):
     @abstractmethod
-    def handle(self, query: Q) -> Iterator[R]: ...
+    def handle(self, query: SQ) -> Iterator[R]: ...
 
 
 class ConsistencyWaiter(Protocol):

@@ -1,13 +1,35 @@
-"""Generation and model queries. ListBaseModels is built; the generation queries are declared
-with the v1 contract and answered UNIMPLEMENTED until the executor lands."""
+"""Generation and model queries: base models, generations from their projection, and
+WatchGeneration, which follows a live job or replays a finished one."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
-from server.application.queries.base import IQuery, IQueryHandler, IStreamQuery, QueryResult
-from server.domain.models import BaseModelInfo
+from server.application.commands.generate import JobStream
+from server.application.context import current_context
+from server.application.queries.base import (
+    IQuery,
+    IQueryHandler,
+    IStreamQuery,
+    IStreamQueryHandler,
+    QueryResult,
+)
+from server.application.queries.lora_queries import page_size
+from server.domain.errors import FieldViolation, NotFoundError, PreconditionError, ValidationError
+from server.domain.generation import (
+    Cancelled,
+    Completed,
+    Failed,
+    GenerationEvent,
+    ImageChunk,
+    ImageComplete,
+    Payload,
+    Timings,
+)
+from server.domain.generation_job import FINAL_STATES, GenerationState, GenerationView
+from server.domain.models import BaseModelInfo, Page
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -28,19 +50,141 @@ class ListBaseModelsHandler(IQueryHandler[ListBaseModelsQuery, list[BaseModelInf
         return QueryResult.success(self._models.statuses())
 
 
+GENERATIONS = frozenset({"generations"})
+LIVE_POLL_SECONDS = 0.5
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
-class GetGenerationQuery(IQuery[object]):
+class GetGenerationQuery(IQuery[GenerationView]):
+    reads: ClassVar[frozenset[str]] = GENERATIONS
     generation_id: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class ListGenerationsQuery(IQuery[object]):
+class ListGenerationsQuery(IQuery[Page[GenerationView]]):
+    reads: ClassVar[frozenset[str]] = GENERATIONS
     page_size: int = 0
     page_token: str = ""
     state: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class WatchGenerationQuery(IStreamQuery[object]):
+class WatchGenerationQuery(IStreamQuery[GenerationEvent]):
     generation_id: str
     after_sequence: int = 0
+
+
+class GenerationReadModel(Protocol):
+    def get_generation(self, generation_id: str) -> GenerationView | None: ...
+    def list_generations(
+        self, states: Sequence[GenerationState] = ..., page_size: int = ..., page_token: str = ...
+    ) -> Page[GenerationView]: ...
+
+
+class LiveJobs(Protocol):
+    def handle(self, generation_id: str) -> JobStream | None: ...
+
+
+class StoredImages(Protocol):
+    def read(self, generation_id: str, index: int, mime_type: str) -> bytes | None: ...
+
+
+class GetGenerationHandler(IQueryHandler[GetGenerationQuery, GenerationView]):
+    def __init__(self, read_model: GenerationReadModel) -> None:
+        self._read_model = read_model
+
+    def handle(self, query: GetGenerationQuery) -> QueryResult[GenerationView]:
+        view = self._read_model.get_generation(query.generation_id)
+        if view is None:
+            raise NotFoundError("generation", query.generation_id)
+        return QueryResult.success(view)
+
+
+class ListGenerationsHandler(IQueryHandler[ListGenerationsQuery, Page[GenerationView]]):
+    def __init__(self, read_model: GenerationReadModel) -> None:
+        self._read_model = read_model
+
+    def handle(self, query: ListGenerationsQuery) -> QueryResult[Page[GenerationView]]:
+        states: tuple[GenerationState, ...] = ()
+        if query.state:
+            try:
+                states = (GenerationState(query.state),)
+            except ValueError:
+                raise ValidationError(FieldViolation("state", "not a generation state")) from None
+        size = page_size(query.page_size, 50)
+        return QueryResult.success(
+            self._read_model.list_generations(states, size, query.page_token)
+        )
+
+
+class WatchGenerationHandler(IStreamQueryHandler[WatchGenerationQuery, GenerationEvent]):
+    """Follows a live job from any connection, replaying what the caller missed. A job no
+    longer live here is replayed from its record and stored images: the image chunks, their
+    checksums and the outcome (sequence numbers then count that replay)."""
+
+    def __init__(
+        self,
+        read_model: GenerationReadModel,
+        jobs: LiveJobs,
+        images: StoredImages,
+        chunk_size: int = 64 * 1024,
+    ) -> None:
+        self._read_model = read_model
+        self._jobs = jobs
+        self._images = images
+        self._chunk_size = chunk_size
+
+    def handle(self, query: WatchGenerationQuery) -> Iterator[GenerationEvent]:
+        if query.after_sequence < 0:
+            raise ValidationError(FieldViolation("after_sequence", "must not be negative"))
+        ctx = current_context()  # captured now: the generator body runs outside the dispatch
+        handle = self._jobs.handle(query.generation_id)
+        if handle is not None:
+            return handle.events(after=query.after_sequence, stop=ctx.abandoned)
+        view = self._read_model.get_generation(query.generation_id)
+        if view is None:
+            raise NotFoundError("generation", query.generation_id)
+        if view.state not in FINAL_STATES:
+            raise PreconditionError(
+                f"generation {view.id} is {view.state.value.lower()} but not live on this "
+                "server; GetGeneration shows its state",
+                reason="GENERATION_NOT_LIVE",
+                metadata={"generation_id": view.id},
+            )
+        return self._replay(view, query.after_sequence)
+
+    def _replay(self, view: GenerationView, after: int) -> Iterator[GenerationEvent]:
+        payloads: list[Payload] = []
+        for image in view.images:
+            data = self._images.read(view.id, image.index, image.mime_type)
+            if data is None:
+                continue  # past retention: the record still lists its checksum
+            for offset in range(0, len(data), self._chunk_size):
+                piece = data[offset : offset + self._chunk_size]
+                payloads.append(
+                    ImageChunk(image.index, offset, piece, offset + len(piece) >= len(data))
+                )
+            payloads.append(
+                ImageComplete(
+                    image.index, image.sha256, image.size_bytes, image.mime_type, image.seed
+                )
+            )
+        final: Payload
+        if view.state is GenerationState.SUCCEEDED:
+            t = view.timings
+            final = Completed(
+                Timings(
+                    t.get("queue_seconds", 0.0),
+                    t.get("text_encoding_seconds", 0.0),
+                    t.get("denoising_seconds", 0.0),
+                    t.get("decoding_seconds", 0.0),
+                )
+            )
+        elif view.state is GenerationState.CANCELLED:
+            final = Cancelled()
+        else:
+            final = Failed(view.error)
+        payloads.append(final)
+        for sequence, payload in enumerate(payloads, start=1):
+            if sequence > after:
+                yield GenerationEvent(view.id, sequence, payload)

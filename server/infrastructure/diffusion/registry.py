@@ -34,6 +34,31 @@ _COMPONENTS = {
     ),
 }
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+NEEDS_CONFIG_DIR = (
+    "single-file checkpoint needs config_dir: a local diffusers folder of the same "
+    "architecture (its configs and tokenizers are used; no hub access)"
+)
+_UNET = ("the UNet (model.diffusion_model.*)", ("model.diffusion_model.",))
+_VAE = ("the VAE (first_stage_model.*)", ("first_stage_model.", "vae."))
+# The keys diffusers' CHECKPOINT_KEY_NAMES uses to recognise each text encoder.
+_CLIP_SD1 = "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight"
+_OPEN_CLIP_SD2 = "cond_stage_model.model.token_embedding.weight"
+_CLIP_SDXL = "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight"
+_OPEN_CLIP_SDXL = "conditioner.embedders.1.model.positional_embedding"
+_CHECKPOINT_PARTS: dict[Architecture, tuple[tuple[str, tuple[str, ...]], ...]] = {
+    Architecture.SD1: (_UNET, _VAE, (f"the CLIP text encoder ({_CLIP_SD1})", (_CLIP_SD1,))),
+    Architecture.SD2: (
+        _UNET,
+        _VAE,
+        (f"the OpenCLIP text encoder ({_OPEN_CLIP_SD2})", (_OPEN_CLIP_SD2,)),
+    ),
+    Architecture.SDXL: (
+        _UNET,
+        _VAE,
+        (f"the CLIP text encoder ({_CLIP_SDXL})", (_CLIP_SDXL,)),
+        (f"the OpenCLIP text encoder ({_OPEN_CLIP_SDXL})", (_OPEN_CLIP_SDXL,)),
+    ),
+}
 
 
 def inspect_model(config: BaseModelConfig) -> tuple[str, str]:
@@ -44,19 +69,22 @@ def inspect_model(config: BaseModelConfig) -> tuple[str, str]:
     if not path.exists():
         return f"{path} does not exist", ""
     if path.is_file():
-        return _inspect_single_file(path), ""
+        return _inspect_checkpoint(config)
+    return _inspect_folder(path, config.architecture)
+
+
+def _inspect_folder(path: Path, architecture: Architecture) -> tuple[str, str]:
     index_path = path / "model_index.json"
     try:
         index: dict[str, Any] = json.loads(index_path.read_text())
     except (OSError, ValueError) as exc:
         return f"{index_path}: not a diffusers model folder ({exc.__class__.__name__})", ""
     kind = str(index.get("_class_name", ""))
-    if kind not in _PIPELINES[config.architecture]:
+    if kind not in _PIPELINES[architecture]:
         return (
-            f"{path} holds a {kind or 'unknown pipeline'}, not a "
-            f"{config.architecture.value} pipeline"
+            f"{path} holds a {kind or 'unknown pipeline'}, not a {architecture.value} pipeline"
         ), ""
-    missing = [c for c in _COMPONENTS[config.architecture] if not (path / c).is_dir()]
+    missing = [c for c in _COMPONENTS[architecture] if not (path / c).is_dir()]
     if missing:
         return f"{path} lacks {', '.join(missing)}", ""
     scheduler = ""
@@ -68,10 +96,25 @@ def inspect_model(config: BaseModelConfig) -> tuple[str, str]:
     return "", scheduler
 
 
-def _inspect_single_file(path: Path) -> str:
+def _inspect_checkpoint(config: BaseModelConfig) -> tuple[str, str]:
+    """A single file holds only weights: its configs, tokenizers and scheduler come from
+    config_dir, which is what keeps diffusers from fetching them from the hub."""
+    error = _inspect_single_file(config.path, config.architecture)
+    if error:
+        return error, ""
+    if config.config_dir is None:
+        return NEEDS_CONFIG_DIR, ""
+    if not config.config_dir.is_dir():
+        return f"config_dir {config.config_dir} is not a folder; {NEEDS_CONFIG_DIR}", ""
+    error, scheduler = _inspect_folder(config.config_dir, config.architecture)
+    return (f"config_dir: {error}" if error else ""), scheduler
+
+
+def _inspect_single_file(path: Path, architecture: Architecture) -> str:
     if path.suffix.lower() != ".safetensors":
         return f"{path}: only .safetensors checkpoints are accepted (pickle can run code)"
     try:
+        size = path.stat().st_size
         with path.open("rb") as f:
             head = f.read(8)
             if len(head) < 8:
@@ -79,9 +122,35 @@ def _inspect_single_file(path: Path) -> str:
             (length,) = struct.unpack("<Q", head)
             if length == 0 or length > MAX_HEADER_BYTES:
                 return f"{path}: not a safetensors file (header length {length})"
-            json.loads(f.read(length))
-    except (OSError, ValueError) as exc:
+            header: dict[str, Any] = json.loads(f.read(length))
+        header.pop("__metadata__", None)
+        end = max((int(t["data_offsets"][1]) for t in header.values()), default=0)
+    except (OSError, ValueError, TypeError, KeyError, IndexError) as exc:
         return f"{path}: unreadable safetensors header ({exc.__class__.__name__})"
+    if 8 + length + end > size:
+        return f"{path}: truncated ({size} bytes, its header needs {8 + length + end})"
+    return _missing_parts(path, architecture, header)
+
+
+def _missing_parts(path: Path, architecture: Architecture, header: dict[str, Any]) -> str:
+    """Checks for the keys by which diffusers finds each part in the file: when a text
+    encoder's key is missing, it silently loads that encoder from config_dir instead."""
+    missing = [
+        part
+        for part, prefixes in _CHECKPOINT_PARTS[architecture]
+        if not any(key.startswith(prefixes) for key in header)
+    ]
+    if missing:
+        parts = ", ".join(missing)
+        return f"{path} is not an original-layout {architecture.value} checkpoint: lacks {parts}"
+    if architecture is Architecture.SDXL:
+        # diffusers tells SDXL's two text encoders apart by their width (768 and 1280).
+        widths = {int(header[key]["shape"][-1]) for key in (_CLIP_SDXL, _OPEN_CLIP_SDXL)}
+        if len(widths) == 1:
+            return (
+                f"{path}: both SDXL text encoders are {widths.pop()} wide, so diffusers "
+                "cannot tell them apart"
+            )
     return ""
 
 
@@ -168,16 +237,31 @@ def load_pipeline(config: BaseModelConfig, *, device: str = "cpu", dtype: str = 
     error, _ = inspect_model(config)
     if error:
         raise PreconditionError(error, reason="MODEL_NOT_READY", metadata={"model": config.name})
-    if config.path.is_file():
-        raise PreconditionError(
-            "loading single-file checkpoints lands with the generation executor; convert it "
-            "to a diffusers folder for now",
-            reason="SINGLE_FILE_NOT_SUPPORTED_YET",
-            metadata={"model": config.name},
-        )
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    pipe = DiffusionPipeline.from_pretrained(
-        str(config.path), local_files_only=True, torch_dtype=getattr(torch, dtype)
-    )
+    if config.path.is_file():
+        pipe = _load_single_file(config, getattr(torch, dtype))
+    else:
+        pipe = DiffusionPipeline.from_pretrained(
+            str(config.path), local_files_only=True, torch_dtype=getattr(torch, dtype)
+        )
     return pipe.to(device)
+
+
+def _load_single_file(config: BaseModelConfig, torch_dtype: Any) -> Any:
+    """The weights, text encoders included, are converted from the file; config_dir gives
+    only configs, tokenizers and the scheduler. A local folder as `config` plus
+    local_files_only keeps diffusers off the hub (no snapshot_download, no CLIP config)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    pipeline_class = (
+        StableDiffusionXLPipeline
+        if config.architecture is Architecture.SDXL
+        else StableDiffusionPipeline
+    )
+    return pipeline_class.from_single_file(
+        str(config.path),
+        config=str(config.config_dir),
+        local_files_only=True,
+        torch_dtype=torch_dtype,
+    )

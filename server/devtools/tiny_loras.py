@@ -1,0 +1,124 @@
+"""LoRA files shaped for one loaded pipeline, so tests can apply them to the tiny random models
+(or a real one) and see the image change.
+
+`synthetic_loras` writes real-shaped fakes for full-size models that are only ever read, never
+applied; these are applied, so names and shapes come from the pipeline's actual modules. The
+tiny models' odd widths defeat the reader's shape-based architecture detection, so pass
+`metadata` (e.g. `{"ss_base_model_version": "sd_v1"}`) when the file must be classified.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from safetensors.numpy import save
+
+from server.devtools.synthetic_loras import _canonical
+
+__all__ = ["write_lora_for_pipeline"]
+
+LoraFormat = Literal["kohya", "peft"]
+
+_UNET_TARGET = re.compile(r"\.attn[12]\.(?:to_q|to_k|to_v|to_out\.0)$")
+_TEXT_TARGET = re.compile(r"\.self_attn\.(?:q_proj|k_proj|v_proj|out_proj)$")
+_TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+# diffusers UNet blocks as kohya's SDXL trainer (the SGM UNet) numbers them.
+_DIFFUSERS_BLOCK = re.compile(
+    r"^(down_blocks|mid_block|up_blocks)\.(?:(\d+)\.)?attentions\.(\d+)\."
+)
+
+
+def write_lora_for_pipeline(
+    pipe: Any,
+    path: Path,
+    *,
+    fmt: LoraFormat = "peft",
+    rank: int = 4,
+    seed: int = 0,
+    scale: float = 1.0,
+    text_encoder: bool = True,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Writes a LoRA for every attention projection of `pipe`'s UNet (and text encoders).
+
+    Each module's delta B @ A (alpha = rank, so diffusers applies it unscaled) has a standard
+    deviation of `scale` times that of the weight it changes: at 1.0 the change is as large as
+    the weight itself, which shows in any image. Kohya files for SDXL use the SGM block names
+    (input_blocks/middle_block/output_blocks) that kohya's trainer writes and diffusers maps back.
+    """
+    if rank <= 0:
+        raise ValueError("rank must be positive")
+    rng = np.random.default_rng(seed)
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    tensors: dict[str, np.ndarray] = {}
+    targets = [("unet", name, module) for name, module in _modules(pipe.unet, _UNET_TARGET)]
+    if text_encoder:
+        for component in _TEXT_ENCODERS:
+            model = getattr(pipe, component, None)
+            if model is not None:
+                targets += [(component, n, m) for n, m in _modules(model, _TEXT_TARGET)]
+    if not targets:
+        raise ValueError(f"{type(pipe).__name__} has no attention projections to target")
+    for component, module_name, module in targets:
+        weight = module.weight.detach().float().cpu().numpy()
+        out_features, in_features = weight.shape
+        std = scale * float(weight.std() or 1.0)
+        down = rng.standard_normal((rank, in_features)) / math.sqrt(in_features)
+        up = rng.standard_normal((out_features, rank)) * std * math.sqrt(in_features / rank)
+        if fmt == "kohya":
+            key = _kohya_name(component, module_name, sdxl=sdxl, unet=pipe.unet)
+            tensors[f"{key}.lora_down.weight"] = down.astype(np.float16)
+            tensors[f"{key}.lora_up.weight"] = up.astype(np.float16)
+            tensors[f"{key}.alpha"] = np.array(rank, dtype=np.float16)
+        else:
+            tensors[f"{component}.{module_name}.lora_A.weight"] = down.astype(np.float16)
+            tensors[f"{component}.{module_name}.lora_B.weight"] = up.astype(np.float16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(_canonical(save(tensors, metadata=metadata)))
+    return path
+
+
+def _modules(model: Any, pattern: re.Pattern[str]) -> list[tuple[str, Any]]:
+    """Plain linear projections only: a module already wrapped by peft has its own names."""
+    import torch
+
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if pattern.search(name) and type(module) is torch.nn.Linear
+    ]
+
+
+def _kohya_name(component: str, module_name: str, *, sdxl: bool, unet: Any) -> str:
+    if component == "unet":
+        if sdxl:
+            module_name = _sgm_name(module_name, unet.config.layers_per_block)
+        return "lora_unet_" + module_name.replace(".", "_")
+    # kohya names text encoder modules from CLIPTextModel's root, `text_model.` included.
+    if not module_name.startswith("text_model."):
+        module_name = "text_model." + module_name
+    prefix = ("lora_te2_" if component == "text_encoder_2" else "lora_te1_") if sdxl else "lora_te_"
+    return prefix + module_name.replace(".", "_")
+
+
+def _sgm_name(module_name: str, layers_per_block: Any) -> str:
+    """down_blocks.1.attentions.0 -> input_blocks.4.1, mid_block -> middle_block.1,
+    up_blocks.0.attentions.2 -> output_blocks.2.1 (the inverse of diffusers' mapping)."""
+    if not isinstance(layers_per_block, int):
+        raise ValueError("kohya SDXL names need one layers_per_block for every UNet block")
+    match = _DIFFUSERS_BLOCK.match(module_name)
+    if match is None:
+        raise ValueError(f"no SGM name for UNet module {module_name}")
+    kind, block, layer = match.group(1), int(match.group(2) or 0), int(match.group(3))
+    rest = module_name[match.end() :]
+    if kind == "down_blocks":
+        sgm = f"input_blocks.{1 + block * (layers_per_block + 1) + layer}.1."
+    elif kind == "mid_block":
+        sgm = "middle_block.1."
+    else:
+        sgm = f"output_blocks.{block * (layers_per_block + 1) + layer}.1."
+    return sgm + rest

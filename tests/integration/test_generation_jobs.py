@@ -1,0 +1,379 @@
+"""Generation jobs through the buses, the real executor, the real event store (SQLite) and the
+tiny SD1.5/SDXL pipelines: batching, LoRAs, schedulers, previews, submit/watch/cancel, the
+recorded lifecycle and recovery after a restart."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from server.application.commands import GenerateImageCommand, GenerationRequest
+from server.application.commands.generation import (
+    CancelGenerationCommand,
+    LoraChoice,
+    SubmitGenerationCommand,
+)
+from server.application.commands.import_loras import ImportLoRAsCommand
+from server.application.context import DispatchContext
+from server.application.queries import (
+    GetGenerationQuery,
+    ListGenerationsQuery,
+    WatchGenerationQuery,
+)
+from server.bootstrap import Container, bootstrap
+from server.config import Settings
+from server.devtools.tiny_loras import write_lora_for_pipeline
+from server.devtools.tiny_pipelines import build_tiny_sd15, build_tiny_sdxl
+from server.domain import generation as gen
+from server.domain.errors import PreconditionError, ValidationError
+from server.domain.generation_job import GenerationState
+from server.domain.models import Architecture, BaseModelConfig, EventFilter
+from server.infrastructure.diffusion.registry import load_pipeline
+
+torch.set_num_threads(1)
+
+SD1_META = {"ss_base_model_version": "sd_v1"}
+SDXL_META = {"ss_base_model_version": "sdxl_base_v1-0"}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {"sd": build_tiny_sd15(root / "sd"), "xl": build_tiny_sdxl(root / "xl")}
+
+
+@pytest.fixture(scope="module")
+def lora_files(tmp_path_factory: pytest.TempPathFactory, models: dict[str, Path]) -> Path:
+    """LoRAs fitted to the tiny pipelines, with metadata naming their architecture."""
+    folder = tmp_path_factory.mktemp("lora-src")
+    sd = load_pipeline(BaseModelConfig("sd", Architecture.SD1, models["sd"]))
+    xl = load_pipeline(BaseModelConfig("xl", Architecture.SDXL, models["xl"]))
+    write_lora_for_pipeline(
+        sd, folder / "ink.safetensors", seed=1, metadata={**SD1_META, "ss_output_name": "ink"}
+    )
+    write_lora_for_pipeline(
+        sd,
+        folder / "glow.safetensors",
+        fmt="kohya",
+        seed=2,
+        metadata={**SD1_META, "ss_output_name": "glow"},
+    )
+    write_lora_for_pipeline(
+        xl, folder / "neon_xl.safetensors", seed=3, metadata={**SDXL_META, "ss_output_name": "neon"}
+    )
+    return folder
+
+
+def make(tmp_path: Path, models: dict[str, Path], lora_files: Path, **settings: Any) -> Container:
+    roots = (tmp_path / "loras",)
+    roots[0].mkdir(parents=True, exist_ok=True)
+    for f in lora_files.iterdir():
+        (roots[0] / f.name).write_bytes(f.read_bytes())
+    c = bootstrap(
+        Settings(
+            data_dir=tmp_path,
+            storage_url=f"sqlite:///{tmp_path / 'loracle.db'}",
+            lora_roots=roots,
+            models=(
+                BaseModelConfig("sd", Architecture.SD1, models["sd"]),
+                BaseModelConfig("xl", Architecture.SDXL, models["xl"]),
+            ),
+            **settings,
+        ),
+        build_embedded_model=False,
+    )
+    list(c.commands.stream(ImportLoRAsCommand(directory=""), DispatchContext()))
+    c.projector.catch_up()
+    return c
+
+
+@pytest.fixture
+def c(tmp_path: Path, models: dict[str, Path], lora_files: Path) -> Iterator[Container]:
+    container = make(tmp_path, models, lora_files)
+    yield container
+    container.close()
+
+
+def request(**spec: Any) -> GenerationRequest:
+    base: dict[str, Any] = {
+        "model": "sd",
+        "prompt": "a red fox",
+        "steps": 3,
+        "seed": 11,
+        "width": 64,
+        "height": 64,
+    }
+    return GenerationRequest(**{**base, **spec})
+
+
+def run(c: Container, ctx: DispatchContext | None = None, **spec: Any) -> list[gen.GenerationEvent]:
+    return list(c.commands.stream(GenerateImageCommand(request=request(**spec)), ctx))
+
+
+def image_bytes(events: list[gen.GenerationEvent]) -> dict[int, bytes]:
+    out: dict[int, bytearray] = {}
+    for e in events:
+        if isinstance(e.payload, gen.ImageChunk):
+            out.setdefault(e.payload.image_index, bytearray()).extend(e.payload.data)
+    return {k: bytes(v) for k, v in out.items()}
+
+
+def pixels(events: list[gen.GenerationEvent], index: int = 0) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(image_bytes(events)[index])), dtype=np.int16)
+
+
+def final(events: list[gen.GenerationEvent]) -> gen.Payload:
+    return events[-1].payload
+
+
+# -- LoRAs ----------------------------------------------------------------------------------
+
+
+def test_a_lora_changes_the_image_and_the_base_model_comes_back_exactly(c: Container) -> None:
+    before = run(c)
+    with_lora = run(c, loras=(LoraChoice("ink", 1.0),))
+    after = run(c)
+    assert isinstance(final(with_lora), gen.Completed)
+    assert np.abs(pixels(with_lora) - pixels(before)).mean() > 1.0
+    # Fused weights were restored bit for bit: the same request gives the same pixels.
+    assert np.array_equal(pixels(after), pixels(before))
+    png = Image.open(io.BytesIO(image_bytes(with_lora)[0]))
+    assert 'Lora hashes: "ink: ' in png.info["parameters"]
+    manifest = json.loads(png.info["loracle"])
+    assert [(x["name"], x["weight"]) for x in manifest["loras"]] == [("ink", 1.0)]
+
+
+def test_prompt_tags_select_loras_and_are_not_encoded(c: Container) -> None:
+    by_field = run(c, loras=(LoraChoice("glow", 0.7),))
+    by_tag = run(c, prompt="a red fox <lora:glow:0.7>")
+    assert not np.array_equal(pixels(by_tag), pixels(run(c)))
+    # Same LoRA, same weight, same encoded text: the same pixels (the PNG text differs).
+    assert np.array_equal(pixels(by_tag), pixels(by_field))
+
+
+def test_a_lora_for_another_architecture_is_refused_before_queuing(c: Container) -> None:
+    with pytest.raises(PreconditionError) as err:
+        run(c, loras=(LoraChoice("neon_xl"),))
+    assert err.value.reason == "LORA_ARCHITECTURE_MISMATCH"
+    assert err.value.metadata["lora_architecture"] == "SDXL"
+    assert err.value.metadata["model_architecture"] == "SD1"
+    page = c.queries.dispatch(ListGenerationsQuery()).data
+    assert page.items == ()  # nothing was queued or recorded
+
+
+def test_sdxl_with_its_lora(c: Container) -> None:
+    plain = run(c, model="xl")
+    styled = run(c, model="xl", loras=(LoraChoice("neon_xl", 0.9),))
+    assert isinstance(final(styled), gen.Completed)
+    assert np.abs(pixels(styled) - pixels(plain)).mean() > 1.0
+    assert np.array_equal(pixels(run(c, model="xl")), pixels(plain))
+
+
+# -- batching -------------------------------------------------------------------------------
+
+
+def test_compatible_jobs_run_as_one_batch_with_the_images_they_would_get_alone(
+    tmp_path: Path, models: dict[str, Path], lora_files: Path
+) -> None:
+    c = make(tmp_path, models, lora_files, batch_wait_ms=300.0)
+    try:
+        alone = {seed: pixels(run(c, seed=seed)) for seed in (21, 22, 23)}
+        results: dict[int, list[gen.GenerationEvent]] = {}
+
+        def client(seed: int) -> None:
+            results[seed] = run(c, DispatchContext(), seed=seed)
+
+        threads = [threading.Thread(target=client, args=(s,)) for s in (21, 22, 23)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        for seed, events in results.items():
+            started = next(e.payload for e in events if isinstance(e.payload, gen.Started))
+            assert started.batch_size == 3
+            assert np.abs(pixels(events) - alone[seed]).max() <= 1
+        assert c.executor.stats.batch_sizes[-1] == 3
+        # A different size is a different batch.
+        other = run(c, width=72, height=64)
+        started = next(e.payload for e in other if isinstance(e.payload, gen.Started))
+        assert started.batch_size == 1
+    finally:
+        c.close()
+
+
+# -- schedulers and previews ----------------------------------------------------------------
+
+
+def test_the_scheduler_is_chosen_per_request(c: Container) -> None:
+    default = run(c)
+    ancestral = run(c, scheduler="euler_a")
+    assert not np.array_equal(pixels(ancestral), pixels(default))
+    png = Image.open(io.BytesIO(image_bytes(ancestral)[0]))
+    assert "Sampler: Euler a" in png.info["parameters"]
+    assert np.array_equal(pixels(run(c)), pixels(default))  # the model's own is back
+    with pytest.raises(ValidationError) as err:
+        run(c, scheduler="warp_drive")
+    assert err.value.violations[0].field == "spec.scheduler"
+
+
+def test_previews_every_n_steps(c: Container) -> None:
+    events = run(c, steps=4, preview_every_n_steps=2)
+    previews = [e.payload for e in events if isinstance(e.payload, gen.Preview)]
+    assert [(p.image_index, p.step) for p in previews] == [(0, 2)]
+    preview = Image.open(io.BytesIO(previews[0].jpeg))
+    assert preview.format == "JPEG"
+    # Latent resolution: the tiny VAE downsamples by 2 (real SD VAEs by 8).
+    assert preview.size == (32, 32)
+    assert not any(isinstance(e.payload, gen.Preview) for e in run(c))
+
+
+# -- submit, watch, cancel, record --------------------------------------------------------
+
+
+def submit(c: Container, **spec: Any) -> tuple[str, int]:
+    result = c.commands.dispatch(SubmitGenerationCommand(request=request(**spec)))
+    generation_id, _ = result.unwrap()
+    return generation_id, result.position
+
+
+def watch(c: Container, generation_id: str, after: int = 0) -> list[gen.GenerationEvent]:
+    return list(
+        c.queries.stream(WatchGenerationQuery(generation_id=generation_id, after_sequence=after))
+    )
+
+
+def test_submit_then_watch_from_anywhere_and_resume(c: Container) -> None:
+    generation_id, position = submit(c)
+    assert position > 0
+    everything = watch(c, generation_id)
+    assert isinstance(final(everything), gen.Completed)
+    # A second watcher, resuming after event 3, gets exactly the rest.
+    assert watch(c, generation_id, after=3) == everything[3:]
+    c.recorder.flush()
+    c.projector.catch_up()
+    view = c.queries.dispatch(GetGenerationQuery(generation_id=generation_id)).data
+    assert view.state is GenerationState.SUCCEEDED
+    assert view.spec["steps"] == 3
+    data = image_bytes(everything)[0]
+    assert view.images[0].sha256 == hashlib.sha256(data).hexdigest()
+    assert set(view.timings) >= {"queue_seconds", "denoising_seconds"}
+
+
+def test_a_finished_generation_replays_from_its_stored_images(
+    tmp_path: Path, models: dict[str, Path], lora_files: Path
+) -> None:
+    c = make(tmp_path, models, lora_files)
+    generation_id, _ = submit(c, num_images=2)
+    live = watch(c, generation_id)
+    c.close()
+    again = make(tmp_path, models, lora_files)  # a new process: nothing live
+    try:
+        replayed = watch(again, generation_id)
+        assert image_bytes(replayed) == image_bytes(live)
+        assert isinstance(final(replayed), gen.Completed)
+        done = [e.payload for e in replayed if isinstance(e.payload, gen.ImageComplete)]
+        assert [d.seed for d in done] == [11, 12]
+    finally:
+        again.close()
+
+
+def test_cancel_a_running_and_a_queued_generation(c: Container) -> None:
+    running, _ = submit(c, steps=150, prompt="slow")
+    queued, _ = submit(c, steps=150, prompt="slower", width=72)
+    for event in watch_live(c, running):
+        if isinstance(event.payload, gen.Progress):
+            break
+    view = c.commands.dispatch(CancelGenerationCommand(generation_id=queued)).unwrap()
+    assert view is not None
+    assert view.state is GenerationState.CANCELLED
+    view = c.commands.dispatch(CancelGenerationCommand(generation_id=running)).unwrap()
+    assert view is not None
+    assert view.state is GenerationState.CANCELLED
+    events = watch(c, running)
+    assert isinstance(final(events), gen.Cancelled)
+    assert not any(isinstance(e.payload, gen.ImageChunk) for e in events)
+    steps = [e.payload.step for e in events if isinstance(e.payload, gen.Progress)]
+    assert max(steps) < 150
+    # Cancelling again changes nothing; the executor serves the next job normally.
+    again = c.commands.dispatch(CancelGenerationCommand(generation_id=running)).unwrap()
+    assert again is not None
+    assert again.state is GenerationState.CANCELLED
+    assert isinstance(final(run(c)), gen.Completed)
+    c.recorder.flush()
+    c.projector.catch_up()
+    page = c.queries.dispatch(ListGenerationsQuery(state="CANCELLED")).data
+    assert {g.id for g in page.items} == {running, queued}
+
+
+def watch_live(c: Container, generation_id: str) -> Iterator[gen.GenerationEvent]:
+    handle = c.executor.handle(generation_id)
+    assert handle is not None
+    return handle.events()
+
+
+def test_generations_are_listed_newest_first_and_paged(c: Container) -> None:
+    ids = [submit(c, seed=s)[0] for s in (1, 2, 3)]
+    for gid in ids:
+        watch(c, gid)
+    c.recorder.flush()
+    c.projector.catch_up()
+    first = c.queries.dispatch(ListGenerationsQuery(page_size=2)).data
+    assert [g.id for g in first.items] == [ids[2], ids[1]]
+    second = c.queries.dispatch(
+        ListGenerationsQuery(page_size=2, page_token=first.next_page_token)
+    ).data
+    assert [g.id for g in second.items] == [ids[0]]
+    assert second.next_page_token == ""
+    assert all(g.state is GenerationState.SUCCEEDED for g in (*first.items, *second.items))
+
+
+def test_lifecycle_events_are_the_audit_trail_and_lora_use_is_learned(c: Container) -> None:
+    events = run(c, prompt="ink fox", loras=(LoraChoice("ink"),))
+    generation_id = events[0].generation_id
+    c.recorder.flush()
+    c.projector.catch_up()
+    trail = [e.type for e in c.read_model.events(EventFilter(aggregate_id=generation_id), 100)]
+    assert trail == ["GenerationSubmitted", "GenerationStarted", "GenerationSucceeded"]
+    history = list(c.read_model.history())
+    assert [h.prompt for h in history] == ["ink fox"]
+
+
+def test_jobs_a_dead_process_left_running_are_marked_failed_on_start(
+    tmp_path: Path, models: dict[str, Path], lora_files: Path
+) -> None:
+    c = make(tmp_path, models, lora_files)
+    generation_id, _ = submit(c, steps=150)
+    for event in watch_live(c, generation_id):
+        if isinstance(event.payload, gen.Progress):
+            break
+    c.recorder.flush()
+    # The process dies here: nothing records the end. (Stopping the worker without letting
+    # it publish is what a kill does; the recorder is closed first so it saves nothing.)
+    c.recorder.close()
+    c.executor.stop()
+    c.projector.stop()
+    c.store.close()
+    again = make(tmp_path, models, lora_files)
+    try:
+        again.projector.catch_up()
+        deadline = time.monotonic() + 10
+        while True:
+            view = again.queries.dispatch(GetGenerationQuery(generation_id=generation_id)).data
+            if view.state is not GenerationState.RUNNING or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert view.state is GenerationState.FAILED
+        assert "restarted" in view.error
+    finally:
+        again.close()
