@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import signal
 import time
 from pathlib import Path
 
@@ -13,10 +14,19 @@ import grpc
 import pytest
 from PIL import Image
 
-from client import InvalidArgument, LoracleClient, Unimplemented
+from client import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    LoracleClient,
+    NotFound,
+)
 from client.cli import main
 from loracle.v1 import command_service_pb2, command_service_pb2_grpc, types_pb2
-from server.devtools.local_server import RunningServer
+from server.devtools.local_server import RunningServer, start_server
+from server.devtools.tiny_loras import write_lora_for_pipeline
+from server.domain.models import Architecture, BaseModelConfig
+from server.infrastructure.diffusion.registry import EMBEDDED_NAME, load_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +83,12 @@ def test_bad_generation_requests(ready: RunningServer) -> None:
         with pytest.raises(InvalidArgument) as bad:
             list(client.generate_image(types_pb2.GenerationSpec(prompt="x", width=100)))
         assert bad.value.field_violations[0][0] == "spec.width"
-        with pytest.raises(Unimplemented):
-            list(client.generate_image(types_pb2.GenerationSpec(prompt="x <lora:a:1>")))
+        with pytest.raises(NotFound) as missing:
+            list(client.generate_image(types_pb2.GenerationSpec(prompt="x <lora:nope:1>")))
+        assert "nope" in missing.value.message
+        with pytest.raises(InvalidArgument) as bad:
+            list(client.generate_image(types_pb2.GenerationSpec(prompt="x", scheduler="warp")))
+        assert bad.value.field_violations[0][0] == "spec.scheduler"
 
 
 def test_client_cancellation_frees_the_executor(ready: RunningServer) -> None:
@@ -129,3 +143,136 @@ def test_cli_generate_writes_verified_images(
     assert paths == [tmp_path / "fox-0.png", tmp_path / "fox-1.png"]
     for path, info in zip(paths, result["images"], strict=True):
         assert hashlib.sha256(path.read_bytes()).hexdigest() == info["sha256"]
+
+
+def embedded_lora(server: RunningServer, name: str, seed: int) -> Path:
+    """A LoRA fitted to the embedded tiny model, written into the server's LoRA root."""
+    folder = server.data_dir / "models" / EMBEDDED_NAME
+    pipe = load_pipeline(BaseModelConfig(EMBEDDED_NAME, Architecture.SD1, folder))
+    path = server.lora_root / f"{name}.safetensors"
+    write_lora_for_pipeline(
+        pipe, path, seed=seed, metadata={"ss_base_model_version": "sd_v1", "ss_output_name": name}
+    )
+    return path
+
+
+def pixels(events: list[types_pb2.GenerationEvent]) -> bytes:
+    data = b"".join(e.image_chunk.data for e in events if e.HasField("image_chunk"))
+    return Image.open(io.BytesIO(data)).tobytes()
+
+
+def test_loras_through_the_server(ready: RunningServer) -> None:
+    embedded_lora(ready, "tiny_ink", seed=4)
+    spec = types_pb2.GenerationSpec(prompt="a boat", seed=9, steps=2)
+    with LoracleClient(ready.address) as client:
+        client.register_lora("tiny_ink.safetensors")
+        list(client.import_loras())  # the demo library the fixture wrote
+        plain = list(client.generate_image(spec))
+        styled = list(
+            client.generate_image(
+                types_pb2.GenerationSpec(prompt="a boat <lora:tiny_ink:0.9>", seed=9, steps=2)
+            )
+        )
+        assert styled[-1].HasField("completed")
+        assert pixels(styled) != pixels(plain)
+        assert pixels(list(client.generate_image(spec))) == pixels(plain)
+        # An SDXL LoRA on the SD1.5 model: refused before queuing, with the reason.
+        with pytest.raises(FailedPrecondition) as wrong:
+            list(
+                client.generate_image(
+                    types_pb2.GenerationSpec(prompt="a boat <lora:cyberpunk_city_xl>", steps=2)
+                )
+            )
+        assert wrong.value.reason == "LORA_ARCHITECTURE_MISMATCH"
+        # A real-size SD1.5 LoRA does not fit the tiny model: that job fails, clearly.
+        events = list(
+            client.generate_image(
+                types_pb2.GenerationSpec(prompt="a boat <lora:pixel_art_sd15>", steps=2)
+            )
+        )
+        assert events[-1].HasField("failed")
+        assert "Pixel Art" in events[-1].failed.error
+        assert "does not fit" in events[-1].failed.error or "shape" in events[-1].failed.error
+        # ... and the model is untouched afterwards.
+        assert pixels(list(client.generate_image(spec))) == pixels(plain)
+
+
+def test_submit_watch_from_another_connection_and_resume(ready: RunningServer) -> None:
+    spec = types_pb2.GenerationSpec(prompt="a kite", seed=2, steps=3, preview_every_n_steps=1)
+    with LoracleClient(ready.address) as client:
+        submitted = client.submit_generation(spec)
+    with LoracleClient(ready.address) as other:
+        everything = list(other.watch_generation(submitted.generation_id))
+        rest = list(other.watch_generation(submitted.generation_id, after_sequence=2))
+        assert rest == everything[2:]
+        kinds = [e.WhichOneof("event") for e in everything]
+        assert kinds[-1] == "completed"
+        assert "preview" in kinds
+        generation = other.get_generation(
+            submitted.generation_id, consistency_token=submitted.consistency_token
+        )
+        assert generation.id == submitted.generation_id
+        listed = other.list_generations(page_size=1000)
+        assert submitted.generation_id in {g.id for g in listed.generations}
+
+
+def test_cli_detach_watch_and_cancel(
+    ready: RunningServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = ["--server", ready.address, "--json"]
+    assert main([*server, "generate", "a cat", "--steps", "2", "--detach"]) == 0
+    generation_id = json.loads(capsys.readouterr().out)["generation_id"]
+    out = tmp_path / "cat.png"
+    assert main([*server, "watch", generation_id, "-o", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["generation_id"] == generation_id
+    assert out.read_bytes().startswith(b"\x89PNG")
+    assert (
+        main([*server, "generate", "slow", "--steps", "150", "--size", "128x128", "--detach"]) == 0
+    )
+    slow = json.loads(capsys.readouterr().out)["generation_id"]
+    assert main([*server, "cancel", slow]) == 0
+    assert json.loads(capsys.readouterr().out)["state"] == "GENERATION_STATE_CANCELLED"
+
+
+def test_a_passed_deadline_cancels_the_job(ready: RunningServer) -> None:
+    spec = types_pb2.GenerationSpec(prompt="too slow", steps=150, width=128, height=128)
+    with (
+        LoracleClient(ready.address, stream_timeout=2.0) as client,
+        pytest.raises(DeadlineExceeded),
+    ):
+        list(client.generate_image(spec))
+    with LoracleClient(ready.address) as client:
+        deadline = time.monotonic() + 30
+        while True:
+            latest = client.list_generations(page_size=5).generations
+            mine = [g for g in latest if g.spec.prompt == "too slow"]
+            if mine and mine[0].state == types_pb2.GENERATION_STATE_CANCELLED:
+                break
+            assert time.monotonic() < deadline, f"still {mine[0].state if mine else 'missing'}"
+            time.sleep(0.2)
+
+
+def test_jobs_running_when_the_server_is_killed_are_marked_failed(tmp_path: Path) -> None:
+    first = start_server(tmp_path)
+    try:
+        with LoracleClient(first.address) as client:
+            deadline = time.monotonic() + 120
+            while not all(m.ready for m in client.list_base_models()):
+                assert time.monotonic() < deadline
+                time.sleep(0.5)
+            submitted = client.submit_generation(
+                types_pb2.GenerationSpec(prompt="doomed", steps=150, width=128, height=128)
+            )
+            for event in client.watch_generation(submitted.generation_id):
+                if event.HasField("progress"):
+                    break
+    finally:
+        first.stop(signal.SIGKILL)
+    second = start_server(tmp_path)
+    try:
+        with LoracleClient(second.address) as client:
+            generation = client.get_generation(submitted.generation_id)
+            assert generation.state == types_pb2.GENERATION_STATE_FAILED
+            assert "restarted" in generation.error
+    finally:
+        second.stop()
