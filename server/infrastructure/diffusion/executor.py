@@ -499,6 +499,8 @@ class DiffusionExecutor:
             if isinstance(component, torch.nn.Module)
             for p in component.parameters()
         )
+        # A configured budget also covers activations and adapters, which weights omit.
+        size = max(size, int(model.vram_budget_gb * GIB))
         loaded = _Loaded(
             pipe=pipe,
             model_hash=_model_hash(model),

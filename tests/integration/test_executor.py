@@ -1,0 +1,134 @@
+"""The executor on its own, with the tiny SD1.5 pipeline: running out of device memory fails
+that job with RESOURCE_EXHAUSTED and the next one runs; the device budget unloads the least
+recently used model."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from server.application.commands.generate import GenerationJobs
+from server.application.context import DispatchContext
+from server.devtools.tiny_pipelines import build_tiny_sd15
+from server.domain import generation as gen
+from server.domain.errors import ResourceExhaustedError
+from server.domain.generation import GenerationJob
+from server.domain.models import Architecture, BaseModelConfig
+from server.infrastructure.diffusion.executor import DiffusionExecutor
+from server.infrastructure.diffusion.registry import load_pipeline
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_sd15(tmp_path_factory.mktemp("models") / "sd")
+
+
+class RunsOutOfMemoryOnce:
+    """Stands in for a pipeline whose first call exhausts the GPU (torch raises the same
+    OutOfMemoryError type on every device)."""
+
+    def __init__(self, pipe: Any) -> None:
+        object.__setattr__(self, "_pipe", pipe)
+        object.__setattr__(self, "calls", 0)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pipe, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._pipe, name, value)
+
+    def __call__(self, **kwargs: Any) -> Any:
+        object.__setattr__(self, "calls", self.calls + 1)
+        if self.calls == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return self._pipe(**kwargs)
+
+
+def job(model: BaseModelConfig, **fields: Any) -> GenerationJob:
+    base: dict[str, Any] = {
+        "generation_id": str(uuid.uuid4()),
+        "model": model,
+        "prompt": "a fox",
+        "original_prompt": "a fox",
+        "width": 64,
+        "height": 64,
+        "steps": 2,
+        "guidance_scale": 7.0,
+        "seed": 1,
+    }
+    return GenerationJob(**{**base, **fields})
+
+
+@pytest.fixture
+def executor_factory() -> Iterator[list[DiffusionExecutor]]:
+    made: list[DiffusionExecutor] = []
+    yield made
+    for executor in made:
+        executor.stop()
+
+
+def test_out_of_memory_fails_that_job_and_the_executor_keeps_serving(
+    folder: Path, executor_factory: list[DiffusionExecutor]
+) -> None:
+    model = BaseModelConfig("sd", Architecture.SD1, folder)
+    executor = DiffusionExecutor(
+        loader=lambda m, device, dtype: RunsOutOfMemoryOnce(load_pipeline(m, device=device))
+    )
+    executor_factory.append(executor)
+    executor.start()
+    first = list(executor.submit(job(model)).events())
+    failed = first[-1].payload
+    assert isinstance(failed, gen.Failed)
+    assert failed.code == "RESOURCE_EXHAUSTED"
+    assert "out of device memory" in failed.error
+    assert executor.stats.out_of_memory == 1
+    second = list(executor.submit(job(model)).events())
+    assert isinstance(second[-1].payload, gen.Completed)
+
+
+def test_the_stream_of_an_out_of_memory_job_ends_with_resource_exhausted(
+    folder: Path, executor_factory: list[DiffusionExecutor]
+) -> None:
+    model = BaseModelConfig("sd", Architecture.SD1, folder)
+    executor = DiffusionExecutor(
+        loader=lambda m, device, dtype: RunsOutOfMemoryOnce(load_pipeline(m, device=device))
+    )
+    executor_factory.append(executor)
+    executor.start()
+    handle = executor.submit(job(model))
+    jobs = GenerationJobs.__new__(GenerationJobs)  # only `stream` is used: no stores needed
+    seen: list[gen.GenerationEvent] = []
+    with pytest.raises(ResourceExhaustedError) as err:
+        seen.extend(jobs.stream(handle, DispatchContext()))
+    assert isinstance(seen[-1].payload, gen.Failed)  # clients get the event, then the status
+    assert err.value.retry_after_seconds > 0
+
+
+def test_the_device_budget_unloads_the_least_recently_used_model(
+    folder: Path, executor_factory: list[DiffusionExecutor]
+) -> None:
+    a = BaseModelConfig("a", Architecture.SD1, folder, vram_budget_gb=0.6)
+    b = BaseModelConfig("b", Architecture.SD1, folder, vram_budget_gb=0.6)
+    executor = DiffusionExecutor(device_budget_gb=1.0)
+    executor_factory.append(executor)
+    executor.start()
+    for model, resident in ((a, ["a"]), (b, ["b"]), (a, ["a"])):
+        events = list(executor.submit(job(model)).events())
+        assert isinstance(events[-1].payload, gen.Completed)
+        assert executor.loaded_models() == resident
+    assert executor.stats.model_evictions == 2
+    assert executor.stats.model_loads == 3
+    roomy = DiffusionExecutor(device_budget_gb=2.0)
+    executor_factory.append(roomy)
+    roomy.start()
+    for model in (a, b, a):
+        list(roomy.submit(job(model)).events())
+    assert roomy.loaded_models() == ["b", "a"]  # least recently used first
+    assert roomy.stats.model_loads == 2
