@@ -95,6 +95,7 @@ class Container:
     models: ModelRegistry
     executor: DiffusionExecutor
     recorder: GenerationRecorder
+    generations: GenerationJobs
     middlewares: list[Middleware] = field(default_factory=list)
 
     def close(self) -> None:
@@ -241,5 +242,6 @@ def bootstrap(
         models=models,
         executor=executor,
         recorder=recorder,
+        generations=jobs,
         middlewares=middlewares,
     )

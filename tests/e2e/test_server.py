@@ -18,7 +18,6 @@ from client import (
     InvalidArgument,
     LoracleClient,
     NotFound,
-    Unimplemented,
 )
 from loracle.v1 import command_service_pb2, types_pb2
 from server.devtools.local_server import RunningServer, start_server
@@ -115,8 +114,9 @@ def test_errors_carry_status_codes_and_rich_details(server: RunningServer) -> No
         with pytest.raises(InvalidArgument) as bad_model:
             client.recommend_loras("a cat", "Potato XL 9000")
         assert bad_model.value.field_violations[0][0] == "base_model"
-        with pytest.raises(Unimplemented):
+        with pytest.raises(NotFound) as missing:
             client.get_generation("00000000-0000-0000-0000-000000000000")
+        assert missing.value.reason == "NOT_FOUND"
 
 
 def test_embedded_placeholder_model_is_listed_and_becomes_ready(server: RunningServer) -> None:

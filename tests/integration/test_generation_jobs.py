@@ -19,13 +19,16 @@ import torch
 from PIL import Image
 
 from server.application.commands import GenerateImageCommand, GenerationRequest
+from server.application.commands.generate import QuickGenerateHandler
 from server.application.commands.generation import (
     CancelGenerationCommand,
     LoraChoice,
+    QuickGenerateCommand,
     SubmitGenerationCommand,
 )
 from server.application.commands.import_loras import ImportLoRAsCommand
-from server.application.context import DispatchContext
+from server.application.commands.recommend import LoRARecommendation
+from server.application.context import DispatchContext, use_context
 from server.application.queries import (
     GetGenerationQuery,
     ListGenerationsQuery,
@@ -38,7 +41,7 @@ from server.devtools.tiny_pipelines import build_tiny_sd15, build_tiny_sdxl
 from server.domain import generation as gen
 from server.domain.errors import PreconditionError, ValidationError
 from server.domain.generation_job import GenerationState
-from server.domain.models import Architecture, BaseModelConfig, EventFilter
+from server.domain.models import Architecture, BaseModelConfig, EventFilter, LoraView
 from server.infrastructure.diffusion.registry import load_pipeline
 
 torch.set_num_threads(1)
@@ -88,6 +91,8 @@ def make(tmp_path: Path, models: dict[str, Path], lora_files: Path, **settings: 
             models=(
                 BaseModelConfig("sd", Architecture.SD1, models["sd"]),
                 BaseModelConfig("xl", Architecture.SDXL, models["xl"]),
+                # Marked as a placeholder so requests without a size get 64 px, 4 steps.
+                BaseModelConfig("tiny", Architecture.SD1, models["sd"], placeholder=True),
             ),
             **settings,
         ),
@@ -377,3 +382,45 @@ def test_jobs_a_dead_process_left_running_are_marked_failed_on_start(
         assert "restarted" in view.error
     finally:
         again.close()
+
+
+class ConfidentAbout:
+    """A recommender that is sure about one LoRA (the engine itself is tested elsewhere)."""
+
+    def __init__(self, view: LoraView, trigger: str) -> None:
+        self.view = view
+        self.trigger = trigger
+        self.asked: list[tuple[str, str]] = []
+
+    def recommend(
+        self,
+        prompt: str,
+        base_model: str,
+        *,
+        max_loras: int,
+        min_confidence: float | None,
+        include_unavailable: bool,
+    ) -> list[LoRARecommendation]:
+        self.asked.append((prompt, base_model))
+        return [LoRARecommendation(self.view, 0.9, 0.7, (self.trigger,))]
+
+
+def test_quick_generate_uses_confident_loras_and_their_trigger_words(c: Container) -> None:
+    ink = c.read_model.find_by_file_name("ink")[0]
+    recommender = ConfidentAbout(ink, "inkwash")
+    handler = QuickGenerateHandler(c.generations, recommender)
+    command = QuickGenerateCommand(prompt="a fox", model="tiny", seed=3)
+    req = handler.request_for(command)
+    assert recommender.asked == [("a fox", "SD1")]
+    assert req.prompt == "a fox, inkwash"
+    assert req.loras == (LoraChoice(ink.id, 0.7),)
+    with use_context(DispatchContext()):
+        events = list(handler.handle(command))
+    assert isinstance(final(events), gen.Completed)
+    png = Image.open(io.BytesIO(image_bytes(events)[0]))
+    assert png.info["parameters"].startswith("a fox, inkwash\n")
+    assert "Lora hashes" in png.info["parameters"]
+    # An explicit <lora:…> tag is the user's choice: nothing is added.
+    explicit = handler.request_for(QuickGenerateCommand(prompt="a fox <lora:glow>", model="tiny"))
+    assert explicit.loras == ()
+    assert explicit.prompt == "a fox <lora:glow>"

@@ -74,14 +74,16 @@ class AdapterCache:
     """Owns the LoRAs of one pipeline. Not thread-safe: the executor's worker thread is the
     only caller.
 
-    Fused adapters cost nothing per step (unfused ones make SDXL about 3x slower), but fusing
-    changes the base weights in place. Before fusing, the cache copies the weights the fusion
-    will touch; undoing it unfuses and copies them back. The copies live on
-    `snapshot_device`: by default the weight's own device, which costs memory there (the
-    touched weights, e.g. about 1.5 GB of a bf16 SDXL UNet for a LoRA on every attention and
-    feed-forward layer) but makes a switch a device-local copy. "cpu" frees that device
-    memory and pays a host-device transfer of the same bytes at each switch (a few hundred
-    milliseconds over PCIe). Copies are freed as soon as they are restored.
+    Fused adapters cost only peft's wrapper calls (a UNet step about 10% slower than the bare
+    model); unfused, one rank-16 LoRA on SDXL's attention made a step 2.1x slower on an H200
+    and two 2.75x. But fusing changes the base weights in place, so before fusing the cache
+    copies the weights the fusion will touch, and undoing it unfuses and copies them back.
+
+    The copies live on `snapshot_device`, by default the weight's own device. Measured on an
+    H200 with a full-size bf16 SDXL UNet and LoRAs on every attention projection (1B of its
+    2.6B parameters): copies on the GPU cost 2 GB of its memory, a switch between loaded LoRAs
+    took 0.27 s and restore() 0.14 s; copies on "cpu" saved those 2 GB, but a switch took
+    1.8 s and restore() 0.34 s. Copies are freed as soon as they are restored.
     """
 
     def __init__(
