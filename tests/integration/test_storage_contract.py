@@ -18,10 +18,17 @@ from server.application.commands import (
     UpdateLoRACommand,
 )
 from server.application.context import DispatchContext
-from server.application.queries import GetAllLoRAsQuery, GetLoRAByIdQuery, ListEventsQuery
+from server.application.queries import (
+    GetAllLoRAsQuery,
+    GetGenerationQuery,
+    GetLoRAByIdQuery,
+    ListEventsQuery,
+    ListGenerationsQuery,
+)
 from server.bootstrap import Container
 from server.devtools.synthetic_loras import write_synthetic_lora
 from server.domain.errors import ConflictError, ConsistencyTimeoutError, ValidationError
+from server.domain.generation_job import Generation, GenerationState
 from server.domain.lora import Lora
 from server.domain.models import Architecture, EventFilter, LoraFilter
 from tests.support import make_container, postgres_schema, sqlite_url
@@ -194,6 +201,59 @@ class StorageContract:
             ListEventsQuery(start_time=events.items[0].occurred_at.replace(year=2999))
         ).data
         assert len(late) == 0
+
+    def test_generations_project_page_and_filter(self, c: Container) -> None:
+        """The generation lifecycle as events, projected and paged newest first (no executor:
+        the aggregate is saved as the generation commands save it)."""
+        ids = []
+        for i in range(5):
+            g = Generation(
+                generation_id=str(uuid.uuid4()),
+                spec={"model": "m", "prompt": f"p{i}", "steps": 2},
+                principal="alice",
+                request_id=f"r{i}",
+            )
+            if i % 2 == 0:
+                g.start(1, "alice", f"r{i}")
+                g.succeed(
+                    [
+                        {
+                            "index": 0,
+                            "sha256": "ab",
+                            "size_bytes": 3,
+                            "mime_type": "image/png",
+                            "seed": i,
+                        }
+                    ],
+                    {"denoising_seconds": 0.5},
+                    "alice",
+                    f"r{i}",
+                )
+            c.store.save(g)
+            ids.append(str(g.id))
+            time.sleep(0.01)  # distinct submission times
+        position = c.store.max_position()
+        ctx = DispatchContext(min_position=position)
+        page = c.queries.dispatch(ListGenerationsQuery(page_size=2), ctx).data
+        assert [v.id for v in page] == [ids[4], ids[3]]
+        assert page.total_size == 5
+        rest = c.queries.dispatch(
+            ListGenerationsQuery(page_size=10, page_token=page.next_page_token), ctx
+        ).data
+        assert [v.id for v in rest] == [ids[2], ids[1], ids[0]]
+        done = c.queries.dispatch(ListGenerationsQuery(state="SUCCEEDED"), ctx).data
+        assert [v.id for v in done] == [ids[4], ids[2], ids[0]]
+        view = c.queries.dispatch(GetGenerationQuery(generation_id=ids[2]), ctx).data
+        assert view.state is GenerationState.SUCCEEDED
+        assert view.images[0].seed == 2
+        assert view.timings == {"denoising_seconds": 0.5}
+        assert view.end_time is not None
+        trail = c.read_model.events(EventFilter(aggregate_id=ids[0]), 10).items
+        assert [e.type for e in trail] == [
+            "GenerationSubmitted",
+            "GenerationStarted",
+            "GenerationSucceeded",
+        ]
 
 
 class TestSQLite(StorageContract):

@@ -53,5 +53,5 @@ class SubmitGenerationCommand(ICommand[tuple[str, int]]):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class CancelGenerationCommand(ICommand["GenerationView | None"]):
+class CancelGenerationCommand(ICommand[GenerationView | None]):
     generation_id: str
