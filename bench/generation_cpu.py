@@ -8,7 +8,7 @@ a) Per-job overhead. Plain diffusers in this process (the same model folder load
    server's `load_pipeline`, one torch thread like the executor, PNG encoded with Pillow)
    against a real `loracle-server` process reached through `LoracleClient.generate_image`, the
    events consumed and the image reassembled and checked against its SHA-256. Same model, spec
-   and seed: the two images must have the same pixels.
+   and seed, so the two images should have the same pixels; the JSON says whether they do.
 b) Chunk streaming. The time from an image's first ImageChunk to its last, through Loracle,
    against a bare grpc.aio server (its own process, this file with a hidden `_echo` argument)
    that replays the very GenerateImage responses Loracle sent, in the same 64 KiB chunks, to
