@@ -414,8 +414,12 @@ class DiffusionExecutor:
             self._out_of_memory(live, "denoising")
             return
         denoised = time.monotonic()
-        first = marks.get("first_step", started)
+        # The step callback fires after a step, so the first mark includes step 1; take one
+        # average step off it to split prompt encoding from denoising.
         last = marks.get("last_step", denoised)
+        first = marks.get("first_step", started)
+        if job.steps > 1 and last > first:
+            first = max(started, first - (last - first) / (job.steps - 1))
         for row, (handle, index) in enumerate(rows):
             if handle.cancelled:
                 handle.publish(Cancelled())  # images it finished earlier stay recorded
@@ -493,6 +497,10 @@ class DiffusionExecutor:
                 torch.cuda.empty_cache()
         pipe = self._loader(model, device, model.dtype)
         pipe.set_progress_bar_config(disable=True)
+        # A pipeline is hundreds of thousands of long-lived objects; frozen, full garbage
+        # collections stop rescanning them (a pause in the middle of someone's denoising).
+        gc.collect()
+        gc.freeze()
         size = sum(
             p.numel() * p.element_size()
             for component in pipe.components.values()
