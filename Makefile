@@ -58,6 +58,7 @@ pytest: install services
 
 bench: install
 	$(BIN)/python bench/bench_catalog.py
+	$(BIN)/python bench/generation_cpu.py
 
 # make eval-recommend CATALOG=... QUERIES=... [HISTORY=...] [LIMIT=N]
 CATALOG ?= ../shared/eval/civitai_loras.jsonl
