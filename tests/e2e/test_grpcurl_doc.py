@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import re
+import time
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
+from client import LoracleClient
 from server.devtools.local_server import RunningServer
 from tests.e2e.reflection_client import run_grpcurl_line
 
@@ -30,7 +34,7 @@ def run(server: RunningServer, line: str) -> Any:
 
 
 def test_doc_lists_the_commands_we_check() -> None:
-    assert len(LINES) == 11
+    assert len(LINES) == 14
 
 
 def test_list_and_describe(server: RunningServer) -> None:
@@ -76,6 +80,28 @@ def test_writes_then_reads(server: RunningServer) -> None:
     assert {e["type"] for e in events[0]["events"]} == {"LoraRegistered"}
     health = run(server, by_verb("Health/Check")[0])
     assert health == [{"status": "SERVING"}]
+
+
+def test_generation(server: RunningServer) -> None:
+    with LoracleClient(server.address) as client:
+        deadline = time.monotonic() + 120
+        while not all(m.ready for m in client.list_base_models()):
+            assert time.monotonic() < deadline, "the embedded model never became ready"
+            time.sleep(0.5)
+    submitted = run(server, by_verb("SubmitGeneration")[0])[0]
+    generation_id = submitted["generation_id"]
+    lines = run(server, by_verb("WatchGeneration")[0].replace("GENERATION_ID", generation_id))
+    events = [line["event"] for line in lines]
+    assert "completed" in events[-1]
+    data = b"".join(
+        base64.b64decode(e["image_chunk"]["data"]) for e in events if "image_chunk" in e
+    )
+    done = next(e["image_complete"] for e in events if "image_complete" in e)
+    assert hashlib.sha256(data).hexdigest() == done["sha256"]
+    line = by_verb("GetGeneration")[0].replace("GENERATION_ID", generation_id)
+    record = run(server, line.replace("TOKEN", submitted["consistency_token"]))[0]
+    assert record["generation"]["id"] == generation_id
+    assert record["generation"]["spec"]["prompt"] == "a lighthouse at dusk"
 
 
 def test_documented_error(server: RunningServer) -> None:
