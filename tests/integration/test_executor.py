@@ -103,10 +103,9 @@ def test_the_stream_of_an_out_of_memory_job_ends_with_resource_exhausted(
     executor_factory.append(executor)
     executor.start()
     handle = executor.submit(job(model))
-    jobs = GenerationJobs.__new__(GenerationJobs)  # only `stream` is used: no stores needed
     seen: list[gen.GenerationEvent] = []
     with pytest.raises(ResourceExhaustedError) as err:
-        seen.extend(jobs.stream(handle, DispatchContext()))
+        seen.extend(GenerationJobs.stream(handle, DispatchContext()))
     assert isinstance(seen[-1].payload, gen.Failed)  # clients get the event, then the status
     assert err.value.retry_after_seconds > 0
 

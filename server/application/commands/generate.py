@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import queue
 import random
+import re
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -324,10 +325,12 @@ class GenerationJobs:
         """The earlier result of a retried request (same request_id), if any."""
         return previous_result(self._catalog, command)
 
+    @staticmethod
     def stream(
-        self, handle: JobStream, ctx: DispatchContext, after: int = 0
+        handle: JobStream, ctx: DispatchContext, after: int = 0
     ) -> Iterator[GenerationEvent]:
-        """A job's events for one caller; the caller going away cancels the job."""
+        """A job's events for one caller; the caller going away cancels the job. A job that
+        ran out of device memory ends the call with RESOURCE_EXHAUSTED after its event."""
         try:
             for event in handle.events(after=after, stop=ctx.abandoned):
                 yield event
@@ -341,10 +344,11 @@ class GenerationJobs:
         return self._executor.handle(generation_id)
 
 
-def _strip_lora_tags(prompt: str) -> str:
-    import re
+_LORA_TAG = re.compile(r"<(?:lora|lyco):[^>]*>", re.IGNORECASE)
 
-    return " ".join(re.sub(r"<(?:lora|lyco):[^>]*>", " ", prompt, flags=re.IGNORECASE).split())
+
+def _strip_lora_tags(prompt: str) -> str:
+    return " ".join(_LORA_TAG.sub(" ", prompt).split())
 
 
 def _is_uuid(value: str) -> bool:
