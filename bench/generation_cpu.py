@@ -24,7 +24,6 @@ import asyncio
 import base64
 import contextlib
 import hashlib
-import io
 import json
 import os
 import platform
@@ -42,7 +41,7 @@ import grpc
 
 from client import LoracleClient, LoracleError
 from loracle.v1 import command_service_pb2, types_pb2
-from server.devtools.bench_support import Children, log, raise_system_exit
+from server.devtools.bench_support import Children, log, plain_png, raise_system_exit, same_pixels
 from server.devtools.local_server import RunningServer, start_server
 
 SEED = 1234
@@ -195,35 +194,6 @@ def generate(client: LoracleClient, spec: types_pb2.GenerationSpec) -> ServiceIm
     return ServiceImage(bytes(images[0]), seconds, events[-1].completed.timings, windows, events)
 
 
-def plain_job(pipe: Any, spec: types_pb2.GenerationSpec) -> tuple[bytes, float]:
-    """The same job in-process: the executor's call (CPU generator per image), then PNG."""
-    import torch
-
-    started = time.perf_counter()
-    result = pipe(
-        prompt=spec.prompt,
-        negative_prompt=None,
-        width=spec.width,
-        height=spec.height,
-        num_inference_steps=spec.steps,
-        guidance_scale=spec.guidance_scale,
-        num_images_per_prompt=1,
-        generator=[torch.Generator(device="cpu").manual_seed(spec.seed)],
-    )
-    buffer = io.BytesIO()
-    result.images[0].save(buffer, format="PNG")
-    return buffer.getvalue(), time.perf_counter() - started
-
-
-def same_pixels(png_a: bytes, png_b: bytes) -> bool:
-    import numpy as np
-    from PIL import Image
-
-    a = np.asarray(Image.open(io.BytesIO(png_a)).convert("RGB"))
-    b = np.asarray(Image.open(io.BytesIO(png_b)).convert("RGB"))
-    return a.shape == b.shape and bool((a == b).all())
-
-
 # --- (a) per-job overhead -------------------------------------------------------------------
 
 
@@ -248,10 +218,10 @@ def measure_jobs(client: LoracleClient, model_dir: Path, rounds: int) -> dict[st
         seed=SEED,
         num_images=1,
     )
-    plain_png, _ = plain_job(pipe, spec)  # warm-up
+    baseline, _ = plain_png(pipe, spec)  # warm-up
     service = generate(client, spec)  # warm-up; the server loads the model now
     log(f"(a) warm-up done: the first service job took {service.seconds * 1000:.0f} ms")
-    identical = same_pixels(plain_png, service.data)
+    identical = same_pixels(baseline, service.data)
 
     per_round: list[dict[str, float]] = []
     stages: list[types_pb2.StageTimings] = []
@@ -262,7 +232,7 @@ def measure_jobs(client: LoracleClient, model_dir: Path, rounds: int) -> dict[st
             total = 0.0
             for _ in range(JOBS_PER_ROUND):
                 if target == "plain":
-                    total += plain_job(pipe, spec)[1]
+                    total += plain_png(pipe, spec)[1]
                 else:
                     image = generate(client, spec)
                     total += image.seconds

@@ -30,7 +30,6 @@ import asyncio
 import contextlib
 import gc
 import hashlib
-import io
 import json
 import platform
 import re
@@ -50,7 +49,7 @@ import grpc
 
 from client import AsyncLoracleClient, LoracleClient, LoracleError
 from loracle.v1 import types_pb2
-from server.devtools.bench_support import raise_system_exit
+from server.devtools.bench_support import plain_png, raise_system_exit, same_pixels
 from server.devtools.local_server import RunningServer, start_server
 
 SEED = 20261126
@@ -468,35 +467,6 @@ def service_image(client: LoracleClient, spec: types_pb2.GenerationSpec) -> Stre
     return assembler.result(time.perf_counter() - began)
 
 
-def plain_image(pipe: Any, spec: types_pb2.GenerationSpec) -> tuple[bytes, float]:
-    """The executor's call on the in-process pipeline (CPU generator), then PNG."""
-    import torch
-
-    began = time.perf_counter()
-    result = pipe(
-        prompt=spec.prompt,
-        negative_prompt=None,
-        width=spec.width,
-        height=spec.height,
-        num_inference_steps=spec.steps,
-        guidance_scale=spec.guidance_scale,
-        num_images_per_prompt=1,
-        generator=[torch.Generator(device="cpu").manual_seed(spec.seed)],
-    )
-    buffer = io.BytesIO()
-    result.images[0].save(buffer, format="PNG")
-    return buffer.getvalue(), time.perf_counter() - began
-
-
-def same_pixels(png_a: bytes, png_b: bytes) -> bool:
-    import numpy as np
-    from PIL import Image
-
-    a = np.asarray(Image.open(io.BytesIO(png_a)).convert("RGB"))
-    b = np.asarray(Image.open(io.BytesIO(png_b)).convert("RGB"))
-    return a.shape == b.shape and bool((a == b).all())
-
-
 async def _concurrent(
     address: str, specs: list[types_pb2.GenerationSpec]
 ) -> tuple[float, list[Streamed]]:
@@ -553,10 +523,10 @@ def measure_a(pipe: Any, client: LoracleClient, plan: Plan, clock: Clock) -> dic
         num_images=1,
     )
     warm = _with(spec, steps=plan.warmup_steps)
-    plain_png, _ = plain_image(pipe, warm)
+    baseline, _ = plain_png(pipe, warm)
     first = service_image(client, warm)
     # Informative: bf16 kernels in two processes usually, not necessarily, agree to the bit.
-    identical = same_pixels(plain_png, first.png)
+    identical = same_pixels(baseline, first.png)
     clock.log(
         f"A: warm-up done; the service's first job (model load) took {first.seconds:.1f} s; "
         f"same pixels as plain diffusers: {identical}"
@@ -566,7 +536,7 @@ def measure_a(pipe: Any, client: LoracleClient, plan: Plan, clock: Clock) -> dic
     for index, order in enumerate(_interleaved(plan.a_images)):
         for side in order:
             if side == "a":
-                seconds["plain"].append(plain_image(pipe, spec)[1])
+                seconds["plain"].append(plain_png(pipe, spec)[1])
             else:
                 image = service_image(client, spec)
                 seconds["service"].append(image.seconds)
@@ -626,7 +596,7 @@ def measure_b(pipe: Any, address: str, plan: Plan, clock: Clock) -> dict[str, An
             seeds = SEED + 100 * (index + 1)
             if side == "a":
                 figures["plain_seconds"] = round(
-                    sum(plain_image(pipe, s)[1] for s in specs(seeds, plan.steps)), 4
+                    sum(plain_png(pipe, s)[1] for s in specs(seeds, plan.steps)), 4
                 )
             else:
                 wall, results = asyncio.run(_concurrent(address, specs(seeds, plan.steps)))

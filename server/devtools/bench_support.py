@@ -1,9 +1,11 @@
 """What the benchmarks share: child processes that cannot block on a full pipe and are always
-stopped, and the catalog (the real one by path, or seeded synthetic records of its shape)."""
+stopped, the catalog (the real one by path, or seeded synthetic records of its shape), and the
+plain-diffusers baseline of the generation benchmarks."""
 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import random
 import re
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from client import read_catalog_jsonl
+from loracle.v1 import types_pb2
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CATALOG = REPO_ROOT.parent / "shared" / "eval" / "civitai_loras.jsonl"
@@ -184,3 +187,33 @@ def load_catalog(path: Path) -> tuple[list[dict[str, Any]], str]:
         return list(read_catalog_jsonl(path)), "shared/eval"
     log(f"{path} not found: using {SYNTHETIC_RECORDS} synthetic records instead")
     return synthetic_catalog(), "synthetic"
+
+
+def plain_png(pipe: Any, spec: types_pb2.GenerationSpec) -> tuple[bytes, float]:
+    """A job as the executor runs it (a CPU generator per image), on a pipeline in this
+    process, then PNG-encoded: the baseline the generation benchmarks compare against."""
+    import torch
+
+    began = time.perf_counter()
+    result = pipe(
+        prompt=spec.prompt,
+        negative_prompt=None,
+        width=spec.width,
+        height=spec.height,
+        num_inference_steps=spec.steps,
+        guidance_scale=spec.guidance_scale,
+        num_images_per_prompt=1,
+        generator=[torch.Generator(device="cpu").manual_seed(spec.seed)],
+    )
+    buffer = io.BytesIO()
+    result.images[0].save(buffer, format="PNG")
+    return buffer.getvalue(), time.perf_counter() - began
+
+
+def same_pixels(png_a: bytes, png_b: bytes) -> bool:
+    import numpy as np
+    from PIL import Image
+
+    a = np.asarray(Image.open(io.BytesIO(png_a)).convert("RGB"))
+    b = np.asarray(Image.open(io.BytesIO(png_b)).convert("RGB"))
+    return a.shape == b.shape and bool((a == b).all())

@@ -31,7 +31,7 @@ from server.application.commands.generation import (
     SubmitGenerationCommand,
 )
 from server.application.commands.idempotency import previous_result, record_for
-from server.application.commands.recommend import LoRARecommendation
+from server.application.commands.recommend import Recommender
 from server.application.context import DispatchContext, current_context
 from server.application.ports import CatalogRepository
 from server.domain.errors import (
@@ -97,18 +97,6 @@ class Executor(Protocol):
 class LoraLookup(Protocol):
     def get(self, lora_id: str) -> LoraView | None: ...
     def find_by_file_name(self, file_name: str) -> list[LoraView]: ...
-
-
-class Recommender(Protocol):
-    def recommend(
-        self,
-        prompt: str,
-        base_model: str,
-        *,
-        max_loras: int,
-        min_confidence: float | None,
-        include_unavailable: bool,
-    ) -> list[LoRARecommendation]: ...
 
 
 def _defaults(model: BaseModelInfo) -> tuple[int, int, float]:
