@@ -13,6 +13,17 @@ from typing import Any
 from server.domain.errors import FieldViolation, ValidationError
 from server.domain.models import BaseModelConfig, resolve_architecture
 
+SCOPES = ("read", "write", "generate", "admin")
+
+
+@dataclass(frozen=True, slots=True)
+class TokenConfig:
+    """A bearer token as configured: its SHA-256 (the token itself is never stored)."""
+
+    name: str
+    sha256: str
+    scopes: frozenset[str]
+
 
 @dataclass(frozen=True, slots=True)
 class Settings:
@@ -44,6 +55,19 @@ class Settings:
     torch_threads: int = 1
     # Build the placeholder when no model is configured (off: it is listed as not ready).
     embedded_model: bool = True
+    # [[tokens]] tables (name, sha256, scopes). None configured: no authentication, which the
+    # server accepts only on a loopback address unless `insecure` is set.
+    tokens: tuple[TokenConfig, ...] = ()
+    # TLS from PEM files; with tls_client_ca, clients must present a certificate it signed.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    # Listen beyond loopback without auth and TLS anyway (logged loudly).
+    insecure: bool = False
+    # Prometheus metrics on HOST:PORT (path /metrics); empty: off.
+    metrics_listen: str = ""
+    # "text" or "json" (one JSON object per line).
+    log_format: str = "text"
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -126,6 +150,31 @@ def _models(tables: Any, base: Path) -> tuple[BaseModelConfig, ...]:
     return tuple(out)
 
 
+def _tokens(tables: Any) -> tuple[TokenConfig, ...]:
+    if not isinstance(tables, list):
+        raise ValidationError(FieldViolation("tokens", "must be an array of [[tokens]] tables"))
+    out: list[TokenConfig] = []
+    for i, table in enumerate(tables):
+        where = f"tokens[{i}]"
+        if not isinstance(table, dict):
+            raise ValidationError(FieldViolation(where, "must be a table"))
+        name = str(table.get("name", "")).strip()
+        digest = str(table.get("sha256", "")).strip().lower()
+        scopes = table.get("scopes", [])
+        if not name or name in {t.name for t in out}:
+            raise ValidationError(FieldViolation(f"{where}.name", "required and unique"))
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise ValidationError(
+                FieldViolation(f"{where}.sha256", "the token's SHA-256 as 64 hex digits")
+            )
+        if not isinstance(scopes, list) or not scopes or not set(scopes) <= set(SCOPES):
+            raise ValidationError(
+                FieldViolation(f"{where}.scopes", f"a non-empty list of {', '.join(SCOPES)}")
+            )
+        out.append(TokenConfig(name, digest, frozenset(str(x) for x in scopes)))
+    return tuple(out)
+
+
 def _resolve(path: str, base: Path) -> Path:
     """A path from the TOML file: relative ones are relative to that file's folder."""
     resolved = Path(path).expanduser()
@@ -154,6 +203,17 @@ def load_settings(
         default=None,
         help="do not build the tiny placeholder model when no model is configured",
     )
+    parser.add_argument("--tls-cert", help="PEM certificate chain: serve TLS")
+    parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    parser.add_argument("--tls-client-ca", help="PEM CA bundle: require client certificates")
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="allow a non-loopback listen address without authentication and TLS",
+    )
+    parser.add_argument("--metrics-listen", help="HOST:PORT to serve Prometheus /metrics on")
+    parser.add_argument("--log-format", choices=["text", "json"], help="log line format")
     parser.add_argument("--max-queue", type=int, help="generation jobs that may wait (16)")
     parser.add_argument("--max-batch", type=int, help="images generated together (8)")
     parser.add_argument(
@@ -175,9 +235,14 @@ def load_settings(
             data = tomllib.loads(path.read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ValidationError(FieldViolation("config", f"{path}: {exc}")) from None
-        known = {f.name for f in fields(Settings)} - {"models"}
+        known = {f.name for f in fields(Settings)} - {"models", "tokens"}
         if "models" in data:
             values["models"] = _models(data.pop("models"), path.parent)
+        if "tokens" in data:
+            values["tokens"] = _tokens(data.pop("tokens"))
+        for key in ("tls_cert", "tls_key", "tls_client_ca"):
+            if key in data:
+                data[key] = str(_resolve(str(data[key]), path.parent))
         for key, value in data.items():
             if key in known:
                 values[key] = _coerce(key, value)
@@ -195,6 +260,12 @@ def load_settings(
         "log_level",
         "rebuild_projections",
         "max_queue",
+        "tls_cert",
+        "tls_key",
+        "tls_client_ca",
+        "insecure",
+        "metrics_listen",
+        "log_format",
         "max_batch",
         "batch_wait_ms",
     ):
