@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from client._requests import Tls
 from client.async_client import AsyncLoracleClient
 from client.catalog import read_catalog_jsonl
 from client.errors import (
@@ -33,6 +34,7 @@ __all__ = [
     "NotFound",
     "PermissionDenied",
     "ResourceExhausted",
+    "Tls",
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
 
+import grpc
 from google.protobuf import field_mask_pb2, timestamp_pb2
 
 from loracle.v1 import command_service_pb2, query_service_pb2, types_pb2
@@ -36,8 +37,36 @@ def request_id_or_new(request_id: str | None) -> str:
     return request_id if request_id is not None else str(uuid.uuid4())
 
 
-def metadata_tuple(metadata: Sequence[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
-    return tuple((str(k), str(v)) for k, v in metadata)
+def metadata_tuple(
+    metadata: Sequence[tuple[str, str]], token: str | None = None
+) -> tuple[tuple[str, str], ...]:
+    pairs = tuple((str(k), str(v)) for k, v in metadata)
+    return (*pairs, ("authorization", f"Bearer {token}")) if token else pairs
+
+
+@dataclass(frozen=True, slots=True)
+class Tls:
+    """PEM bytes for a TLS channel: the CA to trust (None: the system's), and for mutual TLS
+    the client's certificate chain and key."""
+
+    root_certificates: bytes | None = None
+    certificate_chain: bytes | None = None
+    private_key: bytes | None = None
+
+    @staticmethod
+    def from_files(ca: str | None = None, cert: str | None = None, key: str | None = None) -> Tls:
+        def read(path: str | None) -> bytes | None:
+            if path is None:
+                return None
+            with open(path, "rb") as f:
+                return f.read()
+
+        return Tls(read(ca), read(cert), read(key))
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            self.root_certificates, self.private_key, self.certificate_chain
+        )
 
 
 # --- commands -----------------------------------------------------------------------------

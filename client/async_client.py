@@ -43,16 +43,20 @@ class AsyncLoracleClient:
         metadata: Sequence[tuple[str, str]] = (),
         channel: grpc.aio.Channel | None = None,
         stream_timeout: float | None = None,
+        token: str | None = None,
+        tls: rq.Tls | None = None,
     ) -> None:
         self.target = target
         self.timeout = timeout
         self.stream_timeout = stream_timeout
-        self._metadata = rq.metadata_tuple(metadata)
+        self._metadata = rq.metadata_tuple(metadata, token)
         self._owns_channel = channel is None
         self._channel = (
             channel
             if channel is not None
             else grpc.aio.insecure_channel(target, options=rq.CHANNEL_OPTIONS)
+            if tls is None
+            else grpc.aio.secure_channel(target, tls.credentials(), options=rq.CHANNEL_OPTIONS)
         )
         self._commands = command_service_pb2_grpc.CommandServiceStub(self._channel)
         self._queries = query_service_pb2_grpc.QueryServiceStub(self._channel)

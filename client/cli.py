@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from client._requests import DEFAULT_CATALOG_BATCH_SIZE, DEFAULT_TARGET
+from client._requests import DEFAULT_CATALOG_BATCH_SIZE, DEFAULT_TARGET, Tls
 from client.catalog import parse_catalog_lines, read_catalog_jsonl
 from client.errors import InvalidArgument, LoracleError, NotFound
 from client.sync_client import LoracleClient
@@ -627,6 +627,16 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--json", action="store_true", help="print JSON on stdout")
     parser.add_argument(
+        "--token",
+        metavar="TOKEN",
+        default=os.environ.get("LORACLE_TOKEN") or None,
+        help="bearer token (default: $LORACLE_TOKEN)",
+    )
+    parser.add_argument("--tls-ca", metavar="PEM", help="use TLS, trusting this CA bundle")
+    parser.add_argument("--tls-cert", metavar="PEM", help="client certificate (mutual TLS)")
+    parser.add_argument("--tls-key", metavar="PEM", help="client private key (mutual TLS)")
+    parser.add_argument("--tls", action="store_true", help="use TLS with the system's trusted CAs")
+    parser.add_argument(
         "--timeout",
         type=float,
         default=30.0,
@@ -786,12 +796,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     timeout = args.timeout if args.timeout > 0 else None
     try:
-        with LoracleClient(args.server, timeout=timeout) as client:
+        tls = (
+            Tls.from_files(args.tls_ca, args.tls_cert, args.tls_key)
+            if args.tls or args.tls_ca or args.tls_cert
+            else None
+        )
+        with LoracleClient(args.server, timeout=timeout, token=args.token, tls=tls) as client:
             return handler(client, args, out)
     except LoracleError as err:
         _report(err, args.server)
         return _EXIT_ERROR
     except _LocalError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return _EXIT_ERROR
+    except OSError as err:  # e.g. a TLS file that cannot be read
         print(f"error: {err}", file=sys.stderr)
         return _EXIT_ERROR
     except _UsageError as err:

@@ -31,7 +31,8 @@ class LoracleClient:
 
     `timeout` is the deadline of unary calls. Streaming calls (imports, generation) can run
     far longer than any sensible unary deadline, so they use `stream_timeout` (default: none).
-    A channel passed in stays owned by the caller and is not closed by `close()`.
+    A channel passed in stays owned by the caller and is not closed by `close()`. `token` is
+    sent as `authorization: Bearer <token>`; `tls` makes the channel a TLS one.
     """
 
     def __init__(
@@ -42,16 +43,20 @@ class LoracleClient:
         metadata: Sequence[tuple[str, str]] = (),
         channel: grpc.Channel | None = None,
         stream_timeout: float | None = None,
+        token: str | None = None,
+        tls: rq.Tls | None = None,
     ) -> None:
         self.target = target
         self.timeout = timeout
         self.stream_timeout = stream_timeout
-        self._metadata = rq.metadata_tuple(metadata)
+        self._metadata = rq.metadata_tuple(metadata, token)
         self._owns_channel = channel is None
         self._channel = (
             channel
             if channel is not None
             else grpc.insecure_channel(target, options=rq.CHANNEL_OPTIONS)
+            if tls is None
+            else grpc.secure_channel(target, tls.credentials(), options=rq.CHANNEL_OPTIONS)
         )
         self._commands = command_service_pb2_grpc.CommandServiceStub(self._channel)
         self._queries = query_service_pb2_grpc.QueryServiceStub(self._channel)

@@ -7,10 +7,15 @@ import logging
 import sys
 from collections.abc import Sequence
 
+import grpc
+
 from server.bootstrap import bootstrap
 from server.config import load_settings
 from server.domain.errors import DomainError
-from server.rpc.server import LoracleServer
+from server.infrastructure.logs import configure_logging
+from server.infrastructure.metrics import Metrics, MetricsHttpServer
+from server.rpc.interceptors import LogContextInterceptor, MetricsInterceptor
+from server.rpc.server import ExposureError, LoracleServer
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -19,10 +24,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DomainError as exc:
         print(f"loracle-server: {exc.message}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    try:
+        configure_logging(settings.log_level, settings.log_format)
+    except ValueError as exc:
+        print(f"loracle-server: {exc}", file=sys.stderr)
+        return 2
     try:
         container = bootstrap(settings)
     except DomainError as exc:
@@ -30,13 +36,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
     async def run() -> None:
-        server = LoracleServer(container)
-        await server.start(settings.listen)
-        print(f"loracle-server listening on {settings.listen} (port {server.port})", flush=True)
-        await server.serve_until_signal()
+        interceptors: list[grpc.aio.ServerInterceptor] = [LogContextInterceptor()]
+        metrics_http: MetricsHttpServer | None = None
+        if settings.metrics_listen:
+            metrics = Metrics.for_container(container)
+            interceptors.append(MetricsInterceptor(metrics.rpc))
+            metrics_http = MetricsHttpServer(metrics.registry)
+            metrics_http.start(settings.metrics_listen)
+            print(f"loracle-server metrics on http://{metrics_http.address}/metrics", flush=True)
+        try:
+            server = LoracleServer(container, interceptors)
+            await server.start(settings.listen)
+            print(f"loracle-server listening on {settings.listen} (port {server.port})", flush=True)
+            await server.serve_until_signal()
+        finally:
+            if metrics_http is not None:
+                metrics_http.stop()
 
     try:
         asyncio.run(run())
+    except ExposureError as exc:
+        logging.getLogger("loracle").error("cannot serve: %s", exc)
+        container.close()
+        return 2
     except OSError as exc:
         logging.getLogger("loracle").error("cannot serve: %s", exc)
         container.close()

@@ -66,6 +66,7 @@ from server.application.queries import (
     WatchGenerationHandler,
     WatchGenerationQuery,
 )
+from server.application.security import Credential, ScopeAuthorizer, TokenAuthenticator
 from server.config import Settings
 from server.domain.generation_job import GenerationState
 from server.domain.recommend.engine import RecommendationEngine
@@ -95,6 +96,7 @@ class Container:
     models: ModelRegistry
     executor: DiffusionExecutor
     recorder: GenerationRecorder
+    authenticator: TokenAuthenticator
     generations: GenerationJobs
     middlewares: list[Middleware] = field(default_factory=list)
 
@@ -129,6 +131,11 @@ def bootstrap(
     store = EventStore(url)
     read_model = SqlReadModel(url)
     projector = Projector(store, read_model)
+    authenticator = TokenAuthenticator(
+        [Credential(t.name, t.sha256, t.scopes) for t in settings.tokens]
+    )
+    if authorizer is None and authenticator.enabled:
+        authorizer = ScopeAuthorizer()
     middlewares = default_middlewares(authorizer)
     queries = QueryBus(middlewares, consistency=projector)
 
@@ -242,6 +249,7 @@ def bootstrap(
         models=models,
         executor=executor,
         recorder=recorder,
+        authenticator=authenticator,
         generations=jobs,
         middlewares=middlewares,
     )

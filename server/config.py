@@ -158,6 +158,11 @@ def _tokens(tables: Any) -> tuple[TokenConfig, ...]:
         where = f"tokens[{i}]"
         if not isinstance(table, dict):
             raise ValidationError(FieldViolation(where, "must be a table"))
+        unknown = set(table) - {"name", "sha256", "scopes"}
+        if unknown:
+            raise ValidationError(
+                FieldViolation(where, f"unknown keys {sorted(unknown)} (name, sha256, scopes)")
+            )
         name = str(table.get("name", "")).strip()
         digest = str(table.get("sha256", "")).strip().lower()
         scopes = table.get("scopes", [])

@@ -37,7 +37,7 @@ class DispatchContext:
         return replace(self, request_id=request_id)
 
 
-SYSTEM_CONTEXT = DispatchContext(principal="system", correlation_id="")
+SYSTEM_CONTEXT = DispatchContext(principal="system", correlation_id="", scopes=frozenset({"admin"}))
 _current: contextvars.ContextVar[DispatchContext | None] = contextvars.ContextVar(
     "loracle_dispatch_context", default=None
 )

@@ -124,7 +124,7 @@ class AllowAll:
 
 @dataclass
 class AuthorizationMiddleware:
-    """The hook where the hardening issue plugs scopes in; allows everything until then."""
+    """Where scopes are enforced for every command and query (server/application/security.py)."""
 
     authorizer: Authorizer = field(default_factory=AllowAll)
 
@@ -162,6 +162,6 @@ def default_middlewares(authorizer: Authorizer | None = None) -> list[Middleware
     return [
         LoggingMiddleware(),
         TimingMiddleware(),
+        AuditMiddleware(),  # before authorization: refusals are audited too
         AuthorizationMiddleware(authorizer or AllowAll()),
-        AuditMiddleware(),
     ]

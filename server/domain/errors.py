@@ -110,3 +110,15 @@ class ResourceExhaustedError(DomainError):
     def __init__(self, message: str, retry_after_seconds: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after_seconds = retry_after_seconds
+
+
+class UnauthenticatedError(DomainError):
+    """No credentials, or credentials this server does not know."""
+
+    reason = "UNAUTHENTICATED"
+
+
+class PermissionDeniedError(DomainError):
+    """The caller is known but its scopes do not allow the request."""
+
+    reason = "PERMISSION_DENIED"

@@ -15,6 +15,7 @@ import grpc
 from server.application.commands import CommandBus, CommandResult, ICommand, IStreamCommand
 from server.application.context import DispatchContext
 from server.application.queries import IQuery, IStreamQuery, QueryBus, QueryResult
+from server.application.security import TokenAuthenticator
 from server.rpc.errors import to_status
 from server.rpc.mapping import position_from_token
 
@@ -23,9 +24,15 @@ _STREAM_WINDOW = 32
 
 
 class Dispatcher:
-    def __init__(self, commands: CommandBus, queries: QueryBus) -> None:
+    def __init__(
+        self,
+        commands: CommandBus,
+        queries: QueryBus,
+        authenticator: TokenAuthenticator | None = None,
+    ) -> None:
         self.commands = commands
         self.queries = queries
+        self.authenticator = authenticator or TokenAuthenticator(())
 
     def context(
         self,
@@ -35,8 +42,10 @@ class Dispatcher:
         consistency_token: str = "",
     ) -> DispatchContext:
         remaining = rpc.time_remaining()
+        principal = self.authenticator.authenticate(_metadata(rpc, "authorization"))
         return DispatchContext(
-            principal="anonymous",
+            principal=principal.name,
+            scopes=principal.scopes,
             request_id=request_id,
             correlation_id=_correlation_id(rpc),
             deadline=None if remaining is None else time.monotonic() + remaining,
@@ -157,6 +166,13 @@ async def abort(
 async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
     """Torch and the database block; the event loop must not."""
     return await asyncio.to_thread(fn, *args)
+
+
+def _metadata(rpc: grpc.aio.ServicerContext[Any, Any], key: str) -> str | None:
+    for name, value in rpc.invocation_metadata() or ():
+        if name == key and isinstance(value, str):
+            return value
+    return None
 
 
 def _correlation_id(rpc: grpc.aio.ServicerContext[Any, Any]) -> str:

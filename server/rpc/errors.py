@@ -18,8 +18,10 @@ from server.domain.errors import (
     DomainError,
     NotFoundError,
     NotImplementedYetError,
+    PermissionDeniedError,
     PreconditionError,
     ResourceExhaustedError,
+    UnauthenticatedError,
     UnavailableError,
     ValidationError,
 )
@@ -37,6 +39,8 @@ STATUS_TABLE: tuple[tuple[type[DomainError], grpc.StatusCode], ...] = (
     (ConsistencyTimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (NotImplementedYetError, grpc.StatusCode.UNIMPLEMENTED),
     (ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
 )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import signal
 from collections.abc import Sequence
@@ -15,6 +16,7 @@ from loracle.v1 import command_service_pb2, query_service_pb2
 from loracle.v1 import command_service_pb2_grpc as cmd_grpc
 from loracle.v1 import query_service_pb2_grpc as qry_grpc
 from server.bootstrap import Container
+from server.config import Settings
 from server.rpc.dispatch import Dispatcher
 from server.rpc.servicers import CommandServicer, QueryServicer
 
@@ -39,9 +41,9 @@ class LoracleServer:
             options=[
                 ("grpc.max_receive_message_length", max_bytes),
                 ("grpc.max_send_message_length", max_bytes),
-            ]
+            ],
         )
-        dispatcher = Dispatcher(container.commands, container.queries)
+        dispatcher = Dispatcher(container.commands, container.queries, container.authenticator)
         cmd_grpc.add_CommandServiceServicer_to_server(CommandServicer(dispatcher), self.server)
         qry_grpc.add_QueryServiceServicer_to_server(QueryServicer(dispatcher), self.server)
         self.health = health.aio.HealthServicer()
@@ -52,7 +54,13 @@ class LoracleServer:
         self.port = 0
 
     async def start(self, listen: str) -> int:
-        self.port = self.server.add_insecure_port(listen)
+        settings = self.container.settings
+        check_exposure(listen, settings)
+        credentials = server_credentials(settings)
+        if credentials is None:
+            self.port = self.server.add_insecure_port(listen)
+        else:
+            self.port = self.server.add_secure_port(listen, credentials)
         if self.port == 0:
             raise OSError(f"could not listen on {listen}")
         await self.server.start()
@@ -76,3 +84,62 @@ class LoracleServer:
         await stop.wait()
         log.info("signal received; shutting down gracefully")
         await self.stop(self.container.settings.shutdown_grace_seconds)
+
+
+class ExposureError(Exception):
+    """Refusing to serve without authentication and TLS beyond this machine."""
+
+
+def is_loopback(listen: str) -> bool:
+    host = listen.rsplit(":", 1)[0].strip("[]").lower()
+    if host in ("localhost", "::1"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name (or 0.0.0.0-like wildcard) may reach other machines
+
+
+def check_exposure(listen: str, settings: Settings) -> None:
+    """Off loopback, a server without tokens and TLS would let anyone on the network write;
+    that takes an explicit --insecure, and is logged loudly."""
+    if is_loopback(listen):
+        return
+    missing = [
+        what
+        for what, present in (
+            ("authentication ([[tokens]])", bool(settings.tokens)),
+            ("TLS (--tls-cert/--tls-key)", settings.tls_cert is not None),
+        )
+        if not present
+    ]
+    if not missing:
+        return
+    if not settings.insecure:
+        raise ExposureError(
+            f"refusing to listen on {listen} without {' and '.join(missing)}; configure them, "
+            "listen on 127.0.0.1, or pass --insecure"
+        )
+    log.warning(
+        "INSECURE: serving on %s without %s; anyone who can reach this port can use it",
+        listen,
+        " and ".join(missing),
+    )
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    if settings.tls_cert is None and settings.tls_key is None:
+        if settings.tls_client_ca is not None:
+            raise ExposureError("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if settings.tls_cert is None or settings.tls_key is None:
+        raise ExposureError("TLS needs both --tls-cert and --tls-key")
+    try:
+        chain = settings.tls_cert.read_bytes()
+        key = settings.tls_key.read_bytes()
+        client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
+    except OSError as exc:
+        raise ExposureError(f"cannot read TLS files: {exc}") from None
+    return grpc.ssl_server_credentials(
+        [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
