@@ -31,6 +31,7 @@ from server.application.commands.generate import (
     CancelGenerationHandler,
     GenerateImageHandler,
     GenerationJobs,
+    GenerationLimits,
     GenerationRecorder,
     QuickGenerateHandler,
     SubmitGenerationHandler,
@@ -43,6 +44,7 @@ from server.application.commands.generation import (
     SubmitGenerationCommand,
 )
 from server.application.context import SYSTEM_CONTEXT
+from server.application.limits import LimitsMiddleware, RateLimiter
 from server.application.middleware import Authorizer, Middleware, default_middlewares
 from server.application.ports import LoraFiles
 from server.application.queries import (
@@ -136,7 +138,12 @@ def bootstrap(
     )
     if authorizer is None and authenticator.enabled:
         authorizer = ScopeAuthorizer()
-    middlewares = default_middlewares(authorizer)
+    rate = settings.rate_limit_per_second
+    limits = LimitsMiddleware(
+        RateLimiter(rate, max(1.0, 2 * rate)) if rate > 0 else None,
+        settings.max_streams_per_principal,
+    )
+    middlewares = default_middlewares(authorizer, limits)
     queries = QueryBus(middlewares, consistency=projector)
 
     recommender = CatalogRecommender(RecommendationEngine(), read_model)
@@ -208,6 +215,14 @@ def bootstrap(
 
     recorder = GenerationRecorder(store, record_history)
     jobs = GenerationJobs(
+        limits=GenerationLimits(
+            prompt_chars=settings.max_prompt_chars,
+            side=settings.max_image_side,
+            pixels=settings.max_image_pixels,
+            steps=settings.max_steps,
+            images=settings.max_images_per_request,
+            loras=settings.max_loras_per_request,
+        ),
         models=models,
         executor=executor,
         catalog=store,

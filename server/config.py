@@ -64,6 +64,21 @@ class Settings:
     tls_client_ca: Path | None = None
     # Listen beyond loopback without auth and TLS anyway (logged loudly).
     insecure: bool = False
+    # Limits on one generation request (INVALID_ARGUMENT beyond them).
+    max_prompt_chars: int = 10_000
+    max_image_side: int = 2048
+    max_image_pixels: int = 2048 * 2048
+    max_steps: int = 150
+    max_images_per_request: int = 8
+    max_loras_per_request: int = 8
+    # Per principal: requests per second (token bucket, burst = 2 s worth; 0: off) and open
+    # streams (generation, imports, watches; 0: off). Beyond: RESOURCE_EXHAUSTED + RetryInfo.
+    rate_limit_per_second: float = 0.0
+    max_streams_per_principal: int = 32
+    # Keepalive pings and connection age; the grace lets long generation streams finish.
+    keepalive_seconds: float = 30.0
+    max_connection_age_seconds: float = 1800.0
+    max_connection_age_grace_seconds: float = 3600.0
     # Prometheus metrics on HOST:PORT (path /metrics); empty: off.
     metrics_listen: str = ""
     # "text" or "json" (one JSON object per line).

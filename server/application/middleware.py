@@ -158,10 +158,15 @@ class AuditMiddleware:
         return _on_finish(result, record)
 
 
-def default_middlewares(authorizer: Authorizer | None = None) -> list[Middleware]:
-    return [
+def default_middlewares(
+    authorizer: Authorizer | None = None, limits: Middleware | None = None
+) -> list[Middleware]:
+    chain: list[Middleware] = [
         LoggingMiddleware(),
         TimingMiddleware(),
-        AuditMiddleware(),  # before authorization: refusals are audited too
-        AuthorizationMiddleware(authorizer or AllowAll()),
+        AuditMiddleware(),  # before authorization and limits: refusals are audited too
     ]
+    if limits is not None:
+        chain.append(limits)
+    chain.append(AuthorizationMiddleware(authorizer or AllowAll()))
+    return chain

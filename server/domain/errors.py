@@ -122,3 +122,9 @@ class PermissionDeniedError(DomainError):
     """The caller is known but its scopes do not allow the request."""
 
     reason = "PERMISSION_DENIED"
+
+
+class DeadlineExceededError(DomainError):
+    """The caller's deadline passed; the work was not started (or was stopped)."""
+
+    reason = "DEADLINE_EXCEEDED"

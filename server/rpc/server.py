@@ -41,6 +41,7 @@ class LoracleServer:
             options=[
                 ("grpc.max_receive_message_length", max_bytes),
                 ("grpc.max_send_message_length", max_bytes),
+                *connection_options(container.settings),
             ],
         )
         dispatcher = Dispatcher(container.commands, container.queries, container.authenticator)
@@ -84,6 +85,21 @@ class LoracleServer:
         await stop.wait()
         log.info("signal received; shutting down gracefully")
         await self.stop(self.container.settings.shutdown_grace_seconds)
+
+
+def connection_options(settings: Settings) -> list[tuple[str, int]]:
+    """Pings find dead peers of long, quiet generation streams; a bounded connection age lets
+    load balancers rebalance, and the long grace lets a running stream finish first."""
+    ms = 1000
+    return [
+        ("grpc.keepalive_time_ms", int(settings.keepalive_seconds * ms)),
+        ("grpc.keepalive_timeout_ms", 10 * ms),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5 * ms),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.max_connection_age_ms", int(settings.max_connection_age_seconds * ms)),
+        ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace_seconds * ms)),
+    ]
 
 
 class ExposureError(Exception):

@@ -59,12 +59,20 @@ from server.domain.schedulers import SCHEDULERS
 
 log = logging.getLogger("loracle.generation")
 
-MAX_SIDE = 2048
-MAX_PIXELS = 2048 * 2048
-MAX_STEPS = 150
-MAX_IMAGES = 8
-MAX_PROMPT = 10_000
-MAX_LORAS = 8
+
+@dataclass(frozen=True, slots=True)
+class GenerationLimits:
+    """What one request may ask for (settings: max_prompt_chars, max_image_side, ...)."""
+
+    prompt_chars: int = 10_000
+    side: int = 2048
+    pixels: int = 2048 * 2048
+    steps: int = 150
+    images: int = 8
+    loras: int = 8
+
+
+DEFAULT_LIMITS = GenerationLimits()
 FORMATS = ("png", "jpeg", "webp")
 QUICK_MIN_CONFIDENCE = 0.5
 
@@ -108,35 +116,38 @@ def _defaults(model: BaseModelInfo) -> tuple[int, int, float]:
     return 512, 25, 7.0
 
 
-def validate(request: GenerationRequest) -> list[FieldViolation]:
+def validate(
+    request: GenerationRequest, limits: GenerationLimits = DEFAULT_LIMITS
+) -> list[FieldViolation]:
     out = []
     if not request.prompt.strip():
         out.append(FieldViolation("spec.prompt", "must not be empty"))
-    if len(request.prompt) > MAX_PROMPT or len(request.negative_prompt) > MAX_PROMPT:
-        out.append(FieldViolation("spec.prompt", f"at most {MAX_PROMPT} characters"))
+    if max(len(request.prompt), len(request.negative_prompt)) > limits.prompt_chars:
+        out.append(FieldViolation("spec.prompt", f"at most {limits.prompt_chars} characters"))
     for name, value in (("width", request.width), ("height", request.height)):
-        if value and (value % 8 or not 64 <= value <= MAX_SIDE):
+        if value and (value % 8 or not 64 <= value <= limits.side):
             out.append(
-                FieldViolation(f"spec.{name}", f"a multiple of 8 from 64 to {MAX_SIDE}, or 0")
+                FieldViolation(f"spec.{name}", f"a multiple of 8 from 64 to {limits.side}, or 0")
             )
-    if request.width * request.height > MAX_PIXELS:
-        out.append(FieldViolation("spec.width", f"width x height at most {MAX_PIXELS} pixels"))
-    if not 0 <= request.steps <= MAX_STEPS:
-        out.append(FieldViolation("spec.steps", f"from 1 to {MAX_STEPS}, or 0"))
+    if request.width * request.height > limits.pixels:
+        out.append(FieldViolation("spec.width", f"width x height at most {limits.pixels} pixels"))
+    if not 0 <= request.steps <= limits.steps:
+        out.append(FieldViolation("spec.steps", f"from 1 to {limits.steps}, or 0"))
     if request.guidance_scale is not None and not 0.0 <= request.guidance_scale <= 30.0:
         out.append(FieldViolation("spec.guidance_scale", "from 0 to 30"))
-    if not 1 <= request.num_images <= MAX_IMAGES:
-        out.append(FieldViolation("spec.num_images", f"from 1 to {MAX_IMAGES}"))
-    if request.seed is not None and not 0 <= request.seed < 2**63 - MAX_IMAGES:
-        out.append(FieldViolation("spec.seed", "must not be negative"))
+    if not 1 <= request.num_images <= limits.images:
+        out.append(FieldViolation("spec.num_images", f"from 1 to {limits.images}"))
+    # Image i uses seed + i, which must stay a valid int64.
+    if request.seed is not None and not 0 <= request.seed <= 2**63 - 1 - limits.images:
+        out.append(FieldViolation("spec.seed", f"from 0 to {2**63 - 1 - limits.images}"))
     if request.scheduler and request.scheduler not in SCHEDULERS:
         out.append(FieldViolation("spec.scheduler", f"one of {', '.join(SCHEDULERS)}, or empty"))
     if request.output_format not in FORMATS:
         out.append(FieldViolation("spec.output_format", "png, jpeg or webp"))
     if request.chunk_size_bytes and not 1024 <= request.chunk_size_bytes <= 4 * 1024 * 1024:
         out.append(FieldViolation("spec.chunk_size_bytes", "from 1 KiB to 4 MiB, or 0"))
-    if not 0 <= request.preview_every_n_steps <= MAX_STEPS:
-        out.append(FieldViolation("spec.preview_every_n_steps", f"from 0 to {MAX_STEPS}"))
+    if not 0 <= request.preview_every_n_steps <= limits.steps:
+        out.append(FieldViolation("spec.preview_every_n_steps", f"from 0 to {limits.steps}"))
     for i, choice in enumerate(request.loras):
         if not choice.lora.strip():
             out.append(FieldViolation(f"spec.loras[{i}].lora", "must not be empty"))
@@ -157,6 +168,7 @@ class GenerationJobs:
         loras: LoraLookup,
         lora_roots: Sequence[Path],
         recorder: GenerationRecorder,
+        limits: GenerationLimits = DEFAULT_LIMITS,
     ) -> None:
         self._models = models
         self._executor = executor
@@ -164,15 +176,16 @@ class GenerationJobs:
         self._loras = loras
         self._roots = tuple(lora_roots)
         self.recorder = recorder
+        self.limits = limits
 
     # -- preparing ---------------------------------------------------------------------------
 
     def prepare(self, request: GenerationRequest) -> GenerationJob:
-        violations = validate(request)
+        violations = validate(request, self.limits)
         parsed = parse_prompt(request.prompt)
         choices = [*request.loras, *(LoraChoice(t.name, t.weight) for t in parsed.lora_tags)]
-        if len(choices) > MAX_LORAS:
-            violations.append(FieldViolation("spec.loras", f"at most {MAX_LORAS} LoRAs"))
+        if len(choices) > self.limits.loras:
+            violations.append(FieldViolation("spec.loras", f"at most {self.limits.loras} LoRAs"))
         if violations:
             raise ValidationError(violations)
         model = self.model(request.model)

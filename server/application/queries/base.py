@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar, cast
 
 from server.application.context import DispatchContext, current_context, use_context
 from server.application.middleware import Middleware, Next, build_chain, default_middlewares
-from server.domain.errors import NotImplementedYetError
+from server.domain.errors import DeadlineExceededError, NotImplementedYetError
 
 R = TypeVar("R")
 R_co = TypeVar("R_co", covariant=True)
@@ -141,6 +141,9 @@ class QueryBus:
 
         def call(message: Any, ctx: DispatchContext) -> Any:
             with use_context(ctx):
+                remaining = ctx.time_remaining()
+                if remaining is not None and remaining <= 0:
+                    raise DeadlineExceededError("the deadline passed before the query ran")
                 if ctx.min_position and self._consistency is not None:
                     self._consistency.wait_for(ctx.min_position, ctx.time_remaining())
                 if is_stream or not message.cacheable:
