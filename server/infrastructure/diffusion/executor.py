@@ -255,6 +255,11 @@ class DiffusionExecutor:
         with self._lock:
             return list(self._pipelines)
 
+    def queue_depth(self) -> int:
+        """Jobs waiting for the device (not counting the running batch)."""
+        with self._lock:
+            return len(self._waiting)
+
     def idle(self) -> bool:
         with self._lock:
             return not self._waiting and not self.running

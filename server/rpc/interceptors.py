@@ -1,0 +1,130 @@
+"""Server interceptors: per-RPC metrics, and the method name for log lines.
+
+Every call of every service (ours, health, reflection) passes through here, so a call is
+counted once with the status the client actually received: OK, the code an abort set (our
+Dispatcher ends failed calls with `abort_with_status`, which raises), CANCELLED when the
+client went away (DEADLINE_EXCEEDED when its deadline passed), UNKNOWN for an escaped
+exception."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from typing import Any, TypeAlias
+
+import grpc
+
+from server.infrastructure.logs import rpc_method
+from server.infrastructure.metrics import RpcMetrics
+
+# Generic only in the type stubs, hence the quotes.
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+Continuation: TypeAlias = "Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]"
+Context = grpc.aio.ServicerContext[Any, Any]
+_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+
+
+class LogContextInterceptor(grpc.aio.ServerInterceptor):
+    """Puts the full method name where log records pick it up. grpc.aio runs interceptors
+    and the handler in one task per call, so the value covers exactly that call (and the
+    worker threads its dispatches run on, which copy the context)."""
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler | None:
+        rpc_method.set(handler_call_details.method)
+        return await continuation(handler_call_details)
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts and times every call by method and final status code. Async behaviours are
+    wrapped (all of this server's are); a synchronous one would pass through uncounted."""
+
+    def __init__(self, metrics: RpcMetrics) -> None:
+        self._metrics = metrics
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:  # no such method: the label would be whatever the client sent
+            self._metrics.requests.labels("unknown", "UNIMPLEMENTED").inc()
+            return None
+        method = handler_call_details.method
+        wrap = grpc.unary_unary_rpc_method_handler
+        behavior: Any = handler.unary_unary
+        if handler.unary_stream is not None:
+            wrap, behavior = grpc.unary_stream_rpc_method_handler, handler.unary_stream
+        elif handler.stream_unary is not None:
+            wrap, behavior = grpc.stream_unary_rpc_method_handler, handler.stream_unary
+        elif handler.stream_stream is not None:
+            wrap, behavior = grpc.stream_stream_rpc_method_handler, handler.stream_stream
+        if inspect.isasyncgenfunction(behavior):
+            wrapped: Any = self._stream(method, behavior)
+        elif inspect.iscoroutinefunction(behavior):
+            wrapped = self._unary(method, behavior)
+        else:
+            return handler
+        return wrap(wrapped, handler.request_deserializer, handler.response_serializer)
+
+    def _unary(
+        self, method: str, behavior: Callable[[Any, Context], Awaitable[Any]]
+    ) -> Callable[[Any, Context], Awaitable[Any]]:
+        """Unary responses, and streams written with `context.write` (health's Watch)."""
+
+        async def call(request: Any, context: Context) -> Any:
+            start = time.perf_counter()
+            error: BaseException | None = None
+            try:
+                return await behavior(request, context)
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                self._metrics.finished(
+                    method, status_name(context, error), time.perf_counter() - start
+                )
+
+        return call
+
+    def _stream(
+        self, method: str, behavior: Callable[[Any, Context], AsyncGenerator[Any, None]]
+    ) -> Callable[[Any, Context], AsyncIterator[Any]]:
+        """Streams from async generators: timed to their end, each message counted."""
+        sent = self._metrics.stream_messages.labels(method)
+
+        async def call(request: Any, context: Context) -> AsyncIterator[Any]:
+            start = time.perf_counter()
+            error: BaseException | None = None
+            try:
+                # aclosing: a client that goes away mid-stream closes the handler now, not
+                # whenever the abandoned generator is collected.
+                async with aclosing(behavior(request, context)) as responses:
+                    async for response in responses:
+                        sent.inc()
+                        yield response
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                self._metrics.finished(
+                    method, status_name(context, error), time.perf_counter() - start
+                )
+
+        return call
+
+
+def status_name(context: Context, error: BaseException | None) -> str:
+    """The status code the client receives when the handler ended with `error`."""
+    if isinstance(error, asyncio.CancelledError | GeneratorExit):
+        remaining = context.time_remaining()
+        return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+    code: object = context.code()  # set by abort/abort_with_status/set_code
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    if isinstance(code, int):
+        return _CODE_NAMES.get(code, "UNKNOWN")
+    return "OK" if error is None else "UNKNOWN"
