@@ -9,12 +9,15 @@ TORCH_SPEC ?= torch==2.13.0
 BUF_VERSION := 1.75.0
 BUF := .tools/node_modules/.bin/buf
 STAMP := $(VENV)/.installed
+# The Node.js client of the polyglot check (tests/e2e/test_node_client.py), from its lockfile.
+NODE_INTEROP := interop/node
+NODE_STAMP := $(NODE_INTEROP)/node_modules/.installed
 export LORACLE_TEST_POSTGRES_URL ?= postgresql://postgres@127.0.0.1:5432/test
 
 .PHONY: install demo test proto check-generated lint-proto lint format typecheck pytest \
         services bench eval-recommend serve clean
 
-install: $(STAMP) $(BUF)
+install: $(STAMP) $(BUF) $(NODE_STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +27,10 @@ $(STAMP): pyproject.toml
 
 $(BUF):
 	npm install --prefix .tools --no-audit --no-fund --loglevel=error @bufbuild/buf@$(BUF_VERSION)
+
+$(NODE_STAMP): $(NODE_INTEROP)/package.json $(NODE_INTEROP)/package-lock.json
+	npm ci --prefix $(NODE_INTEROP) --no-audit --no-fund --loglevel=error
+	touch $@
 
 demo: install
 	$(BIN)/python -m server.devtools.demo
