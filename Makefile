@@ -15,7 +15,7 @@ NODE_STAMP := $(NODE_INTEROP)/node_modules/.installed
 export LORACLE_TEST_POSTGRES_URL ?= postgresql://postgres@127.0.0.1:5432/test
 
 .PHONY: install demo test proto check-generated lint-proto lint format typecheck pytest \
-        services bench eval-recommend serve clean
+        services bench bench-reliability eval-recommend serve clean
 
 install: $(STAMP) $(BUF) $(NODE_STAMP)
 
@@ -66,6 +66,12 @@ pytest: install services
 bench: install
 	$(BIN)/python bench/bench_catalog.py
 	$(BIN)/python bench/generation_cpu.py
+
+# The reliability suite with heavy settings (CI runs it light, as part of `make test`).
+bench-reliability: install services
+	LORACLE_FUZZ_EXAMPLES=$(or $(FUZZ_EXAMPLES),400) LORACLE_CRASH_ROUNDS=$(or $(CRASH_ROUNDS),10) \
+	LORACLE_LOAD_SECONDS=$(or $(LOAD_SECONDS),60) LORACLE_LOAD_QUERIES=$(or $(LOAD_QUERIES),500) \
+	$(BIN)/pytest -q -s -p no:cacheprovider --timeout 1800 tests/reliability
 
 # make eval-recommend CATALOG=... QUERIES=... [HISTORY=...] [LIMIT=N]
 CATALOG ?= ../shared/eval/civitai_loras.jsonl
