@@ -4,6 +4,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Messages quote client input (a path, an id). gRPC drops a call whose status trailers (the
+# message, percent-encoded, plus the rich details) outgrow the client's metadata limit, 8 KiB
+# by default, and the client then sees a retryable RESOURCE_EXHAUSTED instead of the error:
+# what a client can see is bounded here, in UTF-8 bytes.
+MAX_MESSAGE_BYTES = 400
+MAX_DETAIL_BYTES = 300
+MAX_VIOLATIONS = 6
+
+
+def clip(text: str, limit: int) -> str:
+    """`text` in at most `limit` UTF-8 bytes: when longer, its middle is replaced by an
+    ellipsis, so the start and the reason at the end (after a quoted value) both remain."""
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    head = (limit - 3) * 2 // 3
+    tail = limit - 3 - head
+    start = data[:head].decode("utf-8", "ignore")
+    end = data[len(data) - tail :].decode("utf-8", "ignore")
+    return f"{start}\u2026{end}"
+
 
 @dataclass(frozen=True, slots=True)
 class FieldViolation:
@@ -17,9 +38,10 @@ class DomainError(Exception):
     reason = "DOMAIN_ERROR"
 
     def __init__(self, message: str, *, metadata: dict[str, str] | None = None) -> None:
+        message = clip(message, MAX_MESSAGE_BYTES)
         super().__init__(message)
         self.message = message
-        self.metadata = dict(metadata or {})
+        self.metadata = {k: clip(v, MAX_DETAIL_BYTES) for k, v in (metadata or {}).items()}
 
 
 class ValidationError(DomainError):
@@ -28,8 +50,13 @@ class ValidationError(DomainError):
     reason = "INVALID_ARGUMENT"
 
     def __init__(self, violations: list[FieldViolation] | FieldViolation) -> None:
-        self.violations = [violations] if isinstance(violations, FieldViolation) else violations
-        super().__init__("; ".join(f"{v.field}: {v.description}" for v in self.violations))
+        given = [violations] if isinstance(violations, FieldViolation) else violations
+        self.violations = [
+            FieldViolation(v.field, clip(v.description, MAX_DETAIL_BYTES))
+            for v in given[:MAX_VIOLATIONS]
+        ]
+        more = f"; and {len(given) - MAX_VIOLATIONS} more" if len(given) > MAX_VIOLATIONS else ""
+        super().__init__("; ".join(f"{v.field}: {v.description}" for v in self.violations) + more)
 
 
 class NotFoundError(DomainError):

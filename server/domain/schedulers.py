@@ -28,7 +28,9 @@ SCHEDULERS: dict[str, SchedulerChoice] = {
             {"use_karras_sigmas": True},
         ),
         SchedulerChoice("ddim", "DDIMScheduler", "DDIM"),
-        SchedulerChoice("pndm", "PNDMScheduler", "PLMS"),
+        # PLMS proper, as in Stable Diffusion's own scheduler configs: without it PNDM adds
+        # Runge-Kutta warm-up steps and fails outright below 4 steps.
+        SchedulerChoice("pndm", "PNDMScheduler", "PLMS", {"skip_prk_steps": True}),
         SchedulerChoice("lms", "LMSDiscreteScheduler", "LMS"),
         SchedulerChoice("heun", "HeunDiscreteScheduler", "Heun"),
         SchedulerChoice("unipc", "UniPCMultistepScheduler", "UniPC"),

@@ -106,7 +106,11 @@ class LoraFileReader:
         root = self._root_of(real)
         if root is None:
             raise _bad_path(f"{path!r} is outside the configured LoRA roots")
-        if not real.exists():
+        try:
+            exists = real.exists()
+        except OSError as e:  # e.g. a name longer than the file system allows
+            raise _bad_path(f"{path!r} cannot be accessed: {e.strerror}") from None
+        if not exists:
             raise _bad_path(f"{path!r} does not exist")
         return root, real
 
@@ -128,14 +132,23 @@ class LoraFileReader:
             )
         if suffix != SAFETENSORS_SUFFIX:
             raise BadLoraFileError(rel, f"not a safetensors file (extension {suffix or 'none'!r})")
-        # A FIFO or device would block or stream forever; only plain files are read.
-        if not stat.S_ISREG(absolute.stat().st_mode):
+        try:
+            # Non-blocking, so a FIFO (even one swapped in after a check) cannot hang the open;
+            # only plain files are read: a FIFO or device would block or stream forever.
+            fd = os.open(absolute, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError as e:
+            raise BadLoraFileError(rel, f"cannot be read: {e.strerror}") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
             raise BadLoraFileError(rel, "not a regular file")
-        with absolute.open("rb") as f:
-            st = os.fstat(f.fileno())
-            tensors, header_metadata = _read_header(f, st.st_size, self._max_header_bytes, rel)
-            f.seek(0)
-            sha256 = _sha256_stream(f)
+        with os.fdopen(fd, "rb") as f:
+            try:
+                tensors, header_metadata = _read_header(f, st.st_size, self._max_header_bytes, rel)
+                f.seek(0)
+                sha256 = _sha256_stream(f)
+            except OSError as e:  # an I/O error on a damaged disk is the file's fault
+                raise BadLoraFileError(rel, f"cannot be read: {e.strerror}") from None
         lora_file = LoraFile(
             path=rel,
             size_bytes=st.st_size,
@@ -180,12 +193,20 @@ def _walk(entries: list[os.DirEntry[str]]) -> Iterator[Path]:
                 continue  # an unreadable subdirectory must not abort the whole scan
             yield from _walk(children)
         elif os.path.splitext(entry.name)[1].lower() in CANDIDATE_SUFFIXES:
-            # Symlinks (even dangling ones) are yielded so read() can say why they are refused;
-            # links to directories are neither followed nor yielded.
-            if entry.is_symlink() and entry.is_dir():
-                continue
-            if entry.is_symlink() or entry.is_file(follow_symlinks=False):
+            # Symlinks (even dangling or looping ones) are yielded so read() can say why they
+            # are refused; links to directories are neither followed nor yielded.
+            if entry.is_symlink():
+                if not _links_to_directory(entry):
+                    yield Path(entry.path)
+            elif entry.is_file(follow_symlinks=False):
                 yield Path(entry.path)
+
+
+def _links_to_directory(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a symlink loop (ELOOP) or an unreadable target
+        return False
 
 
 # --- header -------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from google.protobuf import timestamp_pb2
@@ -50,6 +50,25 @@ _FORMATS = {
     types_pb2.IMAGE_FORMAT_JPEG: "jpeg",
     types_pb2.IMAGE_FORMAT_WEBP: "webp",
 }
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_FIRST = datetime.min.replace(tzinfo=UTC)
+_LAST = datetime.max.replace(tzinfo=UTC)
+_SECOND = timedelta(seconds=1)
+
+
+def time_bound_from_proto(value: timestamp_pb2.Timestamp) -> datetime:
+    """A Timestamp used as the bound of a time range, as an aware datetime. Values a datetime
+    cannot hold (seconds outside years 1 to 9999, which Timestamp.ToDatetime refuses with a
+    ValueError) are clamped to those years: no event lies beyond them, so the range means
+    the same. Nanos outside [0, 1e9) carry into the seconds."""
+    seconds, nanos = divmod(value.seconds * 10**9 + value.nanos, 10**9)
+    if seconds < (_FIRST - _EPOCH) // _SECOND:
+        return _FIRST
+    if seconds > (_LAST - _EPOCH) // _SECOND:
+        return _LAST
+    return _EPOCH + timedelta(seconds=seconds, microseconds=nanos // 1000)
 
 
 def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:

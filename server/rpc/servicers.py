@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import grpc
@@ -50,6 +50,7 @@ from server.rpc.mapping import (
     import_update_to_proto,
     lora_to_proto,
     recommendation_to_proto,
+    time_bound_from_proto,
     token_for,
 )
 
@@ -326,4 +327,4 @@ class QueryServicer(qry_grpc.QueryServiceServicer):
 
 
 def _time(value: timestamp_pb2.Timestamp, present: bool) -> datetime | None:
-    return value.ToDatetime(tzinfo=UTC) if present else None
+    return time_bound_from_proto(value) if present else None
