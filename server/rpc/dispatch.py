@@ -16,11 +16,13 @@ from server.application.commands import CommandBus, CommandResult, ICommand, ISt
 from server.application.context import DispatchContext
 from server.application.queries import IQuery, IStreamQuery, QueryBus, QueryResult
 from server.application.security import TokenAuthenticator
+from server.domain.errors import FieldViolation, ValidationError
 from server.rpc.errors import to_status
 from server.rpc.mapping import position_from_token
 
 T = TypeVar("T")
 _STREAM_WINDOW = 32
+MAX_REQUEST_ID = 128
 
 
 class Dispatcher:
@@ -43,6 +45,11 @@ class Dispatcher:
     ) -> DispatchContext:
         remaining = rpc.time_remaining()
         principal = self.authenticator.authenticate(_metadata(rpc, "authorization"))
+        if len(request_id) > MAX_REQUEST_ID or not request_id.isprintable():
+            # It is logged and stored: no control characters (forged log lines), no megabytes.
+            raise ValidationError(
+                FieldViolation("request_id", f"at most {MAX_REQUEST_ID} printable characters")
+            )
         return DispatchContext(
             principal=principal.name,
             scopes=principal.scopes,

@@ -89,6 +89,17 @@ def test_bad_generation_requests(ready: RunningServer) -> None:
         with pytest.raises(InvalidArgument) as bad:
             list(client.generate_image(types_pb2.GenerationSpec(prompt="x", scheduler="warp")))
         assert bad.value.field_violations[0][0] == "spec.scheduler"
+        # The placeholder's images are noise, and large ones cost minutes per step.
+        with pytest.raises(InvalidArgument) as large:
+            list(client.generate_image(types_pb2.GenerationSpec(prompt="x", width=512)))
+        assert "at most 256x256" in large.value.message
+        # request_id is logged and stored: no control characters, no megabytes.
+        for request_id in ("forged\nINFO line", "x" * 129):
+            with pytest.raises(InvalidArgument) as bad_id:
+                client.submit_generation(
+                    types_pb2.GenerationSpec(prompt="x"), request_id=request_id
+                )
+            assert bad_id.value.field_violations[0][0] == "request_id"
 
 
 def test_client_cancellation_frees_the_executor(ready: RunningServer) -> None:

@@ -73,6 +73,7 @@ class GenerationLimits:
 
 
 DEFAULT_LIMITS = GenerationLimits()
+PLACEHOLDER_SIDE = 256
 FORMATS = ("png", "jpeg", "webp")
 QUICK_MIN_CONFIDENCE = 0.5
 
@@ -189,6 +190,16 @@ class GenerationJobs:
         if violations:
             raise ValidationError(violations)
         model = self.model(request.model)
+        if model.config.placeholder and max(request.width, request.height) > PLACEHOLDER_SIDE:
+            # Its 2x VAE makes large images cost minutes per step, for noise: one such job
+            # would hold the queue for everyone.
+            raise ValidationError(
+                FieldViolation(
+                    "spec.width",
+                    f"the placeholder model {model.config.name!r} makes images of at most "
+                    f"{PLACEHOLDER_SIDE}x{PLACEHOLDER_SIDE}",
+                )
+            )
         loras = self._resolve_loras(choices, model)
         side, steps, guidance = _defaults(model)
         return GenerationJob(
