@@ -177,7 +177,8 @@ def test_loras_through_the_server(ready: RunningServer) -> None:
     spec = types_pb2.GenerationSpec(prompt="a boat", seed=9, steps=2)
     with LoracleClient(ready.address) as client:
         client.register_lora("tiny_ink.safetensors")
-        list(client.import_loras())  # the demo library the fixture wrote
+        done = list(client.import_loras())[-1]  # the demo library the fixture wrote
+        client.list_loras(consistency_token=done.consistency_token)  # LoRAs resolve from it
         plain = list(client.generate_image(spec))
         styled = list(
             client.generate_image(

@@ -73,7 +73,9 @@ def ready(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     running = start_server(data_dir, "--config", str(settings))
     try:
         with LoracleClient(running.address, token=TOKEN) as client:
-            assert list(client.import_loras())[-1].progress.registered == 6
+            done = list(client.import_loras())[-1]
+            assert done.progress.registered == 6
+            client.list_loras(consistency_token=done.consistency_token)  # projected
             deadline = time.monotonic() + 60
             while not all(m.ready for m in client.list_base_models()):
                 assert time.monotonic() < deadline, "the embedded model never became ready"

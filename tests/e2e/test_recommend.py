@@ -14,7 +14,11 @@ from server.devtools.local_server import RunningServer
 @pytest.fixture(scope="module")
 def imported(server: RunningServer) -> str:
     with LoracleClient(server.address) as client:
-        return list(client.import_loras())[-1].consistency_token
+        token = list(client.import_loras())[-1].consistency_token
+        # Recommendations read the index the projector keeps; a query with the import's
+        # token returns once the projection (and so the index) has caught up.
+        client.list_loras(consistency_token=token)
+        return token
 
 
 def test_recommend_top_and_filter(server: RunningServer, imported: str) -> None:

@@ -154,7 +154,7 @@ def _known_values(server: RunningServer) -> dict[str, tuple[str, ...]]:
     "not found" to the handlers behind it."""
     with LoracleClient(server.address) as client:
         imported = list(client.import_loras())
-        loras = client.list_loras().loras
+        loras = client.list_loras(consistency_token=imported[-1].consistency_token).loras
         page = client.list_loras(page_size=1)
         recommendation = client.recommend_loras("a watercolor painting", "SD 1.5")
         events = list(

@@ -39,7 +39,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     write_demo_loras(data / "loras")
     running = start_server(data, "--max-queue", "2")
     with LoracleClient(running.address) as client:
-        list(client.import_loras())
+        token = list(client.import_loras())[-1].consistency_token
+        client.list_loras(consistency_token=token)  # projected: reads see all six
         deadline = time.monotonic() + 120
         while not all(m.ready for m in client.list_base_models()):
             assert time.monotonic() < deadline
