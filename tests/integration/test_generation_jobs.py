@@ -227,6 +227,10 @@ def test_the_scheduler_is_chosen_per_request(c: Container) -> None:
     png = Image.open(io.BytesIO(image_bytes(ancestral)[0]))
     assert "Sampler: Euler a" in png.info["parameters"]
     assert np.array_equal(pixels(run(c)), pixels(default))  # the model's own is back
+    plms = run(c, scheduler="pndm")  # one more timestep than steps: progress says so
+    progress = [e.payload for e in plms if isinstance(e.payload, gen.Progress)]
+    assert isinstance(final(plms), gen.Completed)
+    assert [(p.step, p.total_steps) for p in progress] == [(1, 4), (2, 4), (3, 4), (4, 4)]
     with pytest.raises(ValidationError) as err:
         run(c, scheduler="warp_drive")
     assert err.value.violations[0].field == "spec.scheduler"

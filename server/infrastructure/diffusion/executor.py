@@ -387,8 +387,11 @@ class DiffusionExecutor:
             if not active:
                 raise _Interrupted
             done = step + 1
+            # The loop runs once per scheduler timestep: PLMS adds one, Heun nearly doubles
+            # them, so the scheduler's count is the honest total.
+            total = len(getattr(_pipe.scheduler, "timesteps", ())) or job.steps
             for handle in active:
-                handle.publish(Progress(done, handle.job.steps, now - started))
+                handle.publish(Progress(done, max(total, done), now - started))
             latents = tensors.get("latents")
             for row, (handle, index) in enumerate(rows):
                 every = handle.job.preview_every
