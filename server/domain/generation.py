@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,13 @@ class ImageChunk:
     offset: int
     data: bytes
     last: bool
+
+
+def image_chunks(image_index: int, data: bytes, size: int) -> Iterator[ImageChunk]:
+    """An encoded image as the stream carries it, live or replayed."""
+    for offset in range(0, len(data), size):
+        piece = data[offset : offset + size]
+        yield ImageChunk(image_index, offset, piece, offset + len(piece) >= len(data))
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,10 +7,12 @@ from __future__ import annotations
 import enum
 import uuid
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from eventsourcing.domain import Aggregate, event
+
+from server.domain.models import aware
 
 
 class GenerationState(enum.StrEnum):
@@ -112,7 +114,7 @@ class Generation(Aggregate):
         self.state = GenerationState.SUCCEEDED
         self.images = images
         self.timings = timings
-        self.end_time = _aware(self.modified_on)
+        self.end_time = aware(self.modified_on)
 
     @event("Failed")
     def fail(
@@ -121,14 +123,14 @@ class Generation(Aggregate):
         self.state = GenerationState.FAILED
         self.error = error
         self.images = images
-        self.end_time = _aware(self.modified_on)
+        self.end_time = aware(self.modified_on)
 
     @event("Cancelled")
     def cancel(self, images: list[dict[str, Any]], principal: str, request_id: str) -> None:
         """Images finished before the cancellation are kept."""
         self.state = GenerationState.CANCELLED
         self.images = images
-        self.end_time = _aware(self.modified_on)
+        self.end_time = aware(self.modified_on)
 
     def view(self) -> GenerationView:
         return GenerationView(
@@ -138,11 +140,7 @@ class Generation(Aggregate):
             images=tuple(ImageRecord.from_dict(d) for d in self.images),
             error=self.error,
             timings=dict(self.timings),
-            create_time=_aware(self.created_on),
+            create_time=aware(self.created_on),
             end_time=self.end_time,
             version=self.version,
         )
-
-
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo else value.replace(tzinfo=UTC)

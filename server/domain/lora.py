@@ -4,7 +4,7 @@ event carries the principal and request_id of the command that caused it."""
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from eventsourcing.domain import Aggregate, event
@@ -15,6 +15,7 @@ from server.domain.models import (
     LoraMetadata,
     LoraSource,
     LoraView,
+    aware,
 )
 
 NAMESPACE = uuid.UUID("6f1b0d3e-54a4-4f0e-9d55-6c8f4a1d2b7e")
@@ -148,8 +149,8 @@ class Lora(Aggregate):
             source_id=self.source_id,
             file=None if self.file is None else file_from_dict(self.file),
             available=self.available,
-            create_time=_aware(self.created_on),
-            update_time=_aware(self.modified_on),
+            create_time=aware(self.created_on),
+            update_time=aware(self.modified_on),
             version=self.version,
         )
 
@@ -176,7 +177,3 @@ class CommandRecord(Aggregate):
         self.fingerprint = fingerprint
         self.result = result
         self.principal = principal
-
-
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo else value.replace(tzinfo=UTC)

@@ -4,15 +4,29 @@ from __future__ import annotations
 
 import enum
 import re
+import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Generic, TypeVar
 
 from server.domain.errors import FieldViolation, ValidationError
 
 T = TypeVar("T")
+
+
+def is_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
+
+
+def aware(value: datetime) -> datetime:
+    """Stores may hand back naive UTC datetimes (SQLite); everything here is aware UTC."""
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def clean_terms(values: Iterable[str]) -> tuple[str, ...]:

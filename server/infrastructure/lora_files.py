@@ -20,7 +20,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import BinaryIO, TypeGuard
+from typing import Any, BinaryIO, TypeGuard
 
 from server.domain.errors import BadLoraFileError, FieldViolation, ValidationError
 from server.domain.models import (
@@ -68,10 +68,15 @@ def sha256_file(path: Path) -> str:
         return _sha256_stream(f)
 
 
-def _sha256_stream(f: BinaryIO) -> str:
-    digest = hashlib.sha256()
+def update_digest(digest: Any, f: BinaryIO) -> None:
+    """Feeds a file to a hashlib digest in bounded chunks (LoRAs and checkpoints are GBs)."""
     while chunk := f.read(_CHUNK):
         digest.update(chunk)
+
+
+def _sha256_stream(f: BinaryIO) -> str:
+    digest = hashlib.sha256()
+    update_digest(digest, f)
     return digest.hexdigest()
 
 

@@ -26,6 +26,7 @@ from server.domain.models import (
     LoraSource,
     LoraView,
     Page,
+    aware,
 )
 from server.infrastructure.storage_url import StorageUrl
 
@@ -476,7 +477,7 @@ class SqlReadModel:
         rows = rows[:page_size]
         token = ""
         if more:
-            last = _aware(rows[-1][0])
+            last = aware(rows[-1][0])
             token = _encode_token({"f": filter_key, "t": last.isoformat(), "i": rows[-1][1]})
         return Page(tuple(generation_from_json(r[2]) for r in rows), token, int(total))
 
@@ -588,7 +589,3 @@ def _generation_row(g: GenerationView) -> dict[str, Any]:
         "created_at": g.create_time or datetime.now(UTC),
         "view_json": generation_to_json(g),
     }
-
-
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo else value.replace(tzinfo=UTC)

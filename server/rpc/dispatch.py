@@ -183,7 +183,5 @@ def _metadata(rpc: grpc.aio.ServicerContext[Any, Any], key: str) -> str | None:
 
 
 def _correlation_id(rpc: grpc.aio.ServicerContext[Any, Any]) -> str:
-    for key, value in rpc.invocation_metadata() or ():
-        if key == "x-correlation-id" and isinstance(value, str) and 0 < len(value) <= 64:
-            return value
-    return uuid.uuid4().hex
+    value = _metadata(rpc, "x-correlation-id")
+    return value if value and len(value) <= 64 else uuid.uuid4().hex

@@ -52,8 +52,8 @@ from server.domain.generation import (
     ResolvedLora,
     Started,
 )
-from server.domain.generation_job import Generation, GenerationView
-from server.domain.models import Architecture, BaseModelInfo, LoraView
+from server.domain.generation_job import Generation, GenerationView, ImageRecord
+from server.domain.models import Architecture, BaseModelInfo, LoraView, is_uuid
 from server.domain.recommend.prompt import parse_prompt
 from server.domain.schedulers import SCHEDULERS
 
@@ -278,7 +278,7 @@ class GenerationJobs:
         return tuple(resolved.values())
 
     def _find_lora(self, reference: str) -> LoraView:
-        view = self._loras.get(reference) if _is_uuid(reference) else None
+        view = self._loras.get(reference) if is_uuid(reference) else None
         if view is None:
             matches = [v for v in self._loras.find_by_file_name(reference) if v.available]
             matches = matches or self._loras.find_by_file_name(reference)
@@ -337,6 +337,23 @@ class GenerationJobs:
         """The earlier result of a retried request (same request_id), if any."""
         return previous_result(self._catalog, command)
 
+    def retried(self, command: object) -> JobStream | None:
+        """The live job of an earlier request with this request_id, so a retry re-attaches
+        instead of generating twice; None for a first request."""
+        previous = self.replay(command)
+        if previous is None:
+            return None
+        generation_id = str(previous["generation_id"])
+        handle = self._executor.handle(generation_id)
+        if handle is None:
+            raise PreconditionError(
+                "this request's generation is no longer streaming here; use "
+                "WatchGeneration or GetGeneration with its id",
+                reason="GENERATION_NOT_LIVE",
+                metadata={"generation_id": generation_id},
+            )
+        return handle
+
     @staticmethod
     def stream(
         handle: JobStream, ctx: DispatchContext, after: int = 0
@@ -361,14 +378,6 @@ _LORA_TAG = re.compile(r"<(?:lora|lyco):[^>]*>", re.IGNORECASE)
 
 def _strip_lora_tags(prompt: str) -> str:
     return " ".join(_LORA_TAG.sub(" ", prompt).split())
-
-
-def _is_uuid(value: str) -> bool:
-    try:
-        uuid.UUID(value)
-    except ValueError:
-        return False
-    return True
 
 
 # -- recording the lifecycle ---------------------------------------------------------------
@@ -404,13 +413,7 @@ class GenerationRecorder:
     def follow(self, handle: JobStream, job: GenerationJob, ctx: DispatchContext) -> None:
         def on_transition(source: Any, payload: Payload) -> None:
             images = tuple(
-                {
-                    "index": i.image_index,
-                    "sha256": i.sha256,
-                    "size_bytes": i.size_bytes,
-                    "mime_type": i.mime_type,
-                    "seed": i.seed,
-                }
+                ImageRecord(i.image_index, i.sha256, i.size_bytes, i.mime_type, i.seed).to_dict()
                 for i in getattr(source, "images", ())
             )
             self._queue.put(
@@ -513,20 +516,9 @@ class GenerateImageHandler(IStreamCommandHandler[GenerateImageCommand, Generatio
 
     def handle(self, command: GenerateImageCommand) -> Iterator[GenerationEvent]:
         ctx = current_context()
-        previous = self._jobs.replay(command)
-        if previous is not None:  # a retry re-attaches to the same generation
-            handle = self._jobs.handle(str(previous["generation_id"]))
-            if handle is None:
-                raise PreconditionError(
-                    "this request's generation is no longer streaming here; use "
-                    "WatchGeneration or GetGeneration with its id",
-                    reason="GENERATION_NOT_LIVE",
-                    metadata={"generation_id": str(previous["generation_id"])},
-                )
-            yield from self._jobs.stream(handle, ctx)
-            return
-        job = self._jobs.prepare(command.request)
-        handle, _, _ = self._jobs.submit(job, command)
+        handle = self._jobs.retried(command)
+        if handle is None:
+            handle, _, _ = self._jobs.submit(self._jobs.prepare(command.request), command)
         yield from self._jobs.stream(handle, ctx)
 
 
@@ -551,15 +543,10 @@ class QuickGenerateHandler(IStreamCommandHandler[QuickGenerateCommand, Generatio
         ctx = current_context()
         if not command.prompt.strip():
             raise ValidationError(FieldViolation("prompt", "must not be empty"))
-        previous = self._jobs.replay(command)
-        if previous is not None:
-            handle = self._jobs.handle(str(previous["generation_id"]))
-            if handle is not None:
-                yield from self._jobs.stream(handle, ctx)
-                return
-        request = self.request_for(command)
-        job = self._jobs.prepare(request)
-        handle, _, _ = self._jobs.submit(job, command)
+        handle = self._jobs.retried(command)
+        if handle is None:
+            job = self._jobs.prepare(self.request_for(command))
+            handle, _, _ = self._jobs.submit(job, command)
         yield from self._jobs.stream(handle, ctx)
 
     def request_for(self, command: QuickGenerateCommand) -> GenerationRequest:
@@ -613,7 +600,7 @@ class CancelGenerationHandler(ICommandHandler[CancelGenerationCommand, Generatio
         self._catalog = catalog
 
     def handle(self, command: CancelGenerationCommand) -> CommandResult[GenerationView | None]:
-        if not _is_uuid(command.generation_id):
+        if not is_uuid(command.generation_id):
             return CommandResult.validation_error(
                 FieldViolation("generation_id", "not a generation id")
             )

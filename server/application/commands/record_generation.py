@@ -13,6 +13,7 @@ from server.application.commands.idempotency import previous_result, record_for
 from server.application.context import current_context
 from server.application.ports import CatalogRepository
 from server.domain.errors import FieldViolation
+from server.domain.models import is_uuid
 from server.domain.recommendation import PastGeneration
 
 
@@ -31,7 +32,7 @@ class RecordGenerationHandler(ICommandHandler[RecordGenerationCommand, str]):
     def handle(self, command: RecordGenerationCommand) -> CommandResult[str]:
         if not command.prompt.strip():
             return CommandResult.validation_error(FieldViolation("prompt", "must not be empty"))
-        bad = [i for i in command.lora_ids if not _is_uuid(i)]
+        bad = [i for i in command.lora_ids if not is_uuid(i)]
         if bad:
             return CommandResult.validation_error(
                 FieldViolation("lora_ids", f"not LoRA ids: {', '.join(bad[:3])}")
@@ -57,11 +58,3 @@ class RecordGenerationHandler(ICommandHandler[RecordGenerationCommand, str]):
         if record is not None:
             pending.append(record)
         return CommandResult.success(str(past.id), position=self._catalog.save(*pending))
-
-
-def _is_uuid(value: str) -> bool:
-    try:
-        uuid.UUID(value)
-    except ValueError:
-        return False
-    return True

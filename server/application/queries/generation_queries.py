@@ -23,10 +23,10 @@ from server.domain.generation import (
     Completed,
     Failed,
     GenerationEvent,
-    ImageChunk,
     ImageComplete,
     Payload,
     Timings,
+    image_chunks,
 )
 from server.domain.generation_job import FINAL_STATES, GenerationState, GenerationView
 from server.domain.models import BaseModelInfo, Page
@@ -159,11 +159,7 @@ class WatchGenerationHandler(IStreamQueryHandler[WatchGenerationQuery, Generatio
             data = self._images.read(view.id, image.index, image.mime_type)
             if data is None:
                 continue  # past retention: the record still lists its checksum
-            for offset in range(0, len(data), self._chunk_size):
-                piece = data[offset : offset + self._chunk_size]
-                payloads.append(
-                    ImageChunk(image.index, offset, piece, offset + len(piece) >= len(data))
-                )
+            payloads.extend(image_chunks(image.index, data, self._chunk_size))
             payloads.append(
                 ImageComplete(
                     image.index, image.sha256, image.size_bytes, image.mime_type, image.seed

@@ -15,6 +15,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from server.domain.errors import ResourceExhaustedError
@@ -25,7 +26,6 @@ from server.domain.generation import (
     Failed,
     GenerationEvent,
     GenerationJob,
-    ImageChunk,
     ImageComplete,
     Payload,
     Preview,
@@ -33,6 +33,7 @@ from server.domain.generation import (
     Queued,
     Started,
     Timings,
+    image_chunks,
 )
 from server.domain.models import BaseModelConfig
 from server.domain.schedulers import SCHEDULERS, a1111_label
@@ -40,6 +41,7 @@ from server.infrastructure.diffusion.adapters import AdapterCache, AdapterLoadEr
 from server.infrastructure.diffusion.images import ImageStore
 from server.infrastructure.diffusion.previews import preview_jpeg
 from server.infrastructure.diffusion.registry import load_pipeline
+from server.infrastructure.lora_files import update_digest
 
 log = logging.getLogger("loracle.executor")
 
@@ -198,6 +200,7 @@ class DiffusionExecutor:
         self._lock = threading.Condition()
         self._pipelines: OrderedDict[str, _Loaded] = OrderedDict()
         self._verified: set[str] = set()
+        self._model_hashes: dict[tuple[Path, float], str] = {}
         self._stop = False
         self._worker: threading.Thread | None = None
         self.running: list[JobHandle] = []
@@ -304,7 +307,7 @@ class DiffusionExecutor:
                     self.running = []
                     self._announce_positions()
                 if self._images is not None:
-                    self._images.sweep()
+                    self._images.sweep_if_due()
 
     def _next_batch(self) -> list[JobHandle] | None:
         """The oldest job plus compatible ones behind it, up to `max_batch` images; waits up
@@ -454,9 +457,8 @@ class DiffusionExecutor:
         digest = hashlib.sha256(data).hexdigest()
         if self._images is not None:
             self._images.save(job.generation_id, index, mime, data)
-        for offset in range(0, len(data), job.chunk_size):
-            piece = data[offset : offset + job.chunk_size]
-            handle.publish(ImageChunk(index, offset, piece, offset + len(piece) >= len(data)))
+        for chunk in image_chunks(index, data, job.chunk_size):
+            handle.publish(chunk)
         handle.publish(ImageComplete(index, digest, len(data), mime, job.seed + index))
 
     def _out_of_memory(self, live: Sequence[JobHandle], stage: str) -> None:
@@ -519,7 +521,7 @@ class DiffusionExecutor:
         size = max(size, int(model.vram_budget_gb * GIB))
         loaded = _Loaded(
             pipe=pipe,
-            model_hash=_model_hash(model),
+            model_hash=_model_hash(model, self._model_hashes),
             size_bytes=size,
             adapters=AdapterCache(pipe, budget_bytes=self._adapter_budget),
             scheduler_config=pipe.scheduler.config,
@@ -554,8 +556,7 @@ class DiffusionExecutor:
             digest = hashlib.sha256()
             try:
                 with lora.path.open("rb") as f:
-                    for block in iter(lambda: f.read(1 << 20), b""):
-                        digest.update(block)
+                    update_digest(digest, f)
             except OSError as exc:
                 raise AdapterLoadError(
                     f"LoRA {lora.name!r}: cannot read its file ({exc})"
@@ -575,16 +576,20 @@ def _estimate_bytes(model: BaseModelConfig) -> int:
     return sum(f.stat().st_size for f in files if f.exists())
 
 
-def _model_hash(model: BaseModelConfig) -> str:
-    """A1111's short model hash: SHA-256 of the checkpoint (here the UNet weights), 10 hex."""
+def _model_hash(model: BaseModelConfig, known: dict[tuple[Path, float], str]) -> str:
+    """A1111's short model hash: SHA-256 of the checkpoint (here the UNet weights), 10 hex.
+    Reading gigabytes takes seconds, so a model unloaded and loaded again under the device
+    budget reuses the hash while its files are unchanged."""
     path = model.path
     candidates = [path] if path.is_file() else sorted((path / "unet").glob("*.safetensors"))
-    digest = hashlib.sha256()
-    for candidate in candidates:
-        with candidate.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()[:10]
+    key = (path, max((c.stat().st_mtime for c in candidates), default=0.0))
+    if key not in known:
+        digest = hashlib.sha256()
+        for candidate in candidates:
+            with candidate.open("rb") as f:
+                update_digest(digest, f)
+        known[key] = digest.hexdigest()[:10]
+    return known[key]
 
 
 def a1111_parameters(job: Job, index: int, model_hash: str, default_scheduler: str) -> str:

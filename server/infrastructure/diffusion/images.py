@@ -14,9 +14,17 @@ EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
 
 
 class ImageStore:
-    def __init__(self, root: Path, *, retention_seconds: float = 24 * 3600) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        retention_seconds: float = 24 * 3600,
+        sweep_interval_seconds: float = 60.0,
+    ) -> None:
         self._root = root
         self._retention = retention_seconds
+        self._sweep_interval = sweep_interval_seconds
+        self._last_sweep = float("-inf")
 
     def _folder(self, generation_id: str) -> Path:
         # Ids are server-made UUIDs; refuse anything else rather than build a path from it.
@@ -38,6 +46,15 @@ class ImageStore:
             return (self._folder(generation_id) / f"{index}.{EXTENSIONS[mime_type]}").read_bytes()
         except (OSError, ValueError, KeyError):
             return None
+
+    def sweep_if_due(self) -> int:
+        """Sweeps at most once per interval: listing every kept generation after each batch
+        would put directory scans on the worker's path for nothing."""
+        now = time.monotonic()
+        if now - self._last_sweep < self._sweep_interval:
+            return 0
+        self._last_sweep = now
+        return self.sweep()
 
     def sweep(self, now: float | None = None) -> int:
         """Deletes generations older than the retention period; returns how many."""
