@@ -49,6 +49,7 @@ from server.devtools.bench_support import (
     load_catalog,
     log,
     raise_system_exit,
+    serve_echo,
 )
 
 IMPORT_BATCH = 2000
@@ -165,24 +166,7 @@ async def _echo_server(blobs: dict[str, str]) -> None:
             response_serializer=query_service_pb2.ListLorasResponse.SerializeToString,
         ),
     }
-    server = grpc.aio.server()
-    # Registered the way generated add_*Servicer_to_server code does it, as Loracle's are.
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-    server.add_registered_method_handlers(SERVICE, handlers)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    print(f"echo serving (port {port})", flush=True)
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    parent = os.getppid()
-    # Exits on its own if the orchestrator dies without stopping it.
-    while not stop.is_set() and os.getppid() == parent:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=1.0)
-    await server.stop(1.0)
+    await serve_echo(SERVICE, handlers)
 
 
 # --- load generator (child) ---------------------------------------------------------------

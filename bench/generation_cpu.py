@@ -41,7 +41,15 @@ import grpc
 
 from client import LoracleClient, LoracleError
 from loracle.v1 import command_service_pb2, types_pb2
-from server.devtools.bench_support import Children, log, plain_png, raise_system_exit, same_pixels
+from server.devtools.bench_support import (
+    Children,
+    log,
+    plain_png,
+    raise_system_exit,
+    same_pixels,
+    serve_echo,
+    wait_for_models,
+)
 from server.devtools.local_server import RunningServer, start_server
 
 SEED = 1234
@@ -129,17 +137,6 @@ def write_settings(path: Path, models: dict[str, Path]) -> None:
             'dtype = "float32"',
         ]
     path.write_text("\n".join(lines) + "\n")
-
-
-def wait_until_ready(client: LoracleClient, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        models = client.list_base_models()
-        if models and all(m.ready for m in models):
-            return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"models not ready: {[(m.name, m.error) for m in models]}")
-        time.sleep(0.2)
 
 
 # --- one job each way -----------------------------------------------------------------------
@@ -297,24 +294,7 @@ async def _echo_server(blobs: list[str]) -> None:
             response_serializer=command_service_pb2.GenerateImageResponse.SerializeToString,
         ),
     }
-    server = grpc.aio.server()
-    # Registered the way generated add_*Servicer_to_server code does it, as Loracle's are.
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-    server.add_registered_method_handlers(SERVICE, handlers)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    print(f"echo serving (port {port})", flush=True)
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    parent = os.getppid()
-    # Exits on its own if the benchmark dies without stopping it.
-    while not stop.is_set() and os.getppid() == parent:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=1.0)
-    await server.stop(1.0)
+    await serve_echo(SERVICE, handlers)
 
 
 def _rate(windows: list[tuple[int, float]]) -> float:
@@ -398,7 +378,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             server = start_server(workdir / "data", "--config", str(settings))
             log(f"Loracle serving on {server.address}")
             with LoracleClient(server.address, timeout=30.0) as client:
-                wait_until_ready(client)
+                wait_for_models(client)
                 jobs = measure_jobs(client, models[JOB_MODEL], args.rounds)
                 streaming = measure_streaming(client, children, workdir, args.rounds)
         except BaseException:

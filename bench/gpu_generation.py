@@ -49,7 +49,7 @@ import grpc
 
 from client import AsyncLoracleClient, LoracleClient, LoracleError
 from loracle.v1 import types_pb2
-from server.devtools.bench_support import plain_png, raise_system_exit, same_pixels
+from server.devtools.bench_support import plain_png, raise_system_exit, same_pixels, wait_for_models
 from server.devtools.local_server import RunningServer, start_server
 
 SEED = 20261126
@@ -833,7 +833,7 @@ def run(args: argparse.Namespace, clock: Clock, report: Report) -> bool:
                     server = starting.result()  # kept for the `finally` below to stop it
                 clock.log(f"Loracle serving on {server.address}")
             with LoracleClient(server.address, timeout=60.0) as client:
-                _wait_ready(client)
+                wait_for_models(client)
                 attempt("A", lambda: measure_a(pipe, client, plan, clock))
                 address = server.address
                 attempt("B", lambda: measure_b(pipe, address, plan, clock))
@@ -861,17 +861,6 @@ def _load_plain(folder: Path, device: str, dtype: str) -> Any:
     pipe = load_pipeline(config, device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def _wait_ready(client: LoracleClient, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        models = client.list_base_models()
-        if models and all(m.ready for m in models):
-            return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"models not ready: {[(m.name, m.error) for m in models]}")
-        time.sleep(0.2)
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-from client import read_catalog_jsonl
+from client import LoracleClient, read_catalog_jsonl
 from loracle.v1 import types_pb2
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -217,3 +217,40 @@ def same_pixels(png_a: bytes, png_b: bytes) -> bool:
     a = np.asarray(Image.open(io.BytesIO(png_a)).convert("RGB"))
     b = np.asarray(Image.open(io.BytesIO(png_b)).convert("RGB"))
     return a.shape == b.shape and bool((a == b).all())
+
+
+async def serve_echo(service: str, handlers: dict[str, Any]) -> None:
+    """Serves a bare baseline server until SIGTERM (or its parent dies), printing its port the
+    way loracle-server does. Handlers are registered as generated add_*Servicer_to_server code
+    registers them, as Loracle's are, so both sides pay the same dispatch."""
+    import asyncio
+
+    import grpc
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(f"echo serving (port {port})", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    parent = os.getppid()
+    while not stop.is_set() and os.getppid() == parent:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=1.0)
+    await server.stop(1.0)
+
+
+def wait_for_models(client: LoracleClient, timeout: float = 60.0) -> None:
+    """Until every configured model is ready (models load or build in the background)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        models = client.list_base_models()
+        if models and all(m.ready for m in models):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"models not ready: {[(m.name, m.error) for m in models]}")
+        time.sleep(0.2)
