@@ -48,9 +48,8 @@ from server.devtools.bench_support import (
     raise_system_exit,
     same_pixels,
     serve_echo,
-    wait_for_models,
 )
-from server.devtools.local_server import RunningServer, start_server
+from server.devtools.local_server import RunningServer, start_server, wait_for_models
 
 SEED = 1234
 PROMPT = "a lighthouse at dusk, detailed, oil painting"
@@ -378,7 +377,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             server = start_server(workdir / "data", "--config", str(settings))
             log(f"Loracle serving on {server.address}")
             with LoracleClient(server.address, timeout=30.0) as client:
-                wait_for_models(client)
+                wait_for_models(client, timeout=60)
                 jobs = measure_jobs(client, models[JOB_MODEL], args.rounds)
                 streaming = measure_streaming(client, children, workdir, args.rounds)
         except BaseException:

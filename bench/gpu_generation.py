@@ -49,8 +49,8 @@ import grpc
 
 from client import AsyncLoracleClient, LoracleClient, LoracleError
 from loracle.v1 import types_pb2
-from server.devtools.bench_support import plain_png, raise_system_exit, same_pixels, wait_for_models
-from server.devtools.local_server import RunningServer, start_server
+from server.devtools.bench_support import plain_png, raise_system_exit, same_pixels
+from server.devtools.local_server import RunningServer, start_server, wait_for_models
 
 SEED = 20261126
 PROMPT = "a lighthouse on a cliff at dusk, dramatic sky, highly detailed, oil painting"
@@ -833,7 +833,7 @@ def run(args: argparse.Namespace, clock: Clock, report: Report) -> bool:
                     server = starting.result()  # kept for the `finally` below to stop it
                 clock.log(f"Loracle serving on {server.address}")
             with LoracleClient(server.address, timeout=60.0) as client:
-                wait_for_models(client)
+                wait_for_models(client, timeout=60)
                 attempt("A", lambda: measure_a(pipe, client, plan, clock))
                 address = server.address
                 attempt("B", lambda: measure_b(pipe, address, plan, clock))

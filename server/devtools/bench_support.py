@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-from client import LoracleClient, read_catalog_jsonl
+from client import read_catalog_jsonl
 from loracle.v1 import types_pb2
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -242,15 +242,3 @@ async def serve_echo(service: str, handlers: dict[str, Any]) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=1.0)
     await server.stop(1.0)
-
-
-def wait_for_models(client: LoracleClient, timeout: float = 60.0) -> None:
-    """Until every configured model is ready (models load or build in the background)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        models = client.list_base_models()
-        if models and all(m.ready for m in models):
-            return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"models not ready: {[(m.name, m.error) for m in models]}")
-        time.sleep(0.2)

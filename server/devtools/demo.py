@@ -7,24 +7,14 @@ import json
 import shutil
 import signal
 import sys
-import time
 from pathlib import Path
 
 from client import LoracleClient
 from client.cli import main as cli
-from server.devtools.local_server import start_server
+from server.devtools.local_server import start_server, wait_for_models
 from server.devtools.synthetic_loras import write_demo_loras
 
 DATA = Path("demo-data")
-
-
-def wait_for_models(address: str, timeout: float = 120) -> None:
-    with LoracleClient(address) as client:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if all(m.ready or not m.is_placeholder for m in client.list_base_models()):
-                return
-            time.sleep(0.5)
 
 
 def write_embedded_model_lora(data: Path) -> Path:
@@ -86,7 +76,8 @@ def main() -> int:
         ):
             raise SystemExit("demo: `loracle recommend` failed")
         step("loracle models  (the embedded tiny SD1.5 placeholder is built on first start)")
-        wait_for_models(address)
+        with LoracleClient(address) as client:
+            wait_for_models(client)
         cli([*server, "models"])
         # The synthetic library has real SD1.5/SDXL shapes, which the tiny placeholder cannot
         # take; this one is fitted to it, so the demo can apply a recommended LoRA for real.

@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from client import LoracleClient
+
 
 @dataclass
 class RunningServer:
@@ -64,3 +66,15 @@ def start_server(data_dir: Path, *extra: str) -> RunningServer:
             break
     process.kill()
     raise RuntimeError(f"server did not start:\n{log_path.read_text()}")
+
+
+def wait_for_models(client: LoracleClient, timeout: float = 120.0) -> None:
+    """Until every configured model is ready (models load or build in the background)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        models = client.list_base_models()
+        if models and all(m.ready for m in models):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"models not ready: {[(m.name, m.error) for m in models]}")
+        time.sleep(0.2)

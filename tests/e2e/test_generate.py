@@ -23,7 +23,7 @@ from client import (
 )
 from client.cli import main
 from loracle.v1 import command_service_pb2, command_service_pb2_grpc, types_pb2
-from server.devtools.local_server import RunningServer, start_server
+from server.devtools.local_server import RunningServer, start_server, wait_for_models
 from server.devtools.tiny_loras import write_lora_for_pipeline
 from server.domain.models import Architecture, BaseModelConfig
 from server.infrastructure.diffusion.registry import EMBEDDED_NAME, load_pipeline
@@ -32,10 +32,7 @@ from server.infrastructure.diffusion.registry import EMBEDDED_NAME, load_pipelin
 @pytest.fixture(scope="module")
 def ready(server: RunningServer) -> RunningServer:
     with LoracleClient(server.address) as client:
-        deadline = time.monotonic() + 120
-        while not all(m.ready for m in client.list_base_models()):
-            assert time.monotonic() < deadline, "the embedded model never became ready"
-            time.sleep(0.5)
+        wait_for_models(client, timeout=120)
     return server
 
 
@@ -268,10 +265,7 @@ def test_jobs_running_when_the_server_is_killed_are_marked_failed(tmp_path: Path
     first = start_server(tmp_path)
     try:
         with LoracleClient(first.address) as client:
-            deadline = time.monotonic() + 120
-            while not all(m.ready for m in client.list_base_models()):
-                assert time.monotonic() < deadline
-                time.sleep(0.5)
+            wait_for_models(client, timeout=120)
             submitted = client.submit_generation(
                 types_pb2.GenerationSpec(prompt="doomed", steps=150, width=128, height=128)
             )

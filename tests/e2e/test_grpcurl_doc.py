@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
-import time
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ import grpc
 import pytest
 
 from client import LoracleClient
-from server.devtools.local_server import RunningServer
+from server.devtools.local_server import RunningServer, wait_for_models
 from tests.e2e.reflection_client import run_grpcurl_line
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "grpcurl.md"
@@ -84,10 +83,7 @@ def test_writes_then_reads(server: RunningServer) -> None:
 
 def test_generation(server: RunningServer) -> None:
     with LoracleClient(server.address) as client:
-        deadline = time.monotonic() + 120
-        while not all(m.ready for m in client.list_base_models()):
-            assert time.monotonic() < deadline, "the embedded model never became ready"
-            time.sleep(0.5)
+        wait_for_models(client, timeout=120)
     submitted = run(server, by_verb("SubmitGeneration")[0])[0]
     generation_id = submitted["generation_id"]
     lines = run(server, by_verb("WatchGeneration")[0].replace("GENERATION_ID", generation_id))

@@ -11,7 +11,7 @@ import pytest
 
 from client import InvalidArgument, LoracleClient, ResourceExhausted
 from loracle.v1 import types_pb2
-from server.devtools.local_server import RunningServer, start_server
+from server.devtools.local_server import RunningServer, start_server, wait_for_models
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +44,7 @@ def test_over_the_request_rate(limited: RunningServer) -> None:
 def test_one_open_stream_per_principal_and_request_maxima(limited: RunningServer) -> None:
     time.sleep(2.5)  # a full bucket, whatever the test before did
     with LoracleClient(limited.address) as client:
-        deadline = time.monotonic() + 120
-        while not all(m.ready for m in client.list_base_models()):
-            assert time.monotonic() < deadline
-            time.sleep(0.5)
+        wait_for_models(client, timeout=120)
         with pytest.raises(InvalidArgument) as long_prompt:
             list(client.generate_image(types_pb2.GenerationSpec(prompt="x" * 101)))
         assert long_prompt.value.field_violations[0] == ("spec.prompt", "at most 100 characters")

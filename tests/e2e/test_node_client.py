@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import pytest
 
 from client import LoracleClient
 from server.application.security import token_sha256
-from server.devtools.local_server import RunningServer, start_server
+from server.devtools.local_server import RunningServer, start_server, wait_for_models
 from server.devtools.synthetic_loras import write_demo_loras
 
 REPO = Path(__file__).resolve().parents[2]
@@ -76,10 +75,7 @@ def ready(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
             done = list(client.import_loras())[-1]
             assert done.progress.registered == 6
             client.list_loras(consistency_token=done.consistency_token)  # projected
-            deadline = time.monotonic() + 60
-            while not all(m.ready for m in client.list_base_models()):
-                assert time.monotonic() < deadline, "the embedded model never became ready"
-                time.sleep(0.5)
+            wait_for_models(client, timeout=60)
         yield running
     finally:
         running.stop()

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from client import LoracleClient, NotFound
 from loracle.v1 import types_pb2
-from server.devtools.local_server import RunningServer, start_server
+from server.devtools.local_server import RunningServer, start_server, wait_for_models
 
 GENERATE = "/loracle.v1.CommandService/GenerateImage"
 GET_LORA = "/loracle.v1.QueryService/GetLora"
@@ -37,10 +37,7 @@ def observed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Running
         tmp_path_factory.mktemp("observed"), "--metrics-listen", metrics, "--log-format", "json"
     )
     with LoracleClient(running.address) as client:
-        deadline = time.monotonic() + 120
-        while not all(m.ready for m in client.list_base_models()):
-            assert time.monotonic() < deadline, "the embedded model never became ready"
-            time.sleep(0.5)
+        wait_for_models(client, timeout=120)
     yield running, f"http://{metrics}/metrics"
     running.stop()
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from grpc_health.v1 import health_pb2
 
 from client import LoracleClient
 from loracle.v1 import command_service_pb2, query_service_pb2
+from server.devtools.local_server import wait_for_models
 
 # A Python stack trace in text a client can see (status message, rich details).
 TRACEBACK = re.compile(r'Traceback \(most recent call last\)|File "[^"\n]*", line \d+')
@@ -63,11 +63,7 @@ ALL_RPCS = tuple(Rpc(m) for service in SERVICES for m in service.methods)
 def wait_until_ready(address: str, timeout: float = 120.0) -> None:
     """Blocks until every configured base model (the embedded tiny one) is ready."""
     with LoracleClient(address) as client:
-        deadline = time.monotonic() + timeout
-        while not all(m.ready for m in client.list_base_models()):
-            if time.monotonic() > deadline:
-                raise AssertionError("the embedded model never became ready")
-            time.sleep(0.2)
+        wait_for_models(client, timeout)
 
 
 def write_embedded_lora(data_dir: Path, lora_root: Path, name: str, seed: int = 0) -> Path:

@@ -17,7 +17,7 @@ import pytest
 
 from client import AsyncLoracleClient, LoracleClient, LoracleError, ResourceExhausted
 from loracle.v1 import types_pb2
-from server.devtools.local_server import RunningServer, start_server
+from server.devtools.local_server import RunningServer, start_server, wait_for_models
 from server.devtools.synthetic_loras import write_demo_loras
 
 SECONDS = float(os.environ.get("LORACLE_LOAD_SECONDS", "8"))
@@ -41,10 +41,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     with LoracleClient(running.address) as client:
         token = list(client.import_loras())[-1].consistency_token
         client.list_loras(consistency_token=token)  # projected: reads see all six
-        deadline = time.monotonic() + 120
-        while not all(m.ready for m in client.list_base_models()):
-            assert time.monotonic() < deadline
-            time.sleep(0.3)
+        wait_for_models(client, timeout=120)
     yield running
     running.stop()
 
