@@ -424,6 +424,14 @@ def test_quick_generate_uses_confident_loras_and_their_trigger_words(c: Containe
     png = Image.open(io.BytesIO(image_bytes(events)[0]))
     assert png.info["parameters"].startswith("a fox, inkwash\n")
     assert "Lora hashes" in png.info["parameters"]
+    # A retry with the same request_id re-attaches to that generation; nothing runs twice.
+    batches = c.executor.stats.batches
+    with use_context(DispatchContext(request_id="quick-1")):
+        first = list(handler.handle(command))
+    with use_context(DispatchContext(request_id="quick-1")):
+        again = list(handler.handle(command))
+    assert again == first
+    assert c.executor.stats.batches == batches + 1
     # An explicit <lora:…> tag is the user's choice: nothing is added.
     explicit = handler.request_for(QuickGenerateCommand(prompt="a fox <lora:glow>", model="tiny"))
     assert explicit.loras == ()
