@@ -72,6 +72,9 @@ from server.application.security import Credential, ScopeAuthorizer, TokenAuthen
 from server.config import Settings
 from server.domain.generation_job import GenerationState
 from server.domain.recommend.engine import RecommendationEngine
+from server.infrastructure.broker.nats_broker import NatsBroker
+from server.infrastructure.broker.replica import BrokerExecutor, ClusterModels, RecorderFeed
+from server.infrastructure.broker.worker import BrokerWorker
 from server.infrastructure.diffusion.executor import DiffusionExecutor
 from server.infrastructure.diffusion.images import ImageStore
 from server.infrastructure.diffusion.registry import ModelRegistry
@@ -101,8 +104,16 @@ class Container:
     authenticator: TokenAuthenticator
     generations: GenerationJobs
     middlewares: list[Middleware] = field(default_factory=list)
+    # Cluster mode only: the broker link, the outcome recorder and an optional worker.
+    broker: NatsBroker | None = None
+    feed: RecorderFeed | None = None
+    worker: BrokerWorker | None = None
 
     def close(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()
+        if self.feed is not None:
+            self.feed.stop()
         self.executor.stop()
         self.recorder.flush()
         self.recorder.close()
@@ -110,6 +121,8 @@ class Container:
         self.projector.stop()
         self.read_model.close()
         self.store.close()
+        if self.broker is not None:
+            self.broker.close()
 
 
 def bootstrap(
@@ -190,8 +203,22 @@ def bootstrap(
     queries.register(ListEventsQuery, ListEventsHandler(read_model))
     queries.register(SearchLoRAsByPromptQuery, SearchLoRAsByPromptHandler(recommender))
     models = ModelRegistry(settings.models, data_dir=settings.data_dir.resolve())
-    queries.register(ListBaseModelsQuery, ListBaseModelsHandler(models))
-    if build_embedded_model and settings.embedded_model:
+    broker: NatsBroker | None = None
+    model_lookup: ClusterModels | ModelRegistry = models
+    if settings.broker_url:
+        broker = NatsBroker(
+            settings.broker_url,
+            namespace=settings.broker_namespace,
+            lease_seconds=settings.job_lease_seconds,
+            retention_seconds=settings.image_retention_hours * 3600,
+            max_queue=settings.max_queue,
+            name="loracle-server",
+        )
+        model_lookup = ClusterModels(broker, tuple(m.config for m in models.statuses()))
+    queries.register(ListBaseModelsQuery, ListBaseModelsHandler(model_lookup))
+    # A cluster replica runs no model unless it also runs a worker.
+    local_models = broker is None or settings.run_worker
+    if build_embedded_model and settings.embedded_model and local_models:
         models.ensure_embedded()
     images = ImageStore(
         settings.data_dir.resolve() / "generations",
@@ -223,8 +250,10 @@ def bootstrap(
             images=settings.max_images_per_request,
             loras=settings.max_loras_per_request,
         ),
-        models=models,
-        executor=executor,
+        models=model_lookup,
+        executor=executor
+        if broker is None
+        else BrokerExecutor(broker, max_queue=settings.max_queue),
         catalog=store,
         loras=read_model,
         lora_roots=files.roots,
@@ -236,7 +265,9 @@ def bootstrap(
     commands.register(CancelGenerationCommand, CancelGenerationHandler(jobs, store))
     queries.register(GetGenerationQuery, GetGenerationHandler(read_model))
     queries.register(ListGenerationsQuery, ListGenerationsHandler(read_model))
-    queries.register(WatchGenerationQuery, WatchGenerationHandler(read_model, executor, images))
+    queries.register(
+        WatchGenerationQuery, WatchGenerationHandler(read_model, jobs.live_jobs, images)
+    )
     executor.start()
 
     if start_projector:
@@ -246,7 +277,26 @@ def bootstrap(
     recommender.load()
     if start_projector:
         projector.start()
-        # A job the previous process left queued or running can never finish now.
+    feed: RecorderFeed | None = None
+    worker: BrokerWorker | None = None
+    if broker is not None:
+        feed = RecorderFeed(broker, recorder)
+        feed.start()
+        if settings.run_worker:
+            worker = BrokerWorker(
+                broker,
+                executor,
+                models,
+                files.roots,
+                name=settings.worker_name,
+                lease_seconds=settings.job_lease_seconds,
+                max_attempts=settings.job_max_attempts,
+                max_batch=settings.max_batch,
+            )
+            worker.start()
+    elif start_projector:
+        # A job the previous process left queued or running can never finish now (in
+        # cluster mode it is still in the broker's queue).
         stale = read_model.list_generations((GenerationState.QUEUED, GenerationState.RUNNING), 1000)
         if stale.items:
             log.warning(
@@ -267,4 +317,7 @@ def bootstrap(
         authenticator=authenticator,
         generations=jobs,
         middlewares=middlewares,
+        broker=broker,
+        feed=feed,
+        worker=worker,
     )

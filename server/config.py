@@ -83,6 +83,18 @@ class Settings:
     metrics_listen: str = ""
     # "text" or "json" (one JSON object per line).
     log_format: str = "text"
+    # Cluster mode (docs/deploy.md): a NATS JetStream URL turns this server into a stateless
+    # API replica whose jobs run on `loracle-worker`s; empty keeps the in-process executor.
+    broker_url: str = ""
+    # Prefix of every stream, subject and bucket, so deployments can share one NATS.
+    broker_namespace: str = "loracle"
+    # A worker that stops extending a job's lease this long loses it to another worker; a
+    # job that started this many times without finishing fails.
+    job_lease_seconds: float = 30.0
+    job_max_attempts: int = 3
+    # Also run a worker inside this server (cluster mode); its name in the directory.
+    run_worker: bool = False
+    worker_name: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -100,6 +112,7 @@ _ENV = {
     "storage_url": "LORACLE_STORAGE_URL",
     "lora_roots": "LORACLE_LORA_ROOTS",  # os.pathsep-separated
     "log_level": "LORACLE_LOG_LEVEL",
+    "broker_url": "LORACLE_BROKER_URL",
 }
 
 
@@ -202,9 +215,11 @@ def _resolve(path: str, base: Path) -> Path:
 
 
 def load_settings(
-    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+    argv: Sequence[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    prog: str = "loracle-server",
 ) -> Settings:
-    parser = argparse.ArgumentParser(prog="loracle-server", description=__doc__)
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     parser.add_argument("--listen", help="HOST:PORT to serve gRPC on (default 127.0.0.1:50051)")
     parser.add_argument("--data-dir", help="where the SQLite store and default LoRA root live")
     parser.add_argument("--config", help="TOML settings file (keys as in Settings)")
@@ -239,6 +254,8 @@ def load_settings(
     parser.add_argument(
         "--batch-wait-ms", type=float, help="wait for compatible jobs to batch with (10)"
     )
+    parser.add_argument("--broker-url", help="nats://HOST:PORT: run as a cluster API replica")
+    parser.add_argument("--worker-name", help="this worker's name in the cluster directory")
     parser.add_argument(
         "--rebuild-projections",
         action="store_true",
@@ -288,6 +305,8 @@ def load_settings(
         "log_format",
         "max_batch",
         "batch_wait_ms",
+        "broker_url",
+        "worker_name",
     ):
         value = getattr(args, name)
         if value is not None:

@@ -114,6 +114,8 @@ class ResolvedLora:
     sha256: str
     path: Path
     weight: float
+    # Relative to a LoRA root: where another machine (a cluster worker) finds the same file.
+    file_path: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -11,6 +11,7 @@ import queue
 import random
 import re
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from server.application.commands.recommend import Recommender
 from server.application.context import DispatchContext, current_context
 from server.application.ports import CatalogRepository
 from server.domain.errors import (
+    DomainError,
     FieldViolation,
     NotFoundError,
     PreconditionError,
@@ -274,6 +276,7 @@ class GenerationJobs:
                 sha256=view.file.sha256,
                 path=self._locate(view),
                 weight=1.0 if weight is None else float(weight),
+                file_path=view.file.path,
             )
         return tuple(resolved.values())
 
@@ -329,9 +332,28 @@ class GenerationJobs:
             accepted["log"] = self._catalog.save(*pending)
             accepted["queue"] = position
 
-        handle = self._executor.submit(job, record)
+        try:
+            handle = self._executor.submit(job, record)
+        except DomainError:
+            if "log" in accepted:  # recorded as queued but never queued: say so
+                self._fail_unqueued(job.generation_id, ctx)
+            raise
         self.recorder.follow(handle, job, ctx)
         return handle, accepted["queue"], accepted["log"]
+
+    def _fail_unqueued(self, generation_id: str, ctx: DispatchContext) -> None:
+        try:
+            generation = self._catalog.get(uuid.UUID(generation_id))
+            if isinstance(generation, Generation) and not generation.finished:
+                generation.fail(
+                    "it could not be queued (the job broker did not answer)",
+                    [],
+                    ctx.principal,
+                    ctx.request_id,
+                )
+                self._catalog.save(generation)
+        except DomainError:
+            log.exception("could not record that generation %s was not queued", generation_id)
 
     def replay(self, command: object) -> dict[str, Any] | None:
         """The earlier result of a retried request (same request_id), if any."""
@@ -372,6 +394,11 @@ class GenerationJobs:
     def handle(self, generation_id: str) -> JobStream | None:
         return self._executor.handle(generation_id)
 
+    @property
+    def live_jobs(self) -> Executor:
+        """Where live jobs are followed: this process's executor or the cluster's broker."""
+        return self._executor
+
 
 _LORA_TAG = re.compile(r"<(?:lora|lyco):[^>]*>", re.IGNORECASE)
 
@@ -384,7 +411,9 @@ def _strip_lora_tags(prompt: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class _Transition:
+class Transition:
+    """A job's Started or final event, with what recording it needs."""
+
     generation_id: str
     payload: Payload
     images: tuple[dict[str, Any], ...]
@@ -406,7 +435,7 @@ class GenerationRecorder:
     ) -> None:
         self._catalog = catalog
         self._history = record_history
-        self._queue: queue.Queue[_Transition | _Flush | None] = queue.Queue()
+        self._queue: queue.Queue[Transition | _Flush | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="loracle-recorder", daemon=True)
         self._thread.start()
 
@@ -417,7 +446,7 @@ class GenerationRecorder:
                 for i in getattr(source, "images", ())
             )
             self._queue.put(
-                _Transition(
+                Transition(
                     job.generation_id,
                     payload,
                     images,
@@ -440,6 +469,11 @@ class GenerationRecorder:
         self._queue.put(None)
         self._thread.join(timeout)
 
+    def record_now(self, transition: Transition) -> None:
+        """Records on the caller's thread, raising if the store fails (cluster mode: the
+        broker redelivers what was not recorded)."""
+        self._save(transition)
+
     def _run(self) -> None:
         while True:
             item = self._queue.get()
@@ -455,7 +489,7 @@ class GenerationRecorder:
                     "could not record %s of generation %s", item.payload, item.generation_id
                 )
 
-    def _save(self, t: _Transition) -> None:
+    def _save(self, t: Transition) -> None:
         generation = self._catalog.get(uuid.UUID(t.generation_id))
         if not isinstance(generation, Generation) or generation.finished:
             return
@@ -619,5 +653,12 @@ class CancelGenerationHandler(ICommandHandler[CancelGenerationCommand, Generatio
             generation.cancel(list(generation.images), ctx.principal, ctx.request_id)
             self._catalog.save(generation)
         fresh = self._catalog.get(uuid.UUID(command.generation_id))
+        # In cluster mode another replica may record the outcome a moment later.
+        deadline = time.monotonic() + 10.0
+        while isinstance(fresh, Generation) and not fresh.finished and handle is not None:
+            if handle.finished is False or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+            fresh = self._catalog.get(uuid.UUID(command.generation_id))
         assert isinstance(fresh, Generation)
         return CommandResult.success(fresh.view(), position=self._catalog.max_position())

@@ -1,0 +1,221 @@
+"""Jobs and job events as broker messages. A job names its model and LoRA files by name and
+catalog-relative path: each machine resolves them under its own roots."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from server.domain.generation import (
+    Cancelled,
+    Completed,
+    Failed,
+    ImageChunk,
+    ImageComplete,
+    Payload,
+    Preview,
+    Progress,
+    Queued,
+    ResolvedLora,
+    Started,
+    Timings,
+)
+from server.infrastructure.broker.port import EventRecord
+
+
+@dataclass(frozen=True, slots=True)
+class Who:
+    """Who asked, carried with the job so whichever replica records its outcome can say so."""
+
+    principal: str = ""
+    request_id: str = ""
+    prompt: str = ""
+    lora_ids: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "principal": self.principal,
+            "request_id": self.request_id,
+            "prompt": self.prompt,
+            "lora_ids": list(self.lora_ids),
+        }
+
+    @staticmethod
+    def from_dict(doc: Any) -> Who:
+        doc = doc if isinstance(doc, dict) else {}
+        return Who(
+            str(doc.get("principal", "")),
+            str(doc.get("request_id", "")),
+            str(doc.get("prompt", "")),
+            tuple(str(x) for x in doc.get("lora_ids", ())),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class JobMessage:
+    """A queued job as a worker receives it (the model by name, LoRAs by relative path)."""
+
+    generation_id: str
+    model: str
+    fields: dict[str, Any]
+    loras: tuple[ResolvedLora, ...]
+    who: Who
+
+
+def encode_job(job: Any, who: Who) -> bytes:
+    """`job` is a GenerationJob; LoRA paths travel relative to the catalog roots."""
+    doc = {
+        "generation_id": job.generation_id,
+        "model": job.model.name,
+        "fields": {
+            "prompt": job.prompt,
+            "original_prompt": job.original_prompt,
+            "negative_prompt": job.negative_prompt,
+            "width": job.width,
+            "height": job.height,
+            "steps": job.steps,
+            "guidance_scale": job.guidance_scale,
+            "seed": job.seed,
+            "num_images": job.num_images,
+            "scheduler": job.scheduler,
+            "output_format": job.output_format,
+            "chunk_size": job.chunk_size,
+            "preview_every": job.preview_every,
+        },
+        "loras": [
+            {
+                "lora_id": x.lora_id,
+                "name": x.name,
+                "file_name": x.file_name,
+                "sha256": x.sha256,
+                "file_path": x.file_path or x.path.name,
+                "weight": x.weight,
+            }
+            for x in job.loras
+        ],
+        "who": who.to_dict(),
+    }
+    return json.dumps(doc).encode()
+
+
+def decode_job(body: bytes) -> JobMessage:
+    doc = json.loads(body)
+    loras = tuple(
+        ResolvedLora(
+            lora_id=str(x["lora_id"]),
+            name=str(x["name"]),
+            file_name=str(x["file_name"]),
+            sha256=str(x["sha256"]),
+            path=Path(str(x["file_path"])),
+            weight=float(x["weight"]),
+            file_path=str(x["file_path"]),
+        )
+        for x in doc["loras"]
+    )
+    return JobMessage(
+        str(doc["generation_id"]), str(doc["model"]), dict(doc["fields"]), loras,
+        Who.from_dict(doc.get("who")),
+    )  # fmt: skip
+
+
+def image_meta(image: ImageComplete) -> dict[str, Any]:
+    return {
+        "index": image.image_index,
+        "sha256": image.sha256,
+        "size": image.size_bytes,
+        "mime": image.mime_type,
+        "seed": image.seed,
+    }
+
+
+def image_from_meta(doc: dict[str, Any]) -> ImageComplete:
+    return ImageComplete(
+        int(doc["index"]), str(doc["sha256"]), int(doc["size"]), str(doc["mime"]), int(doc["seed"])
+    )
+
+
+def to_record(
+    generation_id: str,
+    attempt: int,
+    payload: Payload,
+    *,
+    images: list[ImageComplete] | None = None,
+    who: Who | None = None,
+) -> EventRecord:
+    """A payload as an event record; state events carry who asked and, when final, the
+    records of every image the job produced."""
+    meta: dict[str, Any] = {}
+    data = b""
+    kind: str
+    match payload:
+        case Queued(position):
+            kind, meta = "queued", {"position": position}
+        case Started(batch_size):
+            kind, meta = "started", {"batch_size": batch_size}
+        case Progress(step, total, elapsed):
+            kind, meta = "progress", {"step": step, "total": total, "elapsed": elapsed}
+        case Preview(index, step, jpeg):
+            kind, meta, data = "preview", {"index": index, "step": step}, jpeg
+        case ImageChunk(index, offset, piece, last):
+            kind, meta, data = "chunk", {"index": index, "offset": offset, "last": last}, piece
+        case ImageComplete():
+            kind, meta = "image", image_meta(payload)
+        case Completed(t):
+            kind = "completed"
+            meta = {
+                "timings": [
+                    t.queue_seconds,
+                    t.text_encoding_seconds,
+                    t.denoising_seconds,
+                    t.decoding_seconds,
+                ]
+            }
+        case Failed(error, code):
+            kind, meta = "failed", {"error": error, "code": code}
+        case Cancelled():
+            kind = "cancelled"
+    if who is not None:
+        meta["who"] = who.to_dict()
+    if images is not None:
+        meta["images"] = [image_meta(i) for i in images]
+    return EventRecord(generation_id, kind, attempt, meta, data)
+
+
+def to_payload(record: EventRecord) -> Payload | None:
+    m = record.meta
+    match record.kind:
+        case "queued":
+            return Queued(int(_num(m, "position")))
+        case "started":
+            return Started(int(_num(m, "batch_size")))
+        case "progress":
+            return Progress(int(_num(m, "step")), int(_num(m, "total")), _num(m, "elapsed"))
+        case "preview":
+            return Preview(int(_num(m, "index")), int(_num(m, "step")), record.data)
+        case "chunk":
+            return ImageChunk(
+                int(_num(m, "index")), int(_num(m, "offset")), record.data, bool(m.get("last"))
+            )
+        case "image":
+            return image_from_meta(m)
+        case "completed":
+            t = m.get("timings") or [0.0, 0.0, 0.0, 0.0]
+            assert isinstance(t, list)
+            return Completed(Timings(*(float(x) for x in t[:4])))
+        case "failed":
+            return Failed(str(m.get("error", "")), str(m.get("code", "")))
+        case "cancelled":
+            return Cancelled()
+    return None
+
+
+def recorded_images(record: EventRecord) -> list[ImageComplete]:
+    images = record.meta.get("images")
+    return [image_from_meta(i) for i in images] if isinstance(images, list) else []
+
+
+def _num(meta: dict[str, Any], key: str) -> float:
+    value = meta.get(key, 0)
+    return float(value) if isinstance(value, (int, float)) else 0.0

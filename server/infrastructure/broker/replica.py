@@ -1,0 +1,280 @@
+"""The API replica's side of cluster mode: queueing jobs in the broker, relaying any job's
+events from any replica, recording outcomes, and the models the workers serve."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from server.application.commands.generate import GenerationRecorder, Transition
+from server.application.context import current_context
+from server.domain.errors import DomainError, ResourceExhaustedError
+from server.domain.generation import (
+    TERMINAL,
+    Cancelled,
+    GenerationEvent,
+    GenerationJob,
+    Payload,
+    Queued,
+)
+from server.domain.generation_job import ImageRecord
+from server.domain.models import BaseModelConfig, BaseModelInfo, resolve_architecture
+from server.infrastructure.broker.codec import (
+    Who,
+    encode_job,
+    recorded_images,
+    to_payload,
+    to_record,
+)
+from server.infrastructure.broker.port import Broker, BrokerUnavailable, Claim
+from server.infrastructure.broker.relay import Relay
+
+log = logging.getLogger("loracle.cluster")
+
+
+class RemoteJobStream:
+    """A job running somewhere in the cluster, followed through its broker log."""
+
+    def __init__(self, broker: Broker, generation_id: str, who: Who | None = None) -> None:
+        self._broker = broker
+        self._id = generation_id
+        self._who = who or Who()
+        self._finished = False
+        self._last = 0
+
+    @property
+    def generation_id(self) -> str:
+        return self._id
+
+    @property
+    def finished(self) -> bool:
+        if not self._finished:
+            claim = self._broker.claim(self._id)
+            self._finished = claim is None or claim.state in ("done", "cancelled")
+        return self._finished
+
+    @property
+    def last_sequence(self) -> int:
+        return self._last
+
+    def on_transition(self, listener: Callable[[Any, Payload], None]) -> None:
+        """Outcomes are recorded by the replicas' shared recorder consumer, not per stream."""
+
+    def events(
+        self, after: int = 0, poll: float = 0.5, stop: Callable[[], bool] | None = None
+    ) -> Iterator[GenerationEvent]:
+        subscription = self._broker.events(self._id)
+        relay = Relay()
+        sequence = 0
+        try:
+            while not relay.finished:
+                record = subscription.next(poll)
+                if record is None:
+                    if stop is not None and stop():
+                        return
+                    continue
+                for payload in relay.feed(record):
+                    sequence += 1
+                    if isinstance(payload, TERMINAL):
+                        self._finished = True
+                    if sequence > after:
+                        self._last = sequence
+                        yield GenerationEvent(self._id, sequence, payload)
+        finally:
+            subscription.close()
+
+    def cancel(self) -> None:
+        """A job no worker holds yet is cancelled here; a running one is signalled (its
+        worker stops it within a denoising step and publishes the outcome)."""
+        for _ in range(10):
+            claim = self._broker.claim(self._id)
+            if claim is None or claim.state in ("done", "cancelled"):
+                return
+            if claim.state == "queued":
+                cancelled = Claim("cancelled", claim.attempt, "", True, claim.revision)
+                if self._broker.update_claim(self._id, cancelled):
+                    ctx = current_context()
+                    who = Who(ctx.principal, ctx.request_id)
+                    self._broker.publish(to_record(self._id, 0, Cancelled(), who=who, images=[]))
+                    self._finished = True
+                    return
+                continue
+            if claim.cancel or self._broker.update_claim(
+                self._id, Claim(claim.state, claim.attempt, claim.worker, True, claim.revision)
+            ):
+                self._broker.signal_cancel(self._id)
+                return
+
+
+class BrokerExecutor:
+    """The executor port for API replicas: jobs go to the broker's durable queue."""
+
+    def __init__(self, broker: Broker, *, max_queue: int = 16) -> None:
+        self._broker = broker
+        self._max_queue = max_queue
+
+    def submit(
+        self, job: GenerationJob, on_accept: Callable[[int], None] | None = None
+    ) -> RemoteJobStream:
+        depth = self._broker.queue_depth()
+        if depth >= self._max_queue:
+            raise ResourceExhaustedError(
+                f"the cluster's generation queue is full ({depth} jobs waiting)", 2.0
+            )
+        if on_accept is not None:
+            on_accept(depth)  # records Submitted; if the store is down nothing is queued
+        ctx = current_context()
+        who = Who(
+            ctx.principal,
+            ctx.request_id,
+            job.original_prompt,
+            tuple(x.lora_id for x in job.loras),
+        )
+        gid = job.generation_id
+        self._broker.create_claim(gid, Claim("queued"))
+        self._broker.publish(to_record(gid, 0, Queued(depth)))
+        self._broker.enqueue(gid, encode_job(job, who))
+        return RemoteJobStream(self._broker, gid, who)
+
+    def handle(self, generation_id: str) -> RemoteJobStream | None:
+        try:
+            known = self._broker.claim(generation_id) is not None
+        except BrokerUnavailable:
+            raise
+        return RemoteJobStream(self._broker, generation_id) if known else None
+
+
+class RecorderFeed:
+    """Records job outcomes from the broker's shared `recorder` consumer: whichever replica
+    pulls a state event saves it and only then acknowledges it, so an outcome survives the
+    death of the replica that took the request, and a store outage only delays it."""
+
+    def __init__(self, broker: Broker, recorder: GenerationRecorder, batch: int = 32) -> None:
+        self._broker = broker
+        self._recorder = recorder
+        self._batch = batch
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="loracle-recorder-feed")
+        self._thread.daemon = True
+        self.recorded = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10.0)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                pulled = self._broker.fetch_state_events(self._batch, timeout=1.0)
+            except DomainError as exc:
+                log.warning("cannot read job outcomes: %s", exc.message)
+                self._stop.wait(1.0)
+                continue
+            for record, delivery in pulled:
+                payload = to_payload(record)
+                try:
+                    if payload is not None:
+                        who = Who.from_dict(record.meta.get("who"))
+                        self._recorder.record_now(
+                            Transition(
+                                record.generation_id,
+                                payload,
+                                tuple(
+                                    ImageRecord(
+                                        i.image_index, i.sha256, i.size_bytes, i.mime_type, i.seed
+                                    ).to_dict()
+                                    for i in recorded_images(record)
+                                ),
+                                who.principal,
+                                who.request_id,
+                                who.prompt,
+                                who.lora_ids,
+                            )
+                        )
+                    delivery.ack()
+                    self.recorded += 1
+                except Exception as exc:
+                    # Not acknowledged: redelivered after the consumer's ack wait.
+                    log.warning(
+                        "could not record %s of %s: %s", record.kind, record.generation_id, exc
+                    )
+                    self._stop.wait(1.0)
+                    break
+
+
+class ClusterModels:
+    """Models as the live workers advertise them. Before any worker is up, the configured
+    models are listed as not ready, so generation fails fast instead of queueing for nobody."""
+
+    def __init__(
+        self, broker: Broker, configured: tuple[BaseModelConfig, ...], ttl: float = 15.0
+    ) -> None:
+        self._broker = broker
+        self._configured = configured
+        self._ttl = ttl
+        self._cache: tuple[float, list[BaseModelInfo]] = (0.0, [])
+
+    def statuses(self) -> list[BaseModelInfo]:
+        now = time.monotonic()
+        if now - self._cache[0] < 1.0:
+            return self._cache[1]
+        found: dict[str, BaseModelInfo] = {}
+        for document in self._broker.workers().values():
+            doc = json.loads(document)
+            if time.time() - float(doc.get("at", 0)) > self._ttl:
+                continue
+            for m in doc.get("models", []):
+                info = _model_info(m)
+                if info.config.name not in found or info.ready:
+                    found[info.config.name] = info
+        if not found:
+            found = {
+                c.name: BaseModelInfo(c, False, "no worker is serving this model right now")
+                for c in self._configured
+            }
+        out = sorted(found.values(), key=lambda m: m.config.name)
+        self._cache = (now, out)
+        return out
+
+
+def model_document(info: BaseModelInfo) -> dict[str, Any]:
+    c = info.config
+    return {
+        "name": c.name,
+        "architecture": c.architecture.value,
+        "path": str(c.path),
+        "scheduler": c.scheduler,
+        "dtype": c.dtype,
+        "placeholder": c.placeholder,
+        "ready": info.ready,
+        "error": info.error,
+        "resolved_dtype": info.dtype,
+        "default_scheduler": info.default_scheduler,
+    }
+
+
+def _model_info(doc: dict[str, Any]) -> BaseModelInfo:
+    from pathlib import Path
+
+    config = BaseModelConfig(
+        name=str(doc["name"]),
+        architecture=resolve_architecture(str(doc["architecture"])),
+        path=Path(str(doc["path"])),
+        scheduler=str(doc.get("scheduler", "")),
+        dtype=str(doc.get("dtype", "auto")),
+        placeholder=bool(doc.get("placeholder", False)),
+    )
+    return BaseModelInfo(
+        config,
+        bool(doc.get("ready")),
+        str(doc.get("error", "")),
+        str(doc.get("resolved_dtype", "")),
+        str(doc.get("default_scheduler", "")),
+    )

@@ -1,0 +1,400 @@
+"""A GPU worker in cluster mode: takes jobs from the broker and runs them on its own
+DiffusionExecutor (which batches them), publishing every event back to the broker.
+
+It pulls only when its device is idle, up to `max_batch` jobs at once; it keeps the first and
+those compatible with it and hands the rest straight back, so batching works across the
+cluster without one worker sitting on jobs another could run. Each job it takes is one
+attempt (counted in the job's claim); the lease is extended while it runs, so a worker that
+dies loses its jobs to another after one lease."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from server.domain.errors import DomainError
+from server.domain.generation import (
+    TERMINAL,
+    Cancelled,
+    Failed,
+    GenerationJob,
+    ImageChunk,
+    ImageComplete,
+    Queued,
+    ResolvedLora,
+    Started,
+)
+from server.domain.models import BaseModelInfo
+from server.infrastructure.broker.codec import JobMessage, decode_job, to_record
+from server.infrastructure.broker.port import Broker, Claim, Delivery
+from server.infrastructure.broker.relay import Relay
+from server.infrastructure.broker.replica import model_document
+from server.infrastructure.diffusion.executor import DiffusionExecutor, JobHandle
+
+log = logging.getLogger("loracle.worker")
+
+# Image bytes travel in pieces well under NATS's default 1 MB message limit; relays put
+# them back together and re-chunk them to the size each client asked for.
+BROKER_CHUNK = 256 * 1024
+
+
+class ModelSource(Protocol):
+    def statuses(self) -> list[BaseModelInfo]: ...
+
+
+@dataclass
+class _Held:
+    delivery: Delivery
+    message: JobMessage
+    claim: Claim
+    handle: JobHandle | None = None
+    extended: float = 0.0
+
+
+def default_worker_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class BrokerWorker:
+    def __init__(
+        self,
+        broker: Broker,
+        executor: DiffusionExecutor,
+        models: ModelSource,
+        lora_roots: Sequence[Path],
+        *,
+        name: str = "",
+        lease_seconds: float = 30.0,
+        max_attempts: int = 3,
+        max_batch: int = 8,
+    ) -> None:
+        self._broker = broker
+        self._executor = executor
+        self._models = models
+        self._roots = tuple(lora_roots)
+        self.name = name or default_worker_name()
+        self._lease = lease_seconds
+        self._max_attempts = max_attempts
+        self._max_batch = max_batch
+        self._held: dict[str, _Held] = {}
+        self._lock = threading.Lock()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.completed = 0
+        broker.on_cancel(self._cancel_signal)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for target, name in (
+            (self._pull_loop, "loracle-worker-pull"),
+            (self._lease_loop, "loracle-worker-lease"),
+        ):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stops pulling; jobs still held are handed back for another worker."""
+        self._stop.set()
+        with self._lock:
+            held = list(self._held.values())
+        for item in held:
+            if item.handle is not None:
+                item.handle.cancel()
+        for thread in self._threads:
+            thread.join(timeout)
+
+    # -- pulling -----------------------------------------------------------------------------
+
+    def _pull_loop(self) -> None:
+        while not self._stop.is_set():
+            if not self._idle.wait(0.5):
+                continue
+            try:
+                deliveries = self._broker.fetch(self._max_batch, timeout=1.0)
+            except DomainError as exc:
+                log.warning("cannot fetch jobs: %s", exc.message)
+                self._stop.wait(1.0)
+                continue
+            if deliveries:
+                self._take_batch(deliveries)
+
+    def _take_batch(self, deliveries: list[Delivery]) -> None:
+        kept: list[tuple[Delivery, JobMessage]] = []
+        key: tuple[object, ...] | None = None
+        images = 0
+        for delivery in deliveries:
+            try:
+                message = decode_job(delivery.body)
+            except (ValueError, KeyError, TypeError):
+                log.error("dropping an undecodable job message")
+                delivery.ack()
+                continue
+            this = _batch_key(message)
+            count = int(message.fields.get("num_images", 1))
+            if key is None or (this == key and images + count <= self._max_batch):
+                key = this
+                images += count
+                kept.append((delivery, message))
+            else:
+                delivery.hand_back()  # another worker (or this one, next) runs it
+        for delivery, message in kept:
+            try:
+                self._take(delivery, message)
+            except DomainError as exc:
+                log.warning("could not take job %s: %s", message.generation_id, exc.message)
+
+    def _take(self, delivery: Delivery, message: JobMessage) -> None:
+        gid = message.generation_id
+        while True:
+            claim = self._broker.claim(gid) or Claim("queued")
+            if claim.state in ("done", "cancelled"):
+                delivery.ack()  # its outcome is already published
+                return
+            if claim.attempt >= self._max_attempts:
+                self._finish(
+                    delivery,
+                    message,
+                    claim,
+                    Failed(
+                        f"gave up after {claim.attempt} attempts: the worker running it "
+                        f"stopped before it finished each time (last: {claim.worker or '?'})"
+                    ),
+                )
+                return
+            mine = Claim("running", claim.attempt + 1, self.name, claim.cancel, claim.revision)
+            if claim.revision == 0:  # the claim expired: start a new one
+                self._broker.create_claim(gid, mine)
+                break
+            if self._broker.update_claim(gid, mine):
+                break
+        claim = self._broker.claim(gid) or mine
+        held = _Held(delivery, message, claim)
+        try:
+            job = self._job(message)
+        except _Refused as exc:
+            self._finish(delivery, message, claim, Failed(str(exc)))
+            return
+        reused = self._earlier_images(gid) if claim.attempt > 1 else {}
+        with self._lock:
+            self._held[gid] = held
+            self._idle.clear()
+        try:
+            handle = self._executor.submit(job)
+        except DomainError as exc:
+            with self._lock:
+                self._held.pop(gid, None)
+                if not self._held:
+                    self._idle.set()
+            delivery.hand_back()
+            log.warning("local queue refused job %s: %s", gid, exc.message)
+            return
+        held.handle = handle
+        if claim.cancel:
+            handle.cancel()
+        threading.Thread(
+            target=self._pump, args=(held, handle, reused), name=f"loracle-pump-{gid[:8]}"
+        ).start()
+
+    def _job(self, message: JobMessage) -> GenerationJob:
+        model = next((m for m in self._models.statuses() if m.config.name == message.model), None)
+        if model is None or not model.ready:
+            raise _Refused(f"worker {self.name} does not serve model {message.model!r}")
+        loras: list[ResolvedLora] = []
+        for lora in message.loras:
+            path = next(
+                (
+                    root / lora.file_path
+                    for root in self._roots
+                    if (root / lora.file_path).is_file()
+                ),
+                None,
+            )
+            if path is None:
+                raise _Refused(
+                    f"LoRA {lora.name!r}: {lora.file_path!r} is missing under worker "
+                    f"{self.name}'s LoRA roots"
+                )
+            loras.append(
+                ResolvedLora(
+                    lora.lora_id,
+                    lora.name,
+                    lora.file_name,
+                    lora.sha256,
+                    path,
+                    lora.weight,
+                    lora.file_path,
+                )
+            )
+        f = message.fields
+        return GenerationJob(
+            generation_id=message.generation_id,
+            model=model.config,
+            prompt=str(f["prompt"]),
+            original_prompt=str(f["original_prompt"]),
+            negative_prompt=str(f.get("negative_prompt", "")),
+            width=int(f["width"]),
+            height=int(f["height"]),
+            steps=int(f["steps"]),
+            guidance_scale=float(f["guidance_scale"]),
+            seed=int(f["seed"]),
+            num_images=int(f.get("num_images", 1)),
+            scheduler=str(f.get("scheduler", "")),
+            loras=tuple(loras),
+            output_format=str(f.get("output_format", "png")),
+            chunk_size=BROKER_CHUNK,
+            preview_every=int(f.get("preview_every", 0)),
+        )
+
+    def _earlier_images(self, gid: str) -> dict[int, ImageComplete]:
+        """Images an earlier attempt finished: clients may already hold them, so this
+        attempt reuses them instead of sending different bytes under the same index."""
+        relay = Relay()
+        subscription = self._broker.events(gid)
+        try:
+            while (record := subscription.next(0.3)) is not None:
+                relay.feed(record)
+        finally:
+            subscription.close()
+        return dict(relay.delivered)
+
+    # -- running -----------------------------------------------------------------------------
+
+    def _pump(self, held: _Held, handle: JobHandle, reused: dict[int, ImageComplete]) -> None:
+        gid = held.message.generation_id
+        attempt = held.claim.attempt
+        chunk_size = int(held.message.fields.get("chunk_size", 64 * 1024))
+        images: dict[int, ImageComplete] = dict(reused)
+        final: Any = None
+        try:
+            for event in handle.events():
+                p = event.payload
+                if isinstance(p, Queued):
+                    continue
+                if isinstance(p, (ImageChunk, ImageComplete)) and p.image_index in reused:
+                    continue
+                if isinstance(p, TERMINAL):
+                    final = p
+                    break
+                who = held.message.who if isinstance(p, Started) else None
+                record = to_record(gid, attempt, p, who=who)
+                if isinstance(p, ImageComplete):
+                    images[p.image_index] = p
+                    record.meta["chunk_size"] = chunk_size
+                self._broker.publish(record)
+        except DomainError as exc:
+            log.warning("lost the broker while running %s: %s", gid, exc.message)
+            handle.cancel()
+            final = None
+        if final is not None:
+            ordered = [images[i] for i in sorted(images)]
+            if isinstance(final, Cancelled) or self._still_mine(gid, held.claim):
+                try:
+                    self._publish_final(held.delivery, gid, attempt, final, ordered, held)
+                except DomainError as exc:
+                    log.warning("could not publish the outcome of %s: %s", gid, exc.message)
+            else:
+                held.delivery.ack()  # another attempt took over; its outcome counts
+        with self._lock:
+            self._held.pop(gid, None)
+            if not self._held:
+                self._idle.set()
+        self.completed += 1
+
+    def _still_mine(self, gid: str, claim: Claim) -> bool:
+        now = self._broker.claim(gid)
+        return now is not None and now.attempt == claim.attempt and now.worker == self.name
+
+    def _publish_final(
+        self,
+        delivery: Delivery,
+        gid: str,
+        attempt: int,
+        final: Any,
+        images: list[ImageComplete],
+        held: _Held,
+    ) -> None:
+        claim = self._broker.claim(gid) or held.claim
+        self._broker.update_claim(
+            gid, Claim("done", attempt, self.name, claim.cancel, claim.revision)
+        )
+        self._broker.publish(to_record(gid, attempt, final, images=images, who=held.message.who))
+        delivery.ack()
+
+    def _finish(self, delivery: Delivery, message: JobMessage, claim: Claim, final: Any) -> None:
+        """Ends a job this worker will not run, with a published outcome."""
+        gid = message.generation_id
+        self._broker.update_claim(
+            gid, Claim("done", claim.attempt, self.name, claim.cancel, claim.revision)
+        )
+        self._broker.publish(to_record(gid, claim.attempt, final, images=[], who=message.who))
+        delivery.ack()
+
+    # -- leases, cancellation and the directory ------------------------------------------------
+
+    def _lease_loop(self) -> None:
+        interval = max(0.2, self._lease / 3)
+        last_advert = 0.0
+        while not self._stop.wait(min(interval, 1.0)):
+            now = time.monotonic()
+            with self._lock:
+                held = list(self._held.values())
+            for item in held:
+                try:
+                    if now - item.extended >= interval:
+                        item.delivery.extend()
+                        item.extended = now
+                    claim = self._broker.claim(item.message.generation_id)
+                    if claim is not None and claim.cancel and item.handle is not None:
+                        item.handle.cancel()
+                except DomainError as exc:
+                    log.warning("could not extend a lease: %s", exc.message)
+            if now - last_advert >= 5.0:
+                try:
+                    self.advertise()
+                    last_advert = now
+                except DomainError as exc:
+                    log.warning("could not advertise this worker: %s", exc.message)
+
+    def advertise(self) -> None:
+        document = {
+            "at": time.time(),
+            "models": [model_document(m) for m in self._models.statuses()],
+            "running": len(self._held),
+        }
+        self._broker.advertise(self.name, json.dumps(document).encode())
+
+    def _cancel_signal(self, generation_id: str) -> None:
+        with self._lock:
+            item = self._held.get(generation_id)
+        if item is not None and item.handle is not None:
+            item.handle.cancel()
+
+
+class _Refused(Exception):
+    """This worker cannot run the job (a model or LoRA it lacks): the job fails with why."""
+
+
+def _batch_key(message: JobMessage) -> tuple[object, ...]:
+    f = message.fields
+    return (
+        message.model,
+        tuple(sorted((x.sha256, x.weight) for x in message.loras)),
+        f.get("width"),
+        f.get("height"),
+        f.get("steps"),
+        f.get("scheduler"),
+        f.get("guidance_scale"),
+        bool(f.get("negative_prompt")),
+    )

@@ -1,0 +1,86 @@
+"""`loracle-worker` / `python -m server.worker`: one GPU worker of a cluster. It takes jobs
+from the broker, runs them on this machine's device and publishes their events; it needs the
+broker, the models and the LoRA files, but no database (docs/deploy.md)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+
+from server.config import load_settings
+from server.domain.errors import DomainError
+from server.infrastructure.broker.nats_broker import NatsBroker
+from server.infrastructure.broker.worker import BrokerWorker, default_worker_name
+from server.infrastructure.diffusion.executor import DiffusionExecutor
+from server.infrastructure.diffusion.registry import ModelRegistry
+from server.infrastructure.logs import configure_logging
+
+log = logging.getLogger("loracle.worker")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        settings = load_settings(argv, prog="loracle-worker")
+        configure_logging(settings.log_level, settings.log_format)
+    except (DomainError, ValueError) as exc:
+        print(f"loracle-worker: {getattr(exc, 'message', exc)}", file=sys.stderr)
+        return 2
+    if not settings.broker_url:
+        print("loracle-worker: broker_url (or --broker-url) is required", file=sys.stderr)
+        return 2
+    name = settings.worker_name or default_worker_name()
+    models = ModelRegistry(settings.models, data_dir=settings.data_dir.resolve())
+    if settings.embedded_model:
+        models.ensure_embedded(wait=True)
+    executor = DiffusionExecutor(
+        max_queue=max(settings.max_batch, 1) * 2,
+        max_batch=settings.max_batch,
+        batch_wait=settings.batch_wait_ms / 1000,
+        threads=settings.torch_threads,
+        device_budget_gb=settings.device_budget_gb,
+        adapter_budget_gb=settings.adapter_budget_gb,
+    )
+    try:
+        broker = NatsBroker(
+            settings.broker_url,
+            namespace=settings.broker_namespace,
+            lease_seconds=settings.job_lease_seconds,
+            retention_seconds=settings.image_retention_hours * 3600,
+            max_queue=settings.max_queue,
+            name=f"loracle-worker {name}",
+        )
+    except DomainError as exc:
+        log.error("cannot start: %s", exc.message)
+        return 1
+    worker = BrokerWorker(
+        broker,
+        executor,
+        models,
+        settings.resolved_lora_roots,
+        name=name,
+        lease_seconds=settings.job_lease_seconds,
+        max_attempts=settings.job_max_attempts,
+        max_batch=settings.max_batch,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    executor.start()
+    worker.advertise()
+    worker.start()
+    served = ", ".join(m.config.name for m in models.statuses() if m.ready) or "none ready"
+    print(f"loracle-worker {name} ready (models: {served})", flush=True)
+    stop.wait()
+    log.info("stopping: jobs still held go back to the queue")
+    worker.stop()
+    executor.stop()
+    broker.close()
+    models.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
