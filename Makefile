@@ -15,7 +15,7 @@ NODE_STAMP := $(NODE_INTEROP)/node_modules/.installed
 export LORACLE_TEST_POSTGRES_URL ?= postgresql://postgres@127.0.0.1:5432/test
 
 .PHONY: install demo test proto check-generated lint-proto lint format typecheck pytest \
-        services bench bench-reliability eval-recommend serve clean
+        services bench bench-reliability eval-recommend serve clean cluster
 
 install: $(STAMP) $(BUF) $(NODE_STAMP)
 
@@ -62,6 +62,11 @@ services:
 
 pytest: install services
 	$(BIN)/pytest -q tests
+
+# Two API replicas and two workers on loopback, with PostgreSQL and NATS JetStream (started
+# if not running); Ctrl-C stops them. See docs/deploy.md.
+cluster: install services
+	$(BIN)/python -m server.devtools.cluster
 
 bench: install
 	$(BIN)/python bench/bench_catalog.py

@@ -182,7 +182,7 @@ class SqlReadModel:
         else:
             kwargs["pool_pre_ping"] = True
             kwargs["connect_args"] = {
-                "connect_timeout": 5,
+                "connect_timeout": 2,
                 "options": f"-c search_path={url.schema}",
             }
         self.engine: Engine = sa.create_engine(url.sqlalchemy_url(), **kwargs)

@@ -66,7 +66,13 @@ class StorageUrl:
             "POSTGRES_USER": self.user,
             "POSTGRES_PASSWORD": self.password,
             "POSTGRES_SCHEMA": self.schema,
-            "POSTGRES_CONNECT_TIMEOUT": "5",
+            # Also how long a request waits for a pooled connection: with the database
+            # down, requests fail within seconds (UNAVAILABLE) instead of queueing up.
+            "POSTGRES_CONNECT_TIMEOUT": "2",
+            "POSTGRES_PRE_PING": "y",
+            "APPLICATION_RECORDER_TOPIC": (
+                "server.infrastructure.pg_recorder:FailFastApplicationRecorder"
+            ),
             "POSTGRES_LOCK_TIMEOUT": "10",
             "POSTGRES_POOL_SIZE": "4",
         }

@@ -46,8 +46,8 @@ class _NatsDelivery:
     def ack(self) -> None:
         self._broker.call(self._msg.ack(), "ack")
 
-    def hand_back(self) -> None:
-        self._broker.call(self._msg.nak(), "nak")
+    def hand_back(self, delay: float = 0.0) -> None:
+        self._broker.call(self._msg.nak(delay or None), "nak")
 
     def extend(self) -> None:
         self._broker.call(self._msg.in_progress(), "extend lease")
@@ -201,10 +201,9 @@ class NatsBroker:
     async def _ensure_consumer(self, stream: str, config: api.ConsumerConfig) -> None:
         try:
             await self.js.add_consumer(stream, config)
-        except nats.js.errors.BadRequestError:
-            assert config.durable_name is not None
-            await self.js.delete_consumer(stream, config.durable_name)
-            await self.js.add_consumer(stream, config)
+        except nats.js.errors.BadRequestError as exc:
+            # Never delete it to apply new settings: its deliveries in flight would be lost.
+            log.warning("keeping consumer %s as it is: %s", config.durable_name, exc)
 
     def call(self, coro: Coroutine[Any, Any, T], what: str, timeout: float | None = None) -> T:
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
@@ -241,7 +240,7 @@ class NatsBroker:
                 self._jobs_sub.fetch(count, timeout=timeout), "fetch jobs", timeout + 5.0
             )
         except BrokerUnavailable as exc:
-            if isinstance(exc.__cause__, nats.errors.TimeoutError):
+            if isinstance(exc.__cause__, TimeoutError):  # nothing to fetch right now
                 return []
             raise
         return [_NatsDelivery(self, m) for m in msgs]
@@ -270,7 +269,7 @@ class NatsBroker:
                 self._state_sub.fetch(count, timeout=timeout), "fetch outcomes", timeout + 5.0
             )
         except BrokerUnavailable as exc:
-            if isinstance(exc.__cause__, nats.errors.TimeoutError):
+            if isinstance(exc.__cause__, TimeoutError):  # nothing to fetch right now
                 return []
             raise
         return [(_decode_event(m), _NatsDelivery(self, m)) for m in msgs]

@@ -3,16 +3,17 @@ events from any replica, recording outcomes, and the models the workers serve.""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
-from server.application.commands.generate import GenerationRecorder, Transition
+from server.application.commands.generate import Transition
 from server.application.context import current_context
-from server.domain.errors import DomainError, ResourceExhaustedError
+from server.domain.errors import ConflictError, DomainError, ResourceExhaustedError
 from server.domain.generation import (
     TERMINAL,
     Cancelled,
@@ -30,7 +31,7 @@ from server.infrastructure.broker.codec import (
     to_payload,
     to_record,
 )
-from server.infrastructure.broker.port import Broker, BrokerUnavailable, Claim
+from server.infrastructure.broker.port import Broker, BrokerUnavailable, Claim, EventRecord
 from server.infrastructure.broker.relay import Relay
 
 log = logging.getLogger("loracle.cluster")
@@ -148,12 +149,16 @@ class BrokerExecutor:
         return RemoteJobStream(self._broker, generation_id) if known else None
 
 
+class OutcomeRecorder(Protocol):
+    def record_now(self, transition: Transition) -> None: ...
+
+
 class RecorderFeed:
     """Records job outcomes from the broker's shared `recorder` consumer: whichever replica
     pulls a state event saves it and only then acknowledges it, so an outcome survives the
     death of the replica that took the request, and a store outage only delays it."""
 
-    def __init__(self, broker: Broker, recorder: GenerationRecorder, batch: int = 32) -> None:
+    def __init__(self, broker: Broker, recorder: OutcomeRecorder, batch: int = 32) -> None:
         self._broker = broker
         self._recorder = recorder
         self._batch = batch
@@ -178,35 +183,45 @@ class RecorderFeed:
                 self._stop.wait(1.0)
                 continue
             for record, delivery in pulled:
-                payload = to_payload(record)
                 try:
-                    if payload is not None:
-                        who = Who.from_dict(record.meta.get("who"))
-                        self._recorder.record_now(
-                            Transition(
-                                record.generation_id,
-                                payload,
-                                tuple(
-                                    ImageRecord(
-                                        i.image_index, i.sha256, i.size_bytes, i.mime_type, i.seed
-                                    ).to_dict()
-                                    for i in recorded_images(record)
-                                ),
-                                who.principal,
-                                who.request_id,
-                                who.prompt,
-                                who.lora_ids,
-                            )
-                        )
+                    self._record(record)
                     delivery.ack()
                     self.recorded += 1
                 except Exception as exc:
-                    # Not acknowledged: redelivered after the consumer's ack wait.
+                    # Back to the broker, for this or another replica, once the store is back.
                     log.warning(
-                        "could not record %s of %s: %s", record.kind, record.generation_id, exc
+                        "could not record %s of %s: %r", record.kind, record.generation_id, exc
                     )
-                    self._stop.wait(1.0)
-                    break
+                    with contextlib.suppress(DomainError):
+                        delivery.hand_back(delay=1.0)
+
+    def _record(self, record: EventRecord) -> None:
+        payload = to_payload(record)
+        if payload is None:
+            return
+        who = Who.from_dict(record.meta.get("who"))
+        transition = Transition(
+            record.generation_id,
+            payload,
+            tuple(
+                ImageRecord(i.image_index, i.sha256, i.size_bytes, i.mime_type, i.seed).to_dict()
+                for i in recorded_images(record)
+            ),
+            who.principal,
+            who.request_id,
+            who.prompt,
+            who.lora_ids,
+        )
+        # Two replicas may record a job's Started and its outcome at once: the second save
+        # then conflicts on the aggregate's version, and succeeds once it has reloaded.
+        for attempt in range(4):
+            try:
+                self._recorder.record_now(transition)
+                return
+            except ConflictError:
+                if attempt == 3:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
 
 
 class ClusterModels:

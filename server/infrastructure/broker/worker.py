@@ -90,6 +90,8 @@ class BrokerWorker:
         self._idle.set()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._pumps: list[threading.Thread] = []
+        self._handing_back = False
         self.completed = 0
         broker.on_cancel(self._cancel_signal)
 
@@ -105,15 +107,19 @@ class BrokerWorker:
             self._threads.append(thread)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stops pulling; jobs still held are handed back for another worker."""
+        """Stops pulling, lets held jobs finish for up to `timeout` seconds (a pod's grace
+        period), then hands the rest back: another worker runs them, and the attempt this
+        worker began does not count against them."""
         self._stop.set()
+        self._idle.wait(timeout)
         with self._lock:
+            self._handing_back = True
             held = list(self._held.values())
         for item in held:
             if item.handle is not None:
                 item.handle.cancel()
-        for thread in self._threads:
-            thread.join(timeout)
+        for thread in [*self._threads, *self._pumps]:
+            thread.join(10.0)
 
     # -- pulling -----------------------------------------------------------------------------
 
@@ -175,7 +181,10 @@ class BrokerWorker:
                 return
             mine = Claim("running", claim.attempt + 1, self.name, claim.cancel, claim.revision)
             if claim.revision == 0:  # the claim expired: start a new one
-                self._broker.create_claim(gid, mine)
+                try:
+                    self._broker.create_claim(gid, mine)
+                except Exception:  # another worker created it first: read it again
+                    continue
                 break
             if self._broker.update_claim(gid, mine):
                 break
@@ -193,19 +202,17 @@ class BrokerWorker:
         try:
             handle = self._executor.submit(job)
         except DomainError as exc:
-            with self._lock:
-                self._held.pop(gid, None)
-                if not self._held:
-                    self._idle.set()
-            delivery.hand_back()
             log.warning("local queue refused job %s: %s", gid, exc.message)
+            self._give_back(held)
             return
         held.handle = handle
         if claim.cancel:
             handle.cancel()
-        threading.Thread(
+        pump = threading.Thread(
             target=self._pump, args=(held, handle, reused), name=f"loracle-pump-{gid[:8]}"
-        ).start()
+        )
+        self._pumps = [t for t in self._pumps if t.is_alive()] + [pump]
+        pump.start()
 
     def _job(self, message: JobMessage) -> GenerationJob:
         model = next((m for m in self._models.statuses() if m.config.name == message.model), None)
@@ -297,6 +304,13 @@ class BrokerWorker:
             log.warning("lost the broker while running %s: %s", gid, exc.message)
             handle.cancel()
             final = None
+        handed_back = (
+            isinstance(final, Cancelled) and self._handing_back and not self._cancel_asked(gid)
+        )
+        if handed_back:
+            self._give_back(held)
+            self.completed += 1
+            return
         if final is not None:
             ordered = [images[i] for i in sorted(images)]
             if isinstance(final, Cancelled) or self._still_mine(gid, held.claim):
@@ -312,6 +326,36 @@ class BrokerWorker:
                 self._idle.set()
         self.completed += 1
 
+    def _give_back(self, held: _Held) -> None:
+        """Hands a job back to the queue and forgets it (it was not run to an outcome)."""
+        gid = held.message.generation_id
+        try:
+            self._release(gid)
+            held.delivery.hand_back()
+        except DomainError as exc:
+            log.warning("could not hand back %s (its lease will run out): %s", gid, exc.message)
+        with self._lock:
+            self._held.pop(gid, None)
+            if not self._held:
+                self._idle.set()
+
+    def _release(self, gid: str) -> None:
+        """Undoes this worker's claim: the attempt it began does not count."""
+        for _ in range(5):
+            claim = self._broker.claim(gid)
+            if claim is None or claim.state != "running" or claim.worker != self.name:
+                return
+            queued = Claim("queued", claim.attempt - 1, "", claim.cancel, claim.revision)
+            if self._broker.update_claim(gid, queued):
+                return
+
+    def _cancel_asked(self, gid: str) -> bool:
+        try:
+            claim = self._broker.claim(gid)
+        except DomainError:
+            return False
+        return claim is not None and claim.cancel
+
     def _still_mine(self, gid: str, claim: Claim) -> bool:
         now = self._broker.claim(gid)
         return now is not None and now.attempt == claim.attempt and now.worker == self.name
@@ -325,21 +369,27 @@ class BrokerWorker:
         images: list[ImageComplete],
         held: _Held,
     ) -> None:
-        claim = self._broker.claim(gid) or held.claim
-        self._broker.update_claim(
-            gid, Claim("done", attempt, self.name, claim.cancel, claim.revision)
-        )
+        # The outcome first: a worker dying before it marks the claim done leaves a job
+        # that is redelivered and run again, never one without an outcome.
         self._broker.publish(to_record(gid, attempt, final, images=images, who=held.message.who))
+        self._mark_done(gid, attempt)
         delivery.ack()
 
     def _finish(self, delivery: Delivery, message: JobMessage, claim: Claim, final: Any) -> None:
         """Ends a job this worker will not run, with a published outcome."""
         gid = message.generation_id
-        self._broker.update_claim(
-            gid, Claim("done", claim.attempt, self.name, claim.cancel, claim.revision)
-        )
         self._broker.publish(to_record(gid, claim.attempt, final, images=[], who=message.who))
+        self._mark_done(gid, claim.attempt)
         delivery.ack()
+
+    def _mark_done(self, gid: str, attempt: int) -> None:
+        for _ in range(5):
+            claim = self._broker.claim(gid)
+            if claim is None or claim.state == "done":
+                return
+            done = Claim("done", attempt, self.name, claim.cancel, claim.revision)
+            if self._broker.update_claim(gid, done):
+                return
 
     # -- leases, cancellation and the directory ------------------------------------------------
 

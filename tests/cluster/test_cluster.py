@@ -1,0 +1,259 @@
+"""The cluster as a user runs it: two API replicas on one PostgreSQL, two workers fed by NATS
+JetStream, and the failures the issue names: a worker killed mid-job, a replica killed
+mid-stream, the broker restarting, PostgreSQL unreachable."""
+
+from __future__ import annotations
+
+import hashlib
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from client import LoracleClient, Unavailable
+from loracle.v1 import types_pb2
+from server.devtools.cluster import Cluster, NatsServer
+from server.devtools.synthetic_loras import write_synthetic_lora
+from server.devtools.tiny_loras import write_lora_for_pipeline
+from server.domain.models import Architecture, BaseModelConfig
+from server.infrastructure.broker.nats_broker import NatsBroker
+from server.infrastructure.diffusion.registry import EMBEDDED_NAME, load_pipeline
+from tests.cluster.conftest import LEASE_SECONDS, MAX_ATTEMPTS, final_generation, wait_until
+from tests.cluster.proxy import CuttableProxy
+
+Events = list[types_pb2.GenerationEvent]
+
+
+def images(events: Events) -> dict[int, bytes]:
+    """Reassembles images, checking offsets are contiguous and each checksum matches."""
+    parts: dict[int, bytearray] = {}
+    for e in events:
+        if e.HasField("image_chunk"):
+            got = parts.setdefault(e.image_chunk.image_index, bytearray())
+            assert e.image_chunk.offset == len(got)
+            got.extend(e.image_chunk.data)
+    done = [e.image_complete for e in events if e.HasField("image_complete")]
+    assert sorted(i.index for i in done) == sorted(parts)
+    for info in done:
+        assert hashlib.sha256(parts[info.index]).hexdigest() == info.sha256
+    return {i: bytes(b) for i, b in parts.items()}
+
+
+def kinds(events: Events) -> list[str]:
+    return [str(e.WhichOneof("event")) for e in events]
+
+
+def slow(prompt: str, seed: int, num_images: int = 1) -> types_pb2.GenerationSpec:
+    """A job that runs for seconds on the tiny model (~0.1 s a step at 64x64 on one core),
+    long enough to kill things mid-way."""
+    return types_pb2.GenerationSpec(prompt=prompt, seed=seed, steps=50, num_images=num_images)
+
+
+def test_jobs_spread_over_both_workers_and_any_replica_relays_them(
+    cluster: Cluster, broker: NatsBroker
+) -> None:
+    submitted: list[str] = []
+    with cluster.client(0) as a, cluster.client(1) as b:
+        for i in range(6):
+            # Different step counts: no two of them can share a batch.
+            spec = types_pb2.GenerationSpec(prompt=f"a kite {i}", seed=i, steps=4 + i)
+            submitted.append((a if i % 2 else b).submit_generation(spec).generation_id)
+        for i, generation_id in enumerate(submitted):
+            watcher = b if i % 2 else a  # the other replica
+            events = list(watcher.watch_generation(generation_id))
+            assert kinds(events)[0] == "queued"
+            assert kinds(events)[-1] == "completed"
+            [image] = images(events).values()
+            record = final_generation(a, generation_id)
+            assert record.state == types_pb2.GENERATION_STATE_SUCCEEDED
+            assert [x.sha256 for x in record.images] == [hashlib.sha256(image).hexdigest()]
+            # Resuming from any point on either replica gives exactly the rest.
+            assert list(a.watch_generation(generation_id, after_sequence=3)) == events[3:]
+    ran_on = {broker.claim(g).worker for g in submitted}  # type: ignore[union-attr]
+    assert ran_on == {w.name for w in cluster.workers}
+
+
+def test_compatible_jobs_batch_across_the_cluster(cluster: Cluster) -> None:
+    spec = types_pb2.GenerationSpec(prompt="a lamp", seed=1, steps=3)
+    with cluster.client(0) as a, cluster.client(1) as b:
+        # Hold both workers with slow jobs, then queue four compatible ones behind them.
+        busy = [a.submit_generation(slow(f"busy {i}", i)).generation_id for i in range(2)]
+        queued = [(a if i % 2 else b).submit_generation(spec).generation_id for i in range(4)]
+        sizes = []
+        for generation_id in queued:
+            events = list(b.watch_generation(generation_id))
+            sizes += [e.started.batch_size for e in events if e.HasField("started")]
+        for generation_id in busy:
+            list(a.watch_generation(generation_id))
+    assert max(sizes) >= 2, sizes
+
+
+def test_consistency_token_from_one_replica_holds_on_the_other(cluster: Cluster) -> None:
+    folder = cluster.base / cluster.workers[0].name / "models" / EMBEDDED_NAME
+    pipe = load_pipeline(BaseModelConfig(EMBEDDED_NAME, Architecture.SD1, folder))
+    path = cluster.base / "loras" / "cluster_ink.safetensors"
+    write_lora_for_pipeline(
+        pipe, path, seed=4, metadata={"ss_base_model_version": "sd_v1", "ss_output_name": "ink"}
+    )
+    with cluster.client(0) as a, cluster.client(1) as b:
+        registered = a.register_lora(path.name)
+        lora = b.get_lora(registered.lora.id, consistency_token=registered.consistency_token)
+        assert lora.id == registered.lora.id
+        # The worker finds the LoRA under its own root by the catalog's relative path.
+        plain = types_pb2.GenerationSpec(prompt="a boat", seed=9, steps=2)
+        styled = types_pb2.GenerationSpec(prompt="a boat <lora:cluster_ink:0.9>", seed=9, steps=2)
+        with_lora = list(b.generate_image(styled))
+        without = list(b.generate_image(plain))
+        assert kinds(with_lora)[-1] == "completed", with_lora[-1]
+        assert images(with_lora) != images(without)
+
+
+def test_a_replica_killed_mid_stream_another_gives_the_rest(cluster: Cluster) -> None:
+    doomed = cluster.add_replica()
+    seen: Events = []
+    with LoracleClient(doomed.address) as client:
+        stream = client.generate_image(slow("a harbour", 3, num_images=2))
+        for event in stream:
+            seen.append(event)
+            if event.HasField("progress") and event.progress.step >= 3:
+                break
+        doomed.stop(signal.SIGKILL)
+        generation_id = seen[0].generation_id
+        with cluster.client(1) as b, cluster.client(0) as a:
+            rest = list(b.watch_generation(generation_id, after_sequence=seen[-1].sequence))
+            whole = list(a.watch_generation(generation_id))
+    cluster.replicas.remove(doomed)
+    assert seen + rest == whole
+    assert [e.sequence for e in whole] == list(range(1, len(whole) + 1))
+    assert kinds(whole)[-1] == "completed"
+    assert len(images(whole)) == 2
+
+
+def test_a_worker_killed_mid_job_is_redelivered_and_completes_once(
+    cluster: Cluster, broker: NatsBroker
+) -> None:
+    with cluster.client(0) as a, cluster.client(1) as b:
+        generation_id = a.submit_generation(slow("a lighthouse", 7, num_images=2)).generation_id
+        for event in b.watch_generation(generation_id):
+            if event.HasField("progress") and event.progress.step >= 2:
+                break
+        first = broker.claim(generation_id)
+        assert first is not None
+        assert first.state == "running"
+        assert first.attempt == 1
+        victim = next(w for w in cluster.workers if w.name == first.worker)
+        killed_at = time.monotonic()
+        victim.stop(signal.SIGKILL)
+        cluster.workers.remove(victim)
+        events = list(b.watch_generation(generation_id))
+        recovered_after = time.monotonic() - killed_at
+        record = final_generation(a, generation_id)
+    claim = broker.claim(generation_id)
+    assert claim is not None
+    assert claim.attempt == 2
+    assert claim.worker != victim.name
+    assert kinds(events).count("started") == 2
+    assert kinds(events).count("completed") == 1
+    assert kinds(events).count("image_complete") == 2  # each image once
+    got = images(events)
+    assert record.state == types_pb2.GENERATION_STATE_SUCCEEDED
+    assert [x.sha256 for x in record.images] == [
+        hashlib.sha256(got[i]).hexdigest() for i in sorted(got)
+    ]
+    assert recovered_after >= LEASE_SECONDS  # redelivered only once the lease ran out
+    cluster.add_worker(f"{victim.name}b")
+
+
+def test_a_job_that_kills_every_worker_fails_after_its_attempts(
+    cluster: Cluster, broker: NatsBroker
+) -> None:
+    with cluster.client(0) as a:
+        generation_id = a.submit_generation(slow("a storm", 11)).generation_id
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+
+            def running(n: int = attempt) -> bool:
+                claim = broker.claim(generation_id)
+                return claim is not None and claim.state == "running" and claim.attempt == n
+
+            wait_until(running, 60, f"attempt {attempt}")
+            claim = broker.claim(generation_id)
+            assert claim is not None
+            victim = next(w for w in cluster.workers if w.name == claim.worker)
+            victim.stop(signal.SIGKILL)
+            cluster.workers.remove(victim)
+            cluster.add_worker(f"{victim.name}x")
+        record = final_generation(a, generation_id)
+    assert record.state == types_pb2.GENERATION_STATE_FAILED
+    assert f"gave up after {MAX_ATTEMPTS} attempts" in record.error
+
+
+def test_queued_jobs_survive_a_broker_restart(cluster: Cluster, nats: NatsServer) -> None:
+    for worker in list(cluster.workers):
+        worker.stop()
+        cluster.workers.remove(worker)
+    with cluster.client(0) as a:
+        queued = [
+            a.submit_generation(types_pb2.GenerationSpec(prompt=f"a fog {i}", seed=i, steps=2))
+            for i in range(3)
+        ]
+    nats.stop()
+    nats.start()  # same port, same file store
+    cluster.add_worker("after-restart-1")
+    cluster.add_worker("after-restart-2")
+    with cluster.client(1) as b:
+        for submitted in queued:
+            assert final_generation(b, submitted.generation_id).state == (
+                types_pb2.GENERATION_STATE_SUCCEEDED
+            )
+        # The replicas reconnected too: a new job goes through end to end.
+        fresh = list(b.generate_image(types_pb2.GenerationSpec(prompt="a dawn", steps=2)))
+        assert kinds(fresh)[-1] == "completed"
+
+
+def test_postgres_unreachable_fails_fast_and_loses_nothing(
+    cluster: Cluster, storage_url: str, tmp_path: Path
+) -> None:
+    proxy = CuttableProxy(("127.0.0.1", 5432))
+    via_proxy = storage_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+    text = cluster.config.read_text().replace(storage_url, via_proxy)
+    config = tmp_path / "via-proxy.toml"
+    config.write_text(text)
+    assert via_proxy in config.read_text()
+    replica = cluster.add_replica(config=config)
+    library = cluster.base / "loras"
+    for name in ("before", "during"):
+        write_synthetic_lora(
+            library / f"pg_{name}.safetensors", architecture=Architecture.SD1, name=f"pg_{name}"
+        )
+    try:
+        with LoracleClient(replica.address) as client, cluster.client(0) as a:
+            before = client.register_lora("pg_before.safetensors", request_id="pg-before")
+            proxy.cut()
+            started = time.monotonic()
+            with pytest.raises(Unavailable) as refused:
+                client.register_lora("pg_during.safetensors", request_id="pg-during")
+            assert time.monotonic() - started < 10
+            assert refused.value.retry_after is not None
+            with pytest.raises(Unavailable):
+                client.submit_generation(types_pb2.GenerationSpec(prompt="a void", steps=2))
+            proxy.restore()
+
+            def retried() -> bool:
+                try:
+                    client.register_lora("pg_during.safetensors", request_id="pg-during")
+                except Unavailable:
+                    return False
+                return True
+
+            wait_until(retried, 30, "the replica to reconnect")
+            again = client.register_lora("pg_during.safetensors", request_id="pg-during")
+            listed = a.list_loras(page_size=1000, consistency_token=again.consistency_token)
+            names = [x.name for x in listed.loras]
+            assert names.count("pg_before") == 1
+            assert names.count("pg_during") == 1
+            assert a.get_lora(before.lora.id).id == before.lora.id
+    finally:
+        replica.stop()
+        cluster.replicas.remove(replica)
+        proxy.close()
