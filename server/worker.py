@@ -74,8 +74,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     served = ", ".join(m.config.name for m in models.statuses() if m.ready) or "none ready"
     print(f"loracle-worker {name} ready (models: {served})", flush=True)
     stop.wait()
-    log.info("stopping: jobs still held go back to the queue")
-    worker.stop()
+    log.info(
+        "stopping: held jobs may finish for %gs, then go back", settings.shutdown_grace_seconds
+    )
+    worker.stop(settings.shutdown_grace_seconds)  # held jobs finish or go back
     executor.stop()
     broker.close()
     models.close()

@@ -109,6 +109,28 @@ def test_consistency_token_from_one_replica_holds_on_the_other(cluster: Cluster)
         assert images(with_lora) != images(without)
 
 
+def test_cancel_and_retry_reach_the_job_from_any_replica(cluster: Cluster) -> None:
+    with cluster.client(0) as a, cluster.client(1) as b:
+        # A running job cancelled through the other replica stops within a step.
+        running = a.submit_generation(slow("a tide", 5)).generation_id
+        for event in b.watch_generation(running):
+            if event.HasField("progress"):
+                break
+        assert b.cancel_generation(running).generation.state == (
+            types_pb2.GENERATION_STATE_CANCELLED
+        )
+        assert kinds(list(a.watch_generation(running)))[-1] == "cancelled"
+        # A retried GenerateImage (same request_id) on the other replica re-attaches to the
+        # job instead of generating twice.
+        spec = types_pb2.GenerationSpec(prompt="a dune", seed=8, steps=6)
+        first = a.generate_image(spec, request_id="retry-across-replicas")
+        queued = next(first)
+        first.close()  # type: ignore[attr-defined]  # the client goes away
+        retried = list(b.generate_image(spec, request_id="retry-across-replicas"))
+        assert retried[0].generation_id == queued.generation_id
+        assert kinds(retried)[-1] in ("completed", "cancelled")
+
+
 def test_a_replica_killed_mid_stream_another_gives_the_rest(cluster: Cluster) -> None:
     doomed = cluster.add_replica()
     seen: Events = []
