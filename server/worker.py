@@ -17,6 +17,7 @@ from server.infrastructure.broker.worker import BrokerWorker, default_worker_nam
 from server.infrastructure.diffusion.executor import DiffusionExecutor
 from server.infrastructure.diffusion.registry import ModelRegistry
 from server.infrastructure.logs import configure_logging
+from server.infrastructure.metrics import MetricsHttpServer, worker_registry
 
 log = logging.getLogger("loracle.worker")
 
@@ -68,6 +69,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    metrics: MetricsHttpServer | None = None
+    if settings.metrics_listen:
+        metrics = MetricsHttpServer(worker_registry(executor))
+        metrics.start(settings.metrics_listen)
+        print(f"loracle-worker metrics on http://{metrics.address}/metrics", flush=True)
     executor.start()
     worker.advertise()
     worker.start()
@@ -81,6 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     executor.stop()
     broker.close()
     models.close()
+    if metrics is not None:
+        metrics.stop()
     return 0
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import signal
 import socket
@@ -80,6 +81,7 @@ class RunningWorker:
     process: subprocess.Popen[str]
     name: str
     log_path: Path
+    metrics_address: str = ""  # HOST:PORT when started with metrics_listen
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         if self.process.poll() is None:
@@ -127,10 +129,14 @@ def start_worker(data_dir: Path, config: Path, name: str, *extra: str) -> Runnin
     )
     assert process.stdout is not None
     deadline = time.monotonic() + 120
+    metrics = ""
     while time.monotonic() < deadline:
         line = process.stdout.readline()
+        found = re.search(r"metrics on http://(\S+)/metrics", line)
+        if found:
+            metrics = found.group(1)
         if " ready " in line:
-            return RunningWorker(process, name, log_path)
+            return RunningWorker(process, name, log_path, metrics)
         if not line and process.poll() is not None:
             break
     process.kill()

@@ -152,9 +152,9 @@ class RuntimeCollector(Collector):
         self,
         *,
         executor: DiffusionExecutor,
-        cache: CacheStats,
-        store: EventStore,
-        projector: Projector,
+        cache: CacheStats | None = None,
+        store: EventStore | None = None,
+        projector: Projector | None = None,
     ) -> None:
         self._executor = executor
         self._cache = cache
@@ -164,8 +164,10 @@ class RuntimeCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         yield from self._executor_metrics()
-        yield from self._cache_metrics()
-        yield from self._projection_metrics()
+        if self._cache is not None:  # not on a cluster worker, which has no stores
+            yield from self._cache_metrics(self._cache)
+        if self._store is not None and self._projector is not None:
+            yield from self._projection_metrics(self._store, self._projector)
         yield from _gpu_memory()
 
     def _executor_metrics(self) -> Iterable[Metric]:
@@ -192,8 +194,8 @@ class RuntimeCollector(Collector):
             yield CounterMetricFamily(name, help_, value=value)
         yield self._batch_sizes.fold(stats.batch_sizes)
 
-    def _cache_metrics(self) -> Iterable[Metric]:
-        hits, misses = self._cache.hits, self._cache.misses
+    def _cache_metrics(self, cache: CacheStats) -> Iterable[Metric]:
+        hits, misses = cache.hits, cache.misses
         yield CounterMetricFamily("loracle_query_cache_hits", "Query cache hits.", value=hits)
         yield CounterMetricFamily("loracle_query_cache_misses", "Query cache misses.", value=misses)
         yield _gauge(
@@ -201,15 +203,15 @@ class RuntimeCollector(Collector):
             "Hits over lookups since start (0 before the first lookup).",
             hits / (hits + misses) if hits + misses else 0.0,
         )
-        yield _gauge("loracle_query_cache_entries", "Cached query results.", len(self._cache))
+        yield _gauge("loracle_query_cache_entries", "Cached query results.", len(cache))
 
-    def _projection_metrics(self) -> Iterable[Metric]:
-        position = self._projector.position
+    def _projection_metrics(self, store: EventStore, projector: Projector) -> Iterable[Metric]:
+        position = projector.position
         yield _gauge(
             "loracle_projection_position", "Last event applied to the read models.", position
         )
         try:
-            head = self._store.max_position()
+            head = store.max_position()
         except DomainError as exc:  # the store is down: say so in the log, keep the scrape
             log.warning("projection lag unknown: %s", exc.message)
             return
@@ -242,6 +244,13 @@ class Metrics:
             )
         )
         return cls(registry, RpcMetrics(registry), generations)
+
+
+def worker_registry(executor: DiffusionExecutor) -> CollectorRegistry:
+    """A cluster worker's metrics: its device, queue, batches and models."""
+    registry = CollectorRegistry()
+    registry.register(RuntimeCollector(executor=executor))
+    return registry
 
 
 class MetricsHttpServer:

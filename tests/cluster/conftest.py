@@ -47,6 +47,7 @@ def cluster(
         job_lease_seconds=LEASE_SECONDS,
         job_max_attempts=MAX_ATTEMPTS,
         batch_wait_ms=50,
+        metrics_listen="127.0.0.1:0",
     )
     yield running
     running.stop()

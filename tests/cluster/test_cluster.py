@@ -5,8 +5,10 @@ mid-stream, the broker restarting, PostgreSQL unreachable."""
 from __future__ import annotations
 
 import hashlib
+import re
 import signal
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -72,6 +74,12 @@ def test_jobs_spread_over_both_workers_and_any_replica_relays_them(
             assert list(a.watch_generation(generation_id, after_sequence=3)) == events[3:]
     ran_on = {broker.claim(g).worker for g in submitted}  # type: ignore[union-attr]
     assert ran_on == {w.name for w in cluster.workers}
+    # Each worker's own metrics show the images it made.
+    for worker in cluster.workers:
+        with urllib.request.urlopen(f"http://{worker.metrics_address}/metrics") as page:
+            text = page.read().decode()
+        [made] = re.findall(r"^loracle_generation_images_total (\S+)$", text, re.MULTILINE)
+        assert float(made) >= 1
 
 
 def test_compatible_jobs_batch_across_the_cluster(cluster: Cluster) -> None:
