@@ -4,7 +4,9 @@ Tests pass their own pieces by keyword; everything else gets the real thing."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from server.application.commands import (
     CommandBus,
@@ -206,14 +208,7 @@ def bootstrap(
     broker: NatsBroker | None = None
     model_lookup: ClusterModels | ModelRegistry = models
     if settings.broker_url:
-        broker = NatsBroker(
-            settings.broker_url,
-            namespace=settings.broker_namespace,
-            lease_seconds=settings.job_lease_seconds,
-            retention_seconds=settings.image_retention_hours * 3600,
-            max_queue=settings.max_queue,
-            name="loracle-server",
-        )
+        broker = connect_broker(settings, "loracle-server")
         model_lookup = ClusterModels(broker, tuple(m.config for m in models.statuses()))
     queries.register(ListBaseModelsQuery, ListBaseModelsHandler(model_lookup))
     # A cluster replica runs no model unless it also runs a worker.
@@ -224,15 +219,7 @@ def bootstrap(
         settings.data_dir.resolve() / "generations",
         retention_seconds=settings.image_retention_hours * 3600,
     )
-    executor = DiffusionExecutor(
-        max_queue=settings.max_queue,
-        max_batch=settings.max_batch,
-        batch_wait=settings.batch_wait_ms / 1000,
-        threads=settings.torch_threads,
-        device_budget_gb=settings.device_budget_gb,
-        adapter_budget_gb=settings.adapter_budget_gb,
-        images=images,
-    )
+    executor = device_executor(settings, settings.max_queue, images)
 
     def record_history(prompt: str, lora_ids: tuple[str, ...], key: str) -> None:
         commands.dispatch(
@@ -283,16 +270,7 @@ def bootstrap(
         feed = RecorderFeed(broker, recorder)
         feed.start()
         if settings.run_worker:
-            worker = BrokerWorker(
-                broker,
-                executor,
-                models,
-                files.roots,
-                name=settings.worker_name,
-                lease_seconds=settings.job_lease_seconds,
-                max_attempts=settings.job_max_attempts,
-                max_batch=settings.max_batch,
-            )
+            worker = cluster_worker(settings, broker, executor, models, files.roots)
             worker.start()
     elif start_projector:
         # A job the previous process left queued or running can never finish now (in
@@ -320,4 +298,51 @@ def bootstrap(
         broker=broker,
         feed=feed,
         worker=worker,
+    )
+
+
+# -- pieces the worker process (server/worker.py) builds the same way -------------------------
+
+
+def connect_broker(settings: Settings, name: str) -> NatsBroker:
+    return NatsBroker(
+        settings.broker_url,
+        namespace=settings.broker_namespace,
+        lease_seconds=settings.job_lease_seconds,
+        retention_seconds=settings.image_retention_hours * 3600,
+        max_queue=settings.max_queue,
+        name=name,
+    )
+
+
+def device_executor(
+    settings: Settings, max_queue: int, images: ImageStore | None = None
+) -> DiffusionExecutor:
+    return DiffusionExecutor(
+        max_queue=max_queue,
+        max_batch=settings.max_batch,
+        batch_wait=settings.batch_wait_ms / 1000,
+        threads=settings.torch_threads,
+        device_budget_gb=settings.device_budget_gb,
+        adapter_budget_gb=settings.adapter_budget_gb,
+        images=images,
+    )
+
+
+def cluster_worker(
+    settings: Settings,
+    broker: NatsBroker,
+    executor: DiffusionExecutor,
+    models: ModelRegistry,
+    lora_roots: Sequence[Path],
+) -> BrokerWorker:
+    return BrokerWorker(
+        broker,
+        executor,
+        models,
+        lora_roots,
+        name=settings.worker_name,
+        lease_seconds=settings.job_lease_seconds,
+        max_attempts=settings.job_max_attempts,
+        max_batch=settings.max_batch,
     )

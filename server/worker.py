@@ -9,12 +9,12 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from dataclasses import replace
 
+from server.bootstrap import cluster_worker, connect_broker, device_executor
 from server.config import load_settings
 from server.domain.errors import DomainError
-from server.infrastructure.broker.nats_broker import NatsBroker
-from server.infrastructure.broker.worker import BrokerWorker, default_worker_name
-from server.infrastructure.diffusion.executor import DiffusionExecutor
+from server.infrastructure.broker.worker import default_worker_name
 from server.infrastructure.diffusion.registry import ModelRegistry
 from server.infrastructure.logs import configure_logging
 from server.infrastructure.metrics import MetricsHttpServer, worker_registry
@@ -36,35 +36,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     models = ModelRegistry(settings.models, data_dir=settings.data_dir.resolve())
     if settings.embedded_model:
         models.ensure_embedded(wait=True)
-    executor = DiffusionExecutor(
-        max_queue=max(settings.max_batch, 1) * 2,
-        max_batch=settings.max_batch,
-        batch_wait=settings.batch_wait_ms / 1000,
-        threads=settings.torch_threads,
-        device_budget_gb=settings.device_budget_gb,
-        adapter_budget_gb=settings.adapter_budget_gb,
-    )
+    # The local queue holds one fetched batch and the next; the cluster's queue is the broker.
+    executor = device_executor(settings, max(settings.max_batch, 1) * 2)
     try:
-        broker = NatsBroker(
-            settings.broker_url,
-            namespace=settings.broker_namespace,
-            lease_seconds=settings.job_lease_seconds,
-            retention_seconds=settings.image_retention_hours * 3600,
-            max_queue=settings.max_queue,
-            name=f"loracle-worker {name}",
-        )
+        broker = connect_broker(settings, f"loracle-worker {name}")
     except DomainError as exc:
         log.error("cannot start: %s", exc.message)
         return 1
-    worker = BrokerWorker(
-        broker,
-        executor,
-        models,
-        settings.resolved_lora_roots,
-        name=name,
-        lease_seconds=settings.job_lease_seconds,
-        max_attempts=settings.job_max_attempts,
-        max_batch=settings.max_batch,
+    worker = cluster_worker(
+        replace(settings, worker_name=name), broker, executor, models, settings.resolved_lora_roots
     )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

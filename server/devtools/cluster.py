@@ -5,7 +5,6 @@ launcher, so what is tested is what a developer starts."""
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shutil
 import signal
@@ -22,7 +21,7 @@ from pathlib import Path
 import psycopg
 
 from client import LoracleClient
-from server.devtools.local_server import RunningServer, start_server, wait_for_models
+from server.devtools.local_server import RunningServer, launch, start_server, wait_for_models
 
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -108,39 +107,10 @@ def write_config(path: Path, **settings: object) -> Path:
 def start_worker(data_dir: Path, config: Path, name: str, *extra: str) -> RunningWorker:
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = data_dir / f"worker-{name}-{time.monotonic_ns()}.log"
-    log = log_path.open("w")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "server.worker",
-            "--config",
-            str(config),
-            "--data-dir",
-            str(data_dir),
-            "--worker-name",
-            name,
-            *extra,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=log,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    assert process.stdout is not None
-    deadline = time.monotonic() + 120
-    metrics = ""
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        found = re.search(r"metrics on http://(\S+)/metrics", line)
-        if found:
-            metrics = found.group(1)
-        if " ready " in line:
-            return RunningWorker(process, name, log_path, metrics)
-        if not line and process.poll() is not None:
-            break
-    process.kill()
-    raise RuntimeError(f"worker {name} did not start:\n{log_path.read_text()}")
+    args = ["server.worker", "--config", str(config), "--data-dir", str(data_dir)]
+    process, _, lines = launch([*args, "--worker-name", name, *extra], log_path, " ready ", 120)
+    found = [m.group(1) for x in lines if (m := re.search(r"metrics on http://(\S+)/metrics", x))]
+    return RunningWorker(process, name, log_path, found[0] if found else "")
 
 
 @contextmanager

@@ -32,40 +32,41 @@ class RunningServer:
         return self.log_path.read_text()
 
 
-def start_server(data_dir: Path, *extra: str) -> RunningServer:
-    lora_root = data_dir / "loras"
-    lora_root.mkdir(parents=True, exist_ok=True)
-    log_path = data_dir / f"server-{time.monotonic_ns()}.log"
+def launch(
+    args: list[str], log_path: Path, ready: str, timeout: float = 60
+) -> tuple[subprocess.Popen[str], re.Match[str], list[str]]:
+    """Runs `python -m ARGS` with stderr to `log_path`; returns once a stdout line matches
+    `ready` (the match, and the lines read until then), or raises with the log."""
     log = log_path.open("w")
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "server",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            str(data_dir),
-            *extra,
-        ],
+        [sys.executable, "-m", *args],
         stdout=subprocess.PIPE,
         stderr=log,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     assert process.stdout is not None
-    deadline = time.monotonic() + 60
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         line = process.stdout.readline()
-        match = re.search(r"\(port (\d+)\)", line)
+        lines.append(line)
+        match = re.search(ready, line)
         if match:
-            return RunningServer(
-                process, f"127.0.0.1:{match.group(1)}", data_dir, lora_root, log_path
-            )
+            return process, match, lines
         if not line and process.poll() is not None:
             break
     process.kill()
-    raise RuntimeError(f"server did not start:\n{log_path.read_text()}")
+    raise RuntimeError(f"{args[0]} did not start:\n{log_path.read_text()}")
+
+
+def start_server(data_dir: Path, *extra: str) -> RunningServer:
+    lora_root = data_dir / "loras"
+    lora_root.mkdir(parents=True, exist_ok=True)
+    log_path = data_dir / f"server-{time.monotonic_ns()}.log"
+    args = ["server", "--listen", "127.0.0.1:0", "--data-dir", str(data_dir), *extra]
+    process, match, _ = launch(args, log_path, r"\(port (\d+)\)")
+    return RunningServer(process, f"127.0.0.1:{match.group(1)}", data_dir, lora_root, log_path)
 
 
 def wait_for_models(client: LoracleClient, timeout: float = 120.0) -> None:

@@ -235,15 +235,17 @@ class NatsBroker:
         )
 
     def fetch(self, count: int, timeout: float) -> list[Delivery]:
+        msgs = self._pull(self._jobs_sub, count, timeout, "fetch jobs")
+        return [_NatsDelivery(self, m) for m in msgs]
+
+    def _pull(self, sub: Any, count: int, timeout: float, what: str) -> list[Msg]:
         try:
-            msgs = self.call(
-                self._jobs_sub.fetch(count, timeout=timeout), "fetch jobs", timeout + 5.0
-            )
+            msgs: list[Msg] = self.call(sub.fetch(count, timeout=timeout), what, timeout + 5.0)
         except BrokerUnavailable as exc:
             if isinstance(exc.__cause__, TimeoutError):  # nothing to fetch right now
                 return []
             raise
-        return [_NatsDelivery(self, m) for m in msgs]
+        return msgs
 
     # -- events ------------------------------------------------------------------------------
 
@@ -264,14 +266,7 @@ class NatsBroker:
         return _Subscription(self, generation_id)
 
     def fetch_state_events(self, count: int, timeout: float) -> list[tuple[EventRecord, Delivery]]:
-        try:
-            msgs = self.call(
-                self._state_sub.fetch(count, timeout=timeout), "fetch outcomes", timeout + 5.0
-            )
-        except BrokerUnavailable as exc:
-            if isinstance(exc.__cause__, TimeoutError):  # nothing to fetch right now
-                return []
-            raise
+        msgs = self._pull(self._state_sub, count, timeout, "fetch outcomes")
         return [(_decode_event(m), _NatsDelivery(self, m)) for m in msgs]
 
     # -- claims ------------------------------------------------------------------------------
