@@ -39,7 +39,7 @@ from server.config import Settings
 from server.devtools.tiny_loras import write_lora_for_pipeline
 from server.devtools.tiny_pipelines import build_tiny_sd15, build_tiny_sdxl
 from server.domain import generation as gen
-from server.domain.errors import PreconditionError, ValidationError
+from server.domain.errors import PreconditionError, UnavailableError, ValidationError
 from server.domain.generation_job import GenerationState
 from server.domain.models import Architecture, BaseModelConfig, EventFilter, LoraView
 from server.infrastructure.diffusion.registry import load_pipeline
@@ -436,3 +436,25 @@ def test_quick_generate_uses_confident_loras_and_their_trigger_words(c: Containe
     explicit = handler.request_for(QuickGenerateCommand(prompt="a fox <lora:glow>", model="tiny"))
     assert explicit.loras == ()
     assert explicit.prompt == "a fox <lora:glow>"
+
+
+class _BrokerDownAfterAccept:
+    """An executor whose queue takes the job's slot, then fails to hand it on (a broker
+    that stops answering between the two steps)."""
+
+    def submit(self, job: gen.GenerationJob, on_accept: Any = None) -> Any:
+        on_accept(0)
+        raise UnavailableError("the job broker is unavailable (queue the job); retry shortly")
+
+    def handle(self, generation_id: str) -> None:
+        return None
+
+
+def test_a_job_recorded_but_never_queued_is_failed_with_the_reason(c: Container) -> None:
+    c.generations._executor = _BrokerDownAfterAccept()
+    with pytest.raises(UnavailableError):
+        c.commands.dispatch(SubmitGenerationCommand(request=request())).unwrap()
+    c.projector.catch_up()
+    [view] = c.read_model.list_generations((), 10).items
+    assert view.state is GenerationState.FAILED
+    assert "could not be queued: the job broker is unavailable" in view.error

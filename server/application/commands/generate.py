@@ -334,19 +334,20 @@ class GenerationJobs:
 
         try:
             handle = self._executor.submit(job, record)
-        except DomainError:
+        except Exception as exc:
             if "log" in accepted:  # recorded as queued but never queued: say so
-                self._fail_unqueued(job.generation_id, ctx)
+                reason = exc.message if isinstance(exc, DomainError) else type(exc).__name__
+                self._fail_unqueued(job.generation_id, ctx, reason)
             raise
         self.recorder.follow(handle, job, ctx)
         return handle, accepted["queue"], accepted["log"]
 
-    def _fail_unqueued(self, generation_id: str, ctx: DispatchContext) -> None:
+    def _fail_unqueued(self, generation_id: str, ctx: DispatchContext, reason: str) -> None:
         try:
             generation = self._catalog.get(uuid.UUID(generation_id))
             if isinstance(generation, Generation) and not generation.finished:
                 generation.fail(
-                    "it could not be queued (the job broker did not answer)",
+                    f"it could not be queued: {reason}",
                     [],
                     ctx.principal,
                     ctx.request_id,

@@ -27,6 +27,7 @@ from nats.js import api
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
+from server.domain.errors import ResourceExhaustedError
 from server.infrastructure.broker.port import BrokerUnavailable, Claim, Delivery, EventRecord
 
 log = logging.getLogger("loracle.broker")
@@ -224,6 +225,14 @@ class NatsBroker:
         return int(info.state.messages)
 
     def enqueue(self, generation_id: str, body: bytes) -> None:
+        try:
+            self._enqueue(generation_id, body)
+        except nats.js.errors.APIError as exc:  # the stream's own bound (max_queue) is hit
+            raise ResourceExhaustedError(
+                f"the cluster's generation queue is full ({exc.description})", 2.0
+            ) from None
+
+    def _enqueue(self, generation_id: str, body: bytes) -> None:
         self.call(
             self.js.publish(
                 f"{self.ns}.jobs.{generation_id}",
