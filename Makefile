@@ -15,7 +15,7 @@ NODE_STAMP := $(NODE_INTEROP)/node_modules/.installed
 export LORACLE_TEST_POSTGRES_URL ?= postgresql://postgres@127.0.0.1:5432/test
 
 .PHONY: install demo test proto check-generated lint-proto lint format typecheck pytest \
-        services bench bench-reliability eval-recommend serve clean cluster
+        services bench bench-reliability eval-recommend serve clean cluster bench-cluster
 
 install: $(STAMP) $(BUF) $(NODE_STAMP)
 
@@ -71,6 +71,11 @@ cluster: install services
 bench: install
 	$(BIN)/python bench/bench_catalog.py
 	$(BIN)/python bench/generation_cpu.py
+
+# One worker against two and the broker path's cost per job (needs PostgreSQL and nats-server,
+# so not part of `make bench`); QUICK=1 for a 2-minute run.
+bench-cluster: install services
+	$(BIN)/python bench/cluster.py $(if $(QUICK),--quick)
 
 # The reliability suite with heavy settings (CI runs it light, as part of `make test`).
 bench-reliability: install services

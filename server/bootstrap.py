@@ -345,4 +345,5 @@ def cluster_worker(
         lease_seconds=settings.job_lease_seconds,
         max_attempts=settings.job_max_attempts,
         max_batch=settings.max_batch,
+        batch_wait=settings.batch_wait_ms / 1000,
     )

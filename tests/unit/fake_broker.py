@@ -53,6 +53,7 @@ class _Message(Generic[T]):
     value: T
     token: int = 0  # the lease holding it; 0 while it is available
     deliveries: int = 0
+    not_before: float = 0.0  # a hand-back with a delay: redeliverable from this time on
 
 
 @dataclass
@@ -81,16 +82,17 @@ class _Queue(Generic[T]):
         for message in self.messages.values():
             if len(taken) >= count:
                 break
-            if message.token == 0:
+            if message.token == 0 and message.not_before <= time.monotonic():
                 message.token = next(tokens)
                 message.deliveries += 1
                 taken.append(message)
         return taken
 
     def available(self) -> bool:
-        return any(m.token == 0 for m in self.messages.values())
+        now = time.monotonic()
+        return any(m.token == 0 and m.not_before <= now for m in self.messages.values())
 
-    def settle(self, seq: int, token: int, outcome: str) -> None:
+    def settle(self, seq: int, token: int, outcome: str, delay: float = 0.0) -> None:
         message = self.messages.get(seq)
         if message is None or message.token != token:
             self.stale += 1
@@ -100,6 +102,7 @@ class _Queue(Generic[T]):
             del self.messages[seq]
         else:
             message.token = 0
+            message.not_before = time.monotonic() + delay
 
     def extend(self, seq: int, token: int) -> None:
         message = self.messages.get(seq)
@@ -141,7 +144,7 @@ class FakeDelivery:
 
     def hand_back(self, delay: float = 0.0) -> None:
         with self._broker.cond:
-            self._settle(self._seq, self._token, "handed_back")
+            self._settle(self._seq, self._token, "handed_back", delay)
             self._broker.cond.notify_all()
 
     def extend(self) -> None:

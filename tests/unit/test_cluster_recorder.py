@@ -34,7 +34,7 @@ def settlements(broker: FakeBroker) -> list[str]:
 
 def run_feed(broker: FakeBroker, recorder: FlakyRecorder) -> RecorderFeed:
     broker.publish(to_record(GID, 1, Completed(Timings()), images=[], who=Who("ann", "r-1")))
-    feed = RecorderFeed(broker, recorder)
+    feed = RecorderFeed(broker, recorder, retry_delay=0.05)
     feed.start()
     assert broker.wait_for(lambda: feed.recorded == 1, 10.0)
     feed.stop()

@@ -210,7 +210,12 @@ class NatsBroker:
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
         try:
             return future.result(self._timeout if timeout is None else timeout)
-        except (TimeoutError, nats.errors.Error, OSError) as exc:
+        except TimeoutError as exc:
+            if not future.done():  # the broker did not answer in time
+                future.cancel()
+                raise BrokerUnavailable(what) from _Silent(what)
+            raise BrokerUnavailable(what) from exc  # the call's own timeout (an empty fetch)
+        except (nats.errors.Error, OSError) as exc:
             future.cancel()
             if isinstance(exc, nats.js.errors.APIError) and not isinstance(
                 exc, nats.js.errors.ServiceUnavailableError
@@ -347,10 +352,24 @@ class NatsBroker:
         return self.call(read(), "list workers")
 
     def close(self) -> None:
+        """Closes, not drains: nothing is acknowledged implicitly, so nothing needs flushing,
+        and a drain waits out every pull request in flight."""
+
+        async def finish() -> None:
+            await self.nc.close()
+            rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in rest:
+                task.cancel()
+            await asyncio.gather(*rest, return_exceptions=True)
+
         with contextlib.suppress(BrokerUnavailable, nats.errors.Error):
-            self.call(self.nc.drain(), "close", timeout=5.0)
+            self.call(finish(), "close", timeout=5.0)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5.0)
+
+
+class _Silent(Exception):
+    """The broker did not answer within the call's timeout (not an empty fetch)."""
 
 
 STATE_KINDS = frozenset({"started", "completed", "failed", "cancelled"})

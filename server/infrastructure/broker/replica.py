@@ -158,10 +158,17 @@ class RecorderFeed:
     pulls a state event saves it and only then acknowledges it, so an outcome survives the
     death of the replica that took the request, and a store outage only delays it."""
 
-    def __init__(self, broker: Broker, recorder: OutcomeRecorder, batch: int = 32) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        recorder: OutcomeRecorder,
+        batch: int = 32,
+        retry_delay: float = 1.0,
+    ) -> None:
         self._broker = broker
         self._recorder = recorder
         self._batch = batch
+        self._retry_delay = retry_delay
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="loracle-recorder-feed")
         self._thread.daemon = True
@@ -193,7 +200,7 @@ class RecorderFeed:
                         "could not record %s of %s: %r", record.kind, record.generation_id, exc
                     )
                     with contextlib.suppress(DomainError):
-                        delivery.hand_back(delay=1.0)
+                        delivery.hand_back(delay=self._retry_delay)
 
     def _record(self, record: EventRecord) -> None:
         payload = to_payload(record)
@@ -226,7 +233,11 @@ class RecorderFeed:
 
 class ClusterModels:
     """Models as the live workers advertise them. Before any worker is up, the configured
-    models are listed as not ready, so generation fails fast instead of queueing for nobody."""
+    models are listed as not ready, so generation fails fast instead of queueing for nobody.
+
+    Adverts are remembered until their own age passes `ttl`: a read of the directory can
+    miss a key while its worker rewrites it, and one such read must not make a serving
+    cluster look empty."""
 
     def __init__(
         self, broker: Broker, configured: tuple[BaseModelConfig, ...], ttl: float = 15.0
@@ -234,19 +245,24 @@ class ClusterModels:
         self._broker = broker
         self._configured = configured
         self._ttl = ttl
-        self._cache: tuple[float, list[BaseModelInfo]] = (0.0, [])
+        self._adverts: dict[str, tuple[float, list[BaseModelInfo]]] = {}
+        self._cache: tuple[float, list[BaseModelInfo]] = (float("-inf"), [])
 
     def statuses(self) -> list[BaseModelInfo]:
         now = time.monotonic()
         if now - self._cache[0] < 1.0:
             return self._cache[1]
-        found: dict[str, BaseModelInfo] = {}
-        for document in self._broker.workers().values():
+        for worker, document in self._broker.workers().items():
             doc = json.loads(document)
-            if time.time() - float(doc.get("at", 0)) > self._ttl:
+            at = float(doc.get("at", 0))
+            if at >= self._adverts.get(worker, (0.0, []))[0]:
+                self._adverts[worker] = (at, [_model_info(m) for m in doc.get("models", [])])
+        found: dict[str, BaseModelInfo] = {}
+        for worker, (at, infos) in list(self._adverts.items()):
+            if time.time() - at > self._ttl:
+                del self._adverts[worker]
                 continue
-            for m in doc.get("models", []):
-                info = _model_info(m)
+            for info in infos:
                 if info.config.name not in found or info.ready:
                     found[info.config.name] = info
         if not found:

@@ -75,6 +75,7 @@ class BrokerWorker:
         lease_seconds: float = 30.0,
         max_attempts: int = 3,
         max_batch: int = 8,
+        batch_wait: float = 0.01,
     ) -> None:
         self._broker = broker
         self._executor = executor
@@ -84,6 +85,7 @@ class BrokerWorker:
         self._lease = lease_seconds
         self._max_attempts = max_attempts
         self._max_batch = max_batch
+        self._batch_wait = batch_wait
         self._held: dict[str, _Held] = {}
         self._lock = threading.Lock()
         self._idle = threading.Event()
@@ -129,45 +131,66 @@ class BrokerWorker:
                 continue
             try:
                 deliveries = self._broker.fetch(self._max_batch, timeout=1.0)
+                if deliveries:
+                    self._take_batch(deliveries)
             except DomainError as exc:
                 log.warning("cannot fetch jobs: %s", exc.message)
                 self._stop.wait(1.0)
-                continue
-            if deliveries:
-                self._take_batch(deliveries)
 
     def _take_batch(self, deliveries: list[Delivery]) -> None:
+        """Keeps the first job and those that batch with it, pulling more for up to
+        `batch_wait` while the batch has room (clients whose jobs just finished are still
+        sending their next ones); the rest go straight back to the queue. The kept jobs are
+        claimed first and handed to the executor together, so they start as one batch."""
         kept: list[tuple[Delivery, JobMessage]] = []
         key: tuple[object, ...] | None = None
         images = 0
-        for delivery in deliveries:
-            try:
-                message = decode_job(delivery.body)
-            except (ValueError, KeyError, TypeError):
-                log.error("dropping an undecodable job message")
-                delivery.ack()
-                continue
-            this = _batch_key(message)
-            count = int(message.fields.get("num_images", 1))
-            if key is None or (this == key and images + count <= self._max_batch):
-                key = this
-                images += count
-                kept.append((delivery, message))
-            else:
-                delivery.hand_back()  # another worker (or this one, next) runs it
+        deadline = time.monotonic() + self._batch_wait
+        while True:
+            for delivery in deliveries:
+                try:
+                    message = decode_job(delivery.body)
+                except (ValueError, KeyError, TypeError):
+                    log.error("dropping an undecodable job message")
+                    delivery.ack()
+                    continue
+                this = _batch_key(message)
+                count = int(message.fields.get("num_images", 1))
+                if key is None or (this == key and images + count <= self._max_batch):
+                    key = this
+                    images += count
+                    kept.append((delivery, message))
+                else:
+                    # Another worker (or this one, next) runs it; the short delay (past this
+                    # loop's window) keeps this loop from fetching it again.
+                    delivery.hand_back(delay=2 * self._batch_wait)
+            remaining = deadline - time.monotonic()
+            if images >= self._max_batch or remaining <= 0 or self._stop.is_set():
+                break
+            deliveries = self._broker.fetch(self._max_batch - images, timeout=remaining)
+        claimed: list[tuple[_Held, GenerationJob, dict[int, ImageComplete]]] = []
         for delivery, message in kept:
             try:
-                self._take(delivery, message)
+                taken = self._claim(delivery, message)
             except DomainError as exc:
                 log.warning("could not take job %s: %s", message.generation_id, exc.message)
+                continue
+            if taken is not None:
+                claimed.append(taken)
+        for held, job, reused in claimed:
+            self._start(held, job, reused)
 
-    def _take(self, delivery: Delivery, message: JobMessage) -> None:
+    def _claim(
+        self, delivery: Delivery, message: JobMessage
+    ) -> tuple[_Held, GenerationJob, dict[int, ImageComplete]] | None:
+        """Counts this attempt in the job's claim; None when the job is not to be run here
+        (already finished or cancelled, out of attempts, or needing what this worker lacks)."""
         gid = message.generation_id
         while True:
             claim = self._broker.claim(gid) or Claim("queued")
             if claim.state in ("done", "cancelled"):
                 delivery.ack()  # its outcome is already published
-                return
+                return None
             if claim.attempt >= self._max_attempts:
                 self._finish(
                     delivery,
@@ -178,7 +201,7 @@ class BrokerWorker:
                         f"stopped before it finished each time (last: {claim.worker or '?'})"
                     ),
                 )
-                return
+                return None
             mine = Claim("running", claim.attempt + 1, self.name, claim.cancel, claim.revision)
             if claim.revision == 0:  # the claim expired: start a new one
                 try:
@@ -194,11 +217,15 @@ class BrokerWorker:
             job = self._job(message)
         except _Refused as exc:
             self._finish(delivery, message, claim, Failed(str(exc)))
-            return
+            return None
         reused = self._earlier_images(gid) if claim.attempt > 1 else {}
         with self._lock:
             self._held[gid] = held
             self._idle.clear()
+        return held, job, reused
+
+    def _start(self, held: _Held, job: GenerationJob, reused: dict[int, ImageComplete]) -> None:
+        gid = job.generation_id
         try:
             handle = self._executor.submit(job)
         except DomainError as exc:
@@ -206,7 +233,7 @@ class BrokerWorker:
             self._give_back(held)
             return
         held.handle = handle
-        if claim.cancel:
+        if held.claim.cancel:
             handle.cancel()
         pump = threading.Thread(
             target=self._pump, args=(held, handle, reused), name=f"loracle-pump-{gid[:8]}"
