@@ -9,6 +9,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, Protocol
 
 from server.application.commands.generate import Transition
@@ -31,7 +32,7 @@ from server.infrastructure.broker.codec import (
     to_payload,
     to_record,
 )
-from server.infrastructure.broker.port import Broker, BrokerUnavailable, Claim, EventRecord
+from server.infrastructure.broker.port import Broker, Claim, EventRecord
 from server.infrastructure.broker.relay import Relay
 
 log = logging.getLogger("loracle.cluster")
@@ -142,10 +143,7 @@ class BrokerExecutor:
         return RemoteJobStream(self._broker, gid, who)
 
     def handle(self, generation_id: str) -> RemoteJobStream | None:
-        try:
-            known = self._broker.claim(generation_id) is not None
-        except BrokerUnavailable:
-            raise
+        known = self._broker.claim(generation_id) is not None
         return RemoteJobStream(self._broker, generation_id) if known else None
 
 
@@ -292,8 +290,6 @@ def model_document(info: BaseModelInfo) -> dict[str, Any]:
 
 
 def _model_info(doc: dict[str, Any]) -> BaseModelInfo:
-    from pathlib import Path
-
     config = BaseModelConfig(
         name=str(doc["name"]),
         architecture=resolve_architecture(str(doc["architecture"])),
