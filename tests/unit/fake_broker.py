@@ -30,14 +30,13 @@ from dataclasses import dataclass, field, replace
 from typing import Generic, TypeVar
 
 from server.infrastructure.broker.port import (
+    STATE_KINDS,
     Broker,
     BrokerUnavailable,
     Claim,
     Delivery,
     EventRecord,
 )
-
-STATE_KINDS = frozenset({"started", "completed", "failed", "cancelled"})
 
 T = TypeVar("T")
 

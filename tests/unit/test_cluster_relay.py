@@ -39,10 +39,10 @@ from server.infrastructure.broker.codec import (
     to_payload,
     to_record,
 )
-from server.infrastructure.broker.port import EventRecord
+from server.infrastructure.broker.port import STATE_KINDS, EventRecord
 from server.infrastructure.broker.relay import Relay
 from server.infrastructure.broker.replica import RemoteJobStream
-from tests.unit.fake_broker import STATE_KINDS, FakeBroker
+from tests.unit.fake_broker import FakeBroker
 
 GID = "0b9c6a4e-2f43-4d3e-9a53-6f2d8c1e7a10"
 

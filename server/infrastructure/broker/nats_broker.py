@@ -28,7 +28,13 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFound
 from nats.js.kv import KeyValue
 
 from server.domain.errors import ResourceExhaustedError
-from server.infrastructure.broker.port import BrokerUnavailable, Claim, Delivery, EventRecord
+from server.infrastructure.broker.port import (
+    STATE_KINDS,
+    BrokerUnavailable,
+    Claim,
+    Delivery,
+    EventRecord,
+)
 
 log = logging.getLogger("loracle.broker")
 T = TypeVar("T")
@@ -370,9 +376,6 @@ class NatsBroker:
 
 class _Silent(Exception):
     """The broker did not answer within the call's timeout (not an empty fetch)."""
-
-
-STATE_KINDS = frozenset({"started", "completed", "failed", "cancelled"})
 
 
 def _claim_bytes(claim: Claim) -> bytes:

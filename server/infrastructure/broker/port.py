@@ -20,6 +20,11 @@ class BrokerUnavailable(UnavailableError):
         )
 
 
+# The events that change a job's recorded state: a broker keeps them apart from the live ones
+# (progress, previews, image chunks) so the replicas' recorder reads only these.
+STATE_KINDS = frozenset({"started", "completed", "failed", "cancelled"})
+
+
 @dataclass(frozen=True, slots=True)
 class EventRecord:
     """One event of a job as stored in the broker: `meta` holds its fields, `data` the bytes
