@@ -12,6 +12,7 @@ from server.domain.generation import (
     Cancelled,
     Completed,
     Failed,
+    GenerationJob,
     ImageChunk,
     ImageComplete,
     Payload,
@@ -62,10 +63,12 @@ class JobMessage:
     fields: dict[str, Any]
     loras: tuple[ResolvedLora, ...]
     who: Who
+    # GenerationJob.batch_key() as the replica computed it: jobs with equal keys batch.
+    batch_key: str = ""
 
 
-def encode_job(job: Any, who: Who) -> bytes:
-    """`job` is a GenerationJob; LoRA paths travel relative to the catalog roots."""
+def encode_job(job: GenerationJob, who: Who) -> bytes:
+    """LoRA paths travel relative to the catalog roots."""
     doc = {
         "generation_id": job.generation_id,
         "model": job.model.name,
@@ -96,6 +99,7 @@ def encode_job(job: Any, who: Who) -> bytes:
             for x in job.loras
         ],
         "who": who.to_dict(),
+        "batch_key": json.dumps(job.batch_key()),
     }
     return json.dumps(doc).encode()
 
@@ -116,7 +120,7 @@ def decode_job(body: bytes) -> JobMessage:
     )
     return JobMessage(
         str(doc["generation_id"]), str(doc["model"]), dict(doc["fields"]), loras,
-        Who.from_dict(doc.get("who")),
+        Who.from_dict(doc.get("who")), str(doc["batch_key"]),
     )  # fmt: skip
 
 

@@ -143,7 +143,7 @@ class BrokerWorker:
         sending their next ones); the rest go straight back to the queue. The kept jobs are
         claimed first and handed to the executor together, so they start as one batch."""
         kept: list[tuple[Delivery, JobMessage]] = []
-        key: tuple[object, ...] | None = None
+        key: str | None = None
         images = 0
         deadline = time.monotonic() + self._batch_wait
         while True:
@@ -154,7 +154,7 @@ class BrokerWorker:
                     log.error("dropping an undecodable job message")
                     delivery.ack()
                     continue
-                this = _batch_key(message)
+                this = message.batch_key
                 count = int(message.fields.get("num_images", 1))
                 if key is None or (this == key and images + count <= self._max_batch):
                     key = this
@@ -461,17 +461,3 @@ class BrokerWorker:
 
 class _Refused(Exception):
     """This worker cannot run the job (a model or LoRA it lacks): the job fails with why."""
-
-
-def _batch_key(message: JobMessage) -> tuple[object, ...]:
-    f = message.fields
-    return (
-        message.model,
-        tuple(sorted((x.sha256, x.weight) for x in message.loras)),
-        f.get("width"),
-        f.get("height"),
-        f.get("steps"),
-        f.get("scheduler"),
-        f.get("guidance_scale"),
-        bool(f.get("negative_prompt")),
-    )
