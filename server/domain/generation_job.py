@@ -12,6 +12,7 @@ from typing import Any
 
 from eventsourcing.domain import Aggregate, event
 
+from server.domain.generation import ImageComplete
 from server.domain.models import aware
 
 
@@ -44,6 +45,13 @@ class ImageRecord:
             "mime_type": self.mime_type,
             "seed": self.seed,
         }
+
+    @staticmethod
+    def of(image: ImageComplete) -> ImageRecord:
+        """The record of an image a job finished (the stream's event)."""
+        return ImageRecord(
+            image.image_index, image.sha256, image.size_bytes, image.mime_type, image.seed
+        )
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> ImageRecord:

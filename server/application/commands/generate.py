@@ -442,10 +442,7 @@ class GenerationRecorder:
 
     def follow(self, handle: JobStream, job: GenerationJob, ctx: DispatchContext) -> None:
         def on_transition(source: Any, payload: Payload) -> None:
-            images = tuple(
-                ImageRecord(i.image_index, i.sha256, i.size_bytes, i.mime_type, i.seed).to_dict()
-                for i in getattr(source, "images", ())
-            )
+            images = tuple(ImageRecord.of(i).to_dict() for i in getattr(source, "images", ()))
             self._queue.put(
                 Transition(
                     job.generation_id,

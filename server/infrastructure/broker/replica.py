@@ -208,10 +208,7 @@ class RecorderFeed:
         transition = Transition(
             record.generation_id,
             payload,
-            tuple(
-                ImageRecord(i.image_index, i.sha256, i.size_bytes, i.mime_type, i.seed).to_dict()
-                for i in recorded_images(record)
-            ),
+            tuple(ImageRecord.of(i).to_dict() for i in recorded_images(record)),
             who.principal,
             who.request_id,
             who.prompt,
