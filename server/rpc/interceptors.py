@@ -12,7 +12,7 @@ import asyncio
 import inspect
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from contextlib import aclosing
+from contextlib import aclosing, asynccontextmanager
 from typing import Any, TypeAlias
 
 import grpc
@@ -76,17 +76,8 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         """Unary responses, and streams written with `context.write` (health's Watch)."""
 
         async def call(request: Any, context: Context) -> Any:
-            start = time.perf_counter()
-            error: BaseException | None = None
-            try:
+            async with self._observed(method, context):
                 return await behavior(request, context)
-            except BaseException as exc:
-                error = exc
-                raise
-            finally:
-                self._metrics.finished(
-                    method, status_name(context, error), time.perf_counter() - start
-                )
 
         return call
 
@@ -97,24 +88,30 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         sent = self._metrics.stream_messages.labels(method)
 
         async def call(request: Any, context: Context) -> AsyncIterator[Any]:
-            start = time.perf_counter()
-            error: BaseException | None = None
-            try:
-                # aclosing: a client that goes away mid-stream closes the handler now, not
-                # whenever the abandoned generator is collected.
-                async with aclosing(behavior(request, context)) as responses:
-                    async for response in responses:
-                        sent.inc()
-                        yield response
-            except BaseException as exc:
-                error = exc
-                raise
-            finally:
-                self._metrics.finished(
-                    method, status_name(context, error), time.perf_counter() - start
-                )
+            # aclosing: a client that goes away mid-stream closes the handler now, not
+            # whenever the abandoned generator is collected.
+            async with (
+                self._observed(method, context),
+                aclosing(behavior(request, context)) as responses,
+            ):
+                async for response in responses:
+                    sent.inc()
+                    yield response
 
         return call
+
+    @asynccontextmanager
+    async def _observed(self, method: str, context: Context) -> AsyncIterator[None]:
+        """Times a call and counts it under the status it ended with."""
+        start = time.perf_counter()
+        error: BaseException | None = None
+        try:
+            yield
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            self._metrics.finished(method, status_name(context, error), time.perf_counter() - start)
 
 
 def status_name(context: Context, error: BaseException | None) -> str:
