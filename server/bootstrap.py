@@ -252,9 +252,7 @@ def bootstrap(
     commands.register(CancelGenerationCommand, CancelGenerationHandler(jobs, store))
     queries.register(GetGenerationQuery, GetGenerationHandler(read_model))
     queries.register(ListGenerationsQuery, ListGenerationsHandler(read_model))
-    queries.register(
-        WatchGenerationQuery, WatchGenerationHandler(read_model, jobs.live_jobs, images)
-    )
+    queries.register(WatchGenerationQuery, WatchGenerationHandler(read_model, jobs, images))
     executor.start()
 
     if start_projector:

@@ -395,11 +395,6 @@ class GenerationJobs:
     def handle(self, generation_id: str) -> JobStream | None:
         return self._executor.handle(generation_id)
 
-    @property
-    def live_jobs(self) -> Executor:
-        """Where live jobs are followed: this process's executor or the cluster's broker."""
-        return self._executor
-
 
 _LORA_TAG = re.compile(r"<(?:lora|lyco):[^>]*>", re.IGNORECASE)
 
@@ -651,11 +646,15 @@ class CancelGenerationHandler(ICommandHandler[CancelGenerationCommand, Generatio
             generation.cancel(list(generation.images), ctx.principal, ctx.request_id)
             self._catalog.save(generation)
         fresh = self._catalog.get(uuid.UUID(command.generation_id))
-        # In cluster mode another replica may record the outcome a moment later.
+        # In cluster mode another replica may record the outcome a moment after it ended.
         deadline = time.monotonic() + 10.0
-        while isinstance(fresh, Generation) and not fresh.finished and handle is not None:
-            if handle.finished is False or time.monotonic() > deadline:
-                break
+        while (
+            isinstance(fresh, Generation)
+            and not fresh.finished
+            and handle is not None
+            and handle.finished
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.05)
             fresh = self._catalog.get(uuid.UUID(command.generation_id))
         assert isinstance(fresh, Generation)
