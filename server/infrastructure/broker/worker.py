@@ -195,7 +195,7 @@ class BrokerWorker:
                 self._finish(
                     delivery,
                     message,
-                    claim,
+                    claim.attempt,
                     Failed(
                         f"gave up after {claim.attempt} attempts: the worker running it "
                         f"stopped before it finished each time (last: {claim.worker or '?'})"
@@ -216,7 +216,7 @@ class BrokerWorker:
         try:
             job = self._job(message)
         except _Refused as exc:
-            self._finish(delivery, message, claim, Failed(str(exc)))
+            self._finish(delivery, message, claim.attempt, Failed(str(exc)))
             return None
         reused = self._earlier_images(gid) if claim.attempt > 1 else {}
         with self._lock:
@@ -336,21 +336,17 @@ class BrokerWorker:
         )
         if handed_back:
             self._give_back(held)
-            self.completed += 1
-            return
-        if final is not None:
-            ordered = [images[i] for i in sorted(images)]
-            if isinstance(final, Cancelled) or self._still_mine(gid, held.claim):
-                try:
-                    self._publish_final(held.delivery, gid, attempt, final, ordered, held)
-                except DomainError as exc:
-                    log.warning("could not publish the outcome of %s: %s", gid, exc.message)
-            else:
-                held.delivery.ack()  # another attempt took over; its outcome counts
-        with self._lock:
-            self._held.pop(gid, None)
-            if not self._held:
-                self._idle.set()
+        else:
+            if final is not None:
+                ordered = [images[i] for i in sorted(images)]
+                if isinstance(final, Cancelled) or self._still_mine(gid, held.claim):
+                    try:
+                        self._finish(held.delivery, held.message, attempt, final, ordered)
+                    except DomainError as exc:
+                        log.warning("could not publish the outcome of %s: %s", gid, exc.message)
+                else:
+                    held.delivery.ack()  # another attempt took over; its outcome counts
+            self._forget(gid)
         self.completed += 1
 
     def _give_back(self, held: _Held) -> None:
@@ -361,6 +357,9 @@ class BrokerWorker:
             held.delivery.hand_back()
         except DomainError as exc:
             log.warning("could not hand back %s (its lease will run out): %s", gid, exc.message)
+        self._forget(gid)
+
+    def _forget(self, gid: str) -> None:
         with self._lock:
             self._held.pop(gid, None)
             if not self._held:
@@ -387,26 +386,20 @@ class BrokerWorker:
         now = self._broker.claim(gid)
         return now is not None and now.attempt == claim.attempt and now.worker == self.name
 
-    def _publish_final(
+    def _finish(
         self,
         delivery: Delivery,
-        gid: str,
+        message: JobMessage,
         attempt: int,
         final: Any,
-        images: list[ImageComplete],
-        held: _Held,
+        images: Sequence[ImageComplete] = (),
     ) -> None:
-        # The outcome first: a worker dying before it marks the claim done leaves a job
-        # that is redelivered and run again, never one without an outcome.
-        self._broker.publish(to_record(gid, attempt, final, images=images, who=held.message.who))
-        self._mark_done(gid, attempt)
-        delivery.ack()
-
-    def _finish(self, delivery: Delivery, message: JobMessage, claim: Claim, final: Any) -> None:
-        """Ends a job this worker will not run, with a published outcome."""
+        """Publishes a job's outcome, marks its claim done and acks it, in that order: a
+        worker dying in between leaves a job that is redelivered and run again, never one
+        without an outcome."""
         gid = message.generation_id
-        self._broker.publish(to_record(gid, claim.attempt, final, images=[], who=message.who))
-        self._mark_done(gid, claim.attempt)
+        self._broker.publish(to_record(gid, attempt, final, images=list(images), who=message.who))
+        self._mark_done(gid, attempt)
         delivery.ack()
 
     def _mark_done(self, gid: str, attempt: int) -> None:
