@@ -41,10 +41,9 @@ log = logging.getLogger("loracle.cluster")
 class RemoteJobStream:
     """A job running somewhere in the cluster, followed through its broker log."""
 
-    def __init__(self, broker: Broker, generation_id: str, who: Who | None = None) -> None:
+    def __init__(self, broker: Broker, generation_id: str) -> None:
         self._broker = broker
         self._id = generation_id
-        self._who = who or Who()
         self._finished = False
         self._last = 0
 
@@ -140,7 +139,7 @@ class BrokerExecutor:
         self._broker.create_claim(gid, Claim("queued"))
         self._broker.publish(to_record(gid, 0, Queued(depth)))
         self._broker.enqueue(gid, encode_job(job, who))
-        return RemoteJobStream(self._broker, gid, who)
+        return RemoteJobStream(self._broker, gid)
 
     def handle(self, generation_id: str) -> RemoteJobStream | None:
         known = self._broker.claim(generation_id) is not None
