@@ -5,6 +5,7 @@ mid-stream, the broker restarting, PostgreSQL unreachable."""
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import signal
 import time
@@ -287,3 +288,33 @@ def test_postgres_unreachable_fails_fast_and_loses_nothing(
         replica.stop()
         cluster.replicas.remove(replica)
         proxy.close()
+
+
+def test_a_replica_started_with_run_worker_runs_jobs_itself(
+    cluster: Cluster, broker: NatsBroker, tmp_path: Path
+) -> None:
+    config = tmp_path / "with-worker.toml"
+    config.write_text(
+        cluster.config.read_text() + 'run_worker = true\nworker_name = "in-replica"\n'
+    )
+    replica = cluster.add_replica(config=config)
+    for worker in list(cluster.workers):
+        worker.stop()
+        cluster.workers.remove(worker)
+    try:
+
+        def advertised_ready() -> bool:
+            document = broker.workers().get("in-replica")
+            return document is not None and all(m["ready"] for m in json.loads(document)["models"])
+
+        wait_until(advertised_ready, 60, "the replica's own worker to be ready")
+        with LoracleClient(replica.address) as client:
+            spec = types_pb2.GenerationSpec(prompt="a reef", seed=3, steps=2)
+            events = list(client.generate_image(spec))
+        assert kinds(events)[-1] == "completed"
+        claim = broker.claim(events[0].generation_id)
+        assert claim is not None
+        assert claim.worker == "in-replica"
+    finally:
+        replica.stop()
+        cluster.replicas.remove(replica)

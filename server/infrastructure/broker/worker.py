@@ -129,6 +129,11 @@ class BrokerWorker:
         while not self._stop.is_set():
             if not self._idle.wait(0.5):
                 continue
+            if not any(m.ready for m in self._models.statuses()):
+                # Still building or loading its models (a replica with run_worker builds
+                # the placeholder in the background): a job taken now would fail here.
+                self._stop.wait(0.2)
+                continue
             try:
                 deliveries = self._broker.fetch(self._max_batch, timeout=1.0)
                 if deliveries:
