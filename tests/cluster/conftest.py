@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -61,11 +61,40 @@ def broker(nats: NatsServer, cluster: Cluster) -> Iterator[NatsBroker]:
     link.close()
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 60.0, what: str = "") -> None:
+FAILED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if report.failed:
+        item.stash[FAILED] = True
+    return report
+
+
+@pytest.fixture(autouse=True)
+def logs_on_failure(request: pytest.FixtureRequest, cluster: Cluster) -> Iterator[None]:
+    """A failed cluster test shows what each process logged (CI keeps no files): the
+    Loracle lines of every replica's and worker's log, the last 20 of each."""
+    yield
+    if not request.node.stash.get(FAILED, False):
+        return
+    for path in sorted(cluster.base.rglob("*.log"), key=lambda p: p.stat().st_mtime):
+        lines = [x for x in path.read_text(errors="replace").splitlines() if x[:4].isdigit()]
+        print(f"--- {path.relative_to(cluster.base)}", *lines[-20:], sep="\n")
+
+
+def wait_until(
+    condition: Callable[[], bool], timeout: float = 60.0, what: str | Callable[[], str] = ""
+) -> None:
+    """`what` may be a callable, to say what was seen last when the wait fails."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or condition}")
+            said = what() if callable(what) else what
+            raise AssertionError(f"timed out waiting for {said or condition}")
         time.sleep(0.1)
 
 

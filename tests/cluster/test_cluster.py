@@ -21,6 +21,7 @@ from server.devtools.synthetic_loras import write_synthetic_lora
 from server.devtools.tiny_loras import write_lora_for_pipeline
 from server.domain.models import Architecture, BaseModelConfig
 from server.infrastructure.broker.nats_broker import NatsBroker
+from server.infrastructure.broker.port import Claim
 from server.infrastructure.diffusion.registry import EMBEDDED_NAME, load_pipeline
 from tests.cluster.conftest import LEASE_SECONDS, MAX_ATTEMPTS, final_generation, wait_until
 from tests.cluster.proxy import CuttableProxy
@@ -199,21 +200,33 @@ def test_a_worker_killed_mid_job_is_redelivered_and_completes_once(
 def test_a_job_that_kills_every_worker_fails_after_its_attempts(
     cluster: Cluster, broker: NatsBroker
 ) -> None:
+    assert len(cluster.workers) == MAX_ATTEMPTS
+    killed: list[str] = []
+    seen: list[Claim | None] = [None]  # the claim as last read
     with cluster.client(0) as a:
         generation_id = a.submit_generation(slow("a storm", 11)).generation_id
+        # Each attempt runs on a worker that is still alive, and is killed mid-job.
+        # Replacements start only after the last kill: one started in between may take so
+        # long to start that the next attempt runs to its end before the test looks.
         for attempt in range(1, MAX_ATTEMPTS + 1):
 
             def running(n: int = attempt) -> bool:
-                claim = broker.claim(generation_id)
-                return claim is not None and claim.state == "running" and claim.attempt == n
+                seen[0] = broker.claim(generation_id)
+                return seen[0] is not None and seen[0].state == "running" and seen[0].attempt == n
 
-            wait_until(running, 60, f"attempt {attempt}")
-            claim = broker.claim(generation_id)
+            def said(n: int = attempt) -> str:
+                return f"attempt {n} (claim last read: {seen[0]})"
+
+            wait_until(running, 60, said)
+            claim = seen[0]
             assert claim is not None
             victim = next(w for w in cluster.workers if w.name == claim.worker)
             victim.stop(signal.SIGKILL)
             cluster.workers.remove(victim)
-            cluster.add_worker(f"{victim.name}x")
+            killed.append(victim.name)
+        assert not cluster.workers
+        for name in killed:  # a fresh worker finds the job out of attempts
+            cluster.add_worker(f"{name}x")
         record = final_generation(a, generation_id)
     assert record.state == types_pb2.GENERATION_STATE_FAILED
     assert f"gave up after {MAX_ATTEMPTS} attempts" in record.error

@@ -197,6 +197,7 @@ class BrokerWorker:
                 delivery.ack()  # its outcome is already published
                 return None
             if claim.attempt >= self._max_attempts:
+                log.warning("job %s: giving up after %d attempts", gid, claim.attempt)
                 self._finish(
                     delivery,
                     message,
@@ -217,6 +218,7 @@ class BrokerWorker:
             if self._broker.update_claim(gid, mine):
                 break
         claim = self._broker.claim(gid) or mine
+        log.info("job %s: attempt %d of %d", gid, claim.attempt, self._max_attempts)
         held = _Held(delivery, message, claim)
         try:
             job = self._job(message)
