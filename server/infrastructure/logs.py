@@ -8,9 +8,11 @@ name their ids in the text as `key=value`; those are lifted into the fields."""
 from __future__ import annotations
 
 import contextvars
+import faulthandler
 import json
 import logging
 import re
+import signal
 import sys
 from datetime import UTC, datetime
 
@@ -86,6 +88,10 @@ def configure_logging(level: str, log_format: str = "text") -> None:
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     if log_format == "json":
         _route_library_output()
+    if hasattr(signal, "SIGUSR1"):
+        # `kill -USR1 PID` writes every thread's stack to stderr and the process goes on:
+        # the way to see where a stuck request or worker waits, without a debugger.
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
 def _route_library_output() -> None:

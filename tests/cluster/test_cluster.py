@@ -84,11 +84,22 @@ def test_jobs_spread_over_both_workers_and_any_replica_relays_them(
         assert float(made) >= 1
 
 
-def test_compatible_jobs_batch_across_the_cluster(cluster: Cluster) -> None:
+def test_compatible_jobs_batch_across_the_cluster(cluster: Cluster, broker: NatsBroker) -> None:
     spec = types_pb2.GenerationSpec(prompt="a lamp", seed=1, steps=3)
     with cluster.client(0) as a, cluster.client(1) as b:
-        # Hold both workers with slow jobs, then queue four compatible ones behind them.
-        busy = [a.submit_generation(slow(f"busy {i}", i)).generation_id for i in range(2)]
+        # Hold both workers with slow jobs (two step counts: they cannot share a batch),
+        # then queue four compatible ones behind them.
+        busy = []
+        for i in range(2):
+            spec_i = slow(f"busy {i}", i)
+            spec_i.steps += i
+            busy.append(a.submit_generation(spec_i).generation_id)
+
+        def both_busy() -> bool:
+            claims = [broker.claim(g) for g in busy]
+            return all(c is not None and c.state == "running" for c in claims)
+
+        wait_until(both_busy, 60, "both workers to be busy")
         queued = [(a if i % 2 else b).submit_generation(spec).generation_id for i in range(4)]
         sizes = []
         for generation_id in queued:
