@@ -28,7 +28,7 @@ from server.domain.models import (
     Page,
     aware,
 )
-from server.infrastructure.storage_url import StorageUrl
+from server.infrastructure.storage_url import POSTGRES_TCP, StorageUrl
 
 metadata = sa.MetaData()
 
@@ -182,6 +182,7 @@ class SqlReadModel:
         else:
             kwargs["pool_pre_ping"] = True
             kwargs["connect_args"] = {
+                **POSTGRES_TCP,
                 "connect_timeout": 2,
                 "options": f"-c search_path={url.schema}",
             }

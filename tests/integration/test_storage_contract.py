@@ -3,11 +3,14 @@ Each back end subclasses StorageContract and says how to make a fresh store URL.
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,6 +34,7 @@ from server.domain.errors import ConflictError, ConsistencyTimeoutError, Validat
 from server.domain.generation_job import Generation, GenerationState
 from server.domain.lora import Lora
 from server.domain.models import Architecture, EventFilter, LoraFilter
+from server.infrastructure.storage_url import POSTGRES_TCP
 from tests.support import make_container, postgres_schema, sqlite_url
 
 
@@ -268,6 +272,39 @@ class TestPostgres(StorageContract):
     def url(self, tmp_path: Path) -> Iterator[str]:
         with postgres_schema() as url:
             yield url
+
+    def test_every_connection_notices_a_vanished_host(self, c: Container) -> None:
+        """Keepalives and a TCP user timeout on the event store's and the read models'
+        connections, read back from the kernel's options on their live sockets."""
+        datastore = c.store.app.recorder.datastore  # type: ignore[attr-defined]
+        with datastore.get_connection() as conn:
+            events = _tcp_options(conn.pgconn.socket)
+        with c.read_model.engine.connect() as conn:
+            dbapi: Any = conn.connection.dbapi_connection  # a psycopg connection
+            reads = _tcp_options(dbapi.pgconn.socket)
+        expected = {
+            "keepalive": POSTGRES_TCP["keepalives"],
+            "idle": POSTGRES_TCP["keepalives_idle"],
+            "interval": POSTGRES_TCP["keepalives_interval"],
+            "count": POSTGRES_TCP["keepalives_count"],
+            "user_timeout_ms": POSTGRES_TCP["tcp_user_timeout"],
+        }
+        assert events == expected
+        assert reads == expected
+
+
+def _tcp_options(fd: int) -> dict[str, int]:
+    s = socket.socket(fileno=os.dup(fd))
+    try:
+        return {
+            "keepalive": s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+            "idle": s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+            "interval": s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+            "count": s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+            "user_timeout_ms": s.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
+        }
+    finally:
+        s.close()
 
 
 def test_listeners_run_before_waiters_wake(tmp_path: Path) -> None:
