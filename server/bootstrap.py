@@ -278,6 +278,9 @@ def bootstrap(
             log.warning(
                 "marked %d interrupted generation(s) failed", fail_interrupted(store, stale.items)
             )
+            # Serve only once the read models say so too: a client's first read after the
+            # restart must not still see them running.
+            projector.wait_for(store.max_position(), 30)
     return Container(
         settings=settings,
         commands=commands,

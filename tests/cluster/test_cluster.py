@@ -21,7 +21,7 @@ from server.devtools.synthetic_loras import write_synthetic_lora
 from server.devtools.tiny_loras import write_lora_for_pipeline
 from server.domain.models import Architecture, BaseModelConfig
 from server.infrastructure.broker.nats_broker import NatsBroker
-from server.infrastructure.broker.port import Claim
+from server.infrastructure.broker.port import BrokerUnavailable, Claim
 from server.infrastructure.diffusion.registry import EMBEDDED_NAME, load_pipeline
 from tests.cluster.conftest import LEASE_SECONDS, MAX_ATTEMPTS, final_generation, wait_until
 from tests.cluster.proxy import CuttableProxy
@@ -328,7 +328,10 @@ def test_a_replica_started_with_run_worker_runs_jobs_itself(
     try:
 
         def advertised_ready() -> bool:
-            document = broker.workers().get("in-replica")
+            try:
+                document = broker.workers().get("in-replica")
+            except BrokerUnavailable:  # a read starved while the replica builds its model
+                return False
             return document is not None and all(m["ready"] for m in json.loads(document)["models"])
 
         wait_until(advertised_ready, 60, "the replica's own worker to be ready")

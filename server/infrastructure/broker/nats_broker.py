@@ -341,18 +341,18 @@ class NatsBroker:
 
     def workers(self) -> dict[str, bytes]:
         async def read() -> dict[str, bytes]:
-            try:
-                keys = await self._workers.keys()
-            except nats.js.errors.NoKeysError:
-                return {}
+            # One watch over the bucket gives every current value; keys() and a get per key
+            # would cost a round trip per worker.
+            watcher = await self._workers.watchall(ignore_deletes=True)
             out: dict[str, bytes] = {}
-            for key in keys:
-                try:
-                    entry = await self._workers.get(key)
-                except (KeyNotFoundError, NotFoundError):
-                    continue
-                if entry.value:
-                    out[key] = bytes(entry.value)
+            try:
+                async for entry in watcher:
+                    if entry is None:  # the current values are all in
+                        break
+                    if entry.value:
+                        out[entry.key] = bytes(entry.value)
+            finally:
+                await watcher.stop()  # type: ignore[no-untyped-call]
             return out
 
         return self.call(read(), "list workers")

@@ -230,8 +230,8 @@ class ClusterModels:
     models are listed as not ready, so generation fails fast instead of queueing for nobody.
 
     Adverts are remembered until their own age passes `ttl`: a read of the directory can
-    miss a key while its worker rewrites it, and one such read must not make a serving
-    cluster look empty."""
+    miss a key while its worker rewrites it, or time out on a starved broker, and one such
+    read must not make a serving cluster look empty or unavailable."""
 
     def __init__(
         self, broker: Broker, configured: tuple[BaseModelConfig, ...], ttl: float = 15.0
@@ -246,7 +246,16 @@ class ClusterModels:
         now = time.monotonic()
         if now - self._cache[0] < 1.0:
             return self._cache[1]
-        for worker, document in self._broker.workers().items():
+        try:
+            directory = self._broker.workers()
+        except DomainError:
+            if not any(time.time() - at <= self._ttl for at, _ in self._adverts.values()):
+                raise
+            log.warning(
+                "worker directory unreadable; answering from adverts under %.0f s old", self._ttl
+            )
+            directory = {}
+        for worker, document in directory.items():
             doc = json.loads(document)
             at = float(doc.get("at", 0))
             if at >= self._adverts.get(worker, (0.0, []))[0]:
