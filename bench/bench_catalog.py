@@ -27,7 +27,6 @@ import math
 import os
 import platform
 import random
-import signal
 import subprocess
 import sys
 import tempfile
@@ -40,7 +39,7 @@ from typing import Any
 
 import grpc
 
-from client import LoracleClient, LoracleError
+from client import LoracleClient
 from loracle.v1 import query_service_pb2, query_service_pb2_grpc
 from server.devtools.bench_support import (
     DEFAULT_CATALOG,
@@ -48,7 +47,7 @@ from server.devtools.bench_support import (
     Children,
     load_catalog,
     log,
-    raise_system_exit,
+    run_bench,
     serve_echo,
 )
 
@@ -491,17 +490,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, raise_system_exit)
-    try:
-        result = run(args)
-    except KeyboardInterrupt:
-        log("interrupted")
-        return 130
-    except (RuntimeError, LoracleError, grpc.RpcError, OSError) as exc:
-        log(f"failed: {exc}")
-        return 1
-    print(json.dumps(result), flush=True)
-    return 0
+    return run_bench(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
-import json
 import os
 import platform
 import shutil
@@ -59,11 +58,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import grpc
-
-from client import FailedPrecondition, LoracleClient, LoracleError
+from client import FailedPrecondition, LoracleClient
 from loracle.v1 import types_pb2
-from server.devtools.bench_support import log, raise_system_exit
+from server.devtools.bench_support import log, run_bench
 from server.devtools.cluster import (
     DEFAULT_POSTGRES,
     Cluster,
@@ -798,17 +795,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
-    signal.signal(signal.SIGTERM, raise_system_exit)
-    try:
-        result = run(args)
-    except KeyboardInterrupt:
-        log("interrupted")
-        return 130
-    except (RuntimeError, LoracleError, grpc.RpcError, OSError) as exc:
-        log(f"failed: {exc}")
-        return 1
-    print(json.dumps(result), flush=True)
-    return 0
+    return run_bench(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 import platform
-import signal
 import statistics
 import sys
 import tempfile
@@ -39,13 +38,13 @@ from typing import Any
 
 import grpc
 
-from client import LoracleClient, LoracleError
+from client import LoracleClient
 from loracle.v1 import command_service_pb2, types_pb2
 from server.devtools.bench_support import (
     Children,
     log,
     plain_png,
-    raise_system_exit,
+    run_bench,
     same_pixels,
     serve_echo,
 )
@@ -457,17 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, raise_system_exit)
-    try:
-        result = run(args)
-    except KeyboardInterrupt:
-        log("interrupted")
-        return 130
-    except (RuntimeError, LoracleError, grpc.RpcError, OSError) as exc:
-        log(f"failed: {exc}")
-        return 1
-    print(json.dumps(result), flush=True)
-    return 0
+    return run_bench(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import random
 import re
@@ -13,12 +14,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-from client import read_catalog_jsonl
+import grpc
+
+from client import LoracleError, read_catalog_jsonl
 from loracle.v1 import types_pb2
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -127,6 +130,22 @@ def raise_system_exit(signum: int, _frame: object) -> NoReturn:
     """Turns SIGTERM into an exception so that the `finally` blocks stop the children."""
     log("terminated")
     raise SystemExit(128 + signum)
+
+
+def run_bench(run: Callable[[], dict[str, Any]]) -> int:
+    """A benchmark's `main`: SIGTERM and Ctrl-C stop it through its `finally` blocks, a
+    failure is one line on stderr, and the result is one JSON line on stdout."""
+    signal.signal(signal.SIGTERM, raise_system_exit)
+    try:
+        result = run()
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    except (RuntimeError, LoracleError, grpc.RpcError, OSError) as exc:
+        log(f"failed: {exc}")
+        return 1
+    print(json.dumps(result), flush=True)
+    return 0
 
 
 # --- catalog and queries ------------------------------------------------------------------
