@@ -41,7 +41,7 @@ def _on_finish(result: Any, done: Callable[[str], None]) -> Any:
     """Calls `done(outcome)` when a unary result returns or a streamed result is exhausted."""
     if isinstance(result, Iterator):
         return _watch_stream(result, done)
-    outcome = "ok" if getattr(result, "is_success", True) else result.error.kind.value
+    outcome = "ok" if getattr(result, "is_success", True) else result.error.reason
     done(outcome)
     return result
 

@@ -1,4 +1,6 @@
-"""Domain errors. The transport maps each class to a status code in one table (rpc/errors.py)."""
+"""Domain errors: the one taxonomy. A failed CommandResult carries the error itself, and the
+transport maps each class to a status code in one table (rpc/errors.py); everything else a
+client sees (reason, metadata, field violations, retry delay) is read off the error."""
 
 from __future__ import annotations
 
@@ -36,6 +38,9 @@ class DomainError(Exception):
     """Base of every error a client may see; `reason` is a stable UPPER_SNAKE code."""
 
     reason = "DOMAIN_ERROR"
+    # The transport sends these as google.rpc BadRequest and RetryInfo details when set.
+    field_violations: tuple[FieldViolation, ...] = ()
+    retry_after_seconds: float | None = None
 
     def __init__(self, message: str, *, metadata: dict[str, str] | None = None) -> None:
         message = clip(message, MAX_MESSAGE_BYTES)
@@ -51,12 +56,17 @@ class ValidationError(DomainError):
 
     def __init__(self, violations: list[FieldViolation] | FieldViolation) -> None:
         given = [violations] if isinstance(violations, FieldViolation) else violations
-        self.violations = [
+        self.field_violations = tuple(
             FieldViolation(v.field, clip(v.description, MAX_DETAIL_BYTES))
             for v in given[:MAX_VIOLATIONS]
-        ]
+        )
         more = f"; and {len(given) - MAX_VIOLATIONS} more" if len(given) > MAX_VIOLATIONS else ""
-        super().__init__("; ".join(f"{v.field}: {v.description}" for v in self.violations) + more)
+        shown = "; ".join(f"{v.field}: {v.description}" for v in self.field_violations)
+        super().__init__(shown + more)
+
+    @property
+    def violations(self) -> tuple[FieldViolation, ...]:
+        return self.field_violations
 
 
 class NotFoundError(DomainError):
@@ -100,6 +110,8 @@ class UnavailableError(DomainError):
 
     reason = "UNAVAILABLE"
 
+    retry_after_seconds: float
+
     def __init__(self, message: str, *, retry_after_seconds: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after_seconds = retry_after_seconds
@@ -127,12 +139,15 @@ class BadLoraFileError(DomainError):
         super().__init__(f"{path}: {why}", metadata={"path": path})
         self.path = path
         self.why = why
+        self.field_violations = (FieldViolation("path", self.message),)
 
 
 class ResourceExhaustedError(DomainError):
     """A bounded resource (the generation queue) is full; retry after `retry_after_seconds`."""
 
     reason = "RESOURCE_EXHAUSTED"
+
+    retry_after_seconds: float
 
     def __init__(self, message: str, retry_after_seconds: float = 1.0) -> None:
         super().__init__(message)

@@ -11,7 +11,6 @@ import pytest
 from server.application.commands import (
     CommandBus,
     CommandResult,
-    ErrorKind,
     HandlerAlreadyRegisteredError,
     ICommand,
     ICommandHandler,
@@ -101,7 +100,7 @@ def test_validation_failure_is_a_result_with_field_violations() -> None:
     result = bus.dispatch(Add(a=-1, b=0))
     assert not result.is_success
     assert result.error is not None
-    assert result.error.kind is ErrorKind.VALIDATION
+    assert isinstance(result.error, ValidationError)
     assert result.error.field_violations == (FieldViolation("a", "must not be negative"),)
     with pytest.raises(ValidationError):
         result.unwrap()
@@ -111,9 +110,11 @@ def test_domain_error_raised_by_handler_becomes_a_failed_result() -> None:
     bus = CommandBus()
     bus.register(Add, AddHandler())
     result = bus.dispatch(Add(a=99, b=0))
-    assert result.error is not None
-    assert result.error.kind is ErrorKind.NOT_FOUND
-    assert isinstance(result.error.to_exception(), NotFoundError)
+    assert isinstance(result.error, NotFoundError)
+    assert result.error.metadata == {"resource": "number", "id": "99"}
+    with pytest.raises(NotFoundError) as raised:
+        result.unwrap()
+    assert raised.value is result.error  # the handler's own error, nothing re-built
 
 
 def test_duplicate_registration_fails_fast() -> None:
@@ -135,8 +136,7 @@ def test_stream_handler_type_must_match_command_kind() -> None:
 
 def test_unregistered_command_is_unimplemented() -> None:
     result = CommandBus().dispatch(Add(a=1, b=1))
-    assert result.error is not None
-    assert result.error.kind is ErrorKind.UNIMPLEMENTED
+    assert isinstance(result.error, NotImplementedYetError)
     with pytest.raises(NotImplementedYetError):
         QueryBus().dispatch(Square(x=1))
 
@@ -235,28 +235,26 @@ def test_queries_wait_for_their_consistency_token() -> None:
         bus.dispatch(Square(x=2), DispatchContext(min_position=11))
 
 
-def test_every_domain_error_survives_the_result_round_trip() -> None:
-    from server.application.commands import CommandError
-    from server.domain.errors import (
-        ConflictError,
-        PreconditionError,
-        ResourceExhaustedError,
-        UnavailableError,
-    )
+def test_result_factories_carry_the_domain_error_the_transport_maps() -> None:
+    from server.domain.errors import ConflictError, DomainError, PreconditionError
 
-    errors = [
-        ValidationError(FieldViolation("f", "bad")),
-        NotFoundError("lora", "x"),
-        ConflictError("c"),
-        PreconditionError("p", reason="MODEL_NOT_READY"),
-        UnavailableError("u"),
-        NotImplementedYetError("n"),
-        ResourceExhaustedError("full", 2.5),
-    ]
-    for error in errors:
-        back = CommandError.from_exception(error).to_exception()
-        assert type(back) is type(error)
-        assert back.reason == error.reason
-    full = CommandError.from_exception(ResourceExhaustedError("full", 2.5)).to_exception()
-    assert isinstance(full, ResourceExhaustedError)
-    assert full.retry_after_seconds == 2.5
+    not_ready = (
+        CommandResult[int]
+        .precondition_failed("model warming up", reason="MODEL_NOT_READY", model="sdxl")
+        .error
+    )
+    assert isinstance(not_ready, PreconditionError)
+    assert (not_ready.message, not_ready.reason) == ("model warming up", "MODEL_NOT_READY")
+    assert not_ready.metadata == {"model": "sdxl"}
+    taken = CommandResult[int].conflict("request id reused", request_id="r-1").error
+    assert isinstance(taken, ConflictError)
+    assert taken.metadata == {"request_id": "r-1"}
+    missing = CommandResult[int].not_found("lora", "x").error
+    assert isinstance(missing, NotFoundError)
+    assert (missing.message, missing.resource_id) == ("lora 'x' not found", "x")
+    bad = CommandResult[int].validation_error([FieldViolation("a", "x"), FieldViolation("b", "y")])
+    assert isinstance(bad.error, ValidationError)
+    assert bad.error.message == "a: x; b: y"
+    failed = CommandResult[int].failure("disk on fire").error
+    assert type(failed) is DomainError
+    assert failed.message == "disk on fire"

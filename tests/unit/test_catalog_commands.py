@@ -11,7 +11,6 @@ import pytest
 from server.application.commands import (
     CatalogRecordInput,
     DeleteLoRACommand,
-    ErrorKind,
     ImportLoRACatalogCommand,
     ImportLoRAsCommand,
     ImportOutcome,
@@ -114,7 +113,7 @@ def test_request_id_reused_for_another_request_is_refused(memory_container: Cont
     c.commands.dispatch(RegisterLoRACommand(path="x.safetensors"), ctx("dup")).unwrap()
     result = c.commands.dispatch(RegisterLoRACommand(path="y.safetensors"), ctx("dup"))
     assert result.error is not None
-    assert result.error.kind is ErrorKind.VALIDATION
+    assert isinstance(result.error, ValidationError)
     assert result.error.field_violations[0].field == "request_id"
 
 
@@ -131,7 +130,7 @@ def test_bad_paths_are_refused_with_field_violations(
 ) -> None:
     result = memory_container.commands.dispatch(RegisterLoRACommand(path=path), ctx())
     assert result.error is not None
-    assert result.error.kind is ErrorKind.VALIDATION
+    assert isinstance(result.error, ValidationError)
     assert result.error.field_violations[0].field == field
     assert count_events(memory_container) == 0
 
@@ -141,7 +140,7 @@ def test_bad_file_is_refused_and_nothing_is_written(memory_container: Container)
     (root(c) / "junk.safetensors").write_bytes(b"\x00" * 3)
     result = c.commands.dispatch(RegisterLoRACommand(path="junk.safetensors"), ctx("j"))
     assert result.error is not None
-    assert result.error.kind is ErrorKind.VALIDATION
+    assert isinstance(result.error, ValidationError)
     assert count_events(c) == 0
 
 
@@ -278,7 +277,7 @@ def test_update_and_delete(memory_container: Container) -> None:
         c.queries.dispatch(GetLoRAByIdQuery(lora_id=lora.id))
     again = c.commands.dispatch(DeleteLoRACommand(lora_id=lora.id), ctx("d2"))
     assert again.error is not None
-    assert again.error.kind is ErrorKind.NOT_FOUND
+    assert isinstance(again.error, NotFoundError)
     # Registering the file again brings the LoRA back under the same id.
     back = c.commands.dispatch(RegisterLoRACommand(path="x.safetensors"), ctx()).unwrap()
     assert back.lora.id == lora.id

@@ -1,24 +1,45 @@
-"""The status-code table and the rich details every error carries."""
+"""The status-code table and the rich details every error carries, from handler to wire."""
 
 from __future__ import annotations
+
+import asyncio
+import importlib
+import pkgutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar, cast
 
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
+import server
+from server.application.commands import (
+    CommandBus,
+    CommandResult,
+    ICommand,
+    ICommandHandler,
+    IStreamCommand,
+    IStreamCommandHandler,
+)
+from server.application.queries import IQuery, IQueryHandler, QueryBus, QueryResult
 from server.domain.errors import (
     BadLoraFileError,
     ConflictError,
     ConsistencyTimeoutError,
+    DeadlineExceededError,
     DomainError,
     FieldViolation,
     NotFoundError,
     NotImplementedYetError,
     PreconditionError,
+    ResourceExhaustedError,
     UnavailableError,
     ValidationError,
 )
-from server.rpc.errors import to_status
+from server.infrastructure.broker.port import BrokerUnavailable
+from server.rpc.dispatch import Dispatcher
+from server.rpc.errors import STATUS_CODES, to_status
 
 
 def details(status: grpc.Status) -> dict[str, object]:
@@ -88,3 +109,175 @@ def test_unexpected_exceptions_reveal_nothing_but_a_correlation_id() -> None:
     assert "corr-9" in status.details
     trailer = dict(status.trailing_metadata)["grpc-status-details-bin"]
     assert b"hunter2" not in trailer
+
+
+# --- Every DomainError, wherever it is defined, through the whole path to the wire. ---------
+
+for _module in pkgutil.walk_packages(server.__path__, "server."):
+    importlib.import_module(_module.name)  # a subclass exists for __subclasses__ once imported
+
+
+def _subclasses(kind: type[DomainError]) -> list[type[DomainError]]:
+    return [c for sub in kind.__subclasses__() for c in (sub, *_subclasses(sub))]
+
+
+ALL_ERRORS = _subclasses(DomainError)
+
+# Errors whose constructor is not DomainError's (message, *, metadata); the values differ from
+# the defaults so that a field rebuilt on the way (a retry delay reset to 1 s) is noticed.
+SAMPLES: dict[type[DomainError], Callable[[], DomainError]] = {
+    ValidationError: lambda: ValidationError(
+        [FieldViolation("a", "x"), FieldViolation("b.c", "y")]
+    ),
+    NotFoundError: lambda: NotFoundError("lora", "x-1"),
+    PreconditionError: lambda: PreconditionError(
+        "warming up", reason="MODEL_NOT_READY", metadata={"model": "sdxl"}
+    ),
+    UnavailableError: lambda: UnavailableError("db down", retry_after_seconds=2.5),
+    BrokerUnavailable: lambda: BrokerUnavailable("publish"),
+    BadLoraFileError: lambda: BadLoraFileError("a.safetensors", "truncated"),
+    ResourceExhaustedError: lambda: ResourceExhaustedError("queue full", 0.25),
+}
+
+
+def sample(kind: type[DomainError]) -> DomainError:
+    build = SAMPLES.get(kind, lambda: kind("it went wrong", metadata={"key": "value"}))
+    try:
+        error = build()
+    except TypeError:
+        pytest.fail(f"{kind.__name__} needs an example in SAMPLES")
+    assert type(error) is kind
+    return error
+
+
+def code_in_table(kind: type[DomainError]) -> grpc.StatusCode | None:
+    """The row of the class or of its nearest ancestor; DomainError itself has none."""
+    return next((STATUS_CODES[k] for k in kind.__mro__ if k in STATUS_CODES), None)
+
+
+def test_the_enumeration_finds_errors_outside_the_domain_module() -> None:
+    assert {ValidationError, DeadlineExceededError, BrokerUnavailable} <= set(ALL_ERRORS)
+    assert DomainError not in STATUS_CODES  # so an unmapped subclass cannot pass as mapped
+
+
+@pytest.mark.parametrize("kind", ALL_ERRORS, ids=lambda k: k.__name__)
+def test_every_domain_error_has_a_row(kind: type[DomainError]) -> None:
+    code = code_in_table(kind)
+    assert code is not None, f"{kind.__name__} has no row in server/rpc/errors.py STATUS_CODES"
+    assert code is not grpc.StatusCode.INTERNAL
+
+
+class Aborted(Exception):
+    pass
+
+
+class FakeRpc:
+    """The part of grpc.aio.ServicerContext the Dispatcher uses; aborting raises, as gRPC's does."""
+
+    def __init__(self) -> None:
+        self.status: grpc.Status | None = None
+
+    def time_remaining(self) -> float | None:
+        return None
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("x-correlation-id", "corr-7"),)
+
+    async def abort_with_status(self, status: grpc.Status) -> None:
+        self.status = status
+        raise Aborted
+
+
+@dataclass(frozen=True, kw_only=True)
+class Fail(ICommand[None]):
+    error: DomainError
+    raised: bool
+
+
+class FailHandler(ICommandHandler[Fail, None]):
+    def handle(self, command: Fail) -> CommandResult[None]:
+        if command.raised:
+            raise command.error
+        return CommandResult.from_error(command.error)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FailStream(IStreamCommand[int]):
+    error: DomainError
+
+
+class FailStreamHandler(IStreamCommandHandler[FailStream, int]):
+    def handle(self, command: FailStream) -> Iterator[int]:
+        yield 1
+        raise command.error
+
+
+@dataclass(frozen=True, kw_only=True)
+class FailQuery(IQuery[None]):
+    cacheable: ClassVar[bool] = False
+    error: DomainError
+
+
+class FailQueryHandler(IQueryHandler[FailQuery, None]):
+    def handle(self, query: FailQuery) -> QueryResult[None]:
+        raise query.error
+
+
+def wire_status(route: str, error: DomainError) -> grpc.Status:
+    """`error` from a handler through the real buses (default middlewares) and Dispatcher."""
+    commands, queries = CommandBus(), QueryBus()
+    commands.register(Fail, FailHandler())
+    commands.register(FailStream, FailStreamHandler())
+    queries.register(FailQuery, FailQueryHandler())
+    dispatcher = Dispatcher(commands, queries)
+    fake = FakeRpc()
+    rpc = cast("grpc.aio.ServicerContext[Any, Any]", fake)
+
+    async def call() -> None:
+        if route == "stream":
+            async for _ in dispatcher.stream_command(rpc, FailStream(error=error), "r-1"):
+                pass
+        elif route == "query":
+            await dispatcher.query(rpc, FailQuery(error=error))
+        else:
+            await dispatcher.command(rpc, Fail(error=error, raised=route == "raised"), "r-1")
+
+    with pytest.raises(Aborted):
+        asyncio.run(call())
+    assert fake.status is not None
+    return fake.status
+
+
+@pytest.mark.parametrize("route", ["returned", "raised", "stream", "query"])
+@pytest.mark.parametrize("kind", ALL_ERRORS, ids=lambda k: k.__name__)
+def test_every_domain_error_survives_the_round_trip_to_the_wire(
+    kind: type[DomainError], route: str
+) -> None:
+    sent, expected = sample(kind), sample(kind)
+    status = wire_status(route, sent)
+    assert status.code == code_in_table(kind)
+    assert status.details == expected.message
+    found = details(status)
+    info = found["ErrorInfo"]
+    assert isinstance(info, error_details_pb2.ErrorInfo)
+    assert info.reason == expected.reason
+    assert dict(info.metadata) == {**expected.metadata, "correlation_id": "corr-7"}
+    bad = found.get("BadRequest")
+    violations = [] if bad is None else bad.field_violations  # type: ignore[attr-defined]
+    assert [FieldViolation(v.field, v.description) for v in violations] == list(
+        expected.field_violations
+    )
+    retry = found.get("RetryInfo")
+    if expected.retry_after_seconds is None:
+        assert retry is None
+    else:
+        assert isinstance(retry, error_details_pb2.RetryInfo)
+        assert retry.retry_delay.ToTimedelta().total_seconds() == expected.retry_after_seconds
+
+
+def test_a_command_result_keeps_the_handlers_error_itself() -> None:
+    bus = CommandBus()
+    bus.register(Fail, FailHandler())
+    for raised in (False, True):
+        error = ResourceExhaustedError("queue full", 0.25)
+        assert bus.dispatch(Fail(error=error, raised=raised)).error is error

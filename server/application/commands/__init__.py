@@ -2,9 +2,7 @@
 
 from server.application.commands.base import (
     CommandBus,
-    CommandError,
     CommandResult,
-    ErrorKind,
     HandlerAlreadyRegisteredError,
     ICommand,
     ICommandHandler,
@@ -66,11 +64,9 @@ __all__ = [
     "CancelGenerationCommand",
     "CatalogRecordInput",
     "CommandBus",
-    "CommandError",
     "CommandResult",
     "DeleteLoRACommand",
     "DeleteLoRAHandler",
-    "ErrorKind",
     "FilterConfidentRecommendationsCommand",
     "FilterConfidentRecommendationsHandler",
     "GenerateImageCommand",

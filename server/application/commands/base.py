@@ -3,10 +3,9 @@ expected failures are results, not exceptions, so callers must look at `is_succe
 
 from __future__ import annotations
 
-import enum
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, cast
 
 from server.application.context import DispatchContext, current_context, use_context
@@ -18,8 +17,6 @@ from server.domain.errors import (
     NotFoundError,
     NotImplementedYetError,
     PreconditionError,
-    ResourceExhaustedError,
-    UnavailableError,
     ValidationError,
 )
 
@@ -37,83 +34,16 @@ class IStreamCommand(Generic[R_co]):
     """A command whose handler yields a stream of R (progress, generation events)."""
 
 
-class ErrorKind(enum.Enum):
-    VALIDATION = "INVALID_ARGUMENT"
-    NOT_FOUND = "NOT_FOUND"
-    CONFLICT = "ALREADY_EXISTS"
-    PRECONDITION = "FAILED_PRECONDITION"
-    UNAVAILABLE = "UNAVAILABLE"
-    UNIMPLEMENTED = "UNIMPLEMENTED"
-    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
-    FAILURE = "INTERNAL"
-
-
-@dataclass(frozen=True, slots=True)
-class CommandError:
-    kind: ErrorKind
-    message: str
-    field_violations: tuple[FieldViolation, ...] = ()
-    reason: str = ""
-    metadata: dict[str, str] = field(default_factory=dict)
-
-    def __str__(self) -> str:
-        return self.message
-
-    def to_exception(self) -> DomainError:
-        """The domain error this result stands for (the transport maps errors in one table)."""
-        exc: DomainError
-        if self.kind is ErrorKind.VALIDATION:
-            exc = ValidationError(list(self.field_violations) or [FieldViolation("", self.message)])
-        elif self.kind is ErrorKind.NOT_FOUND:
-            exc = NotFoundError(
-                self.metadata.get("resource", "resource"), self.metadata.get("id", "")
-            )
-            exc.message = self.message
-        elif self.kind is ErrorKind.CONFLICT:
-            exc = ConflictError(self.message, metadata=self.metadata)
-        elif self.kind is ErrorKind.PRECONDITION:
-            exc = PreconditionError(
-                self.message, reason=self.reason or "FAILED_PRECONDITION", metadata=self.metadata
-            )
-        elif self.kind is ErrorKind.UNAVAILABLE:
-            exc = UnavailableError(self.message)
-        elif self.kind is ErrorKind.UNIMPLEMENTED:
-            exc = NotImplementedYetError(self.message)
-        elif self.kind is ErrorKind.RESOURCE_EXHAUSTED:
-            exc = ResourceExhaustedError(
-                self.message, float(self.metadata.get("retry_after_seconds", 1.0))
-            )
-        else:
-            exc = DomainError(self.message, metadata=self.metadata)
-        return exc
-
-    @staticmethod
-    def from_exception(exc: DomainError) -> CommandError:
-        kinds: list[tuple[type[DomainError], ErrorKind]] = [
-            (ValidationError, ErrorKind.VALIDATION),
-            (NotFoundError, ErrorKind.NOT_FOUND),
-            (ConflictError, ErrorKind.CONFLICT),
-            (PreconditionError, ErrorKind.PRECONDITION),
-            (UnavailableError, ErrorKind.UNAVAILABLE),
-            (NotImplementedYetError, ErrorKind.UNIMPLEMENTED),
-            (ResourceExhaustedError, ErrorKind.RESOURCE_EXHAUSTED),
-        ]
-        kind = next((k for t, k in kinds if isinstance(exc, t)), ErrorKind.FAILURE)
-        violations = tuple(exc.violations) if isinstance(exc, ValidationError) else ()
-        metadata = dict(exc.metadata)
-        if isinstance(exc, ResourceExhaustedError):
-            metadata["retry_after_seconds"] = str(exc.retry_after_seconds)
-        return CommandError(kind, exc.message, violations, exc.reason, metadata)
-
-
 @dataclass(frozen=True, slots=True)
 class CommandResult(Generic[R]):
-    """Outcome of a command. `position` is the log position of its last event: the
-    consistency token that lets a later query read this write."""
+    """Outcome of a command. `error` is the DomainError itself, so the transport's one table
+    maps it and nothing (its class, reason, metadata, retry delay) is lost on the way.
+    `position` is the log position of its last event: the consistency token that lets a
+    later query read this write."""
 
     is_success: bool
     data: R | None = None
-    error: CommandError | None = None
+    error: DomainError | None = None
     position: int = 0
 
     @staticmethod
@@ -122,58 +52,40 @@ class CommandResult(Generic[R]):
 
     @staticmethod
     def validation_error(
-        violations: list[FieldViolation] | FieldViolation | str, message: str = ""
+        violations: list[FieldViolation] | FieldViolation | str,
     ) -> CommandResult[R]:
         if isinstance(violations, str):
-            violations = [FieldViolation("", violations)]
-        elif isinstance(violations, FieldViolation):
-            violations = [violations]
-        text = message or "; ".join(f"{v.field}: {v.description}" for v in violations)
-        return CommandResult(
-            False, None, CommandError(ErrorKind.VALIDATION, text, tuple(violations))
-        )
+            violations = FieldViolation("", violations)
+        return CommandResult.from_error(ValidationError(violations))
 
     @staticmethod
     def not_found(resource: str, resource_id: str) -> CommandResult[R]:
-        return CommandResult(
-            False,
-            None,
-            CommandError(
-                ErrorKind.NOT_FOUND,
-                f"{resource} {resource_id!r} not found",
-                metadata={"resource": resource, "id": resource_id},
-            ),
-        )
+        return CommandResult.from_error(NotFoundError(resource, resource_id))
 
     @staticmethod
     def conflict(message: str, **metadata: str) -> CommandResult[R]:
-        return CommandResult(
-            False, None, CommandError(ErrorKind.CONFLICT, message, metadata=metadata)
-        )
+        return CommandResult.from_error(ConflictError(message, metadata=metadata))
 
     @staticmethod
     def precondition_failed(
         message: str, *, reason: str = "FAILED_PRECONDITION", **metadata: str
     ) -> CommandResult[R]:
-        return CommandResult(
-            False,
-            None,
-            CommandError(ErrorKind.PRECONDITION, message, reason=reason, metadata=metadata),
+        return CommandResult.from_error(
+            PreconditionError(message, reason=reason, metadata=metadata)
         )
 
     @staticmethod
     def failure(message: str) -> CommandResult[R]:
-        return CommandResult(False, None, CommandError(ErrorKind.FAILURE, message))
+        return CommandResult.from_error(DomainError(message))
 
     @staticmethod
     def from_error(exc: DomainError) -> CommandResult[R]:
-        return CommandResult(False, None, CommandError.from_exception(exc))
+        return CommandResult(False, None, exc)
 
     def unwrap(self) -> R:
-        """The data of a success; raises the matching DomainError otherwise."""
-        if not self.is_success:
-            assert self.error is not None
-            raise self.error.to_exception()
+        """The data of a success; raises the result's DomainError otherwise."""
+        if self.error is not None:
+            raise self.error
         return cast(R, self.data)
 
 

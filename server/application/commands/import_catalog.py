@@ -14,6 +14,7 @@ from server.application.commands.base import CommandResult, ICommand, ICommandHa
 from server.application.commands.idempotency import previous_result, record_for
 from server.application.context import current_context
 from server.application.ports import CatalogRepository
+from server.domain.errors import FieldViolation
 from server.domain.lora import Lora, lora_id_for_source, metadata_to_dict
 from server.domain.models import BaseModelRef, LoraMetadata, LoraSource, clean_terms
 
@@ -75,7 +76,7 @@ class ImportLoRACatalogHandler(ICommandHandler[ImportLoRACatalogCommand, ImportC
     def handle(self, command: ImportLoRACatalogCommand) -> CommandResult[ImportCatalogResult]:
         if len(command.records) > MAX_RECORDS_PER_BATCH:
             return CommandResult.validation_error(
-                "records", f"at most {MAX_RECORDS_PER_BATCH} records per request"
+                FieldViolation("records", f"at most {MAX_RECORDS_PER_BATCH} records per request")
             )
         previous = previous_result(self._catalog, command)
         if previous is not None:
