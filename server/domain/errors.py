@@ -66,6 +66,7 @@ class ValidationError(DomainError):
 
     @property
     def violations(self) -> tuple[FieldViolation, ...]:
+        """The older name of `field_violations`, still read by config and tests."""
         return self.field_violations
 
 
