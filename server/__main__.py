@@ -13,7 +13,7 @@ from server.bootstrap import bootstrap
 from server.config import load_settings
 from server.domain.errors import DomainError
 from server.infrastructure.logs import configure_logging
-from server.infrastructure.metrics import Metrics, MetricsHttpServer
+from server.infrastructure.metrics import MetricsHttpServer
 from server.rpc.interceptors import LogContextInterceptor, MetricsInterceptor
 from server.rpc.server import ExposureError, LoracleServer
 
@@ -39,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         interceptors: list[grpc.aio.ServerInterceptor] = [LogContextInterceptor()]
         metrics_http: MetricsHttpServer | None = None
         if settings.metrics_listen:
-            metrics = Metrics.for_container(container)
+            metrics = container.metrics()
             interceptors.append(MetricsInterceptor(metrics.rpc))
             metrics_http = MetricsHttpServer(metrics.registry)
             metrics_http.start(settings.metrics_listen)

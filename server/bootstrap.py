@@ -4,9 +4,8 @@ Tests pass their own pieces by keyword; everything else gets the real thing."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Protocol
 
 from server.application.commands import (
     CommandBus,
@@ -29,26 +28,23 @@ from server.application.commands import (
     UpdateLoRACommand,
     UpdateLoRAHandler,
 )
-from server.application.commands.generate import (
-    CancelGenerationHandler,
-    GenerateImageHandler,
-    GenerationJobs,
-    GenerationLimits,
-    GenerationRecorder,
-    QuickGenerateHandler,
-    SubmitGenerationHandler,
-    fail_interrupted,
-)
 from server.application.commands.generation import (
     CancelGenerationCommand,
+    CancelGenerationHandler,
     GenerateImageCommand,
+    GenerateImageHandler,
     QuickGenerateCommand,
+    QuickGenerateHandler,
     SubmitGenerationCommand,
+    SubmitGenerationHandler,
 )
 from server.application.context import SYSTEM_CONTEXT
+from server.application.generation.jobs import GenerationJobs
+from server.application.generation.lifecycle import GenerationRecorder, fail_interrupted
+from server.application.generation.request import GenerationLimits
 from server.application.limits import LimitsMiddleware, RateLimiter
 from server.application.middleware import Authorizer, Middleware, default_middlewares
-from server.application.ports import LoraFiles
+from server.application.ports import Executor, LoraFiles, ModelLookup
 from server.application.queries import (
     GetAllLoRAsHandler,
     GetAllLoRAsQuery,
@@ -75,19 +71,30 @@ from server.config import Settings
 from server.domain.generation_job import GenerationState
 from server.domain.recommend.engine import RecommendationEngine
 from server.infrastructure.broker.nats_broker import NatsBroker
+from server.infrastructure.broker.port import Broker
 from server.infrastructure.broker.replica import BrokerExecutor, ClusterModels, RecorderFeed
 from server.infrastructure.broker.worker import BrokerWorker
 from server.infrastructure.diffusion.executor import DiffusionExecutor
 from server.infrastructure.diffusion.images import ImageStore
 from server.infrastructure.diffusion.registry import ModelRegistry
 from server.infrastructure.event_store import EventStore
+from server.infrastructure.generation_outcomes import ProjectedOutcomes
 from server.infrastructure.lora_files import LoraFileReader
+from server.infrastructure.metrics import ExecutorState, Metrics
 from server.infrastructure.projector import Projector
 from server.infrastructure.read_model import ProjectedChange, SqlReadModel
 from server.infrastructure.recommender import CatalogRecommender
 from server.infrastructure.storage_url import StorageUrl
 
 log = logging.getLogger("loracle")
+
+
+class DeviceExecutor(Executor, ExecutorState, Protocol):
+    """The executor that owns this process's device: DiffusionExecutor, or a fake in unit
+    tests of the generation path."""
+
+    def start(self) -> None: ...
+    def stop(self, timeout: float = ...) -> None: ...
 
 
 @dataclass
@@ -101,13 +108,13 @@ class Container:
     files: LoraFiles
     recommender: CatalogRecommender
     models: ModelRegistry
-    executor: DiffusionExecutor
+    executor: DeviceExecutor
     recorder: GenerationRecorder
     authenticator: TokenAuthenticator
     generations: GenerationJobs
     middlewares: list[Middleware] = field(default_factory=list)
     # Cluster mode only: the broker link, the outcome recorder and an optional worker.
-    broker: NatsBroker | None = None
+    broker: Broker | None = None
     feed: RecorderFeed | None = None
     worker: BrokerWorker | None = None
 
@@ -126,12 +133,24 @@ class Container:
         if self.broker is not None:
             self.broker.close()
 
+    def metrics(self) -> Metrics:
+        """This server's Prometheus registry, fed by the projector from now on."""
+        return Metrics.create(
+            executor=self.executor,
+            cache=self.queries.cache,
+            store=self.store,
+            projector=self.projector,
+        )
+
 
 def bootstrap(
     settings: Settings,
     *,
     files: LoraFiles | None = None,
     authorizer: Authorizer | None = None,
+    executor: DeviceExecutor | None = None,
+    broker: Broker | None = None,
+    models: ModelLookup | None = None,
     start_projector: bool = True,
     build_embedded_model: bool = True,
 ) -> Container:
@@ -204,22 +223,25 @@ def bootstrap(
     queries.register(GetLoRAsByBaseModelQuery, GetLoRAsByBaseModelHandler(read_model))
     queries.register(ListEventsQuery, ListEventsHandler(read_model))
     queries.register(SearchLoRAsByPromptQuery, SearchLoRAsByPromptHandler(recommender))
-    models = ModelRegistry(settings.models, data_dir=settings.data_dir.resolve())
-    broker: NatsBroker | None = None
-    model_lookup: ClusterModels | ModelRegistry = models
-    if settings.broker_url:
+    registry = ModelRegistry(settings.models, data_dir=settings.data_dir.resolve())
+    if broker is None and settings.broker_url:
         broker = connect_broker(settings, "loracle-server")
-        model_lookup = ClusterModels(broker, tuple(m.config for m in models.statuses()))
+    model_lookup: ModelLookup = registry if models is None else models
+    if broker is not None:
+        model_lookup = ClusterModels(broker, tuple(m.config for m in model_lookup.statuses()))
     queries.register(ListBaseModelsQuery, ListBaseModelsHandler(model_lookup))
     # A cluster replica runs no model unless it also runs a worker.
     local_models = broker is None or settings.run_worker
     if build_embedded_model and settings.embedded_model and local_models:
-        models.ensure_embedded()
+        registry.ensure_embedded()
     images = ImageStore(
         settings.data_dir.resolve() / "generations",
         retention_seconds=settings.image_retention_hours * 3600,
     )
-    executor = device_executor(settings, settings.max_queue, images)
+    if executor is None:
+        executor = device_executor(settings, settings.max_queue, images)
+    outcomes = ProjectedOutcomes()
+    projector.on_change(outcomes.on_change)
 
     def record_history(prompt: str, lora_ids: tuple[str, ...], key: str) -> None:
         commands.dispatch(
@@ -243,8 +265,9 @@ def bootstrap(
         else BrokerExecutor(broker, max_queue=settings.max_queue),
         catalog=store,
         loras=read_model,
-        lora_roots=files.roots,
+        files=files,
         recorder=recorder,
+        outcomes=outcomes,
     )
     commands.register(GenerateImageCommand, GenerateImageHandler(jobs))
     commands.register(QuickGenerateCommand, QuickGenerateHandler(jobs, recommender))
@@ -268,7 +291,9 @@ def bootstrap(
         feed = RecorderFeed(broker, recorder)
         feed.start()
         if settings.run_worker:
-            worker = cluster_worker(settings, broker, executor, models, files.roots)
+            if not isinstance(executor, DiffusionExecutor):
+                raise TypeError("run_worker needs the device executor, not a fake")
+            worker = cluster_worker(settings, broker, executor, registry, files)
             worker.start()
     elif start_projector:
         # A job the previous process left queued or running can never finish now (in
@@ -290,7 +315,7 @@ def bootstrap(
         projector=projector,
         files=files,
         recommender=recommender,
-        models=models,
+        models=registry,
         executor=executor,
         recorder=recorder,
         authenticator=authenticator,
@@ -332,16 +357,16 @@ def device_executor(
 
 def cluster_worker(
     settings: Settings,
-    broker: NatsBroker,
+    broker: Broker,
     executor: DiffusionExecutor,
     models: ModelRegistry,
-    lora_roots: Sequence[Path],
+    files: LoraFiles,
 ) -> BrokerWorker:
     return BrokerWorker(
         broker,
         executor,
         models,
-        lora_roots,
+        files,
         name=settings.worker_name,
         lease_seconds=settings.job_lease_seconds,
         max_attempts=settings.job_max_attempts,

@@ -17,6 +17,7 @@ from server.domain.errors import DomainError
 from server.infrastructure.broker.worker import default_worker_name
 from server.infrastructure.diffusion.registry import ModelRegistry
 from server.infrastructure.logs import configure_logging
+from server.infrastructure.lora_files import LoraFileReader
 from server.infrastructure.metrics import MetricsHttpServer, worker_registry
 
 log = logging.getLogger("loracle.worker")
@@ -44,7 +45,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("cannot start: %s", exc.message)
         return 1
     worker = cluster_worker(
-        replace(settings, worker_name=name), broker, executor, models, settings.resolved_lora_roots
+        replace(settings, worker_name=name),
+        broker,
+        executor,
+        models,
+        LoraFileReader(settings.resolved_lora_roots),
     )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

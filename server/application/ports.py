@@ -4,15 +4,19 @@ them; unit tests pass in-memory versions through the same bootstrap."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from eventsourcing.domain import Aggregate
 
+from server.domain.generation import GenerationEvent, GenerationJob, Payload
+from server.domain.generation_job import GenerationState, GenerationView
 from server.domain.lora import CommandRecord, Lora
 from server.domain.models import (
+    Architecture,
     AuditEntry,
+    BaseModelInfo,
     EventFilter,
     FileEntry,
     HistoryEntry,
@@ -21,6 +25,7 @@ from server.domain.models import (
     Page,
     ScannedLora,
 )
+from server.domain.recommendation import LoRARecommendation
 
 
 class CatalogRepository(Protocol):
@@ -59,7 +64,96 @@ class LoraFiles(Protocol):
     def read(self, path: str) -> ScannedLora: ...
     def scan(self, directory: str) -> Iterator[Path]: ...
     def relative(self, absolute: Path) -> str: ...
+    def locate(self, relative: str) -> Path | None:
+        """The first root holding this catalog-relative file, or None: how a job (on this
+        machine or a cluster worker) finds a LoRA the catalog knows."""
+        ...
 
 
 class Consistency(Protocol):
     def wait_for(self, position: int, timeout: float | None) -> None: ...
+
+
+# -- generation ----------------------------------------------------------------------------
+
+
+class ModelLookup(Protocol):
+    """The base models this server (or cluster) can run, with their readiness."""
+
+    def statuses(self) -> list[BaseModelInfo]: ...
+
+
+class LoraLookup(Protocol):
+    def get(self, lora_id: str) -> LoraView | None: ...
+    def find_by_file_name(self, file_name: str) -> list[LoraView]: ...
+
+
+class JobStream(Protocol):
+    """One queued or running job as its callers follow it: live events, cancel, and the
+    Started/final transitions the lifecycle recorder saves."""
+
+    @property
+    def generation_id(self) -> str: ...
+    @property
+    def finished(self) -> bool: ...
+    @property
+    def last_sequence(self) -> int: ...
+    def events(
+        self, after: int = ..., poll: float = ..., stop: Callable[[], bool] | None = ...
+    ) -> Iterator[GenerationEvent]: ...
+    def cancel(self) -> None: ...
+    def on_transition(self, listener: Callable[[Any, Payload], None]) -> None: ...
+
+
+class Executor(Protocol):
+    """Runs jobs: the device executor in one process, the broker in cluster mode.
+    `on_accept(position)` runs once the job holds a queue slot and before it can start, so
+    the Submitted event is recorded in the same step."""
+
+    def submit(
+        self, job: GenerationJob, on_accept: Callable[[int], None] | None = ...
+    ) -> JobStream: ...
+    def handle(self, generation_id: str) -> JobStream | None: ...
+
+
+class GenerationOutcomes(Protocol):
+    """Tells a waiter when a generation's outcome is projected, wherever it was recorded
+    (another replica, in cluster mode), instead of the waiter polling the store."""
+
+    def wait_finished(self, generation_id: str, timeout: float) -> bool: ...
+
+
+class GenerationReadModel(Protocol):
+    def get_generation(self, generation_id: str) -> GenerationView | None: ...
+    def list_generations(
+        self, states: Sequence[GenerationState] = ..., page_size: int = ..., page_token: str = ...
+    ) -> Page[GenerationView]: ...
+
+
+class LiveJobs(Protocol):
+    def handle(self, generation_id: str) -> JobStream | None: ...
+
+
+class StoredImages(Protocol):
+    def read(self, generation_id: str, index: int, mime_type: str) -> bytes | None: ...
+
+
+# -- recommendations -----------------------------------------------------------------------
+
+
+class Recommender(Protocol):
+    def recommend(
+        self,
+        prompt: str,
+        base_model: str,
+        *,
+        max_loras: int,
+        min_confidence: float | None,
+        include_unavailable: bool,
+    ) -> list[LoRARecommendation]: ...
+
+
+class LoraSearch(Protocol):
+    def search(
+        self, query: str, architecture: Architecture | None, limit: int
+    ) -> list[LoRARecommendation]: ...

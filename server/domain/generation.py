@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from server.domain.models import BaseModelConfig
@@ -63,6 +63,18 @@ class Timings:
     text_encoding_seconds: float = 0.0
     denoising_seconds: float = 0.0
     decoding_seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, float]:
+        """As recorded on the Generation aggregate and carried by the broker."""
+        return {f.name: float(getattr(self, f.name)) for f in fields(self)}
+
+    @staticmethod
+    def from_dict(doc: Mapping[str, object]) -> Timings:
+        """Missing or odd values read as zero: records outlive versions."""
+        values = {f.name: doc.get(f.name) for f in fields(Timings)}
+        return Timings(
+            **{k: float(v) if isinstance(v, int | float) else 0.0 for k, v in values.items()}
+        )
 
 
 @dataclass(frozen=True, slots=True)

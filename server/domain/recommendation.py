@@ -1,11 +1,24 @@
-"""Recorded recommendations and past generations: the events the engine learns from."""
+"""Recommendations as values, and the recorded recommendations and past generations the
+engine learns from."""
 
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from eventsourcing.domain import Aggregate, event
+
+from server.domain.models import LoraView
+
+
+@dataclass(frozen=True, slots=True)
+class LoRARecommendation:
+    lora: LoraView
+    confidence: float
+    weight: float
+    trigger_words: tuple[str, ...] = ()
+    reasons: tuple[str, ...] = ()
 
 
 class Recommendation(Aggregate):

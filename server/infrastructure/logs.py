@@ -17,6 +17,7 @@ import sys
 from datetime import UTC, datetime
 
 from server.application.context import SYSTEM_CONTEXT, current_context
+from server.infrastructure.diffusion.runtime import route_library_logging
 
 FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
@@ -87,22 +88,8 @@ def configure_logging(level: str, log_format: str = "text") -> None:
         handler.setFormatter(logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     if log_format == "json":
-        _route_library_output()
+        route_library_logging()
     if hasattr(signal, "SIGUSR1"):
         # `kill -USR1 PID` writes every thread's stack to stderr and the process goes on:
         # the way to see where a stuck request or worker waits, without a debugger.
         faulthandler.register(signal.SIGUSR1, all_threads=True)
-
-
-def _route_library_output() -> None:
-    """Keeps stderr all JSON: Python warnings (diffusers' deprecations) and the Hugging Face
-    libraries' own handlers go through logging instead, and their progress bars, which are
-    for terminals, are turned off."""
-    import diffusers.utils.logging as diffusers_logging
-    import transformers.utils.logging as transformers_logging
-
-    logging.captureWarnings(True)
-    for library in (diffusers_logging, transformers_logging):
-        library.disable_default_handler()
-        library.enable_propagation()
-        library.disable_progress_bar()

@@ -127,6 +127,13 @@ class LoraFileReader:
                 return candidate.relative_to(root).as_posix()
         raise _bad_path(f"{str(absolute)!r} is outside the configured LoRA roots")
 
+    def locate(self, relative: str) -> Path | None:
+        for root in self._roots:
+            candidate = root / relative
+            if candidate.is_file():
+                return candidate
+        return None
+
     def read(self, path: str) -> ScannedLora:
         root, absolute = self.resolve(path)
         rel = absolute.relative_to(root).as_posix()

@@ -24,15 +24,13 @@ from prometheus_client.registry import Collector
 
 from server.domain.errors import DomainError
 from server.domain.generation_job import FINAL_STATES, GenerationState
-from server.infrastructure.diffusion.executor import DiffusionExecutor
+from server.infrastructure.diffusion.runtime import device_memory
 from server.infrastructure.event_store import EventStore
 from server.infrastructure.projector import Projector
 from server.infrastructure.read_model import ProjectedChange
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
-
-    from server.bootstrap import Container
 
 log = logging.getLogger("loracle.metrics")
 
@@ -78,7 +76,7 @@ class GenerationOutcomes:
     projected batch: a job's final state is projected exactly once, and jobs from other
     processes sharing the store are skipped (their handles live elsewhere)."""
 
-    def __init__(self, registry: CollectorRegistry, executor: DiffusionExecutor) -> None:
+    def __init__(self, registry: CollectorRegistry, executor: ExecutorState) -> None:
         self._executor = executor
         self.finished = Counter(
             "loracle_generations",
@@ -104,6 +102,26 @@ class GenerationOutcomes:
                     seconds = view.timings.get(f"{stage}_seconds")
                     if seconds is not None:
                         self.stages.labels(stage).observe(seconds)
+
+
+class ExecutorStatsView(Protocol):
+    batches: int
+    images: int
+    batch_sizes: list[int]
+    model_loads: int
+    model_evictions: int
+    out_of_memory: int
+
+
+class ExecutorState(Protocol):
+    """What is read from the device executor at scrape time."""
+
+    @property
+    def stats(self) -> ExecutorStatsView: ...
+    @property
+    def running(self) -> Sequence[object]: ...
+    def queue_depth(self) -> int: ...
+    def handle(self, generation_id: str) -> object | None: ...
 
 
 class CacheStats(Protocol):
@@ -151,7 +169,7 @@ class RuntimeCollector(Collector):
     def __init__(
         self,
         *,
-        executor: DiffusionExecutor,
+        executor: ExecutorState,
         cache: CacheStats | None = None,
         store: EventStore | None = None,
         projector: Projector | None = None,
@@ -231,22 +249,19 @@ class Metrics:
     generations: GenerationOutcomes
 
     @classmethod
-    def for_container(cls, container: Container) -> Metrics:
+    def create(
+        cls, *, executor: ExecutorState, cache: CacheStats, store: EventStore, projector: Projector
+    ) -> Metrics:
         registry = CollectorRegistry()
-        generations = GenerationOutcomes(registry, container.executor)
-        container.projector.on_change(generations.on_change)
+        generations = GenerationOutcomes(registry, executor)
+        projector.on_change(generations.on_change)
         registry.register(
-            RuntimeCollector(
-                executor=container.executor,
-                cache=container.queries.cache,
-                store=container.store,
-                projector=container.projector,
-            )
+            RuntimeCollector(executor=executor, cache=cache, store=store, projector=projector)
         )
         return cls(registry, RpcMetrics(registry), generations)
 
 
-def worker_registry(executor: DiffusionExecutor) -> CollectorRegistry:
+def worker_registry(executor: ExecutorState) -> CollectorRegistry:
     """A cluster worker's metrics: its device, queue, batches and models."""
     registry = CollectorRegistry()
     registry.register(RuntimeCollector(executor=executor))
@@ -303,12 +318,8 @@ def _bound(value: float) -> str:
 
 
 def _gpu_memory() -> Iterable[Metric]:
-    """Only once CUDA is initialised: touching it from the scrape thread would create a
-    context (hundreds of MiB) on a device nothing uses yet."""
-    import torch
-
-    cuda = torch.cuda
-    if not (cuda.is_available() and cuda.is_initialized()):  # type: ignore[no-untyped-call]
+    devices = device_memory()
+    if not devices:
         return
     allocated = GaugeMetricFamily(
         "loracle_gpu_memory_allocated_bytes", "Device memory held by tensors.", labels=["device"]
@@ -318,8 +329,8 @@ def _gpu_memory() -> Iterable[Metric]:
         "Device memory reserved by the caching allocator.",
         labels=["device"],
     )
-    for index in range(cuda.device_count()):
-        allocated.add_metric([str(index)], cuda.memory_allocated(index))
-        reserved.add_metric([str(index)], cuda.memory_reserved(index))
+    for index, held, cached in devices:
+        allocated.add_metric([str(index)], held)
+        reserved.add_metric([str(index)], cached)
     yield allocated
     yield reserved

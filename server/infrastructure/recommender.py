@@ -6,10 +6,10 @@ from __future__ import annotations
 import logging
 import time
 
-from server.application.commands.recommend import LoRARecommendation
 from server.application.ports import LoraReadModel
 from server.domain.models import Architecture, resolve_architecture
 from server.domain.recommend.engine import RecommendationEngine, Scored
+from server.domain.recommendation import LoRARecommendation
 from server.infrastructure.read_model import ProjectedChange
 
 log = logging.getLogger("loracle.recommender")

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import torch
 
-from server.application.commands.generate import GenerationJobs
 from server.application.context import DispatchContext
+from server.application.generation.jobs import GenerationJobs
 from server.devtools.tiny_pipelines import build_tiny_sd15
 from server.domain import generation as gen
 from server.domain.errors import ResourceExhaustedError

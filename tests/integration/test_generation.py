@@ -26,6 +26,7 @@ from server.domain.errors import (
     ValidationError,
 )
 from server.domain.models import Architecture, BaseModelConfig
+from server.infrastructure.diffusion.executor import DiffusionExecutor
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +155,7 @@ def test_cancelling_the_caller_cancels_the_job(c: Container) -> None:
             ctx.cancellation.set()
     assert not any(isinstance(e.payload, gen.ImageChunk) for e in seen)
     # The job ends cancelled within a step; the executor then serves the next one.
+    assert isinstance(c.executor, DiffusionExecutor)
     assert all(h.cancelled for h in c.executor.running)
     assert images(generate(c))[0]
 

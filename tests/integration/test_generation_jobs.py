@@ -19,11 +19,11 @@ import torch
 from PIL import Image
 
 from server.application.commands import GenerateImageCommand, GenerationRequest
-from server.application.commands.generate import QuickGenerateHandler
 from server.application.commands.generation import (
     CancelGenerationCommand,
     LoraChoice,
     QuickGenerateCommand,
+    QuickGenerateHandler,
     SubmitGenerationCommand,
 )
 from server.application.commands.import_loras import ImportLoRAsCommand

@@ -48,7 +48,7 @@ class Served:
 async def served(tmp_path: Path) -> AsyncIterator[Served]:
     write_demo_loras(tmp_path / "loras")
     container = make_container(tmp_path)
-    metrics = Metrics.for_container(container)
+    metrics = container.metrics()
     server = LoracleServer(container, [LogContextInterceptor(), MetricsInterceptor(metrics.rpc)])
     port = await server.start("127.0.0.1:0")
     http = MetricsHttpServer(metrics.registry)

@@ -4,7 +4,7 @@ recording one job at once are retried in place."""
 
 from __future__ import annotations
 
-from server.application.commands.generate import Transition
+from server.application.generation.lifecycle import Transition
 from server.domain.errors import ConflictError, DomainError, UnavailableError
 from server.domain.generation import Completed, Timings
 from server.infrastructure.broker.codec import Who, to_record

@@ -41,6 +41,7 @@ from server.infrastructure.broker.replica import BrokerExecutor, RemoteJobStream
 from server.infrastructure.broker.worker import BrokerWorker
 from server.infrastructure.diffusion import executor as executor_module
 from server.infrastructure.diffusion.executor import DiffusionExecutor, Job, JobHandle
+from server.infrastructure.lora_files import LoraFileReader
 from tests.unit.fake_broker import FakeBroker
 
 # -- a pipeline without a model ------------------------------------------------------------------
@@ -167,7 +168,7 @@ class Cluster:
         self.executor = executor or DiffusionExecutor(loader=self.load)
         self.executor.start()
         self.worker = BrokerWorker(
-            self.broker, self.executor, Models(self.model), [self.lora_root],
+            self.broker, self.executor, Models(self.model), LoraFileReader([self.lora_root]),
             name="worker-1", **worker_options,
         )  # fmt: skip
         self.worker.start()

@@ -1,36 +1,43 @@
-"""Generation commands and the request they carry (handlers: generate.py)."""
+"""Generation commands and their handlers: GenerateImage, QuickGenerate, SubmitGeneration,
+CancelGeneration. All four take the shared job path (`application/generation/jobs.py`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 
-from server.application.commands.base import ICommand, IStreamCommand
+from server.application.commands.base import (
+    CommandResult,
+    ICommand,
+    ICommandHandler,
+    IStreamCommand,
+    IStreamCommandHandler,
+)
+from server.application.context import current_context
+from server.application.generation.jobs import GenerationJobs
+from server.application.generation.request import GenerationRequest, LoraChoice
+from server.application.ports import CatalogRepository, Recommender
+from server.domain.errors import FieldViolation, ValidationError
 from server.domain.generation import GenerationEvent
-from server.domain.generation_job import GenerationView
+from server.domain.generation_job import Generation, GenerationView
+from server.domain.models import is_uuid
+from server.domain.recommend.prompt import parse_prompt
 
+__all__ = [
+    "CancelGenerationCommand",
+    "CancelGenerationHandler",
+    "GenerateImageCommand",
+    "GenerateImageHandler",
+    "GenerationRequest",
+    "LoraChoice",
+    "QuickGenerateCommand",
+    "QuickGenerateHandler",
+    "SubmitGenerationCommand",
+    "SubmitGenerationHandler",
+]
 
-@dataclass(frozen=True, slots=True)
-class LoraChoice:
-    lora: str
-    weight: float | None = None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class GenerationRequest:
-    model: str = ""
-    prompt: str
-    negative_prompt: str = ""
-    width: int = 0
-    height: int = 0
-    steps: int = 0
-    guidance_scale: float | None = None
-    seed: int | None = None
-    num_images: int = 1
-    scheduler: str = ""
-    loras: tuple[LoraChoice, ...] = field(default_factory=tuple)
-    output_format: str = "png"
-    preview_every_n_steps: int = 0
-    chunk_size_bytes: int = 0
+QUICK_MIN_CONFIDENCE = 0.5
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -55,3 +62,104 @@ class SubmitGenerationCommand(ICommand[tuple[str, int]]):
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CancelGenerationCommand(ICommand[GenerationView | None]):
     generation_id: str
+
+
+class GenerateImageHandler(IStreamCommandHandler[GenerateImageCommand, GenerationEvent]):
+    def __init__(self, jobs: GenerationJobs) -> None:
+        self._jobs = jobs
+
+    def handle(self, command: GenerateImageCommand) -> Iterator[GenerationEvent]:
+        ctx = current_context()
+        handle = self._jobs.retried(command)
+        if handle is None:
+            handle, _, _ = self._jobs.submit(self._jobs.prepare(command.request), command)
+        yield from self._jobs.stream(handle, ctx)
+
+
+class QuickGenerateHandler(IStreamCommandHandler[QuickGenerateCommand, GenerationEvent]):
+    """A prompt alone: the model's defaults plus the LoRAs the recommender is confident
+    about, with their trigger words added to the prompt."""
+
+    def __init__(
+        self,
+        jobs: GenerationJobs,
+        recommender: Recommender,
+        *,
+        min_confidence: float = QUICK_MIN_CONFIDENCE,
+        max_loras: int = 2,
+    ) -> None:
+        self._jobs = jobs
+        self._recommender = recommender
+        self._min_confidence = min_confidence
+        self._max_loras = max_loras
+
+    def handle(self, command: QuickGenerateCommand) -> Iterator[GenerationEvent]:
+        ctx = current_context()
+        if not command.prompt.strip():
+            raise ValidationError(FieldViolation("prompt", "must not be empty"))
+        handle = self._jobs.retried(command)
+        if handle is None:
+            job = self._jobs.prepare(self.request_for(command))
+            handle, _, _ = self._jobs.submit(job, command)
+        yield from self._jobs.stream(handle, ctx)
+
+    def request_for(self, command: QuickGenerateCommand) -> GenerationRequest:
+        model = self._jobs.model(command.model)
+        explicit = parse_prompt(command.prompt).lora_tags
+        prompt = command.prompt
+        loras: list[LoraChoice] = []
+        if not explicit:
+            recs = self._recommender.recommend(
+                command.prompt,
+                model.config.architecture.value,
+                max_loras=self._max_loras,
+                min_confidence=self._min_confidence,
+                include_unavailable=False,
+            )
+            lowered = prompt.lower()
+            for rec in recs:
+                loras.append(LoraChoice(rec.lora.id, rec.weight))
+                missing = [w for w in rec.trigger_words if w.lower() not in lowered]
+                if missing:
+                    prompt = f"{prompt}, {', '.join(missing)}"
+        return GenerationRequest(
+            model=model.config.name, prompt=prompt, seed=command.seed, loras=tuple(loras)
+        )
+
+
+class SubmitGenerationHandler(ICommandHandler[SubmitGenerationCommand, tuple[str, int]]):
+    """Returns (generation id, queue position) at once; WatchGeneration follows the job."""
+
+    def __init__(self, jobs: GenerationJobs) -> None:
+        self._jobs = jobs
+
+    def handle(self, command: SubmitGenerationCommand) -> CommandResult[tuple[str, int]]:
+        previous = self._jobs.replay(command)
+        if previous is not None:
+            return CommandResult.success(
+                (str(previous["generation_id"]), int(previous["position"])),
+                position=0,
+            )
+        job = self._jobs.prepare(command.request)
+        _, position, log_position = self._jobs.submit(job, command)
+        return CommandResult.success((job.generation_id, position), position=log_position)
+
+
+class CancelGenerationHandler(ICommandHandler[CancelGenerationCommand, GenerationView | None]):
+    """Cancels a live job (it stops within one denoising step). Cancelling a finished one
+    changes nothing and is not an error: the caller's goal already holds or cannot."""
+
+    def __init__(self, jobs: GenerationJobs, catalog: CatalogRepository) -> None:
+        self._jobs = jobs
+        self._catalog = catalog
+
+    def handle(self, command: CancelGenerationCommand) -> CommandResult[GenerationView | None]:
+        if not is_uuid(command.generation_id):
+            return CommandResult.validation_error(
+                FieldViolation("generation_id", "not a generation id")
+            )
+        generation = self._catalog.get(uuid.UUID(command.generation_id))
+        if not isinstance(generation, Generation):
+            return CommandResult.not_found("generation", command.generation_id)
+        view = self._jobs.cancel(generation)
+        return CommandResult.success(view, position=self._catalog.max_position())

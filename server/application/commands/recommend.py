@@ -6,28 +6,32 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from eventsourcing.domain import Aggregate
 
 from server.application.commands.base import CommandResult, ICommand, ICommandHandler
 from server.application.commands.idempotency import previous_result, record_for
 from server.application.context import current_context
-from server.application.ports import CatalogRepository, LoraReadModel
+from server.application.ports import CatalogRepository, LoraReadModel, Recommender
 from server.domain.errors import FieldViolation, NotFoundError
 from server.domain.models import LoraView
-from server.domain.recommendation import Recommendation
+from server.domain.recommendation import LoRARecommendation, Recommendation
+
+__all__ = [
+    "FilterConfidentRecommendationsCommand",
+    "FilterConfidentRecommendationsHandler",
+    "LoRARecommendation",
+    "RecommendLoRAsCommand",
+    "RecommendLoRAsHandler",
+    "RecommendTopLoRACommand",
+    "RecommendTopLoRAHandler",
+    "RecommendationSet",
+    "Recommender",
+    "TopRecommendation",
+]
 
 DEFAULT_TOP_CONFIDENCE = 0.5
-
-
-@dataclass(frozen=True, slots=True)
-class LoRARecommendation:
-    lora: LoraView
-    confidence: float
-    weight: float
-    trigger_words: tuple[str, ...] = ()
-    reasons: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,18 +65,6 @@ class TopRecommendation:
     @property
     def confidence(self) -> float:
         return 0.0 if self.recommendation is None else self.recommendation.confidence
-
-
-class Recommender(Protocol):
-    def recommend(
-        self,
-        prompt: str,
-        base_model: str,
-        *,
-        max_loras: int,
-        min_confidence: float | None,
-        include_unavailable: bool,
-    ) -> list[LoRARecommendation]: ...
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

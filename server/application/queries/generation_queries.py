@@ -3,12 +3,17 @@ WatchGeneration, which follows a live job or replays a finished one."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import ClassVar, Protocol
+from typing import ClassVar
 
-from server.application.commands.generate import JobStream
 from server.application.context import current_context
+from server.application.ports import (
+    GenerationReadModel,
+    LiveJobs,
+    ModelLookup,
+    StoredImages,
+)
 from server.application.queries.base import (
     IQuery,
     IQueryHandler,
@@ -38,12 +43,8 @@ class ListBaseModelsQuery(IQuery[list[BaseModelInfo]]):
     cacheable: ClassVar[bool] = False
 
 
-class ModelCatalog(Protocol):
-    def statuses(self) -> list[BaseModelInfo]: ...
-
-
 class ListBaseModelsHandler(IQueryHandler[ListBaseModelsQuery, list[BaseModelInfo]]):
-    def __init__(self, models: ModelCatalog) -> None:
+    def __init__(self, models: ModelLookup) -> None:
         self._models = models
 
     def handle(self, query: ListBaseModelsQuery) -> QueryResult[list[BaseModelInfo]]:
@@ -72,21 +73,6 @@ class ListGenerationsQuery(IQuery[Page[GenerationView]]):
 class WatchGenerationQuery(IStreamQuery[GenerationEvent]):
     generation_id: str
     after_sequence: int = 0
-
-
-class GenerationReadModel(Protocol):
-    def get_generation(self, generation_id: str) -> GenerationView | None: ...
-    def list_generations(
-        self, states: Sequence[GenerationState] = ..., page_size: int = ..., page_token: str = ...
-    ) -> Page[GenerationView]: ...
-
-
-class LiveJobs(Protocol):
-    def handle(self, generation_id: str) -> JobStream | None: ...
-
-
-class StoredImages(Protocol):
-    def read(self, generation_id: str, index: int, mime_type: str) -> bytes | None: ...
 
 
 class GetGenerationHandler(IQueryHandler[GetGenerationQuery, GenerationView]):
@@ -167,15 +153,7 @@ class WatchGenerationHandler(IStreamQueryHandler[WatchGenerationQuery, Generatio
             )
         final: Payload
         if view.state is GenerationState.SUCCEEDED:
-            t = view.timings
-            final = Completed(
-                Timings(
-                    t.get("queue_seconds", 0.0),
-                    t.get("text_encoding_seconds", 0.0),
-                    t.get("denoising_seconds", 0.0),
-                    t.get("decoding_seconds", 0.0),
-                )
-            )
+            final = Completed(Timings.from_dict(view.timings))
         elif view.state is GenerationState.CANCELLED:
             final = Cancelled()
         else:

@@ -2,14 +2,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import ClassVar, Protocol
+from typing import ClassVar
 
-from server.application.commands.recommend import LoRARecommendation
-from server.application.ports import LoraReadModel
+from server.application.ports import LoraReadModel, LoraSearch
 from server.application.queries.base import IQuery, IQueryHandler, QueryResult
 from server.domain.errors import FieldViolation, NotFoundError, ValidationError
 from server.domain.models import (
-    Architecture,
     AuditEntry,
     EventFilter,
     LoraFilter,
@@ -17,6 +15,7 @@ from server.domain.models import (
     Page,
     resolve_architecture,
 )
+from server.domain.recommendation import LoRARecommendation
 
 MAX_PAGE_SIZE = 1000
 LORAS = frozenset({"loras"})
@@ -66,12 +65,6 @@ class SearchLoRAsByPromptQuery(IQuery[Page[LoRARecommendation]]):
     base_model: str = ""
     page_size: int = 0
     page_token: str = ""
-
-
-class LoraSearch(Protocol):
-    def search(
-        self, query: str, architecture: Architecture | None, limit: int
-    ) -> list[LoRARecommendation]: ...
 
 
 MAX_SEARCH_RESULTS = 100

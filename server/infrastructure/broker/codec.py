@@ -23,6 +23,7 @@ from server.domain.generation import (
     Started,
     Timings,
 )
+from server.domain.models import BaseModelConfig
 from server.infrastructure.broker.port import EventRecord
 
 
@@ -65,6 +66,40 @@ class JobMessage:
     who: Who
     # GenerationJob.batch_key() as the replica computed it: jobs with equal keys batch.
     batch_key: str = ""
+
+    @property
+    def num_images(self) -> int:
+        return int(self.fields.get("num_images", 1))
+
+    @property
+    def chunk_size(self) -> int:
+        """The chunk size the client asked for (the broker carries bigger pieces)."""
+        return int(self.fields.get("chunk_size", 64 * 1024))
+
+    def job(
+        self, model: BaseModelConfig, loras: tuple[ResolvedLora, ...], chunk_size: int
+    ) -> GenerationJob:
+        """The job again, on the machine that runs it: with that machine's model config and
+        LoRA paths, and the chunk size the broker carries."""
+        f = self.fields
+        return GenerationJob(
+            generation_id=self.generation_id,
+            model=model,
+            prompt=str(f["prompt"]),
+            original_prompt=str(f["original_prompt"]),
+            negative_prompt=str(f.get("negative_prompt", "")),
+            width=int(f["width"]),
+            height=int(f["height"]),
+            steps=int(f["steps"]),
+            guidance_scale=float(f["guidance_scale"]),
+            seed=int(f["seed"]),
+            num_images=self.num_images,
+            scheduler=str(f.get("scheduler", "")),
+            loras=loras,
+            output_format=str(f.get("output_format", "png")),
+            chunk_size=chunk_size,
+            preview_every=int(f.get("preview_every", 0)),
+        )
 
 
 def encode_job(job: GenerationJob, who: Who) -> bytes:
@@ -167,15 +202,7 @@ def to_record(
         case ImageComplete():
             kind, meta = "image", image_meta(payload)
         case Completed(t):
-            kind = "completed"
-            meta = {
-                "timings": [
-                    t.queue_seconds,
-                    t.text_encoding_seconds,
-                    t.denoising_seconds,
-                    t.decoding_seconds,
-                ]
-            }
+            kind, meta = "completed", {"timings": t.to_dict()}
         case Failed(error, code):
             kind, meta = "failed", {"error": error, "code": code}
         case Cancelled():
@@ -205,9 +232,8 @@ def to_payload(record: EventRecord) -> Payload | None:
         case "image":
             return image_from_meta(m)
         case "completed":
-            t = m.get("timings") or [0.0, 0.0, 0.0, 0.0]
-            assert isinstance(t, list)
-            return Completed(Timings(*(float(x) for x in t[:4])))
+            t = m.get("timings")
+            return Completed(Timings.from_dict(t if isinstance(t, dict) else {}))
         case "failed":
             return Failed(str(m.get("error", "")), str(m.get("code", "")))
         case "cancelled":

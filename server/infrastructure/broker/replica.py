@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
-from server.application.commands.generate import Transition
 from server.application.context import current_context
+from server.application.generation.lifecycle import Transition
 from server.domain.errors import ConflictError, DomainError, ResourceExhaustedError
 from server.domain.generation import (
     TERMINAL,

@@ -16,10 +16,10 @@ import socket
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+from server.application.ports import LoraFiles
 from server.domain.errors import DomainError
 from server.domain.generation import (
     TERMINAL,
@@ -69,7 +69,7 @@ class BrokerWorker:
         broker: Broker,
         executor: DiffusionExecutor,
         models: ModelSource,
-        lora_roots: Sequence[Path],
+        files: LoraFiles,
         *,
         name: str = "",
         lease_seconds: float = 30.0,
@@ -80,7 +80,7 @@ class BrokerWorker:
         self._broker = broker
         self._executor = executor
         self._models = models
-        self._roots = tuple(lora_roots)
+        self._files = files
         self.name = name or default_worker_name()
         self._lease = lease_seconds
         self._max_attempts = max_attempts
@@ -160,7 +160,7 @@ class BrokerWorker:
                     delivery.ack()
                     continue
                 this = message.batch_key
-                count = int(message.fields.get("num_images", 1))
+                count = message.num_images
                 if key is None or (this == key and images + count <= self._max_batch):
                     key = this
                     images += count
@@ -254,49 +254,14 @@ class BrokerWorker:
             raise _Refused(f"worker {self.name} does not serve model {message.model!r}")
         loras: list[ResolvedLora] = []
         for lora in message.loras:
-            path = next(
-                (
-                    root / lora.file_path
-                    for root in self._roots
-                    if (root / lora.file_path).is_file()
-                ),
-                None,
-            )
+            path = self._files.locate(lora.file_path)
             if path is None:
                 raise _Refused(
                     f"LoRA {lora.name!r}: {lora.file_path!r} is missing under worker "
                     f"{self.name}'s LoRA roots"
                 )
-            loras.append(
-                ResolvedLora(
-                    lora.lora_id,
-                    lora.name,
-                    lora.file_name,
-                    lora.sha256,
-                    path,
-                    lora.weight,
-                    lora.file_path,
-                )
-            )
-        f = message.fields
-        return GenerationJob(
-            generation_id=message.generation_id,
-            model=model.config,
-            prompt=str(f["prompt"]),
-            original_prompt=str(f["original_prompt"]),
-            negative_prompt=str(f.get("negative_prompt", "")),
-            width=int(f["width"]),
-            height=int(f["height"]),
-            steps=int(f["steps"]),
-            guidance_scale=float(f["guidance_scale"]),
-            seed=int(f["seed"]),
-            num_images=int(f.get("num_images", 1)),
-            scheduler=str(f.get("scheduler", "")),
-            loras=tuple(loras),
-            output_format=str(f.get("output_format", "png")),
-            chunk_size=BROKER_CHUNK,
-            preview_every=int(f.get("preview_every", 0)),
-        )
+            loras.append(replace(lora, path=path))
+        return message.job(model.config, tuple(loras), BROKER_CHUNK)
 
     def _earlier_images(self, gid: str) -> dict[int, ImageComplete]:
         """Images an earlier attempt finished: clients may already hold them, so this
@@ -315,7 +280,7 @@ class BrokerWorker:
     def _pump(self, held: _Held, handle: JobHandle, reused: dict[int, ImageComplete]) -> None:
         gid = held.message.generation_id
         attempt = held.claim.attempt
-        chunk_size = int(held.message.fields.get("chunk_size", 64 * 1024))
+        chunk_size = held.message.chunk_size
         images: dict[int, ImageComplete] = dict(reused)
         final: Any = None
         try:

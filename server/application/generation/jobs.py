@@ -1,0 +1,324 @@
+"""The path every generation command shares: validate the request, resolve the model and the
+LoRAs (with the architecture check) before anything is queued, record the Submitted event in
+the same step that takes a queue slot, and follow the job for its caller."""
+
+from __future__ import annotations
+
+import logging
+import random
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from server.application.commands.idempotency import previous_result, record_for
+from server.application.context import DispatchContext, current_context
+from server.application.generation.lifecycle import GenerationRecorder
+from server.application.generation.request import (
+    DEFAULT_LIMITS,
+    GenerationLimits,
+    GenerationRequest,
+    LoraChoice,
+    strip_lora_tags,
+    validate,
+)
+from server.application.ports import (
+    CatalogRepository,
+    Executor,
+    GenerationOutcomes,
+    JobStream,
+    LoraFiles,
+    LoraLookup,
+    ModelLookup,
+)
+from server.domain.errors import (
+    DomainError,
+    FieldViolation,
+    NotFoundError,
+    PreconditionError,
+    ResourceExhaustedError,
+    ValidationError,
+)
+from server.domain.generation import TERMINAL, Failed, GenerationEvent, GenerationJob, ResolvedLora
+from server.domain.generation_job import Generation, GenerationView
+from server.domain.models import Architecture, BaseModelInfo, LoraView, is_uuid
+from server.domain.recommend.prompt import parse_prompt
+
+log = logging.getLogger("loracle.generation")
+
+PLACEHOLDER_SIDE = 256
+# How long a cancel waits for the outcome another replica records (cluster mode).
+OUTCOME_WAIT_SECONDS = 10.0
+
+
+def _defaults(model: BaseModelInfo) -> tuple[int, int, float]:
+    """(side, steps, guidance) when a request leaves them at zero."""
+    if model.config.placeholder:
+        return 64, 4, 7.0
+    if model.config.architecture is Architecture.SDXL:
+        return 1024, 30, 5.0
+    return 512, 25, 7.0
+
+
+class GenerationJobs:
+    """The shared path of every generation command."""
+
+    def __init__(
+        self,
+        *,
+        models: ModelLookup,
+        executor: Executor,
+        catalog: CatalogRepository,
+        loras: LoraLookup,
+        files: LoraFiles,
+        recorder: GenerationRecorder,
+        outcomes: GenerationOutcomes,
+        limits: GenerationLimits = DEFAULT_LIMITS,
+    ) -> None:
+        self._models = models
+        self._executor = executor
+        self._catalog = catalog
+        self._loras = loras
+        self._files = files
+        self.recorder = recorder
+        self._outcomes = outcomes
+        self.limits = limits
+
+    # -- preparing ---------------------------------------------------------------------------
+
+    def prepare(self, request: GenerationRequest) -> GenerationJob:
+        violations = validate(request, self.limits)
+        parsed = parse_prompt(request.prompt)
+        choices = [*request.loras, *(LoraChoice(t.name, t.weight) for t in parsed.lora_tags)]
+        if len(choices) > self.limits.loras:
+            violations.append(FieldViolation("spec.loras", f"at most {self.limits.loras} LoRAs"))
+        if violations:
+            raise ValidationError(violations)
+        model = self.model(request.model)
+        if model.config.placeholder and max(request.width, request.height) > PLACEHOLDER_SIDE:
+            # Its 2x VAE makes large images cost minutes per step, for noise: one such job
+            # would hold the queue for everyone.
+            raise ValidationError(
+                FieldViolation(
+                    "spec.width",
+                    f"the placeholder model {model.config.name!r} makes images of at most "
+                    f"{PLACEHOLDER_SIDE}x{PLACEHOLDER_SIDE}",
+                )
+            )
+        loras = self._resolve_loras(choices, model)
+        side, steps, guidance = _defaults(model)
+        return GenerationJob(
+            generation_id=str(uuid.uuid4()),
+            model=model.config,
+            prompt=strip_lora_tags(request.prompt),
+            original_prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            width=request.width or side,
+            height=request.height or side,
+            steps=request.steps or steps,
+            guidance_scale=guidance if request.guidance_scale is None else request.guidance_scale,
+            seed=request.seed if request.seed is not None else random.randrange(2**31),
+            num_images=request.num_images,
+            scheduler=request.scheduler,
+            loras=loras,
+            output_format=request.output_format,
+            chunk_size=request.chunk_size_bytes or 64 * 1024,
+            preview_every=request.preview_every_n_steps,
+        )
+
+    def model(self, name: str) -> BaseModelInfo:
+        statuses = self._models.statuses()
+        if name:
+            found = next((m for m in statuses if m.config.name == name), None)
+            if found is None:
+                raise NotFoundError("model", name)
+        else:
+            found = next((m for m in statuses if m.ready), statuses[0] if statuses else None)
+            if found is None:
+                raise PreconditionError("no base model is configured", reason="NO_MODEL")
+        if not found.ready:
+            raise PreconditionError(
+                f"model {found.config.name!r} is not ready: {found.error}",
+                reason="MODEL_NOT_READY",
+                metadata={"model": found.config.name},
+            )
+        return found
+
+    def _resolve_loras(
+        self, choices: Sequence[LoraChoice], model: BaseModelInfo
+    ) -> tuple[ResolvedLora, ...]:
+        resolved: dict[str, ResolvedLora] = {}
+        for choice in choices:
+            view = self._find_lora(choice.lora)
+            if view.file is None or not view.available:
+                raise PreconditionError(
+                    f"LoRA {view.name!r} has no file on this server (a catalog record only)",
+                    reason="LORA_UNAVAILABLE",
+                    metadata={"lora": view.id},
+                )
+            arch = view.metadata.base_model.architecture
+            if arch is not model.config.architecture:
+                raise PreconditionError(
+                    f"LoRA {view.name!r} is for {arch.value} models; "
+                    f"{model.config.name!r} is {model.config.architecture.value}",
+                    reason="LORA_ARCHITECTURE_MISMATCH",
+                    metadata={
+                        "lora": view.id,
+                        "lora_architecture": arch.value,
+                        "model": model.config.name,
+                        "model_architecture": model.config.architecture.value,
+                    },
+                )
+            weight = choice.weight
+            if weight is None:
+                weight = view.metadata.preferred_weight
+            resolved[view.id] = ResolvedLora(
+                lora_id=view.id,
+                name=view.name,
+                file_name=view.metadata.file_name,
+                sha256=view.file.sha256,
+                path=self._locate(view),
+                weight=1.0 if weight is None else float(weight),
+                file_path=view.file.path,
+            )
+        return tuple(resolved.values())
+
+    def _find_lora(self, reference: str) -> LoraView:
+        view = self._loras.get(reference) if is_uuid(reference) else None
+        if view is None:
+            matches = [v for v in self._loras.find_by_file_name(reference) if v.available]
+            matches = matches or self._loras.find_by_file_name(reference)
+            if len(matches) > 1:
+                raise ValidationError(
+                    FieldViolation(
+                        "spec.loras",
+                        f"{reference!r} names {len(matches)} LoRAs; use one of their ids: "
+                        + ", ".join(m.id for m in matches[:5]),
+                    )
+                )
+            view = matches[0] if matches else None
+        if view is None:
+            raise NotFoundError("LoRA", reference)
+        return view
+
+    def _locate(self, view: LoraView) -> Path:
+        assert view.file is not None
+        path = self._files.locate(view.file.path)
+        if path is None:
+            raise PreconditionError(
+                f"LoRA {view.name!r}: its file {view.file.path!r} is missing under the LoRA roots",
+                reason="LORA_FILE_MISSING",
+                metadata={"lora": view.id},
+            )
+        return path
+
+    # -- queuing -----------------------------------------------------------------------------
+
+    def submit(self, job: GenerationJob, command: object) -> tuple[JobStream, int, int]:
+        """Queues the job and records it; returns (stream, queue position, log position)."""
+        ctx = current_context()
+        accepted: dict[str, int] = {}
+
+        def record(position: int) -> None:
+            generation = Generation(
+                generation_id=job.generation_id,
+                spec=job.spec(),
+                principal=ctx.principal,
+                request_id=ctx.request_id,
+                queue_position=position,
+            )
+            pending: list[Any] = [generation]
+            rec = record_for(command, {"generation_id": job.generation_id, "position": position})
+            if rec is not None:
+                pending.append(rec)
+            accepted["log"] = self._catalog.save(*pending)
+            accepted["queue"] = position
+
+        try:
+            handle = self._executor.submit(job, record)
+        except Exception as exc:
+            if "log" in accepted:  # recorded as queued but never queued: say so
+                reason = exc.message if isinstance(exc, DomainError) else type(exc).__name__
+                self._fail_unqueued(job.generation_id, ctx, reason)
+            raise
+        self.recorder.follow(handle, job, ctx)
+        return handle, accepted["queue"], accepted["log"]
+
+    def _fail_unqueued(self, generation_id: str, ctx: DispatchContext, reason: str) -> None:
+        try:
+            generation = self._catalog.get(uuid.UUID(generation_id))
+            if isinstance(generation, Generation) and not generation.finished:
+                generation.fail(
+                    f"it could not be queued: {reason}",
+                    [],
+                    ctx.principal,
+                    ctx.request_id,
+                )
+                self._catalog.save(generation)
+        except DomainError:
+            log.exception("could not record that generation %s was not queued", generation_id)
+
+    def replay(self, command: object) -> dict[str, Any] | None:
+        """The earlier result of a retried request (same request_id), if any."""
+        return previous_result(self._catalog, command)
+
+    def retried(self, command: object) -> JobStream | None:
+        """The live job of an earlier request with this request_id, so a retry re-attaches
+        instead of generating twice; None for a first request."""
+        previous = self.replay(command)
+        if previous is None:
+            return None
+        generation_id = str(previous["generation_id"])
+        handle = self._executor.handle(generation_id)
+        if handle is None:
+            raise PreconditionError(
+                "this request's generation is no longer streaming here; use "
+                "WatchGeneration or GetGeneration with its id",
+                reason="GENERATION_NOT_LIVE",
+                metadata={"generation_id": generation_id},
+            )
+        return handle
+
+    @staticmethod
+    def stream(
+        handle: JobStream, ctx: DispatchContext, after: int = 0
+    ) -> Iterator[GenerationEvent]:
+        """A job's events for one caller; the caller going away cancels the job. A job that
+        ran out of device memory ends the call with RESOURCE_EXHAUSTED after its event."""
+        try:
+            for event in handle.events(after=after, stop=ctx.abandoned):
+                yield event
+                if isinstance(event.payload, Failed) and event.payload.code:
+                    raise ResourceExhaustedError(event.payload.error, 5.0)
+        finally:
+            if not handle.finished:
+                handle.cancel()
+
+    def handle(self, generation_id: str) -> JobStream | None:
+        return self._executor.handle(generation_id)
+
+    # -- cancelling --------------------------------------------------------------------------
+
+    def cancel(self, generation: Generation) -> GenerationView:
+        """Stops a live job (within one denoising step) and answers once its outcome is
+        recorded; a job no process runs any more (its process died) is cancelled in the
+        store. A finished one is left as it is."""
+        gid = str(generation.id)
+        handle = self._executor.handle(gid)
+        if handle is not None and not handle.finished:
+            handle.cancel()
+            for event in handle.events(after=handle.last_sequence, poll=0.1):
+                if isinstance(event.payload, TERMINAL):
+                    break
+            self.recorder.flush()
+        elif not generation.finished:
+            ctx = current_context()
+            generation.cancel(list(generation.images), ctx.principal, ctx.request_id)
+            self._catalog.save(generation)
+        fresh = self._catalog.get(generation.id)
+        if isinstance(fresh, Generation) and not fresh.finished and handle is not None:
+            # In cluster mode another replica may record the outcome a moment after it ended.
+            self._outcomes.wait_finished(gid, OUTCOME_WAIT_SECONDS)
+            fresh = self._catalog.get(generation.id)
+        assert isinstance(fresh, Generation)
+        return fresh.view()
