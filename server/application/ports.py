@@ -71,7 +71,10 @@ class LoraFiles(Protocol):
 
 
 class Consistency(Protocol):
-    def wait_for(self, position: int, timeout: float | None) -> None: ...
+    def wait_for(self, position: int, timeout: float | None) -> None:
+        """Returns once the read models have projected `position`; raises
+        ConsistencyTimeoutError when `timeout` runs out first."""
+        ...
 
 
 # -- generation ----------------------------------------------------------------------------

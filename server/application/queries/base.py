@@ -8,10 +8,11 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar, Generic, Protocol, TypeVar, cast
+from typing import Any, ClassVar, Generic, TypeVar, cast
 
 from server.application.context import DispatchContext, current_context, use_context
 from server.application.middleware import Middleware, Next, build_chain, default_middlewares
+from server.application.ports import Consistency
 from server.domain.errors import DeadlineExceededError, NotImplementedYetError
 
 R = TypeVar("R")
@@ -58,10 +59,8 @@ class IStreamQueryHandler(ABC, Generic[SQ, R]):
     def handle(self, query: SQ) -> Iterator[R]: ...
 
 
-class ConsistencyWaiter(Protocol):
-    def wait_for(self, position: int, timeout: float | None) -> None:
-        """Returns once the read models have projected `position`; raises
-        ConsistencyTimeoutError when `timeout` runs out first."""
+# The seed's name for the port.
+ConsistencyWaiter = Consistency
 
 
 class QueryCache:
