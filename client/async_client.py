@@ -1,4 +1,8 @@
-"""asyncio client for services that already run an event loop; twin of client.sync_client."""
+"""asyncio client for services that already run an event loop.
+
+The blocking client (client/sync_client.py) is generated from this file by scripts/unasync.py:
+edit here, then rerun the script.
+"""
 
 from __future__ import annotations
 
@@ -32,7 +36,8 @@ class AsyncLoracleClient:
 
     `timeout` is the deadline of unary calls. Streaming calls (imports, generation) can run
     far longer than any sensible unary deadline, so they use `stream_timeout` (default: none).
-    A channel passed in stays owned by the caller and is not closed by `close()`.
+    A channel passed in stays owned by the caller and is not closed by `close()`. `token` is
+    sent as `authorization: Bearer <token>`; `tls` makes the channel a TLS one.
     """
 
     def __init__(
@@ -237,7 +242,8 @@ class AsyncLoracleClient:
 
     async def get_lora(self, lora_id: str, *, consistency_token: str = "") -> types_pb2.Lora:
         request = rq.get_lora(lora_id, consistency_token)
-        return (await self._unary(self._queries.GetLora, request)).lora
+        response = await self._unary(self._queries.GetLora, request)
+        return response.lora
 
     async def list_loras(
         self,
@@ -303,7 +309,8 @@ class AsyncLoracleClient:
 
     async def list_base_models(self) -> list[types_pb2.BaseModel]:
         request = query_service_pb2.ListBaseModelsRequest()
-        return list((await self._unary(self._queries.ListBaseModels, request)).models)
+        response = await self._unary(self._queries.ListBaseModels, request)
+        return list(response.models)
 
     async def list_events(
         self,
@@ -361,7 +368,8 @@ class AsyncLoracleClient:
         self, generation_id: str, *, consistency_token: str = ""
     ) -> types_pb2.Generation:
         request = rq.get_generation(generation_id, consistency_token)
-        return (await self._unary(self._queries.GetGeneration, request)).generation
+        response = await self._unary(self._queries.GetGeneration, request)
+        return response.generation
 
     async def list_generations(
         self,

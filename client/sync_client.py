@@ -1,4 +1,7 @@
-"""Blocking client for scripts and the CLI. The asyncio twin is client.async_client."""
+"""Blocking client for scripts and the CLI.
+
+Generated from client/async_client.py by scripts/unasync.py: edit that file and rerun the script.
+"""
 
 from __future__ import annotations
 
@@ -234,7 +237,8 @@ class LoracleClient:
 
     def get_lora(self, lora_id: str, *, consistency_token: str = "") -> types_pb2.Lora:
         request = rq.get_lora(lora_id, consistency_token)
-        return self._unary(self._queries.GetLora, request).lora
+        response = self._unary(self._queries.GetLora, request)
+        return response.lora
 
     def list_loras(
         self,
@@ -299,7 +303,8 @@ class LoracleClient:
 
     def list_base_models(self) -> list[types_pb2.BaseModel]:
         request = query_service_pb2.ListBaseModelsRequest()
-        return list(self._unary(self._queries.ListBaseModels, request).models)
+        response = self._unary(self._queries.ListBaseModels, request)
+        return list(response.models)
 
     def list_events(
         self,
@@ -356,7 +361,8 @@ class LoracleClient:
         self, generation_id: str, *, consistency_token: str = ""
     ) -> types_pb2.Generation:
         request = rq.get_generation(generation_id, consistency_token)
-        return self._unary(self._queries.GetGeneration, request).generation
+        response = self._unary(self._queries.GetGeneration, request)
+        return response.generation
 
     def list_generations(
         self,

@@ -7,8 +7,11 @@ generated base class, which answers UNIMPLEMENTED like a server that lacks the f
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import socket
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -44,6 +47,7 @@ from loracle.v1 import (
     types_pb2,
 )
 
+ROOT = Path(__file__).resolve().parents[2]
 _Context = grpc.aio.ServicerContext[Any, Any]
 _M = TypeVar("_M", bound=Message)
 
@@ -445,6 +449,36 @@ async def test_async_catalog_import_and_stream(fake: FakeServer) -> None:
         assert result.consistency_token == "t-r:1"
         done = [m.done async for m in c.import_loras()]
         assert done == [False, False, True]
+
+
+# --- one implementation -------------------------------------------------------------------
+
+
+def test_sync_client_is_generated_from_the_async_one() -> None:
+    """A hand edit of client/sync_client.py, or an async edit not regenerated, fails here."""
+    done = subprocess.run(
+        [sys.executable, "scripts/unasync.py", "--check"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def _public_api(cls: type) -> dict[str, list[tuple[str, object, object]]]:
+    renames = {"__aenter__": "__enter__", "__aexit__": "__exit__"}
+    return {
+        renames.get(name, name): [
+            (p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()
+        ]
+        for name, fn in vars(cls).items()
+        if callable(fn) and (not name.startswith("_") or name.endswith("__"))
+    }
+
+
+def test_both_clients_offer_the_same_methods_and_parameters() -> None:
+    assert _public_api(LoracleClient) == _public_api(AsyncLoracleClient)
 
 
 # --- catalog file -------------------------------------------------------------------------
