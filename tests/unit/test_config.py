@@ -23,6 +23,7 @@ from server.config import (
     load_settings,
     settings_table,
 )
+from server.devtools.cluster import write_config
 from server.domain.errors import ValidationError
 
 
@@ -353,3 +354,24 @@ def test_the_readme_table_is_the_models() -> None:
         else:
             assert float(default) == info.default, name
     assert settings_table() in (ROOT / "README.md").read_text()  # and nothing else differs
+
+
+def test_the_cluster_tools_config_loads(tmp_path: Path) -> None:
+    """server/devtools/cluster.py writes one file for replicas and workers (lora_roots as one
+    path string)."""
+    config = write_config(
+        tmp_path / "cluster.toml",
+        broker_url="nats://127.0.0.1:4222",
+        storage_url="sqlite:///x.db",
+        lora_roots=str(tmp_path / "loras"),
+        job_lease_seconds=2.0,
+        batch_wait_ms=50,
+        run_worker=True,
+    )
+    settings = load_settings(["--config", str(config)], environ={})
+    assert settings.lora_roots == (tmp_path / "loras",)
+    assert (settings.job_lease_seconds, settings.batch_wait_ms, settings.run_worker) == (
+        2.0,
+        50.0,
+        True,
+    )
