@@ -1,19 +1,63 @@
-"""Settings from flags, environment (LORACLE_*) and a TOML file, in that order of precedence."""
+"""Settings: one model, read from flags, `LORACLE_*` environment variables, a TOML file and
+defaults, in that order of precedence. Every setting has an environment variable and (tables
+aside) a flag, both derived from the model; an unknown key anywhere stops the start-up
+(docs/decisions.md: strict settings with pydantic-settings). `python -m server.config` prints
+the README's settings table."""
 
 from __future__ import annotations
 
 import argparse
+import difflib
+import json
 import os
 import tomllib
+import types
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+import pydantic
+import pydantic_settings
+from pydantic import AfterValidator, Field, JsonValue, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict
+from pydantic_settings.sources.utils import parse_env_vars
 
 from server.domain.errors import FieldViolation, ValidationError
 from server.domain.models import BaseModelConfig, resolve_architecture
 
 SCOPES = ("read", "write", "generate", "admin")
+ENV_PREFIX = "LORACLE_"
+# LORACLE_* variables that are not settings: the CLI's and the Node examples' (the server's
+# address and token) and the test suites' knobs. A start-up in a shell that has them is fine.
+NOT_SETTINGS = frozenset(
+    {
+        "LORACLE_ADDRESS",
+        "LORACLE_SERVER",
+        "LORACLE_TOKEN",
+        "LORACLE_TEST_POSTGRES_URL",
+        "LORACLE_FUZZ_EXAMPLES",
+        "LORACLE_CRASH_ROUNDS",
+        "LORACLE_LOAD_SECONDS",
+        "LORACLE_LOAD_QUERIES",
+        "LORACLE_STORM_CLIENTS",
+        "LORACLE_STORM_ROUNDS",
+        "LORACLE_STORM_SEED",
+    }
+)
+_MODEL_KEYS = ("name", "architecture", "path", "scheduler", "dtype", "vram_budget_gb", "config_dir")
+_TOKEN_KEYS = ("name", "sha256", "scopes")
+_PATHS_IN_TOML = ("tls_cert", "tls_key", "tls_client_ca")  # relative to the file's folder
+
+
+class SettingsError(ValidationError):
+    """A setting that cannot be used; the message is one sentence that names it."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(FieldViolation(key, problem))
+        self.message = problem
+        self.args = (problem,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,77 +69,172 @@ class TokenConfig:
     scopes: frozenset[str]
 
 
-@dataclass(frozen=True, slots=True)
-class Settings:
-    listen: str = "127.0.0.1:50051"
-    data_dir: Path = Path("./data")
-    # Empty: sqlite:///<data_dir>/loracle.db
-    storage_url: str = ""
-    # Empty: [<data_dir>/loras]
-    lora_roots: tuple[Path, ...] = ()
-    max_header_bytes: int = 16 * 1024 * 1024
-    max_message_bytes: int = 64 * 1024 * 1024
-    shutdown_grace_seconds: float = 10.0
-    log_level: str = "INFO"
-    rebuild_projections: bool = False
-    # [[models]] tables; none configured means the embedded tiny placeholder model.
-    models: tuple[BaseModelConfig, ...] = ()
-    # Generation jobs that may wait; more are refused with RESOURCE_EXHAUSTED.
-    max_queue: int = 16
-    # Images run together in one batch, and how long the first job waits for companions.
-    max_batch: int = 8
-    batch_wait_ms: float = 10.0
-    # Device memory the resident pipelines may use (0: no limit); least recently used
-    # models are unloaded to make room. LoRA adapters kept loaded per pipeline.
-    device_budget_gb: float = 0.0
-    adapter_budget_gb: float = 2.0
-    # Finished images stay in <data_dir>/generations this long for WatchGeneration.
-    image_retention_hours: float = 24.0
-    # Torch CPU threads for the worker (1 keeps a busy 2-core machine responsive).
-    torch_threads: int = 1
-    # Build the placeholder when no model is configured (off: it is listed as not ready).
-    embedded_model: bool = True
-    # [[tokens]] tables (name, sha256, scopes). None configured: no authentication, which the
-    # server accepts only on a loopback address unless `insecure` is set.
-    tokens: tuple[TokenConfig, ...] = ()
-    # TLS from PEM files; with tls_client_ca, clients must present a certificate it signed.
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_client_ca: Path | None = None
-    # Listen beyond loopback without auth and TLS anyway (logged loudly).
-    insecure: bool = False
-    # Limits on one generation request (INVALID_ARGUMENT beyond them).
-    max_prompt_chars: int = 10_000
-    max_image_side: int = 2048
-    max_image_pixels: int = 2048 * 2048
-    max_steps: int = 150
-    max_images_per_request: int = 8
-    max_loras_per_request: int = 8
-    # Per principal: requests per second (token bucket, burst = 2 s worth; 0: off) and open
-    # streams (generation, imports, watches; 0: off). Beyond: RESOURCE_EXHAUSTED + RetryInfo.
-    rate_limit_per_second: float = 0.0
-    max_streams_per_principal: int = 32
-    # Keepalive pings and connection age; the grace lets long generation streams finish.
-    keepalive_seconds: float = 30.0
-    max_connection_age_seconds: float = 1800.0
-    max_connection_age_grace_seconds: float = 3600.0
-    # Prometheus metrics on HOST:PORT (path /metrics); empty: off.
-    metrics_listen: str = ""
-    # "text" or "json" (one JSON object per line).
-    log_format: str = "text"
-    # Cluster mode (docs/deploy.md): a NATS JetStream URL turns this server into a stateless
-    # API replica whose jobs run on `loracle-worker`s; empty keeps the in-process executor.
-    broker_url: str = ""
-    # Prefix of every stream, subject and bucket, so deployments can share one NATS.
-    broker_namespace: str = "loracle"
-    # A worker that stops extending a job's lease this long loses it to another worker; a
-    # job that started this many times without finishing fails.
-    job_lease_seconds: float = 30.0
-    job_max_attempts: int = 3
-    # Also run a worker inside this server (cluster mode); its name in the directory.
-    run_worker: bool = False
-    worker_name: str = ""
-    extra: Mapping[str, Any] = field(default_factory=dict)
+UserPath = Annotated[Path, AfterValidator(Path.expanduser)]
+
+
+def _setting(default: Any, description: str, *, shown: str = "", flag: str | None = None) -> Any:
+    """A field; `shown` is the default as the README writes it, `flag` overrides the derived
+    flag name ("" for none)."""
+    extra: dict[str, JsonValue] = {"shown": shown} if shown else {}
+    if flag is not None:
+        extra["flag"] = flag
+    return Field(default, description=description, json_schema_extra=extra or None)
+
+
+class Settings(BaseSettings):
+    """Constructed directly (as tests do) it takes only its arguments; `load_settings` adds
+    the flags, the environment and the TOML file."""
+
+    model_config = SettingsConfigDict(
+        frozen=True, extra="forbid", env_prefix=ENV_PREFIX, env_ignore_empty=True
+    )
+
+    listen: str = _setting("127.0.0.1:50051", "HOST:PORT to serve gRPC on")
+    data_dir: UserPath = _setting(
+        Path("./data"), "where the SQLite store and the default LoRA root live", shown="`./data`"
+    )
+    storage_url: str = _setting(
+        "",
+        "`sqlite:///PATH` or `postgresql://USER@HOST/DB[?schema=NAME]`",
+        shown="`sqlite:///<data_dir>/loracle.db`",
+    )
+    lora_roots: Annotated[tuple[UserPath, ...], NoDecode] = _setting(
+        (),
+        "directories LoRA files may be registered from (the flag is repeatable)",
+        shown="`<data_dir>/loras`",
+        flag="--lora-root",
+    )
+    max_header_bytes: int = _setting(
+        16 * 1024 * 1024, "safetensors headers larger than this are refused", shown="16 MiB"
+    )
+    max_message_bytes: int = _setting(
+        64 * 1024 * 1024, "one gRPC message, either way", shown="64 MiB"
+    )
+    shutdown_grace_seconds: float = _setting(
+        10.0, "on SIGTERM, how long running calls (and a worker's jobs) may finish"
+    )
+    log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
+    log_format: Literal["text", "json"] = _setting(
+        "text", "`json` writes one JSON object per line (see [Operations](#operations))"
+    )
+    rebuild_projections: bool = _setting(
+        False, "drop the read models and rebuild them from the event log"
+    )
+    models: tuple[BaseModelConfig, ...] = _setting(
+        (),
+        "`[[models]]` tables (see [Base models](#base-models)); none: the embedded placeholder",
+        flag="",
+    )
+    embedded_model: bool = _setting(
+        True, "build the tiny placeholder model when no `[[models]]` is configured"
+    )
+    max_queue: int = _setting(16, "generation jobs that may wait; more get `RESOURCE_EXHAUSTED`")
+    max_batch: int = _setting(8, "images generated together in one batch")
+    batch_wait_ms: float = _setting(
+        10.0, "how long a job waits for compatible jobs to join its batch"
+    )
+    device_budget_gb: float = _setting(
+        0.0,
+        "device memory for resident models (0: no limit); least recently used are unloaded",
+    )
+    adapter_budget_gb: float = _setting(
+        2.0, "LoRA adapters kept loaded per model (least recently used evicted)"
+    )
+    image_retention_hours: float = _setting(
+        24.0, "finished images kept in `<data_dir>/generations` for `WatchGeneration`"
+    )
+    torch_threads: int = _setting(
+        1, "torch CPU threads of the generation worker (1 keeps a busy machine responsive)"
+    )
+    tokens: tuple[TokenConfig, ...] = _setting(
+        (),
+        "`[[tokens]]` tables (name, sha256, scopes); none: no authentication, accepted only "
+        "on loopback unless `insecure` (see [Security](#security))",
+        flag="",
+    )
+    tls_cert: UserPath | None = _setting(None, "PEM certificate chain: serve TLS")
+    tls_key: UserPath | None = _setting(None, "PEM private key of `tls_cert`")
+    tls_client_ca: UserPath | None = _setting(
+        None, "PEM CA bundle: require client certificates it signed (mutual TLS)"
+    )
+    insecure: bool = _setting(
+        False, "listen beyond loopback without tokens and TLS anyway (logged loudly)"
+    )
+    max_prompt_chars: int = _setting(10_000, "prompt and negative prompt")
+    max_image_side: int = _setting(2048, "width and height of a generated image")
+    max_image_pixels: int = _setting(2048 * 2048, "width times height", shown="2048 * 2048")
+    max_steps: int = _setting(150, "denoising steps (and `preview_every_n_steps`)")
+    max_images_per_request: int = _setting(8, "images in one request")
+    max_loras_per_request: int = _setting(8, "LoRAs in one request (fields and tags)")
+    rate_limit_per_second: float = _setting(
+        0.0, "requests per second per principal (token bucket, bursts of 2 s worth; 0: off)"
+    )
+    max_streams_per_principal: int = _setting(
+        32, "open streams per principal (generation, imports, watches; 0: off)"
+    )
+    keepalive_seconds: float = _setting(
+        30.0, "server pings on idle connections, so dead peers of long streams are found"
+    )
+    max_connection_age_seconds: float = _setting(
+        1800.0, "connections are recycled (load balancers can rebalance)"
+    )
+    max_connection_age_grace_seconds: float = _setting(
+        3600.0, "a running stream's time to finish on a recycled connection"
+    )
+    metrics_listen: str = _setting(
+        "", "HOST:PORT to serve Prometheus `/metrics` on (see [Operations](#operations))"
+    )
+    broker_url: str = _setting(
+        "",
+        "`nats://HOST:PORT` makes this server a cluster API replica whose jobs run on "
+        "`loracle-worker`s (see [Cluster mode](#cluster-mode)); empty: single machine",
+    )
+    broker_namespace: str = _setting(
+        "loracle", "prefix of every stream, subject and bucket, so deployments share one NATS"
+    )
+    job_lease_seconds: float = _setting(
+        30.0, "a worker that stops extending a job's lease this long loses it to another"
+    )
+    job_max_attempts: int = _setting(3, "starts before a job fails with the reason")
+    run_worker: bool = _setting(False, "also run a cluster worker inside this server")
+    worker_name: str = _setting(
+        "", "a worker's name in the cluster directory and job claims", shown="`hostname-pid`"
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: pydantic_settings.PydanticBaseSettingsSource,
+        env_settings: pydantic_settings.PydanticBaseSettingsSource,
+        dotenv_settings: pydantic_settings.PydanticBaseSettingsSource,
+        file_secret_settings: pydantic_settings.PydanticBaseSettingsSource,
+    ) -> tuple[pydantic_settings.PydanticBaseSettingsSource, ...]:
+        return (init_settings,)  # load_settings merges the other sources itself
+
+    @field_validator("lora_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: object) -> object:
+        if isinstance(value, str):  # the environment's (and the cluster tool's) PATH:PATH
+            value = value.split(os.pathsep)
+        if isinstance(value, list):
+            return [v for v in value if v != ""]
+        return value
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _model_tables(cls, value: object) -> object:
+        # The TOML file's tables arrive built (relative to its folder), the environment's not.
+        return value if isinstance(value, tuple) else _models(value, Path())
+
+    @field_validator("tokens", mode="before")
+    @classmethod
+    def _token_tables(cls, value: object) -> object:
+        return value if isinstance(value, tuple) else _tokens(value)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        # As a frozen dataclass would (pydantic raises its ValidationError, a ValueError).
+        raise AttributeError(f"settings are read-only: cannot set {name!r}")
 
     @property
     def resolved_storage_url(self) -> str:
@@ -106,34 +245,30 @@ class Settings:
         return self.lora_roots or (self.data_dir.resolve() / "loras",)
 
 
-_ENV = {
-    "listen": "LORACLE_LISTEN",
-    "data_dir": "LORACLE_DATA_DIR",
-    "storage_url": "LORACLE_STORAGE_URL",
-    "lora_roots": "LORACLE_LORA_ROOTS",  # os.pathsep-separated
-    "log_level": "LORACLE_LOG_LEVEL",
-    "broker_url": "LORACLE_BROKER_URL",
-}
+def _extra(info: FieldInfo, key: str) -> str | None:
+    extra = info.json_schema_extra
+    value = extra.get(key) if isinstance(extra, dict) else None
+    return value if isinstance(value, str) else None
 
 
-def _coerce(name: str, value: Any) -> Any:
-    kinds = {f.name: f.type for f in fields(Settings)}
-    kind = str(kinds[name])
-    try:
-        if "Path" in kind and "tuple" in kind:
-            items = value.split(os.pathsep) if isinstance(value, str) else list(value)
-            return tuple(Path(str(v)).expanduser() for v in items if str(v))
-        if "Path" in kind:
-            return Path(str(value)).expanduser()
-        if kind == "int":
-            return int(value)
-        if kind == "float":
-            return float(value)
-        if kind == "bool":
-            return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
-        return str(value)
-    except (TypeError, ValueError):
-        raise ValidationError(FieldViolation(name, f"invalid value {value!r}")) from None
+def flag_of(name: str) -> str:
+    """The flag of a setting ("" for tables): `--max-queue`, `--no-embedded-model`."""
+    info = Settings.model_fields[name]
+    given = _extra(info, "flag")
+    if given is not None:
+        return given
+    kebab = name.replace("_", "-")
+    return f"--no-{kebab}" if info.default is True else f"--{kebab}"
+
+
+def env_of(name: str) -> str:
+    return f"{ENV_PREFIX}{name.upper()}"
+
+
+def _unknown(key: str, known: Sequence[str]) -> SettingsError:
+    near = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    return SettingsError(key, f"unknown setting {key!r}{hint}")
 
 
 def _models(tables: Any, base: Path) -> tuple[BaseModelConfig, ...]:
@@ -145,6 +280,9 @@ def _models(tables: Any, base: Path) -> tuple[BaseModelConfig, ...]:
         where = f"models[{i}]"
         if not isinstance(table, dict):
             raise ValidationError(FieldViolation(where, "must be a table"))
+        for key in table:
+            if key not in _MODEL_KEYS:
+                raise _unknown(f"{where}.{key}", [f"{where}.{k}" for k in _MODEL_KEYS])
         name, path = str(table.get("name", "")).strip(), str(table.get("path", "")).strip()
         if not name or name in names:
             raise ValidationError(FieldViolation(f"{where}.name", "required and unique"))
@@ -186,11 +324,9 @@ def _tokens(tables: Any) -> tuple[TokenConfig, ...]:
         where = f"tokens[{i}]"
         if not isinstance(table, dict):
             raise ValidationError(FieldViolation(where, "must be a table"))
-        unknown = set(table) - {"name", "sha256", "scopes"}
-        if unknown:
-            raise ValidationError(
-                FieldViolation(where, f"unknown keys {sorted(unknown)} (name, sha256, scopes)")
-            )
+        for key in table:
+            if key not in _TOKEN_KEYS:
+                raise _unknown(f"{where}.{key}", [f"{where}.{k}" for k in _TOKEN_KEYS])
         name = str(table.get("name", "")).strip()
         digest = str(table.get("sha256", "")).strip().lower()
         scopes = table.get("scopes", [])
@@ -214,101 +350,155 @@ def _resolve(path: str, base: Path) -> Path:
     return resolved if resolved.is_absolute() else base / resolved
 
 
+def _expected(annotation: Any) -> str:
+    """What a value of this type looks like, for error messages."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        return _expected(args[0])
+    if origin in (Union, types.UnionType):
+        return " or ".join(_expected(a) for a in args if a is not type(None))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is tuple:
+        return f"a list of {_expected(args[0]).removeprefix('a ')}s"
+    names = {bool: "true or false", int: "an integer", float: "a number", Path: "a path"}
+    return names.get(annotation, "a string")
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Settings come from these flags, then LORACLE_* environment variables, "
+        "then the --config file, then defaults (README: Running the server).",
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--config", help="TOML settings file (keys as the settings' names)")
+    for name, info in Settings.model_fields.items():
+        flag = flag_of(name)
+        if not flag:
+            continue
+        help_text = (info.description or "").replace("%", "%%").replace("`", "")
+        if info.annotation is bool:
+            action = "store_false" if flag.startswith("--no-") else "store_true"
+            parser.add_argument(flag, dest=name, action=action, help=help_text)
+            continue
+        metavar = flag.removeprefix("--").replace("-", "_").upper()
+        if get_origin(info.annotation) is tuple:
+            parser.add_argument(flag, dest=name, action="append", metavar=metavar, help=help_text)
+        elif get_origin(info.annotation) is Literal:
+            choices = get_args(info.annotation)
+            parser.add_argument(flag, dest=name, choices=choices, help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, metavar=metavar, help=help_text)
+    return parser
+
+
+class _Environment(EnvSettingsSource):
+    """The `LORACLE_*` variables of `environ` rather than of `os.environ`."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        super().__init__(Settings)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return parse_env_vars(self._environ, False, True)
+
+
+def _from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
+    known = [env_of(name) for name in Settings.model_fields]
+    for var in environ:
+        upper = var.upper()
+        if upper.startswith(ENV_PREFIX) and upper not in known and upper not in NOT_SETTINGS:
+            raise _unknown(upper, known)
+    try:
+        return dict(_Environment(environ)())
+    except pydantic_settings.SettingsError:  # a table variable that is not JSON
+        for name in ("models", "tokens"):
+            try:
+                json.loads(environ.get(env_of(name)) or "null")
+            except ValueError:
+                raise SettingsError(
+                    name, f"{env_of(name)} must be a JSON array of {name} tables"
+                ) from None
+        raise
+
+
+def _from_toml(path: Path) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ValidationError(FieldViolation("config", f"{path}: {exc}")) from None
+    for key in data:
+        if key not in Settings.model_fields:
+            raise _unknown(key, list(Settings.model_fields))
+    if "models" in data:
+        data["models"] = _models(data["models"], path.parent)
+    for key in _PATHS_IN_TOML:
+        if isinstance(data.get(key), str):
+            data[key] = str(_resolve(data[key], path.parent))
+    return data
+
+
 def load_settings(
     argv: Sequence[str] | None = None,
     environ: Mapping[str, str] | None = None,
     prog: str = "loracle-server",
 ) -> Settings:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
-    parser.add_argument("--listen", help="HOST:PORT to serve gRPC on (default 127.0.0.1:50051)")
-    parser.add_argument("--data-dir", help="where the SQLite store and default LoRA root live")
-    parser.add_argument("--config", help="TOML settings file (keys as in Settings)")
-    parser.add_argument("--storage-url", help="sqlite:///PATH or postgresql://USER@HOST/DB")
-    parser.add_argument(
-        "--lora-root",
-        action="append",
-        dest="lora_roots",
-        help="directory LoRA files may be registered from (repeatable)",
-    )
-    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
-    parser.add_argument(
-        "--no-embedded-model",
-        dest="embedded_model",
-        action="store_false",
-        default=None,
-        help="do not build the tiny placeholder model when no model is configured",
-    )
-    parser.add_argument("--tls-cert", help="PEM certificate chain: serve TLS")
-    parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
-    parser.add_argument("--tls-client-ca", help="PEM CA bundle: require client certificates")
-    parser.add_argument(
-        "--insecure",
-        action="store_true",
-        default=None,
-        help="allow a non-loopback listen address without authentication and TLS",
-    )
-    parser.add_argument("--metrics-listen", help="HOST:PORT to serve Prometheus /metrics on")
-    parser.add_argument("--log-format", choices=["text", "json"], help="log line format")
-    parser.add_argument("--max-queue", type=int, help="generation jobs that may wait (16)")
-    parser.add_argument("--max-batch", type=int, help="images generated together (8)")
-    parser.add_argument(
-        "--batch-wait-ms", type=float, help="wait for compatible jobs to batch with (10)"
-    )
-    parser.add_argument("--broker-url", help="nats://HOST:PORT: run as a cluster API replica")
-    parser.add_argument("--worker-name", help="this worker's name in the cluster directory")
-    parser.add_argument(
-        "--rebuild-projections",
-        action="store_true",
-        default=None,
-        help="drop the read models and rebuild them from the event log",
-    )
-    args = parser.parse_args(argv)
-    env = os.environ if environ is None else environ
+    """Raises `SettingsError` (or `ValidationError` for a bad table or an unreadable file)
+    naming the setting; the entry points print it and exit 2."""
+    flags = vars(_parser(prog).parse_args(argv))
+    config = flags.pop("config", None)
+    env = _from_environment(os.environ if environ is None else environ)
+    toml = _from_toml(Path(config)) if config else {}
+    origin = {k: f" ({config})" for k in toml}
+    origin |= {k: f" ({env_of(k)})" for k in env} | {k: f" ({flag_of(k)})" for k in flags}
+    try:
+        return Settings(**(toml | env | flags))
+    except pydantic.ValidationError as exc:
+        error = exc.errors()[0]
+        key = str(error["loc"][0])
+        if error["type"] == "extra_forbidden":
+            raise _unknown(key, list(Settings.model_fields)) from None
+        expected = _expected(Settings.model_fields[key].annotation)
+        got = flags.get(key, env.get(key, toml.get(key)))
+        raise SettingsError(
+            key, f"setting {key!r}{origin.get(key, '')} must be {expected}, not {got!r}"
+        ) from None
 
-    values: dict[str, Any] = {}
-    if args.config:
-        path = Path(args.config)
-        try:
-            data = tomllib.loads(path.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ValidationError(FieldViolation("config", f"{path}: {exc}")) from None
-        known = {f.name for f in fields(Settings)} - {"models", "tokens"}
-        if "models" in data:
-            values["models"] = _models(data.pop("models"), path.parent)
-        if "tokens" in data:
-            values["tokens"] = _tokens(data.pop("tokens"))
-        for key in ("tls_cert", "tls_key", "tls_client_ca"):
-            if key in data:
-                data[key] = str(_resolve(str(data[key]), path.parent))
-        for key, value in data.items():
-            if key in known:
-                values[key] = _coerce(key, value)
-            else:
-                values.setdefault("extra", {})[key] = value
-    for name, var in _ENV.items():
-        if env.get(var):
-            values[name] = _coerce(name, env[var])
-    for name in (
-        "embedded_model",
-        "listen",
-        "data_dir",
-        "storage_url",
-        "lora_roots",
-        "log_level",
-        "rebuild_projections",
-        "max_queue",
-        "tls_cert",
-        "tls_key",
-        "tls_client_ca",
-        "insecure",
-        "metrics_listen",
-        "log_format",
-        "max_batch",
-        "batch_wait_ms",
-        "broker_url",
-        "worker_name",
-    ):
-        value = getattr(args, name)
-        if value is not None:
-            values[name] = _coerce(name, value)
-    return replace(Settings(), **values)
+
+def _shown_default(name: str, info: FieldInfo) -> str:
+    shown = _extra(info, "shown")
+    if shown:
+        return shown
+    value = info.default
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if value in ("", (), None):
+        return "none"
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return f"`{value}`" if isinstance(value, (str, Path)) else str(value)
+
+
+def settings_table() -> str:
+    """The README's settings table (tests/unit/test_config.py keeps the two equal)."""
+    rows = [
+        "| Setting (TOML key) | Flag | Environment | Default | What |",
+        "|---|---|---|---|---|",
+    ]
+    for name, info in Settings.model_fields.items():
+        flag = flag_of(name)
+        env = f"`{env_of(name)}`"
+        if NoDecode in info.metadata:
+            env += f" (`{os.pathsep}`-separated)"
+        elif get_origin(info.annotation) is tuple:
+            env += " (JSON)"
+        key = f"`[[{name}]]` tables" if not flag else f"`{name}`"
+        flag_text = f"`{flag}`" if flag else ""
+        row = [key, flag_text, env, _shown_default(name, info), info.description or ""]
+        rows.append("| " + " | ".join(row) + " |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(settings_table())

@@ -9,7 +9,6 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
-from dataclasses import replace
 
 from server.bootstrap import cluster_worker, connect_broker, device_executor
 from server.config import load_settings
@@ -45,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("cannot start: %s", exc.message)
         return 1
     worker = cluster_worker(
-        replace(settings, worker_name=name),
+        settings.model_copy(update={"worker_name": name}),
         broker,
         executor,
         models,
