@@ -23,6 +23,7 @@ from server.application.commands import (
     IStreamCommandHandler,
 )
 from server.application.queries import IQuery, IQueryHandler, QueryBus, QueryResult
+from server.config import SettingsError
 from server.domain.errors import (
     BadLoraFileError,
     ConflictError,
@@ -137,6 +138,7 @@ SAMPLES: dict[type[DomainError], Callable[[], DomainError]] = {
     BrokerUnavailable: lambda: BrokerUnavailable("publish"),
     BadLoraFileError: lambda: BadLoraFileError("a.safetensors", "truncated"),
     ResourceExhaustedError: lambda: ResourceExhaustedError("queue full", 0.25),
+    SettingsError: lambda: SettingsError("max_queue", "must be an integer, not 'many'"),
 }
 
 
