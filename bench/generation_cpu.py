@@ -90,7 +90,7 @@ def build_models(workdir: Path) -> dict[str, Path]:
     """The two tiny model folders the server and the in-process baseline both load."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from server.devtools.tiny_pipelines import build_tiny_sd15
+    from server.infrastructure.diffusion.placeholder import build_tiny_sd15
 
     job_model = build_tiny_sd15(workdir / JOB_MODEL)
     stream_model = build_tiny_sd15(workdir / STREAM_MODEL)

@@ -220,7 +220,7 @@ def lora_targets(unet: Any) -> list[LoraTarget]:
 
 
 def _clip(spec: tuple[int, int, int, int, str], *, projection: bool) -> Any:
-    """A CLIP text encoder whose token ids match tiny_pipelines' byte-level tokenizer."""
+    """A CLIP text encoder whose token ids match placeholder's byte-level tokenizer."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     hidden, layers, heads, intermediate, act = spec
@@ -251,7 +251,7 @@ def full_pipeline(architecture: str, device: str, tokenizer_dir: Path) -> Any:
         UNet2DConditionModel,
     )
 
-    from server.devtools.tiny_pipelines import _tokenizer
+    from server.infrastructure.diffusion.placeholder import _tokenizer
 
     tokenizer = _tokenizer(tokenizer_dir)
     scheduler = EulerDiscreteScheduler(
@@ -325,7 +325,7 @@ def build_models(
     if tiny:
         from diffusers import UNet2DConditionModel
 
-        from server.devtools.tiny_pipelines import build_tiny_sd15, build_tiny_sdxl
+        from server.infrastructure.diffusion.placeholder import build_tiny_sd15, build_tiny_sdxl
 
         build_tiny_sd15(folders["sd15"])
         build_tiny_sdxl(folders["sdxl"])

@@ -7,14 +7,12 @@ import logging
 import sys
 from collections.abc import Sequence
 
-import grpc
-
 from server.bootstrap import bootstrap
 from server.config import load_settings
 from server.domain.errors import DomainError
 from server.infrastructure.logs import configure_logging
 from server.infrastructure.metrics import MetricsHttpServer
-from server.rpc.interceptors import LogContextInterceptor, MetricsInterceptor
+from server.rpc.interceptors import server_interceptors
 from server.rpc.server import ExposureError, LoracleServer
 
 
@@ -36,11 +34,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
     async def run() -> None:
-        interceptors: list[grpc.aio.ServerInterceptor] = [LogContextInterceptor()]
         metrics_http: MetricsHttpServer | None = None
-        if settings.metrics_listen:
-            metrics = container.metrics()
-            interceptors.append(MetricsInterceptor(metrics.rpc))
+        metrics = container.metrics() if settings.metrics_listen else None
+        interceptors = server_interceptors(metrics.rpc if metrics is not None else None)
+        if metrics is not None:
             metrics_http = MetricsHttpServer(metrics.registry)
             metrics_http.start(settings.metrics_listen)
             print(f"loracle-server metrics on http://{metrics_http.address}/metrics", flush=True)

@@ -68,7 +68,7 @@ from server.application.queries import (
 )
 from server.application.security import Credential, ScopeAuthorizer, TokenAuthenticator
 from server.config import Settings
-from server.domain.generation_job import GenerationState
+from server.domain.generation import GenerationState
 from server.domain.recommend.engine import RecommendationEngine
 from server.infrastructure.broker.nats_broker import NatsBroker
 from server.infrastructure.broker.port import Broker

@@ -10,8 +10,9 @@ from typing import Any, Protocol
 
 from eventsourcing.domain import Aggregate
 
-from server.domain.generation import GenerationEvent, GenerationJob, Payload
-from server.domain.generation_job import GenerationState, GenerationView
+from server.domain.generation import GenerationState, GenerationView
+from server.domain.generation_events import GenerationEvent, Payload
+from server.domain.generation_job import GenerationJob
 from server.domain.lora import CommandRecord, Lora
 from server.domain.models import (
     Architecture,

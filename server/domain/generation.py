@@ -1,190 +1,160 @@
-"""What a generation stream carries, independent of gRPC and torch."""
+"""The Generation aggregate: a job's lifecycle as events (submitted, started, then succeeded,
+failed or cancelled). GetGeneration, ListGenerations and the audit trail read projections of
+these; the executor's in-memory stream carries the fast-moving progress and image bytes."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field, fields
-from pathlib import Path
+import enum
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
 
-from server.domain.models import BaseModelConfig
+from eventsourcing.domain import Aggregate, event
+from eventsourcing.utils import register_topic
 
-
-@dataclass(frozen=True, slots=True)
-class Queued:
-    position: int
-
-
-@dataclass(frozen=True, slots=True)
-class Started:
-    batch_size: int
+from server.domain.generation_events import ImageComplete
+from server.domain.models import aware
 
 
-@dataclass(frozen=True, slots=True)
-class Progress:
-    step: int
-    total_steps: int
-    elapsed_seconds: float
+class GenerationState(enum.StrEnum):
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
 
 
-@dataclass(frozen=True, slots=True)
-class Preview:
-    image_index: int
-    step: int
-    jpeg: bytes
+FINAL_STATES = frozenset(
+    {GenerationState.SUCCEEDED, GenerationState.FAILED, GenerationState.CANCELLED}
+)
 
 
 @dataclass(frozen=True, slots=True)
-class ImageChunk:
-    image_index: int
-    offset: int
-    data: bytes
-    last: bool
-
-
-def image_chunks(image_index: int, data: bytes, size: int) -> Iterator[ImageChunk]:
-    """An encoded image as the stream carries it, live or replayed."""
-    for offset in range(0, len(data), size):
-        piece = data[offset : offset + size]
-        yield ImageChunk(image_index, offset, piece, offset + len(piece) >= len(data))
-
-
-@dataclass(frozen=True, slots=True)
-class ImageComplete:
-    image_index: int
+class ImageRecord:
+    index: int
     sha256: str
     size_bytes: int
     mime_type: str
     seed: int
 
-
-@dataclass(frozen=True, slots=True)
-class Timings:
-    queue_seconds: float = 0.0
-    text_encoding_seconds: float = 0.0
-    denoising_seconds: float = 0.0
-    decoding_seconds: float = 0.0
-
-    def to_dict(self) -> dict[str, float]:
-        """As recorded on the Generation aggregate and carried by the broker."""
-        return {f.name: float(getattr(self, f.name)) for f in fields(self)}
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "sha256": self.sha256,
+            "size_bytes": self.size_bytes,
+            "mime_type": self.mime_type,
+            "seed": self.seed,
+        }
 
     @staticmethod
-    def from_dict(doc: Mapping[str, object]) -> Timings:
-        """Missing or odd values read as zero: records outlive versions."""
-        values = {f.name: doc.get(f.name) for f in fields(Timings)}
-        return Timings(
-            **{k: float(v) if isinstance(v, int | float) else 0.0 for k, v in values.items()}
+    def of(image: ImageComplete) -> ImageRecord:
+        """The record of an image a job finished (the stream's event)."""
+        return ImageRecord(
+            image.image_index, image.sha256, image.size_bytes, image.mime_type, image.seed
+        )
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> ImageRecord:
+        return ImageRecord(
+            int(d["index"]),
+            str(d["sha256"]),
+            int(d["size_bytes"]),
+            str(d["mime_type"]),
+            int(d["seed"]),
         )
 
 
 @dataclass(frozen=True, slots=True)
-class Completed:
-    timings: Timings
+class GenerationView:
+    """A generation as queries see it. `spec` holds the request with defaults filled in (the
+    keys of GenerationRequest, LoRAs as [{"lora", "weight"}])."""
+
+    id: str
+    state: GenerationState
+    spec: dict[str, Any]
+    images: tuple[ImageRecord, ...] = ()
+    error: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+    create_time: datetime | None = None
+    end_time: datetime | None = None
+    version: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class Failed:
-    error: str
-    # "RESOURCE_EXHAUSTED" when the device ran out of memory: the stream then ends with that
-    # status (and RetryInfo) instead of OK, so clients can back off and retry.
-    code: str = ""
+class Generation(Aggregate):
+    """One generation job. Its id is the generation id clients see."""
 
+    @staticmethod
+    def create_id(generation_id: str) -> uuid.UUID:
+        return uuid.UUID(generation_id)
 
-@dataclass(frozen=True, slots=True)
-class Cancelled:
-    pass
+    @event("Submitted")
+    def __init__(
+        self,
+        generation_id: str,
+        spec: dict[str, Any],
+        principal: str,
+        request_id: str,
+        queue_position: int = 0,
+    ) -> None:
+        self.spec = spec
+        self.state = GenerationState.QUEUED
+        self.images: list[dict[str, Any]] = []
+        self.error = ""
+        self.timings: dict[str, float] = {}
+        self.end_time: datetime | None = None
 
+    @property
+    def finished(self) -> bool:
+        return self.state in FINAL_STATES
 
-Payload = (
-    Queued
-    | Started
-    | Progress
-    | Preview
-    | ImageChunk
-    | ImageComplete
-    | Completed
-    | Failed
-    | Cancelled
-)
-TERMINAL = (Completed, Failed, Cancelled)
+    @event("Started")
+    def start(self, batch_size: int, principal: str, request_id: str) -> None:
+        self.state = GenerationState.RUNNING
 
+    @event("Succeeded")
+    def succeed(
+        self,
+        images: list[dict[str, Any]],
+        timings: dict[str, float],
+        principal: str,
+        request_id: str,
+    ) -> None:
+        self.state = GenerationState.SUCCEEDED
+        self.images = images
+        self.timings = timings
+        self.end_time = aware(self.modified_on)
 
-@dataclass(frozen=True, slots=True)
-class GenerationEvent:
-    generation_id: str
-    sequence: int
-    payload: Payload = field(default_factory=Cancelled)
+    @event("Failed")
+    def fail(
+        self, error: str, images: list[dict[str, Any]], principal: str, request_id: str
+    ) -> None:
+        self.state = GenerationState.FAILED
+        self.error = error
+        self.images = images
+        self.end_time = aware(self.modified_on)
 
+    @event("Cancelled")
+    def cancel(self, images: list[dict[str, Any]], principal: str, request_id: str) -> None:
+        """Images finished before the cancellation are kept."""
+        self.state = GenerationState.CANCELLED
+        self.images = images
+        self.end_time = aware(self.modified_on)
 
-@dataclass(frozen=True, slots=True)
-class ResolvedLora:
-    """A catalogued LoRA as a job applies it: resolved to a file and a weight before queuing."""
-
-    lora_id: str
-    name: str
-    file_name: str
-    sha256: str
-    path: Path
-    weight: float
-    # Relative to a LoRA root: where another machine (a cluster worker) finds the same file.
-    file_path: str = ""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class GenerationJob:
-    """Everything that determines a generation, with defaults filled in and LoRAs resolved.
-    `prompt` is what the text encoders see (A1111 `<lora:…>` tags removed); `original_prompt`
-    is what the client sent, written into the image's parameters."""
-
-    generation_id: str
-    model: BaseModelConfig
-    prompt: str
-    original_prompt: str
-    negative_prompt: str = ""
-    width: int
-    height: int
-    steps: int
-    guidance_scale: float
-    seed: int
-    num_images: int = 1
-    scheduler: str = ""
-    loras: tuple[ResolvedLora, ...] = ()
-    output_format: str = "png"
-    chunk_size: int = 64 * 1024
-    preview_every: int = 0
-
-    def batch_key(self) -> tuple[object, ...]:
-        """Jobs with equal keys run as one batch: everything the denoising loop shares. The
-        presence of a negative prompt is part of it because SDXL zeroes an absent one."""
-        return (
-            self.model.name,
-            tuple(sorted((lora.sha256, lora.weight) for lora in self.loras)),
-            self.width,
-            self.height,
-            self.steps,
-            self.scheduler,
-            self.guidance_scale,
-            bool(self.negative_prompt),
+    def view(self) -> GenerationView:
+        return GenerationView(
+            id=str(self.id),
+            state=self.state,
+            spec=self.spec,
+            images=tuple(ImageRecord.from_dict(d) for d in self.images),
+            error=self.error,
+            timings=dict(self.timings),
+            create_time=aware(self.created_on),
+            end_time=self.end_time,
+            version=self.version,
         )
 
-    def spec(self) -> dict[str, object]:
-        """The filled-in request as recorded on the Generation aggregate."""
-        return {
-            "model": self.model.name,
-            "prompt": self.original_prompt,
-            "negative_prompt": self.negative_prompt,
-            "width": self.width,
-            "height": self.height,
-            "steps": self.steps,
-            "guidance_scale": self.guidance_scale,
-            "seed": self.seed,
-            "num_images": self.num_images,
-            "scheduler": self.scheduler,
-            "loras": [
-                {"lora": lora.lora_id, "name": lora.name, "weight": lora.weight}
-                for lora in self.loras
-            ],
-            "output_format": self.output_format,
-            "preview_every_n_steps": self.preview_every,
-            "chunk_size_bytes": self.chunk_size,
-        }
+
+# Until 2026-12 the aggregate lived in server.domain.generation_job; stored events name
+# that topic, so it keeps resolving to this class.
+register_topic("server.domain.generation_job:Generation", Generation)

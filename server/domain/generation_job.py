@@ -1,154 +1,69 @@
-"""The Generation aggregate: a job's lifecycle as events (submitted, started, then succeeded,
-failed or cancelled). GetGeneration, ListGenerations and the audit trail read projections of
-these; the executor's in-memory stream carries the fast-moving progress and image bytes."""
+"""A generation job as the executor runs it: the request with defaults filled in and its
+LoRAs resolved to files, and the key that says which jobs may share a batch."""
 
 from __future__ import annotations
 
-import enum
-import uuid
-from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
 
-from eventsourcing.domain import Aggregate, event
-
-from server.domain.generation import ImageComplete
-from server.domain.models import aware
-
-
-class GenerationState(enum.StrEnum):
-    QUEUED = "QUEUED"
-    RUNNING = "RUNNING"
-    SUCCEEDED = "SUCCEEDED"
-    FAILED = "FAILED"
-    CANCELLED = "CANCELLED"
-
-
-FINAL_STATES = frozenset(
-    {GenerationState.SUCCEEDED, GenerationState.FAILED, GenerationState.CANCELLED}
-)
+from server.domain.models import BaseModelConfig
 
 
 @dataclass(frozen=True, slots=True)
-class ImageRecord:
-    index: int
+class ResolvedLora:
+    """A catalogued LoRA as a job applies it: resolved to a file and a weight before queuing."""
+
+    lora_id: str
+    name: str
+    file_name: str
     sha256: str
-    size_bytes: int
-    mime_type: str
+    path: Path
+    weight: float
+    # Relative to a LoRA root: where another machine (a cluster worker) finds the same file.
+    file_path: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GenerationJob:
+    """Everything that determines a generation, with defaults filled in and LoRAs resolved.
+    `prompt` is what the text encoders see (A1111 `<lora:…>` tags removed); `original_prompt`
+    is what the client sent, written into the image's parameters."""
+
+    generation_id: str
+    model: BaseModelConfig
+    prompt: str
+    original_prompt: str
+    negative_prompt: str = ""
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
     seed: int
+    num_images: int = 1
+    scheduler: str = ""
+    loras: tuple[ResolvedLora, ...] = ()
+    output_format: str = "png"
+    chunk_size: int = 64 * 1024
+    preview_every: int = 0
 
-    def to_dict(self) -> dict[str, Any]:
+    def spec(self) -> dict[str, object]:
+        """The filled-in request as recorded on the Generation aggregate."""
         return {
-            "index": self.index,
-            "sha256": self.sha256,
-            "size_bytes": self.size_bytes,
-            "mime_type": self.mime_type,
+            "model": self.model.name,
+            "prompt": self.original_prompt,
+            "negative_prompt": self.negative_prompt,
+            "width": self.width,
+            "height": self.height,
+            "steps": self.steps,
+            "guidance_scale": self.guidance_scale,
             "seed": self.seed,
+            "num_images": self.num_images,
+            "scheduler": self.scheduler,
+            "loras": [
+                {"lora": lora.lora_id, "name": lora.name, "weight": lora.weight}
+                for lora in self.loras
+            ],
+            "output_format": self.output_format,
+            "preview_every_n_steps": self.preview_every,
+            "chunk_size_bytes": self.chunk_size,
         }
-
-    @staticmethod
-    def of(image: ImageComplete) -> ImageRecord:
-        """The record of an image a job finished (the stream's event)."""
-        return ImageRecord(
-            image.image_index, image.sha256, image.size_bytes, image.mime_type, image.seed
-        )
-
-    @staticmethod
-    def from_dict(d: dict[str, Any]) -> ImageRecord:
-        return ImageRecord(
-            int(d["index"]),
-            str(d["sha256"]),
-            int(d["size_bytes"]),
-            str(d["mime_type"]),
-            int(d["seed"]),
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class GenerationView:
-    """A generation as queries see it. `spec` holds the request with defaults filled in (the
-    keys of GenerationRequest, LoRAs as [{"lora", "weight"}])."""
-
-    id: str
-    state: GenerationState
-    spec: dict[str, Any]
-    images: tuple[ImageRecord, ...] = ()
-    error: str = ""
-    timings: dict[str, float] = field(default_factory=dict)
-    create_time: datetime | None = None
-    end_time: datetime | None = None
-    version: int = 0
-
-
-class Generation(Aggregate):
-    """One generation job. Its id is the generation id clients see."""
-
-    @staticmethod
-    def create_id(generation_id: str) -> uuid.UUID:
-        return uuid.UUID(generation_id)
-
-    @event("Submitted")
-    def __init__(
-        self,
-        generation_id: str,
-        spec: dict[str, Any],
-        principal: str,
-        request_id: str,
-        queue_position: int = 0,
-    ) -> None:
-        self.spec = spec
-        self.state = GenerationState.QUEUED
-        self.images: list[dict[str, Any]] = []
-        self.error = ""
-        self.timings: dict[str, float] = {}
-        self.end_time: datetime | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.state in FINAL_STATES
-
-    @event("Started")
-    def start(self, batch_size: int, principal: str, request_id: str) -> None:
-        self.state = GenerationState.RUNNING
-
-    @event("Succeeded")
-    def succeed(
-        self,
-        images: list[dict[str, Any]],
-        timings: dict[str, float],
-        principal: str,
-        request_id: str,
-    ) -> None:
-        self.state = GenerationState.SUCCEEDED
-        self.images = images
-        self.timings = timings
-        self.end_time = aware(self.modified_on)
-
-    @event("Failed")
-    def fail(
-        self, error: str, images: list[dict[str, Any]], principal: str, request_id: str
-    ) -> None:
-        self.state = GenerationState.FAILED
-        self.error = error
-        self.images = images
-        self.end_time = aware(self.modified_on)
-
-    @event("Cancelled")
-    def cancel(self, images: list[dict[str, Any]], principal: str, request_id: str) -> None:
-        """Images finished before the cancellation are kept."""
-        self.state = GenerationState.CANCELLED
-        self.images = images
-        self.end_time = aware(self.modified_on)
-
-    def view(self) -> GenerationView:
-        return GenerationView(
-            id=str(self.id),
-            state=self.state,
-            spec=self.spec,
-            images=tuple(ImageRecord.from_dict(d) for d in self.images),
-            error=self.error,
-            timings=dict(self.timings),
-            create_time=aware(self.created_on),
-            end_time=self.end_time,
-            version=self.version,
-        )

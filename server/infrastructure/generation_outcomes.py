@@ -10,7 +10,7 @@ import threading
 import time
 from collections import OrderedDict
 
-from server.domain.generation_job import FINAL_STATES
+from server.domain.generation import FINAL_STATES
 from server.infrastructure.read_model import ProjectedChange
 
 

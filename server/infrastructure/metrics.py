@@ -23,7 +23,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from server.domain.errors import DomainError
-from server.domain.generation_job import FINAL_STATES, GenerationState
+from server.domain.generation import FINAL_STATES, GenerationState
 from server.infrastructure.diffusion.runtime import device_memory
 from server.infrastructure.event_store import EventStore
 from server.infrastructure.projector import Projector

@@ -20,7 +20,7 @@ from server.domain.errors import (
     FieldViolation,
     ValidationError,
 )
-from server.domain.generation_job import Generation, GenerationView
+from server.domain.generation import Generation, GenerationView
 from server.domain.lora import CommandRecord, Lora
 from server.domain.models import AuditEntry, HistoryEntry, LoraView
 from server.domain.recommendation import PastGeneration
@@ -156,7 +156,7 @@ class Projector:
                 continue
             event = self._store.decode(n)
             audit.append(_audit_entry(n.id, event))
-            if n.topic.startswith((_LORA, _GENERATION)):
+            if n.topic.startswith((_LORA, *_GENERATION)):
                 latest[uuid.UUID(str(n.originator_id))] = n.originator_version
             elif n.topic.startswith(_PAST_GENERATION):
                 history.append(HistoryEntry(n.id, event.prompt, tuple(event.lora_ids)))
@@ -198,7 +198,11 @@ def _topic_prefix(cls: type[Any]) -> str:
 _COMMAND_RECORD = _topic_prefix(CommandRecord)
 _LORA = _topic_prefix(Lora)
 _PAST_GENERATION = _topic_prefix(PastGeneration)
-_GENERATION = _topic_prefix(Generation)
+_GENERATION = (
+    _topic_prefix(Generation),
+    # Events stored before the aggregate moved from server.domain.generation_job.
+    "server.domain.generation_job:Generation.",
+)
 
 
 def _audit_entry(position: int, event: Any) -> AuditEntry:

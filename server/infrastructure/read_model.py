@@ -15,7 +15,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from server.domain.errors import FieldViolation, UnavailableError, ValidationError
-from server.domain.generation_job import GenerationState, GenerationView, ImageRecord
+from server.domain.generation import GenerationState, GenerationView, ImageRecord
 from server.domain.lora import file_from_dict, file_to_dict, metadata_from_dict, metadata_to_dict
 from server.domain.models import (
     AuditEntry,

@@ -125,3 +125,11 @@ def status_name(context: Context, error: BaseException | None) -> str:
     if isinstance(code, int):
         return _CODE_NAMES.get(code, "UNKNOWN")
     return "OK" if error is None else "UNKNOWN"
+
+
+def server_interceptors(rpc_metrics: RpcMetrics | None) -> list[grpc.aio.ServerInterceptor]:
+    """Every call gets log context; calls are counted and timed when metrics are served."""
+    interceptors: list[grpc.aio.ServerInterceptor] = [LogContextInterceptor()]
+    if rpc_metrics is not None:
+        interceptors.append(MetricsInterceptor(rpc_metrics))
+    return interceptors

@@ -18,10 +18,10 @@ from server.application.commands import (
     LoraChoice,
     LoRARecommendation,
 )
-from server.domain import generation as gen
+from server.domain import generation_events as gen
 from server.domain.errors import FieldViolation, ValidationError
-from server.domain.generation import GenerationEvent
-from server.domain.generation_job import GenerationState, GenerationView
+from server.domain.generation import GenerationState, GenerationView
+from server.domain.generation_events import GenerationEvent
 from server.domain.models import Architecture, AuditEntry, BaseModelInfo, LoraSource, LoraView
 
 _ARCH = {

@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from server.devtools.tiny_loras import write_lora_for_pipeline
-from server.devtools.tiny_pipelines import build_tiny_sd15, build_tiny_sdxl
 from server.domain.models import Architecture, BaseModelConfig
 from server.infrastructure.diffusion.adapters import AdapterCache, AdapterLoadError, AdapterSpec
+from server.infrastructure.diffusion.placeholder import build_tiny_sd15, build_tiny_sdxl
 from server.infrastructure.diffusion.registry import load_pipeline
 from server.infrastructure.lora_files import LoraFileReader, sha256_file
 

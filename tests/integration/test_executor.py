@@ -14,12 +14,12 @@ import torch
 
 from server.application.context import DispatchContext
 from server.application.generation.jobs import GenerationJobs
-from server.devtools.tiny_pipelines import build_tiny_sd15
-from server.domain import generation as gen
+from server.domain import generation_events as gen
 from server.domain.errors import ResourceExhaustedError
-from server.domain.generation import GenerationJob
+from server.domain.generation_job import GenerationJob
 from server.domain.models import Architecture, BaseModelConfig
 from server.infrastructure.diffusion.executor import DiffusionExecutor
+from server.infrastructure.diffusion.placeholder import build_tiny_sd15
 from server.infrastructure.diffusion.registry import load_pipeline
 
 torch.set_num_threads(1)

@@ -18,8 +18,7 @@ from server.application.commands import GenerateImageCommand, GenerationRequest
 from server.application.context import DispatchContext
 from server.bootstrap import Container, bootstrap
 from server.config import Settings
-from server.devtools.tiny_pipelines import build_tiny_sd15
-from server.domain import generation as gen
+from server.domain import generation_events as gen
 from server.domain.errors import (
     NotFoundError,
     ResourceExhaustedError,
@@ -27,6 +26,7 @@ from server.domain.errors import (
 )
 from server.domain.models import Architecture, BaseModelConfig
 from server.infrastructure.diffusion.executor import DiffusionExecutor
+from server.infrastructure.diffusion.placeholder import build_tiny_sd15
 
 
 @pytest.fixture(scope="module")

@@ -37,11 +37,12 @@ from server.application.queries import (
 from server.bootstrap import Container, bootstrap
 from server.config import Settings
 from server.devtools.tiny_loras import write_lora_for_pipeline
-from server.devtools.tiny_pipelines import build_tiny_sd15, build_tiny_sdxl
-from server.domain import generation as gen
+from server.domain import generation_events as gen
 from server.domain.errors import PreconditionError, UnavailableError, ValidationError
-from server.domain.generation_job import GenerationState
+from server.domain.generation import GenerationState
+from server.domain.generation_job import GenerationJob
 from server.domain.models import Architecture, BaseModelConfig, EventFilter, LoraView
+from server.infrastructure.diffusion.placeholder import build_tiny_sd15, build_tiny_sdxl
 from server.infrastructure.diffusion.registry import load_pipeline
 
 torch.set_num_threads(1)
@@ -442,7 +443,7 @@ class _BrokerDownAfterAccept:
     """An executor whose queue takes the job's slot, then fails to hand it on (a broker
     that stops answering between the two steps)."""
 
-    def submit(self, job: gen.GenerationJob, on_accept: Any = None) -> Any:
+    def submit(self, job: GenerationJob, on_accept: Any = None) -> Any:
         on_accept(0)
         raise UnavailableError("the job broker is unavailable (queue the job); retry shortly")
 

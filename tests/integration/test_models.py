@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.devtools.tiny_pipelines import build_tiny_sd15, build_tiny_sdxl
 from server.domain.errors import PreconditionError
 from server.domain.models import Architecture, BaseModelConfig
+from server.infrastructure.diffusion.placeholder import build_tiny_sd15, build_tiny_sdxl
 from server.infrastructure.diffusion.registry import (
     EMBEDDED_NAME,
     ModelRegistry,

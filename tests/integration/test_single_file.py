@@ -23,10 +23,10 @@ from server.devtools.single_file import (
     vae_to_ldm,
     write_single_file_checkpoint,
 )
-from server.devtools.tiny_pipelines import build_tiny_sd15, build_tiny_sdxl
 from server.domain.errors import PreconditionError
 from server.domain.models import Architecture, BaseModelConfig
 from server.infrastructure.diffusion import registry
+from server.infrastructure.diffusion.placeholder import build_tiny_sd15, build_tiny_sdxl
 from server.infrastructure.diffusion.registry import inspect_model, load_pipeline
 
 torch.set_num_threads(1)

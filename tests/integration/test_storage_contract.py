@@ -3,6 +3,7 @@ Each back end subclasses StorageContract and says how to make a fresh store URL.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import threading
@@ -31,7 +32,7 @@ from server.application.queries import (
 from server.bootstrap import Container
 from server.devtools.synthetic_loras import write_synthetic_lora
 from server.domain.errors import ConflictError, ConsistencyTimeoutError, ValidationError
-from server.domain.generation_job import Generation, GenerationState
+from server.domain.generation import Generation, GenerationState
 from server.domain.lora import Lora
 from server.domain.models import Architecture, EventFilter, LoraFilter
 from server.infrastructure.storage_url import POSTGRES_TCP
@@ -259,6 +260,41 @@ class StorageContract:
             "GenerationSucceeded",
         ]
 
+    def test_events_stored_under_the_old_aggregate_topic_still_load(self, c: Container) -> None:
+        """The aggregate moved from server.domain.generation_job; logs written before name
+        that module in every event's topic."""
+        g = Generation(
+            generation_id=str(uuid.uuid4()),
+            spec={"model": "m", "prompt": "old", "steps": 2},
+            principal="alice",
+            request_id="old-1",
+        )
+        g.start(1, "alice", "old-1")
+        g.fail("it broke", [], "alice", "old-1")
+        mapper, recorder = c.store.app.mapper, c.store.app.recorder
+        stored = [mapper.to_stored_event(e) for e in g.collect_events()]
+        legacy = [
+            dataclasses.replace(
+                s, topic=s.topic.replace(_topic(Generation), "server.domain.generation_job:")
+            )
+            for s in stored
+        ]
+        assert all(s.topic.startswith("server.domain.generation_job:Generation.") for s in legacy)
+        recorder.insert_events(legacy)
+        ctx = DispatchContext(min_position=c.store.max_position())
+        view = c.queries.dispatch(GetGenerationQuery(generation_id=str(g.id)), ctx).data
+        assert view.state is GenerationState.FAILED
+        assert view.error == "it broke"
+        loaded = c.store.get(g.id)
+        assert isinstance(loaded, Generation)
+        assert loaded.version == 3
+        events = c.read_model.events(EventFilter(), 1000)
+        assert [e.type for e in events if e.aggregate_id == str(g.id)] == [
+            "GenerationSubmitted",
+            "GenerationStarted",
+            "GenerationFailed",
+        ]
+
 
 class TestSQLite(StorageContract):
     @pytest.fixture
@@ -331,3 +367,7 @@ def test_listeners_run_before_waiters_wake(tmp_path: Path) -> None:
         assert fresh.total_size == 7
     finally:
         c.close()
+
+
+def _topic(cls: type[Any]) -> str:
+    return f"{cls.__module__}:"

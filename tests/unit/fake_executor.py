@@ -9,19 +9,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from server.domain.errors import ResourceExhaustedError
-from server.domain.generation import (
+from server.domain.generation_events import (
     TERMINAL,
     Cancelled,
     Completed,
     Failed,
     GenerationEvent,
-    GenerationJob,
     ImageComplete,
     Payload,
     Queued,
     Started,
     Timings,
 )
+from server.domain.generation_job import GenerationJob
 from server.domain.models import BaseModelConfig, BaseModelInfo
 
 

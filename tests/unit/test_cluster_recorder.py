@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from server.application.generation.lifecycle import Transition
 from server.domain.errors import ConflictError, DomainError, UnavailableError
-from server.domain.generation import Completed, Timings
+from server.domain.generation_events import Completed, Timings
 from server.infrastructure.broker.codec import Who, to_record
 from server.infrastructure.broker.replica import RecorderFeed
 from tests.unit.fake_broker import FakeBroker

@@ -12,24 +12,23 @@ from pathlib import Path
 
 import pytest
 
-from server.domain.generation import (
+from server.domain.generation_events import (
     TERMINAL,
     Cancelled,
     Completed,
     Failed,
     GenerationEvent,
-    GenerationJob,
     ImageChunk,
     ImageComplete,
     Payload,
     Preview,
     Progress,
     Queued,
-    ResolvedLora,
     Started,
     Timings,
     image_chunks,
 )
+from server.domain.generation_job import GenerationJob, ResolvedLora
 from server.domain.models import Architecture, BaseModelConfig
 from server.infrastructure.broker.codec import (
     Who,

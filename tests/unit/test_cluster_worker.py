@@ -18,16 +18,16 @@ from PIL import Image
 
 from server.application.context import DispatchContext, use_context
 from server.domain.errors import ResourceExhaustedError
-from server.domain.generation import (
+from server.domain.generation_events import (
     Cancelled,
     Completed,
-    GenerationJob,
     ImageChunk,
     ImageComplete,
     Payload,
     Started,
     image_chunks,
 )
+from server.domain.generation_job import GenerationJob
 from server.domain.models import Architecture, BaseModelConfig, BaseModelInfo
 from server.infrastructure.broker.codec import (
     Who,

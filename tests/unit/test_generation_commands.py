@@ -26,7 +26,8 @@ from server.domain.errors import (
     ResourceExhaustedError,
     ValidationError,
 )
-from server.domain.generation import (
+from server.domain.generation import GenerationState, GenerationView
+from server.domain.generation_events import (
     Cancelled,
     Completed,
     Failed,
@@ -36,7 +37,6 @@ from server.domain.generation import (
     Started,
     Timings,
 )
-from server.domain.generation_job import GenerationState, GenerationView
 from server.infrastructure.broker.codec import decode_job, to_record
 from server.infrastructure.broker.replica import model_document
 from tests.support import make_container

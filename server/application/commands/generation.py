@@ -19,8 +19,8 @@ from server.application.generation.jobs import GenerationJobs
 from server.application.generation.request import GenerationRequest, LoraChoice
 from server.application.ports import CatalogRepository, Recommender
 from server.domain.errors import FieldViolation, ValidationError
-from server.domain.generation import GenerationEvent
-from server.domain.generation_job import Generation, GenerationView
+from server.domain.generation import Generation, GenerationView
+from server.domain.generation_events import GenerationEvent
 from server.domain.models import is_uuid
 from server.domain.recommend.prompt import parse_prompt
 

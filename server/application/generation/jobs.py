@@ -39,8 +39,9 @@ from server.domain.errors import (
     ResourceExhaustedError,
     ValidationError,
 )
-from server.domain.generation import TERMINAL, Failed, GenerationEvent, GenerationJob, ResolvedLora
-from server.domain.generation_job import Generation, GenerationView
+from server.domain.generation import Generation, GenerationView
+from server.domain.generation_events import TERMINAL, Failed, GenerationEvent
+from server.domain.generation_job import GenerationJob, ResolvedLora
 from server.domain.models import Architecture, BaseModelInfo, LoraView, is_uuid
 from server.domain.recommend.prompt import parse_prompt
 

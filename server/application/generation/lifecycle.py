@@ -13,15 +13,9 @@ from typing import Any
 
 from server.application.context import DispatchContext
 from server.application.ports import CatalogRepository, JobStream
-from server.domain.generation import (
-    Cancelled,
-    Completed,
-    Failed,
-    GenerationJob,
-    Payload,
-    Started,
-)
-from server.domain.generation_job import Generation, GenerationView, ImageRecord
+from server.domain.generation import Generation, GenerationView, ImageRecord
+from server.domain.generation_events import Cancelled, Completed, Failed, Payload, Started
+from server.domain.generation_job import GenerationJob
 
 log = logging.getLogger("loracle.generation")
 

@@ -23,7 +23,8 @@ from server.application.queries.base import (
 )
 from server.application.queries.lora_queries import page_size
 from server.domain.errors import FieldViolation, NotFoundError, PreconditionError, ValidationError
-from server.domain.generation import (
+from server.domain.generation import FINAL_STATES, GenerationState, GenerationView
+from server.domain.generation_events import (
     Cancelled,
     Completed,
     Failed,
@@ -33,7 +34,6 @@ from server.domain.generation import (
     Timings,
     image_chunks,
 )
-from server.domain.generation_job import FINAL_STATES, GenerationState, GenerationView
 from server.domain.models import BaseModelInfo, Page
 
 

@@ -8,21 +8,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server.domain.generation import (
+from server.domain.batching import BatchKey, batch_key
+from server.domain.generation_events import (
     Cancelled,
     Completed,
     Failed,
-    GenerationJob,
     ImageChunk,
     ImageComplete,
     Payload,
     Preview,
     Progress,
     Queued,
-    ResolvedLora,
     Started,
     Timings,
 )
+from server.domain.generation_job import GenerationJob, ResolvedLora
 from server.domain.models import BaseModelConfig
 from server.infrastructure.broker.port import EventRecord
 
@@ -64,8 +64,8 @@ class JobMessage:
     fields: dict[str, Any]
     loras: tuple[ResolvedLora, ...]
     who: Who
-    # GenerationJob.batch_key() as the replica computed it: jobs with equal keys batch.
-    batch_key: str = ""
+    # As the replica derived it (server.domain.batching): jobs with equal keys batch.
+    batch_key: BatchKey = ""
 
     @property
     def num_images(self) -> int:
@@ -134,7 +134,7 @@ def encode_job(job: GenerationJob, who: Who) -> bytes:
             for x in job.loras
         ],
         "who": who.to_dict(),
-        "batch_key": json.dumps(job.batch_key()),
+        "batch_key": batch_key(job),
     }
     return json.dumps(doc).encode()
 

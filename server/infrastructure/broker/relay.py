@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from server.domain.generation import (
+from server.domain.generation_events import (
     TERMINAL,
     ImageChunk,
     ImageComplete,

@@ -15,15 +15,9 @@ from typing import Any, Protocol
 from server.application.context import current_context
 from server.application.generation.lifecycle import Transition
 from server.domain.errors import ConflictError, DomainError, ResourceExhaustedError
-from server.domain.generation import (
-    TERMINAL,
-    Cancelled,
-    GenerationEvent,
-    GenerationJob,
-    Payload,
-    Queued,
-)
-from server.domain.generation_job import ImageRecord
+from server.domain.generation import ImageRecord
+from server.domain.generation_events import TERMINAL, Cancelled, GenerationEvent, Payload, Queued
+from server.domain.generation_job import GenerationJob
 from server.domain.models import BaseModelConfig, BaseModelInfo, resolve_architecture
 from server.infrastructure.broker.codec import (
     Who,

@@ -20,18 +20,18 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from server.application.ports import LoraFiles
+from server.domain.batching import Batch
 from server.domain.errors import DomainError
-from server.domain.generation import (
+from server.domain.generation_events import (
     TERMINAL,
     Cancelled,
     Failed,
-    GenerationJob,
     ImageChunk,
     ImageComplete,
     Queued,
-    ResolvedLora,
     Started,
 )
+from server.domain.generation_job import GenerationJob, ResolvedLora
 from server.domain.models import BaseModelInfo
 from server.infrastructure.broker.codec import JobMessage, decode_job, to_record
 from server.infrastructure.broker.port import Broker, Claim, Delivery
@@ -147,9 +147,7 @@ class BrokerWorker:
         `batch_wait` while the batch has room (clients whose jobs just finished are still
         sending their next ones); the rest go straight back to the queue. The kept jobs are
         claimed first and handed to the executor together, so they start as one batch."""
-        kept: list[tuple[Delivery, JobMessage]] = []
-        key: str | None = None
-        images = 0
+        batch: Batch[tuple[Delivery, JobMessage]] = Batch(self._max_batch)
         deadline = time.monotonic() + self._batch_wait
         while True:
             for delivery in deliveries:
@@ -159,22 +157,16 @@ class BrokerWorker:
                     log.error("dropping an undecodable job message")
                     delivery.ack()
                     continue
-                this = message.batch_key
-                count = message.num_images
-                if key is None or (this == key and images + count <= self._max_batch):
-                    key = this
-                    images += count
-                    kept.append((delivery, message))
-                else:
+                if not batch.offer((delivery, message), message.batch_key, message.num_images):
                     # Another worker (or this one, next) runs it; the short delay (past this
                     # loop's window) keeps this loop from fetching it again.
                     delivery.hand_back(delay=2 * self._batch_wait)
             remaining = deadline - time.monotonic()
-            if images >= self._max_batch or remaining <= 0 or self._stop.is_set():
+            if batch.full or remaining <= 0 or self._stop.is_set():
                 break
-            deliveries = self._broker.fetch(self._max_batch - images, timeout=remaining)
+            deliveries = self._broker.fetch(self._max_batch - batch.images, timeout=remaining)
         claimed: list[tuple[_Held, GenerationJob, dict[int, ImageComplete]]] = []
-        for delivery, message in kept:
+        for delivery, message in batch.members:
             try:
                 taken = self._claim(delivery, message)
             except DomainError as exc:

@@ -18,14 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from server.domain.batching import Batch, batch_key
 from server.domain.errors import ResourceExhaustedError
-from server.domain.generation import (
+from server.domain.generation_events import (
     TERMINAL,
     Cancelled,
     Completed,
     Failed,
     GenerationEvent,
-    GenerationJob,
     ImageComplete,
     Payload,
     Preview,
@@ -35,6 +35,7 @@ from server.domain.generation import (
     Timings,
     image_chunks,
 )
+from server.domain.generation_job import GenerationJob
 from server.domain.models import BaseModelConfig
 from server.domain.schedulers import SCHEDULERS, a1111_label
 from server.infrastructure.diffusion.adapters import AdapterCache, AdapterLoadError, AdapterSpec
@@ -318,24 +319,20 @@ class DiffusionExecutor:
             if self._stop:
                 return None
             first = self._waiting.popleft()
-            batch = [first]
-            self.running = batch
-            key = first.job.batch_key()
-            size = first.job.num_images
+            batch: Batch[JobHandle] = Batch(self._max_batch)
+            batch.offer(first, batch_key(first.job), first.job.num_images)
+            self.running = batch.members
             deadline = time.monotonic() + self._batch_wait
-            while size < self._max_batch and not self._stop:
+            while not batch.full and not self._stop:
                 for waiting in list(self._waiting):
-                    fits = size + waiting.job.num_images <= self._max_batch
-                    if fits and waiting.job.batch_key() == key:
+                    if batch.offer(waiting, batch_key(waiting.job), waiting.job.num_images):
                         self._waiting.remove(waiting)
-                        batch.append(waiting)
-                        size += waiting.job.num_images
                 remaining = deadline - time.monotonic()
-                if size >= self._max_batch or remaining <= 0:
+                if batch.full or remaining <= 0:
                     break
                 self._lock.wait(remaining)
             self._announce_positions()
-            return batch
+            return batch.members
 
     def _run_batch(self, batch: list[JobHandle]) -> None:
         import torch

@@ -196,7 +196,7 @@ class ModelRegistry:
             return [self._status[c.name] for c in self._configs]
 
     def _build(self, pending: list[BaseModelConfig]) -> None:
-        from server.devtools.tiny_pipelines import build_tiny_sd15
+        from server.infrastructure.diffusion.placeholder import build_tiny_sd15
 
         for config in pending:
             try:

@@ -1,7 +1,9 @@
-"""Tiny random-weight Stable Diffusion pipelines (SD1.5 and SDXL architectures), built locally
-in well under a second and saved in diffusers format. Nothing is downloaded: the tokenizer is
-a byte-level vocabulary written here. Their images are noise; they exist so that the real
-loading and generation code runs on machines without model files or a GPU."""
+"""The embedded placeholder model: a tiny random-weight SD1.5 pipeline the server builds when
+no model is configured (and its SDXL sibling, which tests build the same way), in well under a
+second, saved in diffusers format. Nothing is downloaded: the tokenizer is a byte-level
+vocabulary written here. Their images are noise; they exist so that the real loading and
+generation code runs on machines without model files or a GPU. Production code, not a dev
+tool: a server with no model configured depends on it."""
 
 from __future__ import annotations
 

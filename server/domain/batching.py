@@ -1,0 +1,55 @@
+"""Which jobs share one denoising loop. One policy for the in-process executor and the
+cluster worker: the key is derived here, once, and travels with a job through the broker."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from server.domain.generation_job import GenerationJob
+
+BatchKey = str
+T = TypeVar("T")
+
+
+def batch_key(job: GenerationJob) -> BatchKey:
+    """Equal keys batch: everything the denoising loop shares. The presence of a negative
+    prompt is part of it because SDXL zeroes an absent one. Text, so a replica can put it in
+    a broker message and a worker compare it without rebuilding the job."""
+    return json.dumps(
+        [
+            job.model.name,
+            sorted([lora.sha256, lora.weight] for lora in job.loras),
+            job.width,
+            job.height,
+            job.steps,
+            job.scheduler,
+            job.guidance_scale,
+            bool(job.negative_prompt),
+        ]
+    )
+
+
+@dataclass
+class Batch(Generic[T]):
+    """The oldest waiting job and the compatible ones that join it, up to `max_images`
+    images. A job larger than the limit on its own still runs, alone."""
+
+    max_images: int
+    key: BatchKey | None = None
+    images: int = 0
+    members: list[T] = field(default_factory=list)
+
+    def offer(self, member: T, key: BatchKey, images: int) -> bool:
+        """Adds `member` when the batch is empty, or when its key matches and it fits."""
+        if self.key is not None and (key != self.key or self.images + images > self.max_images):
+            return False
+        self.key = key
+        self.images += images
+        self.members.append(member)
+        return True
+
+    @property
+    def full(self) -> bool:
+        return self.images >= self.max_images
