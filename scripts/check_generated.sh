@@ -10,3 +10,5 @@ if ! diff -r -x __pycache__ "$tmp/generated" generated; then
   exit 1
 fi
 echo "generated/ matches protos/"
+# The sync client is generated from the async one.
+"${PYTHON:-.venv/bin/python}" scripts/unasync.py --check
