@@ -143,7 +143,7 @@ class PipelineCache:
         loaded = LoadedPipeline(
             pipe=pipe,
             family=family,
-            model_hash=_model_hash(model, self._model_hashes),
+            model_hash=_model_hash(model, family.denoiser, self._model_hashes),
             size_bytes=size,
             adapters=AdapterCache(
                 pipe, budget_bytes=self._adapter_budget, components=family.lora_components
@@ -199,12 +199,13 @@ def _estimate_bytes(model: BaseModelConfig) -> int:
     return sum(f.stat().st_size for f in files if f.exists())
 
 
-def _model_hash(model: BaseModelConfig, known: dict[tuple[Path, float], str]) -> str:
-    """A1111's short model hash: SHA-256 of the checkpoint (here the UNet weights), 10 hex.
+def _model_hash(model: BaseModelConfig, denoiser: str, known: dict[tuple[Path, float], str]) -> str:
+    """A1111's short model hash: SHA-256 of the checkpoint (of a folder, its denoiser's
+    weights), 10 hex.
     Reading gigabytes takes seconds, so a model unloaded and loaded again under the device
     budget reuses the hash while its files are unchanged."""
     path = model.path
-    candidates = [path] if path.is_file() else sorted((path / "unet").glob("*.safetensors"))
+    candidates = [path] if path.is_file() else sorted((path / denoiser).glob("*.safetensors"))
     key = (path, max((c.stat().st_mtime for c in candidates), default=0.0))
     if key not in known:
         digest = hashlib.sha256()

@@ -53,6 +53,9 @@ class ModelFamily(ABC):
     components: ClassVar[tuple[str, ...]]
     # What a request that leaves size, steps or guidance at zero gets.
     defaults: ClassVar[GenerationDefaults]
+    # The denoising component (its folder in a diffusers layout): A1111's model hash covers
+    # its weights.
+    denoiser: ClassVar[str] = "unet"
     # Pipeline components that LoRAs are loaded into (and whose weights fusing changes).
     lora_components: ClassVar[tuple[str, ...]]
     # The linear latent -> RGB map of cheap previews, and its bias (none: zero).
