@@ -15,8 +15,9 @@ T = TypeVar("T")
 
 def batch_key(job: GenerationJob) -> BatchKey:
     """Equal keys batch: everything the denoising loop shares. The presence of a negative
-    prompt is part of it because SDXL zeroes an absent one. Text, so a replica can put it in
-    a broker message and a worker compare it without rebuilding the job."""
+    prompt is part of it because SDXL zeroes an absent one; a model family can add fields of
+    its own (`BaseModelConfig.batch_fields`). Text, so a replica can put it in a broker
+    message and a worker compare it without rebuilding the job."""
     return json.dumps(
         [
             job.model.name,
@@ -27,6 +28,7 @@ def batch_key(job: GenerationJob) -> BatchKey:
             job.scheduler,
             job.guidance_scale,
             bool(job.negative_prompt),
+            *(getattr(job, name) for name in job.model.batch_fields),
         ]
     )
 

@@ -248,6 +248,24 @@ class BaseModelConfig:
     # A local diffusers folder of the same architecture whose configs and tokenizers a
     # single-file checkpoint is loaded with (a checkpoint holds only weights).
     config_dir: Path | None = None
+    # GenerationJob fields that must also be equal for two jobs to share a batch, beyond
+    # those every model shares (server.domain.batching); the registry fills them in from the
+    # model's family.
+    batch_fields: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationDefaults:
+    """What a request that leaves size, steps or guidance at zero gets, per model family."""
+
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+
+
+# For a model no family claims (it cannot run, but is still listed).
+FALLBACK_DEFAULTS = GenerationDefaults(512, 512, 25, 7.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,3 +275,4 @@ class BaseModelInfo:
     error: str = ""
     dtype: str = ""
     default_scheduler: str = ""
+    defaults: GenerationDefaults = FALLBACK_DEFAULTS

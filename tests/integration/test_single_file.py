@@ -26,6 +26,8 @@ from server.devtools.single_file import (
 from server.domain.errors import PreconditionError
 from server.domain.models import Architecture, BaseModelConfig
 from server.infrastructure.diffusion import registry
+from server.infrastructure.diffusion.families.sd import CLIP_SD1, OPEN_CLIP_SD2
+from server.infrastructure.diffusion.families.sdxl import CLIP_SDXL, OPEN_CLIP_SDXL
 from server.infrastructure.diffusion.placeholder import build_tiny_sd15, build_tiny_sdxl
 from server.infrastructure.diffusion.registry import inspect_model, load_pipeline
 
@@ -241,12 +243,7 @@ def test_recognition_keys_match_diffusers() -> None:
     """The start-up check looks for the keys diffusers itself uses to find each encoder."""
     from diffusers.loaders.single_file_utils import CHECKPOINT_KEY_NAMES
 
-    ours = (
-        registry._CLIP_SD1,
-        registry._OPEN_CLIP_SD2,
-        registry._CLIP_SDXL,
-        registry._OPEN_CLIP_SDXL,
-    )
+    ours = (CLIP_SD1, OPEN_CLIP_SD2, CLIP_SDXL, OPEN_CLIP_SDXL)
     names = ("clip", "open_clip", "clip_sdxl", "open_clip_sdxl")
     assert ours == tuple(CHECKPOINT_KEY_NAMES[name] for name in names)
 

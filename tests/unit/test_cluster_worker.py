@@ -39,8 +39,9 @@ from server.infrastructure.broker.codec import (
 from server.infrastructure.broker.port import Claim, EventRecord
 from server.infrastructure.broker.replica import BrokerExecutor, RemoteJobStream
 from server.infrastructure.broker.worker import BrokerWorker
-from server.infrastructure.diffusion import executor as executor_module
-from server.infrastructure.diffusion.executor import DiffusionExecutor, Job, JobHandle
+from server.infrastructure.diffusion import images as images_module
+from server.infrastructure.diffusion.executor import DiffusionExecutor
+from server.infrastructure.diffusion.handles import JobHandle
 from server.infrastructure.lora_files import LoraFileReader
 from tests.unit.fake_broker import FakeBroker
 
@@ -118,7 +119,9 @@ class RefusingExecutor(DiffusionExecutor):
         super().__init__(**kwargs)
         self.refusals = refusals
 
-    def submit(self, job: Job, on_accept: Callable[[int], None] | None = None) -> JobHandle:
+    def submit(
+        self, job: GenerationJob, on_accept: Callable[[int], None] | None = None
+    ) -> JobHandle:
         if self.refusals > 0:
             self.refusals -= 1
             raise ResourceExhaustedError("the executor is shutting down", 5.0)
@@ -187,7 +190,7 @@ class Cluster:
         return [e.payload for e in RemoteJobStream(self.broker, gid).events(poll=0.01)]
 
 
-def _manifest(job: Job, index: int, loaded: object) -> dict[str, object]:
+def _manifest(job: GenerationJob, index: int, loaded: object) -> dict[str, object]:
     return {"generation_id": job.generation_id, "seed": job.seed + index}
 
 
@@ -195,7 +198,7 @@ def _manifest(job: Job, index: int, loaded: object) -> dict[str, object]:
 def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
     # The PNG's manifest names the diffusers version, and importing diffusers alone takes
     # longer than all these tests; the manifest is covered by the integration tests.
-    monkeypatch.setattr(executor_module, "manifest", _manifest)
+    monkeypatch.setattr(images_module, "manifest", _manifest)
     lora_root = tmp_path / "loras"
     lora_root.mkdir()
     model = BaseModelConfig("tiny", Architecture.SD1, tmp_path / "model")

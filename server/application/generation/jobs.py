@@ -42,23 +42,22 @@ from server.domain.errors import (
 from server.domain.generation import Generation, GenerationView
 from server.domain.generation_events import TERMINAL, Failed, GenerationEvent
 from server.domain.generation_job import GenerationJob, ResolvedLora
-from server.domain.models import Architecture, BaseModelInfo, LoraView, is_uuid
+from server.domain.models import BaseModelInfo, GenerationDefaults, LoraView, is_uuid
 from server.domain.recommend.prompt import parse_prompt
 
 log = logging.getLogger("loracle.generation")
 
 PLACEHOLDER_SIDE = 256
+# Its images are noise, so a request left at zero gets the cheapest ones.
+PLACEHOLDER_DEFAULTS = GenerationDefaults(64, 64, 4, 7.0)
 # How long a cancel waits for the outcome another replica records (cluster mode).
 OUTCOME_WAIT_SECONDS = 10.0
 
 
-def _defaults(model: BaseModelInfo) -> tuple[int, int, float]:
-    """(side, steps, guidance) when a request leaves them at zero."""
-    if model.config.placeholder:
-        return 64, 4, 7.0
-    if model.config.architecture is Architecture.SDXL:
-        return 1024, 30, 5.0
-    return 512, 25, 7.0
+def _defaults(model: BaseModelInfo) -> GenerationDefaults:
+    """What a request gets for the values it leaves at zero: its model family's defaults, as
+    the model's registry reports them."""
+    return PLACEHOLDER_DEFAULTS if model.config.placeholder else model.defaults
 
 
 class GenerationJobs:
@@ -107,17 +106,21 @@ class GenerationJobs:
                 )
             )
         loras = self._resolve_loras(choices, model)
-        side, steps, guidance = _defaults(model)
+        defaults = _defaults(model)
         return GenerationJob(
             generation_id=str(uuid.uuid4()),
             model=model.config,
             prompt=strip_lora_tags(request.prompt),
             original_prompt=request.prompt,
             negative_prompt=request.negative_prompt,
-            width=request.width or side,
-            height=request.height or side,
-            steps=request.steps or steps,
-            guidance_scale=guidance if request.guidance_scale is None else request.guidance_scale,
+            width=request.width or defaults.width,
+            height=request.height or defaults.height,
+            steps=request.steps or defaults.steps,
+            guidance_scale=(
+                defaults.guidance_scale
+                if request.guidance_scale is None
+                else request.guidance_scale
+            ),
             seed=request.seed if request.seed is not None else random.randrange(2**31),
             num_images=request.num_images,
             scheduler=request.scheduler,

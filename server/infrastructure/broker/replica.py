@@ -18,7 +18,13 @@ from server.domain.errors import ConflictError, DomainError, ResourceExhaustedEr
 from server.domain.generation import ImageRecord
 from server.domain.generation_events import TERMINAL, Cancelled, GenerationEvent, Payload, Queued
 from server.domain.generation_job import GenerationJob
-from server.domain.models import BaseModelConfig, BaseModelInfo, resolve_architecture
+from server.domain.models import (
+    FALLBACK_DEFAULTS,
+    BaseModelConfig,
+    BaseModelInfo,
+    GenerationDefaults,
+    resolve_architecture,
+)
 from server.infrastructure.broker.codec import (
     Who,
     encode_job,
@@ -28,6 +34,7 @@ from server.infrastructure.broker.codec import (
 )
 from server.infrastructure.broker.port import Broker, Claim, EventRecord
 from server.infrastructure.broker.relay import Relay
+from server.infrastructure.diffusion.families import family_for
 
 log = logging.getLogger("loracle.cluster")
 
@@ -273,7 +280,7 @@ class ClusterModels:
 
 
 def model_document(info: BaseModelInfo) -> dict[str, Any]:
-    c = info.config
+    c, d = info.config, info.defaults
     return {
         "name": c.name,
         "architecture": c.architecture.value,
@@ -285,17 +292,38 @@ def model_document(info: BaseModelInfo) -> dict[str, Any]:
         "error": info.error,
         "resolved_dtype": info.dtype,
         "default_scheduler": info.default_scheduler,
+        "batch_fields": list(c.batch_fields),
+        "defaults": {
+            "width": d.width,
+            "height": d.height,
+            "steps": d.steps,
+            "guidance_scale": d.guidance_scale,
+        },
     }
 
 
 def _model_info(doc: dict[str, Any]) -> BaseModelInfo:
+    """A worker's advert read back. One from a worker older than a key gets what that worker
+    itself would have used: its model family's defaults and batch fields."""
+    architecture = resolve_architecture(str(doc["architecture"]))
+    family = family_for(architecture)
+    fields = family.batch_fields if family is not None else ()
+    fallback = family.defaults if family is not None else FALLBACK_DEFAULTS
+    given = doc.get("defaults") or {}
+    defaults = GenerationDefaults(
+        width=int(given.get("width", fallback.width)),
+        height=int(given.get("height", fallback.height)),
+        steps=int(given.get("steps", fallback.steps)),
+        guidance_scale=float(given.get("guidance_scale", fallback.guidance_scale)),
+    )
     config = BaseModelConfig(
         name=str(doc["name"]),
-        architecture=resolve_architecture(str(doc["architecture"])),
+        architecture=architecture,
         path=Path(str(doc["path"])),
         scheduler=str(doc.get("scheduler", "")),
         dtype=str(doc.get("dtype", "auto")),
         placeholder=bool(doc.get("placeholder", False)),
+        batch_fields=tuple(str(f) for f in doc.get("batch_fields", fields)),
     )
     return BaseModelInfo(
         config,
@@ -303,4 +331,5 @@ def _model_info(doc: dict[str, Any]) -> BaseModelInfo:
         str(doc.get("error", "")),
         str(doc.get("resolved_dtype", "")),
         str(doc.get("default_scheduler", "")),
+        defaults,
     )

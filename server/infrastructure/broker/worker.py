@@ -37,7 +37,8 @@ from server.infrastructure.broker.codec import JobMessage, decode_job, to_record
 from server.infrastructure.broker.port import Broker, Claim, Delivery
 from server.infrastructure.broker.relay import Relay
 from server.infrastructure.broker.replica import model_document
-from server.infrastructure.diffusion.executor import DiffusionExecutor, JobHandle
+from server.infrastructure.diffusion.executor import DiffusionExecutor
+from server.infrastructure.diffusion.handles import JobHandle
 
 log = logging.getLogger("loracle.worker")
 

@@ -32,7 +32,6 @@ __all__ = ["AdapterCache", "AdapterLoadError", "AdapterSpec", "AdapterStats"]
 
 log = logging.getLogger("loracle.adapters")
 
-_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 _DOWN_KEY = re.compile(
     r"(?:\.lora_down|\.lora_A|\.lora\.down|_lora\.down|\.lora_linear_layer\.down)\.weight$"
 )
@@ -84,6 +83,9 @@ class AdapterCache:
     2.6B parameters): copies on the GPU cost 2 GB of its memory, a switch between loaded LoRAs
     took 0.27 s and restore() 0.14 s; copies on "cpu" saved those 2 GB, but a switch took
     1.8 s and restore() 0.34 s. Copies are freed as soon as they are restored.
+
+    `components` names the pipeline components LoRAs go into (the model family's
+    `lora_components`); None means every torch module of the pipeline.
     """
 
     def __init__(
@@ -93,8 +95,10 @@ class AdapterCache:
         budget_bytes: int = 2 * 1024**3,
         fuse: bool = True,
         snapshot_device: str | None = None,
+        components: Sequence[str] | None = None,
     ) -> None:
         self._pipe = pipe
+        self._components = None if components is None else tuple(components)
         self._budget = budget_bytes
         self._fuse = fuse
         self._snapshot_device = snapshot_device
@@ -251,7 +255,10 @@ class AdapterCache:
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         layers: list[Any] = []
-        for component in _COMPONENTS:
+        names = self._components
+        if names is None:
+            names = tuple(getattr(self._pipe, "components", {}))
+        for component in names:
             model = getattr(self._pipe, component, None)
             if isinstance(model, torch.nn.Module):
                 layers += [m for m in model.modules() if isinstance(m, BaseTunerLayer)]

@@ -1,15 +1,28 @@
-"""Finished images on disk (<data dir>/generations/<id>/<index>.<ext>), so WatchGeneration
-can replay a generation after its in-memory stream is gone, until the retention period ends."""
+"""Finished images: encoded with the metadata that makes them reproducible (A1111's
+`parameters` text and Loracle's JSON manifest), and kept on disk
+(<data dir>/generations/<id>/<index>.<ext>), so WatchGeneration can replay a generation after
+its in-memory stream is gone, until the retention period ends."""
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from server.domain.generation_job import GenerationJob
+from server.domain.schedulers import a1111_label
+
+if TYPE_CHECKING:
+    from server.infrastructure.diffusion.pipelines import LoadedPipeline
 
 log = logging.getLogger("loracle.images")
 
+VERSION = "loracle 0.1.0"
+MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
 
 
@@ -70,3 +83,81 @@ class ImageStore:
             except OSError:
                 log.warning("could not remove expired images in %s", folder)
         return removed
+
+
+def a1111_parameters(
+    job: GenerationJob, index: int, model_hash: str, default_scheduler: str
+) -> str:
+    """The `parameters` text A1111, ComfyUI importers and Civitai read from PNGs."""
+    lines = [job.original_prompt]
+    if job.negative_prompt:
+        lines.append(f"Negative prompt: {job.negative_prompt}")
+    fields = [
+        f"Steps: {job.steps}",
+        f"Sampler: {a1111_label(job.scheduler, default_scheduler)}",
+        f"CFG scale: {job.guidance_scale:g}",
+        f"Seed: {job.seed + index}",
+        f"Size: {job.width}x{job.height}",
+        f"Model hash: {model_hash}",
+        f"Model: {job.model.name}",
+    ]
+    if job.loras:
+        hashes = ", ".join(
+            f"{lora.file_name or lora.name}: {lora.sha256[:12]}" for lora in job.loras
+        )
+        fields.append(f'Lora hashes: "{hashes}"')
+    fields.append(f"Version: {VERSION}")
+    lines.append(", ".join(fields))
+    return "\n".join(lines)
+
+
+def manifest(job: GenerationJob, index: int, loaded: LoadedPipeline) -> dict[str, Any]:
+    """Everything needed to make the image again, as JSON in the PNG."""
+    import diffusers
+    import torch
+
+    scheduler = loaded.schedulers.get(job.scheduler) or loaded.pipe.scheduler
+    return {
+        "generation_id": job.generation_id,
+        "model": job.model.name,
+        "model_hash": loaded.model_hash,
+        "architecture": job.model.architecture.value,
+        "prompt": job.original_prompt,
+        "negative_prompt": job.negative_prompt,
+        "seed": job.seed + index,
+        "steps": job.steps,
+        "guidance_scale": job.guidance_scale,
+        "size": [job.width, job.height],
+        "scheduler": {
+            "name": job.scheduler or "default",
+            "class": type(scheduler).__name__,
+            "config": dict(scheduler.config),
+        },
+        "loras": [
+            {"id": x.lora_id, "name": x.name, "sha256": x.sha256, "weight": x.weight}
+            for x in job.loras
+        ],
+        "versions": {
+            "loracle": VERSION,
+            "diffusers": diffusers.__version__,
+            "torch": torch.__version__,
+        },
+    }
+
+
+def encode_image(image: Any, job: GenerationJob, index: int, loaded: LoadedPipeline) -> bytes:
+    from PIL.PngImagePlugin import PngInfo
+
+    buffer = io.BytesIO()
+    parameters = a1111_parameters(job, index, loaded.model_hash, loaded.default_scheduler)
+    document = json.dumps(manifest(job, index, loaded), sort_keys=True, default=str)
+    if job.output_format == "png":
+        info = PngInfo()
+        info.add_text("parameters", parameters)
+        info.add_text("loracle", document)
+        image.save(buffer, format="PNG", pnginfo=info)
+    else:
+        exif = image.getexif()
+        exif[0x9286] = parameters  # UserComment, where A1111 keeps parameters in JPEG/WebP
+        image.save(buffer, format=job.output_format.upper(), quality=95, exif=exif)
+    return buffer.getvalue()

@@ -7,84 +7,54 @@ import json
 import logging
 import struct
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from server.domain.models import Architecture, BaseModelConfig, BaseModelInfo
+from server.domain.models import (
+    FALLBACK_DEFAULTS,
+    Architecture,
+    BaseModelConfig,
+    BaseModelInfo,
+    GenerationDefaults,
+)
+from server.infrastructure.diffusion.families import ModelFamily, family_for
 
 log = logging.getLogger("loracle.models")
 
 EMBEDDED_NAME = "tiny-sd15"
-_PIPELINES = {
-    Architecture.SD1: {"StableDiffusionPipeline"},
-    Architecture.SD2: {"StableDiffusionPipeline"},
-    Architecture.SDXL: {"StableDiffusionXLPipeline"},
-}
-_COMPONENTS = {
-    Architecture.SD1: ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
-    Architecture.SD2: ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
-    Architecture.SDXL: (
-        "unet",
-        "vae",
-        "text_encoder",
-        "text_encoder_2",
-        "tokenizer",
-        "tokenizer_2",
-        "scheduler",
-    ),
-}
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 NEEDS_CONFIG_DIR = (
     "single-file checkpoint needs config_dir: a local diffusers folder of the same "
     "architecture (its configs and tokenizers are used; no hub access)"
 )
-_UNET = ("the UNet (model.diffusion_model.*)", ("model.diffusion_model.",))
-_VAE = ("the VAE (first_stage_model.*)", ("first_stage_model.", "vae."))
-# The keys diffusers' CHECKPOINT_KEY_NAMES uses to recognise each text encoder.
-_CLIP_SD1 = "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight"
-_OPEN_CLIP_SD2 = "cond_stage_model.model.token_embedding.weight"
-_CLIP_SDXL = "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight"
-_OPEN_CLIP_SDXL = "conditioner.embedders.1.model.positional_embedding"
-_CHECKPOINT_PARTS: dict[Architecture, tuple[tuple[str, tuple[str, ...]], ...]] = {
-    Architecture.SD1: (_UNET, _VAE, (f"the CLIP text encoder ({_CLIP_SD1})", (_CLIP_SD1,))),
-    Architecture.SD2: (
-        _UNET,
-        _VAE,
-        (f"the OpenCLIP text encoder ({_OPEN_CLIP_SD2})", (_OPEN_CLIP_SD2,)),
-    ),
-    Architecture.SDXL: (
-        _UNET,
-        _VAE,
-        (f"the CLIP text encoder ({_CLIP_SDXL})", (_CLIP_SDXL,)),
-        (f"the OpenCLIP text encoder ({_OPEN_CLIP_SDXL})", (_OPEN_CLIP_SDXL,)),
-    ),
-}
 
 
 def inspect_model(config: BaseModelConfig) -> tuple[str, str]:
     """(error, default scheduler) for a model on disk; error is "" when it looks loadable."""
-    if config.architecture not in _PIPELINES:
+    family = family_for(config.architecture)
+    if family is None:
         return f"architecture {config.architecture.value} is not supported yet", ""
     path = config.path
     if not path.exists():
         return f"{path} does not exist", ""
     if path.is_file():
-        return _inspect_checkpoint(config)
-    return _inspect_folder(path, config.architecture)
+        return _inspect_checkpoint(config, family)
+    return _inspect_folder(path, config.architecture, family)
 
 
-def _inspect_folder(path: Path, architecture: Architecture) -> tuple[str, str]:
+def _inspect_folder(path: Path, architecture: Architecture, family: ModelFamily) -> tuple[str, str]:
     index_path = path / "model_index.json"
     try:
         index: dict[str, Any] = json.loads(index_path.read_text())
     except (OSError, ValueError) as exc:
         return f"{index_path}: not a diffusers model folder ({exc.__class__.__name__})", ""
     kind = str(index.get("_class_name", ""))
-    if kind not in _PIPELINES[architecture]:
+    if kind not in family.pipeline_classes:
         return (
             f"{path} holds a {kind or 'unknown pipeline'}, not a {architecture.value} pipeline"
         ), ""
-    missing = [c for c in _COMPONENTS[architecture] if not (path / c).is_dir()]
+    missing = [c for c in family.components if not (path / c).is_dir()]
     if missing:
         return f"{path} lacks {', '.join(missing)}", ""
     scheduler = ""
@@ -96,21 +66,21 @@ def _inspect_folder(path: Path, architecture: Architecture) -> tuple[str, str]:
     return "", scheduler
 
 
-def _inspect_checkpoint(config: BaseModelConfig) -> tuple[str, str]:
+def _inspect_checkpoint(config: BaseModelConfig, family: ModelFamily) -> tuple[str, str]:
     """A single file holds only weights: its configs, tokenizers and scheduler come from
     config_dir, which is what keeps diffusers from fetching them from the hub."""
-    error = _inspect_single_file(config.path, config.architecture)
+    error = _inspect_single_file(config.path, config.architecture, family)
     if error:
         return error, ""
     if config.config_dir is None:
         return NEEDS_CONFIG_DIR, ""
     if not config.config_dir.is_dir():
         return f"config_dir {config.config_dir} is not a folder; {NEEDS_CONFIG_DIR}", ""
-    error, scheduler = _inspect_folder(config.config_dir, config.architecture)
+    error, scheduler = _inspect_folder(config.config_dir, config.architecture, family)
     return (f"config_dir: {error}" if error else ""), scheduler
 
 
-def _inspect_single_file(path: Path, architecture: Architecture) -> str:
+def _inspect_single_file(path: Path, architecture: Architecture, family: ModelFamily) -> str:
     if path.suffix.lower() != ".safetensors":
         return f"{path}: only .safetensors checkpoints are accepted (pickle can run code)"
     try:
@@ -129,29 +99,23 @@ def _inspect_single_file(path: Path, architecture: Architecture) -> str:
         return f"{path}: unreadable safetensors header ({exc.__class__.__name__})"
     if 8 + length + end > size:
         return f"{path}: truncated ({size} bytes, its header needs {8 + length + end})"
-    return _missing_parts(path, architecture, header)
+    return _missing_parts(path, architecture, family, header)
 
 
-def _missing_parts(path: Path, architecture: Architecture, header: dict[str, Any]) -> str:
+def _missing_parts(
+    path: Path, architecture: Architecture, family: ModelFamily, header: dict[str, Any]
+) -> str:
     """Checks for the keys by which diffusers finds each part in the file: when a text
     encoder's key is missing, it silently loads that encoder from config_dir instead."""
     missing = [
-        part
-        for part, prefixes in _CHECKPOINT_PARTS[architecture]
-        if not any(key.startswith(prefixes) for key in header)
+        part.description
+        for part in family.checkpoint_parts(architecture)
+        if not any(key.startswith(part.prefixes) for key in header)
     ]
     if missing:
         parts = ", ".join(missing)
         return f"{path} is not an original-layout {architecture.value} checkpoint: lacks {parts}"
-    if architecture is Architecture.SDXL:
-        # diffusers tells SDXL's two text encoders apart by their width (768 and 1280).
-        widths = {int(header[key]["shape"][-1]) for key in (_CLIP_SDXL, _OPEN_CLIP_SDXL)}
-        if len(widths) == 1:
-            return (
-                f"{path}: both SDXL text encoders are {widths.pop()} wide, so diffusers "
-                "cannot tell them apart"
-            )
-    return ""
+    return family.check_checkpoint_header(path, header)
 
 
 class ModelRegistry:
@@ -160,14 +124,13 @@ class ModelRegistry:
 
     def __init__(self, configs: tuple[BaseModelConfig, ...], *, data_dir: Path) -> None:
         self._lock = threading.Lock()
-        self._configs = list(configs)
+        self._configs = [_with_family_fields(c) for c in configs]
         self._status: dict[str, BaseModelInfo] = {}
         self._building: threading.Thread | None = None
         if not self._configs:
             folder = data_dir / "models" / EMBEDDED_NAME
-            self._configs.append(
-                BaseModelConfig(EMBEDDED_NAME, Architecture.SD1, folder, placeholder=True)
-            )
+            embedded = BaseModelConfig(EMBEDDED_NAME, Architecture.SD1, folder, placeholder=True)
+            self._configs.append(_with_family_fields(embedded))
         for config in self._configs:
             self._refresh(config)
             info = self._status[config.name]
@@ -211,7 +174,10 @@ class ModelRegistry:
                 log.exception("could not build the embedded model")
                 with self._lock:
                     self._status[config.name] = BaseModelInfo(
-                        config, False, f"building the embedded model failed: {exc}"
+                        config,
+                        False,
+                        f"building the embedded model failed: {exc}",
+                        defaults=_defaults(config),
                     )
                 continue
             self._refresh(config)
@@ -222,46 +188,45 @@ class ModelRegistry:
             error = "building the embedded placeholder model (random weights)"
         with self._lock:
             self._status[config.name] = BaseModelInfo(
-                config, not error, error, config.dtype, config.scheduler or scheduler
+                config,
+                not error,
+                error,
+                config.dtype,
+                config.scheduler or scheduler,
+                _defaults(config),
             )
 
 
+def _with_family_fields(config: BaseModelConfig) -> BaseModelConfig:
+    """The config with what its family adds to every job's batch key."""
+    family = family_for(config.architecture)
+    if family is None or family.batch_fields == config.batch_fields:
+        return config
+    return replace(config, batch_fields=family.batch_fields)
+
+
+def _defaults(config: BaseModelConfig) -> GenerationDefaults:
+    family = family_for(config.architecture)
+    return FALLBACK_DEFAULTS if family is None else family.defaults
+
+
 def load_pipeline(config: BaseModelConfig, *, device: str = "cpu", dtype: str = "auto") -> Any:
-    """Loads a configured model from disk (never from a hub). The executor calls this; tests
-    call it on the tiny models, so the path a real model takes is the one they test."""
+    """Loads a configured model from disk (never from a hub), as its family loads a folder or
+    a single file. The executor calls this; tests call it on the tiny models, so the path a
+    real model takes is the one they test."""
     import torch
-    from diffusers import DiffusionPipeline
 
     from server.domain.errors import PreconditionError
 
     error, _ = inspect_model(config)
-    if error:
+    family = family_for(config.architecture)
+    if error or family is None:
         raise PreconditionError(error, reason="MODEL_NOT_READY", metadata={"model": config.name})
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    torch_dtype = getattr(torch, dtype)
     if config.path.is_file():
-        pipe = _load_single_file(config, getattr(torch, dtype))
+        pipe = family.load_single_file(config, torch_dtype)
     else:
-        pipe = DiffusionPipeline.from_pretrained(
-            str(config.path), local_files_only=True, torch_dtype=getattr(torch, dtype)
-        )
+        pipe = family.load_folder(config, torch_dtype)
     return pipe.to(device)
-
-
-def _load_single_file(config: BaseModelConfig, torch_dtype: Any) -> Any:
-    """The weights, text encoders included, are converted from the file; config_dir gives
-    only configs, tokenizers and the scheduler. A local folder as `config` plus
-    local_files_only keeps diffusers off the hub (no snapshot_download, no CLIP config)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    pipeline_class = (
-        StableDiffusionXLPipeline
-        if config.architecture is Architecture.SDXL
-        else StableDiffusionPipeline
-    )
-    return pipeline_class.from_single_file(
-        str(config.path),
-        config=str(config.config_dir),
-        local_files_only=True,
-        torch_dtype=torch_dtype,
-    )

@@ -1,0 +1,121 @@
+"""What varies by pipeline family (SD, SDXL, later FLUX...): one `ModelFamily` per module,
+registered once in `families.FAMILIES`. A family is declarations (which folders and
+checkpoints are its own, its defaults, where its LoRAs go, its preview colours) plus the one
+call that denoises a batch. Everything else (the queue, batching, the pipeline cache, LoRA
+fusing, encoding) is shared and never asks which family it runs."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from server.domain.generation_job import GenerationJob
+from server.domain.models import Architecture, BaseModelConfig, GenerationDefaults
+
+# diffusers' callback_on_step_end: (pipeline, step index, timestep, tensors) -> tensors.
+StepCallback = Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]
+# Rows: latent channels; columns: R, G, B.
+LatentToRGB = tuple[tuple[float, float, float], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointPart:
+    """A part a single-file checkpoint must hold: described for messages, found by any key
+    starting with one of `prefixes` (the keys diffusers itself recognises it by)."""
+
+    description: str
+    prefixes: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRows:
+    """One denoising call: a prompt, negative prompt and seeded generator per image, and the
+    job whose shared fields (size, steps, guidance) all rows have in common."""
+
+    prompts: list[str]
+    negative_prompts: list[str]
+    job: GenerationJob
+    generators: list[Any]
+
+
+class ModelFamily(ABC):
+    """The declarations a family must make, and its pipeline call. Instances are stateless;
+    `families.family_for(architecture)` finds the one serving a model."""
+
+    # The Architecture values this family serves (each belongs to exactly one family).
+    architectures: ClassVar[tuple[Architecture, ...]]
+    # The `_class_name`s a diffusers folder's model_index.json may name.
+    pipeline_classes: ClassVar[frozenset[str]]
+    # Subfolders a diffusers folder must have.
+    components: ClassVar[tuple[str, ...]]
+    # What a request that leaves size, steps or guidance at zero gets.
+    defaults: ClassVar[GenerationDefaults]
+    # The denoising component (its folder in a diffusers layout): A1111's model hash covers
+    # its weights.
+    denoiser: ClassVar[str] = "unet"
+    # Pipeline components that LoRAs are loaded into (and whose weights fusing changes).
+    lora_components: ClassVar[tuple[str, ...]]
+    # The linear latent -> RGB map of cheap previews, and its bias (none: zero).
+    preview_factors: ClassVar[LatentToRGB]
+    preview_bias: ClassVar[tuple[float, float, float] | None] = None
+    # GenerationJob fields beyond the shared ones that must match for two jobs to batch.
+    batch_fields: ClassVar[tuple[str, ...]] = ()
+
+    @abstractmethod
+    def checkpoint_parts(self, architecture: Architecture) -> tuple[CheckpointPart, ...]:
+        """What a single-file checkpoint of `architecture` must contain."""
+
+    def check_checkpoint_header(self, path: Path, header: dict[str, Any]) -> str:
+        """A check beyond the parts' presence, on a header that has them all; "" when fine."""
+        return ""
+
+    @abstractmethod
+    def pipeline_class(self) -> Any:
+        """The diffusers pipeline class a single-file checkpoint is loaded as."""
+
+    def load_folder(self, config: BaseModelConfig, torch_dtype: Any) -> Any:
+        """A local diffusers folder (never a hub id: local_files_only)."""
+        from diffusers import DiffusionPipeline
+
+        return DiffusionPipeline.from_pretrained(
+            str(config.path), local_files_only=True, torch_dtype=torch_dtype
+        )
+
+    def load_single_file(self, config: BaseModelConfig, torch_dtype: Any) -> Any:
+        """The weights, text encoders included, are converted from the file; config_dir gives
+        only configs, tokenizers and the scheduler. A local folder as `config` plus
+        local_files_only keeps diffusers off the hub (no snapshot_download, no CLIP config)."""
+        return self.pipeline_class().from_single_file(
+            str(config.path),
+            config=str(config.config_dir),
+            local_files_only=True,
+            torch_dtype=torch_dtype,
+        )
+
+    @abstractmethod
+    def denoise(self, pipe: Any, rows: BatchRows, on_step: StepCallback) -> Sequence[Any]:
+        """Runs the pipeline once for every row and returns one PIL image per row, in order.
+        `on_step` must be passed as diffusers' callback_on_step_end: it reports progress and
+        stops the call by raising when every job in the batch is cancelled."""
+
+
+def text_to_image(pipe: Any, rows: BatchRows, on_step: StepCallback) -> Sequence[Any]:
+    """The call diffusers' Stable Diffusion text-to-image pipelines share. A negative prompt
+    is passed only when some row has one (batching keeps rows with and without apart)."""
+    job = rows.job
+    result = pipe(
+        prompt=rows.prompts,
+        negative_prompt=rows.negative_prompts if any(rows.negative_prompts) else None,
+        width=job.width,
+        height=job.height,
+        num_inference_steps=job.steps,
+        guidance_scale=job.guidance_scale,
+        num_images_per_prompt=1,
+        generator=rows.generators,
+        callback_on_step_end=on_step,
+    )
+    images: Sequence[Any] = result.images
+    return images

@@ -1,0 +1,216 @@
+"""Getting a ready pipeline: the resident pipelines, least recently used first, under the
+device budget; each one's model hash, scheduler instances and LoRA cache; and the check that
+a job's LoRA files are still the ones that were imported."""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from server.domain.generation_job import GenerationJob, ResolvedLora
+from server.domain.models import BaseModelConfig
+from server.domain.schedulers import SCHEDULERS
+from server.infrastructure.diffusion.adapters import AdapterCache, AdapterLoadError, AdapterSpec
+from server.infrastructure.diffusion.families import ModelFamily, family_for
+from server.infrastructure.lora_files import update_digest
+
+log = logging.getLogger("loracle.executor")
+
+GIB = 1024**3
+
+# (model, device, dtype) -> a diffusers pipeline; registry.load_pipeline by default.
+Loader = Callable[[BaseModelConfig, str, str], Any]
+
+
+class LoadCounters(Protocol):
+    """Where the cache counts its loads and evictions (the executor's stats)."""
+
+    model_loads: int
+    model_evictions: int
+
+
+@dataclass
+class LoadedPipeline:
+    """A pipeline on the device, with everything kept alongside it."""
+
+    pipe: Any
+    family: ModelFamily
+    model_hash: str
+    size_bytes: int
+    adapters: AdapterCache
+    scheduler_config: Any
+    default_scheduler: str
+    schedulers: dict[str, Any] = field(default_factory=dict)
+
+    def scheduler(self, name: str) -> Any:
+        """The scheduler a request names ("" for the model's own), made once per model."""
+        cached = self.schedulers.get(name)
+        if cached is None:
+            import diffusers
+
+            choice = SCHEDULERS[name]
+            cls = getattr(diffusers, choice.diffusers_class)
+            cached = cls.from_config(self.scheduler_config, **choice.options)
+            self.schedulers[name] = cached
+        return cached
+
+
+class PipelineCache:
+    """Not thread-safe for loading: the executor's worker thread is the only caller of
+    `prepare`; `names` may be read from any thread."""
+
+    def __init__(
+        self,
+        *,
+        loader: Loader,
+        device: str,
+        budget_bytes: int,
+        adapter_budget_bytes: int,
+        counters: LoadCounters,
+    ) -> None:
+        self._loader = loader
+        self._device = device
+        self._budget = budget_bytes
+        self._adapter_budget = adapter_budget_bytes
+        self._counters = counters
+        self._lock = threading.Lock()
+        self._pipelines: OrderedDict[str, LoadedPipeline] = OrderedDict()
+        self._verified: set[str] = set()
+        self._model_hashes: dict[tuple[Path, float], str] = {}
+
+    def names(self) -> list[str]:
+        """Resident models, least recently used first."""
+        with self._lock:
+            return list(self._pipelines)
+
+    def prepare(self, job: GenerationJob) -> LoadedPipeline:
+        """The job's model on the device with exactly its LoRAs applied and its scheduler
+        set. Raises AdapterLoadError for a LoRA that cannot be applied, OSError or ValueError
+        for a model that cannot be loaded, and torch's OutOfMemoryError."""
+        loaded = self.get(job.model)
+        self.verify_loras(job.loras)
+        loaded.adapters.apply([AdapterSpec(x.sha256, x.path, x.weight, x.name) for x in job.loras])
+        loaded.pipe.scheduler = loaded.scheduler(job.scheduler)
+        return loaded
+
+    def get(self, model: BaseModelConfig) -> LoadedPipeline:
+        """The model's pipeline, loaded (after unloading the least recently used ones while
+        the budget needs room) if it is not resident."""
+        with self._lock:
+            loaded = self._pipelines.get(model.name)
+            if loaded is not None:
+                self._pipelines.move_to_end(model.name)
+                return loaded
+        import torch
+
+        device = self._device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        need = _estimate_bytes(model)
+        while self._budget and self._pipelines and self._resident() + need > self._budget:
+            with self._lock:
+                name, evicted = self._pipelines.popitem(last=False)
+            log.info("unloading model %s to stay under the device budget", name)
+            del evicted
+            self._counters.model_evictions += 1
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        pipe = self._loader(model, device, model.dtype)
+        family = family_for(model.architecture)
+        if family is None:
+            raise ValueError(f"architecture {model.architecture.value} is not supported yet")
+        pipe.set_progress_bar_config(disable=True)
+        # A pipeline is hundreds of thousands of long-lived objects; frozen, full garbage
+        # collections stop rescanning them (a pause in the middle of someone's denoising).
+        gc.collect()
+        gc.freeze()
+        size = sum(
+            p.numel() * p.element_size()
+            for component in pipe.components.values()
+            if isinstance(component, torch.nn.Module)
+            for p in component.parameters()
+        )
+        # A configured budget also covers activations and adapters, which weights omit.
+        size = max(size, int(model.vram_budget_gb * GIB))
+        loaded = LoadedPipeline(
+            pipe=pipe,
+            family=family,
+            model_hash=_model_hash(model, family.denoiser, self._model_hashes),
+            size_bytes=size,
+            adapters=AdapterCache(
+                pipe, budget_bytes=self._adapter_budget, components=family.lora_components
+            ),
+            scheduler_config=pipe.scheduler.config,
+            default_scheduler=type(pipe.scheduler).__name__,
+        )
+        loaded.schedulers[""] = pipe.scheduler
+        self._counters.model_loads += 1
+        with self._lock:
+            self._pipelines[model.name] = loaded
+        return loaded
+
+    def restore_base_weights(self) -> None:
+        """After running out of memory: every resident pipeline back to its bare weights."""
+        with self._lock:
+            resident = list(self._pipelines.values())
+        for loaded in resident:
+            try:
+                loaded.adapters.restore()
+            except Exception:
+                log.exception("could not restore base weights after OOM; unloading the model")
+
+    def verify_loras(self, loras: Iterable[ResolvedLora]) -> None:
+        """A LoRA file replaced after import would make the recorded hashes lie."""
+        for lora in loras:
+            if lora.sha256 in self._verified:
+                continue
+            digest = hashlib.sha256()
+            try:
+                with lora.path.open("rb") as f:
+                    update_digest(digest, f)
+            except OSError as exc:
+                raise AdapterLoadError(
+                    f"LoRA {lora.name!r}: cannot read its file ({exc})"
+                ) from None
+            if digest.hexdigest() != lora.sha256:
+                raise AdapterLoadError(
+                    f"LoRA {lora.name!r}: its file changed since it was imported; import it again"
+                )
+            self._verified.add(lora.sha256)
+
+    def _resident(self) -> int:
+        with self._lock:
+            return sum(p.size_bytes for p in self._pipelines.values())
+
+
+def _estimate_bytes(model: BaseModelConfig) -> int:
+    if model.vram_budget_gb:
+        return int(model.vram_budget_gb * GIB)
+    path = model.path
+    files = [path] if path.is_file() else list(path.glob("*/*.safetensors"))
+    return sum(f.stat().st_size for f in files if f.exists())
+
+
+def _model_hash(model: BaseModelConfig, denoiser: str, known: dict[tuple[Path, float], str]) -> str:
+    """A1111's short model hash: SHA-256 of the checkpoint (of a folder, its denoiser's
+    weights), 10 hex.
+    Reading gigabytes takes seconds, so a model unloaded and loaded again under the device
+    budget reuses the hash while its files are unchanged."""
+    path = model.path
+    candidates = [path] if path.is_file() else sorted((path / denoiser).glob("*.safetensors"))
+    key = (path, max((c.stat().st_mtime for c in candidates), default=0.0))
+    if key not in known:
+        digest = hashlib.sha256()
+        for candidate in candidates:
+            with candidate.open("rb") as f:
+                update_digest(digest, f)
+        known[key] = digest.hexdigest()[:10]
+    return known[key]
