@@ -13,5 +13,9 @@ mkdir -p "$out"
   --plugin=protoc-gen-mypy_grpc="$(dirname "$py")/protoc-gen-mypy_grpc" \
   --mypy_out="$out" --mypy_grpc_out="$out" \
   protos/loracle/v1/*.proto
+# The descriptors with their comments (and imports), for server reflection: the runtime pool
+# keeps no source info, so `grpcurl describe` would show no documentation.
+"$py" -m grpc_tools.protoc -I protos --include_imports --include_source_info \
+  --descriptor_set_out="$out/loracle/v1/descriptors.binpb" protos/loracle/v1/*.proto
 # Namespace packages would do, but explicit markers keep mypy and editors unambiguous.
 touch "$out/loracle/__init__.py" "$out/loracle/v1/__init__.py"

@@ -10,13 +10,13 @@ from collections.abc import Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from loracle.v1 import command_service_pb2, query_service_pb2
 from loracle.v1 import command_service_pb2_grpc as cmd_grpc
 from loracle.v1 import query_service_pb2_grpc as qry_grpc
 from server.bootstrap import Container
 from server.config import Settings
+from server.rpc import reflection
 from server.rpc.dispatch import Dispatcher
 from server.rpc.servicers import CommandServicer, QueryServicer
 
@@ -50,7 +50,7 @@ class LoracleServer:
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.REFLECTION), self.server
         )
         self.port = 0
 
