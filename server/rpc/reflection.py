@@ -14,7 +14,8 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from importlib import resources
 
 import grpc
-from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf import descriptor, descriptor_pb2, descriptor_pool
+from google.rpc import error_details_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
 DESCRIPTOR_SET = "descriptors.binpb"  # beside the generated modules of loracle.v1
@@ -47,9 +48,9 @@ class DescriptorIndex:
         for extension in _extensions(file):
             self._extensions[(extension.extendee.lstrip("."), extension.number)] = file.name
 
-    def add_from_pool(self, pool: descriptor_pool.DescriptorPool, symbol: str) -> None:
-        """Adds the file that declares `symbol` in `pool`, and its imports."""
-        pending = [pool.FindFileContainingSymbol(symbol)]
+    def add_compiled(self, compiled: descriptor.FileDescriptor) -> None:
+        """Adds a file of the runtime pool (no comments there), and its imports."""
+        pending = [compiled]
         while pending:
             file = pending.pop()
             if file.name not in self._files:
@@ -194,13 +195,15 @@ def _error(
 
 
 def enable_server_reflection(service_names: Iterable[str], server: grpc.aio.Server) -> None:
-    """Serves reflection for `service_names`: ours with comments, the rest from the pool."""
+    """Serves reflection for `service_names`: ours with comments, the rest from the pool, and
+    the google.rpc error details our errors carry, so grpcurl can print them decoded."""
     names = tuple(service_names)
     index = DescriptorIndex(loracle_descriptor_set().file)
     pool = descriptor_pool.Default()
     for name in names:
         if index.file_containing_symbol(name) is None:
-            index.add_from_pool(pool, name)
+            index.add_compiled(pool.FindFileContainingSymbol(name))
+    index.add_compiled(error_details_pb2.DESCRIPTOR)
     servicer = ReflectionServicer(names, index)
     method = grpc.stream_stream_rpc_method_handler(
         servicer.ServerReflectionInfo,

@@ -114,6 +114,7 @@ async def test_every_declared_name_resolves_to_its_file(
         ("grpc.health.v1.Health.Check", "grpc_health/v1/health.proto"),
         (f"{REFLECTION}.ServerReflectionInfo", "grpc_reflection/v1alpha/reflection.proto"),
         ("google.protobuf.Timestamp", "google/protobuf/timestamp.proto"),
+        ("google.rpc.ErrorInfo", "google/rpc/error_details.proto"),
     ],
 )
 async def test_methods_and_other_services_resolve(stub: Stub, symbol: str, file: str) -> None:
