@@ -10,7 +10,6 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,7 +66,7 @@ def script() -> str:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
+def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     grpcurl = grpcurl_binary()
     if grpcurl is None:
         pytest.skip(
@@ -102,15 +101,16 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     pieces = re.split(rf"^{MARK} (\d+|end)\n", done.stdout, flags=re.M)
     labels = pieces[1::2]
     outputs = [pieces[i + 1] for i in range(1, len(pieces), 2) if pieces[i] != "end"]
-    yield Run(outputs, "end" in labels, done.returncode, workdir)
+    return Run(outputs, "end" in labels, done.returncode, workdir)
 
 
 def test_every_block_runs(run: Run) -> None:
     failed = len(run.outputs) - 1
-    assert run.returncode == 0 and run.finished, (
+    assert run.finished, (
         f"block {failed} failed (exit {run.returncode}):\n{BLOCKS[failed]}\n"
         f"printed:\n{run.outputs[failed] if run.outputs else ''}"
     )
+    assert run.returncode == 0
 
 
 def test_the_page_covers_every_rpc() -> None:
@@ -141,16 +141,19 @@ def test_discovery_shows_services_methods_and_comments(run: Run) -> None:
 def test_catalog(run: Run) -> None:
     assert lines(run.block("sample_loras"))[0] == "styles/watercolor_style_v2.safetensors"
     first, retry = (json.loads(line) for line in lines(run.block("RegisterLora <")))
-    assert first["name"] == "Watercolor Style" and first["created"] is True
+    assert first["name"] == "Watercolor Style"
+    assert first["created"] is True
     assert retry == {"id": first["id"], "created": True}  # the same request: the first answer
     *files, totals = (json.loads(line) for line in lines(run.block("ImportLoras")))
     assert len(files) == 6
     assert totals == {"filesTotal": 6, "filesDone": 6, "registered": 5, "unchanged": 1}
     assert json.loads(run.block("ImportLoraCatalog"))["created"] == 1
     got = json.loads(run.block("GetLora"))
-    assert got["name"] == "Watercolor Style" and got["version"] == "1"
+    assert got["name"] == "Watercolor Style"
+    assert got["version"] == "1"
     page1, page2, filtered, search = lines(run.block('"page_size": 2'))
-    assert len(json.loads(page1)["names"]) == 2 and json.loads(page1)["totalSize"] == 7
+    assert len(json.loads(page1)["names"]) == 2
+    assert json.loads(page1)["totalSize"] == 7
     assert not set(json.loads(page1)["names"]) & set(json.loads(page2))
     assert json.loads(filtered) == ["Aiko - Original Character"]
     assert json.loads(search)["name"] == "Watercolor Style"
@@ -171,10 +174,12 @@ def test_generation(run: Run) -> None:
     out = lines(run.block("lighthouse.png"))
     assert out[-1] == "lighthouse.png: OK"  # the chunks joined hash to imageComplete.sha256
     chunks = [json.loads(line)["imageChunk"] for line in out if "imageChunk" in line]
-    assert len(chunks) > 1 and chunks[-1]["last"] is True
+    assert len(chunks) > 1
+    assert chunks[-1]["last"] is True
     assert (run.workdir / "lighthouse.png").read_bytes().startswith(b"\x89PNG")
     *watched, resumed_1, resumed_2, record = lines(run.block("WatchGeneration"))
     assert "completed" in json.loads(watched[-1])
+    assert json.loads(resumed_1) == ["generationId", "imageComplete", "sequence"]  # after 5
     assert json.loads(resumed_2) == ["completed", "generationId", "sequence"]
     assert json.loads(record)["state"] == "GENERATION_STATE_SUCCEEDED"
     cancelled, *listed, succeeded = lines(run.block("CancelGeneration"))
@@ -190,7 +195,8 @@ def test_generation(run: Run) -> None:
 
 def test_events_health_and_errors(run: Run) -> None:
     events = [json.loads(line) for line in lines(run.block("ListEvents"))]
-    assert len(events) == 3 and {e["type"] for e in events} == {"LoraRegistered"}
+    assert len(events) == 3
+    assert {e["type"] for e in events} == {"LoraRegistered"}
     assert json.loads(run.block("Health/Check")) == {"status": "SERVING"}
     error = run.block("etc/passwd")
     assert "Code: InvalidArgument" in error
