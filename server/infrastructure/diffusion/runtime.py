@@ -48,10 +48,10 @@ def quiet_libraries(*, verbose: bool = False) -> None:
         for library in _LIBRARIES:
             warnings.filterwarnings("ignore", module=rf"{library}(\.|$)")
     import diffusers.utils.logging as diffusers_logging
-    import huggingface_hub.utils as hub_utils
     import transformers.utils.logging as transformers_logging
+    from huggingface_hub.utils.tqdm import disable_progress_bars
 
-    hub_utils.disable_progress_bars()
+    disable_progress_bars()
     for library in (diffusers_logging, transformers_logging):
         library.disable_default_handler()
         library.enable_propagation()
