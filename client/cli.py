@@ -510,6 +510,8 @@ def _follow(events: Iterator[types_pb2.GenerationEvent], output: str, out: _Outp
             kind = event.WhichOneof("event")
             if kind == "queued":
                 progress.update(task, description=f"queued (position {event.queued.position})")
+                if event.queued.warning:
+                    progress.console.print(f"warning: {event.queued.warning}", markup=False)
             elif kind == "started":
                 progress.update(task, description=f"started (batch of {event.started.batch_size})")
             elif kind == "progress":

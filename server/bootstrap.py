@@ -67,7 +67,7 @@ from server.application.queries import (
     WatchGenerationQuery,
 )
 from server.application.security import Credential, ScopeAuthorizer, TokenAuthenticator
-from server.config import Settings
+from server.config import Settings, cpu_threads
 from server.domain.generation import GenerationState
 from server.domain.recommend.engine import RecommendationEngine
 from server.infrastructure.broker.nats_broker import NatsBroker
@@ -348,7 +348,7 @@ def device_executor(
         max_queue=max_queue,
         max_batch=settings.max_batch,
         batch_wait=settings.batch_wait_ms / 1000,
-        threads=settings.torch_threads,
+        threads=cpu_threads(settings.torch_threads),
         device_budget_gb=settings.device_budget_gb,
         adapter_budget_gb=settings.adapter_budget_gb,
         images=images,

@@ -144,7 +144,9 @@ class Settings(BaseSettings):
         24.0, "finished images kept in `<data_dir>/generations` for `WatchGeneration`"
     )
     torch_threads: int = _setting(
-        1, "torch CPU threads of the generation worker (1 keeps a busy machine responsive)"
+        0,
+        "torch CPU threads of the generation worker; 0: one fewer than the CPUs this process "
+        "may use (at least 1), leaving one to serve requests",
     )
     tokens: tuple[TokenConfig, ...] = _setting(
         (),
@@ -502,3 +504,16 @@ def settings_table() -> str:
 
 if __name__ == "__main__":
     print(settings_table())
+
+
+def cpu_threads(configured: int) -> int:
+    """The torch threads a worker gets: as configured, or for 0 every CPU this process may run
+    on (its affinity, which containers and taskset narrow) but one, for the event loop, the
+    recorder and the projector."""
+    if configured > 0:
+        return configured
+    try:
+        available = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        available = os.cpu_count() or 1
+    return max(1, available - 1)

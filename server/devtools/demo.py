@@ -13,6 +13,7 @@ from client import LoracleClient
 from client.cli import main as cli
 from server.devtools.local_server import start_server, wait_for_models
 from server.devtools.synthetic_loras import write_demo_loras
+from server.infrastructure.diffusion.runtime import quiet_libraries
 
 DATA = Path("demo-data")
 
@@ -46,6 +47,9 @@ def step(title: str) -> None:
 
 
 def main() -> int:
+    # The demo loads the placeholder itself (to fit a LoRA to it): no library progress bars
+    # or advisories between its steps, as in the server's log.
+    quiet_libraries()
     shutil.rmtree(DATA, ignore_errors=True)
     step(f"writing synthetic LoRA files under {DATA / 'loras'}")
     for path in write_demo_loras(DATA / "loras"):

@@ -10,6 +10,10 @@ from dataclasses import dataclass, field, fields
 @dataclass(frozen=True, slots=True)
 class Queued:
     position: int
+    # What this server measured for such a job (0: no estimate yet), and a warning for a
+    # person when it will take long.
+    estimated_seconds: float = 0.0
+    warning: str = ""
 
 
 @dataclass(frozen=True, slots=True)

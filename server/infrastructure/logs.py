@@ -17,7 +17,7 @@ import sys
 from datetime import UTC, datetime
 
 from server.application.context import SYSTEM_CONTEXT, current_context
-from server.infrastructure.diffusion.runtime import route_library_logging
+from server.infrastructure.diffusion.runtime import quiet_libraries
 
 FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
@@ -87,8 +87,7 @@ def configure_logging(level: str, log_format: str = "text") -> None:
     else:
         handler.setFormatter(logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
-    if log_format == "json":
-        route_library_logging()
+    quiet_libraries(verbose=level.upper() == "DEBUG")
     if hasattr(signal, "SIGUSR1"):
         # `kill -USR1 PID` writes every thread's stack to stderr and the process goes on:
         # the way to see where a stuck request or worker waits, without a debugger.

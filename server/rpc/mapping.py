@@ -221,6 +221,8 @@ def generation_event_to_proto(event: GenerationEvent) -> types_pb2.GenerationEve
     p = event.payload
     if isinstance(p, gen.Queued):
         msg.queued.position = p.position
+        msg.queued.estimated_seconds = p.estimated_seconds
+        msg.queued.warning = p.warning
     elif isinstance(p, gen.Started):
         msg.started.batch_size = p.batch_size
     elif isinstance(p, gen.Progress):

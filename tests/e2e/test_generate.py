@@ -282,3 +282,18 @@ def test_jobs_running_when_the_server_is_killed_are_marked_failed(tmp_path: Path
             assert "restarted" in generation.error
     finally:
         second.stop()
+
+
+# The libraries' own output, which a server log must not carry (see runtime.quiet_libraries).
+_LIBRARY_NOISE = ("FutureWarning", "UserWarning", "it/s]", "[transformers]", "deprecate(")
+
+
+def test_the_server_log_is_the_servers_own(ready: RunningServer) -> None:
+    """Runs last in this module: by now the server has built and loaded the placeholder,
+    applied LoRAs and generated. Every line is one of its log records."""
+    log = ready.log()
+    assert "loracle" in log
+    noisy = [line for line in log.splitlines() if any(n in line for n in _LIBRARY_NOISE)]
+    assert noisy == []
+    stray = [line for line in log.splitlines() if line and not line[:4].isdigit()]
+    assert stray == [], log[-3000:]

@@ -321,3 +321,18 @@ def test_tiny_loras_carry_metadata_for_the_reader(sd15: Loader, tmp_path: Path) 
     assert scanned.metadata.name == "Tiny Style"
     assert scanned.metadata.base_model.architecture == Architecture.SD1
     assert scanned.metadata.rank == 4
+
+
+def test_torch_state_dict_reports_become_one_line() -> None:
+    """Not every report names a size mismatch (missing or unexpected keys): still one line."""
+    from server.infrastructure.diffusion.adapters import _reason
+
+    report = RuntimeError(
+        "Error(s) in loading state_dict for UNet2DConditionModel:\n\tMissing key(s) in "
+        'state_dict: "down_blocks.0.attentions.0.proj_in.lora_A.l_x.weight".\n\t'
+        'Unexpected key(s) in state_dict: "foo.lora_B.weight".'
+    )
+    reason = _reason(report)
+    assert "\n" not in reason
+    assert "state_dict" not in reason
+    assert "do not fit" in reason

@@ -131,3 +131,26 @@ def test_the_device_budget_unloads_the_least_recently_used_model(
         list(roomy.submit(job(model)).events())
     assert roomy.loaded_models() == ["b", "a"]  # least recently used first
     assert roomy.stats.model_loads == 2
+
+
+def test_a_job_hears_how_long_it_will_take_from_what_this_server_measured(
+    folder: Path, executor_factory: list[DiffusionExecutor]
+) -> None:
+    model = BaseModelConfig("sd", Architecture.SD1, folder)
+    executor = DiffusionExecutor(slow_job_seconds=0.0)  # every job counts as slow here
+    executor_factory.append(executor)
+    executor.start()
+    first = list(executor.submit(job(model)).events())
+    queued = first[0].payload
+    assert isinstance(queued, gen.Queued)
+    assert (queued.estimated_seconds, queued.warning) == (0.0, "")  # nothing measured yet
+    assert isinstance(first[-1].payload, gen.Completed)
+    small = list(executor.submit(job(model, steps=4)).events())
+    bigger = list(executor.submit(job(model, width=128, height=128, steps=4)).events())
+    estimate_small, estimate_big = small[0].payload, bigger[0].payload
+    assert isinstance(estimate_small, gen.Queued)
+    assert isinstance(estimate_big, gen.Queued)
+    assert estimate_small.estimated_seconds > 0
+    # Four times the pixels cost 4^1.5 = 8 times as much per step, by the scaling rule.
+    assert estimate_big.estimated_seconds > 4 * estimate_small.estimated_seconds
+    assert "this generation will take about" in estimate_big.warning

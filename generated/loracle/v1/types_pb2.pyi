@@ -704,16 +704,29 @@ class GenerationEvent(_message.Message):
         DESCRIPTOR: _descriptor.Descriptor
 
         POSITION_FIELD_NUMBER: _builtins.int
+        ESTIMATED_SECONDS_FIELD_NUMBER: _builtins.int
+        WARNING_FIELD_NUMBER: _builtins.int
         position: _builtins.int
         """Jobs ahead of this one."""
+        estimated_seconds: _builtins.float
+        """How long the job will take once it starts, from what this server measured for its
+        model (scaled to its size, steps and images); 0 when nothing has been measured yet.
+        Set on the first Queued event of a job.
+        """
+        warning: _builtins.str
+        """A sentence for a person when the job will take long (a minute or more), e.g. a large
+        image on a CPU; empty otherwise.
+        """
         def __init__(
             self,
             *,
             position: _builtins.int = ...,
+            estimated_seconds: _builtins.float = ...,
+            warning: _builtins.str = ...,
         ) -> None: ...
         _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
         def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["position", b"position"]  # noqa: Y015
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["estimated_seconds", b"estimated_seconds", "position", b"position", "warning", b"warning"]  # noqa: Y015
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -189,8 +189,9 @@ def to_record(
     data = b""
     kind: str
     match payload:
-        case Queued(position):
-            kind, meta = "queued", {"position": position}
+        case Queued(position, estimated, warning):
+            kind = "queued"
+            meta = {"position": position, "estimated": estimated, "warning": warning}
         case Started(batch_size):
             kind, meta = "started", {"batch_size": batch_size}
         case Progress(step, total, elapsed):
@@ -218,7 +219,7 @@ def to_payload(record: EventRecord) -> Payload | None:
     m = record.meta
     match record.kind:
         case "queued":
-            return Queued(int(_num(m, "position")))
+            return Queued(int(_num(m, "position")), _num(m, "estimated"), str(m.get("warning", "")))
         case "started":
             return Started(int(_num(m, "batch_size")))
         case "progress":

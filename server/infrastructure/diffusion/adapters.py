@@ -32,6 +32,17 @@ __all__ = ["AdapterCache", "AdapterLoadError", "AdapterSpec", "AdapterStats"]
 
 log = logging.getLogger("loracle.adapters")
 
+
+class _ReportedHere(logging.Filter):
+    """diffusers logs a failed LoRA load as torch's multi-line report, then raises it; this
+    cache turns that error into one line (and logs it), so the duplicate is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "was unsuccessful with the following error" not in str(record.msg)
+
+
+logging.getLogger("diffusers.loaders.peft").addFilter(_ReportedHere())
+
 _DOWN_KEY = re.compile(
     r"(?:\.lora_down|\.lora_A|\.lora\.down|_lora\.down|\.lora_linear_layer\.down)\.weight$"
 )
@@ -201,7 +212,9 @@ class AdapterCache:
             raise
         except Exception as exc:
             self._purge(adapter)
-            raise AdapterLoadError(f"LoRA {spec.name!r}: {_reason(exc)}") from exc
+            message = f"LoRA {spec.name!r}: {_reason(exc)}"
+            log.warning("cannot apply %s", message)
+            raise AdapterLoadError(message) from exc
         matched = self._layer_count(adapter)
         if matched == 0:
             self._purge(adapter)
@@ -323,6 +336,10 @@ def _reason(exc: Exception) -> str:
         return "its text encoder shapes do not match this model; a LoRA for another architecture?"
     if "not found in the base model" in text:
         return "none of its layers exist in this model (a LoRA for another architecture?)"
+    if "Error(s) in loading state_dict" in text:
+        # torch's multi-line report (missing or unexpected keys, shapes in another form):
+        # the log keeps it chained; the user gets the gist.
+        return "its weights do not fit this model's layers; a LoRA for another architecture?"
     if isinstance(exc, OSError):
         return f"cannot read its file ({exc.strerror or exc})"
     first = " ".join(text.split())

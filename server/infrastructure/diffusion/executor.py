@@ -28,6 +28,7 @@ from server.domain.generation_events import (
 )
 from server.domain.generation_job import GenerationJob
 from server.infrastructure.diffusion.adapters import AdapterLoadError
+from server.infrastructure.diffusion.estimates import StepCosts, describe_seconds
 from server.infrastructure.diffusion.families.base import BatchRows, ModelFamily
 from server.infrastructure.diffusion.handles import JobHandle
 from server.infrastructure.diffusion.images import MIME, ImageStore, encode_image
@@ -71,8 +72,11 @@ class DiffusionExecutor:
         images: ImageStore | None = None,
         handle_retention: float = 600.0,
         loader: Loader | None = None,
+        slow_job_seconds: float = 60.0,
     ) -> None:
         self._threads = threads
+        self._costs = StepCosts()
+        self._slow_job = slow_job_seconds
         self._images = images
         self._retention = handle_retention
         self.stats = ExecutorStats()
@@ -112,11 +116,25 @@ class DiffusionExecutor:
         can start, so whatever it records (the Submitted event) precedes the job's own events;
         if it raises, nothing is queued."""
         handle = JobHandle(job, self._queue.withdraw)
-        self._queue.put(handle, on_accept)
+        self._queue.put(handle, on_accept, self._estimate(job))
         with self._handles_lock:
             self._handles[job.generation_id] = handle
             self._forget_old_locked()
         return handle
+
+    def _estimate(self, job: GenerationJob) -> tuple[float, str]:
+        """(seconds, warning) for the job's first event; the warning only when it is slow, so
+        a user who asked for 256x256 on a CPU hears it will take minutes before it starts."""
+        found = self._costs.estimate(job)
+        if found is None:
+            return 0.0, ""
+        if found.seconds < self._slow_job:
+            return found.seconds, ""
+        return found.seconds, (
+            f"this generation will take {describe_seconds(found.seconds)} once it starts "
+            f"({found.seconds_per_step:.1f} s a step, from jobs this server ran); a smaller "
+            "size, fewer steps or a GPU is faster"
+        )
 
     def handle(self, generation_id: str) -> JobHandle | None:
         with self._handles_lock:
@@ -207,8 +225,10 @@ class DiffusionExecutor:
             return
         denoised = time.monotonic()
 
-        # 5. Split timings
+        # 5. Split timings (and learn the step cost, for the next jobs' estimates)
         first, last = watcher.denoising_span(denoised)
+        pixels = job.width * job.height
+        self._costs.record(job.model.name, pixels, len(rows), job.steps, last - first)
 
         # 6. Encode and stream each image
         for row, (handle, index) in enumerate(rows):

@@ -41,9 +41,15 @@ class JobQueue:
         with self._lock:
             return not self._waiting and not self._running
 
-    def put(self, handle: JobHandle, on_accept: Callable[[int], None] | None = None) -> None:
+    def put(
+        self,
+        handle: JobHandle,
+        on_accept: Callable[[int], None] | None = None,
+        estimate: tuple[float, str] = (0.0, ""),
+    ) -> None:
         """Queues a job. `on_accept(position)` runs once the queue has room and before the job
-        can start; if it raises, nothing is queued."""
+        can start; if it raises, nothing is queued. The first Queued event carries
+        `estimate` (seconds, warning)."""
         with self._lock:
             if self._closed:
                 raise ResourceExhaustedError("the executor is shutting down", 5.0)
@@ -54,7 +60,7 @@ class JobQueue:
             position = len(self._waiting) + (1 if self._running else 0)
             if on_accept is not None:
                 on_accept(position)
-            handle.publish(Queued(position))
+            handle.publish(Queued(position, *estimate))
             self._waiting.append(handle)
             self._lock.notify_all()
 

@@ -5,6 +5,8 @@ process that never generates (a test, the CLI) never pays for them."""
 from __future__ import annotations
 
 import logging
+import os
+import warnings
 
 
 def device_memory() -> list[tuple[int, int, int]]:
@@ -22,15 +24,38 @@ def device_memory() -> list[tuple[int, int, int]]:
     ]
 
 
-def route_library_logging() -> None:
-    """Keeps stderr all JSON: Python warnings (diffusers' deprecations) and the Hugging Face
-    libraries' own handlers go through logging instead, and their progress bars, which are
-    for terminals, are turned off."""
+_LIBRARIES = ("diffusers", "transformers", "peft", "accelerate", "huggingface_hub", "torch")
+
+
+def quiet_libraries(*, verbose: bool = False) -> None:
+    """Keeps the server's log its own: the Hugging Face libraries log through the root
+    handler (so JSON stays JSON), their progress bars (for terminals) are off, and their
+    advisories and deprecation warnings (for the developers of code that calls them, not for
+    whoever runs this server) are shown only when `verbose` (log level DEBUG). Errors always
+    pass. Environment variables too: some of those warnings fire while the libraries import."""
+    level = "warning" if verbose else "error"
+    for name, value in (
+        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+        ("TRANSFORMERS_VERBOSITY", level),
+        ("DIFFUSERS_VERBOSITY", level),
+        ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"),
+    ):
+        os.environ.setdefault(name, value)
+    logging.captureWarnings(True)
+    if not verbose:
+        for category in (FutureWarning, DeprecationWarning):
+            warnings.filterwarnings("ignore", category=category)
+        for library in _LIBRARIES:
+            warnings.filterwarnings("ignore", module=rf"{library}(\.|$)")
     import diffusers.utils.logging as diffusers_logging
     import transformers.utils.logging as transformers_logging
+    from huggingface_hub.utils.tqdm import disable_progress_bars
 
-    logging.captureWarnings(True)
+    disable_progress_bars()
     for library in (diffusers_logging, transformers_logging):
         library.disable_default_handler()
         library.enable_propagation()
         library.disable_progress_bar()
+        library.set_verbosity(logging.WARNING if verbose else logging.ERROR)
+    for name in ("peft", "accelerate", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.WARNING if verbose else logging.ERROR)
