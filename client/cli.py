@@ -1200,7 +1200,8 @@ def _report(err: LoracleError, args: argparse.Namespace) -> None:
             print(f"error: {_violation(field, description, args)}", file=sys.stderr)
     else:
         print(f"error: {err.code.name}: {err.message}", file=sys.stderr)
-    if err.correlation_id:
+    if err.correlation_id and err.code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+        # Only where the user has something to quote: the server's log has the rest.
         print(f"  correlation id: {err.correlation_id}", file=sys.stderr)
     if err.retry_after is not None:
         print(f"  retry after {err.retry_after:g}s", file=sys.stderr)
@@ -1215,7 +1216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: _Handler = args.handler
     out = _Output(
         json_mode=args.json,
-        out=Console(markup=False, highlight=False),
+        out=Console(markup=False, highlight=False, soft_wrap=True),  # commands stay whole
         err=Console(stderr=True, markup=False, highlight=False),
         wide=args.wide,
     )
