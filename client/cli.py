@@ -73,7 +73,9 @@ class _Output:
 
     def table(self, columns: Sequence[_Column], rows: Iterable[Sequence[str]]) -> None:
         width = None if self.wide else self.out.width
-        sys.stdout.write(_render(columns, list(rows), width))
+        listed = list(rows)
+        if listed:  # an empty result is said in words (`note`), not as a lone header
+            sys.stdout.write(_render(columns, listed, width))
 
     def note(self, text: str) -> None:
         """A remark about the result (what was left out, why nothing matched), on stderr."""
@@ -381,6 +383,9 @@ def _cmd_list(client: LoracleClient, args: argparse.Namespace, out: _Output) -> 
             for lora in loras
         ),
     )
+    if not loras:
+        filtered = args.base_model or args.tag or args.available_only
+        out.note("no LoRA matches these filters" if filtered else "the catalog is empty")
     return 0
 
 
@@ -529,16 +534,26 @@ def _cmd_recommend(client: LoracleClient, args: argparse.Namespace, out: _Output
             "--min-confidence 0 shows them"
         )
     if not args.include_unavailable:
-        everything = client.list_loras(base_model=args.base_model, page_size=1).total_size
-        with_file = client.list_loras(
-            base_model=args.base_model, available_only=True, page_size=1
-        ).total_size
-        if everything > with_file:
+        left_out = _catalog_only(client, args.base_model)
+        if left_out:
             out.note(
-                f"{everything - with_file} catalog-only LoRAs for {args.base_model} (no file on "
-                "this server) were not considered; --include-unavailable considers them"
+                f"{left_out} catalog-only LoRAs for {args.base_model} (no file on this "
+                "server) were not considered; --include-unavailable considers them"
             )
     return 0
+
+
+def _catalog_only(client: LoracleClient, base_model: str) -> int:
+    """How many LoRAs for `base_model` have no file here (0 when ListLoras cannot tell, e.g.
+    for a model name, which `recommend` accepts and ListLoras does not)."""
+    try:
+        everything = client.list_loras(base_model=base_model, page_size=1).total_size
+        with_file = client.list_loras(
+            base_model=base_model, available_only=True, page_size=1
+        ).total_size
+    except LoracleError:
+        return 0
+    return max(everything - with_file, 0)
 
 
 def _cmd_search(client: LoracleClient, args: argparse.Namespace, out: _Output) -> int:
@@ -843,8 +858,9 @@ def _cmd_events(client: LoracleClient, args: argparse.Namespace, out: _Output) -
                 for event in events
             ),
         )
-    if not events and (aggregate or args.type or args.principal):
-        out.note(_why_no_events(client, args, aggregate))
+    if not events:
+        filtered = aggregate or args.type or args.principal
+        out.note(_why_no_events(client, args, aggregate) if filtered else "no events yet")
     return 0
 
 
