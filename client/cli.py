@@ -7,27 +7,34 @@ plain JSON document on stdout instead so the output can be piped into other tool
 from __future__ import annotations
 
 import argparse
+import difflib
 import hashlib
+import importlib.metadata
+import itertools
 import json
 import os
+import re
 import sys
-from collections.abc import Callable, Iterator, Sequence
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
+from rich.cells import cell_len, set_cell_size
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from client._requests import DEFAULT_CATALOG_BATCH_SIZE, DEFAULT_TARGET, Tls
 from client.catalog import parse_catalog_lines, read_catalog_jsonl
-from client.errors import InvalidArgument, LoracleError, NotFound
+from client.errors import FailedPrecondition, LoracleError
 from client.sync_client import LoracleClient
 from loracle.v1 import command_service_pb2, types_pb2
 
@@ -36,7 +43,13 @@ __all__ = ["main"]
 _EXIT_ERROR = 1
 _EXIT_USAGE = 2
 _MAX_ERRORS_SHOWN = 10
-_UUID_LENGTH = 36
+_SHORT_ID = 8  # the id prefix tables show; every id argument accepts it
+_FULL_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_ID_PREFIX = re.compile(r"[0-9a-f-]+")
+_MAX_CANDIDATES_SHOWN = 5
+_PAGE = 1000
+_MIN_CUT = 6  # a cut column keeps at least this many cells
+_T = TypeVar("_T")
 
 
 class _UsageError(Exception):
@@ -52,6 +65,31 @@ class _Output:
     json_mode: bool
     out: Console
     err: Console
+    wide: bool = False
+
+    def id(self, full: str) -> str:
+        """An id as tables show it: the prefix every id argument accepts, whole with --wide."""
+        return full if self.wide else full[:_SHORT_ID]
+
+    def table(self, columns: Sequence[_Column], rows: Iterable[Sequence[str]]) -> None:
+        width = None if self.wide else self.out.width
+        listed = list(rows)
+        if listed:  # an empty result is said in words (`note`), not as a lone header
+            sys.stdout.write(_render(columns, listed, width))
+
+    def note(self, text: str) -> None:
+        """A remark about the result (what was left out, why nothing matched), on stderr."""
+        print(text, file=sys.stderr)
+
+    @contextmanager
+    def waiting(self, message: str) -> Iterator[None]:
+        """A spinner on stderr while waiting; one plain line when stderr is not a terminal."""
+        if self.err.is_terminal and not self.json_mode:
+            with self.err.status(message):
+                yield
+        else:
+            print(message, file=sys.stderr)
+            yield
 
     def json(self, value: Any) -> None:
         sys.stdout.write(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
@@ -106,31 +144,115 @@ def _time(ts: Timestamp) -> str:
     return ts.ToDatetime().strftime("%Y-%m-%d %H:%M:%SZ")
 
 
-def _truncate(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
+@dataclass(frozen=True, slots=True)
+class _Column:
+    header: str
+    shrink: bool = False  # may be cut (with "…") to fit the terminal; ids and types never are
+
+
+def _cells(text: str) -> int:
+    return len(text) if text.isascii() else cell_len(text)
+
+
+def _fit(text: str, width: int) -> str:
+    """`text` padded or cut to `width` terminal cells."""
+    size = _cells(text)
+    if size <= width:
+        return text + " " * (width - size)
+    if text.isascii():
+        return text[: width - 1] + "…"
+    return set_cell_size(text, width - 1) + "…"
+
+
+def _render(columns: Sequence[_Column], rows: list[Sequence[str]], width: int | None) -> str:
+    """A plain aligned table, cut to `width` cells (None: never cut). Rich's Table measures
+    every cell several times, which costs seconds on a catalog of thousands of rows."""
+    cells = [[" ".join(cell.split()) for cell in row] for row in rows]
+    widths = [_cells(column.header) for column in columns]
+    for row in cells:
+        for i, cell in enumerate(row):
+            size = _cells(cell)
+            if size > widths[i]:
+                widths[i] = size
+    gap = 2
+    if width is not None:
+        excess = sum(widths) + gap * (len(columns) - 1) - width
+        # Cut the widest shrinkable column first, down to _MIN_CUT cells at most.
+        while excess > 0:
+            shrinkable = [i for i, c in enumerate(columns) if c.shrink and widths[i] > _MIN_CUT]
+            if not shrinkable:
+                break
+            widest = max(shrinkable, key=lambda i: widths[i])
+            floor = _MIN_CUT
+            others = sorted((widths[i] for i in shrinkable if i != widest), reverse=True)
+            target = max(floor, others[0] if others else floor, widths[widest] - excess)
+            if target >= widths[widest]:
+                target = widths[widest] - 1
+            excess -= widths[widest] - target
+            widths[widest] = target
+    last = len(columns) - 1
+    lines = []
+    for row in [[column.header for column in columns], *cells]:
+        parts = [_fit(cell, widths[i]) for i, cell in enumerate(row)]
+        parts[last] = parts[last].rstrip()
+        lines.append((" " * gap).join(parts).rstrip())
+    return "\n".join(lines) + "\n"
 
 
 def _yes_no(value: bool) -> str:
     return "yes" if value else "no"
 
 
-def _resolve_lora(client: LoracleClient, text: str) -> types_pb2.Lora:
-    """Accepts a full id or the 8-character prefix that `loras list` shows."""
-    try:
-        return client.get_lora(text)
-    except (NotFound, InvalidArgument) as err:
-        if len(text) >= _UUID_LENGTH:
-            raise
-        lookup_error = err
-    prefix = text.lower()
-    matches = [lora for lora in client.iter_loras(page_size=1000) if lora.id.startswith(prefix)]
+class _NoMatch(_LocalError):
+    """An id or prefix that names nothing (exit 1, like NOT_FOUND)."""
+
+
+def _resolve_id(text: str, kind: str, candidates: Callable[[], Iterable[str]]) -> str:
+    """The one id rule: a full id is used as given; a prefix (the 8 characters tables show, or
+    more) is looked up among `candidates()`, and must name exactly one."""
+    wanted = text.strip().lower()
+    if _FULL_ID.fullmatch(wanted):
+        return wanted
+    if not _ID_PREFIX.fullmatch(wanted):
+        raise _NoMatch(f"NOT_FOUND: {text!r} is not a {kind} id or the start of one")
+    matches = sorted({c for c in candidates() if c.startswith(wanted)})
     if not matches:
-        raise lookup_error
+        raise _NoMatch(f"NOT_FOUND: no {kind} has an id starting with {text!r}")
     if len(matches) > 1:
-        raise InvalidArgument(
-            f"{text!r} matches {len(matches)} LoRAs; give more of the id"
-        ) from None
+        shown = ", ".join(m[: len(wanted) + 4] + "…" for m in matches[:_MAX_CANDIDATES_SHOWN])
+        more = len(matches) - _MAX_CANDIDATES_SHOWN
+        shown += f" and {more} more" if more > 0 else ""
+        raise _NoMatch(f"{text!r} matches {len(matches)} {kind}s ({shown}); give more of the id")
     return matches[0]
+
+
+def _lora_id(client: LoracleClient, text: str) -> str:
+    return _resolve_id(
+        text, "LoRA", lambda: (lora.id for lora in client.iter_loras(page_size=_PAGE))
+    )
+
+
+def _iter_generations(client: LoracleClient) -> Iterator[types_pb2.Generation]:
+    token = ""
+    while True:
+        page = client.list_generations(page_size=_PAGE, page_token=token)
+        yield from page.generations
+        token = page.next_page_token
+        if not token or not page.generations:
+            return
+
+
+def _generation_id(client: LoracleClient, text: str) -> str:
+    return _resolve_id(text, "generation", lambda: (g.id for g in _iter_generations(client)))
+
+
+def _aggregate_id(client: LoracleClient, text: str) -> str:
+    """A LoRA, generation or recommendation id: whatever the audit trail has events of."""
+    return _resolve_id(
+        text,
+        "event aggregate",
+        lambda: (e.aggregate_id for e in client.iter_events(page_size=_PAGE)),
+    )
 
 
 # --- loras --------------------------------------------------------------------------------
@@ -239,17 +361,31 @@ def _cmd_list(client: LoracleClient, args: argparse.Namespace, out: _Output) -> 
     if out.json_mode:
         out.json([_to_dict(lora) for lora in loras])
         return 0
-    table = Table("id", "name", "base model", "available", "trigger words", "tags")
-    for lora in loras:
-        table.add_row(
-            lora.id[:8],
-            lora.name,
-            _base_model(lora.base_model),
-            _yes_no(lora.available),
-            _truncate(", ".join(lora.trigger_words), 40),
-            _truncate(", ".join(lora.tags), 40),
-        )
-    out.out.print(table)
+    columns = [
+        _Column("id"),
+        _Column("name", shrink=True),
+        _Column("base model", shrink=True),
+        _Column("available"),
+        _Column("trigger words", shrink=True),
+        _Column("tags", shrink=True),
+    ]
+    out.table(
+        columns,
+        (
+            (
+                out.id(lora.id),
+                lora.name,
+                _base_model(lora.base_model),
+                _yes_no(lora.available),
+                ", ".join(lora.trigger_words),
+                ", ".join(lora.tags),
+            )
+            for lora in loras
+        ),
+    )
+    if not loras:
+        filtered = args.base_model or args.tag or args.available_only
+        out.note("no LoRA matches these filters" if filtered else "the catalog is empty")
     return 0
 
 
@@ -299,7 +435,7 @@ def _show(lora: types_pb2.Lora, out: _Output) -> None:
 
 
 def _cmd_show(client: LoracleClient, args: argparse.Namespace, out: _Output) -> int:
-    lora = _resolve_lora(client, args.id)
+    lora = client.get_lora(_lora_id(client, args.id))
     if out.json_mode:
         out.json(_to_dict(lora))
     else:
@@ -317,7 +453,7 @@ def _cmd_update(client: LoracleClient, args: argparse.Namespace, out: _Output) -
     fields = (args.name, trigger_words, tags, args.description, args.preferred_weight)
     if all(value is None for value in fields):
         raise _UsageError("loras update: give at least one field to change")
-    lora_id = _resolve_lora(client, args.id).id
+    lora_id = _lora_id(client, args.id)
     response = client.update_lora(
         lora_id,
         name=args.name,
@@ -335,7 +471,7 @@ def _cmd_update(client: LoracleClient, args: argparse.Namespace, out: _Output) -
 
 
 def _cmd_delete(client: LoracleClient, args: argparse.Namespace, out: _Output) -> int:
-    lora = _resolve_lora(client, args.id)
+    lora = client.get_lora(_lora_id(client, args.id))
     response = client.delete_lora(lora.id)
     _settle(client, response.consistency_token)
     if out.json_mode:
@@ -346,20 +482,6 @@ def _cmd_delete(client: LoracleClient, args: argparse.Namespace, out: _Output) -
 
 
 # --- recommendations -----------------------------------------------------------------------
-
-
-def _recommendation_table(recs: Sequence[types_pb2.Recommendation]) -> Table:
-    table = Table("#", "LoRA", "confidence", "weight", "trigger words", "why")
-    for rank, rec in enumerate(recs, start=1):
-        table.add_row(
-            str(rank),
-            f"{rec.lora.name}\n{rec.lora.id[:8]}",
-            f"{rec.confidence:.2f}",
-            f"{rec.weight:g}",
-            _truncate(", ".join(rec.trigger_words), 60),
-            "\n".join(rec.reasons),
-        )
-    return table
 
 
 def _cmd_recommend(client: LoracleClient, args: argparse.Namespace, out: _Output) -> int:
@@ -373,12 +495,65 @@ def _cmd_recommend(client: LoracleClient, args: argparse.Namespace, out: _Output
     if out.json_mode:
         out.json(_to_dict(response))
         return 0
-    if not response.recommendations:
+    recs = list(response.recommendations)
+    # A row that reads 0.00 looks like a match; unless asked for (--min-confidence), it is
+    # left out and counted instead.
+    weak = [] if args.min_confidence is not None else [r for r in recs if r.confidence < 0.005]
+    shown = [r for r in recs if r not in weak]
+    if shown:
+        columns = [
+            _Column("#"),
+            _Column("id"),
+            _Column("LoRA", shrink=True),
+            _Column("confidence"),
+            _Column("weight"),
+            _Column("trigger words", shrink=True),
+            _Column("why", shrink=True),
+        ]
+        out.table(
+            columns,
+            (
+                (
+                    str(rank),
+                    out.id(rec.lora.id),
+                    rec.lora.name,
+                    f"{rec.confidence:.2f}",
+                    f"{rec.weight:g}",
+                    ", ".join(rec.trigger_words),
+                    "; ".join(rec.reasons),
+                )
+                for rank, rec in enumerate(shown, start=1)
+            ),
+        )
+        out.out.print(f"recommendation id: {response.recommendation_id}")
+    else:
         out.out.print("no LoRA fits this prompt well enough")
-        return 0
-    out.out.print(_recommendation_table(response.recommendations))
-    out.out.print(f"recommendation id: {response.recommendation_id}")
+    if weak:
+        out.note(
+            f"{len(weak)} more matched too weakly to show (confidence under 0.005); "
+            "--min-confidence 0 shows them"
+        )
+    if not args.include_unavailable:
+        left_out = _catalog_only(client, args.base_model)
+        if left_out:
+            out.note(
+                f"{left_out} catalog-only LoRAs for {args.base_model} (no file on this "
+                "server) were not considered; --include-unavailable considers them"
+            )
     return 0
+
+
+def _catalog_only(client: LoracleClient, base_model: str) -> int:
+    """How many LoRAs for `base_model` have no file here (0 when ListLoras cannot tell, e.g.
+    for a model name, which `recommend` accepts and ListLoras does not)."""
+    try:
+        everything = client.list_loras(base_model=base_model, page_size=1).total_size
+        with_file = client.list_loras(
+            base_model=base_model, available_only=True, page_size=1
+        ).total_size
+    except LoracleError:
+        return 0
+    return max(everything - with_file, 0)
 
 
 def _cmd_search(client: LoracleClient, args: argparse.Namespace, out: _Output) -> int:
@@ -386,16 +561,30 @@ def _cmd_search(client: LoracleClient, args: argparse.Namespace, out: _Output) -
     if out.json_mode:
         out.json(_to_dict(response))
         return 0
-    table = Table("#", "LoRA", "score", "base model", "why")
-    for rank, hit in enumerate(response.results, start=1):
-        table.add_row(
-            str(rank),
-            f"{hit.lora.name}\n{hit.lora.id[:8]}",
-            f"{hit.score:.2f}",
-            _base_model(hit.lora.base_model),
-            "\n".join(hit.reasons),
-        )
-    out.out.print(table)
+    columns = [
+        _Column("#"),
+        _Column("id"),
+        _Column("LoRA", shrink=True),
+        _Column("score"),
+        _Column("base model", shrink=True),
+        _Column("why", shrink=True),
+    ]
+    out.table(
+        columns,
+        (
+            (
+                str(rank),
+                out.id(hit.lora.id),
+                hit.lora.name,
+                f"{hit.score:.2f}",
+                _base_model(hit.lora.base_model),
+                "; ".join(hit.reasons),
+            )
+            for rank, hit in enumerate(response.results, start=1)
+        ),
+    )
+    if not response.results:
+        out.note("nothing in the catalog matches this query")
     return 0
 
 
@@ -417,16 +606,51 @@ def _output_paths(base: str, count: int) -> list[str]:
     return [f"{stem}-{i}.{suffix}" if dot else f"{base}-{i}" for i in range(count)]
 
 
-def _lora_choice(text: str) -> types_pb2.LoraSelection:
+def _lora_choice(text: str) -> str:
+    """Checks NAME[:WEIGHT]; the text is kept, so an error can quote the option as given."""
+    _, colon, weight = text.rpartition(":")
+    if colon:
+        try:
+            float(weight)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                "expected NAME or NAME:WEIGHT, e.g. pixel_art:0.8"
+            ) from None
+    return text
+
+
+def _lora_selection(text: str) -> types_pb2.LoraSelection:
     name, colon, weight = text.rpartition(":")
     if not colon:
         return types_pb2.LoraSelection(lora=text)
+    return types_pb2.LoraSelection(lora=name, weight=float(weight))
+
+
+def _primed(events: Iterator[types_pb2.GenerationEvent]) -> Iterator[types_pb2.GenerationEvent]:
+    """The stream with its first event already read, so a refusal is raised here."""
+    first = next(events, None)
+    return events if first is None else itertools.chain([first], events)
+
+
+def _until_model_ready(call: Callable[[], _T], args: argparse.Namespace, out: _Output) -> _T:
+    """Calls again while the server says the model is still loading (MODEL_NOT_READY with a
+    retry delay); a model that is broken, or --no-wait, fails at once."""
     try:
-        return types_pb2.LoraSelection(lora=name, weight=float(weight))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            "expected NAME or NAME:WEIGHT, e.g. pixel_art:0.8"
-        ) from None
+        return call()
+    except FailedPrecondition as err:
+        if err.reason != "MODEL_NOT_READY" or err.retry_after is None or args.no_wait:
+            raise
+        first = err
+    with out.waiting(f"waiting: {first.message} (--no-wait fails at once)"):
+        delay = first.retry_after or 1.0
+        while True:
+            time.sleep(delay)
+            try:
+                return call()
+            except FailedPrecondition as err:
+                if err.reason != "MODEL_NOT_READY" or err.retry_after is None:
+                    raise
+                delay = err.retry_after or 1.0
 
 
 def _cmd_generate(client: LoracleClient, args: argparse.Namespace, out: _Output) -> int:
@@ -437,7 +661,7 @@ def _cmd_generate(client: LoracleClient, args: argparse.Namespace, out: _Output)
         steps=args.steps,
         num_images=args.images,
         scheduler=args.scheduler,
-        loras=args.lora,
+        loras=[_lora_selection(text) for text in args.lora],
     )
     if args.size:
         spec.width, spec.height = args.size
@@ -446,7 +670,7 @@ def _cmd_generate(client: LoracleClient, args: argparse.Namespace, out: _Output)
     if args.guidance is not None:
         spec.guidance_scale = args.guidance
     if args.detach:
-        submitted = client.submit_generation(spec)
+        submitted = _until_model_ready(lambda: client.submit_generation(spec), args, out)
         if out.json_mode:
             out.json(_to_dict(submitted))
         else:
@@ -456,15 +680,17 @@ def _cmd_generate(client: LoracleClient, args: argparse.Namespace, out: _Output)
                 f"{submitted.generation_id} -o {args.output}"
             )
         return 0
-    return _follow(client.generate_image(spec), args.output, out)
+    events = _until_model_ready(lambda: _primed(client.generate_image(spec)), args, out)
+    return _follow(events, args.output, out)
 
 
 def _cmd_watch(client: LoracleClient, args: argparse.Namespace, out: _Output) -> int:
-    return _follow(client.watch_generation(args.generation_id), args.output, out)
+    generation_id = _generation_id(client, args.generation_id)
+    return _follow(client.watch_generation(generation_id), args.output, out)
 
 
 def _cmd_cancel(client: LoracleClient, args: argparse.Namespace, out: _Output) -> int:
-    response = client.cancel_generation(args.generation_id)
+    response = client.cancel_generation(_generation_id(client, args.generation_id))
     generation = response.generation
     if out.json_mode:
         out.json(_to_dict(generation))
@@ -477,24 +703,37 @@ def _cmd_cancel(client: LoracleClient, args: argparse.Namespace, out: _Output) -
 def _cmd_generations(client: LoracleClient, args: argparse.Namespace, out: _Output) -> int:
     state = (
         types_pb2.GenerationState.Value(f"GENERATION_STATE_{args.state.upper()}")
-        if args.state
+        if args.state is not None
         else types_pb2.GENERATION_STATE_UNSPECIFIED
     )
     page = client.list_generations(state=state, page_size=args.limit)
     if out.json_mode:
         out.json([_to_dict(g) for g in page.generations])
         return 0
-    table = Table("id", "state", "created", "model", "images", "prompt")
-    for g in page.generations:
-        table.add_row(
-            g.id,
-            types_pb2.GenerationState.Name(g.state).removeprefix("GENERATION_STATE_").lower(),
-            _time(g.create_time),
-            g.spec.model,
-            str(len(g.images)),
-            g.spec.prompt[:60],
-        )
-    out.out.print(table)
+    columns = [
+        _Column("id"),
+        _Column("state"),
+        _Column("created"),
+        _Column("model", shrink=True),
+        _Column("images"),
+        _Column("prompt", shrink=True),
+    ]
+    out.table(
+        columns,
+        (
+            (
+                out.id(g.id),
+                types_pb2.GenerationState.Name(g.state).removeprefix("GENERATION_STATE_").lower(),
+                _time(g.create_time),
+                g.spec.model,
+                str(len(g.images)),
+                g.spec.prompt,
+            )
+            for g in page.generations
+        ),
+    )
+    if not page.generations:
+        out.note(f"no {args.state} generations" if args.state else "no generations yet")
     return 0
 
 
@@ -561,45 +800,88 @@ def _cmd_models(client: LoracleClient, args: argparse.Namespace, out: _Output) -
     if out.json_mode:
         out.json([_to_dict(model) for model in models])
         return 0
-    table = Table("name", "architecture", "ready", "dtype", "scheduler", "path", "note")
-    for model in models:
-        note = model.error or ("placeholder (random weights)" if model.is_placeholder else "")
-        table.add_row(
-            model.name,
-            _architecture(model.architecture),
-            _yes_no(model.ready),
-            model.dtype,
-            model.default_scheduler,
-            model.path,
-            note,
-        )
-    out.out.print(table)
+    columns = [
+        _Column("name"),
+        _Column("architecture"),
+        _Column("ready"),
+        _Column("dtype"),
+        _Column("scheduler", shrink=True),
+        _Column("path", shrink=True),
+        _Column("note", shrink=True),
+    ]
+    out.table(
+        columns,
+        (
+            (
+                model.name,
+                _architecture(model.architecture),
+                _yes_no(model.ready),
+                model.dtype,
+                model.default_scheduler,
+                model.path,
+                model.error or ("placeholder (random weights)" if model.is_placeholder else ""),
+            )
+            for model in models
+        ),
+    )
     return 0
 
 
 def _cmd_events(client: LoracleClient, args: argparse.Namespace, out: _Output) -> int:
-    limit: int = args.limit
+    aggregate = _aggregate_id(client, args.aggregate) if args.aggregate else ""
     events_iter = client.iter_events(
-        aggregate_id=args.aggregate,
-        type=args.type,
-        principal=args.principal,
-        page_size=min(limit, 1000) if limit > 0 else 1000,
+        aggregate_id=aggregate, type=args.type, principal=args.principal, page_size=_PAGE
     )
-    events = list(islice(events_iter, limit) if limit > 0 else events_iter)
+    if args.tail is not None:
+        events = list(deque(events_iter, maxlen=args.tail))[::-1]  # newest first
+    else:
+        limit: int = args.limit
+        events = list(islice(events_iter, limit) if limit > 0 else events_iter)
     if out.json_mode:
         out.json([_to_dict(event) for event in events])
-        return 0
-    table = Table("position", "time", "type", "aggregate id", "principal")
-    for event in events:
-        table.add_row(
-            str(event.position),
-            _time(event.occur_time),
-            event.type,
-            event.aggregate_id,
-            event.principal,
+    else:
+        columns = [
+            _Column("position"),
+            _Column("time"),
+            _Column("type"),
+            _Column("aggregate"),
+            _Column("principal", shrink=True),
+        ]
+        out.table(
+            columns,
+            (
+                (
+                    str(event.position),
+                    _time(event.occur_time),
+                    event.type,
+                    out.id(event.aggregate_id),
+                    event.principal,
+                )
+                for event in events
+            ),
         )
-    out.out.print(table)
+    if not events:
+        filtered = aggregate or args.type or args.principal
+        out.note(_why_no_events(client, args, aggregate) if filtered else "no events yet")
     return 0
+
+
+def _why_no_events(client: LoracleClient, args: argparse.Namespace, aggregate: str) -> str:
+    if args.type:
+        types = sorted({e.type for e in client.iter_events(page_size=_PAGE)})
+        if args.type not in types:
+            close = difflib.get_close_matches(args.type, types, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            return (
+                f"no event in the log has the type {args.type!r}; {hint}"
+                f"types in the log: {', '.join(types) or 'none yet'}"
+            )
+    given = [
+        f"--aggregate {aggregate}" if aggregate else "",
+        f"--type {args.type}" if args.type else "",
+        f"--principal {args.principal}" if args.principal else "",
+    ]
+    return f"no events match {' '.join(g for g in given if g)}"
 
 
 # --- wiring -------------------------------------------------------------------------------
@@ -619,38 +901,81 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="loracle", description="Manage the Loracle LoRA catalog.")
-    parser.add_argument(
+def _version() -> str:
+    try:
+        return importlib.metadata.version("loracle")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout, not installed
+        return "unknown"
+
+
+def _add_global_options(parser: argparse.ArgumentParser, *, with_defaults: bool) -> None:
+    """The options every command takes. The top-level parser sets their defaults; each
+    command's parser has them again without defaults (SUPPRESS), so `loracle loras list
+    --json` works as well as `loracle --json loras list` and neither overrides the other."""
+
+    def add(*flags: str, default: Any = None, **kwargs: Any) -> None:
+        parser.add_argument(
+            *flags, default=default if with_defaults else argparse.SUPPRESS, **kwargs
+        )
+
+    add(
         "--server",
         metavar="HOST:PORT",
         default=os.environ.get("LORACLE_SERVER") or DEFAULT_TARGET,
-        help="server address (default: $LORACLE_SERVER or %(default)s)",
+        help=f"server address (default: $LORACLE_SERVER or {DEFAULT_TARGET})",
     )
-    parser.add_argument("--json", action="store_true", help="print JSON on stdout")
-    parser.add_argument(
+    add("--json", action="store_true", default=False, help="print JSON on stdout")
+    add(
+        "--wide",
+        action="store_true",
+        default=False,
+        help="tables show whole ids and cells instead of fitting the terminal",
+    )
+    add(
         "--token",
         metavar="TOKEN",
         default=os.environ.get("LORACLE_TOKEN") or None,
         help="bearer token (default: $LORACLE_TOKEN)",
     )
-    parser.add_argument("--tls-ca", metavar="PEM", help="use TLS, trusting this CA bundle")
-    parser.add_argument("--tls-cert", metavar="PEM", help="client certificate (mutual TLS)")
-    parser.add_argument("--tls-key", metavar="PEM", help="client private key (mutual TLS)")
-    parser.add_argument("--tls", action="store_true", help="use TLS with the system's trusted CAs")
-    parser.add_argument(
+    add("--tls-ca", metavar="PEM", help="use TLS, trusting this CA bundle")
+    add("--tls-cert", metavar="PEM", help="client certificate (mutual TLS)")
+    add("--tls-key", metavar="PEM", help="client private key (mutual TLS)")
+    add("--tls", action="store_true", default=False, help="use TLS with the system's CAs")
+    add(
         "--timeout",
         type=float,
         default=30.0,
         metavar="SECONDS",
-        help="deadline of each call; 0 for none (default: %(default)s)",
+        help="deadline of each call; 0 for none (default: 30)",
     )
+
+
+_ID_HELP = "the id, or its first 8 characters as tables show them"
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loracle", description="Manage the Loracle LoRA catalog.")
+    _add_global_options(parser, with_defaults=True)
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {_version()}", help="print the version"
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    _add_global_options(common, with_defaults=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(
+        group: Any, name: str, help_text: str, handler: _Handler
+    ) -> argparse.ArgumentParser:
+        sub: argparse.ArgumentParser = group.add_parser(
+            name, help=help_text, description=help_text, parents=[common]
+        )
+        sub.set_defaults(handler=handler)
+        return sub
 
     loras = commands.add_parser("loras", help="manage the LoRA catalog")
     loras_commands = loras.add_subparsers(dest="loras_command", required=True, metavar="COMMAND")
 
-    p = loras_commands.add_parser("import", help="scan a directory under a LoRA root")
+    p = command(loras_commands, "import", "scan a directory under a LoRA root", _cmd_import)
     p.add_argument(
         "directory",
         metavar="DIR",
@@ -658,65 +983,98 @@ def _build_parser() -> argparse.ArgumentParser:
         default="",
         help="absolute, or relative to the first root (default: the whole root)",
     )
-    p.set_defaults(handler=_cmd_import)
 
-    p = loras_commands.add_parser("import-catalog", help="import JSON Lines metadata records")
+    p = command(
+        loras_commands, "import-catalog", "import JSON Lines metadata records", _cmd_import_catalog
+    )
     p.add_argument("file", metavar="FILE.jsonl", help="JSON Lines file, or - for stdin")
     p.add_argument(
-        "--batch-size", type=_positive_int, default=DEFAULT_CATALOG_BATCH_SIZE, metavar="N"
+        "--batch-size",
+        type=_positive_int,
+        default=DEFAULT_CATALOG_BATCH_SIZE,
+        metavar="N",
+        help=f"records per request (default: {DEFAULT_CATALOG_BATCH_SIZE})",
     )
-    p.set_defaults(handler=_cmd_import_catalog)
 
-    p = loras_commands.add_parser("register", help="register one .safetensors file")
-    p.add_argument("path", metavar="PATH")
-    p.set_defaults(handler=_cmd_register)
+    p = command(loras_commands, "register", "register one .safetensors file", _cmd_register)
+    p.add_argument("path", metavar="PATH", help="the file, under a LoRA root")
 
-    p = loras_commands.add_parser("list", help="list the catalog")
-    p.add_argument("--base-model", default="", metavar="X")
-    p.add_argument("--tag", default="", metavar="T")
-    p.add_argument("--available-only", action="store_true")
-    p.add_argument("--limit", type=_non_negative_int, default=50, metavar="N", help="0 for all")
-    p.set_defaults(handler=_cmd_list)
-
-    p = loras_commands.add_parser("show", help="show one LoRA")
-    p.add_argument("id", metavar="ID", help="full id or a unique prefix")
-    p.set_defaults(handler=_cmd_show)
-
-    p = loras_commands.add_parser("update", help="change editable fields")
-    p.add_argument("id", metavar="ID", help="full id or a unique prefix")
-    p.add_argument("--name")
-    p.add_argument("--trigger-word", dest="trigger_words", action="append", metavar="WORD")
-    p.add_argument("--clear-trigger-words", action="store_true")
-    p.add_argument("--tag", dest="tags", action="append", metavar="TAG")
-    p.add_argument("--clear-tags", action="store_true")
-    p.add_argument("--description")
-    p.add_argument("--preferred-weight", type=float, metavar="W")
-    p.set_defaults(handler=_cmd_update)
-
-    p = loras_commands.add_parser("delete", help="remove a LoRA from the catalog")
-    p.add_argument("id", metavar="ID", help="full id or a unique prefix")
-    p.set_defaults(handler=_cmd_delete)
-
-    p = commands.add_parser("recommend", help="recommend LoRAs for a prompt")
-    p.add_argument("prompt", metavar="PROMPT")
-    p.add_argument("--base-model", required=True, metavar="X", help='e.g. "SD 1.5" or SDXL')
-    p.add_argument("--max", type=_positive_int, default=3, metavar="N")
-    p.add_argument("--min-confidence", type=float, metavar="C")
+    p = command(loras_commands, "list", "list the catalog", _cmd_list)
     p.add_argument(
-        "--include-unavailable", action="store_true", help="also catalog entries without a file"
+        "--base-model", default="", metavar="X", help="only LoRAs for this base model, e.g. SDXL"
     )
-    p.set_defaults(handler=_cmd_recommend)
+    p.add_argument("--tag", default="", metavar="T", help="only LoRAs with this tag")
+    p.add_argument(
+        "--available-only", action="store_true", help="only LoRAs with a file on the server"
+    )
+    p.add_argument(
+        "--limit", type=_non_negative_int, default=50, metavar="N", help="at most N; 0 for all"
+    )
 
-    p = commands.add_parser("generate", help="generate an image")
-    p.add_argument("prompt", metavar="PROMPT")
-    p.add_argument("-o", "--output", default="out.png", metavar="FILE")
-    p.add_argument("--model", default="", metavar="NAME")
-    p.add_argument("--negative", default="", metavar="PROMPT")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--steps", type=_non_negative_int, default=0, metavar="N")
-    p.add_argument("--size", type=_size, metavar="WxH")
-    p.add_argument("--images", type=_positive_int, default=1, metavar="N")
-    p.add_argument("--guidance", type=float, metavar="CFG")
+    p = command(loras_commands, "show", "show one LoRA", _cmd_show)
+    p.add_argument("id", metavar="ID", help=_ID_HELP)
+
+    p = command(loras_commands, "update", "change editable fields", _cmd_update)
+    p.add_argument("id", metavar="ID", help=_ID_HELP)
+    p.add_argument("--name", help="the new name")
+    p.add_argument(
+        "--trigger-word",
+        dest="trigger_words",
+        action="append",
+        metavar="WORD",
+        help="replace the trigger words (repeatable)",
+    )
+    p.add_argument("--clear-trigger-words", action="store_true", help="remove every trigger word")
+    p.add_argument(
+        "--tag", dest="tags", action="append", metavar="TAG", help="replace the tags (repeatable)"
+    )
+    p.add_argument("--clear-tags", action="store_true", help="remove every tag")
+    p.add_argument("--description", help="the new description")
+    p.add_argument(
+        "--preferred-weight", type=float, metavar="W", help="weight used when none is given"
+    )
+
+    p = command(loras_commands, "delete", "remove a LoRA from the catalog", _cmd_delete)
+    p.add_argument("id", metavar="ID", help=_ID_HELP)
+
+    p = command(commands, "recommend", "recommend LoRAs for a prompt", _cmd_recommend)
+    p.add_argument("prompt", metavar="PROMPT", help="the prompt to find LoRAs for")
+    p.add_argument("--base-model", required=True, metavar="X", help='e.g. "SD 1.5" or SDXL')
+    p.add_argument(
+        "--max", type=_positive_int, default=3, metavar="N", help="at most N LoRAs (default: 3)"
+    )
+    p.add_argument(
+        "--min-confidence",
+        type=float,
+        metavar="C",
+        help="only LoRAs at or above this confidence, 0 to 1 (0 shows every match)",
+    )
+    p.add_argument(
+        "--include-unavailable",
+        action="store_true",
+        help="also consider catalog-only LoRAs (no file on this server)",
+    )
+
+    p = command(commands, "generate", "generate an image", _cmd_generate)
+    p.add_argument("prompt", metavar="PROMPT", help="what to draw; <lora:NAME:W> applies a LoRA")
+    p.add_argument(
+        "-o", "--output", default="out.png", metavar="FILE", help="where to write the image"
+    )
+    p.add_argument("--model", default="", metavar="NAME", help="base model (default: the first)")
+    p.add_argument("--negative", default="", metavar="PROMPT", help="negative prompt")
+    p.add_argument("--seed", type=int, help="seed (default: random); image i uses seed + i")
+    p.add_argument(
+        "--steps",
+        type=_non_negative_int,
+        default=0,
+        metavar="N",
+        help="denoising steps (default: the model's)",
+    )
+    p.add_argument("--size", type=_size, metavar="WxH", help="e.g. 512x512 (default: the model's)")
+    p.add_argument(
+        "--images", type=_positive_int, default=1, metavar="N", help="images to generate"
+    )
+    p.add_argument("--guidance", type=float, metavar="CFG", help="guidance scale, 0 to 30")
     p.add_argument("--scheduler", default="", metavar="NAME", help="e.g. euler_a, dpmpp_2m")
     p.add_argument(
         "--lora",
@@ -729,56 +1087,139 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--detach", action="store_true", help="submit and print the id instead of waiting"
     )
-    p.set_defaults(handler=_cmd_generate)
+    p.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="fail at once if the model is still loading (default: wait for it)",
+    )
 
-    p = commands.add_parser("watch", help="follow a generation (from any connection)")
-    p.add_argument("generation_id", metavar="ID")
-    p.add_argument("-o", "--output", default="out.png", metavar="FILE")
-    p.set_defaults(handler=_cmd_watch)
+    p = command(commands, "watch", "follow a generation (from any connection)", _cmd_watch)
+    p.add_argument("generation_id", metavar="ID", help=_ID_HELP)
+    p.add_argument(
+        "-o", "--output", default="out.png", metavar="FILE", help="where to write the image"
+    )
 
-    p = commands.add_parser("cancel", help="cancel a queued or running generation")
-    p.add_argument("generation_id", metavar="ID")
-    p.set_defaults(handler=_cmd_cancel)
+    p = command(commands, "cancel", "cancel a queued or running generation", _cmd_cancel)
+    p.add_argument("generation_id", metavar="ID", help=_ID_HELP)
 
-    p = commands.add_parser("generations", help="list generations, newest first")
+    p = command(commands, "generations", "list generations, newest first", _cmd_generations)
     p.add_argument(
         "--state",
-        default="",
-        choices=["", "queued", "running", "succeeded", "failed", "cancelled"],
+        choices=["queued", "running", "succeeded", "failed", "cancelled"],
+        help="only generations in this state (default: all)",
     )
-    p.add_argument("--limit", type=_positive_int, default=20, metavar="N")
-    p.set_defaults(handler=_cmd_generations)
+    p.add_argument(
+        "--limit", type=_positive_int, default=20, metavar="N", help="at most N (default: 20)"
+    )
 
-    p = commands.add_parser("search", help="search the catalog")
-    p.add_argument("query", metavar="QUERY")
-    p.add_argument("--base-model", default="", metavar="X")
-    p.add_argument("--limit", type=_positive_int, default=20, metavar="N")
-    p.set_defaults(handler=_cmd_search)
+    p = command(commands, "search", "search the catalog", _cmd_search)
+    p.add_argument("query", metavar="QUERY", help="words to look for")
+    p.add_argument("--base-model", default="", metavar="X", help="only LoRAs for this base model")
+    p.add_argument(
+        "--limit", type=_positive_int, default=20, metavar="N", help="at most N (default: 20)"
+    )
 
-    p = commands.add_parser("models", help="list the configured base models")
-    p.set_defaults(handler=_cmd_models)
+    command(commands, "models", "list the configured base models", _cmd_models)
 
-    p = commands.add_parser("events", help="show the audit trail, oldest first")
-    p.add_argument("--aggregate", default="", metavar="ID")
-    p.add_argument("--type", default="", metavar="T")
-    p.add_argument("--principal", default="", metavar="P")
-    p.add_argument("--limit", type=_non_negative_int, default=50, metavar="N", help="0 for all")
-    p.set_defaults(handler=_cmd_events)
+    p = command(commands, "events", "show the audit trail (oldest first, or --tail)", _cmd_events)
+    p.add_argument(
+        "--aggregate",
+        default="",
+        metavar="ID",
+        help="only this LoRA, generation or recommendation: " + _ID_HELP,
+    )
+    p.add_argument(
+        "--type", default="", metavar="T", help="only this event type, e.g. LoraRegistered"
+    )
+    p.add_argument(
+        "--principal", default="", metavar="P", help="only events caused by this principal"
+    )
+    shown = p.add_mutually_exclusive_group()
+    shown.add_argument(
+        "--limit",
+        type=_non_negative_int,
+        default=50,
+        metavar="N",
+        help="the oldest N (default: 50); 0 for all",
+    )
+    shown.add_argument(
+        "--tail", type=_positive_int, metavar="N", help="the newest N instead, newest first"
+    )
     return parser
 
 
-def _report(err: LoracleError, server: str) -> None:
+# Request fields in the CLI's terms: an option (or argument) and how to show its value.
+_FIELDS: dict[str, tuple[str, str | None]] = {
+    # field: (option or METAVAR, the attribute holding its value, None for none shown)
+    "spec.prompt": ("PROMPT", None),
+    "spec.negative_prompt": ("--negative", None),
+    "spec.model": ("--model", "model"),
+    "spec.width": ("--size", "size"),
+    "spec.height": ("--size", "size"),
+    "spec.steps": ("--steps", "steps"),
+    "spec.guidance_scale": ("--guidance", "guidance"),
+    "spec.num_images": ("--images", "images"),
+    "spec.seed": ("--seed", "seed"),
+    "spec.scheduler": ("--scheduler", "scheduler"),
+    "spec.loras": ("--lora", None),
+    "prompt": ("PROMPT", None),
+    "base_model": ("--base-model", "base_model"),
+    "max_loras": ("--max", "max"),
+    "min_confidence": ("--min-confidence", "min_confidence"),
+    "path": ("PATH", None),
+    "query": ("QUERY", None),
+    "page_size": ("--limit", "limit"),
+    "lora.name": ("--name", "name"),
+    "lora.description": ("--description", None),
+    "lora.tags": ("--tag", None),
+    "lora.trigger_words": ("--trigger-word", None),
+    "lora.preferred_weight": ("--preferred-weight", "preferred_weight"),
+    "aggregate_id": ("--aggregate", "aggregate"),
+    "type": ("--type", "type"),
+    "principal": ("--principal", "principal"),
+}
+_SUB_FIELDS = {"spec.width": "width", "spec.height": "height"}
+_LORA_FIELD = re.compile(r"spec\.loras\[(\d+)\]\.(\w+)")
+_BARE_DESCRIPTION = re.compile(r"(a|an|from|one of|at most|between|in) ")
+
+
+def _option_value(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "x".join(str(v) for v in value)
+    return str(value)
+
+
+def _violation(field: str, description: str, args: argparse.Namespace) -> str:
+    """One violation as the user typed it: `--size 7x7: width must be a multiple of 8 …`."""
+    sentence = f"must be {description}" if _BARE_DESCRIPTION.match(description) else description
+    lora = _LORA_FIELD.fullmatch(field)
+    if lora and int(lora.group(1)) < len(getattr(args, "lora", [])):
+        return f"--lora {args.lora[int(lora.group(1))]}: {lora.group(2)} {sentence}"
+    if field not in _FIELDS:
+        return f"{field}: {sentence}"
+    option, attribute = _FIELDS[field]
+    value = getattr(args, attribute, None) if attribute else None
+    shown = f"{option} {_option_value(value)}" if value not in (None, "") else option
+    label = _SUB_FIELDS.get(field, "")
+    return f"{shown}: {label} {sentence}" if label else f"{shown}: {sentence}"
+
+
+def _report(err: LoracleError, args: argparse.Namespace) -> None:
     if err.code == grpc.StatusCode.UNAVAILABLE and not err.reason:
         # No ErrorInfo: the channel failed, not the server's logic.
         print(
-            f"error: UNAVAILABLE: the server at {server} could not be reached ({err.message})",
+            f"error: UNAVAILABLE: the server at {args.server} could not be reached ({err.message})",
             file=sys.stderr,
         )
         return
-    print(f"error: {err.code.name}: {err.message}", file=sys.stderr)
-    for field, description in err.field_violations:
-        print(f"  {field}: {description}", file=sys.stderr)
-    if err.correlation_id:
+    if err.field_violations:
+        # The violations are the message: each once, in the options' names.
+        for field, description in err.field_violations:
+            print(f"error: {_violation(field, description, args)}", file=sys.stderr)
+    else:
+        print(f"error: {err.code.name}: {err.message}", file=sys.stderr)
+    if err.correlation_id and err.code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+        # Only where the user has something to quote: the server's log has the rest.
         print(f"  correlation id: {err.correlation_id}", file=sys.stderr)
     if err.retry_after is not None:
         print(f"  retry after {err.retry_after:g}s", file=sys.stderr)
@@ -788,13 +1229,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help, or a usage error argparse already printed
+    except SystemExit as exc:  # --help, --version, or a usage error argparse already printed
         return exc.code if isinstance(exc.code, int) else _EXIT_USAGE
     handler: _Handler = args.handler
     out = _Output(
         json_mode=args.json,
-        out=Console(markup=False, highlight=False),
+        out=Console(markup=False, highlight=False, soft_wrap=True),  # commands stay whole
         err=Console(stderr=True, markup=False, highlight=False),
+        wide=args.wide,
     )
     timeout = args.timeout if args.timeout > 0 else None
     try:
@@ -806,7 +1248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with LoracleClient(args.server, timeout=timeout, token=args.token, tls=tls) as client:
             return handler(client, args, out)
     except LoracleError as err:
-        _report(err, args.server)
+        _report(err, args)
         return _EXIT_ERROR
     except _LocalError as err:
         print(f"error: {err}", file=sys.stderr)

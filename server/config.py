@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import importlib.metadata
 import json
 import os
 import tomllib
@@ -367,6 +368,13 @@ def _expected(annotation: Any) -> str:
     return names.get(annotation, "a string")
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("loracle")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout, not installed
+        return "unknown"
+
+
 def _parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
@@ -375,6 +383,9 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS,
     )
     parser.add_argument("--config", help="TOML settings file (keys as the settings' names)")
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {_version()}", help="print the version"
+    )
     for name, info in Settings.model_fields.items():
         flag = flag_of(name)
         if not flag:

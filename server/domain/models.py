@@ -276,3 +276,5 @@ class BaseModelInfo:
     dtype: str = ""
     default_scheduler: str = ""
     defaults: GenerationDefaults = FALLBACK_DEFAULTS
+    # Not ready yet but on its way (the embedded placeholder being built): worth retrying.
+    loading: bool = False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import subprocess
 import sys
@@ -33,6 +34,10 @@ def test_import_list_show_events(server: RunningServer, capsys: pytest.CaptureFi
     assert main(cli(server, "--json", "events", "--aggregate", watercolor["id"])) == 0
     events = json.loads(capsys.readouterr().out)
     assert events[0]["type"] == "LoraRegistered"
+    # Global options after the command, and the id prefix the tables show.
+    argv = ["events", "--aggregate", watercolor["id"][:8], "--tail", "1", "--json"]
+    assert main([*argv, "--server", server.address]) == 0
+    assert json.loads(capsys.readouterr().out) == events[-1:]
 
 
 def test_catalog_import_from_jsonl(
@@ -83,3 +88,11 @@ def test_console_script_is_installed(server: RunningServer) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "Watercolor" in result.stdout or "Pixel Art" in result.stdout
+
+
+@pytest.mark.parametrize("name", ["loracle", "loracle-server"])
+def test_both_console_scripts_print_their_version(name: str) -> None:
+    exe = Path(sys.executable).with_name(name)
+    result = subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"{name} {importlib.metadata.version('loracle')}"

@@ -232,15 +232,38 @@ def test_cli_detach_watch_and_cancel(
     assert main([*server, "generate", "a cat", "--steps", "2", "--detach"]) == 0
     generation_id = json.loads(capsys.readouterr().out)["generation_id"]
     out = tmp_path / "cat.png"
-    assert main([*server, "watch", generation_id, "-o", str(out)]) == 0
+    # The 8 characters the tables show are enough (issue 12: `loracle cancel 820fcc0a`).
+    assert main([*server, "watch", generation_id[:8], "-o", str(out)]) == 0
     assert json.loads(capsys.readouterr().out)["generation_id"] == generation_id
     assert out.read_bytes().startswith(b"\x89PNG")
     assert (
         main([*server, "generate", "slow", "--steps", "150", "--size", "128x128", "--detach"]) == 0
     )
     slow = json.loads(capsys.readouterr().out)["generation_id"]
-    assert main([*server, "cancel", slow]) == 0
+    assert main([*server, "cancel", slow[:8]]) == 0
     assert json.loads(capsys.readouterr().out)["state"] == "GENERATION_STATE_CANCELLED"
+
+
+def test_cli_errors_name_the_options_and_a_loading_model_is_waited_for(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = start_server(tmp_path)  # builds its embedded model in the background
+    try:
+        argv = ["generate", "a cat", "--steps", "2", "--detach", "--server", server.address]
+        with LoracleClient(server.address) as client:
+            loading = not client.list_base_models()[0].ready
+        if loading:  # else the build beat us to it: nothing to wait for
+            assert main([*argv, "--no-wait"]) == 1
+            assert "error: FAILED_PRECONDITION: model" in capsys.readouterr().err
+        assert main(argv) == 0
+        assert "submitted " in capsys.readouterr().out
+        assert main([*argv, "--size", "7x7"]) == 1
+        assert capsys.readouterr().err.splitlines() == [
+            "error: --size 7x7: width must be a multiple of 8 from 64 to 2048, or 0",
+            "error: --size 7x7: height must be a multiple of 8 from 64 to 2048, or 0",
+        ]
+    finally:
+        server.stop()
 
 
 def test_a_passed_deadline_cancels_the_job(ready: RunningServer) -> None:

@@ -85,9 +85,15 @@ def test_registry_builds_the_embedded_placeholder(tmp_path: Path) -> None:
     assert before.config.placeholder
     assert not before.ready
     assert "building" in before.error
+    assert before.loading  # MODEL_NOT_READY then carries RetryInfo
     registry.ensure_embedded(wait=True)
     (after,) = registry.statuses()
     assert after.ready, after.error
+    assert not after.loading
+    missing = BaseModelConfig("m", Architecture.SD1, tmp_path / "nope")
+    (broken,) = ModelRegistry((missing,), data_dir=tmp_path).statuses()
+    assert not broken.ready
+    assert not broken.loading  # broken, not on its way: nothing to wait for
     assert after.default_scheduler == "EulerDiscreteScheduler"
     assert (tmp_path / "models" / EMBEDDED_NAME / "model_index.json").exists()
     # A second start finds it built and ready at once.

@@ -6,7 +6,9 @@ generated base class, which answers UNIMPLEMENTED like a server that lacks the f
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import importlib.metadata
 import inspect
 import json
 import socket
@@ -37,6 +39,7 @@ from client import (
     Unavailable,
     Unimplemented,
 )
+from client import cli as cli_module
 from client.catalog import read_catalog_jsonl
 from client.cli import main
 from loracle.v1 import (
@@ -61,6 +64,25 @@ LORAS = [
         available=n % 2 == 1,
     )
     for n in range(1, 6)
+]
+# Two generations share their first 8 characters, as ids shown in a table may.
+GENERATIONS = [
+    types_pb2.Generation(
+        id=gid,
+        state=types_pb2.GENERATION_STATE_RUNNING,
+        spec=types_pb2.GenerationSpec(prompt="a lighthouse", model="tiny"),
+    )
+    for gid in (
+        "820fcc0a-1111-4111-8111-111111111111",
+        "abcdef01-1111-4111-8111-111111111111",
+        "abcdef01-2222-4111-8111-111111111111",
+    )
+]
+EVENTS = [
+    types_pb2.AuditEvent(position=n, aggregate_id=LORAS[n % 2].id, type=kind, principal="ci")
+    for n, kind in enumerate(
+        ["LoraRegistered", "LoraRegistered", "LoraUpdated", "LoraCatalogRecordImported"], 1
+    )
 ]
 
 
@@ -174,6 +196,57 @@ class FakeCommands(command_service_pb2_grpc.CommandServiceServicer):
         self.requests.append(request)
         return command_service_pb2.UpdateLoraResponse(lora=request.lora, consistency_token="t-up")
 
+    async def CancelGeneration(
+        self, request: command_service_pb2.CancelGenerationRequest, context: _Context
+    ) -> command_service_pb2.CancelGenerationResponse:
+        self.requests.append(request)
+        generation = types_pb2.Generation(
+            id=request.generation_id, state=types_pb2.GENERATION_STATE_CANCELLED
+        )
+        return command_service_pb2.CancelGenerationResponse(generation=generation)
+
+    async def SubmitGeneration(
+        self, request: command_service_pb2.SubmitGenerationRequest, context: _Context
+    ) -> command_service_pb2.SubmitGenerationResponse:
+        """Model "loading": not ready (with a retry delay) for the first two calls; "broken":
+        never ready, and no retry delay; width 7: the server's BadRequest."""
+        self.requests.append(request)
+        tries = sum(isinstance(r, type(request)) for r in self.requests)
+        if request.spec.model == "broken" or (request.spec.model == "loading" and tries < 3):
+            retry = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(nanos=10**7))
+            await _abort(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"model {request.spec.model!r} is not ready: building",
+                _error_info("MODEL_NOT_READY", model=request.spec.model),
+                *([retry] if request.spec.model == "loading" else []),
+            )
+        if request.spec.width == 7:
+            bad_request = error_details_pb2.BadRequest()
+            bad_request.field_violations.add(
+                field="spec.width", description="a multiple of 8 from 64 to 2048, or 0"
+            )
+            await _abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "spec.width: a multiple of 8 from 64 to 2048, or 0",
+                bad_request,
+                _error_info("INVALID_ARGUMENT"),
+            )
+        return command_service_pb2.SubmitGenerationResponse(generation_id=GENERATIONS[0].id)
+
+    async def RecommendLoras(
+        self, request: command_service_pb2.RecommendLorasRequest, context: _Context
+    ) -> command_service_pb2.RecommendLorasResponse:
+        self.requests.append(request)
+        recs = [
+            types_pb2.Recommendation(lora=LORAS[0], confidence=0.71, weight=0.8),
+            types_pb2.Recommendation(lora=LORAS[2], confidence=0.001, weight=0.8),
+        ]
+        return command_service_pb2.RecommendLorasResponse(
+            recommendation_id="rec-1", recommendations=recs
+        )
+
 
 class FakeQueries(query_service_pb2_grpc.QueryServiceServicer):
     def __init__(self, requests: list[Message]) -> None:
@@ -197,12 +270,39 @@ class FakeQueries(query_service_pb2_grpc.QueryServiceServicer):
         self, request: query_service_pb2.ListLorasRequest, context: _Context
     ) -> query_service_pb2.ListLorasResponse:
         self.requests.append(request)
+        loras = [lora for lora in LORAS if lora.available or not request.available_only]
         start = int(request.page_token or "0")
         end = start + (request.page_size or 50)
         return query_service_pb2.ListLorasResponse(
-            loras=LORAS[start:end],
-            next_page_token=str(end) if end < len(LORAS) else "",
-            total_size=len(LORAS),
+            loras=loras[start:end],
+            next_page_token=str(end) if end < len(loras) else "",
+            total_size=len(loras),
+        )
+
+    async def ListGenerations(
+        self, request: query_service_pb2.ListGenerationsRequest, context: _Context
+    ) -> query_service_pb2.ListGenerationsResponse:
+        self.requests.append(request)
+        start = int(request.page_token or "0")
+        end = start + (request.page_size or 50)
+        return query_service_pb2.ListGenerationsResponse(
+            generations=GENERATIONS[start:end],
+            next_page_token=str(end) if end < len(GENERATIONS) else "",
+        )
+
+    async def ListEvents(
+        self, request: query_service_pb2.ListEventsRequest, context: _Context
+    ) -> query_service_pb2.ListEventsResponse:
+        self.requests.append(request)
+        events = [
+            e
+            for e in EVENTS
+            if request.aggregate_id in ("", e.aggregate_id) and request.type in ("", e.type)
+        ]
+        start = int(request.page_token or "0")
+        end = start + (request.page_size or 100)
+        return query_service_pb2.ListEventsResponse(
+            events=events[start:end], next_page_token=str(end) if end < len(events) else ""
         )
 
 
@@ -434,7 +534,7 @@ async def test_async_client_maps_errors_and_pages(fake: FakeServer) -> None:
         names = [lora.name async for lora in c.iter_loras(page_size=3)]
         assert names == [f"lora-{n}" for n in range(1, 6)]
         with pytest.raises(Unimplemented):
-            await c.list_generations()
+            await c.get_generation("g1")
 
 
 async def test_async_catalog_import_and_stream(fake: FakeServer) -> None:
@@ -517,17 +617,14 @@ def test_cli_table_list(fake: FakeServer, capsys: pytest.CaptureFixture[str]) ->
 def test_cli_not_found_exits_1(fake: FakeServer, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--server", fake.address, "loras", "show", "nope"]) == 1
     captured = capsys.readouterr()
-    assert captured.err.startswith("error: NOT_FOUND: lora 'nope' not found")
+    assert captured.err.startswith("error: NOT_FOUND: 'nope' is not a LoRA id")
     assert "Traceback" not in captured.err
     assert captured.out == ""
 
 
 def test_cli_prints_field_violations(fake: FakeServer, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--server", fake.address, "loras", "register", ""]) == 1
-    assert capsys.readouterr().err.splitlines() == [
-        "error: INVALID_ARGUMENT: path: must not be empty",
-        "  path: must not be empty",
-    ]
+    assert capsys.readouterr().err.splitlines() == ["error: PATH: must not be empty"]
 
 
 def test_cli_unreachable_server(capsys: pytest.CaptureFixture[str]) -> None:
@@ -596,3 +693,175 @@ def test_cli_import_directory(fake: FakeServer, capsys: pytest.CaptureFixture[st
     ]
     (request,) = fake.sent(command_service_pb2.ImportLorasRequest)
     assert request.directory == "sub"
+
+
+# --- CLI: first contact (issue 12) ----------------------------------------------------------
+
+
+def _walk(parser: argparse.ArgumentParser, path: str) -> Iterator[tuple[str, argparse.Action]]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for choice in action._choices_actions:
+                yield f"{path} {choice.dest}", choice
+            for name, sub in action.choices.items():
+                yield from _walk(sub, f"{path} {name}")
+        elif not isinstance(action, argparse._HelpAction):
+            yield f"{path} {'/'.join(action.option_strings) or action.dest}", action
+
+
+def test_cli_every_command_and_option_has_help() -> None:
+    missing = [
+        where
+        for where, action in _walk(cli_module._build_parser(), "loracle")
+        if not action.help or action.help == argparse.SUPPRESS
+    ]
+    assert missing == []
+
+
+def test_cli_global_options_work_after_the_subcommand(
+    fake: FakeServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["loras", "list", "--json", "--server", fake.address, "--limit", "2"]) == 0
+    assert [lora["id"] for lora in json.loads(capsys.readouterr().out)] == [
+        lora.id for lora in LORAS[:2]
+    ]
+    argv = ["generate", "x", "--detach", "--server", fake.address, "--json"]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["generation_id"] == GENERATIONS[0].id
+
+
+def test_cli_state_offers_no_empty_choice(
+    fake: FakeServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--server", fake.address, "generations", "--state", ""]) == 2
+    assert "'', " not in capsys.readouterr().err
+    assert main(["--server", fake.address, "--json", "generations"]) == 0
+    (request,) = fake.sent(query_service_pb2.ListGenerationsRequest)
+    assert request.state == types_pb2.GENERATION_STATE_UNSPECIFIED
+
+
+def test_cli_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"loracle {importlib.metadata.version('loracle')}"
+
+
+def test_cli_cancel_accepts_the_prefix_the_table_shows(
+    fake: FakeServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--server", fake.address, "generations"]) == 0
+    table = capsys.readouterr().out
+    assert "820fcc0a " in table
+    assert GENERATIONS[0].id not in table
+    assert "…" not in table
+    assert main(["--server", fake.address, "cancel", "820fcc0a"]) == 0
+    (request,) = fake.sent(command_service_pb2.CancelGenerationRequest)
+    assert request.generation_id == GENERATIONS[0].id
+    assert capsys.readouterr().out.strip() == f"{GENERATIONS[0].id}: cancelled"
+
+
+def test_cli_ambiguous_or_unknown_prefixes_are_refused(
+    fake: FakeServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--server", fake.address, "cancel", "abcdef01"]) == 1
+    err = capsys.readouterr().err
+    assert "'abcdef01' matches 2 generations (abcdef01-111…, abcdef01-222…)" in err
+    assert main(["--server", fake.address, "watch", "99999999"]) == 1
+    assert "NOT_FOUND: no generation has an id starting with '99999999'" in capsys.readouterr().err
+    assert fake.sent(command_service_pb2.CancelGenerationRequest) == []
+
+
+def test_cli_wide_tables_show_whole_ids(
+    fake: FakeServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--server", fake.address, "generations", "--wide"]) == 0
+    assert GENERATIONS[0].id in capsys.readouterr().out
+
+
+def test_cli_tables_fit_the_terminal(
+    fake: FakeServer, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert main(["--server", fake.address, "loras", "list"]) == 0
+    assert max(len(line) for line in capsys.readouterr().out.splitlines()) > 50
+    monkeypatch.setenv("COLUMNS", "50")
+    assert main(["--server", fake.address, "loras", "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 + len(LORAS)
+    assert max(len(line) for line in lines) <= 50
+    ids = [line.split()[0] for line in lines[1:]]
+    assert ids == [lora.id[:8] for lora in LORAS]  # ids are never cut
+
+
+def test_cli_events_tail_newest_first_with_an_aggregate_prefix(
+    fake: FakeServer, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "50")
+    argv = ["--server", fake.address, "events", "--tail", "2", "--aggregate", LORAS[0].id[:8]]
+    assert main(argv) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [row[0] for row in rows] == ["4", "2"]  # LORAS[0]'s events, newest first
+    assert rows[0][1] == "LoraCatalogRecordImported"  # never cut, however narrow
+    assert fake.sent(query_service_pb2.ListEventsRequest)[-1].aggregate_id == LORAS[0].id
+
+
+def test_cli_events_say_why_nothing_matched(
+    fake: FakeServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--server", fake.address, "events", "--type", "LoraRegisterd"]) == 0
+    err = capsys.readouterr().err
+    assert "no event in the log has the type 'LoraRegisterd'" in err
+    assert "did you mean 'LoraRegistered'?" in err
+    aggregate = LORAS[0].id[:8]
+    assert (
+        main(
+            ["--server", fake.address, "events", "--aggregate", aggregate, "--type", "LoraUpdated"]
+        )
+        == 0
+    )
+    assert (
+        f"no events match --aggregate {LORAS[0].id} --type LoraUpdated" in capsys.readouterr().err
+    )
+
+
+def test_cli_errors_print_once_in_the_cli_terms(
+    fake: FakeServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--server", fake.address, "generate", "x", "--size", "7x7", "--detach"]
+    assert main(argv) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "error: --size 7x7: width must be a multiple of 8 from 64 to 2048, or 0"
+    ]
+
+
+def test_cli_generate_waits_for_a_loading_model(
+    fake: FakeServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--server", fake.address, "generate", "x", "--model", "loading", "--detach"]
+    assert main(argv) == 0
+    assert len(fake.sent(command_service_pb2.SubmitGenerationRequest)) == 3
+    captured = capsys.readouterr()
+    assert f"submitted {GENERATIONS[0].id}" in captured.out
+    assert "waiting: model 'loading' is not ready" in captured.err
+
+
+def test_cli_generate_no_wait_and_broken_models_fail_at_once(
+    fake: FakeServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--server", fake.address, "generate", "x", "--detach", "--model"]
+    assert main([*argv, "loading", "--no-wait"]) == 1
+    assert main([*argv, "broken"]) == 1
+    assert len(fake.sent(command_service_pb2.SubmitGenerationRequest)) == 2
+    assert "error: FAILED_PRECONDITION: model 'broken' is not ready" in capsys.readouterr().err
+
+
+def test_cli_recommend_says_what_it_left_out(
+    fake: FakeServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--server", fake.address, "recommend", "ink", "--base-model", "SDXL"]) == 0
+    captured = capsys.readouterr()
+    assert "0.71" in captured.out
+    assert "0.00" not in captured.out
+    assert LORAS[2].id[:8] not in captured.out
+    assert "1 more matched too weakly to show" in captured.err
+    assert "--min-confidence 0 shows them" in captured.err
+    assert "2 catalog-only LoRAs for SDXL" in captured.err
+    assert "--include-unavailable" in captured.err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import re
@@ -374,4 +375,13 @@ def test_the_cluster_tools_config_loads(tmp_path: Path) -> None:
         2.0,
         50.0,
         True,
+    )
+
+
+def test_version_flag_prints_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        load_settings(["--version"], environ={})
+    assert exited.value.code == 0
+    assert (
+        capsys.readouterr().out.strip() == f"loracle-server {importlib.metadata.version('loracle')}"
     )

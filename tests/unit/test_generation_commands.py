@@ -18,6 +18,7 @@ from server.application.commands import (
     SubmitGenerationCommand,
 )
 from server.application.context import DispatchContext
+from server.application.generation.jobs import MODEL_LOADING_RETRY_SECONDS
 from server.application.queries import GetGenerationQuery
 from server.bootstrap import Container
 from server.domain.errors import (
@@ -146,6 +147,20 @@ def test_a_model_that_is_not_ready_is_a_precondition(tmp_path: Path) -> None:
         with pytest.raises(PreconditionError) as caught:
             c.commands.dispatch(SubmitGenerationCommand(request=request()), ctx()).unwrap()
         assert caught.value.reason == "MODEL_NOT_READY"
+        assert caught.value.retry_after_seconds is None  # broken, not loading: no RetryInfo
+    finally:
+        c.close()
+
+
+def test_a_model_that_is_still_loading_says_when_to_retry(tmp_path: Path) -> None:
+    info = ready_model("tiny")
+    models = FakeModels(type(info)(info.config, False, "building", loading=True))
+    c = make_container(tmp_path, "memory://", executor=FakeExecutor(), models=models)
+    try:
+        with pytest.raises(PreconditionError) as caught:
+            c.commands.dispatch(SubmitGenerationCommand(request=request()), ctx()).unwrap()
+        assert caught.value.reason == "MODEL_NOT_READY"
+        assert caught.value.retry_after_seconds == MODEL_LOADING_RETRY_SECONDS
     finally:
         c.close()
 

@@ -52,6 +52,8 @@ PLACEHOLDER_SIDE = 256
 PLACEHOLDER_DEFAULTS = GenerationDefaults(64, 64, 4, 7.0)
 # How long a cancel waits for the outcome another replica records (cluster mode).
 OUTCOME_WAIT_SECONDS = 10.0
+# How soon a client may retry a request for a model that is still loading.
+MODEL_LOADING_RETRY_SECONDS = 2.0
 
 
 def _defaults(model: BaseModelInfo) -> GenerationDefaults:
@@ -141,11 +143,14 @@ class GenerationJobs:
             if found is None:
                 raise PreconditionError("no base model is configured", reason="NO_MODEL")
         if not found.ready:
-            raise PreconditionError(
+            error = PreconditionError(
                 f"model {found.config.name!r} is not ready: {found.error}",
                 reason="MODEL_NOT_READY",
                 metadata={"model": found.config.name},
             )
+            if found.loading:  # RetryInfo: a client may wait; a broken model gets none
+                error.retry_after_seconds = MODEL_LOADING_RETRY_SECONDS
+            raise error
         return found
 
     def _resolve_loras(

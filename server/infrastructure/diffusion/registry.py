@@ -184,7 +184,8 @@ class ModelRegistry:
 
     def _refresh(self, config: BaseModelConfig) -> None:
         error, scheduler = inspect_model(config)
-        if error and config.placeholder and not config.path.exists():
+        loading = bool(error) and config.placeholder and not config.path.exists()
+        if loading:
             error = "building the embedded placeholder model (random weights)"
         with self._lock:
             self._status[config.name] = BaseModelInfo(
@@ -194,6 +195,7 @@ class ModelRegistry:
                 config.dtype,
                 config.scheduler or scheduler,
                 _defaults(config),
+                loading=loading,
             )
 
 
