@@ -113,9 +113,13 @@ class UnavailableError(DomainError):
 
     retry_after_seconds: float
 
-    def __init__(self, message: str, *, retry_after_seconds: float = 1.0) -> None:
+    def __init__(
+        self, message: str, *, retry_after_seconds: float = 1.0, reason: str | None = None
+    ) -> None:
         super().__init__(message)
         self.retry_after_seconds = retry_after_seconds
+        if reason is not None:
+            self.reason = reason
 
 
 class ConsistencyTimeoutError(DomainError):
@@ -150,9 +154,13 @@ class ResourceExhaustedError(DomainError):
 
     retry_after_seconds: float
 
-    def __init__(self, message: str, retry_after_seconds: float = 1.0) -> None:
+    def __init__(
+        self, message: str, retry_after_seconds: float = 1.0, *, reason: str | None = None
+    ) -> None:
         super().__init__(message)
         self.retry_after_seconds = retry_after_seconds
+        if reason is not None:
+            self.reason = reason
 
 
 class UnauthenticatedError(DomainError):
@@ -171,3 +179,10 @@ class DeadlineExceededError(DomainError):
     """The caller's deadline passed; the work was not started (or was stopped)."""
 
     reason = "DEADLINE_EXCEEDED"
+
+
+class GenerationFailedError(DomainError):
+    """A generation failed for a reason that is the server's fault; the message says what
+    happened in one sentence (never an exception's text)."""
+
+    reason = "GENERATION_FAILED"

@@ -3,8 +3,17 @@ event), independent of gRPC and torch: live from the executor or replayed from t
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
+
+from server.domain.errors import (
+    DomainError,
+    GenerationFailedError,
+    PreconditionError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,12 +89,41 @@ class Completed:
     timings: Timings
 
 
+class FailureReason(enum.StrEnum):
+    """Why a generation failed, as the ErrorInfo reason of the status that ends a
+    GenerateImage or QuickGenerate stream after its `failed` event (`Failed.as_error`)."""
+
+    GENERATION_FAILED = "GENERATION_FAILED"  # a server bug: INTERNAL
+    OUT_OF_DEVICE_MEMORY = "OUT_OF_DEVICE_MEMORY"  # RESOURCE_EXHAUSTED, retry later
+    LORA_LOAD_FAILED = "LORA_LOAD_FAILED"  # FAILED_PRECONDITION: the LoRA does not fit
+    MODEL_LOAD_FAILED = "MODEL_LOAD_FAILED"  # FAILED_PRECONDITION: the model's files
+    SERVER_SHUTTING_DOWN = "SERVER_SHUTTING_DOWN"  # UNAVAILABLE, retry
+    WORKER_LOST = "WORKER_LOST"  # UNAVAILABLE: workers kept stopping mid-job
+    WORKER_REFUSED = "WORKER_REFUSED"  # FAILED_PRECONDITION: no worker can run it
+
+
 @dataclass(frozen=True, slots=True)
 class Failed:
-    error: str
-    # "RESOURCE_EXHAUSTED" when the device ran out of memory: the stream then ends with that
-    # status (and RetryInfo) instead of OK, so clients can back off and retry.
-    code: str = ""
+    error: str  # one plain sentence for the client
+    reason: str = FailureReason.GENERATION_FAILED
+    lora_sha256: str = ""  # LORA_LOAD_FAILED: the file that would not load
+
+    def as_error(self) -> DomainError:
+        """The error a GenerateImage or QuickGenerate stream ends with after this event (a
+        watch still ends OK: watching worked)."""
+        metadata = {"lora_sha256": self.lora_sha256} if self.lora_sha256 else None
+        match self.reason:
+            case FailureReason.OUT_OF_DEVICE_MEMORY:
+                return ResourceExhaustedError(self.error, 5.0, reason=self.reason)
+            case FailureReason.SERVER_SHUTTING_DOWN | FailureReason.WORKER_LOST:
+                return UnavailableError(self.error, retry_after_seconds=5.0, reason=self.reason)
+            case (
+                FailureReason.LORA_LOAD_FAILED
+                | FailureReason.MODEL_LOAD_FAILED
+                | FailureReason.WORKER_REFUSED
+            ):
+                return PreconditionError(self.error, reason=self.reason, metadata=metadata)
+        return GenerationFailedError(self.error)
 
 
 @dataclass(frozen=True, slots=True)

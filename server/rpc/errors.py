@@ -18,6 +18,7 @@ from server.domain.errors import (
     ConsistencyTimeoutError,
     DeadlineExceededError,
     DomainError,
+    GenerationFailedError,
     NotFoundError,
     NotImplementedYetError,
     PermissionDeniedError,
@@ -47,6 +48,7 @@ STATUS_CODES: dict[type[DomainError], grpc.StatusCode] = {
     ResourceExhaustedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
     PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
+    GenerationFailedError: grpc.StatusCode.INTERNAL,
 }
 
 

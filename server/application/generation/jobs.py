@@ -36,7 +36,6 @@ from server.domain.errors import (
     FieldViolation,
     NotFoundError,
     PreconditionError,
-    ResourceExhaustedError,
     ValidationError,
 )
 from server.domain.generation import Generation, GenerationView
@@ -288,12 +287,14 @@ class GenerationJobs:
         handle: JobStream, ctx: DispatchContext, after: int = 0
     ) -> Iterator[GenerationEvent]:
         """A job's events for one caller; the caller going away cancels the job. A job that
-        ran out of device memory ends the call with RESOURCE_EXHAUSTED after its event."""
+        failed ends the call, after its `failed` event, with the error its reason maps to
+        (`Failed.as_error`: out of memory is RESOURCE_EXHAUSTED with RetryInfo, a LoRA that
+        does not load FAILED_PRECONDITION, ...), not OK."""
         try:
             for event in handle.events(after=after, stop=ctx.abandoned):
                 yield event
-                if isinstance(event.payload, Failed) and event.payload.code:
-                    raise ResourceExhaustedError(event.payload.error, 5.0)
+                if isinstance(event.payload, Failed):
+                    raise event.payload.as_error()
         finally:
             if not handle.finished:
                 handle.cancel()

@@ -26,6 +26,7 @@ from server.domain.generation_events import (
     TERMINAL,
     Cancelled,
     Failed,
+    FailureReason,
     ImageChunk,
     ImageComplete,
     Queued,
@@ -197,7 +198,8 @@ class BrokerWorker:
                     claim.attempt,
                     Failed(
                         f"gave up after {claim.attempt} attempts: the worker running it "
-                        f"stopped before it finished each time (last: {claim.worker or '?'})"
+                        f"stopped before it finished each time (last: {claim.worker or '?'})",
+                        FailureReason.WORKER_LOST,
                     ),
                 )
                 return None
@@ -216,7 +218,9 @@ class BrokerWorker:
         try:
             job = self._job(message)
         except _Refused as exc:
-            self._finish(delivery, message, claim.attempt, Failed(str(exc)))
+            self._finish(
+                delivery, message, claim.attempt, Failed(str(exc), FailureReason.WORKER_REFUSED)
+            )
             return None
         reused = self._earlier_images(gid) if claim.attempt > 1 else {}
         with self._lock:
