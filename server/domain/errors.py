@@ -70,6 +70,34 @@ class ValidationError(DomainError):
         return self.field_violations
 
 
+class InvalidTokenError(ValidationError):
+    """A page or consistency token this server did not issue (or issued for another
+    listing). Tokens are opaque: the message is one plain sentence, never a decoder's."""
+
+    def __init__(self, field: str, reason: str, sentence: str) -> None:
+        super().__init__(FieldViolation(field, sentence))
+        self.reason = reason
+        self.message = sentence
+        self.args = (sentence,)
+
+    @staticmethod
+    def page() -> InvalidTokenError:
+        return InvalidTokenError(
+            "page_token",
+            "INVALID_PAGE_TOKEN",
+            "page_token is not a token this server issued for this listing; start again without it",
+        )
+
+    @staticmethod
+    def consistency() -> InvalidTokenError:
+        return InvalidTokenError(
+            "consistency_token",
+            "INVALID_CONSISTENCY_TOKEN",
+            "consistency_token is not a token this server issued; pass one a command "
+            "returned, or none",
+        )
+
+
 class NotFoundError(DomainError):
     """The named resource does not exist (or no longer does)."""
 

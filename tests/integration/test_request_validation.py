@@ -1,11 +1,21 @@
-"""Undefined enum numbers in any request, against a real in-process server. The cases come
+"""Bad input the transport must refuse plainly, against a real in-process server.
+
+Undefined enum numbers: the cases come
 from the service descriptors: every enum field reachable from every request message of both
 services (through nested, repeated and map fields) gets a number its enum does not define,
 and that RPC must answer INVALID_ARGUMENT with a BadRequest violation naming the field. A new
-enum field, message or RPC is covered without touching this file."""
+enum field, message or RPC is covered without touching this file.
+
+Bad tokens: every RPC whose request has a `page_token` or `consistency_token` (found the
+same way) gets random text, text that is not base64, base64 of garbage and base64 of JSON
+that is nearly a token; each must be INVALID_ARGUMENT with one plain sentence, a violation
+on that field and ErrorInfo INVALID_PAGE_TOKEN / INVALID_CONSISTENCY_TOKEN."""
 
 from __future__ import annotations
 
+import base64
+import json
+import random
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,30 +151,7 @@ async def channel(tmp_path: Path) -> AsyncIterator[grpc.aio.Channel]:
 async def test_an_undefined_enum_number_is_invalid_argument_naming_the_field(
     channel: grpc.aio.Channel, case: Case
 ) -> None:
-    service = case.method.containing_service
-    path = f"/{service.full_name}/{case.method.name}"
-    request = request_for(case)
-    output = message_factory.GetMessageClass(case.method.output_type)
-    if case.method.server_streaming:
-        streaming: grpc.aio.UnaryStreamMultiCallable[Message, Message] = channel.unary_stream(
-            path,
-            request_serializer=lambda m: m.SerializeToString(),
-            response_deserializer=output.FromString,
-        )
-        stream = streaming(request, timeout=30)
-        with pytest.raises(grpc.aio.AioRpcError) as raised:
-            async for _ in stream:
-                pass
-    else:
-        once: grpc.aio.UnaryUnaryMultiCallable[Message, Message] = channel.unary_unary(
-            path,
-            request_serializer=lambda m: m.SerializeToString(),
-            response_deserializer=output.FromString,
-        )
-        unary = once(request, timeout=30)
-        with pytest.raises(grpc.aio.AioRpcError) as raised:
-            await unary
-    error = raised.value
+    error = await call_expecting_error(channel, case.method, request_for(case))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
     assert case.path in (error.details() or "")
     trailer = dict(error.trailing_metadata() or ())["grpc-status-details-bin"]
@@ -175,3 +162,96 @@ async def test_an_undefined_enum_number_is_invalid_argument_naming_the_field(
         if detail.Unpack(bad):
             fields += [v.field for v in bad.field_violations]
     assert fields == [case.path]
+
+
+TOKEN_REASONS = {
+    "page_token": "INVALID_PAGE_TOKEN",
+    "consistency_token": "INVALID_CONSISTENCY_TOKEN",
+}
+TOKEN_CASES = [
+    (method, field)
+    for service in SERVICES
+    for method in service.methods
+    for field in TOKEN_REASONS
+    if field in method.input_type.fields_by_name
+]
+_rng = random.Random(12)
+BAD_TOKENS = {
+    "random text": "".join(chr(_rng.randrange(1, 0x2FFF)) for _ in range(40)),
+    "not base64": "!!not*base64%%",
+    "base64 of garbage": base64.urlsafe_b64encode(_rng.randbytes(33)).decode(),
+    "base64 of a JSON list": base64.urlsafe_b64encode(b"[1, 2, 3]").decode(),
+    # Matches an unfiltered listing's key, but no position reads from it.
+    "nearly a token": base64.urlsafe_b64encode(
+        json.dumps({"f": "", "t": "yesterday", "n": 1, "i": [], "p": "x", "o": -1}).encode()
+    ).decode(),
+    "a huge number": "9" * 40,
+    "a negative number": "-5",
+}
+# What a decoder's own message would carry into the status.
+LEAKS = ("codec", "decode", "base64", "json", "Error", "padding", "utf-8", "Expecting")
+
+
+def test_the_descriptors_yield_the_token_fields_we_know() -> None:
+    names = {f"{m.name}:{f}" for m, f in TOKEN_CASES}
+    assert {"ListLoras:page_token", "ListEvents:page_token", "ListGenerations:page_token"} <= names
+    assert {"SearchLoras:page_token", "GetLora:consistency_token"} <= names
+
+
+@pytest.mark.parametrize("bad", list(BAD_TOKENS), ids=str)
+@pytest.mark.parametrize("case", TOKEN_CASES, ids=lambda c: f"{c[0].name}:{c[1]}")
+async def test_a_token_this_server_did_not_issue_is_refused_plainly(
+    channel: grpc.aio.Channel, case: tuple[MethodDescriptor, str], bad: str
+) -> None:
+    method, field = case
+    if field == "page_token" and bad in ("a huge number", "a negative number"):
+        pytest.skip("numbers are the consistency token's shape")
+    request = message_factory.GetMessageClass(method.input_type)()
+    setattr(request, field, BAD_TOKENS[bad])
+    if "query" in method.input_type.fields_by_name:
+        setattr(request, "query", "ink")  # SearchLoras needs one before it reads the token
+    error = await call_expecting_error(channel, method, request)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    message = error.details() or ""
+    assert message.startswith(f"{field} is not a token this server issued")
+    assert not any(leak in message for leak in LEAKS), message
+    status = status_pb2.Status.FromString(
+        dict(error.trailing_metadata() or ())["grpc-status-details-bin"]
+    )
+    reasons, fields = [], []
+    for detail in status.details:
+        info, bad_request = error_details_pb2.ErrorInfo(), error_details_pb2.BadRequest()
+        if detail.Unpack(info):
+            reasons.append(info.reason)
+        elif detail.Unpack(bad_request):
+            fields += [v.field for v in bad_request.field_violations]
+    assert reasons == [TOKEN_REASONS[field]]
+    assert fields == [field]
+
+
+async def call_expecting_error(
+    channel: grpc.aio.Channel, method: MethodDescriptor, request: Message
+) -> grpc.aio.AioRpcError:
+    path = f"/{method.containing_service.full_name}/{method.name}"
+    output = message_factory.GetMessageClass(method.output_type)
+
+    async def call() -> None:
+        if method.server_streaming:
+            streaming: grpc.aio.UnaryStreamMultiCallable[Message, Message] = channel.unary_stream(
+                path,
+                request_serializer=lambda m: m.SerializeToString(),
+                response_deserializer=output.FromString,
+            )
+            async for _ in streaming(request, timeout=30):
+                pass
+        else:
+            once: grpc.aio.UnaryUnaryMultiCallable[Message, Message] = channel.unary_unary(
+                path,
+                request_serializer=lambda m: m.SerializeToString(),
+                response_deserializer=output.FromString,
+            )
+            await once(request, timeout=30)
+
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await call()
+    return raised.value

@@ -32,6 +32,7 @@ from server.domain.errors import (
     DomainError,
     FieldViolation,
     GenerationFailedError,
+    InvalidTokenError,
     NotFoundError,
     NotImplementedYetError,
     PreconditionError,
@@ -132,6 +133,7 @@ SAMPLES: dict[type[DomainError], Callable[[], DomainError]] = {
         [FieldViolation("a", "x"), FieldViolation("b.c", "y")]
     ),
     NotFoundError: lambda: NotFoundError("lora", "x-1"),
+    InvalidTokenError: InvalidTokenError.page,
     PreconditionError: lambda: PreconditionError(
         "warming up", reason="MODEL_NOT_READY", metadata={"model": "sdxl"}
     ),
