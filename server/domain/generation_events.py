@@ -3,7 +3,6 @@ event), independent of gRPC and torch: live from the executor or replayed from t
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
 
@@ -11,6 +10,7 @@ from server.domain.errors import (
     DomainError,
     GenerationFailedError,
     PreconditionError,
+    Reason,
     ResourceExhaustedError,
     UnavailableError,
 )
@@ -89,40 +89,39 @@ class Completed:
     timings: Timings
 
 
-class FailureReason(enum.StrEnum):
-    """Why a generation failed, as the ErrorInfo reason of the status that ends a
-    GenerateImage or QuickGenerate stream after its `failed` event (`Failed.as_error`)."""
-
-    GENERATION_FAILED = "GENERATION_FAILED"  # a server bug: INTERNAL
-    OUT_OF_DEVICE_MEMORY = "OUT_OF_DEVICE_MEMORY"  # RESOURCE_EXHAUSTED, retry later
-    LORA_LOAD_FAILED = "LORA_LOAD_FAILED"  # FAILED_PRECONDITION: the LoRA does not fit
-    MODEL_LOAD_FAILED = "MODEL_LOAD_FAILED"  # FAILED_PRECONDITION: the model's files
-    SERVER_SHUTTING_DOWN = "SERVER_SHUTTING_DOWN"  # UNAVAILABLE, retry
-    WORKER_LOST = "WORKER_LOST"  # UNAVAILABLE: workers kept stopping mid-job
-    WORKER_REFUSED = "WORKER_REFUSED"  # FAILED_PRECONDITION: no worker can run it
+# The reasons a generation fails with (`Failed.reason`, the ErrorInfo reason of the status
+# that ends a GenerateImage or QuickGenerate stream after its `failed` event).
+FAILURE_REASONS = frozenset(
+    {
+        Reason.GENERATION_FAILED,
+        Reason.OUT_OF_DEVICE_MEMORY,
+        Reason.LORA_LOAD_FAILED,
+        Reason.MODEL_LOAD_FAILED,
+        Reason.SERVER_SHUTTING_DOWN,
+        Reason.WORKER_LOST,
+        Reason.WORKER_REFUSED,
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
 class Failed:
     error: str  # one plain sentence for the client
-    reason: str = FailureReason.GENERATION_FAILED
+    reason: str = Reason.GENERATION_FAILED  # one of FAILURE_REASONS
     lora_sha256: str = ""  # LORA_LOAD_FAILED: the file that would not load
 
     def as_error(self) -> DomainError:
         """The error a GenerateImage or QuickGenerate stream ends with after this event (a
         watch still ends OK: watching worked)."""
         metadata = {"lora_sha256": self.lora_sha256} if self.lora_sha256 else None
-        match self.reason:
-            case FailureReason.OUT_OF_DEVICE_MEMORY:
-                return ResourceExhaustedError(self.error, 5.0, reason=self.reason)
-            case FailureReason.SERVER_SHUTTING_DOWN | FailureReason.WORKER_LOST:
-                return UnavailableError(self.error, retry_after_seconds=5.0, reason=self.reason)
-            case (
-                FailureReason.LORA_LOAD_FAILED
-                | FailureReason.MODEL_LOAD_FAILED
-                | FailureReason.WORKER_REFUSED
-            ):
-                return PreconditionError(self.error, reason=self.reason, metadata=metadata)
+        reason = Reason(self.reason) if self.reason in FAILURE_REASONS else None
+        match reason:
+            case Reason.OUT_OF_DEVICE_MEMORY:
+                return ResourceExhaustedError(self.error, 5.0, reason=reason)
+            case Reason.SERVER_SHUTTING_DOWN | Reason.WORKER_LOST:
+                return UnavailableError(self.error, retry_after_seconds=5.0, reason=reason)
+            case Reason.LORA_LOAD_FAILED | Reason.MODEL_LOAD_FAILED | Reason.WORKER_REFUSED:
+                return PreconditionError(self.error, reason=reason, metadata=metadata)
         return GenerationFailedError(self.error)
 
 

@@ -19,6 +19,7 @@ from server.application.security import TokenAuthenticator
 from server.domain.errors import FieldViolation, ValidationError
 from server.rpc.errors import to_status
 from server.rpc.mapping import position_from_token
+from server.rpc.validation import request_error
 
 T = TypeVar("T")
 _STREAM_WINDOW = 32
@@ -57,6 +58,7 @@ class Dispatcher:
             correlation_id=correlation_id(rpc),
             deadline=None if remaining is None else time.monotonic() + remaining,
             min_position=position_from_token(consistency_token),
+            rejected=request_error(),
         )
 
     async def command(

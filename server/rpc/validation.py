@@ -1,22 +1,24 @@
 """Checks every request of our services against its descriptor before a servicer sees it:
 an enum field holding a number its enum does not define (proto3 keeps unknown numbers) is
 refused with INVALID_ARGUMENT and a BadRequest violation naming the field by its path
-(`spec.output_format`, `loras[2].weight_mode`). Walking the descriptors covers a new enum
-field, or a new RPC, without a line here."""
+(`spec.output_format`, `loras[2].weight_mode`), and so is an id field that is empty or not a
+UUID (MALFORMED_ID). Walking the descriptors covers a new enum or id field, or a new RPC,
+without a line here."""
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import aclosing
 from typing import Any
 
 import grpc
-from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
-from server.domain.errors import FieldViolation, ValidationError
-from server.rpc.dispatch import abort, correlation_id
+from server.domain.errors import FieldViolation, Reason, ValidationError
+from server.domain.models import is_uuid
 from server.rpc.interceptors import Context, Continuation, Handler
 
 # Only our own services: health and reflection validate their own requests.
@@ -57,9 +59,56 @@ def _value(field: FieldDescriptor, value: Any, path: str) -> Iterator[FieldViola
         yield from _walk(value, f"{path}.")
 
 
+# String fields named `id` or `*_id` hold ids this server made (UUIDs), except these: the
+# client's idempotency key, a catalog's own record keys, and an audit filter.
+NOT_OUR_IDS = frozenset({"request_id", "source_id", "aggregate_id"})
+
+
+def id_fields(message: Descriptor, prefix: str = "", seen: tuple[str, ...] = ()) -> list[str]:
+    """Paths of the id fields of a request type, through singular nested messages."""
+    paths = []
+    for field in message.fields:
+        entry = field.message_type
+        if _is_id(field):
+            paths.append(f"{prefix}{field.name}")
+        elif entry is not None and not field.is_repeated and entry.full_name not in seen:
+            paths += id_fields(entry, f"{prefix}{field.name}.", (*seen, message.full_name))
+    return paths
+
+
+def id_violations(message: Message) -> list[FieldViolation]:
+    """Every id field (see `id_fields`) that is empty or not a UUID. One rule for every RPC:
+    a malformed id is INVALID_ARGUMENT here; a well-formed one that names nothing is
+    NOT_FOUND from its handler."""
+    violations = []
+    descriptor: Any = message.DESCRIPTOR  # the stubs also allow upb's own Descriptor type
+    for path in id_fields(descriptor):
+        value: Any = message
+        for name in path.split("."):
+            value = getattr(value, name)
+        if not value:
+            violations.append(FieldViolation(path, "is required"))
+        elif not is_uuid(value):
+            violations.append(
+                FieldViolation(path, "is not an id this server issued (ids are UUIDs)")
+            )
+    return violations
+
+
+def _is_id(field: FieldDescriptor) -> bool:
+    return (
+        field.type == FieldDescriptor.TYPE_STRING
+        and not field.is_repeated
+        and (field.name == "id" or field.name.endswith("_id"))
+        and field.name not in NOT_OUR_IDS
+    )
+
+
 class RequestValidationInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses a request with undefined enum numbers before its servicer runs. Installed by
-    LoracleServer innermost, so metrics count the refusal like any other status."""
+    """Hands each request of our services to `request_error` (through a context variable:
+    grpc.aio runs the interceptor and the handler in one task). The refusal itself comes from
+    the bus after authorization, so an unauthenticated caller still gets UNAUTHENTICATED.
+    Installed by LoracleServer."""
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -84,18 +133,30 @@ class RequestValidationInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
-async def _check(request: Any, context: Context) -> None:
-    if isinstance(request, Message):
-        violations = enum_violations(request)
-        if violations:
-            await abort(context, ValidationError(violations), correlation_id(context))
+_request: contextvars.ContextVar[Message | None] = contextvars.ContextVar(
+    "loracle_request", default=None
+)
+
+
+def request_error(request: Message | None = None) -> ValidationError | None:
+    """What is wrong with the call's request (by default the one the interceptor saw in this
+    task), or None. The Dispatcher puts it on the DispatchContext; the bus raises it after
+    authorization."""
+    request = request if request is not None else _request.get()
+    if request is None:
+        return None
+    if violations := enum_violations(request):
+        return ValidationError(violations)
+    if violations := id_violations(request):
+        return ValidationError(violations, reason=Reason.MALFORMED_ID)
+    return None
 
 
 def _checked_unary(
     behavior: Callable[[Any, Context], Awaitable[Any]],
 ) -> Callable[[Any, Context], Awaitable[Any]]:
     async def call(request: Any, context: Context) -> Any:
-        await _check(request, context)
+        _request.set(request if isinstance(request, Message) else None)
         return await behavior(request, context)
 
     return call
@@ -105,7 +166,7 @@ def _checked_stream(
     behavior: Callable[[Any, Context], AsyncGenerator[Any, None]],
 ) -> Callable[[Any, Context], AsyncIterator[Any]]:
     async def call(request: Any, context: Context) -> AsyncIterator[Any]:
-        await _check(request, context)
+        _request.set(request if isinstance(request, Message) else None)
         async with aclosing(behavior(request, context)) as responses:
             async for response in responses:
                 yield response

@@ -16,9 +16,11 @@ from __future__ import annotations
 import base64
 import json
 import random
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -33,7 +35,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from loracle.v1 import command_service_pb2, query_service_pb2
 from server.rpc.server import LoracleServer
-from server.rpc.validation import enum_violations
+from server.rpc.validation import enum_violations, id_fields
 from tests.support import make_container
 
 SERVICES = (
@@ -207,9 +209,11 @@ async def test_a_token_this_server_did_not_issue_is_refused_plainly(
     if field == "page_token" and bad in ("a huge number", "a negative number"):
         pytest.skip("numbers are the consistency token's shape")
     request = message_factory.GetMessageClass(method.input_type)()
+    for path in id_fields(method.input_type):  # well-formed, so the token is what is wrong
+        request = with_id(method, path, str(uuid.uuid4()))
     setattr(request, field, BAD_TOKENS[bad])
     if "query" in method.input_type.fields_by_name:
-        setattr(request, "query", "ink")  # SearchLoras needs one before it reads the token
+        request.query = "ink"  # type: ignore[attr-defined]  # SearchLoras needs one
     error = await call_expecting_error(channel, method, request)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
     message = error.details() or ""
@@ -255,3 +259,72 @@ async def call_expecting_error(
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await call()
     return raised.value
+
+
+ID_CASES = [
+    (method, path)
+    for service in SERVICES
+    for method in service.methods
+    for path in id_fields(method.input_type)
+]
+
+
+def with_id(method: MethodDescriptor, path: str, value: str) -> Message:
+    request = message_factory.GetMessageClass(method.input_type)()
+    *parents, name = path.split(".")
+    target: Any = request
+    for parent in parents:
+        target = getattr(target, parent)
+    setattr(target, name, value)
+    if method.name == "UpdateLora":  # a change to make, so the id is what is wrong
+        request.update_mask.paths.append("name")  # type: ignore[attr-defined]
+        request.lora.name = "renamed"  # type: ignore[attr-defined]
+    return request
+
+
+def test_the_descriptors_yield_the_id_fields_we_know() -> None:
+    found = {f"{m.name}:{p}" for m, p in ID_CASES}
+    assert {"GetLora:id", "UpdateLora:lora.id", "DeleteLora:id", "GetGeneration:id"} <= found
+    assert {"WatchGeneration:generation_id", "CancelGeneration:generation_id"} <= found
+    assert "FilterConfidentRecommendations:recommendation_id" in found
+
+
+@pytest.mark.parametrize("value", ["", "not-an-id", "1234", "lora.safetensors"])
+@pytest.mark.parametrize("case", ID_CASES, ids=lambda c: f"{c[0].name}:{c[1]}")
+async def test_a_malformed_id_is_invalid_argument_on_every_rpc(
+    channel: grpc.aio.Channel, case: tuple[MethodDescriptor, str], value: str
+) -> None:
+    method, path = case
+    error = await call_expecting_error(channel, method, with_id(method, path, value))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    reasons, fields = error_details(error)
+    assert reasons == ["MALFORMED_ID"]
+    assert fields == [path]
+
+
+@pytest.mark.parametrize("case", ID_CASES, ids=lambda c: f"{c[0].name}:{c[1]}")
+async def test_a_well_formed_id_of_nothing_is_not_found_on_every_rpc(
+    channel: grpc.aio.Channel, case: tuple[MethodDescriptor, str]
+) -> None:
+    method, path = case
+    error = await call_expecting_error(channel, method, with_id(method, path, str(uuid.uuid4())))
+    assert error.code() == grpc.StatusCode.NOT_FOUND, error.details()
+    reasons, _ = error_details(error)
+    assert len(reasons) == 1
+    assert reasons[0].endswith("_NOT_FOUND")
+    assert reasons[0] != "NOT_FOUND"
+
+
+def error_details(error: grpc.aio.AioRpcError) -> tuple[list[str], list[str]]:
+    """The ErrorInfo reasons and the BadRequest fields of an error's status."""
+    status = status_pb2.Status.FromString(
+        dict(error.trailing_metadata() or ())["grpc-status-details-bin"]
+    )
+    reasons, fields = [], []
+    for detail in status.details:
+        info, bad_request = error_details_pb2.ErrorInfo(), error_details_pb2.BadRequest()
+        if detail.Unpack(info):
+            reasons.append(info.reason)
+        elif detail.Unpack(bad_request):
+            fields += [v.field for v in bad_request.field_violations]
+    return reasons, fields

@@ -8,13 +8,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.domain.errors import ResourceExhaustedError
+from server.domain.errors import Reason, ResourceExhaustedError
 from server.domain.generation_events import (
     TERMINAL,
     Cancelled,
     Completed,
     Failed,
-    FailureReason,
     GenerationEvent,
     ImageComplete,
     Payload,
@@ -150,7 +149,7 @@ class FakeExecutor:
         self,
         generation_id: str,
         error: str,
-        reason: str = FailureReason.GENERATION_FAILED,
+        reason: str = Reason.GENERATION_FAILED,
         lora_sha256: str = "",
     ) -> None:
         handle = self.jobs[generation_id]

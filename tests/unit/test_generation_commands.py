@@ -158,11 +158,14 @@ def test_invalid_requests_are_refused_before_anything_is_queued(
 
 
 def test_unknown_model_and_unknown_lora_are_not_found(c: Container, fake: FakeExecutor) -> None:
-    with pytest.raises(NotFoundError):
+    with pytest.raises(NotFoundError) as model:
         c.commands.dispatch(SubmitGenerationCommand(request=request(model="nope")), ctx()).unwrap()
+    assert model.value.reason == "MODEL_NOT_FOUND"
+    assert model.value.message == "model 'nope' not found; there are: tiny"
     loras = (LoraChoice("no-such-lora"),)
-    with pytest.raises(NotFoundError):
+    with pytest.raises(NotFoundError) as lora:
         c.commands.dispatch(SubmitGenerationCommand(request=request(loras=loras)), ctx()).unwrap()
+    assert lora.value.reason == "LORA_NOT_FOUND"
     assert fake.jobs == {}
 
 
@@ -174,6 +177,7 @@ def test_a_model_that_is_not_ready_is_a_precondition(tmp_path: Path) -> None:
         with pytest.raises(PreconditionError) as caught:
             c.commands.dispatch(SubmitGenerationCommand(request=request()), ctx()).unwrap()
         assert caught.value.reason == "MODEL_NOT_READY"
+        assert caught.value.retry_after_seconds == 5.0  # sent as RetryInfo
     finally:
         c.close()
 

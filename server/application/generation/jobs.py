@@ -36,6 +36,7 @@ from server.domain.errors import (
     FieldViolation,
     NotFoundError,
     PreconditionError,
+    Reason,
     ValidationError,
 )
 from server.domain.generation import Generation, GenerationView
@@ -51,6 +52,8 @@ PLACEHOLDER_SIDE = 256
 PLACEHOLDER_DEFAULTS = GenerationDefaults(64, 64, 4, 7.0)
 # How long a cancel waits for the outcome another replica records (cluster mode).
 OUTCOME_WAIT_SECONDS = 10.0
+# A model that is not ready yet is usually loading: RetryInfo asks for this pause.
+MODEL_RETRY_SECONDS = 5.0
 
 
 def _defaults(model: BaseModelInfo) -> GenerationDefaults:
@@ -134,16 +137,17 @@ class GenerationJobs:
         if name:
             found = next((m for m in statuses if m.config.name == name), None)
             if found is None:
-                raise NotFoundError("model", name)
+                raise NotFoundError("model", name, [m.config.name for m in statuses])
         else:
             found = next((m for m in statuses if m.ready), statuses[0] if statuses else None)
             if found is None:
-                raise PreconditionError("no base model is configured", reason="NO_MODEL")
+                raise PreconditionError("no base model is configured", reason=Reason.NO_MODEL)
         if not found.ready:
             raise PreconditionError(
                 f"model {found.config.name!r} is not ready: {found.error}",
-                reason="MODEL_NOT_READY",
+                reason=Reason.MODEL_NOT_READY,
                 metadata={"model": found.config.name},
+                retry_after_seconds=MODEL_RETRY_SECONDS,
             )
         return found
 
@@ -156,7 +160,7 @@ class GenerationJobs:
             if view.file is None or not view.available:
                 raise PreconditionError(
                     f"LoRA {view.name!r} has no file on this server (a catalog record only)",
-                    reason="LORA_UNAVAILABLE",
+                    reason=Reason.LORA_UNAVAILABLE,
                     metadata={"lora": view.id},
                 )
             arch = view.metadata.base_model.architecture
@@ -164,7 +168,7 @@ class GenerationJobs:
                 raise PreconditionError(
                     f"LoRA {view.name!r} is for {arch.value} models; "
                     f"{model.config.name!r} is {model.config.architecture.value}",
-                    reason="LORA_ARCHITECTURE_MISMATCH",
+                    reason=Reason.LORA_ARCHITECTURE_MISMATCH,
                     metadata={
                         "lora": view.id,
                         "lora_architecture": arch.value,
@@ -201,7 +205,7 @@ class GenerationJobs:
                 )
             view = matches[0] if matches else None
         if view is None:
-            raise NotFoundError("LoRA", reference)
+            raise NotFoundError("lora", reference)
         return view
 
     def _locate(self, view: LoraView) -> Path:
@@ -210,7 +214,7 @@ class GenerationJobs:
         if path is None:
             raise PreconditionError(
                 f"LoRA {view.name!r}: its file {view.file.path!r} is missing under the LoRA roots",
-                reason="LORA_FILE_MISSING",
+                reason=Reason.LORA_FILE_MISSING,
                 metadata={"lora": view.id},
             )
         return path
@@ -277,7 +281,7 @@ class GenerationJobs:
             raise PreconditionError(
                 "this request's generation is no longer streaming here; use "
                 "WatchGeneration or GetGeneration with its id",
-                reason="GENERATION_NOT_LIVE",
+                reason=Reason.GENERATION_NOT_LIVE,
                 metadata={"generation_id": generation_id},
             )
         return handle

@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from server.domain.batching import BatchKey, batch_key
+from server.domain.errors import Reason
 from server.domain.generation_events import (
+    FAILURE_REASONS,
     Cancelled,
     Completed,
     Failed,
-    FailureReason,
     ImageChunk,
     ImageComplete,
     Payload,
@@ -258,8 +259,8 @@ def _num(meta: dict[str, Any], key: str) -> float:
 def _failure_reason(meta: Mapping[str, object]) -> str:
     """Records before reasons carried `code`, "RESOURCE_EXHAUSTED" only for out of memory."""
     reason = meta.get("reason")
-    if isinstance(reason, str) and reason in FailureReason.__members__:
+    if isinstance(reason, str) and reason in FAILURE_REASONS:
         return reason
     if meta.get("code") == "RESOURCE_EXHAUSTED":
-        return FailureReason.OUT_OF_DEVICE_MEMORY
-    return FailureReason.GENERATION_FAILED
+        return Reason.OUT_OF_DEVICE_MEMORY
+    return Reason.GENERATION_FAILED

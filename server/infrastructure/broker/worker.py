@@ -21,12 +21,11 @@ from typing import Any, Protocol
 
 from server.application.ports import LoraFiles
 from server.domain.batching import Batch
-from server.domain.errors import DomainError
+from server.domain.errors import DomainError, Reason
 from server.domain.generation_events import (
     TERMINAL,
     Cancelled,
     Failed,
-    FailureReason,
     ImageChunk,
     ImageComplete,
     Queued,
@@ -199,7 +198,7 @@ class BrokerWorker:
                     Failed(
                         f"gave up after {claim.attempt} attempts: the worker running it "
                         f"stopped before it finished each time (last: {claim.worker or '?'})",
-                        FailureReason.WORKER_LOST,
+                        Reason.WORKER_LOST,
                     ),
                 )
                 return None
@@ -218,9 +217,7 @@ class BrokerWorker:
         try:
             job = self._job(message)
         except _Refused as exc:
-            self._finish(
-                delivery, message, claim.attempt, Failed(str(exc), FailureReason.WORKER_REFUSED)
-            )
+            self._finish(delivery, message, claim.attempt, Failed(str(exc), Reason.WORKER_REFUSED))
             return None
         reused = self._earlier_images(gid) if claim.attempt > 1 else {}
         with self._lock:

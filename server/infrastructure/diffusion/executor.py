@@ -15,11 +15,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from server.domain.errors import Reason
 from server.domain.generation_events import (
     Cancelled,
     Completed,
     Failed,
-    FailureReason,
     ImageComplete,
     Preview,
     Progress,
@@ -103,7 +103,7 @@ class DiffusionExecutor:
             handle.publish(
                 Failed(
                     "the server shut down before this generation started; submit it again",
-                    FailureReason.SERVER_SHUTTING_DOWN,
+                    Reason.SERVER_SHUTTING_DOWN,
                 )
             )
         for handle in running:
@@ -246,7 +246,7 @@ class DiffusionExecutor:
             return self._pipelines.prepare(job)
         except AdapterLoadError as exc:
             for handle in live:
-                handle.publish(Failed(str(exc), FailureReason.LORA_LOAD_FAILED, exc.sha256))
+                handle.publish(Failed(str(exc), Reason.LORA_LOAD_FAILED, exc.sha256))
         except torch.OutOfMemoryError:
             self._out_of_memory(live, "loading the model")
         except (OSError, ValueError):
@@ -255,7 +255,7 @@ class DiffusionExecutor:
                 handle.publish(
                     Failed(
                         f"model {job.model.name!r} could not be loaded; see the server's log",
-                        FailureReason.MODEL_LOAD_FAILED,
+                        Reason.MODEL_LOAD_FAILED,
                     )
                 )
         return None
@@ -282,7 +282,7 @@ class DiffusionExecutor:
                 Failed(
                     f"out of device memory while {stage}; retry later or with a smaller "
                     "batch or size",
-                    FailureReason.OUT_OF_DEVICE_MEMORY,
+                    Reason.OUT_OF_DEVICE_MEMORY,
                 )
             )
         self._pipelines.restore_base_weights()
