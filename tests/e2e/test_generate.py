@@ -331,3 +331,14 @@ def test_jobs_running_when_the_server_is_killed_are_marked_failed(tmp_path: Path
             assert "restarted" in generation.error
     finally:
         second.stop()
+
+
+def test_quick_generate_completes_when_its_pick_cannot_load(ready: RunningServer) -> None:
+    """The demo library's real-size SD1.5 LoRAs do not fit the tiny embedded model, yet
+    they are the right architecture: QuickGenerate must still complete."""
+    with LoracleClient(ready.address) as client:
+        done = list(client.import_loras())[-1]
+        client.list_loras(consistency_token=done.consistency_token)
+        events = list(client.quick_generate("pixel art of a castle, 8-bit sprite", seed=1))
+    assert events[-1].HasField("completed")
+    assert not any(e.HasField("failed") for e in events)

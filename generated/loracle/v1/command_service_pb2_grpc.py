@@ -175,7 +175,9 @@ class CommandServiceServicer:
 
     def QuickGenerate(self, request, context):
         """Generates from a prompt alone with the model's defaults and confidently recommended LoRAs.
-        Ends like GenerateImage: a failed job sends `failed`, then the failure's status.
+        Ends like GenerateImage: a failed job sends `failed`, then the failure's status. A LoRA it
+        picked itself that will not load is not a failure: it starts a new job without it (the
+        stream's later events carry the new generation_id).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

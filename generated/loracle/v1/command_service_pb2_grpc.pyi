@@ -62,7 +62,9 @@ class CommandServiceStub:
     """
     QuickGenerate: _grpc.UnaryStreamMultiCallable[_command_service_pb2.QuickGenerateRequest, _command_service_pb2.QuickGenerateResponse]
     """Generates from a prompt alone with the model's defaults and confidently recommended LoRAs.
-    Ends like GenerateImage: a failed job sends `failed`, then the failure's status.
+    Ends like GenerateImage: a failed job sends `failed`, then the failure's status. A LoRA it
+    picked itself that will not load is not a failure: it starts a new job without it (the
+    stream's later events carry the new generation_id).
     """
     SubmitGeneration: _grpc.UnaryUnaryMultiCallable[_command_service_pb2.SubmitGenerationRequest, _command_service_pb2.SubmitGenerationResponse]
     """Queues a generation and returns at once; follow it with QueryService.WatchGeneration."""
@@ -103,7 +105,9 @@ class CommandServiceAsyncStub(CommandServiceStub):
     """
     QuickGenerate: _aio.UnaryStreamMultiCallable[_command_service_pb2.QuickGenerateRequest, _command_service_pb2.QuickGenerateResponse]  # type: ignore[assignment]
     """Generates from a prompt alone with the model's defaults and confidently recommended LoRAs.
-    Ends like GenerateImage: a failed job sends `failed`, then the failure's status.
+    Ends like GenerateImage: a failed job sends `failed`, then the failure's status. A LoRA it
+    picked itself that will not load is not a failure: it starts a new job without it (the
+    stream's later events carry the new generation_id).
     """
     SubmitGeneration: _aio.UnaryUnaryMultiCallable[_command_service_pb2.SubmitGenerationRequest, _command_service_pb2.SubmitGenerationResponse]  # type: ignore[assignment]
     """Queues a generation and returns at once; follow it with QueryService.WatchGeneration."""
@@ -201,7 +205,9 @@ class CommandServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_command_service_pb2.QuickGenerateResponse], _abc.AsyncIterator[_command_service_pb2.QuickGenerateResponse]]:
         """Generates from a prompt alone with the model's defaults and confidently recommended LoRAs.
-        Ends like GenerateImage: a failed job sends `failed`, then the failure's status.
+        Ends like GenerateImage: a failed job sends `failed`, then the failure's status. A LoRA it
+        picked itself that will not load is not a failure: it starts a new job without it (the
+        stream's later events carry the new generation_id).
         """
 
     @_abc_1.abstractmethod

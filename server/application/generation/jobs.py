@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import random
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from server.application.generation.request import (
     strip_lora_tags,
     validate,
 )
+from server.application.generation.unloadable import UnloadableLoras
 from server.application.ports import (
     CatalogRepository,
     Executor,
@@ -85,6 +86,7 @@ class GenerationJobs:
         self.recorder = recorder
         self._outcomes = outcomes
         self.limits = limits
+        self.unloadable = UnloadableLoras()
 
     # -- preparing ---------------------------------------------------------------------------
 
@@ -221,8 +223,11 @@ class GenerationJobs:
 
     # -- queuing -----------------------------------------------------------------------------
 
-    def submit(self, job: GenerationJob, command: object) -> tuple[JobStream, int, int]:
-        """Queues the job and records it; returns (stream, queue position, log position)."""
+    def submit(
+        self, job: GenerationJob, command: object, *, idempotent: bool = True
+    ) -> tuple[JobStream, int, int]:
+        """Queues the job and records it; returns (stream, queue position, log position).
+        `idempotent=False` records no request id (a job a handler starts again itself)."""
         ctx = current_context()
         accepted: dict[str, int] = {}
 
@@ -235,7 +240,11 @@ class GenerationJobs:
                 queue_position=position,
             )
             pending: list[Any] = [generation]
-            rec = record_for(command, {"generation_id": job.generation_id, "position": position})
+            rec = (
+                record_for(command, {"generation_id": job.generation_id, "position": position})
+                if idempotent
+                else None
+            )
             if rec is not None:
                 pending.append(rec)
             accepted["log"] = self._catalog.save(*pending)
@@ -249,7 +258,17 @@ class GenerationJobs:
                 self._fail_unqueued(job.generation_id, ctx, reason)
             raise
         self.recorder.follow(handle, job, ctx)
+        handle.on_transition(lambda _, payload: self.note_failure(job.model.name, payload))
         return handle, accepted["queue"], accepted["log"]
+
+    def note_failure(self, model: str, payload: object) -> None:
+        """Remembers a LoRA file that would not load on `model` (see UnloadableLoras)."""
+        if (
+            isinstance(payload, Failed)
+            and payload.reason == Reason.LORA_LOAD_FAILED
+            and payload.lora_sha256
+        ):
+            self.unloadable.remember(model, payload.lora_sha256)
 
     def _fail_unqueued(self, generation_id: str, ctx: DispatchContext, reason: str) -> None:
         try:
@@ -288,17 +307,30 @@ class GenerationJobs:
 
     @staticmethod
     def stream(
-        handle: JobStream, ctx: DispatchContext, after: int = 0
-    ) -> Iterator[GenerationEvent]:
+        handle: JobStream,
+        ctx: DispatchContext,
+        after: int = 0,
+        swallow: Callable[[Failed], bool] | None = None,
+    ) -> Generator[GenerationEvent, None, Failed | None]:
         """A job's events for one caller; the caller going away cancels the job. A job that
         failed ends the call, after its `failed` event, with the error its reason maps to
         (`Failed.as_error`: out of memory is RESOURCE_EXHAUSTED with RetryInfo, a LoRA that
-        does not load FAILED_PRECONDITION, ...), not OK."""
+        does not load FAILED_PRECONDITION, ...), not OK. A LoRA load failure that `swallow`
+        accepts is neither sent nor raised but returned, for the caller to start again."""
         try:
             for event in handle.events(after=after, stop=ctx.abandoned):
+                p = event.payload
+                if (
+                    isinstance(p, Failed)
+                    and swallow is not None
+                    and p.reason == Reason.LORA_LOAD_FAILED
+                    and swallow(p)
+                ):
+                    return p
                 yield event
-                if isinstance(event.payload, Failed):
-                    raise event.payload.as_error()
+                if isinstance(p, Failed):
+                    raise p.as_error()
+            return None
         finally:
             if not handle.finished:
                 handle.cancel()
