@@ -211,6 +211,9 @@ class AsyncLoracleClient:
     def generate_image(
         self, spec: types_pb2.GenerationSpec, *, request_id: str | None = None
     ) -> AsyncIterator[types_pb2.GenerationEvent]:
+        """The job's events. A job that fails yields its `failed` event, then raises the
+        status the stream ended with as a LoracleError (its `reason` says why, e.g.
+        LORA_LOAD_FAILED; `retry_after` is set when waiting helps, e.g. out of memory)."""
         stream = self._stream(self._commands.GenerateImage, rq.generate_image(spec, request_id))
         return _events(stream)
 
@@ -222,6 +225,7 @@ class AsyncLoracleClient:
         seed: int | None = None,
         request_id: str | None = None,
     ) -> AsyncIterator[types_pb2.GenerationEvent]:
+        """As `generate_image`: a failed job yields `failed`, then raises its LoracleError."""
         request = rq.quick_generate(prompt, model, seed, request_id)
         stream = self._stream(self._commands.QuickGenerate, request)
         return _events(stream)
@@ -390,6 +394,8 @@ class AsyncLoracleClient:
     def watch_generation(
         self, generation_id: str, after_sequence: int = 0
     ) -> AsyncIterator[types_pb2.GenerationEvent]:
+        """A generation's events. Watching a job that failed ends normally after its `failed`
+        event (the watch worked); only a failed watch raises."""
         request = rq.watch_generation(generation_id, after_sequence)
         stream = self._stream(self._queries.WatchGeneration, request)
         return _events(stream)

@@ -25,7 +25,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict
 from pydantic_settings.sources.utils import parse_env_vars
 
-from server.domain.errors import FieldViolation, ValidationError
+from server.domain.errors import FieldViolation, Reason, ValidationError
 from server.domain.models import BaseModelConfig, resolve_architecture
 
 SCOPES = ("read", "write", "generate", "admin")
@@ -57,6 +57,7 @@ class SettingsError(ValidationError):
 
     def __init__(self, key: str, problem: str) -> None:
         super().__init__(FieldViolation(key, problem))
+        self.reason = Reason.INVALID_SETTING
         self.message = problem
         self.args = (problem,)
 

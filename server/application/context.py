@@ -23,6 +23,10 @@ class DispatchContext:
     scopes: frozenset[str] = frozenset()
     # Set by the transport when the caller goes away: long streams stop working for nobody.
     cancellation: threading.Event = field(default_factory=threading.Event, compare=False)
+    # Set by the transport when the request itself is malformed (an undefined enum number, a
+    # malformed id): raised once authorization passed (RejectedRequestMiddleware), so a caller
+    # without the right learns nothing about its request first.
+    rejected: Exception | None = field(default=None, compare=False)
 
     def abandoned(self) -> bool:
         """The caller cancelled, or its deadline passed."""

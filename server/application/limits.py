@@ -14,7 +14,7 @@ from server.application.commands.base import IStreamCommand
 from server.application.context import DispatchContext
 from server.application.middleware import Next
 from server.application.queries.base import IStreamQuery
-from server.domain.errors import ResourceExhaustedError
+from server.domain.errors import Reason, ResourceExhaustedError
 
 
 @dataclass
@@ -62,6 +62,7 @@ class LimitsMiddleware:
                 raise ResourceExhaustedError(
                     f"{ctx.principal!r} is over its request rate; retry in {wait:.2f} s",
                     retry_after_seconds=wait,
+                    reason=Reason.RATE_LIMITED,
                 )
         if not self.max_streams or not isinstance(message, IStreamCommand | IStreamQuery):
             return next_(message, ctx)
@@ -79,6 +80,7 @@ class LimitsMiddleware:
                 raise ResourceExhaustedError(
                     f"{ctx.principal!r} already has {self.max_streams} streams open",
                     retry_after_seconds=1.0,
+                    reason=Reason.TOO_MANY_STREAMS,
                 )
             self._open[ctx.principal] = self._open.get(ctx.principal, 0) + 1
         try:

@@ -133,6 +133,16 @@ class AuthorizationMiddleware:
         return next_(message, ctx)
 
 
+class RejectedRequestMiddleware:
+    """Raises what the transport found wrong with the request (`ctx.rejected`), after
+    authentication and authorization, before any handler runs."""
+
+    def __call__(self, message: object, ctx: DispatchContext, next_: Next) -> Any:
+        if ctx.rejected is not None:
+            raise ctx.rejected
+        return next_(message, ctx)
+
+
 class AuditMiddleware:
     """Logs who dispatched what with which outcome. State changes themselves are audited by
     the event log; this also covers refused and read-only requests."""
@@ -169,4 +179,5 @@ def default_middlewares(
     if limits is not None:
         chain.append(limits)
     chain.append(AuthorizationMiddleware(authorizer or AllowAll()))
+    chain.append(RejectedRequestMiddleware())
     return chain

@@ -37,7 +37,7 @@ from server.application.queries import (
     SearchLoRAsByPromptQuery,
     WatchGenerationQuery,
 )
-from server.domain.errors import PermissionDeniedError, UnauthenticatedError
+from server.domain.errors import PermissionDeniedError, Reason, UnauthenticatedError
 
 READ, WRITE, GENERATE, ADMIN = "read", "write", "generate", "admin"
 ALL_SCOPES = frozenset({READ, WRITE, GENERATE, ADMIN})
@@ -115,7 +115,9 @@ class TokenAuthenticator:
         for known, credential in self._by_hash.items():
             if hmac.compare_digest(known, digest):
                 return Principal(credential.name, credential.scopes)
-        raise UnauthenticatedError("unknown token")
+        raise UnauthenticatedError(
+            "this server does not know that token", reason=Reason.TOKEN_UNKNOWN
+        )
 
 
 class ScopeAuthorizer:

@@ -81,8 +81,18 @@ class GenerationView:
     version: int = 0
 
 
+def _event_time(timestamp: datetime | None) -> datetime:
+    """The time of the event being applied. eventsourcing passes an event's own `timestamp`
+    to an `@event` method that names it (callers leave it out; trigger_event stamps it), and
+    does so again when stored events are replayed. `self.modified_on` is no substitute: it is
+    updated only after the method returns, so inside it holds the previous event's time."""
+    assert timestamp is not None, "eventsourcing passes the event's timestamp"
+    return aware(timestamp)
+
+
 class Generation(Aggregate):
-    """One generation job. Its id is the generation id clients see."""
+    """One generation job. Its id is the generation id clients see. The final-state methods
+    take the event's `timestamp` from eventsourcing (see `_event_time`); callers omit it."""
 
     @staticmethod
     def create_id(generation_id: str) -> uuid.UUID:
@@ -119,27 +129,39 @@ class Generation(Aggregate):
         timings: dict[str, float],
         principal: str,
         request_id: str,
+        timestamp: datetime | None = None,
     ) -> None:
         self.state = GenerationState.SUCCEEDED
         self.images = images
         self.timings = timings
-        self.end_time = aware(self.modified_on)
+        self.end_time = _event_time(timestamp)
 
     @event("Failed")
     def fail(
-        self, error: str, images: list[dict[str, Any]], principal: str, request_id: str
+        self,
+        error: str,
+        images: list[dict[str, Any]],
+        principal: str,
+        request_id: str,
+        timestamp: datetime | None = None,
     ) -> None:
         self.state = GenerationState.FAILED
         self.error = error
         self.images = images
-        self.end_time = aware(self.modified_on)
+        self.end_time = _event_time(timestamp)
 
     @event("Cancelled")
-    def cancel(self, images: list[dict[str, Any]], principal: str, request_id: str) -> None:
+    def cancel(
+        self,
+        images: list[dict[str, Any]],
+        principal: str,
+        request_id: str,
+        timestamp: datetime | None = None,
+    ) -> None:
         """Images finished before the cancellation are kept."""
         self.state = GenerationState.CANCELLED
         self.images = images
-        self.end_time = aware(self.modified_on)
+        self.end_time = _event_time(timestamp)
 
     def view(self) -> GenerationView:
         return GenerationView(

@@ -6,6 +6,15 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
 
+from server.domain.errors import (
+    DomainError,
+    GenerationFailedError,
+    PreconditionError,
+    Reason,
+    ResourceExhaustedError,
+    UnavailableError,
+)
+
 
 @dataclass(frozen=True, slots=True)
 class Queued:
@@ -84,12 +93,40 @@ class Completed:
     timings: Timings
 
 
+# The reasons a generation fails with (`Failed.reason`, the ErrorInfo reason of the status
+# that ends a GenerateImage or QuickGenerate stream after its `failed` event).
+FAILURE_REASONS = frozenset(
+    {
+        Reason.GENERATION_FAILED,
+        Reason.OUT_OF_DEVICE_MEMORY,
+        Reason.LORA_LOAD_FAILED,
+        Reason.MODEL_LOAD_FAILED,
+        Reason.SERVER_SHUTTING_DOWN,
+        Reason.WORKER_LOST,
+        Reason.WORKER_REFUSED,
+    }
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Failed:
-    error: str
-    # "RESOURCE_EXHAUSTED" when the device ran out of memory: the stream then ends with that
-    # status (and RetryInfo) instead of OK, so clients can back off and retry.
-    code: str = ""
+    error: str  # one plain sentence for the client
+    reason: str = Reason.GENERATION_FAILED  # one of FAILURE_REASONS
+    lora_sha256: str = ""  # LORA_LOAD_FAILED: the file that would not load
+
+    def as_error(self) -> DomainError:
+        """The error a GenerateImage or QuickGenerate stream ends with after this event (a
+        watch still ends OK: watching worked)."""
+        metadata = {"lora_sha256": self.lora_sha256} if self.lora_sha256 else None
+        reason = Reason(self.reason) if self.reason in FAILURE_REASONS else None
+        match reason:
+            case Reason.OUT_OF_DEVICE_MEMORY:
+                return ResourceExhaustedError(self.error, 5.0, reason=reason)
+            case Reason.SERVER_SHUTTING_DOWN | Reason.WORKER_LOST:
+                return UnavailableError(self.error, retry_after_seconds=5.0, reason=reason)
+            case Reason.LORA_LOAD_FAILED | Reason.MODEL_LOAD_FAILED | Reason.WORKER_REFUSED:
+                return PreconditionError(self.error, reason=reason, metadata=metadata)
+        return GenerationFailedError(self.error)
 
 
 @dataclass(frozen=True, slots=True)

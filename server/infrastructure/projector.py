@@ -17,8 +17,7 @@ from typing import Any
 from server.domain.errors import (
     ConsistencyTimeoutError,
     DomainError,
-    FieldViolation,
-    ValidationError,
+    InvalidTokenError,
 )
 from server.domain.generation import Generation, GenerationView
 from server.domain.lora import CommandRecord, Lora
@@ -108,9 +107,7 @@ class Projector:
         if position <= self._position:
             return
         if position > self._store.max_position():
-            raise ValidationError(
-                FieldViolation("consistency_token", "refers to a write this store has not recorded")
-            )
+            raise InvalidTokenError.consistency()
         self._wake.set()
         deadline = time.monotonic() + (self._default_wait if timeout is None else timeout)
         with self._cond:

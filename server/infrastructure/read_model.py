@@ -3,7 +3,6 @@ One SQLAlchemy Core implementation serves SQLite and PostgreSQL alike."""
 
 from __future__ import annotations
 
-import base64
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -14,7 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from server.domain.errors import FieldViolation, UnavailableError, ValidationError
+from server.domain.errors import UnavailableError
 from server.domain.generation import GenerationState, GenerationView, ImageRecord
 from server.domain.lora import file_from_dict, file_to_dict, metadata_from_dict, metadata_to_dict
 from server.domain.models import (
@@ -28,6 +27,7 @@ from server.domain.models import (
     Page,
     aware,
 )
+from server.domain.tokens import decode_page_token, encode_page_token, typed
 from server.infrastructure.storage_url import POSTGRES_TCP, StorageUrl
 
 metadata = sa.MetaData()
@@ -154,21 +154,22 @@ def view_from_json(text: str) -> LoraView:
     )
 
 
-def _encode_token(payload: dict[str, Any]) -> str:
-    return base64.urlsafe_b64encode(json.dumps(payload).encode()).decode().rstrip("=")
+def _after_lora(p: dict[str, Any]) -> tuple[str, str]:
+    return typed(p, "n", str), typed(p, "i", str)
 
 
-def _decode_token(token: str, filter_key: str) -> dict[str, Any]:
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        payload = json.loads(raw)
-        if not isinstance(payload, dict) or payload.get("f") != filter_key:
-            raise ValueError("token was issued for a different filter")
-        return payload
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ValidationError(
-            FieldViolation("page_token", f"not a page token of this listing ({exc})")
-        ) from None
+def _after_event(p: dict[str, Any]) -> int:
+    position = typed(p, "p", int)
+    if not 0 <= position < 2**63:
+        raise ValueError("position out of range")
+    return position
+
+
+def _after_generation(p: dict[str, Any]) -> tuple[datetime, str]:
+    created = datetime.fromisoformat(typed(p, "t", str))
+    if created.tzinfo is None:
+        raise ValueError("naive time")
+    return created, typed(p, "i", str)
 
 
 class SqlReadModel:
@@ -319,10 +320,10 @@ class SqlReadModel:
             )
         page_where = list(where)
         if page_token:
-            after = _decode_token(page_token, filter_key)
+            name_key, lora_id = decode_page_token(page_token, filter_key, _after_lora)
             page_where.append(
                 sa.tuple_(loras.c.name_key, loras.c.id)
-                > sa.tuple_(sa.literal(after["n"]), sa.literal(after["i"]))
+                > sa.tuple_(sa.literal(name_key), sa.literal(lora_id))
             )
         with self._connect() as conn:
             total = conn.execute(
@@ -336,7 +337,7 @@ class SqlReadModel:
             ).all()
         more = len(rows) > page_size
         rows = rows[:page_size]
-        token = _encode_token({"f": filter_key, "n": rows[-1][0], "i": rows[-1][1]}) if more else ""
+        token = encode_page_token(filter_key, n=rows[-1][0], i=rows[-1][1]) if more else ""
         return Page(tuple(view_from_json(r[2]) for r in rows), token, int(total))
 
     def all_views(self, batch: int = 2000) -> Iterable[LoraView]:
@@ -419,7 +420,8 @@ class SqlReadModel:
         if flt.end_time is not None:
             where.append(audit_events.c.occurred_at < flt.end_time.astimezone(UTC))
         if page_token:
-            where.append(audit_events.c.position > int(_decode_token(page_token, filter_key)["p"]))
+            after = decode_page_token(page_token, filter_key, _after_event)
+            where.append(audit_events.c.position > after)
         with self._connect() as conn:
             rows = (
                 conn.execute(
@@ -433,7 +435,7 @@ class SqlReadModel:
             )
         more = len(rows) > page_size
         entries = tuple(_audit_entry(r) for r in rows[:page_size])
-        token = _encode_token({"f": filter_key, "p": entries[-1].position}) if more else ""
+        token = encode_page_token(filter_key, p=entries[-1].position) if more else ""
         return Page(entries, token, 0)
 
     def get_generation(self, generation_id: str) -> GenerationView | None:
@@ -456,12 +458,11 @@ class SqlReadModel:
         )
         page_where = list(where)
         if page_token:
-            after = _decode_token(page_token, filter_key)
-            created = datetime.fromisoformat(after["t"])
+            created, generation_id = decode_page_token(page_token, filter_key, _after_generation)
             page_where.append(
                 sa.or_(
                     generations.c.created_at < created,
-                    sa.and_(generations.c.created_at == created, generations.c.id < after["i"]),
+                    sa.and_(generations.c.created_at == created, generations.c.id < generation_id),
                 )
             )
         with self._connect() as conn:
@@ -479,7 +480,7 @@ class SqlReadModel:
         token = ""
         if more:
             last = aware(rows[-1][0])
-            token = _encode_token({"f": filter_key, "t": last.isoformat(), "i": rows[-1][1]})
+            token = encode_page_token(filter_key, t=last.isoformat(), i=rows[-1][1])
         return Page(tuple(generation_from_json(r[2]) for r in rows), token, int(total))
 
     def close(self) -> None:

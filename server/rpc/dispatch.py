@@ -19,6 +19,7 @@ from server.application.security import TokenAuthenticator
 from server.domain.errors import FieldViolation, ValidationError
 from server.rpc.errors import to_status
 from server.rpc.mapping import position_from_token
+from server.rpc.validation import request_error
 
 T = TypeVar("T")
 _STREAM_WINDOW = 32
@@ -54,9 +55,10 @@ class Dispatcher:
             principal=principal.name,
             scopes=principal.scopes,
             request_id=request_id,
-            correlation_id=_correlation_id(rpc),
+            correlation_id=correlation_id(rpc),
             deadline=None if remaining is None else time.monotonic() + remaining,
             min_position=position_from_token(consistency_token),
+            rejected=request_error(),
         )
 
     async def command(
@@ -160,7 +162,7 @@ class Dispatcher:
         try:
             return self.context(rpc, **kwargs)
         except Exception as exc:
-            await abort(rpc, exc, _correlation_id(rpc))
+            await abort(rpc, exc, correlation_id(rpc))
 
 
 async def abort(
@@ -182,6 +184,6 @@ def _metadata(rpc: grpc.aio.ServicerContext[Any, Any], key: str) -> str | None:
     return None
 
 
-def _correlation_id(rpc: grpc.aio.ServicerContext[Any, Any]) -> str:
+def correlation_id(rpc: grpc.aio.ServicerContext[Any, Any]) -> str:
     value = _metadata(rpc, "x-correlation-id")
     return value if value and len(value) <= 64 else uuid.uuid4().hex

@@ -13,15 +13,18 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from server.domain.errors import (
+    REASON_TEXT,
     BadLoraFileError,
     ConflictError,
     ConsistencyTimeoutError,
     DeadlineExceededError,
     DomainError,
+    GenerationFailedError,
     NotFoundError,
     NotImplementedYetError,
     PermissionDeniedError,
     PreconditionError,
+    Reason,
     ResourceExhaustedError,
     UnauthenticatedError,
     UnavailableError,
@@ -47,15 +50,12 @@ STATUS_CODES: dict[type[DomainError], grpc.StatusCode] = {
     ResourceExhaustedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
     PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
+    GenerationFailedError: grpc.StatusCode.INTERNAL,
 }
 
 
 def status_code_for(exc: DomainError) -> grpc.StatusCode:
-    for kind in type(exc).__mro__:
-        code = STATUS_CODES.get(kind)
-        if code is not None:
-            return code
-    return grpc.StatusCode.INTERNAL
+    return status_code_for_class(type(exc))
 
 
 def to_status(exc: BaseException, correlation_id: str) -> grpc.Status:
@@ -65,7 +65,7 @@ def to_status(exc: BaseException, correlation_id: str) -> grpc.Status:
         return _status(
             grpc.StatusCode.INTERNAL,
             f"internal error; quote correlation id {correlation_id}",
-            _error_info("INTERNAL", {"correlation_id": correlation_id}),
+            _error_info(Reason.INTERNAL_ERROR, {"correlation_id": correlation_id}),
         )
     metadata = {**exc.metadata, "correlation_id": correlation_id}
     details: list[object] = [_error_info(exc.reason, metadata)]
@@ -102,3 +102,35 @@ def _status(code: grpc.StatusCode, message: str, *details: object) -> grpc.Statu
         status.details.add().Pack(detail)
     result: grpc.Status = rpc_status.to_status(status)
     return result
+
+
+def reason_codes() -> dict[Reason, grpc.StatusCode]:
+    """Each reason's status code: that of the class that declares it (`reasons`), among the
+    table's classes and their subclasses here; INTERNAL_ERROR is any other exception's."""
+    codes: dict[Reason, grpc.StatusCode] = {Reason.INTERNAL_ERROR: grpc.StatusCode.INTERNAL}
+    pending: list[type[DomainError]] = list(STATUS_CODES)
+    while pending:
+        kind = pending.pop(0)
+        pending.extend(kind.__subclasses__())
+        for reason in kind.__dict__.get("reasons", ()):
+            codes.setdefault(reason, status_code_for_class(kind))
+    return codes
+
+
+def status_code_for_class(kind: type[DomainError]) -> grpc.StatusCode:
+    return next(
+        (STATUS_CODES[k] for k in kind.__mro__ if k in STATUS_CODES), grpc.StatusCode.INTERNAL
+    )
+
+
+def reason_table() -> str:
+    """README's table of ErrorInfo reasons (`python -m server.rpc.errors`)."""
+    codes = reason_codes()
+    rows = ["| Reason | Status | When |", "|---|---|---|"]
+    for reason in Reason:
+        rows.append(f"| `{reason}` | `{codes[reason].name}` | {REASON_TEXT[reason]} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(reason_table())

@@ -19,7 +19,7 @@ from server.application.commands import (
     LoRARecommendation,
 )
 from server.domain import generation_events as gen
-from server.domain.errors import FieldViolation, ValidationError
+from server.domain.errors import InvalidTokenError
 from server.domain.generation import GenerationState, GenerationView
 from server.domain.generation_events import GenerationEvent
 from server.domain.models import Architecture, AuditEntry, BaseModelInfo, LoraSource, LoraView
@@ -334,8 +334,6 @@ def token_for(position: int) -> str:
 def position_from_token(token: str) -> int:
     if not token:
         return 0
-    if not token.isdigit() or len(token) > 18:
-        raise ValidationError(
-            FieldViolation("consistency_token", "not a token returned by a command of this service")
-        )
+    if not (token.isascii() and token.isdigit()) or len(token) > 18:
+        raise InvalidTokenError.consistency()
     return int(token)

@@ -19,6 +19,7 @@ from server.config import Settings
 from server.rpc import reflection
 from server.rpc.dispatch import Dispatcher
 from server.rpc.servicers import CommandServicer, QueryServicer
+from server.rpc.validation import RequestValidationInterceptor
 
 log = logging.getLogger("loracle.server")
 
@@ -37,7 +38,9 @@ class LoracleServer:
         self.container = container
         max_bytes = container.settings.max_message_bytes
         self.server = grpc.aio.server(
-            interceptors=interceptors,
+            # Innermost, so the others (metrics) see its refusals like any status.
+            # Innermost, so the others (metrics) see its refusals like any status.
+            interceptors=[*interceptors, RequestValidationInterceptor()],
             options=[
                 ("grpc.max_receive_message_length", max_bytes),
                 ("grpc.max_send_message_length", max_bytes),

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from PIL import Image
 
 from client import (
@@ -22,7 +24,13 @@ from client import (
     NotFound,
 )
 from client.cli import main
-from loracle.v1 import command_service_pb2, command_service_pb2_grpc, types_pb2
+from loracle.v1 import (
+    command_service_pb2,
+    command_service_pb2_grpc,
+    query_service_pb2,
+    query_service_pb2_grpc,
+    types_pb2,
+)
 from server.devtools.local_server import RunningServer, start_server, wait_for_models
 from server.devtools.tiny_loras import write_lora_for_pipeline
 from server.domain.models import Architecture, BaseModelConfig
@@ -194,16 +202,57 @@ def test_loras_through_the_server(ready: RunningServer) -> None:
             )
         assert wrong.value.reason == "LORA_ARCHITECTURE_MISMATCH"
         # A real-size SD1.5 LoRA does not fit the tiny model: that job fails, clearly.
-        events = list(
-            client.generate_image(
-                types_pb2.GenerationSpec(prompt="a boat <lora:pixel_art_sd15>", steps=2)
+        events: list[types_pb2.GenerationEvent] = []
+        with pytest.raises(FailedPrecondition) as unfit:
+            events.extend(
+                client.generate_image(
+                    types_pb2.GenerationSpec(prompt="a boat <lora:pixel_art_sd15>", steps=2)
+                )
             )
-        )
+        assert unfit.value.reason == "LORA_LOAD_FAILED"
         assert events[-1].HasField("failed")
         assert "Pixel Art" in events[-1].failed.error
         assert "does not fit" in events[-1].failed.error or "shape" in events[-1].failed.error
         # ... and the model is untouched afterwards.
         assert pixels(list(client.generate_image(spec))) == pixels(plain)
+
+
+def test_a_failed_generation_ends_its_stream_with_the_failures_status(
+    ready: RunningServer,
+) -> None:
+    """GenerateImage sends `failed`, then ends FAILED_PRECONDITION with ErrorInfo
+    LORA_LOAD_FAILED naming the file; WatchGeneration of the same job ends OK."""
+    embedded_lora(ready, "tiny_ink", seed=4)
+    with LoracleClient(ready.address) as client:
+        done = list(client.import_loras())[-1]
+        client.list_loras(consistency_token=done.consistency_token)
+        unfit = client.list_loras(base_model="SD1", consistency_token=done.consistency_token)
+        sha = next(lora.file.sha256 for lora in unfit.loras if lora.name == "Pixel Art")
+    with grpc.insecure_channel(ready.address) as channel:
+        stub = command_service_pb2_grpc.CommandServiceStub(channel)
+        call = stub.GenerateImage(
+            command_service_pb2.GenerateImageRequest(
+                spec=types_pb2.GenerationSpec(prompt="a boat <lora:pixel_art_sd15>", steps=2)
+            )
+        )
+        events: list[types_pb2.GenerationEvent] = []
+        with pytest.raises(grpc.RpcError):
+            events.extend(r.event for r in call)
+        assert events[-1].HasField("failed")
+        assert call.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert call.details() == events[-1].failed.error
+        status = rpc_status.from_call(call)
+        assert status is not None
+        info = error_details_pb2.ErrorInfo()
+        assert status.details[0].Unpack(info)
+        assert info.reason == "LORA_LOAD_FAILED"
+        assert info.metadata["lora_sha256"] == sha
+        watch = query_service_pb2_grpc.QueryServiceStub(channel).WatchGeneration(
+            query_service_pb2.WatchGenerationRequest(generation_id=events[-1].generation_id)
+        )
+        watched = [r.event for r in watch]
+        assert watched[-1].HasField("failed")
+        assert watch.code() == grpc.StatusCode.OK
 
 
 def test_submit_watch_from_another_connection_and_resume(ready: RunningServer) -> None:
@@ -305,6 +354,17 @@ def test_jobs_running_when_the_server_is_killed_are_marked_failed(tmp_path: Path
             assert "restarted" in generation.error
     finally:
         second.stop()
+
+
+def test_quick_generate_completes_when_its_pick_cannot_load(ready: RunningServer) -> None:
+    """The demo library's real-size SD1.5 LoRAs do not fit the tiny embedded model, yet
+    they are the right architecture: QuickGenerate must still complete."""
+    with LoracleClient(ready.address) as client:
+        done = list(client.import_loras())[-1]
+        client.list_loras(consistency_token=done.consistency_token)
+        events = list(client.quick_generate("pixel art of a castle, 8-bit sprite", seed=1))
+    assert events[-1].HasField("completed")
+    assert not any(e.HasField("failed") for e in events)
 
 
 # The libraries' own output, which a server log must not carry (see runtime.quiet_libraries).

@@ -101,7 +101,7 @@ def test_errors_carry_status_codes_and_rich_details(server: RunningServer) -> No
         with pytest.raises(InvalidArgument) as bad_path:
             client.register_lora("../../etc/passwd")
         assert bad_path.value.field_violations[0][0] == "path"
-        assert bad_path.value.reason == "INVALID_ARGUMENT"
+        assert bad_path.value.reason == "INVALID_FIELD"
         assert bad_path.value.metadata["correlation_id"]
         with pytest.raises(InvalidArgument) as bad_page:
             client.list_loras(page_size=5000)
@@ -110,13 +110,13 @@ def test_errors_carry_status_codes_and_rich_details(server: RunningServer) -> No
             client.get_lora("x", consistency_token="not-a-token")
         with pytest.raises(NotFound) as missing:
             client.get_lora(str(uuid.uuid4()))
-        assert missing.value.reason == "NOT_FOUND"
+        assert missing.value.reason == "LORA_NOT_FOUND"
         with pytest.raises(InvalidArgument) as bad_model:
             client.recommend_loras("a cat", "Potato XL 9000")
         assert bad_model.value.field_violations[0][0] == "base_model"
         with pytest.raises(NotFound) as missing:
             client.get_generation("00000000-0000-0000-0000-000000000000")
-        assert missing.value.reason == "NOT_FOUND"
+        assert missing.value.reason == "GENERATION_NOT_FOUND"
 
 
 def test_embedded_placeholder_model_is_listed_and_becomes_ready(server: RunningServer) -> None:

@@ -86,7 +86,7 @@ def test_out_of_memory_fails_that_job_and_the_executor_keeps_serving(
     first = list(executor.submit(job(model)).events())
     failed = first[-1].payload
     assert isinstance(failed, gen.Failed)
-    assert failed.code == "RESOURCE_EXHAUSTED"
+    assert failed.reason == "OUT_OF_DEVICE_MEMORY"
     assert "out of device memory" in failed.error
     assert executor.stats.out_of_memory == 1
     second = list(executor.submit(job(model)).events())

@@ -459,3 +459,87 @@ def test_a_job_recorded_but_never_queued_is_failed_with_the_reason(c: Container)
     [view] = c.read_model.list_generations((), 10).items
     assert view.state is GenerationState.FAILED
     assert "could not be queued: the job broker is unavailable" in view.error
+
+
+class Recommends:
+    """A recommender sure about these LoRAs, in this order."""
+
+    def __init__(self, *views: LoraView) -> None:
+        self.views = views
+
+    def recommend(
+        self,
+        prompt: str,
+        base_model: str,
+        *,
+        max_loras: int,
+        min_confidence: float | None,
+        include_unavailable: bool,
+    ) -> list[LoRARecommendation]:
+        return [LoRARecommendation(v, 0.9 - i / 10, 0.7) for i, v in enumerate(self.views)]
+
+
+def test_quick_generate_never_fails_because_of_its_own_pick(
+    tmp_path: Path, models: dict[str, Path], lora_files: Path
+) -> None:
+    """A file catalogued as SD1 whose tensors fit another model fails to load; QuickGenerate
+    remembers it for that model, goes on with its next pick, and never picks it again."""
+    xl = load_pipeline(BaseModelConfig("xl", Architecture.SDXL, models["xl"]))
+    misfit = tmp_path / "loras" / "misfit.safetensors"
+    write_lora_for_pipeline(xl, misfit, seed=5, metadata={**SD1_META, "ss_output_name": "misfit"})
+    c = make(tmp_path, models, lora_files)
+    try:
+        bad = c.read_model.find_by_file_name("misfit")[0]
+        ink = c.read_model.find_by_file_name("ink")[0]
+        assert bad.metadata.base_model.architecture is Architecture.SD1
+        handler = QuickGenerateHandler(c.generations, Recommends(bad, ink), max_loras=1)
+        command = QuickGenerateCommand(prompt="a fox", model="tiny", seed=3)
+        with use_context(DispatchContext()):
+            events = list(handler.handle(command))
+        assert not any(isinstance(e.payload, gen.Failed) for e in events)
+        assert isinstance(final(events), gen.Completed)
+        png = Image.open(io.BytesIO(image_bytes(events)[0]))
+        assert ink.file is not None
+        assert bad.file is not None
+        assert ink.file.sha256[:10] in png.info["parameters"]  # A1111's Lora hashes
+        assert c.generations.unloadable.of("tiny") == {bad.file.sha256}
+        assert c.generations.unloadable.of("sd") == frozenset()
+        # The first job was the misfit's: recorded as failed, with the reason.
+        c.recorder.flush()
+        c.projector.wait_for(c.store.max_position(), 5.0)
+        tried = c.queries.dispatch(GetGenerationQuery(generation_id=events[0].generation_id))
+        assert tried.data.state is GenerationState.FAILED
+        assert "misfit" in tried.data.error
+        # Next time the misfit is not offered: one job, with ink.
+        assert handler.request_for(command).loras == (LoraChoice(ink.id, 0.7),)
+        batches = c.executor.stats.batches
+        with use_context(DispatchContext()):
+            again = list(handler.handle(command))
+        assert len({e.generation_id for e in again}) == 1
+        assert isinstance(final(again), gen.Completed)
+        assert c.executor.stats.batches == batches + 1
+        # Only the misfit on offer: the second job runs without recommended LoRAs.
+        alone = QuickGenerateHandler(c.generations, Recommends(bad), max_loras=1)
+        assert alone.request_for(command).loras == ()
+    finally:
+        c.close()
+
+
+def test_a_lora_the_prompt_names_still_fails_the_quick_generate_stream(
+    tmp_path: Path, models: dict[str, Path], lora_files: Path
+) -> None:
+    xl = load_pipeline(BaseModelConfig("xl", Architecture.SDXL, models["xl"]))
+    misfit = tmp_path / "loras" / "misfit.safetensors"
+    write_lora_for_pipeline(xl, misfit, seed=5, metadata={**SD1_META, "ss_output_name": "misfit"})
+    c = make(tmp_path, models, lora_files)
+    try:
+        handler = QuickGenerateHandler(c.generations, Recommends())
+        seen: list[gen.GenerationEvent] = []
+        with use_context(DispatchContext()), pytest.raises(PreconditionError) as failed:
+            seen.extend(
+                handler.handle(QuickGenerateCommand(prompt="a fox <lora:misfit>", model="tiny"))
+            )
+        assert failed.value.reason == "LORA_LOAD_FAILED"
+        assert isinstance(seen[-1].payload, gen.Failed)
+    finally:
+        c.close()

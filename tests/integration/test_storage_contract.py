@@ -260,6 +260,40 @@ class StorageContract:
             "GenerationSucceeded",
         ]
 
+    @pytest.mark.parametrize("final", ["SUCCEEDED", "FAILED", "CANCELLED"])
+    def test_a_generations_times_are_the_times_of_the_events_that_set_them(
+        self, c: Container, final: str
+    ) -> None:
+        """create_time is the Submitted event's time and end_time the final event's, as the
+        audit trail records them (not the event before it), live and after a reload."""
+        g = Generation(
+            generation_id=str(uuid.uuid4()),
+            spec={"model": "m", "prompt": "p", "steps": 2},
+            principal="alice",
+            request_id="t1",
+        )
+        time.sleep(0.02)
+        g.start(1, "alice", "t1")
+        time.sleep(0.02)  # the final event comes well after Started
+        if final == "SUCCEEDED":
+            g.succeed([], {}, "alice", "t1")
+        elif final == "FAILED":
+            g.fail("it broke", [], "alice", "t1")
+        else:
+            g.cancel([], "alice", "t1")
+        c.store.save(g)
+        ctx = DispatchContext(min_position=c.store.max_position())
+        view = c.queries.dispatch(GetGenerationQuery(generation_id=str(g.id)), ctx).data
+        trail = c.read_model.events(EventFilter(aggregate_id=str(g.id)), 10).items
+        assert [e.type for e in trail][-1] == f"Generation{final.title()}"
+        assert view.state is GenerationState(final)
+        assert view.create_time == trail[0].occurred_at
+        assert view.end_time == trail[-1].occurred_at
+        assert view.end_time != trail[1].occurred_at  # not Started's time
+        loaded = c.store.get(g.id)
+        assert isinstance(loaded, Generation)
+        assert loaded.view().end_time == trail[-1].occurred_at
+
     def test_events_stored_under_the_old_aggregate_topic_still_load(self, c: Container) -> None:
         """The aggregate moved from server.domain.generation_job; logs written before name
         that module in every event's topic."""

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.domain.errors import ResourceExhaustedError
+from server.domain.errors import Reason, ResourceExhaustedError
 from server.domain.generation_events import (
     TERMINAL,
     Cancelled,
@@ -145,10 +145,16 @@ class FakeExecutor:
         self.stats.batch_sizes.append(1)
         handle.publish(Completed(Timings(0.5, 0.25, 2.0, 0.125)))
 
-    def fail(self, generation_id: str, error: str, code: str = "") -> None:
+    def fail(
+        self,
+        generation_id: str,
+        error: str,
+        reason: str = Reason.GENERATION_FAILED,
+        lora_sha256: str = "",
+    ) -> None:
         handle = self.jobs[generation_id]
         handle.publish(Started(1))
-        handle.publish(Failed(error, code))
+        handle.publish(Failed(error, reason, lora_sha256))
 
 
 class FakeModels:

@@ -25,6 +25,7 @@ from server.domain.errors import (
     FieldViolation,
     NotFoundError,
     NotImplementedYetError,
+    Reason,
     ValidationError,
 )
 
@@ -40,7 +41,7 @@ class AddHandler(ICommandHandler[Add, int]):
         if command.a < 0:
             return CommandResult.validation_error(FieldViolation("a", "must not be negative"))
         if command.a == 99:
-            raise NotFoundError("number", "99")
+            raise NotFoundError("generation", "99")
         return CommandResult.success(command.a + command.b, position=7)
 
 
@@ -111,7 +112,7 @@ def test_domain_error_raised_by_handler_becomes_a_failed_result() -> None:
     bus.register(Add, AddHandler())
     result = bus.dispatch(Add(a=99, b=0))
     assert isinstance(result.error, NotFoundError)
-    assert result.error.metadata == {"resource": "number", "id": "99"}
+    assert result.error.metadata == {"resource": "generation", "id": "99"}
     with pytest.raises(NotFoundError) as raised:
         result.unwrap()
     assert raised.value is result.error  # the handler's own error, nothing re-built
@@ -240,7 +241,7 @@ def test_result_factories_carry_the_domain_error_the_transport_maps() -> None:
 
     not_ready = (
         CommandResult[int]
-        .precondition_failed("model warming up", reason="MODEL_NOT_READY", model="sdxl")
+        .precondition_failed("model warming up", reason=Reason.MODEL_NOT_READY, model="sdxl")
         .error
     )
     assert isinstance(not_ready, PreconditionError)
@@ -251,7 +252,7 @@ def test_result_factories_carry_the_domain_error_the_transport_maps() -> None:
     assert taken.metadata == {"request_id": "r-1"}
     missing = CommandResult[int].not_found("lora", "x").error
     assert isinstance(missing, NotFoundError)
-    assert (missing.message, missing.resource_id) == ("lora 'x' not found", "x")
+    assert (missing.message, missing.resource_id) == ("LoRA 'x' not found", "x")
     bad = CommandResult[int].validation_error([FieldViolation("a", "x"), FieldViolation("b", "y")])
     assert isinstance(bad.error, ValidationError)
     assert bad.error.message == "a: x; b: y"

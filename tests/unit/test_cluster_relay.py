@@ -110,10 +110,18 @@ PAYLOADS: list[Payload] = [
     ImageChunk(1, 262144, b"\x00\x01\x02", True),
     ImageComplete(1, "ab" * 32, 1234, "image/png", 2**40 + 7),
     Completed(Timings(0.5, 0.25, 3.0, 0.125)),
-    Failed("out of device memory", "RESOURCE_EXHAUSTED"),
+    Failed("out of device memory", "OUT_OF_DEVICE_MEMORY"),
     Failed("plain failure"),
+    Failed("it does not fit", "LORA_LOAD_FAILED", "ab" * 32),
     Cancelled(),
 ]
+
+
+def test_failed_records_from_before_reasons_still_read() -> None:
+    old = EventRecord(GID, "failed", 1, {"error": "oom", "code": "RESOURCE_EXHAUSTED"}, b"")
+    assert to_payload(old) == Failed("oom", "OUT_OF_DEVICE_MEMORY")
+    plain = EventRecord(GID, "failed", 1, {"error": "boom", "code": ""}, b"")
+    assert to_payload(plain) == Failed("boom", "GENERATION_FAILED")
 
 
 @pytest.mark.parametrize("payload", PAYLOADS, ids=lambda p: type(p).__name__)

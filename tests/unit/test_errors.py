@@ -7,6 +7,7 @@ import importlib
 import pkgutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, cast
 
 import grpc
@@ -25,22 +26,26 @@ from server.application.commands import (
 from server.application.queries import IQuery, IQueryHandler, QueryBus, QueryResult
 from server.config import SettingsError
 from server.domain.errors import (
+    REASON_TEXT,
     BadLoraFileError,
     ConflictError,
     ConsistencyTimeoutError,
     DeadlineExceededError,
     DomainError,
     FieldViolation,
+    GenerationFailedError,
+    InvalidTokenError,
     NotFoundError,
     NotImplementedYetError,
     PreconditionError,
+    Reason,
     ResourceExhaustedError,
     UnavailableError,
     ValidationError,
 )
 from server.infrastructure.broker.port import BrokerUnavailable
 from server.rpc.dispatch import Dispatcher
-from server.rpc.errors import STATUS_CODES, to_status
+from server.rpc.errors import STATUS_CODES, reason_codes, reason_table, to_status
 
 
 def details(status: grpc.Status) -> dict[str, object]:
@@ -68,7 +73,7 @@ def details(status: grpc.Status) -> dict[str, object]:
         (NotFoundError("lora", "x"), grpc.StatusCode.NOT_FOUND),
         (ConflictError("race"), grpc.StatusCode.ALREADY_EXISTS),
         (
-            PreconditionError("wrong arch", reason="ARCHITECTURE_MISMATCH"),
+            PreconditionError("wrong arch", reason=Reason.LORA_ARCHITECTURE_MISMATCH),
             grpc.StatusCode.FAILED_PRECONDITION,
         ),
         (UnavailableError("db down"), grpc.StatusCode.UNAVAILABLE),
@@ -131,8 +136,9 @@ SAMPLES: dict[type[DomainError], Callable[[], DomainError]] = {
         [FieldViolation("a", "x"), FieldViolation("b.c", "y")]
     ),
     NotFoundError: lambda: NotFoundError("lora", "x-1"),
+    InvalidTokenError: InvalidTokenError.page,
     PreconditionError: lambda: PreconditionError(
-        "warming up", reason="MODEL_NOT_READY", metadata={"model": "sdxl"}
+        "warming up", reason=Reason.MODEL_NOT_READY, metadata={"model": "sdxl"}
     ),
     UnavailableError: lambda: UnavailableError("db down", retry_after_seconds=2.5),
     BrokerUnavailable: lambda: BrokerUnavailable("publish"),
@@ -166,7 +172,9 @@ def test_the_enumeration_finds_errors_outside_the_domain_module() -> None:
 def test_every_domain_error_has_a_row(kind: type[DomainError]) -> None:
     code = code_in_table(kind)
     assert code is not None, f"{kind.__name__} has no row in server/rpc/errors.py STATUS_CODES"
-    assert code is not grpc.StatusCode.INTERNAL
+    # A generation that failed inside the server is INTERNAL on purpose (its message is a
+    # sentence of ours, never the exception's text); nothing else is.
+    assert (code is grpc.StatusCode.INTERNAL) == (kind is GenerationFailedError)
 
 
 class Aborted(Exception):
@@ -283,3 +291,33 @@ def test_a_command_result_keeps_the_handlers_error_itself() -> None:
     for raised in (False, True):
         error = ResourceExhaustedError("queue full", 0.25)
         assert bus.dispatch(Fail(error=error, raised=raised)).error is error
+
+
+# --- Reasons: specific, listed once, documented in the README. ------------------------------
+
+
+@pytest.mark.parametrize("kind", ALL_ERRORS, ids=lambda k: k.__name__)
+def test_every_error_carries_a_listed_reason_of_its_own_status(kind: type[DomainError]) -> None:
+    """A reason is one of `Reason`, never a bare status name, and the README's table gives
+    the status the error is actually sent with."""
+    error = sample(kind)
+    assert error.reason in Reason.__members__
+    assert error.reason not in grpc.StatusCode.__members__
+    assert reason_codes()[Reason(error.reason)] == code_in_table(kind)
+    for reason in kind.reasons:
+        assert reason_codes()[reason] == code_in_table(kind)
+
+
+def test_every_reason_has_one_status_and_a_sentence() -> None:
+    assert set(reason_codes()) == set(Reason)
+    assert set(REASON_TEXT) == set(Reason)
+    declared = [r for k in (DomainError, *ALL_ERRORS) for r in k.__dict__.get("reasons", ())]
+    assert sorted(declared) == sorted(set(declared))  # each reason is one class's
+
+
+def test_the_readme_table_of_reasons_is_the_codes() -> None:
+    """Regenerate with `python -m server.rpc.errors` when a reason changes."""
+    text = (Path(__file__).parents[2] / "README.md").read_text()
+    block = text.split("<!-- reasons table: python -m server.rpc.errors -->\n")[1]
+    block = block.split("\n<!-- end of reasons table -->")[0]
+    assert block == reason_table()

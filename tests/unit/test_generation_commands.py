@@ -22,9 +22,12 @@ from server.application.generation.jobs import MODEL_LOADING_RETRY_SECONDS
 from server.application.queries import GetGenerationQuery
 from server.bootstrap import Container
 from server.domain.errors import (
+    DomainError,
+    GenerationFailedError,
     NotFoundError,
     PreconditionError,
     ResourceExhaustedError,
+    UnavailableError,
     ValidationError,
 )
 from server.domain.generation import GenerationState, GenerationView
@@ -112,11 +115,36 @@ def test_a_failed_job_is_recorded_failed_with_its_reason(c: Container, fake: Fak
 def test_out_of_memory_ends_the_stream_resource_exhausted(c: Container, fake: FakeExecutor) -> None:
     stream = c.commands.stream(GenerateImageCommand(request=request()), ctx())
     first = next(stream)
-    fake.fail(first.generation_id, "the device ran out of memory", "RESOURCE_EXHAUSTED")
+    fake.fail(first.generation_id, "the device ran out of memory", "OUT_OF_DEVICE_MEMORY")
     seen: list[Payload] = []
     with pytest.raises(ResourceExhaustedError):
         seen.extend(e.payload for e in stream)
     assert isinstance(seen[-1], Failed)
+
+
+@pytest.mark.parametrize(
+    ("reason", "error", "retry"),
+    [
+        ("LORA_LOAD_FAILED", PreconditionError, None),
+        ("MODEL_LOAD_FAILED", PreconditionError, None),
+        ("SERVER_SHUTTING_DOWN", UnavailableError, 5.0),
+        ("WORKER_LOST", UnavailableError, 5.0),
+        ("GENERATION_FAILED", GenerationFailedError, None),
+    ],
+)
+def test_every_failure_ends_the_stream_with_its_error_after_the_failed_event(
+    c: Container, fake: FakeExecutor, reason: str, error: type[DomainError], retry: float | None
+) -> None:
+    stream = c.commands.stream(GenerateImageCommand(request=request()), ctx())
+    first = next(stream)
+    fake.fail(first.generation_id, "it did not work", reason, "ab" * 32)
+    seen: list[Payload] = []
+    with pytest.raises(error) as raised:
+        seen.extend(e.payload for e in stream)
+    assert seen[-1] == Failed("it did not work", reason, "ab" * 32)
+    assert raised.value.reason == reason
+    assert raised.value.message == "it did not work"
+    assert raised.value.retry_after_seconds == retry
 
 
 def test_invalid_requests_are_refused_before_anything_is_queued(
@@ -131,11 +159,14 @@ def test_invalid_requests_are_refused_before_anything_is_queued(
 
 
 def test_unknown_model_and_unknown_lora_are_not_found(c: Container, fake: FakeExecutor) -> None:
-    with pytest.raises(NotFoundError):
+    with pytest.raises(NotFoundError) as model:
         c.commands.dispatch(SubmitGenerationCommand(request=request(model="nope")), ctx()).unwrap()
+    assert model.value.reason == "MODEL_NOT_FOUND"
+    assert model.value.message == "model 'nope' not found; there are: tiny"
     loras = (LoraChoice("no-such-lora"),)
-    with pytest.raises(NotFoundError):
+    with pytest.raises(NotFoundError) as lora:
         c.commands.dispatch(SubmitGenerationCommand(request=request(loras=loras)), ctx()).unwrap()
+    assert lora.value.reason == "LORA_NOT_FOUND"
     assert fake.jobs == {}
 
 

@@ -163,6 +163,11 @@ class CommandServiceServicer:
 
     def GenerateImage(self, request, context):
         """Generates images, streaming queue position, progress, previews and image chunks.
+        A job that fails sends its `failed` event, then ends the stream with the status of the
+        failure (not OK): ErrorInfo.reason says why (OUT_OF_DEVICE_MEMORY is RESOURCE_EXHAUSTED
+        with RetryInfo, LORA_LOAD_FAILED and MODEL_LOAD_FAILED are FAILED_PRECONDITION,
+        SERVER_SHUTTING_DOWN and WORKER_LOST are UNAVAILABLE with RetryInfo, GENERATION_FAILED is
+        INTERNAL). A completed or cancelled job ends OK.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -170,6 +175,9 @@ class CommandServiceServicer:
 
     def QuickGenerate(self, request, context):
         """Generates from a prompt alone with the model's defaults and confidently recommended LoRAs.
+        Ends like GenerateImage: a failed job sends `failed`, then the failure's status. A LoRA it
+        picked itself that will not load is not a failure: it starts a new job without it (the
+        stream's later events carry the new generation_id).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -53,9 +53,19 @@ class CommandServiceStub:
     FilterConfidentRecommendations: _grpc.UnaryUnaryMultiCallable[_command_service_pb2.FilterConfidentRecommendationsRequest, _command_service_pb2.FilterConfidentRecommendationsResponse]
     """The part of an earlier recommendation at or above a confidence threshold."""
     GenerateImage: _grpc.UnaryStreamMultiCallable[_command_service_pb2.GenerateImageRequest, _command_service_pb2.GenerateImageResponse]
-    """Generates images, streaming queue position, progress, previews and image chunks."""
+    """Generates images, streaming queue position, progress, previews and image chunks.
+    A job that fails sends its `failed` event, then ends the stream with the status of the
+    failure (not OK): ErrorInfo.reason says why (OUT_OF_DEVICE_MEMORY is RESOURCE_EXHAUSTED
+    with RetryInfo, LORA_LOAD_FAILED and MODEL_LOAD_FAILED are FAILED_PRECONDITION,
+    SERVER_SHUTTING_DOWN and WORKER_LOST are UNAVAILABLE with RetryInfo, GENERATION_FAILED is
+    INTERNAL). A completed or cancelled job ends OK.
+    """
     QuickGenerate: _grpc.UnaryStreamMultiCallable[_command_service_pb2.QuickGenerateRequest, _command_service_pb2.QuickGenerateResponse]
-    """Generates from a prompt alone with the model's defaults and confidently recommended LoRAs."""
+    """Generates from a prompt alone with the model's defaults and confidently recommended LoRAs.
+    Ends like GenerateImage: a failed job sends `failed`, then the failure's status. A LoRA it
+    picked itself that will not load is not a failure: it starts a new job without it (the
+    stream's later events carry the new generation_id).
+    """
     SubmitGeneration: _grpc.UnaryUnaryMultiCallable[_command_service_pb2.SubmitGenerationRequest, _command_service_pb2.SubmitGenerationResponse]
     """Queues a generation and returns at once; follow it with QueryService.WatchGeneration."""
     CancelGeneration: _grpc.UnaryUnaryMultiCallable[_command_service_pb2.CancelGenerationRequest, _command_service_pb2.CancelGenerationResponse]
@@ -86,9 +96,19 @@ class CommandServiceAsyncStub(CommandServiceStub):
     FilterConfidentRecommendations: _aio.UnaryUnaryMultiCallable[_command_service_pb2.FilterConfidentRecommendationsRequest, _command_service_pb2.FilterConfidentRecommendationsResponse]  # type: ignore[assignment]
     """The part of an earlier recommendation at or above a confidence threshold."""
     GenerateImage: _aio.UnaryStreamMultiCallable[_command_service_pb2.GenerateImageRequest, _command_service_pb2.GenerateImageResponse]  # type: ignore[assignment]
-    """Generates images, streaming queue position, progress, previews and image chunks."""
+    """Generates images, streaming queue position, progress, previews and image chunks.
+    A job that fails sends its `failed` event, then ends the stream with the status of the
+    failure (not OK): ErrorInfo.reason says why (OUT_OF_DEVICE_MEMORY is RESOURCE_EXHAUSTED
+    with RetryInfo, LORA_LOAD_FAILED and MODEL_LOAD_FAILED are FAILED_PRECONDITION,
+    SERVER_SHUTTING_DOWN and WORKER_LOST are UNAVAILABLE with RetryInfo, GENERATION_FAILED is
+    INTERNAL). A completed or cancelled job ends OK.
+    """
     QuickGenerate: _aio.UnaryStreamMultiCallable[_command_service_pb2.QuickGenerateRequest, _command_service_pb2.QuickGenerateResponse]  # type: ignore[assignment]
-    """Generates from a prompt alone with the model's defaults and confidently recommended LoRAs."""
+    """Generates from a prompt alone with the model's defaults and confidently recommended LoRAs.
+    Ends like GenerateImage: a failed job sends `failed`, then the failure's status. A LoRA it
+    picked itself that will not load is not a failure: it starts a new job without it (the
+    stream's later events carry the new generation_id).
+    """
     SubmitGeneration: _aio.UnaryUnaryMultiCallable[_command_service_pb2.SubmitGenerationRequest, _command_service_pb2.SubmitGenerationResponse]  # type: ignore[assignment]
     """Queues a generation and returns at once; follow it with QueryService.WatchGeneration."""
     CancelGeneration: _aio.UnaryUnaryMultiCallable[_command_service_pb2.CancelGenerationRequest, _command_service_pb2.CancelGenerationResponse]  # type: ignore[assignment]
@@ -170,7 +190,13 @@ class CommandServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _command_service_pb2.GenerateImageRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_command_service_pb2.GenerateImageResponse], _abc.AsyncIterator[_command_service_pb2.GenerateImageResponse]]:
-        """Generates images, streaming queue position, progress, previews and image chunks."""
+        """Generates images, streaming queue position, progress, previews and image chunks.
+        A job that fails sends its `failed` event, then ends the stream with the status of the
+        failure (not OK): ErrorInfo.reason says why (OUT_OF_DEVICE_MEMORY is RESOURCE_EXHAUSTED
+        with RetryInfo, LORA_LOAD_FAILED and MODEL_LOAD_FAILED are FAILED_PRECONDITION,
+        SERVER_SHUTTING_DOWN and WORKER_LOST are UNAVAILABLE with RetryInfo, GENERATION_FAILED is
+        INTERNAL). A completed or cancelled job ends OK.
+        """
 
     @_abc_1.abstractmethod
     def QuickGenerate(
@@ -178,7 +204,11 @@ class CommandServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _command_service_pb2.QuickGenerateRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_command_service_pb2.QuickGenerateResponse], _abc.AsyncIterator[_command_service_pb2.QuickGenerateResponse]]:
-        """Generates from a prompt alone with the model's defaults and confidently recommended LoRAs."""
+        """Generates from a prompt alone with the model's defaults and confidently recommended LoRAs.
+        Ends like GenerateImage: a failed job sends `failed`, then the failure's status. A LoRA it
+        picked itself that will not load is not a failure: it starts a new job without it (the
+        stream's later events carry the new generation_id).
+        """
 
     @_abc_1.abstractmethod
     def SubmitGeneration(

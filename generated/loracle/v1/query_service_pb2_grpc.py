@@ -128,7 +128,9 @@ class QueryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchGeneration(self, request, context):
-        """Streams a generation's events, resuming after a given sequence number.
+        """Streams a generation's events, resuming after a given sequence number. Unlike
+        GenerateImage, watching a job that failed ends OK after its `failed` event: the watch
+        itself worked.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -49,7 +49,10 @@ class QueryServiceStub:
     ListGenerations: _grpc.UnaryUnaryMultiCallable[_query_service_pb2.ListGenerationsRequest, _query_service_pb2.ListGenerationsResponse]
     """Generations, newest first, paged."""
     WatchGeneration: _grpc.UnaryStreamMultiCallable[_query_service_pb2.WatchGenerationRequest, _query_service_pb2.WatchGenerationResponse]
-    """Streams a generation's events, resuming after a given sequence number."""
+    """Streams a generation's events, resuming after a given sequence number. Unlike
+    GenerateImage, watching a job that failed ends OK after its `failed` event: the watch
+    itself worked.
+    """
     ListEvents: _grpc.UnaryUnaryMultiCallable[_query_service_pb2.ListEventsRequest, _query_service_pb2.ListEventsResponse]
     """The audit trail: every recorded event, oldest first, paged."""
 
@@ -74,7 +77,10 @@ class QueryServiceAsyncStub(QueryServiceStub):
     ListGenerations: _aio.UnaryUnaryMultiCallable[_query_service_pb2.ListGenerationsRequest, _query_service_pb2.ListGenerationsResponse]  # type: ignore[assignment]
     """Generations, newest first, paged."""
     WatchGeneration: _aio.UnaryStreamMultiCallable[_query_service_pb2.WatchGenerationRequest, _query_service_pb2.WatchGenerationResponse]  # type: ignore[assignment]
-    """Streams a generation's events, resuming after a given sequence number."""
+    """Streams a generation's events, resuming after a given sequence number. Unlike
+    GenerateImage, watching a job that failed ends OK after its `failed` event: the watch
+    itself worked.
+    """
     ListEvents: _aio.UnaryUnaryMultiCallable[_query_service_pb2.ListEventsRequest, _query_service_pb2.ListEventsResponse]  # type: ignore[assignment]
     """The audit trail: every recorded event, oldest first, paged."""
 
@@ -138,7 +144,10 @@ class QueryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _query_service_pb2.WatchGenerationRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_query_service_pb2.WatchGenerationResponse], _abc.AsyncIterator[_query_service_pb2.WatchGenerationResponse]]:
-        """Streams a generation's events, resuming after a given sequence number."""
+        """Streams a generation's events, resuming after a given sequence number. Unlike
+        GenerateImage, watching a job that failed ends OK after its `failed` event: the watch
+        itself worked.
+        """
 
     @_abc_1.abstractmethod
     def ListEvents(

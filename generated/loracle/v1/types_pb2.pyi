@@ -862,13 +862,15 @@ class GenerationEvent(_message.Message):
 
     @_typing.final
     class Failed(_message.Message):
-        """The generation failed."""
+        """The generation failed. On GenerateImage and QuickGenerate the stream then ends with the
+        failure's status and ErrorInfo reason; on WatchGeneration it ends OK.
+        """
 
         DESCRIPTOR: _descriptor.Descriptor
 
         ERROR_FIELD_NUMBER: _builtins.int
         error: _builtins.str
-        """Why."""
+        """Why, in one sentence."""
         def __init__(
             self,
             *,

@@ -17,6 +17,8 @@ from server.domain.errors import (
     NotFoundError,
     NotImplementedYetError,
     PreconditionError,
+    Reason,
+    Resource,
     ValidationError,
 )
 
@@ -59,7 +61,7 @@ class CommandResult(Generic[R]):
         return CommandResult.from_error(ValidationError(violations))
 
     @staticmethod
-    def not_found(resource: str, resource_id: str) -> CommandResult[R]:
+    def not_found(resource: Resource, resource_id: str) -> CommandResult[R]:
         return CommandResult.from_error(NotFoundError(resource, resource_id))
 
     @staticmethod
@@ -67,9 +69,7 @@ class CommandResult(Generic[R]):
         return CommandResult.from_error(ConflictError(message, metadata=metadata))
 
     @staticmethod
-    def precondition_failed(
-        message: str, *, reason: str = "FAILED_PRECONDITION", **metadata: str
-    ) -> CommandResult[R]:
+    def precondition_failed(message: str, *, reason: Reason, **metadata: str) -> CommandResult[R]:
         return CommandResult.from_error(
             PreconditionError(message, reason=reason, metadata=metadata)
         )

@@ -4,7 +4,7 @@ CancelGeneration. All four take the shared job path (`application/generation/job
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from server.application.commands.base import (
@@ -20,7 +20,7 @@ from server.application.generation.request import GenerationRequest, LoraChoice
 from server.application.ports import CatalogRepository, Recommender
 from server.domain.errors import FieldViolation, ValidationError
 from server.domain.generation import Generation, GenerationView
-from server.domain.generation_events import GenerationEvent
+from server.domain.generation_events import Failed, GenerationEvent
 from server.domain.models import is_uuid
 from server.domain.recommend.prompt import parse_prompt
 
@@ -38,6 +38,8 @@ __all__ = [
 ]
 
 QUICK_MIN_CONFIDENCE = 0.5
+# Jobs QuickGenerate starts for one call: its picks, then one without recommended LoRAs.
+QUICK_ATTEMPTS = 3
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -78,7 +80,15 @@ class GenerateImageHandler(IStreamCommandHandler[GenerateImageCommand, Generatio
 
 class QuickGenerateHandler(IStreamCommandHandler[QuickGenerateCommand, GenerationEvent]):
     """A prompt alone: the model's defaults plus the LoRAs the recommender is confident
-    about, with their trigger words added to the prompt."""
+    about, with their trigger words added to the prompt.
+
+    It never fails because of its own pick: it offers only LoRAs of the model's architecture
+    that have not failed to load on that model (`GenerationJobs.unloadable`), and when a
+    picked file still does not load (the job fails before it starts) it remembers the file and
+    starts a new job with the next pick, the last of `QUICK_ATTEMPTS` without recommended
+    LoRAs. The stream then goes on with the new job's events (a new generation id; the failed
+    one is recorded as failed). A LoRA the prompt names itself (`<lora:…>`) is the user's
+    choice: its failure ends the stream like GenerateImage's."""
 
     def __init__(
         self,
@@ -98,33 +108,66 @@ class QuickGenerateHandler(IStreamCommandHandler[QuickGenerateCommand, Generatio
         if not command.prompt.strip():
             raise ValidationError(FieldViolation("prompt", "must not be empty"))
         handle = self._jobs.retried(command)
-        if handle is None:
-            job = self._jobs.prepare(self.request_for(command))
-            handle, _, _ = self._jobs.submit(job, command)
-        yield from self._jobs.stream(handle, ctx)
+        if handle is not None:
+            yield from self._jobs.stream(handle, ctx)
+            return
+        for attempt in range(QUICK_ATTEMPTS):
+            last = attempt == QUICK_ATTEMPTS - 1
+            request, picked = self._pick(command, recommend=not last)
+            job = self._jobs.prepare(request)
+            # Only the first job answers a retry of this request_id.
+            handle, _, _ = self._jobs.submit(job, command, idempotent=attempt == 0)
+            failed = yield from self._jobs.stream(handle, ctx, swallow=_picked_by(picked))
+            if failed is None:
+                return
+            self._jobs.note_failure(job.model.name, failed)  # cluster mode has no hook
 
     def request_for(self, command: QuickGenerateCommand) -> GenerationRequest:
+        return self._pick(command)[0]
+
+    def _pick(
+        self, command: QuickGenerateCommand, *, recommend: bool = True
+    ) -> tuple[GenerationRequest, frozenset[str]]:
+        """The request, and the SHA-256 of the files it picked itself."""
         model = self._jobs.model(command.model)
         explicit = parse_prompt(command.prompt).lora_tags
         prompt = command.prompt
         loras: list[LoraChoice] = []
-        if not explicit:
+        picked: set[str] = set()
+        if recommend and not explicit:
+            unloadable = self._jobs.unloadable.of(model.config.name)
             recs = self._recommender.recommend(
                 command.prompt,
                 model.config.architecture.value,
-                max_loras=self._max_loras,
+                max_loras=self._max_loras + len(unloadable),
                 min_confidence=self._min_confidence,
                 include_unavailable=False,
             )
+            usable = [
+                rec
+                for rec in recs
+                if rec.lora.file is not None
+                and rec.lora.available
+                and rec.lora.file.sha256 not in unloadable
+                and rec.lora.metadata.base_model.architecture is model.config.architecture
+            ]
             lowered = prompt.lower()
-            for rec in recs:
+            for rec in usable[: self._max_loras]:
+                assert rec.lora.file is not None
                 loras.append(LoraChoice(rec.lora.id, rec.weight))
+                picked.add(rec.lora.file.sha256)
                 missing = [w for w in rec.trigger_words if w.lower() not in lowered]
                 if missing:
                     prompt = f"{prompt}, {', '.join(missing)}"
-        return GenerationRequest(
+        request = GenerationRequest(
             model=model.config.name, prompt=prompt, seed=command.seed, loras=tuple(loras)
         )
+        return request, frozenset(picked)
+
+
+def _picked_by(picked: frozenset[str]) -> Callable[[Failed], bool]:
+    """Whether a LoRA load failure is of a file QuickGenerate picked itself."""
+    return lambda failed: failed.lora_sha256 in picked
 
 
 class SubmitGenerationHandler(ICommandHandler[SubmitGenerationCommand, tuple[str, int]]):

@@ -9,7 +9,7 @@ from typing import Any
 
 from server.application.context import current_context
 from server.application.ports import CatalogRepository
-from server.domain.errors import FieldViolation, ValidationError
+from server.domain.errors import FieldViolation, Reason, ValidationError
 from server.domain.lora import CommandRecord
 
 MAX_REQUEST_ID_LENGTH = 128
@@ -41,7 +41,10 @@ def previous_result(catalog: CatalogRepository, command: object) -> dict[str, An
         return None
     if record.fingerprint != fingerprint(command):
         raise ValidationError(
-            FieldViolation("request_id", f"already used for a different request ({record.command})")
+            FieldViolation(
+                "request_id", f"already used for a different request ({record.command})"
+            ),
+            reason=Reason.IDEMPOTENCY_KEY_REUSED,
         )
     return dict(record.result)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import random
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from server.application.generation.request import (
     strip_lora_tags,
     validate,
 )
+from server.application.generation.unloadable import UnloadableLoras
 from server.application.ports import (
     CatalogRepository,
     Executor,
@@ -36,7 +37,7 @@ from server.domain.errors import (
     FieldViolation,
     NotFoundError,
     PreconditionError,
-    ResourceExhaustedError,
+    Reason,
     ValidationError,
 )
 from server.domain.generation import Generation, GenerationView
@@ -85,6 +86,7 @@ class GenerationJobs:
         self.recorder = recorder
         self._outcomes = outcomes
         self.limits = limits
+        self.unloadable = UnloadableLoras()
 
     # -- preparing ---------------------------------------------------------------------------
 
@@ -137,19 +139,19 @@ class GenerationJobs:
         if name:
             found = next((m for m in statuses if m.config.name == name), None)
             if found is None:
-                raise NotFoundError("model", name)
+                raise NotFoundError("model", name, [m.config.name for m in statuses])
         else:
             found = next((m for m in statuses if m.ready), statuses[0] if statuses else None)
             if found is None:
-                raise PreconditionError("no base model is configured", reason="NO_MODEL")
+                raise PreconditionError("no base model is configured", reason=Reason.NO_MODEL)
         if not found.ready:
             error = PreconditionError(
                 f"model {found.config.name!r} is not ready: {found.error}",
-                reason="MODEL_NOT_READY",
+                reason=Reason.MODEL_NOT_READY,
                 metadata={"model": found.config.name},
+                # RetryInfo only while it loads: a client may wait; a broken model gets none.
+                retry_after_seconds=MODEL_LOADING_RETRY_SECONDS if found.loading else None,
             )
-            if found.loading:  # RetryInfo: a client may wait; a broken model gets none
-                error.retry_after_seconds = MODEL_LOADING_RETRY_SECONDS
             raise error
         return found
 
@@ -162,7 +164,7 @@ class GenerationJobs:
             if view.file is None or not view.available:
                 raise PreconditionError(
                     f"LoRA {view.name!r} has no file on this server (a catalog record only)",
-                    reason="LORA_UNAVAILABLE",
+                    reason=Reason.LORA_UNAVAILABLE,
                     metadata={"lora": view.id},
                 )
             arch = view.metadata.base_model.architecture
@@ -170,7 +172,7 @@ class GenerationJobs:
                 raise PreconditionError(
                     f"LoRA {view.name!r} is for {arch.value} models; "
                     f"{model.config.name!r} is {model.config.architecture.value}",
-                    reason="LORA_ARCHITECTURE_MISMATCH",
+                    reason=Reason.LORA_ARCHITECTURE_MISMATCH,
                     metadata={
                         "lora": view.id,
                         "lora_architecture": arch.value,
@@ -207,7 +209,7 @@ class GenerationJobs:
                 )
             view = matches[0] if matches else None
         if view is None:
-            raise NotFoundError("LoRA", reference)
+            raise NotFoundError("lora", reference)
         return view
 
     def _locate(self, view: LoraView) -> Path:
@@ -216,15 +218,18 @@ class GenerationJobs:
         if path is None:
             raise PreconditionError(
                 f"LoRA {view.name!r}: its file {view.file.path!r} is missing under the LoRA roots",
-                reason="LORA_FILE_MISSING",
+                reason=Reason.LORA_FILE_MISSING,
                 metadata={"lora": view.id},
             )
         return path
 
     # -- queuing -----------------------------------------------------------------------------
 
-    def submit(self, job: GenerationJob, command: object) -> tuple[JobStream, int, int]:
-        """Queues the job and records it; returns (stream, queue position, log position)."""
+    def submit(
+        self, job: GenerationJob, command: object, *, idempotent: bool = True
+    ) -> tuple[JobStream, int, int]:
+        """Queues the job and records it; returns (stream, queue position, log position).
+        `idempotent=False` records no request id (a job a handler starts again itself)."""
         ctx = current_context()
         accepted: dict[str, int] = {}
 
@@ -237,7 +242,11 @@ class GenerationJobs:
                 queue_position=position,
             )
             pending: list[Any] = [generation]
-            rec = record_for(command, {"generation_id": job.generation_id, "position": position})
+            rec = (
+                record_for(command, {"generation_id": job.generation_id, "position": position})
+                if idempotent
+                else None
+            )
             if rec is not None:
                 pending.append(rec)
             accepted["log"] = self._catalog.save(*pending)
@@ -251,7 +260,17 @@ class GenerationJobs:
                 self._fail_unqueued(job.generation_id, ctx, reason)
             raise
         self.recorder.follow(handle, job, ctx)
+        handle.on_transition(lambda _, payload: self.note_failure(job.model.name, payload))
         return handle, accepted["queue"], accepted["log"]
+
+    def note_failure(self, model: str, payload: object) -> None:
+        """Remembers a LoRA file that would not load on `model` (see UnloadableLoras)."""
+        if (
+            isinstance(payload, Failed)
+            and payload.reason == Reason.LORA_LOAD_FAILED
+            and payload.lora_sha256
+        ):
+            self.unloadable.remember(model, payload.lora_sha256)
 
     def _fail_unqueued(self, generation_id: str, ctx: DispatchContext, reason: str) -> None:
         try:
@@ -283,22 +302,37 @@ class GenerationJobs:
             raise PreconditionError(
                 "this request's generation is no longer streaming here; use "
                 "WatchGeneration or GetGeneration with its id",
-                reason="GENERATION_NOT_LIVE",
+                reason=Reason.GENERATION_NOT_LIVE,
                 metadata={"generation_id": generation_id},
             )
         return handle
 
     @staticmethod
     def stream(
-        handle: JobStream, ctx: DispatchContext, after: int = 0
-    ) -> Iterator[GenerationEvent]:
+        handle: JobStream,
+        ctx: DispatchContext,
+        after: int = 0,
+        swallow: Callable[[Failed], bool] | None = None,
+    ) -> Generator[GenerationEvent, None, Failed | None]:
         """A job's events for one caller; the caller going away cancels the job. A job that
-        ran out of device memory ends the call with RESOURCE_EXHAUSTED after its event."""
+        failed ends the call, after its `failed` event, with the error its reason maps to
+        (`Failed.as_error`: out of memory is RESOURCE_EXHAUSTED with RetryInfo, a LoRA that
+        does not load FAILED_PRECONDITION, ...), not OK. A LoRA load failure that `swallow`
+        accepts is neither sent nor raised but returned, for the caller to start again."""
         try:
             for event in handle.events(after=after, stop=ctx.abandoned):
+                p = event.payload
+                if (
+                    isinstance(p, Failed)
+                    and swallow is not None
+                    and p.reason == Reason.LORA_LOAD_FAILED
+                    and swallow(p)
+                ):
+                    return p
                 yield event
-                if isinstance(event.payload, Failed) and event.payload.code:
-                    raise ResourceExhaustedError(event.payload.error, 5.0)
+                if isinstance(p, Failed):
+                    raise p.as_error()
+            return None
         finally:
             if not handle.finished:
                 handle.cancel()

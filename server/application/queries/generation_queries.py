@@ -22,7 +22,13 @@ from server.application.queries.base import (
     QueryResult,
 )
 from server.application.queries.lora_queries import page_size
-from server.domain.errors import FieldViolation, NotFoundError, PreconditionError, ValidationError
+from server.domain.errors import (
+    FieldViolation,
+    NotFoundError,
+    PreconditionError,
+    Reason,
+    ValidationError,
+)
 from server.domain.generation import FINAL_STATES, GenerationState, GenerationView
 from server.domain.generation_events import (
     Cancelled,
@@ -134,7 +140,7 @@ class WatchGenerationHandler(IStreamQueryHandler[WatchGenerationQuery, Generatio
             raise PreconditionError(
                 f"generation {view.id} is {view.state.value.lower()} but not live on this "
                 "server; GetGeneration shows its state",
-                reason="GENERATION_NOT_LIVE",
+                reason=Reason.GENERATION_NOT_LIVE,
                 metadata={"generation_id": view.id},
             )
         return self._replay(view, query.after_sequence)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from server.application.ports import LoraReadModel, LoraSearch
 from server.application.queries.base import IQuery, IQueryHandler, QueryResult
@@ -16,6 +16,7 @@ from server.domain.models import (
     resolve_architecture,
 )
 from server.domain.recommendation import LoRARecommendation
+from server.domain.tokens import decode_page_token, encode_page_token, typed
 
 MAX_PAGE_SIZE = 1000
 LORAS = frozenset({"loras"})
@@ -79,15 +80,22 @@ class SearchLoRAsByPromptHandler(IQueryHandler[SearchLoRAsByPromptQuery, Page[Lo
             raise ValidationError(FieldViolation("query", "must not be empty"))
         size = page_size(query.page_size, 20, maximum=100)
         offset = 0
+        listing = f"search|{query.prompt}|{query.base_model}"
         if query.page_token:
-            if not query.page_token.isdigit() or int(query.page_token) >= MAX_SEARCH_RESULTS:
-                raise ValidationError(FieldViolation("page_token", "not a token of this search"))
-            offset = int(query.page_token)
+            offset = decode_page_token(query.page_token, listing, _search_offset)
         arch = resolve_architecture(query.base_model) if query.base_model else None
         hits = self._search.search(query.prompt, arch, MAX_SEARCH_RESULTS)
         page = hits[offset : offset + size]
         more = offset + size < len(hits)
-        return QueryResult.success(Page(tuple(page), str(offset + size) if more else "", len(hits)))
+        token = encode_page_token(listing, o=offset + size) if more else ""
+        return QueryResult.success(Page(tuple(page), token, len(hits)))
+
+
+def _search_offset(payload: dict[str, Any]) -> int:
+    offset = typed(payload, "o", int)
+    if not 0 <= offset < MAX_SEARCH_RESULTS:
+        raise ValueError("offset out of range")
+    return offset
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -4,12 +4,15 @@ catalog-relative path: each machine resolves them under its own roots."""
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from server.domain.batching import BatchKey, batch_key
+from server.domain.errors import Reason
 from server.domain.generation_events import (
+    FAILURE_REASONS,
     Cancelled,
     Completed,
     Failed,
@@ -204,8 +207,8 @@ def to_record(
             kind, meta = "image", image_meta(payload)
         case Completed(t):
             kind, meta = "completed", {"timings": t.to_dict()}
-        case Failed(error, code):
-            kind, meta = "failed", {"error": error, "code": code}
+        case Failed(error, reason, lora_sha256):
+            kind, meta = "failed", {"error": error, "reason": reason, "lora_sha256": lora_sha256}
         case Cancelled():
             kind = "cancelled"
     if who is not None:
@@ -236,7 +239,9 @@ def to_payload(record: EventRecord) -> Payload | None:
             t = m.get("timings")
             return Completed(Timings.from_dict(t if isinstance(t, dict) else {}))
         case "failed":
-            return Failed(str(m.get("error", "")), str(m.get("code", "")))
+            return Failed(
+                str(m.get("error", "")), _failure_reason(m), str(m.get("lora_sha256", ""))
+            )
         case "cancelled":
             return Cancelled()
     return None
@@ -250,3 +255,13 @@ def recorded_images(record: EventRecord) -> list[ImageComplete]:
 def _num(meta: dict[str, Any], key: str) -> float:
     value = meta.get(key, 0)
     return float(value) if isinstance(value, (int, float)) else 0.0
+
+
+def _failure_reason(meta: Mapping[str, object]) -> str:
+    """Records before reasons carried `code`, "RESOURCE_EXHAUSTED" only for out of memory."""
+    reason = meta.get("reason")
+    if isinstance(reason, str) and reason in FAILURE_REASONS:
+        return reason
+    if meta.get("code") == "RESOURCE_EXHAUSTED":
+        return Reason.OUT_OF_DEVICE_MEMORY
+    return Reason.GENERATION_FAILED

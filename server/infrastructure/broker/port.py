@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from server.domain.errors import UnavailableError
+from server.domain.errors import Reason, UnavailableError
 
 
 class BrokerUnavailable(UnavailableError):
@@ -16,7 +16,9 @@ class BrokerUnavailable(UnavailableError):
 
     def __init__(self, what: str) -> None:
         super().__init__(
-            f"the job broker is unavailable ({what}); retry shortly", retry_after_seconds=2.0
+            f"the job broker is unavailable ({what}); retry shortly",
+            retry_after_seconds=2.0,
+            reason=Reason.BROKER_UNAVAILABLE,
         )
 
 

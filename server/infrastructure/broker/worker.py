@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 from server.application.ports import LoraFiles
 from server.domain.batching import Batch
-from server.domain.errors import DomainError
+from server.domain.errors import DomainError, Reason
 from server.domain.generation_events import (
     TERMINAL,
     Cancelled,
@@ -197,7 +197,8 @@ class BrokerWorker:
                     claim.attempt,
                     Failed(
                         f"gave up after {claim.attempt} attempts: the worker running it "
-                        f"stopped before it finished each time (last: {claim.worker or '?'})"
+                        f"stopped before it finished each time (last: {claim.worker or '?'})",
+                        Reason.WORKER_LOST,
                     ),
                 )
                 return None
@@ -216,7 +217,7 @@ class BrokerWorker:
         try:
             job = self._job(message)
         except _Refused as exc:
-            self._finish(delivery, message, claim.attempt, Failed(str(exc)))
+            self._finish(delivery, message, claim.attempt, Failed(str(exc), Reason.WORKER_REFUSED))
             return None
         reused = self._earlier_images(gid) if claim.attempt > 1 else {}
         with self._lock:

@@ -63,7 +63,12 @@ class AdapterSpec:
 
 class AdapterLoadError(Exception):
     """A LoRA that cannot be applied to this pipeline (unreadable file, shape mismatch, no
-    matching modules). The message names the LoRA and says why, in one line."""
+    matching modules). The message names the LoRA and says why, in one line; `sha256` names
+    its file, so a caller can avoid picking it again for this model."""
+
+    def __init__(self, message: str, sha256: str = "") -> None:
+        super().__init__(message)
+        self.sha256 = sha256
 
 
 @dataclass(slots=True)
@@ -214,13 +219,14 @@ class AdapterCache:
             self._purge(adapter)
             message = f"LoRA {spec.name!r}: {_reason(exc)}"
             log.warning("cannot apply %s", message)
-            raise AdapterLoadError(message) from exc
+            raise AdapterLoadError(message, spec.key) from exc
         matched = self._layer_count(adapter)
         if matched == 0:
             self._purge(adapter)
             raise AdapterLoadError(
                 f"LoRA {spec.name!r}: none of its {expected} layers exist in this model "
-                "(a LoRA for another architecture?)"
+                "(a LoRA for another architecture?)",
+                spec.key,
             )
         if matched < expected:
             log.warning(
@@ -309,7 +315,7 @@ def _file_size(spec: AdapterSpec) -> int:
         return spec.path.stat().st_size
     except OSError as exc:
         raise AdapterLoadError(
-            f"LoRA {spec.name!r}: cannot read its file ({exc.strerror or exc})"
+            f"LoRA {spec.name!r}: cannot read its file ({exc.strerror or exc})", spec.key
         ) from exc
 
 

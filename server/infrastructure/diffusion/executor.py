@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from server.domain.errors import Reason
 from server.domain.generation_events import (
     Cancelled,
     Completed,
@@ -103,7 +104,12 @@ class DiffusionExecutor:
     def stop(self, timeout: float = 30.0) -> None:
         waiting, running = self._queue.close()
         for handle in waiting:
-            handle.publish(Failed("the server shut down before this generation started"))
+            handle.publish(
+                Failed(
+                    "the server shut down before this generation started; submit it again",
+                    Reason.SERVER_SHUTTING_DOWN,
+                )
+            )
         for handle in running:
             handle.cancel()
         if self._worker is not None:
@@ -174,10 +180,10 @@ class DiffusionExecutor:
                 return
             try:
                 self._run_batch(batch)
-            except Exception as exc:  # a bug must not kill the worker
+            except Exception:  # a bug must not kill the worker
                 log.exception("generation batch failed")
                 for handle in batch:
-                    handle.publish(Failed(f"generation failed: {type(exc).__name__}"))
+                    handle.publish(Failed("the generation failed inside the server; see its log"))
             finally:
                 self._queue.batch_done()
                 if self._images is not None:
@@ -260,13 +266,18 @@ class DiffusionExecutor:
             return self._pipelines.prepare(job)
         except AdapterLoadError as exc:
             for handle in live:
-                handle.publish(Failed(str(exc)))
+                handle.publish(Failed(str(exc), Reason.LORA_LOAD_FAILED, exc.sha256))
         except torch.OutOfMemoryError:
             self._out_of_memory(live, "loading the model")
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError):
             log.exception("could not prepare model %s", job.model.name)
             for handle in live:
-                handle.publish(Failed(f"could not prepare model {job.model.name!r}: {exc}"))
+                handle.publish(
+                    Failed(
+                        f"model {job.model.name!r} could not be loaded; see the server's log",
+                        Reason.MODEL_LOAD_FAILED,
+                    )
+                )
         return None
 
     def _deliver(self, handle: JobHandle, index: int, image: Any, loaded: LoadedPipeline) -> None:
@@ -291,7 +302,7 @@ class DiffusionExecutor:
                 Failed(
                     f"out of device memory while {stage}; retry later or with a smaller "
                     "batch or size",
-                    code="RESOURCE_EXHAUSTED",
+                    Reason.OUT_OF_DEVICE_MEMORY,
                 )
             )
         self._pipelines.restore_base_weights()

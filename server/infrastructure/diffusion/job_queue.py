@@ -10,7 +10,7 @@ from collections import deque
 from collections.abc import Callable
 
 from server.domain.batching import Batch, batch_key
-from server.domain.errors import ResourceExhaustedError
+from server.domain.errors import Reason, ResourceExhaustedError, UnavailableError
 from server.domain.generation_events import Cancelled, Queued
 from server.infrastructure.diffusion.handles import JobHandle
 
@@ -52,7 +52,11 @@ class JobQueue:
         `estimate` (seconds, warning)."""
         with self._lock:
             if self._closed:
-                raise ResourceExhaustedError("the executor is shutting down", 5.0)
+                raise UnavailableError(
+                    "the server is shutting down; submit the generation again",
+                    retry_after_seconds=5.0,
+                    reason=Reason.SERVER_SHUTTING_DOWN,
+                )
             if len(self._waiting) >= self._max_queue:
                 raise ResourceExhaustedError(
                     f"the generation queue is full ({self._max_queue} jobs waiting)", 2.0

@@ -178,11 +178,12 @@ class PipelineCache:
                     update_digest(digest, f)
             except OSError as exc:
                 raise AdapterLoadError(
-                    f"LoRA {lora.name!r}: cannot read its file ({exc})"
+                    f"LoRA {lora.name!r}: cannot read its file ({exc})", lora.sha256
                 ) from None
             if digest.hexdigest() != lora.sha256:
                 raise AdapterLoadError(
-                    f"LoRA {lora.name!r}: its file changed since it was imported; import it again"
+                    f"LoRA {lora.name!r}: its file changed since it was imported; import it again",
+                    lora.sha256,
                 )
             self._verified.add(lora.sha256)
 

@@ -218,12 +218,17 @@ def load_pipeline(config: BaseModelConfig, *, device: str = "cpu", dtype: str = 
     real model takes is the one they test."""
     import torch
 
-    from server.domain.errors import PreconditionError
+    from server.domain.errors import PreconditionError, Reason
 
     error, _ = inspect_model(config)
     family = family_for(config.architecture)
     if error or family is None:
-        raise PreconditionError(error, reason="MODEL_NOT_READY", metadata={"model": config.name})
+        raise PreconditionError(
+            error,
+            reason=Reason.MODEL_NOT_READY,
+            metadata={"model": config.name},
+            retry_after_seconds=5.0,
+        )
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
     torch_dtype = getattr(torch, dtype)
