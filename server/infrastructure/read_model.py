@@ -305,6 +305,20 @@ class SqlReadModel:
             )
         return [view_from_json(t) for t in rows]
 
+    def find_by_name(self, name: str) -> list[LoraView]:
+        """LoRAs whose display name (the one `loras list` shows) is `name`, case aside."""
+        with self._connect() as conn:
+            rows = (
+                conn.execute(
+                    sa.select(loras.c.view_json)
+                    .where(loras.c.name_key == name.casefold())
+                    .order_by(loras.c.available.desc(), loras.c.id)
+                )
+                .scalars()
+                .all()
+            )
+        return [view_from_json(t) for t in rows]
+
     def list_loras(self, flt: LoraFilter, page_size: int, page_token: str = "") -> Page[LoraView]:
         filter_key = f"{flt.architecture}|{flt.tag.casefold()}|{flt.available_only}"
         where = []

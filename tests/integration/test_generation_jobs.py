@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from server.application.commands import GenerateImageCommand, GenerationRequest
 from server.application.commands.generation import (
@@ -187,6 +189,27 @@ def test_sdxl_with_its_lora(c: Container) -> None:
 
 
 # -- batching -------------------------------------------------------------------------------
+
+
+def test_a_lora_is_named_by_the_name_loras_list_shows(c: Container, tmp_path: Path) -> None:
+    """neon_xl.safetensors is listed as "neon"; a second file with that name makes it
+    ambiguous, and the error lists both."""
+    neon = c.read_model.find_by_file_name("neon_xl")[0]
+    assert neon.metadata.name == "neon"
+    events = run(c, model="xl", loras=(LoraChoice("NEON", 0.9),))
+    assert isinstance(final(events), gen.Completed)
+    root = tmp_path / "loras"
+    with safe_open(str(root / "neon_xl.safetensors"), framework="pt") as f:
+        metadata = {**(f.metadata() or {}), "ss_seed": "2"}  # other bytes, the same name
+    save_file(load_file(root / "neon_xl.safetensors"), root / "neon_b.safetensors", metadata)
+    list(c.commands.stream(ImportLoRAsCommand(directory=""), DispatchContext()))
+    c.projector.catch_up()
+    with pytest.raises(ValidationError) as ambiguous:
+        run(c, model="xl", loras=(LoraChoice("neon"),))
+    message = ambiguous.value.field_violations[0].description
+    assert "names 2 LoRAs" in message
+    assert neon.id in message
+    assert isinstance(final(run(c, model="xl", loras=(LoraChoice("neon_b"),))), gen.Completed)
 
 
 def test_compatible_jobs_run_as_one_batch_with_the_images_they_would_get_alone(

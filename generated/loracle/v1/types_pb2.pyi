@@ -455,7 +455,9 @@ class LoraSelection(_message.Message):
     LORA_FIELD_NUMBER: _builtins.int
     WEIGHT_FIELD_NUMBER: _builtins.int
     lora: _builtins.str
-    """The LoRA's id, or its file name as in `<lora:NAME:w>`."""
+    """The LoRA's id, its file name as in `<lora:NAME:w>` (without the extension), or the name
+    ListLoras shows (case aside); a name several LoRAs share is INVALID_ARGUMENT listing them.
+    """
     weight: _builtins.float
     """Weight (strength); unset means the LoRA's preferred weight."""
     def __init__(

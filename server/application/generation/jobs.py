@@ -195,22 +195,27 @@ class GenerationJobs:
         return tuple(resolved.values())
 
     def _find_lora(self, reference: str) -> LoraView:
+        """A LoRA by id, by file name (without its extension) or by the name `loras list`
+        shows, in that order; among several, those with a file win, and still several is an
+        error listing them."""
         view = self._loras.get(reference) if is_uuid(reference) else None
-        if view is None:
-            matches = [v for v in self._loras.find_by_file_name(reference) if v.available]
-            matches = matches or self._loras.find_by_file_name(reference)
+        if view is not None:
+            return view
+        for find in (self._loras.find_by_file_name, self._loras.find_by_name):
+            found = find(reference)
+            matches = [v for v in found if v.available] or found
             if len(matches) > 1:
+                candidates = ", ".join(f"{m.metadata.name} ({m.id})" for m in matches[:5])
                 raise ValidationError(
                     FieldViolation(
                         "spec.loras",
                         f"{reference!r} names {len(matches)} LoRAs; use one of their ids: "
-                        + ", ".join(m.id for m in matches[:5]),
+                        + candidates,
                     )
                 )
-            view = matches[0] if matches else None
-        if view is None:
-            raise NotFoundError("lora", reference)
-        return view
+            if matches:
+                return matches[0]
+        raise NotFoundError("lora", reference)
 
     def _locate(self, view: LoraView) -> Path:
         assert view.file is not None
