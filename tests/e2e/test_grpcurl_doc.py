@@ -120,8 +120,7 @@ def test_the_page_covers_every_rpc() -> None:
     for file in (command_service_pb2.DESCRIPTOR, query_service_pb2.DESCRIPTOR):
         for service in file.services_by_name.values():
             for method in service.methods:
-                if method.name not in ("DeleteLora", "QuickGenerate"):
-                    assert f"{service.full_name}/{method.name}" in page, method.name
+                assert f"{service.full_name}/{method.name}" in page, method.name
 
 
 def lines(text: str) -> list[str]:
@@ -148,7 +147,7 @@ def test_catalog(run: Run) -> None:
     assert len(files) == 6
     assert totals == {"filesTotal": 6, "filesDone": 6, "registered": 5, "unchanged": 1}
     assert json.loads(run.block("ImportLoraCatalog"))["created"] == 1
-    got = json.loads(run.block("GetLora"))
+    got = json.loads(run.block("QueryService/GetLora | jq"))
     assert got["name"] == "Watercolor Style"
     assert got["version"] == "1"
     page1, page2, filtered, search = lines(run.block('"page_size": 2'))
@@ -203,3 +202,17 @@ def test_events_health_and_errors(run: Run) -> None:
     assert "type.googleapis.com/google.rpc.BadRequest" in error
     assert '"field":"path"' in error  # decoded: reflection serves google.rpc's details
     assert lines(error)[-1] == "grpcurl exited with 67"
+
+
+def test_quick_generate_a_failed_stream_and_delete(run: Run) -> None:
+    kinds = json.loads(run.block("QuickGenerate"))
+    assert "completed" in kinds
+    assert "failed" not in kinds  # its own pick that cannot load is skipped, not fatal
+    failed = lines(run.block("failed.json"))
+    assert failed[0] == "grpcurl exited with 73"  # 64 + FAILED_PRECONDITION: not OK
+    assert "shapes do not match" in json.loads(failed[1])["error"]  # the event came first
+    assert "Code: FailedPrecondition" in failed[2]
+    assert failed[-1] == '"reason":"LORA_LOAD_FAILED"'
+    deleted = run.block("DeleteLora")
+    assert "Code: NotFound" in deleted
+    assert '"reason":"LORA_NOT_FOUND"' in deleted
