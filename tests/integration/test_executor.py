@@ -144,6 +144,13 @@ def test_a_job_hears_how_long_it_will_take_from_what_this_server_measured(
     queued = first[0].payload
     assert isinstance(queued, gen.Queued)
     assert (queued.estimated_seconds, queued.warning) == (0.0, "")  # nothing measured yet
+    # Before its work starts, two steps at 64x64 time the model: the job hears the warning
+    # in a last queued event.
+    kinds = [type(e.payload) for e in first]
+    before_start = first[kinds.index(gen.Started) - 1].payload
+    assert isinstance(before_start, gen.Queued)
+    assert before_start.estimated_seconds > 0
+    assert "this generation will take about" in before_start.warning
     assert isinstance(first[-1].payload, gen.Completed)
     small = list(executor.submit(job(model, steps=4)).events())
     bigger = list(executor.submit(job(model, width=128, height=128, steps=4)).events())

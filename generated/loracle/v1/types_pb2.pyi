@@ -713,7 +713,9 @@ class GenerationEvent(_message.Message):
         estimated_seconds: _builtins.float
         """How long the job will take once it starts, from what this server measured for its
         model (scaled to its size, steps and images); 0 when nothing has been measured yet.
-        Set on the first Queued event of a job.
+        Set on the first Queued event of a job; a model not timed yet is timed when the job
+        reaches the device, and a slow job then gets one more Queued event with the warning,
+        before Started.
         """
         warning: _builtins.str
         """A sentence for a person when the job will take long (a minute or more), e.g. a large

@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from server.domain.errors import Reason
@@ -23,6 +23,7 @@ from server.domain.generation_events import (
     ImageComplete,
     Preview,
     Progress,
+    Queued,
     Started,
     Timings,
     image_chunks,
@@ -44,6 +45,9 @@ from server.infrastructure.diffusion.previews import preview_jpeg
 from server.infrastructure.diffusion.registry import load_pipeline
 
 log = logging.getLogger("loracle.executor")
+
+# The size at which a model never timed here is timed (two steps, one image).
+CALIBRATION_SIDE = 64
 
 # One row of a batch: a job and the index of one of its images.
 Row = tuple[JobHandle, int]
@@ -77,6 +81,7 @@ class DiffusionExecutor:
     ) -> None:
         self._threads = threads
         self._costs = StepCosts()
+        self._timed: set[str] = set()
         self._slow_job = slow_job_seconds
         self._images = images
         self._retention = handle_retention
@@ -202,9 +207,12 @@ class DiffusionExecutor:
         job = live[0].job  # the fields every job of the batch shares
         started = time.monotonic()
 
-        # 2. Resolve the pipeline, LoRAs and scheduler
+        # 2. Resolve the pipeline, LoRAs and scheduler (and, for a model this server has not
+        #    timed yet, warn the batch if it will be slow)
         loaded = self._prepare(live, job)
         if loaded is None:
+            return
+        if not self._warn_if_slow(live, loaded):
             return
 
         # 3. Announce the batch
@@ -279,6 +287,50 @@ class DiffusionExecutor:
                     )
                 )
         return None
+
+    def _warn_if_slow(self, live: Sequence[JobHandle], loaded: LoadedPipeline) -> bool:
+        """A job on a model never timed here was queued without an estimate. Two steps at
+        the smallest size measure a step (milliseconds on a GPU, well under a second for the
+        placeholder on a CPU) so the jobs hear a warning, as a last `queued` event, before
+        minutes of work start. False when the device ran out of memory (the batch is failed)."""
+        import torch
+
+        job = live[0].job
+        if self._costs.estimate(job) is None and job.model.name not in self._timed:
+            self._timed.add(job.model.name)  # once per model, whether or not it works
+            try:
+                self._calibrate(loaded, job)
+            except torch.OutOfMemoryError:
+                self._out_of_memory(live, "denoising")
+                return False
+            except Exception:  # only an estimate: the batch itself will show what is wrong
+                log.exception("could not time a step of %s", job.model.name)
+        for handle in live:
+            seconds, warning = self._estimate(handle.job)
+            if warning:
+                handle.publish(Queued(0, seconds, warning))
+        return True
+
+    def _calibrate(self, loaded: LoadedPipeline, job: GenerationJob) -> None:
+        import torch
+
+        side = CALIBRATION_SIDE
+        probe = replace(job, width=side, height=side, steps=2, num_images=1)
+        marks: list[float] = []
+
+        def on_step(_pipe: Any, _step: int, _t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            marks.append(time.monotonic())
+            return tensors
+
+        rows = BatchRows(
+            prompts=[job.prompt],
+            negative_prompts=[job.negative_prompt],
+            job=probe,
+            generators=[torch.Generator(device="cpu").manual_seed(0)],
+        )
+        loaded.family.denoise(loaded.pipe, rows, on_step)
+        if len(marks) >= 2:
+            self._costs.record(job.model.name, side * side, 1, 1, marks[-1] - marks[-2])
 
     def _deliver(self, handle: JobHandle, index: int, image: Any, loaded: LoadedPipeline) -> None:
         job = handle.job
