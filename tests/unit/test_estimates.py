@@ -37,14 +37,31 @@ def test_a_measured_size_scales_with_steps_and_images() -> None:
     assert found.seconds_per_step == pytest.approx(3.0)
 
 
-def test_another_size_scales_from_the_nearest_by_pixels_to_the_1_5() -> None:
+def test_with_one_size_known_another_scales_by_pixels_to_the_1_5() -> None:
     costs = StepCosts()
     costs.record("m", 64 * 64, images=1, steps=1, seconds=1.0)
-    costs.record("m", 512 * 512, images=1, steps=1, seconds=100.0)
-    found = costs.estimate(job(width=128, height=128, steps=1))  # nearest: 64x64
+    found = costs.estimate(job(width=128, height=128, steps=1))
     assert found is not None
     assert found.seconds == pytest.approx(8.0)
     assert costs.estimate(job(model=BaseModelConfig("other", Architecture.SD1, Path("/o")))) is None
+
+
+def test_two_known_sizes_fit_how_the_cost_grows() -> None:
+    costs = StepCosts()
+    costs.record("m", 64 * 64, images=1, steps=1, seconds=1.0)
+    costs.record("m", 128 * 128, images=1, steps=1, seconds=16.0)  # pixels^2: attention-bound
+    found = costs.estimate(job(width=256, height=256, steps=1))  # from 128x128, k = 2
+    assert found is not None
+    assert found.seconds == pytest.approx(256.0)
+
+
+def test_the_fitted_growth_stays_between_linear_and_quadratic() -> None:
+    costs = StepCosts()
+    costs.record("m", 64 * 64, images=1, steps=1, seconds=1.0)
+    costs.record("m", 128 * 128, images=1, steps=1, seconds=1.0)  # noise: no growth at all
+    found = costs.estimate(job(width=256, height=256, steps=1))
+    assert found is not None
+    assert found.seconds == pytest.approx(4.0)  # k clamped to 1
 
 
 def test_repeated_measurements_are_smoothed() -> None:

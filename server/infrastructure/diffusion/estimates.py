@@ -1,7 +1,8 @@
 """How long a job will take, from what this server measured: seconds per denoising step per
 image, per model and image size. A job at a size not measured yet is scaled from the nearest
-measured size by pixels^1.5 (convolutions grow with the pixels, self-attention with their
-square); a model that has run nothing yet has no estimate."""
+measured size by pixels^k: convolutions grow with the pixels, self-attention with their
+square, so k lies between 1 and 2 and is fitted from the two measured sizes nearest the job
+(1.5 while only one is known). A model that has run nothing yet has no estimate."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 
 from server.domain.generation_job import GenerationJob
 
-# Between convolution cost (pixels^1) and attention cost (pixels^2).
+# Between convolution cost (pixels^1) and attention cost (pixels^2), until two sizes fit it.
 SIZE_EXPONENT = 1.5
 # New measurements weigh this much against what was known: sizes are re-measured often.
 SMOOTHING = 0.5
@@ -45,8 +46,14 @@ class StepCosts:
             sizes = dict(self._per_step_image.get(job.model.name, {}))
         if not sizes:
             return None
-        nearest = min(sizes, key=lambda p: abs(math.log(p / pixels)))
-        per_image = sizes[nearest] * (pixels / nearest) ** SIZE_EXPONENT
+        by_distance = sorted(sizes, key=lambda p: abs(math.log(p / pixels)))
+        nearest = by_distance[0]
+        exponent = SIZE_EXPONENT
+        if len(by_distance) > 1:
+            other = by_distance[1]
+            fitted = math.log(sizes[other] / sizes[nearest]) / math.log(other / nearest)
+            exponent = min(2.0, max(1.0, fitted))
+        per_image = sizes[nearest] * (pixels / nearest) ** exponent
         per_step = per_image * job.num_images
         return Estimate(per_step * job.steps, per_step)
 

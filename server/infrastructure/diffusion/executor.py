@@ -46,8 +46,10 @@ from server.infrastructure.diffusion.registry import load_pipeline
 
 log = logging.getLogger("loracle.executor")
 
-# The size at which a model never timed here is timed (two steps, one image).
-CALIBRATION_SIDE = 64
+# The sizes at which a model never timed here is timed (two steps, one image, each): two, so
+# the way its step time grows with the size is measured, not assumed. Only a job larger than
+# the largest is worth it: a smaller one's own steps time the model soon enough.
+CALIBRATION_SIDES = (64, 128)
 
 # One row of a batch: a job and the index of one of its images.
 Row = tuple[JobHandle, int]
@@ -78,10 +80,12 @@ class DiffusionExecutor:
         handle_retention: float = 600.0,
         loader: Loader | None = None,
         slow_job_seconds: float = 60.0,
+        calibration_sides: tuple[int, ...] = CALIBRATION_SIDES,
     ) -> None:
         self._threads = threads
         self._costs = StepCosts()
         self._timed: set[str] = set()
+        self._calibration_sides = calibration_sides
         self._slow_job = slow_job_seconds
         self._images = images
         self._retention = handle_retention
@@ -290,13 +294,14 @@ class DiffusionExecutor:
 
     def _warn_if_slow(self, live: Sequence[JobHandle], loaded: LoadedPipeline) -> bool:
         """A job on a model never timed here was queued without an estimate. Two steps at
-        the smallest size measure a step (milliseconds on a GPU, well under a second for the
-        placeholder on a CPU) so the jobs hear a warning, as a last `queued` event, before
+        each of two small sizes time it (milliseconds on a GPU, a few seconds for the
+        placeholder on a CPU), so the jobs hear a warning, as a last `queued` event, before
         minutes of work start. False when the device ran out of memory (the batch is failed)."""
         import torch
 
         job = live[0].job
-        if self._costs.estimate(job) is None and job.model.name not in self._timed:
+        larger = job.width * job.height > max(self._calibration_sides, default=0) ** 2
+        if larger and self._costs.estimate(job) is None and job.model.name not in self._timed:
             self._timed.add(job.model.name)  # once per model, whether or not it works
             try:
                 self._calibrate(loaded, job)
@@ -314,23 +319,24 @@ class DiffusionExecutor:
     def _calibrate(self, loaded: LoadedPipeline, job: GenerationJob) -> None:
         import torch
 
-        side = CALIBRATION_SIDE
-        probe = replace(job, width=side, height=side, steps=2, num_images=1)
         marks: list[float] = []
 
-        def on_step(_pipe: Any, _step: int, _t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        def on_step(_pipe: Any, _i: int, _t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
             marks.append(time.monotonic())
             return tensors
 
-        rows = BatchRows(
-            prompts=[job.prompt],
-            negative_prompts=[job.negative_prompt],
-            job=probe,
-            generators=[torch.Generator(device="cpu").manual_seed(0)],
-        )
-        loaded.family.denoise(loaded.pipe, rows, on_step)
-        if len(marks) >= 2:
-            self._costs.record(job.model.name, side * side, 1, 1, marks[-1] - marks[-2])
+        for side in self._calibration_sides:
+            probe = replace(job, width=side, height=side, steps=2, num_images=1)
+            marks.clear()
+            rows = BatchRows(
+                prompts=[job.prompt],
+                negative_prompts=[job.negative_prompt],
+                job=probe,
+                generators=[torch.Generator(device="cpu").manual_seed(0)],
+            )
+            loaded.family.denoise(loaded.pipe, rows, on_step)
+            if len(marks) >= 2:  # between the two step ends: one step, nothing else
+                self._costs.record(job.model.name, side * side, 1, 1, marks[-1] - marks[-2])
 
     def _deliver(self, handle: JobHandle, index: int, image: Any, loaded: LoadedPipeline) -> None:
         job = handle.job
