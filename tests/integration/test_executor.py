@@ -162,3 +162,5 @@ def test_a_job_hears_how_long_it_will_take_from_what_this_server_measured(
     # Four times the pixels cost 4^1.5 = 8 times as much per step, by the scaling rule.
     assert estimate_big.estimated_seconds > 4 * estimate_small.estimated_seconds
     assert "this generation will take about" in estimate_big.warning
+    warned = [e for e in bigger if isinstance(e.payload, gen.Queued) and e.payload.warning]
+    assert len(warned) == 1  # queued with its estimate: warned once, not again at the start

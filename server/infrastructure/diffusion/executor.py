@@ -301,15 +301,16 @@ class DiffusionExecutor:
 
         job = live[0].job
         larger = job.width * job.height > max(self._calibration_sides, default=0) ** 2
-        if larger and self._costs.estimate(job) is None and job.model.name not in self._timed:
-            self._timed.add(job.model.name)  # once per model, whether or not it works
-            try:
-                self._calibrate(loaded, job)
-            except torch.OutOfMemoryError:
-                self._out_of_memory(live, "denoising")
-                return False
-            except Exception:  # only an estimate: the batch itself will show what is wrong
-                log.exception("could not time a step of %s", job.model.name)
+        if not larger or job.model.name in self._timed or self._costs.estimate(job) is not None:
+            return True  # the jobs were queued with an estimate, or need none
+        self._timed.add(job.model.name)  # once per model, whether or not it works
+        try:
+            self._calibrate(loaded, job)
+        except torch.OutOfMemoryError:
+            self._out_of_memory(live, "denoising")
+            return False
+        except Exception:  # only an estimate: the batch itself will show what is wrong
+            log.exception("could not time a step of %s", job.model.name)
         for handle in live:
             seconds, warning = self._estimate(handle.job)
             if warning:
