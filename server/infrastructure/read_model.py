@@ -293,25 +293,19 @@ class SqlReadModel:
         return None if text is None else view_from_json(text)
 
     def find_by_file_name(self, file_name: str) -> list[LoraView]:
-        with self._connect() as conn:
-            rows = (
-                conn.execute(
-                    sa.select(loras.c.view_json)
-                    .where(loras.c.file_name_key == file_name.casefold())
-                    .order_by(loras.c.available.desc(), loras.c.id)
-                )
-                .scalars()
-                .all()
-            )
-        return [view_from_json(t) for t in rows]
+        return self._find(loras.c.file_name_key, file_name)
 
     def find_by_name(self, name: str) -> list[LoraView]:
         """LoRAs whose display name (the one `loras list` shows) is `name`, case aside."""
+        return self._find(loras.c.name_key, name)
+
+    def _find(self, key: sa.Column[str], value: str) -> list[LoraView]:
+        """LoRAs whose case-folded `key` column equals `value`, those with a file first."""
         with self._connect() as conn:
             rows = (
                 conn.execute(
                     sa.select(loras.c.view_json)
-                    .where(loras.c.name_key == name.casefold())
+                    .where(key == value.casefold())
                     .order_by(loras.c.available.desc(), loras.c.id)
                 )
                 .scalars()

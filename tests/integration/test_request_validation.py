@@ -219,16 +219,7 @@ async def test_a_token_this_server_did_not_issue_is_refused_plainly(
     message = error.details() or ""
     assert message.startswith(f"{field} is not a token this server issued")
     assert not any(leak in message for leak in LEAKS), message
-    status = status_pb2.Status.FromString(
-        dict(error.trailing_metadata() or ())["grpc-status-details-bin"]
-    )
-    reasons, fields = [], []
-    for detail in status.details:
-        info, bad_request = error_details_pb2.ErrorInfo(), error_details_pb2.BadRequest()
-        if detail.Unpack(info):
-            reasons.append(info.reason)
-        elif detail.Unpack(bad_request):
-            fields += [v.field for v in bad_request.field_violations]
+    reasons, fields = error_details(error)
     assert reasons == [TOKEN_REASONS[field]]
     assert fields == [field]
 
