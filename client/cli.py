@@ -743,15 +743,13 @@ def _follow(events: Iterator[types_pb2.GenerationEvent], output: str, out: _Outp
     images: dict[int, bytearray] = {}
     done: dict[int, types_pb2.ImageInfo] = {}
     final = types_pb2.GenerationEvent()
-    warned: set[str] = set()
     with out.progress() as progress:
         task = progress.add_task("queued", total=None)
         for event in events:
             kind = event.WhichOneof("event")
             if kind == "queued":
                 progress.update(task, description=f"queued (position {event.queued.position})")
-                if event.queued.warning and event.queued.warning not in warned:
-                    warned.add(event.queued.warning)
+                if event.queued.warning:
                     progress.console.print(f"warning: {event.queued.warning}", markup=False)
             elif kind == "started":
                 progress.update(task, description=f"started (batch of {event.started.batch_size})")
