@@ -147,6 +147,11 @@ class Cluster:
             listen,
         )
         self.replicas.append(replica)
+        # Serving is not yet knowing the workers: a replica's first read of the worker
+        # directory can come back empty (seen once in CI, 2026-12-03); callers get a
+        # replica that lists a ready model, as start_cluster always waited for.
+        with self.client(index) as client:
+            wait_for_models(client, timeout=60)
         return replica
 
     def add_worker(self, name: str = "") -> RunningWorker:
@@ -194,9 +199,6 @@ def start_cluster(
             cluster.add_worker(f"w{i + 1}")
         for i in range(replicas):
             cluster.add_replica(listens[i] if i < len(listens) else "127.0.0.1:0")
-        for i in range(replicas):
-            with cluster.client(i) as client:
-                wait_for_models(client, timeout=60)
     except BaseException:
         cluster.stop()
         raise
