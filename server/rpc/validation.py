@@ -11,7 +11,6 @@ learns nothing about its request."""
 
 from __future__ import annotations
 
-import contextvars
 import logging
 import threading
 import time

@@ -11,6 +11,7 @@ import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -219,13 +220,17 @@ def _set(request: Message, path: str, value: object) -> None:
 def bad_requests(request: type[Message]) -> dict[str, bytes]:
     """Each kind of bad request the method's type allows, serialized; the undecodable one is
     raw bytes no request type parses."""
-    descriptor: Descriptor = request.DESCRIPTOR
+    descriptor: Any = request.DESCRIPTOR  # the stubs also allow upb's own Descriptor type
     out: dict[str, bytes] = {"undecodable frame": TRUNCATED_VARINT}
     fields = descriptor.fields_by_name
     if "request_id" in fields:
-        out["300-char request_id"] = request(request_id="r" * 300).SerializeToString()
+        message = request()
+        _set(message, "request_id", "r" * 300)
+        out["300-char request_id"] = message.SerializeToString()
     if "consistency_token" in fields:
-        out["bad consistency token"] = request(consistency_token="!forged").SerializeToString()
+        message = request()
+        _set(message, "consistency_token", "!forged")
+        out["bad consistency token"] = message.SerializeToString()
     if (enum := _enum_path(descriptor)) is not None:
         message = request()
         _set(message, enum, 999)
@@ -258,16 +263,16 @@ def call_raw(
     )
     try:
         if streaming:
-            stream = channel.unary_stream(f"/{name}", response_deserializer=response.FromString)(
-                payload, metadata=metadata, timeout=20
+            streamed: Any = channel.unary_stream(
+                f"/{name}", response_deserializer=response.FromString
             )
+            stream = streamed(payload, metadata=metadata, timeout=20)
             for _ in stream:
                 stream.cancel()
                 break
         else:
-            channel.unary_unary(f"/{name}", response_deserializer=response.FromString)(
-                payload, metadata=metadata, timeout=20
-            )
+            unary: Any = channel.unary_unary(f"/{name}", response_deserializer=response.FromString)
+            unary(payload, metadata=metadata, timeout=20)
     except grpc.RpcError as err:
         return err
     return None
@@ -369,7 +374,8 @@ def test_undecodable_frames_are_invalid_argument_without_tracebacks(
                     frame,
                     TOKENS["read"],
                 )
-                assert err is not None and err.code() == grpc.StatusCode.INVALID_ARGUMENT, kind
+                assert err is not None, kind
+                assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, kind
                 message, info, _ = error_info(err)
                 assert message == "the request is not a valid SearchLorasRequest", kind
                 assert info.reason == "UNDECODABLE_REQUEST"
@@ -382,7 +388,8 @@ def test_undecodable_frames_are_invalid_argument_without_tracebacks(
             TRUNCATED_VARINT,
             TOKENS["write"],
         )
-        assert err is not None and err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err is not None
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert error_info(err)[0] == "the request is not a valid ImportLorasRequest"
     log = secured.log()
     assert "Traceback" not in log
@@ -414,7 +421,8 @@ def test_field_and_size_limits_through_the_server(secured: RunningServer) -> Non
             catalog.SerializeToString(),
             TOKENS["write"],
         )
-        assert err is not None and err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err is not None
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
         message, info, fields = error_info(err)
         assert (info.reason, fields) == ("INVALID_FIELD", ["records[3].name"])
         assert message == "records[3].name: at most 512 characters"
@@ -428,7 +436,8 @@ def test_field_and_size_limits_through_the_server(secured: RunningServer) -> Non
             big,
             TOKENS["read"],
         )
-        assert err is not None and err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert err is not None
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         message, info, _ = error_info(err)
         assert info.reason == "REQUEST_TOO_LARGE"
         assert re.fullmatch(
@@ -443,7 +452,8 @@ def test_field_and_size_limits_through_the_server(secured: RunningServer) -> Non
             big,
             TOKENS["write"],
         )
-        assert err is not None and err.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert err is not None
+        assert err.code() == grpc.StatusCode.PERMISSION_DENIED
         # A large catalog import is allowed up to max_message_bytes.
         many = command_service_pb2.ImportLoraCatalogRequest(
             records=[

@@ -41,8 +41,8 @@ from server.domain.errors import (
     Reason,
     RequestTooLargeError,
     ResourceExhaustedError,
-    UndecodableRequestError,
     UnavailableError,
+    UndecodableRequestError,
     ValidationError,
 )
 from server.infrastructure.broker.port import BrokerUnavailable

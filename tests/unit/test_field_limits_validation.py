@@ -36,7 +36,8 @@ def test_repeated_strings_bound_both_their_items_and_each_item() -> None:
         for field in message.fields:
             if field.is_repeated and field.message_type is None:
                 limit = FIELD_LIMITS[field.full_name]
-                assert limit.items is not None and limit.size is not None, field.full_name
+                assert limit.items is not None, field.full_name
+                assert limit.size is not None, field.full_name
 
 
 def test_violations_are_named_by_path() -> None:
@@ -56,11 +57,13 @@ def test_violations_are_named_by_path() -> None:
 def test_known_offenders_are_bounded() -> None:
     search = qry_pb.SearchLorasRequest(query="q" * 10_001)
     error = check_request(search)
-    assert error is not None and error.reason == Reason.INVALID_FIELD
+    assert error is not None
+    assert error.reason == Reason.INVALID_FIELD
     assert error.field_violations[0].field == "query"
     listing = qry_pb.ListLorasRequest(base_model="b" * 513)
     error = check_request(listing)
-    assert error is not None and error.field_violations[0].field == "base_model"
+    assert error is not None
+    assert error.field_violations[0].field == "base_model"
     assert check_request(qry_pb.SearchLorasRequest(query="q" * 10_000)) is None
 
 
@@ -113,7 +116,8 @@ def test_frame_rejections_are_logged_once_per_principal_per_period(caplog: objec
     finally:
         logging.getLogger("loracle.rpc").removeHandler(handler)
     assert len(lines) == 3
-    assert "principal=alice" in lines[0] and "principal=bob" in lines[1]
+    assert "principal=alice" in lines[0]
+    assert "principal=bob" in lines[1]
     assert "(and 99 more since the last report)" in lines[2]
 
 
