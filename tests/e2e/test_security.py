@@ -474,7 +474,9 @@ def test_field_and_size_limits_through_the_server(secured: RunningServer) -> Non
                 False,
                 command_service_pb2.ImportLoraCatalogResponse,
                 many.SerializeToString(),
-                TOKENS["write"],
+                TOKENS[
+                    "admin"
+                ],  # not write-user: test_events_record_the_principal counts its events,
             )
             is None
         )
