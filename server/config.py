@@ -110,7 +110,10 @@ class Settings(BaseSettings):
         16 * 1024 * 1024, "safetensors headers larger than this are refused", shown="16 MiB"
     )
     max_message_bytes: int = _setting(
-        64 * 1024 * 1024, "one gRPC message, either way", shown="64 MiB"
+        16 * 1024 * 1024,
+        "one gRPC message, either way; an `ImportLoraCatalog` request may be this large, "
+        "any other request 1 MiB (see [Limits](#limits))",
+        shown="16 MiB",
     )
     shutdown_grace_seconds: float = _setting(
         10.0, "on SIGTERM, how long running calls (and a worker's jobs) may finish"
@@ -178,6 +181,9 @@ class Settings(BaseSettings):
     )
     keepalive_seconds: float = _setting(
         30.0, "server pings on idle connections, so dead peers of long streams are found"
+    )
+    handshake_timeout_seconds: float = _setting(
+        10.0, "a connection that has not completed its HTTP/2 (and TLS) handshake is closed"
     )
     max_connection_age_seconds: float = _setting(
         1800.0, "connections are recycled (load balancers can rebalance)"

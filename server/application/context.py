@@ -23,9 +23,10 @@ class DispatchContext:
     scopes: frozenset[str] = frozenset()
     # Set by the transport when the caller goes away: long streams stop working for nobody.
     cancellation: threading.Event = field(default_factory=threading.Event, compare=False)
-    # Set by the transport when the request itself is malformed (an undefined enum number, a
-    # malformed id): raised once authorization passed (RejectedRequestMiddleware), so a caller
-    # without the right learns nothing about its request first.
+    # Set by the transport when the request itself is wrong (undecodable or oversized bytes, a
+    # field over its limit, an undefined enum number, a malformed id, a bad request_id or
+    # consistency token): raised once authorization passed (RejectedRequestMiddleware), so a
+    # caller without the right learns nothing about its request first.
     rejected: Exception | None = field(default=None, compare=False)
 
     def abandoned(self) -> bool:

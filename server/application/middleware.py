@@ -10,11 +10,14 @@ from threading import Lock
 from typing import Any, Protocol
 
 from server.application.context import DispatchContext
-from server.domain.errors import DomainError
+from server.domain.errors import DomainError, Reason
 
 Next = Callable[[object, DispatchContext], Any]
 
 log = logging.getLogger("loracle.bus")
+# Frames the transport could not use: it logs them itself, at most once per principal a
+# minute (server/rpc/validation.py RejectionLog), so a garbage flood writes no line per frame.
+QUIET_REJECTIONS = frozenset({Reason.UNDECODABLE_REQUEST, Reason.REQUEST_TOO_LARGE})
 audit_log = logging.getLogger("loracle.audit")
 
 
@@ -70,7 +73,8 @@ class LoggingMiddleware:
         try:
             result = next_(message, ctx)
         except DomainError as exc:
-            log.info("%s refused: %s (%s)", name, exc.reason, exc.message)
+            if not (exc is ctx.rejected and exc.reason in QUIET_REJECTIONS):
+                log.info("%s refused: %s (%s)", name, exc.reason, exc.message)
             raise
         except Exception:
             log.exception("%s failed correlation_id=%s", name, ctx.correlation_id)

@@ -38,6 +38,7 @@ class Reason(enum.StrEnum):
 
     INVALID_FIELD = "INVALID_FIELD"
     MALFORMED_ID = "MALFORMED_ID"
+    UNDECODABLE_REQUEST = "UNDECODABLE_REQUEST"
     IDEMPOTENCY_KEY_REUSED = "IDEMPOTENCY_KEY_REUSED"
     INVALID_PAGE_TOKEN = "INVALID_PAGE_TOKEN"
     INVALID_CONSISTENCY_TOKEN = "INVALID_CONSISTENCY_TOKEN"
@@ -67,6 +68,7 @@ class Reason(enum.StrEnum):
     QUEUE_FULL = "QUEUE_FULL"
     RATE_LIMITED = "RATE_LIMITED"
     TOO_MANY_STREAMS = "TOO_MANY_STREAMS"
+    REQUEST_TOO_LARGE = "REQUEST_TOO_LARGE"
     OUT_OF_DEVICE_MEMORY = "OUT_OF_DEVICE_MEMORY"
     TOKEN_MISSING = "TOKEN_MISSING"
     TOKEN_UNKNOWN = "TOKEN_UNKNOWN"
@@ -79,6 +81,7 @@ class Reason(enum.StrEnum):
 REASON_TEXT: dict[Reason, str] = {
     Reason.INVALID_FIELD: "a request field is wrong; BadRequest names each one",
     Reason.MALFORMED_ID: "an id field is empty or not an id this server makes (a UUID)",
+    Reason.UNDECODABLE_REQUEST: "the request bytes are not a valid message of the method's type",
     Reason.IDEMPOTENCY_KEY_REUSED: "the `request_id` was already used for a different request",
     Reason.INVALID_PAGE_TOKEN: "a `page_token` this server did not issue for this listing",
     Reason.INVALID_CONSISTENCY_TOKEN: "a `consistency_token` this server did not issue",
@@ -108,6 +111,7 @@ REASON_TEXT: dict[Reason, str] = {
     Reason.QUEUE_FULL: "the generation queue is full; RetryInfo says when to retry",
     Reason.RATE_LIMITED: "the caller is over its request rate; RetryInfo says when to retry",
     Reason.TOO_MANY_STREAMS: "the caller has too many streams open",
+    Reason.REQUEST_TOO_LARGE: "the request is over the method's size limit (see Limits)",
     Reason.OUT_OF_DEVICE_MEMORY: "the device ran out of memory (a generation stream); retry",
     Reason.TOKEN_MISSING: "no bearer token, or authorization metadata that is not one",
     Reason.TOKEN_UNKNOWN: "a bearer token this server does not know",
@@ -173,6 +177,18 @@ class ValidationError(DomainError):
     def violations(self) -> tuple[FieldViolation, ...]:
         """The older name of `field_violations`, still read by config and tests."""
         return self.field_violations
+
+
+class UndecodableRequestError(ValidationError):
+    """The request's bytes do not parse as the method's message (invalid UTF-8 in a string,
+    truncated wire data): nothing in it can be trusted, so no field is named."""
+
+    reasons = (Reason.UNDECODABLE_REQUEST,)
+
+    def __init__(self, message_name: str) -> None:
+        DomainError.__init__(
+            self, f"the request is not a valid {message_name}", reason=Reason.UNDECODABLE_REQUEST
+        )
 
 
 class InvalidTokenError(ValidationError):
@@ -330,6 +346,19 @@ class ResourceExhaustedError(DomainError):
     ) -> None:
         super().__init__(message, reason=reason)
         self.retry_after_seconds = retry_after_seconds
+
+
+class RequestTooLargeError(DomainError):
+    """A request over its method's size limit. RESOURCE_EXHAUSTED like gRPC's own limit, but
+    without RetryInfo: the same request will never fit."""
+
+    reasons = (Reason.REQUEST_TOO_LARGE,)
+
+    def __init__(self, method: str, size: int, limit: int) -> None:
+        super().__init__(
+            f"the request is {size:,} bytes; {method} takes at most {limit:,}",
+            metadata={"size_bytes": str(size), "limit_bytes": str(limit)},
+        )
 
 
 class UnauthenticatedError(DomainError):

@@ -65,6 +65,13 @@ class RpcMetrics:
             ("method",),
             registry=registry,
         )
+        self.rejected = Counter(
+            "loracle_rejected_requests",
+            "Requests the edge found malformed (undecodable, too large, a field over its "
+            "limit, an undefined enum number, a malformed id), by method and reason.",
+            ("method", "reason"),
+            registry=registry,
+        )
 
     def finished(self, method: str, code: str, seconds: float) -> None:
         self.requests.labels(method, code).inc()

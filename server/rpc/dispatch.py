@@ -16,10 +16,11 @@ from server.application.commands import CommandBus, CommandResult, ICommand, ISt
 from server.application.context import DispatchContext
 from server.application.queries import IQuery, IStreamQuery, QueryBus, QueryResult
 from server.application.security import TokenAuthenticator
-from server.domain.errors import FieldViolation, ValidationError
+from server.domain.errors import DomainError, FieldViolation, ValidationError
+from server.infrastructure.logs import rpc_method
 from server.rpc.errors import to_status
 from server.rpc.mapping import position_from_token
-from server.rpc.validation import request_error
+from server.rpc.validation import RejectionLog, request_error
 
 T = TypeVar("T")
 _STREAM_WINDOW = 32
@@ -36,6 +37,7 @@ class Dispatcher:
         self.commands = commands
         self.queries = queries
         self.authenticator = authenticator or TokenAuthenticator(())
+        self.rejections = RejectionLog()
 
     def context(
         self,
@@ -44,21 +46,35 @@ class Dispatcher:
         request_id: str = "",
         consistency_token: str = "",
     ) -> DispatchContext:
+        """Only authentication raises here. Everything wrong with the request itself (what
+        the validation interceptor found, the request_id, the consistency token) becomes
+        `ctx.rejected`, which the bus raises after authorization: a caller without the
+        method's scope gets PERMISSION_DENIED whatever it sent."""
         remaining = rpc.time_remaining()
-        principal = self.authenticator.authenticate(_metadata(rpc, "authorization"))
-        if len(request_id) > MAX_REQUEST_ID or not request_id.isprintable():
-            # It is logged and stored: no control characters (forged log lines), no megabytes.
-            raise ValidationError(
-                FieldViolation("request_id", f"at most {MAX_REQUEST_ID} printable characters")
-            )
+        found = request_error()
+        method = rpc_method.get() or "?"
+        try:
+            principal = self.authenticator.authenticate(_metadata(rpc, "authorization"))
+        except DomainError:
+            self.rejections.note(found, "unauthenticated", method)
+            raise
+        self.rejections.note(found, principal.name, method)
+        rejected, min_position = found, 0
+        if rejected is None:
+            try:
+                _check_request_id(request_id)
+                min_position = position_from_token(consistency_token)
+            except DomainError as exc:
+                rejected = exc
         return DispatchContext(
             principal=principal.name,
             scopes=principal.scopes,
-            request_id=request_id,
+            # A rejected request's id is not stored, but it is logged: only a clean one.
+            request_id=request_id if rejected is None else "",
             correlation_id=correlation_id(rpc),
             deadline=None if remaining is None else time.monotonic() + remaining,
-            min_position=position_from_token(consistency_token),
-            rejected=request_error(),
+            min_position=min_position,
+            rejected=rejected,
         )
 
     async def command(
@@ -163,6 +179,14 @@ class Dispatcher:
             return self.context(rpc, **kwargs)
         except Exception as exc:
             await abort(rpc, exc, correlation_id(rpc))
+
+
+def _check_request_id(request_id: str) -> None:
+    if len(request_id) > MAX_REQUEST_ID or not request_id.isprintable():
+        # It is logged and stored: no control characters (forged log lines), no megabytes.
+        raise ValidationError(
+            FieldViolation("request_id", f"at most {MAX_REQUEST_ID} printable characters")
+        )
 
 
 async def abort(

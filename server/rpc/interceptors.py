@@ -9,6 +9,7 @@ exception."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
@@ -17,6 +18,7 @@ from typing import Any, TypeAlias
 
 import grpc
 
+from server.domain.errors import DomainError
 from server.infrastructure.logs import rpc_method
 from server.infrastructure.metrics import RpcMetrics
 
@@ -25,6 +27,13 @@ Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 Continuation: TypeAlias = "Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]"
 Context = grpc.aio.ServicerContext[Any, Any]
 _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+
+# What the validation interceptor's deserializer found wrong with this call's request (set in
+# the call's task, read by the Dispatcher and counted here). Here, not in validation.py, so
+# that module can use this one's types without a cycle.
+edge_rejection: contextvars.ContextVar[DomainError | None] = contextvars.ContextVar(
+    "loracle_edge_rejection", default=None
+)
 
 
 class LogContextInterceptor(grpc.aio.ServerInterceptor):
@@ -102,7 +111,9 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
     @asynccontextmanager
     async def _observed(self, method: str, context: Context) -> AsyncIterator[None]:
-        """Times a call and counts it under the status it ended with."""
+        """Times a call and counts it under the status it ended with, and a request the
+        validation interceptor refused under its reason (whatever the caller's credentials
+        made of it: a flood of garbage frames shows even when it is unauthenticated)."""
         start = time.perf_counter()
         error: BaseException | None = None
         try:
@@ -112,6 +123,9 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             raise
         finally:
             self._metrics.finished(method, status_name(context, error), time.perf_counter() - start)
+            rejection = edge_rejection.get()
+            if rejection is not None:
+                self._metrics.rejected.labels(method, rejection.reason).inc()
 
 
 def status_name(context: Context, error: BaseException | None) -> str:

@@ -18,6 +18,7 @@ from server.bootstrap import Container
 from server.config import Settings
 from server.rpc import reflection
 from server.rpc.dispatch import Dispatcher
+from server.rpc.field_limits import limits
 from server.rpc.servicers import CommandServicer, QueryServicer
 from server.rpc.validation import RequestValidationInterceptor
 
@@ -39,8 +40,16 @@ class LoracleServer:
         max_bytes = container.settings.max_message_bytes
         self.server = grpc.aio.server(
             # Innermost, so the others (metrics) see its refusals like any status.
-            # Innermost, so the others (metrics) see its refusals like any status.
-            interceptors=[*interceptors, RequestValidationInterceptor()],
+            interceptors=[
+                *interceptors,
+                RequestValidationInterceptor(
+                    max_bytes,
+                    limits(
+                        container.settings.max_prompt_chars,
+                        container.settings.max_loras_per_request,
+                    ),
+                ),
+            ],
             options=[
                 ("grpc.max_receive_message_length", max_bytes),
                 ("grpc.max_send_message_length", max_bytes),
@@ -92,9 +101,12 @@ class LoracleServer:
 
 def connection_options(settings: Settings) -> list[tuple[str, int]]:
     """Pings find dead peers of long, quiet generation streams; a bounded connection age lets
-    load balancers rebalance, and the long grace lets a running stream finish first."""
+    load balancers rebalance, and the long grace lets a running stream finish first. A peer
+    that opens a connection and never completes the handshake is dropped after
+    `handshake_timeout_seconds` (else idle raw sockets hold file descriptors forever)."""
     ms = 1000
     return [
+        ("grpc.server_handshake_timeout_ms", int(settings.handshake_timeout_seconds * ms)),
         ("grpc.keepalive_time_ms", int(settings.keepalive_seconds * ms)),
         ("grpc.keepalive_timeout_ms", 10 * ms),
         ("grpc.keepalive_permit_without_calls", 1),

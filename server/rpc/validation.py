@@ -1,25 +1,39 @@
-"""Checks every request of our services against its descriptor before a servicer sees it:
-an enum field holding a number its enum does not define (proto3 keeps unknown numbers) is
-refused with INVALID_ARGUMENT and a BadRequest violation naming the field by its path
-(`spec.output_format`, `loras[2].weight_mode`), and so is an id field that is empty or not a
-UUID (MALFORMED_ID). Walking the descriptors covers a new enum or id field, or a new RPC,
-without a line here."""
+"""Checks every request of our services before a servicer sees it, in the order a client
+should learn of them: a frame over the method's size limit (RESOURCE_EXHAUSTED
+REQUEST_TOO_LARGE), bytes that do not parse as the method's message (INVALID_ARGUMENT
+UNDECODABLE_REQUEST), a field over its limit (server/rpc/field_limits.py), an enum field
+holding a number its enum does not define (proto3 keeps unknown numbers), and an id field that
+is empty or not a UUID (MALFORMED_ID); violations name the field by its path
+(`spec.output_format`, `records[3].name`). Walking the descriptors covers a new field or RPC
+without a line here. Nothing is raised here: the finding is raised by the bus after
+authentication and authorization (RejectedRequestMiddleware), so a caller without the right
+learns nothing about its request."""
 
 from __future__ import annotations
 
-import contextvars
-import inspect
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import aclosing
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
-from server.domain.errors import FieldViolation, Reason, ValidationError
+from server.domain.errors import (
+    DomainError,
+    FieldViolation,
+    Reason,
+    RequestTooLargeError,
+    UndecodableRequestError,
+    ValidationError,
+)
 from server.domain.models import is_uuid
-from server.rpc.interceptors import Context, Continuation, Handler
+from server.rpc.field_limits import MIB, Limit, limit_violations, limits, request_types
+from server.rpc.interceptors import Continuation, Handler, edge_rejection
+
+log = logging.getLogger("loracle.rpc")
 
 # Only our own services: health and reflection validate their own requests.
 PACKAGE_PREFIX = "/loracle.v1."
@@ -104,71 +118,139 @@ def _is_id(field: FieldDescriptor) -> bool:
     )
 
 
+# Requests are small except a catalog import: every other method takes at most this much.
+SMALL_REQUEST_BYTES = 1 * MIB
+LARGE_REQUEST_METHODS = frozenset({"/loracle.v1.CommandService/ImportLoraCatalog"})
+
+
+def method_limits(max_message_bytes: int) -> dict[str, int]:
+    """Each RPC's request size limit in bytes: `max_message_bytes` for a catalog import,
+    SMALL_REQUEST_BYTES (or less, when `max_message_bytes` is lower) for the rest."""
+    return {
+        method: (
+            max_message_bytes
+            if method in LARGE_REQUEST_METHODS
+            else min(SMALL_REQUEST_BYTES, max_message_bytes)
+        )
+        for method in request_types()
+    }
+
+
 class RequestValidationInterceptor(grpc.aio.ServerInterceptor):
-    """Hands each request of our services to `request_error` (through a context variable:
-    grpc.aio runs the interceptor and the handler in one task). The refusal itself comes from
-    the bus after authorization, so an unauthenticated caller still gets UNAUTHENTICATED.
-    Installed by LoracleServer."""
+    """Wraps the request deserializer of each method of our services: the size is checked
+    before parsing, a parse error becomes an empty request of the method's type (instead of
+    grpc's UNKNOWN with Python's exception text and a logged traceback per frame), and a
+    parsed request is checked (`check_request`). The finding goes into a context variable:
+    grpc.aio deserializes and runs the handler in the call's one task, so the Dispatcher reads
+    it there (`request_error`). Installed by LoracleServer."""
+
+    def __init__(
+        self,
+        max_message_bytes: int = 16 * MIB,
+        table: dict[str, Limit] | None = None,
+    ) -> None:
+        self._sizes = method_limits(max_message_bytes)
+        self._table = table if table is not None else limits()
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> Handler | None:
         handler = await continuation(handler_call_details)
-        if handler is None or not handler_call_details.method.startswith(PACKAGE_PREFIX):
+        method = handler_call_details.method
+        if handler is None or not method.startswith(PACKAGE_PREFIX):
             return handler
-        unary: Any = handler.unary_unary
-        stream: Any = handler.unary_stream
-        if unary is not None and inspect.iscoroutinefunction(unary):
+        parse: Any = handler.request_deserializer
+        if parse is None:
+            return handler
+        deserialize = self._deserializer(method, parse)
+        if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                _checked_unary(unary),
-                handler.request_deserializer,
-                handler.response_serializer,
+                handler.unary_unary, deserialize, handler.response_serializer
             )
-        if stream is not None and inspect.isasyncgenfunction(stream):
+        if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                _checked_stream(stream),
-                handler.request_deserializer,
-                handler.response_serializer,
+                handler.unary_stream, deserialize, handler.response_serializer
             )
         return handler
 
+    def _deserializer(self, method: str, parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+        input_type = request_types().get(method)
+        limit = self._sizes.get(method, SMALL_REQUEST_BYTES)
+        rpc_name = method.rsplit("/", 1)[-1]
+        table = self._table
 
-_request: contextvars.ContextVar[Message | None] = contextvars.ContextVar(
-    "loracle_request", default=None
-)
+        def deserialize(raw: bytes) -> Any:
+            empty: Any = parse(b"")  # the method's own type, every field unset
+            if len(raw) > limit:
+                edge_rejection.set(RequestTooLargeError(rpc_name, len(raw), limit))
+                return empty
+            try:
+                request = parse(raw)
+            except Exception:  # DecodeError, or a UnicodeDecodeError on some runtimes
+                name = input_type.name if input_type is not None else rpc_name
+                edge_rejection.set(UndecodableRequestError(name))
+                return empty
+            edge_rejection.set(check_request(request, table))
+            return request
+
+        return deserialize
 
 
-def request_error(request: Message | None = None) -> ValidationError | None:
-    """What is wrong with the call's request (by default the one the interceptor saw in this
-    task), or None. The Dispatcher puts it on the DispatchContext; the bus raises it after
-    authorization."""
-    request = request if request is not None else _request.get()
-    if request is None:
-        return None
-    if violations := enum_violations(request):
+_DEFAULT_TABLE = limits()
+
+
+def check_request(message: Message, table: dict[str, Limit] | None = None) -> DomainError | None:
+    """What is wrong with a parsed request, or None: field limits first (a 20 MB query is
+    not walked further), then enum numbers, then ids."""
+    if violations := limit_violations(message, _DEFAULT_TABLE if table is None else table):
         return ValidationError(violations)
-    if violations := id_violations(request):
+    if violations := enum_violations(message):
+        return ValidationError(violations)
+    if violations := id_violations(message):
         return ValidationError(violations, reason=Reason.MALFORMED_ID)
     return None
 
 
-def _checked_unary(
-    behavior: Callable[[Any, Context], Awaitable[Any]],
-) -> Callable[[Any, Context], Awaitable[Any]]:
-    async def call(request: Any, context: Context) -> Any:
-        _request.set(request if isinstance(request, Message) else None)
-        return await behavior(request, context)
-
-    return call
+def request_error() -> DomainError | None:
+    """What the interceptor found wrong with this call's request, or None. The Dispatcher
+    puts it on the DispatchContext; the bus raises it after authorization."""
+    return edge_rejection.get()
 
 
-def _checked_stream(
-    behavior: Callable[[Any, Context], AsyncGenerator[Any, None]],
-) -> Callable[[Any, Context], AsyncIterator[Any]]:
-    async def call(request: Any, context: Context) -> AsyncIterator[Any]:
-        _request.set(request if isinstance(request, Message) else None)
-        async with aclosing(behavior(request, context)) as responses:
-            async for response in responses:
-                yield response
+FRAME_REASONS = frozenset({Reason.UNDECODABLE_REQUEST, Reason.REQUEST_TOO_LARGE})
 
-    return call
+
+class RejectionLog:
+    """Logs undecodable and oversized frames at most once per principal per `period`: a
+    client sending garbage in a loop must not fill the log (nor write a traceback per
+    frame); the metric `loracle_rejected_requests_total` counts every one."""
+
+    def __init__(self, period: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self._period = period
+        self._clock = clock
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def note(self, rejection: DomainError | None, principal: str, method: str) -> None:
+        if rejection is None or rejection.reason not in FRAME_REASONS:
+            return
+        now = self._clock()
+        with self._lock:
+            last = self._last.get(principal)
+            if last is not None and now - last < self._period:
+                self._suppressed[principal] = self._suppressed.get(principal, 0) + 1
+                return
+            if len(self._last) > 10_000:  # bounded: forget principals quiet for a period
+                self._last = {p: t for p, t in self._last.items() if now - t < self._period}
+            self._last[principal] = now
+            suppressed = self._suppressed.pop(principal, 0)
+        more = f" (and {suppressed} more since the last report)" if suppressed else ""
+        log.warning(
+            "refused %s from principal=%s: %s (%s)%s",
+            method,
+            principal,
+            rejection.message,
+            rejection.reason,
+            more,
+        )

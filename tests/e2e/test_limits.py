@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,3 +74,29 @@ def test_settings_file_is_documented() -> None:
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     for key in ("rate_limit_per_second", "max_streams_per_principal", "max_prompt_chars"):
         assert f"`{key}`" in readme
+
+
+def test_connections_that_never_handshake_are_closed(tmp_path: Path) -> None:
+    """`handshake_timeout_seconds` reaches grpc core (grpc.server_handshake_timeout_ms): raw
+    sockets that never send the HTTP/2 preface are closed, and a normal client still works."""
+    settings = tmp_path / "settings.toml"
+    settings.write_text("handshake_timeout_seconds = 1\n")
+    running = start_server(tmp_path, "--config", str(settings), "--no-embedded-model")
+    host, port = running.address.rsplit(":", 1)
+    sockets = [socket.create_connection((host, int(port)), timeout=10) for _ in range(20)]
+    try:
+        start = time.monotonic()
+        for sock in sockets:
+            try:
+                data = sock.recv(1 << 16)
+                while data:  # the server's own SETTINGS frame may come first
+                    data = sock.recv(1 << 16)
+            except ConnectionResetError:
+                pass
+        assert time.monotonic() - start < 8, "silent connections were not closed"
+        with LoracleClient(running.address) as client:
+            assert client.list_loras().total_size == 0
+    finally:
+        for sock in sockets:
+            sock.close()
+        running.stop()

@@ -6,11 +6,12 @@ ends of every integer type, NaN and infinities, unknown enum numbers, present an
 optional fields, nested and repeated messages. A second pass sends raw bytes: random frames,
 and valid messages with fields appended at the wire level (out-of-range int32 and enum values).
 
-For every call: a request that decodes is never answered INTERNAL or UNKNOWN; no status
+For every call: no request, decodable or not, is answered INTERNAL or UNKNOWN (an undecodable
+frame is INVALID_ARGUMENT UNDECODABLE_REQUEST from the validation interceptor); no status
 message or trailer carries a Python stack trace; the process is alive; Health/Check answers
-SERVING. Undecodable frames are the gRPC framework's business: grpc.aio fails them before our
-handlers run, with UNKNOWN ("Unexpected <class 'DecodeError'>") and no stack trace to the
-client; for them only the last three properties are asserted.
+SERVING. Forged page and consistency tokens (base64 JSON with missing keys and odd types,
+deep nesting, huge numbers, 5000 characters) and broken frames (invalid UTF-8, truncated
+varints and lengths) are INVALID_ARGUMENT and write no traceback to the log.
 
 Generation RPCs are fuzzed too, with a 2 s deadline and cancelled after a few messages, and
 every generation SubmitGeneration queues is cancelled at once. Valid image sides above 128 are
@@ -22,6 +23,7 @@ LORACLE_FUZZ_EXAMPLES sets the examples per method (typed; raw bytes get half as
 
 from __future__ import annotations
 
+import base64
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -243,10 +245,9 @@ def check(target: Target, rpc: Rpc, payload: bytes, outcome: Outcome, decodable:
     if outcome.seconds > 1.0:
         target.slow.append((rpc.name, outcome.seconds, outcome.code.name))
     details = error_details(outcome.error) if outcome.error is not None else ""
-    if decodable:
-        assert outcome.code not in NEVER, (
-            f"{rpc.name} -> {outcome.code.name}: {details}\n{_logged(target, details)}"
-        )
+    assert outcome.code not in NEVER, (
+        f"{rpc.name} -> {outcome.code.name}: {details}\n{_logged(target, details)}"
+    )
     # The client drops trailers over its metadata limit (8 KiB): the server's real answer
     # (say INVALID_ARGUMENT echoing a 1 MB path) then arrives as RESOURCE_EXHAUSTED, which
     # clients treat as retryable.
@@ -370,6 +371,77 @@ def test_huge_inputs_echoed_in_errors_keep_their_status(target: Target) -> None:
         outcome = invoke(target.channel, rpc, payload)
         check(target, rpc, payload, outcome, decodable=True)
         assert outcome.code == expected, (rpc.name, outcome.code)
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode()
+
+
+FORGED_TOKENS = [
+    _b64(b"{}"),
+    _b64(b'{"p": 1e30}'),
+    _b64(b'{"p": "1"}'),
+    _b64(b'{"p": null, "o": []}'),
+    _b64(b'{"p": -1, "o": {"x": 1}}'),
+    _b64(b'{"o": 10, "k": "' + b"k" * 100 + b'"}'),
+    _b64(b"[" * 5000),
+    _b64(b"null"),
+    _b64(b'"just a string"'),
+    _b64(b"\xff\xfe not json"),
+    "[" * 5000,
+    "A" * 5000,
+    _b64(b"{}").rstrip("="),
+    "%%%not base64%%%",
+    "1e30",
+    "-5",
+    "99999999999999999999999",
+]
+
+
+def test_forged_page_and_consistency_tokens(target: Target) -> None:
+    """Whatever a token's format (plain, or signed), a forged one is INVALID_ARGUMENT."""
+    tried = 0
+    start = len(target.server.log())
+    for rpc in ALL_RPCS:
+        fields = rpc.request_class().DESCRIPTOR.fields_by_name
+        for name in ("page_token", "consistency_token"):
+            if name not in fields:
+                continue
+            for token in FORGED_TOKENS:
+                payload = rpc.request_class()(**{name: token}).SerializeToString()
+                outcome = invoke(target.channel, rpc, payload)
+                check(target, rpc, payload, outcome, decodable=True)
+                assert outcome.code == INVALID, (rpc.name, name, token[:40], outcome.code)
+                tried += 1
+    assert tried >= 6 * len(FORGED_TOKENS)
+    assert "Traceback" not in target.server.log()[start:]
+
+
+def broken_frames(descriptor: Any) -> Iterator[bytes]:
+    """Frames no request parses: invalid UTF-8 in each string field, a truncated varint, a
+    length running past the end, a wire type 7 (none exists)."""
+    for f in descriptor.fields:
+        if f.type == f.TYPE_STRING and not f.is_repeated:
+            yield wire_field(f.number, 2, b"\xc3\x28\xff")
+    yield b"\x08\xff\xff"
+    yield b"\x0a\x32abc"
+    yield b"\x0f"
+
+
+def test_broken_frames_are_invalid_argument_without_tracebacks(target: Target) -> None:
+    start = len(target.server.log())
+    for rpc in ALL_RPCS:
+        for payload in broken_frames(rpc.request_class().DESCRIPTOR):
+            assert not decodes(rpc, payload)
+            outcome = invoke(target.channel, rpc, payload)
+            check(target, rpc, payload, outcome, decodable=False)
+            assert outcome.code == INVALID, (rpc.name, payload, outcome.code)
+            assert outcome.error is not None
+            expected = f"the request is not a valid {rpc.request_class().DESCRIPTOR.name}"
+            assert error_details(outcome.error) == expected
+    log = target.server.log()[start:]
+    assert "Traceback" not in log
+    assert "DecodeError" not in log
 
 
 def test_every_scheduler_with_the_fewest_steps(target: Target) -> None:

@@ -39,8 +39,10 @@ from server.domain.errors import (
     NotImplementedYetError,
     PreconditionError,
     Reason,
+    RequestTooLargeError,
     ResourceExhaustedError,
     UnavailableError,
+    UndecodableRequestError,
     ValidationError,
 )
 from server.infrastructure.broker.port import BrokerUnavailable
@@ -145,6 +147,8 @@ SAMPLES: dict[type[DomainError], Callable[[], DomainError]] = {
     BadLoraFileError: lambda: BadLoraFileError("a.safetensors", "truncated"),
     ResourceExhaustedError: lambda: ResourceExhaustedError("queue full", 0.25),
     SettingsError: lambda: SettingsError("max_queue", "must be an integer, not 'many'"),
+    UndecodableRequestError: lambda: UndecodableRequestError("SearchLorasRequest"),
+    RequestTooLargeError: lambda: RequestTooLargeError("SearchLoras", 2_000_000, 1_048_576),
 }
 
 
