@@ -3,6 +3,7 @@ event carries the principal and request_id of the command that caused it."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import datetime
 from typing import Any
@@ -155,13 +156,27 @@ class Lora(Aggregate):
         )
 
 
+def command_record_id(principal: str, request_id: str) -> uuid.UUID:
+    """Idempotency keys are per principal: another caller's `request_id` is its own request.
+    JSON keeps the pair unambiguous whatever characters either holds."""
+    return uuid.uuid5(NAMESPACE, "request:" + json.dumps([principal, request_id]))
+
+
+def legacy_command_record_id(request_id: str) -> uuid.UUID:
+    """The key of records stored before keys were per principal (request_id alone)."""
+    return uuid.uuid5(NAMESPACE, f"request:{request_id}")
+
+
 class CommandRecord(Aggregate):
-    """Remembers a command's result under its request_id. Saved in the same transaction as the
-    command's events, so a retry either finds both or neither."""
+    """Remembers a command's answer under (principal, request_id). Saved in the same
+    transaction as the command's events, so a retry either finds both or neither; `result`
+    holds what the first answer said, and `position` (recorded just after, see `answered`)
+    the log position its consistency token carried (0: not known, a record of an earlier
+    version or one whose answer was interrupted)."""
 
     @staticmethod
-    def create_id(request_id: str) -> uuid.UUID:
-        return uuid.uuid5(NAMESPACE, f"request:{request_id}")
+    def create_id(principal: str, request_id: str) -> uuid.UUID:
+        return command_record_id(principal, request_id)
 
     @event("Recorded")
     def __init__(
@@ -177,3 +192,9 @@ class CommandRecord(Aggregate):
         self.fingerprint = fingerprint
         self.result = result
         self.principal = principal
+        self.position = 0
+
+    @event("Answered")
+    def answered(self, position: int) -> None:
+        """The position of the first answer: only known once the Recorded event is saved."""
+        self.position = position

@@ -17,7 +17,7 @@ from eventsourcing.persistence import (
 )
 
 from server.domain.errors import ConflictError, UnavailableError
-from server.domain.lora import CommandRecord, Lora
+from server.domain.lora import CommandRecord, Lora, legacy_command_record_id
 from server.infrastructure.storage_url import StorageUrl
 
 T = TypeVar("T")
@@ -49,10 +49,15 @@ class EventStore:
     def get(self, aggregate_id: uuid.UUID) -> Aggregate | None:
         return cast(Aggregate | None, self._get(aggregate_id, Aggregate))
 
-    def find_command(self, request_id: str) -> CommandRecord | None:
-        return cast(
-            CommandRecord | None, self._get(CommandRecord.create_id(request_id), CommandRecord)
-        )
+    def find_command(self, principal: str, request_id: str) -> CommandRecord | None:
+        """The principal's record of this request_id. A record stored before keys were per
+        principal (keyed by the request_id alone) still answers, but only its own principal."""
+        found = self._get(CommandRecord.create_id(principal, request_id), CommandRecord)
+        if found is None:
+            legacy = self._get(legacy_command_record_id(request_id), CommandRecord)
+            if legacy is not None and legacy.principal == principal:
+                found = legacy
+        return cast(CommandRecord | None, found)
 
     def get_at(self, aggregate_id: uuid.UUID, version: int) -> Aggregate:
         return cast(

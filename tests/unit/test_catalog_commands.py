@@ -18,6 +18,7 @@ from server.application.commands import (
     RegisterLoRACommand,
     UpdateLoRACommand,
 )
+from server.application.commands.idempotency import fingerprint
 from server.application.context import DispatchContext
 from server.application.queries import (
     GetAllLoRAsQuery,
@@ -28,6 +29,7 @@ from server.application.queries import (
 from server.bootstrap import Container
 from server.devtools.synthetic_loras import write_synthetic_lora
 from server.domain.errors import NotFoundError, ValidationError
+from server.domain.lora import CommandRecord, legacy_command_record_id
 from server.domain.models import Architecture
 
 
@@ -90,7 +92,8 @@ def test_registering_the_same_file_again_changes_nothing(memory_container: Conta
     again = c.commands.dispatch(RegisterLoRACommand(path="x.safetensors"), ctx("r2")).unwrap()
     assert not again.created
     assert again.lora.id == first.lora.id
-    assert count_events(c) == before + 1  # only the second request's idempotency record
+    # Only the second request's idempotency record and the position of its answer.
+    assert count_events(c) == before + 2
 
 
 def test_retry_with_same_request_id_returns_first_result_and_writes_nothing(
@@ -342,3 +345,75 @@ def test_pages_cover_the_catalog_exactly_once(memory_container: Container) -> No
     token = c.queries.dispatch(GetAllLoRAsQuery(page_size=5)).data.next_page_token
     with pytest.raises(ValidationError):  # a token is bound to its filter
         c.queries.dispatch(GetAllLoRAsQuery(page_size=5, page_token=token, tag="style"))
+
+
+def test_a_retried_update_answers_the_first_update_whatever_happened_since(
+    memory_container: Container,
+) -> None:
+    c = memory_container
+    lora_file(c, "x.safetensors", name="Old")
+    lora = c.commands.dispatch(RegisterLoRACommand(path="x.safetensors"), ctx()).unwrap().lora
+    first = c.commands.dispatch(
+        UpdateLoRACommand(lora_id=lora.id, changes={"name": "A"}), ctx("u1")
+    )
+    c.commands.dispatch(UpdateLoRACommand(lora_id=lora.id, changes={"name": "B"}), ctx("u2"))
+    retry = c.commands.dispatch(
+        UpdateLoRACommand(lora_id=lora.id, changes={"name": "A"}), ctx("u1")
+    )
+    assert retry.unwrap() == first.unwrap()
+    assert retry.unwrap().name == "A"
+    assert retry.position == first.position
+    c.commands.dispatch(DeleteLoRACommand(lora_id=lora.id), ctx("d1")).unwrap()
+    after_delete = c.commands.dispatch(
+        UpdateLoRACommand(lora_id=lora.id, changes={"name": "A"}), ctx("u1")
+    )
+    assert after_delete.unwrap() == first.unwrap()
+    assert after_delete.position == first.position
+
+
+def test_request_ids_are_per_principal(memory_container: Container) -> None:
+    c = memory_container
+    lora_file(c, "x.safetensors")
+    lora_file(c, "y.safetensors", seed=1)
+    alice = c.commands.dispatch(RegisterLoRACommand(path="x.safetensors"), ctx("k", "alice"))
+    assert alice.unwrap().created
+    # Bob's "k" is his own request: neither alice's answer nor IDEMPOTENCY_KEY_REUSED.
+    bob = c.commands.dispatch(RegisterLoRACommand(path="y.safetensors"), ctx("k", "bob"))
+    assert bob.unwrap().lora.id != alice.unwrap().lora.id
+    carol = c.commands.dispatch(RegisterLoRACommand(path="x.safetensors"), ctx("k", "carol"))
+    assert carol.unwrap().created is False  # a new request: the file was already there
+    again = c.commands.dispatch(RegisterLoRACommand(path="x.safetensors"), ctx("k", "alice"))
+    assert again.unwrap() == alice.unwrap()
+    assert again.position == alice.position
+
+
+def test_a_record_keyed_by_request_id_alone_still_answers_its_own_principal(
+    memory_container: Container,
+) -> None:
+    """Records stored before keys were per principal: uuid5 of the request_id alone, with the
+    result of that version (the LoRA's id, no view, no position)."""
+    c = memory_container
+    lora_file(c, "x.safetensors")
+    command = RegisterLoRACommand(path="x.safetensors")
+    lora = c.commands.dispatch(command, ctx()).unwrap().lora
+    c.store.save(
+        CommandRecord._create(
+            CommandRecord.Recorded,  # type: ignore[attr-defined]
+            id=legacy_command_record_id("old"),
+            request_id="old",
+            command="RegisterLoRACommand",
+            fingerprint=fingerprint(command),
+            result={"lora_id": lora.id, "created": True},
+            principal="alice",
+        )
+    )
+    assert c.store.find_command("alice", "old") is not None
+    assert c.store.find_command("bob", "old") is None
+    before = count_events(c)
+    replayed = c.commands.dispatch(command, ctx("old", "alice")).unwrap()
+    assert replayed.created is True  # the stored answer, not "already there"
+    assert replayed.lora.id == lora.id
+    assert count_events(c) == before
+    # Another principal's reuse of the id is a new request, even for a different command.
+    other = c.commands.dispatch(ImportLoRACatalogCommand(records=records(1)), ctx("old", "bob"))
+    assert other.unwrap().created == 1

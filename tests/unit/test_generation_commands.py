@@ -209,10 +209,22 @@ def test_a_full_queue_is_resource_exhausted_and_records_nothing(
 
 def test_a_retried_submit_answers_the_first_generation(c: Container, fake: FakeExecutor) -> None:
     command = SubmitGenerationCommand(request=request())
-    first = c.commands.dispatch(command, ctx("same")).unwrap()
-    again = c.commands.dispatch(command, ctx("same")).unwrap()
-    assert again == first
-    assert len(fake.jobs) == 1
+    first = c.commands.dispatch(command, ctx("same"))
+    c.commands.dispatch(SubmitGenerationCommand(request=request()), ctx()).unwrap()
+    again = c.commands.dispatch(command, ctx("same"))
+    assert again.unwrap() == first.unwrap()
+    assert again.position == first.position > 0  # the same consistency token
+    assert len(fake.jobs) == 2
+
+
+def test_a_retried_cancel_answers_the_first_cancel(c: Container, fake: FakeExecutor) -> None:
+    gid, _ = c.commands.dispatch(SubmitGenerationCommand(request=request()), ctx()).unwrap()
+    command = CancelGenerationCommand(generation_id=gid)
+    first = c.commands.dispatch(command, ctx("cancel"))
+    c.commands.dispatch(SubmitGenerationCommand(request=request()), ctx()).unwrap()
+    again = c.commands.dispatch(command, ctx("cancel"))
+    assert again.unwrap() == first.unwrap()
+    assert again.position == first.position
 
 
 def test_cancel_stops_a_queued_job_and_answers_its_recorded_state(

@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from server.application.commands.answers import generation_from_dict, generation_to_dict
 from server.application.commands.base import (
     CommandResult,
     ICommand,
@@ -14,6 +15,7 @@ from server.application.commands.base import (
     IStreamCommand,
     IStreamCommandHandler,
 )
+from server.application.commands.idempotency import replay, save_answered
 from server.application.context import current_context
 from server.application.generation.jobs import GenerationJobs
 from server.application.generation.request import GenerationRequest, LoraChoice
@@ -179,9 +181,10 @@ class SubmitGenerationHandler(ICommandHandler[SubmitGenerationCommand, tuple[str
     def handle(self, command: SubmitGenerationCommand) -> CommandResult[tuple[str, int]]:
         previous = self._jobs.replay(command)
         if previous is not None:
+            stored = previous.result
             return CommandResult.success(
-                (str(previous["generation_id"]), int(previous["position"])),
-                position=0,
+                (str(stored["generation_id"]), int(stored["position"])),
+                position=previous.position,
             )
         job = self._jobs.prepare(command.request)
         _, position, log_position = self._jobs.submit(job, command)
@@ -201,8 +204,14 @@ class CancelGenerationHandler(ICommandHandler[CancelGenerationCommand, Generatio
             return CommandResult.validation_error(
                 FieldViolation("generation_id", "not a generation id")
             )
+        previous = replay(self._catalog, command)
+        if previous is not None:  # the first cancel's answer, not the generation as it is now
+            return CommandResult.success(
+                generation_from_dict(previous.result["generation"]), position=previous.position
+            )
         generation = self._catalog.get(uuid.UUID(command.generation_id))
         if not isinstance(generation, Generation):
             return CommandResult.not_found("generation", command.generation_id)
         view = self._jobs.cancel(generation)
-        return CommandResult.success(view, position=self._catalog.max_position())
+        position = save_answered(self._catalog, command, {"generation": generation_to_dict(view)})
+        return CommandResult.success(view, position=position)

@@ -1,18 +1,35 @@
-"""Request-id idempotency: a retried command returns the first result and writes nothing twice."""
+"""Request-id idempotency: a retried command returns the first answer and writes nothing twice.
+
+Keys are per principal: a `request_id` another principal already used is a new request."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, is_dataclass
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, is_dataclass
 from typing import Any
+
+from eventsourcing.domain import Aggregate
 
 from server.application.context import current_context
 from server.application.ports import CatalogRepository
-from server.domain.errors import FieldViolation, Reason, ValidationError
+from server.domain.errors import DomainError, FieldViolation, Reason, ValidationError
 from server.domain.lora import CommandRecord
 
+log = logging.getLogger("loracle.idempotency")
+
 MAX_REQUEST_ID_LENGTH = 128
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """What the first call of a request answered: its stored result and the log position
+    its consistency token carried (today's position for a record that does not know it)."""
+
+    result: dict[str, Any]
+    position: int
 
 
 def fingerprint(command: object) -> str:
@@ -30,13 +47,14 @@ def request_id() -> str:
     return rid
 
 
-def previous_result(catalog: CatalogRepository, command: object) -> dict[str, Any] | None:
-    """The stored result of an earlier command with this request_id, if any. Reusing an id
-    for a different request is refused: silently returning the other result would lie."""
+def replay(catalog: CatalogRepository, command: object) -> Replay | None:
+    """The first answer of an earlier call of this principal with this request_id, if any.
+    Reusing an id for a different request is refused: silently returning the other result
+    would lie."""
     rid = request_id()
     if not rid:
         return None
-    record = catalog.find_command(rid)
+    record = catalog.find_command(current_context().principal, rid)
     if record is None:
         return None
     if record.fingerprint != fingerprint(command):
@@ -46,7 +64,8 @@ def previous_result(catalog: CatalogRepository, command: object) -> dict[str, An
             ),
             reason=Reason.IDEMPOTENCY_KEY_REUSED,
         )
-    return dict(record.result)
+    position = int(getattr(record, "position", 0)) or catalog.max_position()
+    return Replay(dict(record.result), position)
 
 
 def record_for(command: object, result: dict[str, Any]) -> CommandRecord | None:
@@ -61,3 +80,31 @@ def record_for(command: object, result: dict[str, Any]) -> CommandRecord | None:
         result=result,
         principal=current_context().principal,
     )
+
+
+def save_answered(
+    catalog: CatalogRepository,
+    command: object,
+    result: dict[str, Any],
+    aggregates: Sequence[Aggregate] = (),
+) -> int:
+    """Saves the command's aggregates with its record in one transaction, then the record's
+    position; returns that position, the one the answer (and every retry) carries."""
+    record = record_for(command, result)
+    pending = [*aggregates, *([record] if record is not None else [])]
+    position = catalog.save(*pending) if pending else catalog.max_position()
+    if record is not None:
+        note_answer(catalog, record, position)
+    return position
+
+
+def note_answer(catalog: CatalogRepository, record: CommandRecord | None, position: int) -> None:
+    """Records the first answer's log position on its saved record. Best effort: the command
+    is done either way, and a retry of a record without it carries today's position."""
+    if record is None:
+        return
+    record.answered(position=position)
+    try:
+        catalog.save(record)
+    except DomainError as exc:
+        log.warning("could not record the answer position of %s: %s", record.request_id, exc)

@@ -8,10 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from eventsourcing.domain import Aggregate
-
 from server.application.commands.base import CommandResult, ICommand, ICommandHandler
-from server.application.commands.idempotency import previous_result, record_for
+from server.application.commands.idempotency import replay, save_answered
 from server.application.context import current_context
 from server.application.ports import CatalogRepository
 from server.domain.errors import FieldViolation
@@ -78,11 +76,9 @@ class ImportLoRACatalogHandler(ICommandHandler[ImportLoRACatalogCommand, ImportC
             return CommandResult.validation_error(
                 FieldViolation("records", f"at most {MAX_RECORDS_PER_BATCH} records per request")
             )
-        previous = previous_result(self._catalog, command)
+        previous = replay(self._catalog, command)
         if previous is not None:
-            return CommandResult.success(
-                _result_from(previous), position=self._catalog.max_position()
-            )
+            return CommandResult.success(_result_from(previous.result), position=previous.position)
         ctx = current_context()
         pending: dict[uuid.UUID, Lora] = {}
         created = updated = unchanged = 0
@@ -116,11 +112,7 @@ class ImportLoRACatalogHandler(ICommandHandler[ImportLoRACatalogCommand, ImportC
                 updated += 1
             pending[lora_id] = lora
         result = ImportCatalogResult(created, updated, unchanged, tuple(errors))
-        command_record = record_for(command, _result_dict(result))
-        aggregates: list[Aggregate] = [*pending.values()]
-        if command_record is not None:
-            aggregates.append(command_record)
-        position = self._catalog.save(*aggregates) if aggregates else self._catalog.max_position()
+        position = save_answered(self._catalog, command, _result_dict(result), [*pending.values()])
         return CommandResult.success(result, position=position)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from server.application.commands.base import IStreamCommand, IStreamCommandHandler
 from server.application.commands.catalog_ops import upsert_file
-from server.application.commands.idempotency import previous_result, record_for
+from server.application.commands.idempotency import replay, request_id, save_answered
 from server.application.context import current_context
 from server.application.ports import CatalogRepository, Consistency, LoraFiles, LoraReadModel
 from server.domain.errors import BadLoraFileError, DomainError
@@ -81,10 +81,11 @@ class ImportLoRAsHandler(IStreamCommandHandler[ImportLoRAsCommand, ImportUpdate]
         self._consistency = consistency
 
     def handle(self, command: ImportLoRAsCommand) -> Iterator[ImportUpdate]:
-        previous = previous_result(self._catalog, command)
+        previous = replay(self._catalog, command)
         if previous is not None:
+            # A finished import's retry: its final message again, not the per-file ones.
             yield ImportUpdate(
-                ImportTotals(**previous), done=True, position=self._catalog.max_position()
+                ImportTotals(**previous.result), done=True, position=previous.position
             )
             return
         target = command.directory or str(self._files.roots[0])
@@ -117,9 +118,8 @@ class ImportLoRAsHandler(IStreamCommandHandler[ImportLoRAsCommand, ImportUpdate]
             yield ImportUpdate(
                 totals, ImportFileResult(path, ImportOutcome.MARKED_UNAVAILABLE, entry.lora_id)
             )
-        record = record_for(command, asdict(totals))
-        if record is not None:
-            position = max(position, self._catalog.save(record))
+        if request_id():
+            position = save_answered(self._catalog, command, asdict(totals))
         yield ImportUpdate(totals, done=True, position=position or self._catalog.max_position())
 
     def _import_one(

@@ -4,14 +4,13 @@ recommended, for whom and for which prompt (a `Recommendation` event)."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from eventsourcing.domain import Aggregate
-
+from server.application.commands.answers import recommendation_from_dict, recommendation_to_dict
 from server.application.commands.base import CommandResult, ICommand, ICommandHandler
-from server.application.commands.idempotency import previous_result, record_for
+from server.application.commands.idempotency import Replay, replay, save_answered
 from server.application.context import current_context
 from server.application.ports import CatalogRepository, LoraReadModel, Recommender
 from server.domain.errors import FieldViolation, NotFoundError
@@ -127,17 +126,30 @@ class _Recording:
         self._catalog = catalog
         self._read_model = read_model
 
-    def replay(self, command: object) -> tuple[str, int] | None:
+    def replay(self, command: object) -> Replay | None:
         if self._catalog is None:
             return None
-        previous = previous_result(self._catalog, command)
-        if previous is None:
-            return None
-        return str(previous["recommendation_id"]), self._catalog.max_position()
+        return replay(self._catalog, command)
+
+    def replayed(self, previous: Replay) -> tuple[str, list[LoRARecommendation]]:
+        """The recommendation id and the recommendations the first answer carried. A record
+        of an earlier version kept the id only: its LoRAs are read as they are now."""
+        rec_id = str(previous.result["recommendation_id"])
+        stored = previous.result.get("recommendations")
+        if stored is None:
+            return rec_id, self.load(rec_id)
+        return rec_id, [recommendation_from_dict(d) for d in stored]
 
     def record(
-        self, command: object, prompt: str, base_model: str, recs: list[LoRARecommendation]
+        self,
+        command: object,
+        prompt: str,
+        base_model: str,
+        recs: list[LoRARecommendation],
+        answer: Callable[[str], dict[str, Any]] | None = None,
     ) -> tuple[str, int]:
+        """Records the recommendation and the request's answer (by default its id and the
+        recommendations; `answer` builds another from the id)."""
         if self._catalog is None:
             return "", 0
         ctx = current_context()
@@ -148,11 +160,14 @@ class _Recording:
             principal=ctx.principal,
             request_id=ctx.request_id,
         )
-        pending: list[Aggregate] = [made]
-        record = record_for(command, {"recommendation_id": str(made.id)})
-        if record is not None:
-            pending.append(record)
-        return str(made.id), self._catalog.save(*pending)
+        rec_id = str(made.id)
+        result = answer(rec_id) if answer is not None else _answer(rec_id, recs)
+        return rec_id, save_answered(self._catalog, command, result, [made])
+
+    def remember(self, command: object, result: dict[str, Any]) -> None:
+        """Records the answer of a request that writes nothing else."""
+        if self._catalog is not None:
+            save_answered(self._catalog, command, result)
 
     def load(self, recommendation_id: str) -> list[LoRARecommendation]:
         if self._catalog is None or self._read_model is None:
@@ -198,11 +213,11 @@ class RecommendLoRAsHandler(ICommandHandler[RecommendLoRAsCommand, Recommendatio
         )
         if violations:
             return CommandResult.validation_error(violations)
-        replay = self._recording.replay(command)
-        if replay is not None:
-            recs = self._recording.load(replay[0])
+        previous = self._recording.replay(command)
+        if previous is not None:
+            rec_id, recs = self._recording.replayed(previous)
             return CommandResult.success(
-                RecommendationSet(replay[0], tuple(recs)), position=replay[1]
+                RecommendationSet(rec_id, tuple(recs)), position=previous.position
             )
         recs = self._recommender.recommend(
             command.prompt,
@@ -233,10 +248,12 @@ class RecommendTopLoRAHandler(ICommandHandler[RecommendTopLoRACommand, TopRecomm
         if violations:
             return CommandResult.validation_error(violations)
         threshold = self._default if command.min_confidence is None else command.min_confidence
-        replay = self._recording.replay(command)
-        if replay is not None:
-            recs = self._recording.load(replay[0])
-            return CommandResult.success(_top(replay[0], recs, threshold), position=replay[1])
+        previous = self._recording.replay(command)
+        if previous is not None:
+            if "none_reason" in previous.result:
+                return CommandResult.success(_top_from(previous.result), position=previous.position)
+            rec_id, recs = self._recording.replayed(previous)
+            return CommandResult.success(_top(rec_id, recs, threshold), position=previous.position)
         recs = self._recommender.recommend(
             command.prompt,
             command.base_model,
@@ -244,8 +261,39 @@ class RecommendTopLoRAHandler(ICommandHandler[RecommendTopLoRACommand, TopRecomm
             min_confidence=threshold,
             include_unavailable=command.include_unavailable,
         )
-        rec_id, position = self._recording.record(command, command.prompt, command.base_model, recs)
+        rec_id, position = self._recording.record(
+            command,
+            command.prompt,
+            command.base_model,
+            recs,
+            answer=lambda rec_id: _top_to(_top(rec_id, recs, threshold)),
+        )
         return CommandResult.success(_top(rec_id, recs, threshold), position=position)
+
+
+def _answer(rec_id: str, recs: Sequence[LoRARecommendation]) -> dict[str, Any]:
+    return {
+        "recommendation_id": rec_id,
+        "recommendations": [recommendation_to_dict(r) for r in recs],
+    }
+
+
+def _top_to(top: TopRecommendation) -> dict[str, Any]:
+    rec = top.recommendation
+    return {
+        "recommendation_id": top.recommendation_id,
+        "recommendation": None if rec is None else recommendation_to_dict(rec),
+        "none_reason": top.none_reason,
+    }
+
+
+def _top_from(d: dict[str, Any]) -> TopRecommendation:
+    rec = d.get("recommendation")
+    return TopRecommendation(
+        str(d["recommendation_id"]),
+        None if rec is None else recommendation_from_dict(rec),
+        str(d.get("none_reason", "")),
+    )
 
 
 def _top(rec_id: str, recs: list[LoRARecommendation], threshold: float) -> TopRecommendation:
@@ -259,7 +307,8 @@ def _top(rec_id: str, recs: list[LoRARecommendation], threshold: float) -> TopRe
 class FilterConfidentRecommendationsHandler(
     ICommandHandler[FilterConfidentRecommendationsCommand, RecommendationSet]
 ):
-    """Reads a recorded recommendation back; writes nothing."""
+    """Reads a recorded recommendation back; writes only the request's idempotency record,
+    so a retry answers the LoRAs it answered first even if one was deleted since."""
 
     def __init__(self, catalog: CatalogRepository, read_model: LoraReadModel) -> None:
         self._recording = _Recording(catalog, read_model)
@@ -271,6 +320,11 @@ class FilterConfidentRecommendationsHandler(
             return CommandResult.validation_error(
                 FieldViolation("min_confidence", "must be in [0, 1]")
             )
+        previous = self._recording.replay(command)
+        if previous is not None:
+            rec_id, recs = self._recording.replayed(previous)
+            return CommandResult.success(RecommendationSet(rec_id, tuple(recs)))
         recs = self._recording.load(command.recommendation_id)
-        kept = tuple(r for r in recs if r.confidence >= command.min_confidence)
-        return CommandResult.success(RecommendationSet(command.recommendation_id, kept))
+        kept = [r for r in recs if r.confidence >= command.min_confidence]
+        self._recording.remember(command, _answer(command.recommendation_id, kept))
+        return CommandResult.success(RecommendationSet(command.recommendation_id, tuple(kept)))

@@ -6,10 +6,8 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
-from eventsourcing.domain import Aggregate
-
 from server.application.commands.base import CommandResult, ICommand, ICommandHandler
-from server.application.commands.idempotency import previous_result, record_for
+from server.application.commands.idempotency import replay, save_answered
 from server.application.context import current_context
 from server.application.ports import CatalogRepository
 from server.domain.errors import FieldViolation
@@ -37,9 +35,9 @@ class RecordGenerationHandler(ICommandHandler[RecordGenerationCommand, str]):
             return CommandResult.validation_error(
                 FieldViolation("lora_ids", f"not LoRA ids: {', '.join(bad[:3])}")
             )
-        previous = previous_result(self._catalog, command)
+        previous = replay(self._catalog, command)
         if previous is not None:
-            return CommandResult.success(str(previous["id"]), position=self._catalog.max_position())
+            return CommandResult.success(str(previous.result["id"]), position=previous.position)
         key = command.generation_key or str(uuid.uuid4())
         if self._catalog.get(PastGeneration.create_id(key)) is not None:
             return CommandResult.success(
@@ -53,8 +51,5 @@ class RecordGenerationHandler(ICommandHandler[RecordGenerationCommand, str]):
             principal=ctx.principal,
             request_id=ctx.request_id,
         )
-        pending: list[Aggregate] = [past]
-        record = record_for(command, {"id": str(past.id)})
-        if record is not None:
-            pending.append(record)
-        return CommandResult.success(str(past.id), position=self._catalog.save(*pending))
+        position = save_answered(self._catalog, command, {"id": str(past.id)}, [past])
+        return CommandResult.success(str(past.id), position=position)

@@ -3,9 +3,10 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
+from server.application.commands.answers import lora_from_dict, lora_to_dict
 from server.application.commands.base import CommandResult, ICommand, ICommandHandler
 from server.application.commands.catalog_ops import FileOutcome, upsert_file
-from server.application.commands.idempotency import previous_result, record_for
+from server.application.commands.idempotency import Replay, replay, save_answered
 from server.application.ports import CatalogRepository, Consistency, LoraFiles, LoraReadModel
 from server.domain.errors import BadLoraFileError, FieldViolation, NotFoundError
 from server.domain.models import LoraView
@@ -36,7 +37,7 @@ class RegisterLoRAHandler(ICommandHandler[RegisterLoRACommand, RegisterLoRAResul
         self._consistency = consistency
 
     def handle(self, command: RegisterLoRACommand) -> CommandResult[RegisterLoRAResult]:
-        previous = previous_result(self._catalog, command)
+        previous = replay(self._catalog, command)
         if previous is not None:
             return self._replay(previous)
         try:
@@ -50,18 +51,24 @@ class RegisterLoRAHandler(ICommandHandler[RegisterLoRACommand, RegisterLoRAResul
             scanned, self._catalog, self._read_model, path_owner=owner.id if owner else None
         )
         created = change.outcome is FileOutcome.REGISTERED
-        record = record_for(command, {"lora_id": str(change.lora.id), "created": created})
-        pending = [a for a in (change.lora if change.changed else None, record) if a is not None]
-        position = self._catalog.save(*pending) if pending else self._catalog.max_position()
-        return CommandResult.success(
-            RegisterLoRAResult(change.lora.view(), created), position=position
+        view = change.lora.view()
+        position = save_answered(
+            self._catalog,
+            command,
+            {"lora_id": view.id, "created": created, "lora": lora_to_dict(view)},
+            [change.lora] if change.changed else [],
         )
+        return CommandResult.success(RegisterLoRAResult(view, created), position=position)
 
-    def _replay(self, previous: dict[str, object]) -> CommandResult[RegisterLoRAResult]:
-        lora = self._catalog.get_lora(uuid.UUID(str(previous["lora_id"])))
-        if lora is None:
-            raise NotFoundError("lora", str(previous["lora_id"]))
+    def _replay(self, previous: Replay) -> CommandResult[RegisterLoRAResult]:
+        stored = previous.result
+        if "lora" in stored:
+            view = lora_from_dict(stored["lora"])
+        else:  # a record of an earlier version: it kept the id only
+            lora = self._catalog.get_lora(uuid.UUID(str(stored["lora_id"])))
+            if lora is None:
+                raise NotFoundError("lora", str(stored["lora_id"]))
+            view = lora.view()
         return CommandResult.success(
-            RegisterLoRAResult(lora.view(), bool(previous["created"])),
-            position=self._catalog.max_position(),
+            RegisterLoRAResult(view, bool(stored["created"])), position=previous.position
         )

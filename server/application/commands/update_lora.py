@@ -6,8 +6,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from server.application.commands.answers import lora_from_dict, lora_to_dict
 from server.application.commands.base import CommandResult, ICommand, ICommandHandler
-from server.application.commands.idempotency import previous_result, record_for
+from server.application.commands.idempotency import replay, save_answered
 from server.application.context import current_context
 from server.application.ports import CatalogRepository
 from server.domain.errors import FieldViolation
@@ -44,21 +45,28 @@ class UpdateLoRAHandler(ICommandHandler[UpdateLoRACommand, LoraView]):
         violations = _validate(command)
         if violations:
             return CommandResult.validation_error(violations)
+        previous = replay(self._catalog, command)
+        if previous is not None and "lora" in previous.result:
+            # The first answer, even if the LoRA changed or was deleted since.
+            return CommandResult.success(
+                lora_from_dict(previous.result["lora"]), position=previous.position
+            )
         lora = self._existing(command.lora_id)
         if lora is None:
             return CommandResult.not_found("lora", command.lora_id)
-        if previous_result(self._catalog, command) is not None:
-            return CommandResult.success(lora.view(), position=self._catalog.max_position())
+        if previous is not None:  # a record of an earlier version: it kept the id only
+            return CommandResult.success(lora.view(), position=previous.position)
         changes = _normalise(command.changes)
         pending: list[Any] = []
         if {k: lora.metadata.get(k) for k in changes} != changes:
             ctx = current_context()
             lora.edit(changes=changes, principal=ctx.principal, request_id=ctx.request_id)
             pending.append(lora)
-        record = record_for(command, {"lora_id": str(lora.id)})
-        pending += [record] if record else []
-        position = self._catalog.save(*pending) if pending else self._catalog.max_position()
-        return CommandResult.success(lora.view(), position=position)
+        view = lora.view()
+        position = save_answered(
+            self._catalog, command, {"lora_id": view.id, "lora": lora_to_dict(view)}, pending
+        )
+        return CommandResult.success(view, position=position)
 
     def _existing(self, lora_id: str) -> Lora | None:
         parsed = parse_lora_id(lora_id)
@@ -74,15 +82,15 @@ class DeleteLoRAHandler(ICommandHandler[DeleteLoRACommand, None]):
         parsed = parse_lora_id(command.lora_id)
         if parsed is None:
             return CommandResult.validation_error(FieldViolation("id", "must be a LoRA id (UUID)"))
-        if previous_result(self._catalog, command) is not None:
-            return CommandResult.success(None, position=self._catalog.max_position())
+        previous = replay(self._catalog, command)
+        if previous is not None:
+            return CommandResult.success(None, position=previous.position)
         lora = self._catalog.get_lora(parsed)
         if lora is None or lora.deleted:
             return CommandResult.not_found("lora", command.lora_id)
         ctx = current_context()
         lora.delete(principal=ctx.principal, request_id=ctx.request_id)
-        record = record_for(command, {"lora_id": str(lora.id)})
-        position = self._catalog.save(lora, *([record] if record else []))
+        position = save_answered(self._catalog, command, {"lora_id": str(lora.id)}, [lora])
         return CommandResult.success(None, position=position)
 
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
 from typing import Any
 
-from server.application.commands.idempotency import previous_result, record_for
+from server.application.commands.idempotency import Replay, note_answer, record_for, replay
 from server.application.context import DispatchContext, current_context
 from server.application.generation.lifecycle import GenerationRecorder
 from server.application.generation.request import (
@@ -43,6 +43,7 @@ from server.domain.errors import (
 from server.domain.generation import Generation, GenerationView
 from server.domain.generation_events import TERMINAL, Failed, GenerationEvent
 from server.domain.generation_job import GenerationJob, ResolvedLora
+from server.domain.lora import CommandRecord
 from server.domain.models import BaseModelInfo, GenerationDefaults, LoraView, is_uuid
 from server.domain.recommend.prompt import parse_prompt
 
@@ -237,6 +238,7 @@ class GenerationJobs:
         `idempotent=False` records no request id (a job a handler starts again itself)."""
         ctx = current_context()
         accepted: dict[str, int] = {}
+        records: list[CommandRecord] = []
 
         def record(position: int) -> None:
             generation = Generation(
@@ -254,6 +256,7 @@ class GenerationJobs:
             )
             if rec is not None:
                 pending.append(rec)
+                records.append(rec)
             accepted["log"] = self._catalog.save(*pending)
             accepted["queue"] = position
 
@@ -264,6 +267,8 @@ class GenerationJobs:
                 reason = exc.message if isinstance(exc, DomainError) else type(exc).__name__
                 self._fail_unqueued(job.generation_id, ctx, reason)
             raise
+        for rec in records:
+            note_answer(self._catalog, rec, accepted["log"])
         self.recorder.follow(handle, job, ctx)
         handle.on_transition(lambda _, payload: self.note_failure(job.model.name, payload))
         return handle, accepted["queue"], accepted["log"]
@@ -291,9 +296,9 @@ class GenerationJobs:
         except DomainError:
             log.exception("could not record that generation %s was not queued", generation_id)
 
-    def replay(self, command: object) -> dict[str, Any] | None:
-        """The earlier result of a retried request (same request_id), if any."""
-        return previous_result(self._catalog, command)
+    def replay(self, command: object) -> Replay | None:
+        """The first answer of a retried request (same principal and request_id), if any."""
+        return replay(self._catalog, command)
 
     def retried(self, command: object) -> JobStream | None:
         """The live job of an earlier request with this request_id, so a retry re-attaches
@@ -301,7 +306,7 @@ class GenerationJobs:
         previous = self.replay(command)
         if previous is None:
             return None
-        generation_id = str(previous["generation_id"])
+        generation_id = str(previous.result["generation_id"])
         handle = self._executor.handle(generation_id)
         if handle is None:
             raise PreconditionError(
