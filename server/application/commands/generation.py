@@ -17,6 +17,7 @@ from server.application.commands.base import (
 from server.application.context import current_context
 from server.application.generation.jobs import GenerationJobs
 from server.application.generation.request import GenerationRequest, LoraChoice
+from server.application.ownership import can_see
 from server.application.ports import CatalogRepository, Recommender
 from server.domain.errors import FieldViolation, ValidationError
 from server.domain.generation import Generation, GenerationView
@@ -179,6 +180,7 @@ class SubmitGenerationHandler(ICommandHandler[SubmitGenerationCommand, tuple[str
     def handle(self, command: SubmitGenerationCommand) -> CommandResult[tuple[str, int]]:
         previous = self._jobs.replay(command)
         if previous is not None:
+            self._jobs.require_visible(str(previous["generation_id"]))
             return CommandResult.success(
                 (str(previous["generation_id"]), int(previous["position"])),
                 position=0,
@@ -202,7 +204,10 @@ class CancelGenerationHandler(ICommandHandler[CancelGenerationCommand, Generatio
                 FieldViolation("generation_id", "not a generation id")
             )
         generation = self._catalog.get(uuid.UUID(command.generation_id))
-        if not isinstance(generation, Generation):
+        if not isinstance(generation, Generation) or not can_see(
+            current_context(), generation.owner
+        ):
+            # Another principal's generation is as unknown as one that does not exist.
             return CommandResult.not_found("generation", command.generation_id)
         view = self._jobs.cancel(generation)
         return CommandResult.success(view, position=self._catalog.max_position())
