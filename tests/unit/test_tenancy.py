@@ -312,3 +312,41 @@ def test_the_owner_travels_in_the_job_message_and_to_other_replicas() -> None:
     first = broker.log(job.generation_id)[0]
     assert first.kind == "queued"
     assert json.loads(json.dumps(first.meta))["who"]["principal"] == "alice"
+
+
+def test_a_swept_generation_stays_hidden_and_sweeping_still_removes_it(tmp_path: Path) -> None:
+    """Images keep the layout <data>/generations/<id>/ (no owner in the path): the owner is
+    checked on every read, so retention sweeps folders as before."""
+    import os
+    import time
+
+    from server.infrastructure.diffusion.images import ImageStore
+
+    store = ImageStore(tmp_path / "generations", retention_seconds=3600)
+    gid = str(uuid.uuid4())
+    store.save(gid, 0, "image/png", b"png")
+    image = ImageRecord(0, sha256(b"png").hexdigest(), 3, "image/png", 1)
+    view = GenerationView(
+        id=gid, state=GenerationState.SUCCEEDED, spec={}, images=(image,), owner="alice"
+    )
+    handler = WatchGenerationHandler(_ReadModel(view), _NoLiveJobs(), store)
+
+    def kinds(ctx: DispatchContext) -> list[str]:
+        with use_context(as_(ctx)):
+            return [
+                type(e.payload).__name__
+                for e in handler.handle(WatchGenerationQuery(generation_id=gid))
+            ]
+
+    def hidden() -> None:
+        with use_context(as_(BOB)), pytest.raises(NotFoundError):
+            handler.handle(WatchGenerationQuery(generation_id=gid))
+
+    hidden()
+    assert kinds(ALICE) == ["ImageChunk", "ImageComplete", "Completed"]
+    old = time.time() - 7200
+    os.utime(tmp_path / "generations" / gid, (old, old))
+    assert store.sweep() == 1
+    assert not (tmp_path / "generations" / gid).exists()
+    hidden()
+    assert kinds(ALICE) == ["Completed"]  # past retention: the record stays, the bytes do not
