@@ -350,7 +350,7 @@ def test_a_replica_started_with_run_worker_runs_jobs_itself(
         cluster.replicas.remove(replica)
 
 
-def test_every_generation_belongs_to_its_principal_across_replicas(
+def test_tenancy_every_generation_belongs_to_its_principal_across_replicas(
     tmp_path: Path, nats: NatsServer
 ) -> None:
     """The tenancy matrix on a secured cluster of its own: owner and other call different
