@@ -350,6 +350,7 @@ def test_a_replica_started_with_run_worker_runs_jobs_itself(
         cluster.replicas.remove(replica)
 
 
+@pytest.mark.timeout(400)
 def test_tenancy_every_generation_belongs_to_its_principal_across_replicas(
     tmp_path: Path, nats: NatsServer
 ) -> None:
