@@ -438,12 +438,16 @@ def list_generations(
     page_size: int,
     page_token: str,
     consistency_token: str,
+    all_owners: bool = False,
+    owner: str = "",
 ) -> query_service_pb2.ListGenerationsRequest:
     return query_service_pb2.ListGenerationsRequest(
         state=state,
         page_size=page_size,
         page_token=page_token,
         consistency_token=consistency_token,
+        all_owners=all_owners,
+        owner=owner,
     )
 
 

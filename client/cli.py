@@ -706,12 +706,17 @@ def _cmd_generations(client: LoracleClient, args: argparse.Namespace, out: _Outp
         if args.state is not None
         else types_pb2.GENERATION_STATE_UNSPECIFIED
     )
-    page = client.list_generations(state=state, page_size=args.limit)
+    page = client.list_generations(
+        state=state, page_size=args.limit, all_owners=args.all, owner=args.owner
+    )
     if out.json_mode:
         out.json([_to_dict(g) for g in page.generations])
         return 0
+    # Listing everyone's, the table says whose each one is.
+    owners = [_Column("owner")] if args.all else []
     columns = [
         _Column("id"),
+        *owners,
         _Column("state"),
         _Column("created"),
         _Column("model", shrink=True),
@@ -723,6 +728,7 @@ def _cmd_generations(client: LoracleClient, args: argparse.Namespace, out: _Outp
         (
             (
                 out.id(g.id),
+                *([g.owner] if args.all else []),
                 types_pb2.GenerationState.Name(g.state).removeprefix("GENERATION_STATE_").lower(),
                 _time(g.create_time),
                 g.spec.model,
@@ -1110,6 +1116,18 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--limit", type=_positive_int, default=20, metavar="N", help="at most N (default: 20)"
+    )
+    whose = p.add_mutually_exclusive_group()
+    whose.add_argument(
+        "--all",
+        action="store_true",
+        help="every principal's generations, with an OWNER column (needs the admin scope)",
+    )
+    whose.add_argument(
+        "--owner",
+        default="",
+        metavar="NAME",
+        help="only this principal's generations (another's needs the admin scope)",
     )
 
     p = command(commands, "search", "search the catalog", _cmd_search)

@@ -375,12 +375,18 @@ class LoracleClient:
         page_size: int = 50,
         page_token: str = "",
         consistency_token: str = "",
+        all_owners: bool = False,
+        owner: str = "",
     ) -> query_service_pb2.ListGenerationsResponse:
+        """The caller's own generations, newest first; `all_owners` (everyone's) and another
+        principal's `owner` need the admin scope."""
         request = rq.list_generations(
             state=state,
             page_size=page_size,
             page_token=page_token,
             consistency_token=consistency_token,
+            all_owners=all_owners,
+            owner=owner,
         )
         return self._unary(self._queries.ListGenerations, request)
 

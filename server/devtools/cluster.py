@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +21,7 @@ from pathlib import Path
 import psycopg
 
 from client import LoracleClient
+from server.application.security import token_sha256
 from server.devtools.local_server import RunningServer, launch, start_server, wait_for_models
 
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
@@ -91,7 +92,11 @@ class RunningWorker:
         return self.log_path.read_text()
 
 
-def write_config(path: Path, **settings: object) -> Path:
+def write_config(
+    path: Path, tokens: Sequence[tuple[str, str, Sequence[str]]] = (), **settings: object
+) -> Path:
+    """Top-level settings, then one [[tokens]] table per (name, token, scopes): in TOML, keys
+    after a table header belong to that table."""
     lines = []
     for key, value in settings.items():
         if isinstance(value, bool):
@@ -100,6 +105,14 @@ def write_config(path: Path, **settings: object) -> Path:
             lines.append(f"{key} = {value}")
         else:
             lines.append(f'{key} = "{value}"')
+    for name, token, scopes in tokens:
+        listed = ", ".join(f'"{scope}"' for scope in scopes)
+        lines += [
+            "[[tokens]]",
+            f'name = "{name}"',
+            f'sha256 = "{token_sha256(token)}"',
+            f"scopes = [{listed}]",
+        ]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -133,9 +146,11 @@ class Cluster:
     config: Path
     replicas: list[RunningServer]
     workers: list[RunningWorker]
+    # With tokens configured: the one the harness itself calls with (a reader's or admin's).
+    token: str | None = None
 
-    def client(self, index: int = 0) -> LoracleClient:
-        return LoracleClient(self.replicas[index].address)
+    def client(self, index: int = 0, token: str | None = None) -> LoracleClient:
+        return LoracleClient(self.replicas[index].address, token=token or self.token)
 
     def add_replica(self, listen: str = "127.0.0.1:0", config: Path | None = None) -> RunningServer:
         index = len(self.replicas)
@@ -180,20 +195,24 @@ def start_cluster(
     replicas: int = 2,
     workers: int = 2,
     listens: tuple[str, ...] = (),
+    tokens: Sequence[tuple[str, str, Sequence[str]]] = (),
     **settings: object,
 ) -> Cluster:
     """Replicas and workers share one config; each has a data folder of its own (the
-    workers each build the same deterministic placeholder model)."""
+    workers each build the same deterministic placeholder model). `tokens` (name, token,
+    scopes) secure the replicas; the harness calls them with an admin's or reader's."""
     base.mkdir(parents=True, exist_ok=True)
     config = write_config(
         base / "cluster.toml",
+        tokens,
         broker_url=broker_url,
         storage_url=storage_url,
         lora_roots=str(base / "loras"),
         **settings,
     )
     (base / "loras").mkdir(exist_ok=True)
-    cluster = Cluster(base, config, [], [])
+    harness = next((t for _, t, scopes in tokens if {"admin", "read"} & set(scopes)), None)
+    cluster = Cluster(base, config, [], [], harness)
     try:
         for i in range(workers):
             cluster.add_worker(f"w{i + 1}")

@@ -79,6 +79,8 @@ class GenerationView:
     create_time: datetime | None = None
     end_time: datetime | None = None
     version: int = 0
+    # The principal that submitted it: only it (and an admin) may see or act on it.
+    owner: str = ""
 
 
 def _event_time(timestamp: datetime | None) -> datetime:
@@ -107,6 +109,9 @@ class Generation(Aggregate):
         request_id: str,
         queue_position: int = 0,
     ) -> None:
+        # The submitter owns it; stored Submitted events already carry it, so old
+        # generations replay with their owner.
+        self.owner = principal
         self.spec = spec
         self.state = GenerationState.QUEUED
         self.images: list[dict[str, Any]] = []
@@ -174,6 +179,7 @@ class Generation(Aggregate):
             create_time=aware(self.created_on),
             end_time=self.end_time,
             version=self.version,
+            owner=self.owner,
         )
 
 

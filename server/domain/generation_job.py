@@ -45,6 +45,8 @@ class GenerationJob:
     output_format: str = "png"
     chunk_size: int = 64 * 1024
     preview_every: int = 0
+    # The principal that submitted it (the live job's handle answers only to it and admins).
+    owner: str = ""
 
     def spec(self) -> dict[str, object]:
         """The filled-in request as recorded on the Generation aggregate."""

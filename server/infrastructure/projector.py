@@ -148,11 +148,14 @@ class Projector:
         latest: dict[uuid.UUID, int] = {}
         audit: list[AuditEntry] = []
         history: list[HistoryEntry] = []
+        catalog: set[str] = set()
         for n in notifications:
             if n.topic.startswith(_COMMAND_RECORD):
                 continue
             event = self._store.decode(n)
             audit.append(_audit_entry(n.id, event))
+            if n.topic.startswith(_LORA):
+                catalog.add(str(n.originator_id))
             if n.topic.startswith((_LORA, *_GENERATION)):
                 latest[uuid.UUID(str(n.originator_id))] = n.originator_version
             elif n.topic.startswith(_PAST_GENERATION):
@@ -169,8 +172,17 @@ class Projector:
                     upserts.append(aggregate.view())
             elif isinstance(aggregate, Generation):
                 generations.append(aggregate.view())
+        # Audit rows of a generation's events carry its owner (from the views), catalog
+        # events none: ListEvents shows a principal only those and its own generations'.
         change = ProjectedChange(
-            after, notifications[-1].id, upserts, deletes, audit, history, generations
+            after,
+            notifications[-1].id,
+            upserts,
+            deletes,
+            audit,
+            history,
+            generations,
+            frozenset(catalog),
         )
         # False: another process sharing the database applied this batch first. This process's
         # in-memory consumers (the recommendation index, the query cache) still need it.

@@ -73,10 +73,14 @@ audit_events = sa.Table(
     sa.Column("request_id", sa.String(256), nullable=False),
     sa.Column("occurred_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("data_json", sa.Text, nullable=False),
+    # Who may see it: "" for the catalog's events (everyone), a generation's owner for its
+    # events, and the actor for the rest (recommendations, the server's prompt history).
+    sa.Column("owner", sa.String(256), nullable=False),
     sa.Index("rm_audit_aggregate", "aggregate_id", "position"),
     sa.Index("rm_audit_type", "type", "position"),
     sa.Index("rm_audit_principal", "principal", "position"),
     sa.Index("rm_audit_time", "occurred_at"),
+    sa.Index("rm_audit_owner", "owner", "position"),
 )
 
 generation_history = sa.Table(
@@ -94,8 +98,10 @@ generations = sa.Table(
     sa.Column("state", sa.String(16), nullable=False),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("view_json", sa.Text, nullable=False),
+    sa.Column("owner", sa.String(256), nullable=False),
     sa.Index("rm_generations_order", "created_at", "id"),
     sa.Index("rm_generations_state", "state", "created_at", "id"),
+    sa.Index("rm_generations_owner", "owner", "created_at", "id"),
 )
 
 tracking = sa.Table(
@@ -105,7 +111,18 @@ tracking = sa.Table(
     sa.Column("position", sa.BigInteger, nullable=False),
 )
 
+schema = sa.Table(
+    "rm_schema",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("version", sa.Integer, nullable=False),
+)
+
 TRACKING_NAME = "catalog"
+# Bump when an rm_* table changes: a database at another version has its read models dropped
+# and rebuilt from the event log (they are projections; there is nothing to migrate).
+SCHEMA_VERSION = 2
+SCHEMA_NAME = "read_model"
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +137,8 @@ class ProjectedChange:
     audit: Sequence[AuditEntry] = ()
     history: Sequence[HistoryEntry] = ()
     generations: Sequence[GenerationView] = ()
+    # Aggregates of the catalog (LoRAs): their audit events are everyone's to see.
+    catalog: frozenset[str] = frozenset()
 
 
 def view_to_json(view: LoraView) -> str:
@@ -191,7 +210,7 @@ class SqlReadModel:
         if url.kind == "sqlite":
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
         try:
-            metadata.create_all(self.engine)
+            self.rebuilt = _ensure_schema(self.engine)
         except (OperationalError, DBAPIError) as exc:
             raise UnavailableError(f"read model unavailable: {exc.orig}") from None
 
@@ -222,7 +241,11 @@ class SqlReadModel:
                 if tag_rows:
                     conn.execute(lora_tags.insert(), tag_rows)
             if change.audit:
-                conn.execute(audit_events.insert(), [_audit_row(a) for a in change.audit])
+                owners = {g.id: g.owner for g in change.generations}
+                conn.execute(
+                    audit_events.insert(),
+                    [_audit_row(a, owners, change.catalog) for a in change.audit],
+                )
             if change.history:
                 conn.execute(
                     generation_history.insert(),
@@ -412,7 +435,16 @@ class SqlReadModel:
                 )
         return entries
 
-    def events(self, flt: EventFilter, page_size: int, page_token: str = "") -> Page[AuditEntry]:
+    def events(
+        self,
+        flt: EventFilter,
+        page_size: int,
+        page_token: str = "",
+        *,
+        owner: str | None = None,
+    ) -> Page[AuditEntry]:
+        """Oldest first. With `owner`, only the catalog's events and that owner's
+        generations' (None: every event)."""
         filter_key = "|".join(
             [flt.aggregate_id, flt.type, flt.principal, str(flt.start_time), str(flt.end_time)]
         )
@@ -427,6 +459,8 @@ class SqlReadModel:
             where.append(audit_events.c.occurred_at >= flt.start_time.astimezone(UTC))
         if flt.end_time is not None:
             where.append(audit_events.c.occurred_at < flt.end_time.astimezone(UTC))
+        if owner is not None:
+            where.append(audit_events.c.owner.in_(["", owner]))
         if page_token:
             after = decode_page_token(page_token, filter_key, _after_event)
             where.append(audit_events.c.position > after)
@@ -458,12 +492,18 @@ class SqlReadModel:
         states: Sequence[GenerationState] = (),
         page_size: int = 50,
         page_token: str = "",
+        *,
+        owner: str | None = None,
     ) -> Page[GenerationView]:
-        """Newest first; keyset-paged on (submission time, id)."""
+        """Newest first; keyset-paged on (submission time, id); only `owner`'s unless None."""
         filter_key = ",".join(sorted(s.value for s in states))
+        if owner is not None:
+            filter_key += f"|{owner}"
         where: list[sa.ColumnElement[bool]] = (
             [generations.c.state.in_([s.value for s in states])] if states else []
         )
+        if owner is not None:
+            where.append(generations.c.owner == owner)
         page_where = list(where)
         if page_token:
             created, generation_id = decode_page_token(page_token, filter_key, _after_generation)
@@ -507,6 +547,24 @@ class SqlReadModel:
             raise UnavailableError(f"read model unavailable: {type(exc.orig).__name__}") from None
 
 
+def _ensure_schema(engine: Engine) -> bool:
+    """Creates the read models; ones at another schema version (or from before versions were
+    kept) are dropped first, and the projector, finding no tracking position, rebuilds them
+    from the event log. Returns whether it (re)created them."""
+    with engine.begin() as conn:
+        stored: int | None = None
+        if sa.inspect(conn).has_table(schema.name):
+            stored = conn.execute(
+                sa.select(schema.c.version).where(schema.c.name == SCHEMA_NAME)
+            ).scalar()
+        rebuilt = stored != SCHEMA_VERSION
+        if rebuilt:
+            metadata.drop_all(conn)
+            metadata.create_all(conn)
+            conn.execute(schema.insert().values(name=SCHEMA_NAME, version=SCHEMA_VERSION))
+    return rebuilt
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cursor = dbapi_conn.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -530,8 +588,15 @@ def _lora_row(v: LoraView) -> dict[str, Any]:
     }
 
 
-def _audit_row(a: AuditEntry) -> dict[str, Any]:
+def _audit_row(a: AuditEntry, owners: dict[str, str], catalog: frozenset[str]) -> dict[str, Any]:
+    if a.aggregate_id in owners:
+        owner = owners[a.aggregate_id]
+    elif a.aggregate_id in catalog:
+        owner = ""
+    else:
+        owner = a.principal
     return {
+        "owner": owner,
         "position": a.position,
         "aggregate_id": a.aggregate_id,
         "aggregate_version": a.aggregate_version,
@@ -571,6 +636,7 @@ def generation_to_json(g: GenerationView) -> str:
             "create_time": g.create_time.isoformat() if g.create_time else None,
             "end_time": g.end_time.isoformat() if g.end_time else None,
             "version": g.version,
+            "owner": g.owner,
         },
         separators=(",", ":"),
         default=str,
@@ -589,6 +655,7 @@ def generation_from_json(text: str) -> GenerationView:
         create_time=datetime.fromisoformat(d["create_time"]) if d["create_time"] else None,
         end_time=datetime.fromisoformat(d["end_time"]) if d["end_time"] else None,
         version=int(d["version"]),
+        owner=str(d.get("owner", "")),
     )
 
 
@@ -598,4 +665,5 @@ def _generation_row(g: GenerationView) -> dict[str, Any]:
         "state": g.state.value,
         "created_at": g.create_time or datetime.now(UTC),
         "view_json": generation_to_json(g),
+        "owner": g.owner,
     }

@@ -284,6 +284,7 @@ def generation_to_proto(view: GenerationView) -> types_pb2.Generation:
     msg = types_pb2.Generation(
         id=view.id,
         state=_STATES[view.state],
+        owner=view.owner,
         spec=types_pb2.GenerationSpec(
             model=str(spec.get("model", "")),
             prompt=str(spec.get("prompt", "")),

@@ -292,6 +292,8 @@ class QueryServicer(qry_grpc.QueryServiceServicer):
             page_size=request.page_size,
             page_token=request.page_token,
             state=STATE_NAMES.get(request.state, ""),
+            all_owners=request.all_owners,
+            owner=request.owner,
         )
         page = await self._d.query(context, query, request.consistency_token)
         return qry_pb.ListGenerationsResponse(

@@ -75,12 +75,14 @@ def pytest_runtest_makereport(
 
 
 @pytest.fixture(autouse=True)
-def logs_on_failure(request: pytest.FixtureRequest, cluster: Cluster) -> Iterator[None]:
+def logs_on_failure(request: pytest.FixtureRequest) -> Iterator[None]:
     """A failed cluster test shows what each process logged (CI keeps no files): the
-    Loracle lines of every replica's and worker's log, the last 20 of each."""
+    Loracle lines of every replica's and worker's log, the last 20 of each. Only for tests
+    of the shared cluster: one that starts its own does not start this one too."""
     yield
-    if not request.node.stash.get(FAILED, False):
+    if not request.node.stash.get(FAILED, False) or "cluster" not in request.fixturenames:
         return
+    cluster: Cluster = request.getfixturevalue("cluster")
     for path in sorted(cluster.base.rglob("*.log"), key=lambda p: p.stat().st_mtime):
         lines = [x for x in path.read_text(errors="replace").splitlines() if x[:4].isdigit()]
         print(f"--- {path.relative_to(cluster.base)}", *lines[-20:], sep="\n")

@@ -10,13 +10,14 @@ import re
 import signal
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
 
 from client import LoracleClient, Unavailable
 from loracle.v1 import types_pb2
-from server.devtools.cluster import Cluster, NatsServer
+from server.devtools.cluster import Cluster, NatsServer, postgres_schema, start_cluster
 from server.devtools.synthetic_loras import write_synthetic_lora
 from server.devtools.tiny_loras import write_lora_for_pipeline
 from server.domain.models import Architecture, BaseModelConfig
@@ -25,6 +26,8 @@ from server.infrastructure.broker.port import BrokerUnavailable, Claim
 from server.infrastructure.diffusion.registry import EMBEDDED_NAME, load_pipeline
 from tests.cluster.conftest import LEASE_SECONDS, MAX_ATTEMPTS, final_generation, wait_until
 from tests.cluster.proxy import CuttableProxy
+from tests.e2e.test_tenancy import ADMIN, OTHER, OWNER, tenancy_matrix
+from tests.support import POSTGRES_URL
 
 Events = list[types_pb2.GenerationEvent]
 
@@ -345,3 +348,31 @@ def test_a_replica_started_with_run_worker_runs_jobs_itself(
     finally:
         replica.stop()
         cluster.replicas.remove(replica)
+
+
+@pytest.mark.timeout(400)
+def test_tenancy_every_generation_belongs_to_its_principal_across_replicas(
+    tmp_path: Path, nats: NatsServer
+) -> None:
+    """The tenancy matrix on a secured cluster of its own: owner and other call different
+    replicas, so every check crosses the broker (live handles, the owner in job messages)."""
+    with postgres_schema(POSTGRES_URL.replace("postgresql+psycopg", "postgresql")) as url:
+        secured = start_cluster(
+            tmp_path / "secured",
+            broker_url=nats.url,
+            storage_url=url,
+            replicas=2,
+            workers=1,
+            tokens=[(p.name, p.token, p.scopes) for p in (OWNER, OTHER, ADMIN)],
+            broker_namespace=f"s{uuid.uuid4().hex[:8]}",
+            batch_wait_ms=50,
+        )
+        try:
+            with (
+                secured.client(0, OWNER.token) as owner,
+                secured.client(1, OTHER.token) as other,
+                secured.client(1, ADMIN.token) as admin,
+            ):
+                tenancy_matrix(owner, other, admin)
+        finally:
+            secured.stop()

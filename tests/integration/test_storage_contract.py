@@ -240,7 +240,7 @@ class StorageContract:
             ids.append(str(g.id))
             time.sleep(0.01)  # distinct submission times
         position = c.store.max_position()
-        ctx = DispatchContext(min_position=position)
+        ctx = DispatchContext(principal="alice", min_position=position)
         page = c.queries.dispatch(ListGenerationsQuery(page_size=2), ctx).data
         assert [v.id for v in page] == [ids[4], ids[3]]
         assert page.total_size == 5
@@ -284,7 +284,7 @@ class StorageContract:
         else:
             g.cancel([], "alice", "t1")
         c.store.save(g)
-        ctx = DispatchContext(min_position=c.store.max_position())
+        ctx = DispatchContext(principal="alice", min_position=c.store.max_position())
         view = c.queries.dispatch(GetGenerationQuery(generation_id=str(g.id)), ctx).data
         trail = c.read_model.events(EventFilter(aggregate_id=str(g.id)), 10).items
         assert [e.type for e in trail][-1] == f"Generation{final.title()}"
@@ -317,7 +317,7 @@ class StorageContract:
         ]
         assert all(s.topic.startswith("server.domain.generation_job:Generation.") for s in legacy)
         recorder.insert_events(legacy)
-        ctx = DispatchContext(min_position=c.store.max_position())
+        ctx = DispatchContext(principal="alice", min_position=c.store.max_position())
         view = c.queries.dispatch(GetGenerationQuery(generation_id=str(g.id)), ctx).data
         assert view.state is GenerationState.FAILED
         assert view.error == "it broke"

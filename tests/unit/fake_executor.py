@@ -50,6 +50,10 @@ class FakeJob:
         return self.job.generation_id
 
     @property
+    def owner(self) -> str:
+        return self.job.owner
+
+    @property
     def finished(self) -> bool:
         with self._cond:
             return any(isinstance(e.payload, TERMINAL) for e in self._events)

@@ -71,6 +71,7 @@ GENERATIONS = [
         id=gid,
         state=types_pb2.GENERATION_STATE_RUNNING,
         spec=types_pb2.GenerationSpec(prompt="a lighthouse", model="tiny"),
+        owner="alice",
     )
     for gid in (
         "820fcc0a-1111-4111-8111-111111111111",
@@ -768,6 +769,25 @@ def test_cli_ambiguous_or_unknown_prefixes_are_refused(
     assert main(["--server", fake.address, "watch", "99999999"]) == 1
     assert "NOT_FOUND: no generation has an id starting with '99999999'" in capsys.readouterr().err
     assert fake.sent(command_service_pb2.CancelGenerationRequest) == []
+
+
+def test_cli_generations_all_and_owner(
+    fake: FakeServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--all` asks for every principal's and adds an owner column; `--owner` one's."""
+    assert main(["--server", fake.address, "generations"]) == 0
+    assert "owner" not in capsys.readouterr().out.splitlines()[0]
+    assert main(["--server", fake.address, "generations", "--all"]) == 0
+    header, *rows = capsys.readouterr().out.splitlines()
+    assert header.split()[:2] == ["id", "owner"]
+    assert all(" alice " in row for row in rows)
+    assert main(["--server", fake.address, "generations", "--owner", "bob"]) == 0
+    requests = fake.sent(query_service_pb2.ListGenerationsRequest)
+    assert [(r.all_owners, r.owner) for r in requests[-3:]] == [
+        (False, ""),
+        (True, ""),
+        (False, "bob"),
+    ]
 
 
 def test_cli_wide_tables_show_whole_ids(

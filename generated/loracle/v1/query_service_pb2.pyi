@@ -347,6 +347,8 @@ class ListGenerationsRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     CONSISTENCY_TOKEN_FIELD_NUMBER: _builtins.int
+    ALL_OWNERS_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Maximum generations per page, 1 to 1000; 0 means 50."""
     page_token: _builtins.str
@@ -355,6 +357,10 @@ class ListGenerationsRequest(_message.Message):
     """Only generations in this state; unspecified for all."""
     consistency_token: _builtins.str
     """From a command's response: wait until that write is visible."""
+    all_owners: _builtins.bool
+    """Every principal's generations, not only the caller's; needs the admin scope."""
+    owner: _builtins.str
+    """Only this principal's generations; another principal's needs the admin scope."""
     def __init__(
         self,
         *,
@@ -362,10 +368,12 @@ class ListGenerationsRequest(_message.Message):
         page_token: _builtins.str = ...,
         state: _types_pb2.GenerationState.ValueType = ...,
         consistency_token: _builtins.str = ...,
+        all_owners: _builtins.bool = ...,
+        owner: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistency_token", b"consistency_token", "page_size", b"page_size", "page_token", b"page_token", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_owners", b"all_owners", "consistency_token", b"consistency_token", "owner", b"owner", "page_size", b"page_size", "page_token", b"page_token", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -645,12 +645,15 @@ class Generation(_message.Message):
     TIMINGS_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned id."""
     state: Global___GenerationState.ValueType
     """Current state."""
     error: _builtins.str
     """Why it failed; empty otherwise."""
+    owner: _builtins.str
+    """The principal that submitted it; only it and admins see the generation."""
     @_builtins.property
     def spec(self) -> Global___GenerationSpec:
         """What was asked for, with defaults filled in."""
@@ -682,10 +685,11 @@ class Generation(_message.Message):
         timings: Global___StageTimings | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
+        owner: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "spec", b"spec", "timings", b"timings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "id", b"id", "images", b"images", "spec", b"spec", "state", b"state", "timings", b"timings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "id", b"id", "images", b"images", "owner", b"owner", "spec", b"spec", "state", b"state", "timings", b"timings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

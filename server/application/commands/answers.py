@@ -80,6 +80,7 @@ def generation_to_dict(view: GenerationView) -> dict[str, Any]:
         "create_time": _time(view.create_time),
         "end_time": _time(view.end_time),
         "version": view.version,
+        "owner": view.owner,
     }
 
 
@@ -94,4 +95,5 @@ def generation_from_dict(d: dict[str, Any]) -> GenerationView:
         create_time=_time_from(d.get("create_time")),
         end_time=_time_from(d.get("end_time")),
         version=int(d.get("version", 0)),
+        owner=str(d.get("owner", "")),
     )

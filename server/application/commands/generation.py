@@ -19,6 +19,7 @@ from server.application.commands.idempotency import replay, save_answered
 from server.application.context import current_context
 from server.application.generation.jobs import GenerationJobs
 from server.application.generation.request import GenerationRequest, LoraChoice
+from server.application.ownership import can_see
 from server.application.ports import CatalogRepository, Recommender
 from server.domain.errors import FieldViolation, ValidationError
 from server.domain.generation import Generation, GenerationView
@@ -182,6 +183,7 @@ class SubmitGenerationHandler(ICommandHandler[SubmitGenerationCommand, tuple[str
         previous = self._jobs.replay(command)
         if previous is not None:
             stored = previous.result
+            self._jobs.require_visible(str(stored["generation_id"]))
             return CommandResult.success(
                 (str(stored["generation_id"]), int(stored["position"])),
                 position=previous.position,
@@ -210,7 +212,10 @@ class CancelGenerationHandler(ICommandHandler[CancelGenerationCommand, Generatio
                 generation_from_dict(previous.result["generation"]), position=previous.position
             )
         generation = self._catalog.get(uuid.UUID(command.generation_id))
-        if not isinstance(generation, Generation):
+        if not isinstance(generation, Generation) or not can_see(
+            current_context(), generation.owner
+        ):
+            # Another principal's generation is as unknown as one that does not exist.
             return CommandResult.not_found("generation", command.generation_id)
         view = self._jobs.cancel(generation)
         position = save_answered(self._catalog, command, {"generation": generation_to_dict(view)})

@@ -8,6 +8,7 @@ import logging
 import random
 import uuid
 from collections.abc import Callable, Generator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from server.application.generation.request import (
     validate,
 )
 from server.application.generation.unloadable import UnloadableLoras
+from server.application.ownership import require_visible
 from server.application.ports import (
     CatalogRepository,
     Executor,
@@ -133,6 +135,7 @@ class GenerationJobs:
             output_format=request.output_format,
             chunk_size=request.chunk_size_bytes or 64 * 1024,
             preview_every=request.preview_every_n_steps,
+            owner=current_context().principal,
         )
 
     def model(self, name: str) -> BaseModelInfo:
@@ -237,6 +240,8 @@ class GenerationJobs:
         """Queues the job and records it; returns (stream, queue position, log position).
         `idempotent=False` records no request id (a job a handler starts again itself)."""
         ctx = current_context()
+        if job.owner != ctx.principal:
+            job = replace(job, owner=ctx.principal)
         accepted: dict[str, int] = {}
         records: list[CommandRecord] = []
 
@@ -302,13 +307,17 @@ class GenerationJobs:
 
     def retried(self, command: object) -> JobStream | None:
         """The live job of an earlier request with this request_id, so a retry re-attaches
-        instead of generating twice; None for a first request."""
+        instead of generating twice; None for a first request. Only the job's owner (or an
+        admin) re-attaches; anyone else gets the NOT_FOUND of an unknown id."""
         previous = self.replay(command)
         if previous is None:
             return None
         generation_id = str(previous.result["generation_id"])
         handle = self._executor.handle(generation_id)
-        if handle is None:
+        if handle is not None:
+            require_visible(current_context(), generation_id, handle.owner)
+        else:
+            self.require_visible(generation_id)
             raise PreconditionError(
                 "this request's generation is no longer streaming here; use "
                 "WatchGeneration or GetGeneration with its id",
@@ -349,6 +358,15 @@ class GenerationJobs:
 
     def handle(self, generation_id: str) -> JobStream | None:
         return self._executor.handle(generation_id)
+
+    def require_visible(self, generation_id: str) -> None:
+        """NOT_FOUND unless the stored generation is the caller's (or the caller is admin)."""
+        try:
+            generation = self._catalog.get(uuid.UUID(generation_id))
+        except ValueError:
+            generation = None
+        owner = generation.owner if isinstance(generation, Generation) else None
+        require_visible(current_context(), generation_id, owner)
 
     # -- cancelling --------------------------------------------------------------------------
 

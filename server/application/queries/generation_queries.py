@@ -3,11 +3,12 @@ WatchGeneration, which follows a live job or replays a finished one."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
 from server.application.context import current_context
+from server.application.ownership import Viewer, owners_filter, require_visible
 from server.application.ports import (
     GenerationReadModel,
     LiveJobs,
@@ -24,7 +25,6 @@ from server.application.queries.base import (
 from server.application.queries.lora_queries import page_size
 from server.domain.errors import (
     FieldViolation,
-    NotFoundError,
     PreconditionError,
     Reason,
     ValidationError,
@@ -61,18 +61,33 @@ GENERATIONS = frozenset({"generations"})
 LIVE_POLL_SECONDS = 0.5
 
 
+class _PerViewer:
+    """A query whose answer depends on who asks (generations are their owner's): cached per
+    viewer, or a second principal would be handed the first one's answer."""
+
+    __slots__ = ()
+
+    def cache_key(self) -> Hashable:
+        return (type(self), self, Viewer.of(current_context()))
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
-class GetGenerationQuery(IQuery[GenerationView]):
+class GetGenerationQuery(_PerViewer, IQuery[GenerationView]):
     reads: ClassVar[frozenset[str]] = GENERATIONS
     generation_id: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class ListGenerationsQuery(IQuery[Page[GenerationView]]):
+class ListGenerationsQuery(_PerViewer, IQuery[Page[GenerationView]]):
+    """The caller's own generations; `all_owners` (every principal's) and another
+    principal's `owner` need the admin scope."""
+
     reads: ClassVar[frozenset[str]] = GENERATIONS
     page_size: int = 0
     page_token: str = ""
     state: str = ""
+    all_owners: bool = False
+    owner: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -87,8 +102,10 @@ class GetGenerationHandler(IQueryHandler[GetGenerationQuery, GenerationView]):
 
     def handle(self, query: GetGenerationQuery) -> QueryResult[GenerationView]:
         view = self._read_model.get_generation(query.generation_id)
-        if view is None:
-            raise NotFoundError("generation", query.generation_id)
+        require_visible(
+            current_context(), query.generation_id, None if view is None else view.owner
+        )
+        assert view is not None
         return QueryResult.success(view)
 
 
@@ -103,9 +120,10 @@ class ListGenerationsHandler(IQueryHandler[ListGenerationsQuery, Page[Generation
                 states = (GenerationState(query.state),)
             except ValueError:
                 raise ValidationError(FieldViolation("state", "not a generation state")) from None
+        owner = owners_filter(current_context(), all_owners=query.all_owners, owner=query.owner)
         size = page_size(query.page_size, 50)
         return QueryResult.success(
-            self._read_model.list_generations(states, size, query.page_token)
+            self._read_model.list_generations(states, size, query.page_token, owner=owner)
         )
 
 
@@ -132,10 +150,12 @@ class WatchGenerationHandler(IStreamQueryHandler[WatchGenerationQuery, Generatio
         ctx = current_context()  # captured now: the generator body runs outside the dispatch
         handle = self._jobs.handle(query.generation_id)
         if handle is not None:
+            require_visible(ctx, query.generation_id, handle.owner)
             return handle.events(after=query.after_sequence, stop=ctx.abandoned)
         view = self._read_model.get_generation(query.generation_id)
-        if view is None:
-            raise NotFoundError("generation", query.generation_id)
+        # Before any stored image is read: another principal's images stay unread.
+        require_visible(ctx, query.generation_id, None if view is None else view.owner)
+        assert view is not None
         if view.state not in FINAL_STATES:
             raise PreconditionError(
                 f"generation {view.id} is {view.state.value.lower()} but not live on this "

@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, ClassVar
 
+from server.application.context import current_context
+from server.application.ownership import Viewer, events_owner
 from server.application.ports import LoraReadModel, LoraSearch
 from server.application.queries.base import IQuery, IQueryHandler, QueryResult
 from server.domain.errors import FieldViolation, NotFoundError, ValidationError
@@ -100,6 +103,8 @@ def _search_offset(payload: dict[str, Any]) -> int:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ListEventsQuery(IQuery[Page[AuditEntry]]):
+    """Catalog events and the caller's own generations' (an admin's: all)."""
+
     reads: ClassVar[frozenset[str]] = EVENTS
     page_size: int = 0
     page_token: str = ""
@@ -108,6 +113,10 @@ class ListEventsQuery(IQuery[Page[AuditEntry]]):
     principal: str = ""
     start_time: datetime | None = None
     end_time: datetime | None = None
+
+    def cache_key(self) -> Hashable:
+        # Per viewer: which generations' events it shows depends on who asks.
+        return (type(self), self, Viewer.of(current_context()))
 
 
 class GetLoRAByIdHandler(IQueryHandler[GetLoRAByIdQuery, LoraView]):
@@ -155,6 +164,8 @@ class ListEventsHandler(IQueryHandler[ListEventsQuery, Page[AuditEntry]]):
         flt = EventFilter(
             query.aggregate_id, query.type, query.principal, query.start_time, query.end_time
         )
+        size = page_size(query.page_size, 100)
+        owner = events_owner(current_context())
         return QueryResult.success(
-            self._read_model.events(flt, page_size(query.page_size, 100), query.page_token)
+            self._read_model.events(flt, size, query.page_token, owner=owner)
         )

@@ -69,6 +69,8 @@ class JobMessage:
     who: Who
     # As the replica derived it (server.domain.batching): jobs with equal keys batch.
     batch_key: BatchKey = ""
+    # The submitter, so the job's handle on the worker answers only to it (and admins).
+    owner: str = ""
 
     @property
     def num_images(self) -> int:
@@ -102,6 +104,7 @@ class JobMessage:
             output_format=str(f.get("output_format", "png")),
             chunk_size=chunk_size,
             preview_every=int(f.get("preview_every", 0)),
+            owner=self.owner,
         )
 
 
@@ -138,6 +141,7 @@ def encode_job(job: GenerationJob, who: Who) -> bytes:
         ],
         "who": who.to_dict(),
         "batch_key": batch_key(job),
+        "owner": job.owner,
     }
     return json.dumps(doc).encode()
 
@@ -158,7 +162,7 @@ def decode_job(body: bytes) -> JobMessage:
     )
     return JobMessage(
         str(doc["generation_id"]), str(doc["model"]), dict(doc["fields"]), loras,
-        Who.from_dict(doc.get("who")), str(doc["batch_key"]),
+        Who.from_dict(doc.get("who")), str(doc["batch_key"]), str(doc.get("owner", "")),
     )  # fmt: skip
 
 

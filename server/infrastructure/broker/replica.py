@@ -38,19 +38,46 @@ from server.infrastructure.diffusion.families import family_for
 
 log = logging.getLogger("loracle.cluster")
 
+# How long a replica waits for a job's first record to learn who owns it.
+OWNER_READ_SECONDS = 5.0
+
 
 class RemoteJobStream:
     """A job running somewhere in the cluster, followed through its broker log."""
 
-    def __init__(self, broker: Broker, generation_id: str) -> None:
+    def __init__(self, broker: Broker, generation_id: str, owner: str | None = None) -> None:
         self._broker = broker
         self._id = generation_id
+        self._owner = owner
         self._finished = False
         self._last = 0
 
     @property
     def generation_id(self) -> str:
         return self._id
+
+    @property
+    def owner(self) -> str:
+        """The submitter: known to the replica that queued the job; any other replica reads
+        it from the job's first record (Queued carries it), "" (admins only) if unreadable."""
+        if self._owner is None:
+            self._owner = self._read_owner()
+        return self._owner
+
+    def _read_owner(self) -> str:
+        try:
+            subscription = self._broker.events(self._id)
+        except DomainError:
+            return ""
+        try:
+            record = subscription.next(OWNER_READ_SECONDS)
+        except DomainError:
+            return ""
+        finally:
+            subscription.close()
+        if record is None or record.kind != "queued":
+            return ""
+        return Who.from_dict(record.meta.get("who")).principal
 
     @property
     def finished(self) -> bool:
@@ -138,9 +165,10 @@ class BrokerExecutor:
         )
         gid = job.generation_id
         self._broker.create_claim(gid, Claim("queued"))
-        self._broker.publish(to_record(gid, 0, Queued(depth)))
+        # The owner travels in the first record: any replica's handle reads it from there.
+        self._broker.publish(to_record(gid, 0, Queued(depth), who=Who(job.owner)))
         self._broker.enqueue(gid, encode_job(job, who))
-        return RemoteJobStream(self._broker, gid)
+        return RemoteJobStream(self._broker, gid, job.owner)
 
     def handle(self, generation_id: str) -> RemoteJobStream | None:
         known = self._broker.claim(generation_id) is not None

@@ -43,6 +43,10 @@ class JobHandle:
         return self.job.generation_id
 
     @property
+    def owner(self) -> str:
+        return self.job.owner
+
+    @property
     def cancelled(self) -> bool:
         return self._cancel.is_set()
 
