@@ -17,6 +17,7 @@ from server.application.context import DispatchContext
 from server.application.queries import IQuery, IStreamQuery, QueryBus, QueryResult
 from server.application.security import TokenAuthenticator
 from server.domain.errors import FieldViolation, ValidationError
+from server.domain.tokens import TokenSigner, new_key
 from server.rpc.errors import to_status
 from server.rpc.mapping import position_from_token
 from server.rpc.validation import request_error
@@ -32,10 +33,13 @@ class Dispatcher:
         commands: CommandBus,
         queries: QueryBus,
         authenticator: TokenAuthenticator | None = None,
+        tokens: TokenSigner | None = None,
     ) -> None:
         self.commands = commands
         self.queries = queries
         self.authenticator = authenticator or TokenAuthenticator(())
+        # The deployment's signer (the composition root's); a random key serves a test's own.
+        self.tokens = tokens or TokenSigner(new_key())
 
     def context(
         self,
@@ -57,7 +61,7 @@ class Dispatcher:
             request_id=request_id,
             correlation_id=correlation_id(rpc),
             deadline=None if remaining is None else time.monotonic() + remaining,
-            min_position=position_from_token(consistency_token),
+            min_position=position_from_token(consistency_token, self.tokens),
             rejected=request_error(),
         )
 
