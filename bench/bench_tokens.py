@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import functools
 import json
 import statistics
 import sys
@@ -61,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         "forged: 100,000 characters": "A" * 100_000,
     }
     results = {
-        name: _median_us(lambda t=token: signer.page_position(t, listing, _after_lora), args.repeat)
+        name: _median_us(
+            functools.partial(signer.page_position, token, listing, _after_lora), args.repeat
+        )
         for name, token in cases.items()
     }
     consistency = signer.consistency_token(123456)

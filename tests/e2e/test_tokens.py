@@ -68,7 +68,7 @@ def test_the_briefs_grpcurl_line_is_invalid_argument(server: RunningServer) -> N
     )
     with pytest.raises(grpc.RpcError) as info:
         run_grpcurl_line(line, server.address)
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_issued_tokens_page_but_not_another_listing(client: LoracleClient) -> None:
