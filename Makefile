@@ -81,6 +81,7 @@ bench-cluster: install services
 bench-reliability: install services
 	LORACLE_FUZZ_EXAMPLES=$(or $(FUZZ_EXAMPLES),400) LORACLE_CRASH_ROUNDS=$(or $(CRASH_ROUNDS),10) \
 	LORACLE_LOAD_SECONDS=$(or $(LOAD_SECONDS),60) LORACLE_LOAD_QUERIES=$(or $(LOAD_QUERIES),500) \
+	LORACLE_SOAK_ROUNDS=$(or $(SOAK_ROUNDS),20) \
 	$(BIN)/pytest -q -s -p no:cacheprovider --timeout 1800 tests/reliability
 
 # make eval-recommend CATALOG=... QUERIES=... [HISTORY=...] [LIMIT=N]

@@ -70,6 +70,7 @@ from server.application.security import Credential, ScopeAuthorizer, TokenAuthen
 from server.config import Settings, cpu_threads
 from server.domain.generation import GenerationState
 from server.domain.recommend.engine import RecommendationEngine
+from server.domain.tokens import TokenSigner, parse_key
 from server.infrastructure.broker.nats_broker import NatsBroker
 from server.infrastructure.broker.port import Broker
 from server.infrastructure.broker.replica import BrokerExecutor, ClusterModels, RecorderFeed
@@ -85,6 +86,7 @@ from server.infrastructure.projector import Projector
 from server.infrastructure.read_model import ProjectedChange, SqlReadModel
 from server.infrastructure.recommender import CatalogRecommender
 from server.infrastructure.storage_url import StorageUrl
+from server.infrastructure.token_keys import shared_key
 
 log = logging.getLogger("loracle")
 
@@ -112,6 +114,7 @@ class Container:
     recorder: GenerationRecorder
     authenticator: TokenAuthenticator
     generations: GenerationJobs
+    tokens: TokenSigner
     middlewares: list[Middleware] = field(default_factory=list)
     # Cluster mode only: the broker link, the outcome recorder and an optional worker.
     broker: Broker | None = None
@@ -165,7 +168,9 @@ def bootstrap(
         files = LoraFileReader(roots, max_header_bytes=settings.max_header_bytes)
 
     store = EventStore(url)
-    read_model = SqlReadModel(url)
+    # One signer for page and consistency tokens; the key is shared by every replica.
+    tokens = TokenSigner(parse_key(settings.token_key) if settings.token_key else shared_key(url))
+    read_model = SqlReadModel(url, tokens)
     projector = Projector(store, read_model)
     authenticator = TokenAuthenticator(
         [Credential(t.name, t.sha256, t.scopes) for t in settings.tokens]
@@ -222,7 +227,7 @@ def bootstrap(
     queries.register(GetAllLoRAsQuery, GetAllLoRAsHandler(read_model))
     queries.register(GetLoRAsByBaseModelQuery, GetLoRAsByBaseModelHandler(read_model))
     queries.register(ListEventsQuery, ListEventsHandler(read_model))
-    queries.register(SearchLoRAsByPromptQuery, SearchLoRAsByPromptHandler(recommender))
+    queries.register(SearchLoRAsByPromptQuery, SearchLoRAsByPromptHandler(recommender, tokens))
     registry = ModelRegistry(settings.models, data_dir=settings.data_dir.resolve())
     if broker is None and settings.broker_url:
         broker = connect_broker(settings, "loracle-server")
@@ -320,6 +325,7 @@ def bootstrap(
         recorder=recorder,
         authenticator=authenticator,
         generations=jobs,
+        tokens=tokens,
         middlewares=middlewares,
         broker=broker,
         feed=feed,

@@ -27,6 +27,7 @@ from pydantic_settings.sources.utils import parse_env_vars
 
 from server.domain.errors import FieldViolation, Reason, ValidationError
 from server.domain.models import BaseModelConfig, resolve_architecture
+from server.domain.tokens import parse_key
 
 SCOPES = ("read", "write", "generate", "admin")
 ENV_PREFIX = "LORACLE_"
@@ -42,6 +43,7 @@ NOT_SETTINGS = frozenset(
         "LORACLE_CRASH_ROUNDS",
         "LORACLE_LOAD_SECONDS",
         "LORACLE_LOAD_QUERIES",
+        "LORACLE_SOAK_ROUNDS",
         "LORACLE_STORM_CLIENTS",
         "LORACLE_STORM_ROUNDS",
         "LORACLE_STORM_SEED",
@@ -210,6 +212,22 @@ class Settings(BaseSettings):
     worker_name: str = _setting(
         "", "a worker's name in the cluster directory and job claims", shown="`hostname-pid`"
     )
+    token_key: str = _setting(
+        "",
+        "HMAC key of page and consistency tokens (hex or base64, at least 16 bytes); empty: "
+        "a random key kept in the store, shared by the replicas using it",
+        shown="random, stored",
+    )
+
+    @field_validator("token_key")
+    @classmethod
+    def _token_key(cls, value: str) -> str:
+        if value:
+            try:
+                parse_key(value)
+            except ValueError as exc:
+                raise SettingsError("token_key", f"token_key {exc}") from None
+        return value
 
     @classmethod
     def settings_customise_sources(

@@ -25,11 +25,16 @@ class _Bucket:
 
 @dataclass
 class RateLimiter:
-    """`rate` requests per second per principal, with bursts of `burst`."""
+    """`rate` requests per second per principal, with bursts of `burst`. Principals are
+    authenticated before they get here (an unknown token never creates a bucket), so their
+    number is the configured tokens'; `max_principals` bounds the buckets anyway. Beyond it
+    the buckets that have refilled go first (forgetting one changes nothing), then the least
+    recently used (which gets a fresh burst: lenient, never wrong the other way)."""
 
     rate: float
     burst: float
     clock: Callable[[], float] = time.monotonic
+    max_principals: int = 10_000
     _buckets: dict[str, _Bucket] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -37,7 +42,11 @@ class RateLimiter:
         """0 when a request may go ahead now, else the seconds until it could."""
         now = self.clock()
         with self._lock:
-            bucket = self._buckets.setdefault(principal, _Bucket(self.burst, now))
+            bucket = self._buckets.get(principal)
+            if bucket is None:
+                if len(self._buckets) >= self.max_principals:
+                    self._forget(now)
+                bucket = self._buckets[principal] = _Bucket(self.burst, now)
             bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.updated) * self.rate)
             bucket.updated = now
             if bucket.tokens >= 1.0:
@@ -45,9 +54,25 @@ class RateLimiter:
                 return 0.0
             return (1.0 - bucket.tokens) / self.rate
 
+    def principals(self) -> int:
+        """Buckets held (not `__len__`: an empty limiter must stay truthy)."""
+        with self._lock:
+            return len(self._buckets)
+
+    def _forget(self, now: float) -> None:
+        full = now - self.burst / self.rate
+        for name in [n for n, b in self._buckets.items() if b.updated <= full]:
+            del self._buckets[name]
+        if len(self._buckets) >= self.max_principals:
+            oldest = min(self._buckets, key=lambda n: self._buckets[n].updated)
+            del self._buckets[oldest]
+
 
 @dataclass
 class LimitsMiddleware:
+    """Open streams are counted per principal only while open (an entry goes with its last
+    stream), so the counters are bounded by the streams open now."""
+
     rate: RateLimiter | None = None
     max_streams: int = 0
     _open: dict[str, int] = field(default_factory=dict)

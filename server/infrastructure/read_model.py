@@ -27,7 +27,7 @@ from server.domain.models import (
     Page,
     aware,
 )
-from server.domain.tokens import decode_page_token, encode_page_token, typed
+from server.domain.tokens import TokenSigner, typed
 from server.infrastructure.storage_url import POSTGRES_TCP, StorageUrl
 
 metadata = sa.MetaData()
@@ -191,24 +191,31 @@ def _after_generation(p: dict[str, Any]) -> tuple[datetime, str]:
     return created, typed(p, "i", str)
 
 
+def read_model_engine(url: StorageUrl) -> Engine:
+    """An engine on the read models' database (also where the token key is kept)."""
+    kwargs: dict[str, Any] = {"future": True}
+    if url.kind == "memory":
+        kwargs["poolclass"] = sa.StaticPool
+        kwargs["connect_args"] = {"check_same_thread": False}
+    elif url.kind == "sqlite":
+        kwargs["connect_args"] = {"timeout": 10, "check_same_thread": False}
+    else:
+        kwargs["pool_pre_ping"] = True
+        kwargs["connect_args"] = {
+            **POSTGRES_TCP,
+            "connect_timeout": 2,
+            "options": f"-c search_path={url.schema}",
+        }
+    engine = sa.create_engine(url.sqlalchemy_url(), **kwargs)
+    if url.kind == "sqlite":
+        sa.event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
 class SqlReadModel:
-    def __init__(self, url: StorageUrl) -> None:
-        kwargs: dict[str, Any] = {"future": True}
-        if url.kind == "memory":
-            kwargs["poolclass"] = sa.StaticPool
-            kwargs["connect_args"] = {"check_same_thread": False}
-        elif url.kind == "sqlite":
-            kwargs["connect_args"] = {"timeout": 10, "check_same_thread": False}
-        else:
-            kwargs["pool_pre_ping"] = True
-            kwargs["connect_args"] = {
-                **POSTGRES_TCP,
-                "connect_timeout": 2,
-                "options": f"-c search_path={url.schema}",
-            }
-        self.engine: Engine = sa.create_engine(url.sqlalchemy_url(), **kwargs)
-        if url.kind == "sqlite":
-            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+    def __init__(self, url: StorageUrl, tokens: TokenSigner) -> None:
+        self.engine: Engine = read_model_engine(url)
+        self._tokens = tokens
         try:
             self.rebuilt = _ensure_schema(self.engine)
         except (OperationalError, DBAPIError) as exc:
@@ -351,7 +358,7 @@ class SqlReadModel:
             )
         page_where = list(where)
         if page_token:
-            name_key, lora_id = decode_page_token(page_token, filter_key, _after_lora)
+            name_key, lora_id = self._tokens.page_position(page_token, filter_key, _after_lora)
             page_where.append(
                 sa.tuple_(loras.c.name_key, loras.c.id)
                 > sa.tuple_(sa.literal(name_key), sa.literal(lora_id))
@@ -368,7 +375,7 @@ class SqlReadModel:
             ).all()
         more = len(rows) > page_size
         rows = rows[:page_size]
-        token = encode_page_token(filter_key, n=rows[-1][0], i=rows[-1][1]) if more else ""
+        token = self._tokens.page_token(filter_key, n=rows[-1][0], i=rows[-1][1]) if more else ""
         return Page(tuple(view_from_json(r[2]) for r in rows), token, int(total))
 
     def all_views(self, batch: int = 2000) -> Iterable[LoraView]:
@@ -462,7 +469,7 @@ class SqlReadModel:
         if owner is not None:
             where.append(audit_events.c.owner.in_(["", owner]))
         if page_token:
-            after = decode_page_token(page_token, filter_key, _after_event)
+            after = self._tokens.page_position(page_token, filter_key, _after_event)
             where.append(audit_events.c.position > after)
         with self._connect() as conn:
             rows = (
@@ -477,7 +484,7 @@ class SqlReadModel:
             )
         more = len(rows) > page_size
         entries = tuple(_audit_entry(r) for r in rows[:page_size])
-        token = encode_page_token(filter_key, p=entries[-1].position) if more else ""
+        token = self._tokens.page_token(filter_key, p=entries[-1].position) if more else ""
         return Page(entries, token, 0)
 
     def get_generation(self, generation_id: str) -> GenerationView | None:
@@ -506,7 +513,9 @@ class SqlReadModel:
             where.append(generations.c.owner == owner)
         page_where = list(where)
         if page_token:
-            created, generation_id = decode_page_token(page_token, filter_key, _after_generation)
+            created, generation_id = self._tokens.page_position(
+                page_token, filter_key, _after_generation
+            )
             page_where.append(
                 sa.or_(
                     generations.c.created_at < created,
@@ -528,7 +537,7 @@ class SqlReadModel:
         token = ""
         if more:
             last = aware(rows[-1][0])
-            token = encode_page_token(filter_key, t=last.isoformat(), i=rows[-1][1])
+            token = self._tokens.page_token(filter_key, t=last.isoformat(), i=rows[-1][1])
         return Page(tuple(generation_from_json(r[2]) for r in rows), token, int(total))
 
     def close(self) -> None:

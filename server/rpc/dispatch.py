@@ -17,6 +17,7 @@ from server.application.context import DispatchContext
 from server.application.queries import IQuery, IStreamQuery, QueryBus, QueryResult
 from server.application.security import TokenAuthenticator
 from server.domain.errors import DomainError, FieldViolation, ValidationError
+from server.domain.tokens import TokenSigner, new_key
 from server.infrastructure.logs import rpc_method
 from server.rpc.errors import to_status
 from server.rpc.mapping import position_from_token
@@ -33,11 +34,14 @@ class Dispatcher:
         commands: CommandBus,
         queries: QueryBus,
         authenticator: TokenAuthenticator | None = None,
+        tokens: TokenSigner | None = None,
     ) -> None:
         self.commands = commands
         self.queries = queries
         self.authenticator = authenticator or TokenAuthenticator(())
         self.rejections = RejectionLog()
+        # The deployment's signer (the composition root's); a random key serves a test's own.
+        self.tokens = tokens or TokenSigner(new_key())
 
     def context(
         self,
@@ -63,7 +67,7 @@ class Dispatcher:
         if rejected is None:
             try:
                 _check_request_id(request_id)
-                min_position = position_from_token(consistency_token)
+                min_position = position_from_token(consistency_token, self.tokens)
             except DomainError as exc:
                 rejected = exc
         return DispatchContext(

@@ -19,10 +19,10 @@ from server.application.commands import (
     LoRARecommendation,
 )
 from server.domain import generation_events as gen
-from server.domain.errors import InvalidTokenError
 from server.domain.generation import GenerationState, GenerationView
 from server.domain.generation_events import GenerationEvent
 from server.domain.models import Architecture, AuditEntry, BaseModelInfo, LoraSource, LoraView
+from server.domain.tokens import TokenSigner
 
 _ARCH = {
     Architecture.UNSPECIFIED: types_pb2.ARCHITECTURE_UNSPECIFIED,
@@ -166,7 +166,7 @@ def totals_to_proto(t: ImportTotals) -> cmd_pb.ImportProgress:
     )
 
 
-def import_update_to_proto(update: ImportUpdate) -> cmd_pb.ImportLorasResponse:
+def import_update_to_proto(update: ImportUpdate, tokens: TokenSigner) -> cmd_pb.ImportLorasResponse:
     msg = cmd_pb.ImportLorasResponse(progress=totals_to_proto(update.totals), done=update.done)
     if update.file is not None:
         msg.file.CopyFrom(
@@ -178,7 +178,7 @@ def import_update_to_proto(update: ImportUpdate) -> cmd_pb.ImportLorasResponse:
             )
         )
     if update.done:
-        msg.consistency_token = token_for(update.position)
+        msg.consistency_token = token_for(update.position, tokens)
     return msg
 
 
@@ -327,14 +327,12 @@ def generation_to_proto(view: GenerationView) -> types_pb2.Generation:
     return msg
 
 
-def token_for(position: int) -> str:
-    """Consistency tokens are opaque to clients; today they carry a log position."""
-    return str(position) if position > 0 else ""
+def token_for(position: int, tokens: TokenSigner) -> str:
+    """Consistency tokens are opaque to clients: a signed log position ("" for none)."""
+    return tokens.consistency_token(position)
 
 
-def position_from_token(token: str) -> int:
-    if not token:
-        return 0
-    if not (token.isascii() and token.isdigit()) or len(token) > 18:
-        raise InvalidTokenError.consistency()
-    return int(token)
+def position_from_token(token: str, tokens: TokenSigner) -> int:
+    """The log position a client's consistency token names (0 for none); a token this
+    deployment did not sign is InvalidTokenError before anything parses it."""
+    return tokens.consistency_position(token)

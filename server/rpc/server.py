@@ -56,7 +56,9 @@ class LoracleServer:
                 *connection_options(container.settings),
             ],
         )
-        dispatcher = Dispatcher(container.commands, container.queries, container.authenticator)
+        dispatcher = Dispatcher(
+            container.commands, container.queries, container.authenticator, container.tokens
+        )
         cmd_grpc.add_CommandServiceServicer_to_server(CommandServicer(dispatcher), self.server)
         qry_grpc.add_QueryServiceServicer_to_server(QueryServicer(dispatcher), self.server)
         self.health = health.aio.HealthServicer()

@@ -70,7 +70,7 @@ class CommandServicer(cmd_grpc.CommandServiceServicer):
         return cmd_pb.RegisterLoraResponse(
             lora=lora_to_proto(result.lora),
             created=result.created,
-            consistency_token=token_for(position),
+            consistency_token=token_for(position, self._d.tokens),
         )
 
     async def ImportLoras(
@@ -78,7 +78,7 @@ class CommandServicer(cmd_grpc.CommandServiceServicer):
     ) -> AsyncIterator[cmd_pb.ImportLorasResponse]:
         command = ImportLoRAsCommand(directory=request.directory)
         async for update in self._d.stream_command(context, command, request.request_id):
-            yield import_update_to_proto(update)
+            yield import_update_to_proto(update, self._d.tokens)
 
     async def ImportLoraCatalog(
         self, request: cmd_pb.ImportLoraCatalogRequest, context: Ctx
@@ -95,7 +95,7 @@ class CommandServicer(cmd_grpc.CommandServiceServicer):
                 cmd_pb.CatalogRecordError(index=e.index, source_id=e.source_id, error=e.error)
                 for e in result.errors
             ],
-            consistency_token=token_for(position),
+            consistency_token=token_for(position, self._d.tokens),
         )
 
     async def UpdateLora(
@@ -115,7 +115,7 @@ class CommandServicer(cmd_grpc.CommandServiceServicer):
         command = UpdateLoRACommand(lora_id=request.lora.id, changes=changes)
         view, position = await self._d.command(context, command, request.request_id)
         return cmd_pb.UpdateLoraResponse(
-            lora=lora_to_proto(view), consistency_token=token_for(position)
+            lora=lora_to_proto(view), consistency_token=token_for(position, self._d.tokens)
         )
 
     async def DeleteLora(
@@ -124,7 +124,7 @@ class CommandServicer(cmd_grpc.CommandServiceServicer):
         _, position = await self._d.command(
             context, DeleteLoRACommand(lora_id=request.id), request.request_id
         )
-        return cmd_pb.DeleteLoraResponse(consistency_token=token_for(position))
+        return cmd_pb.DeleteLoraResponse(consistency_token=token_for(position, self._d.tokens))
 
     async def RecommendLoras(
         self, request: cmd_pb.RecommendLorasRequest, context: Ctx
@@ -140,7 +140,7 @@ class CommandServicer(cmd_grpc.CommandServiceServicer):
         return cmd_pb.RecommendLorasResponse(
             recommendation_id=recs.recommendation_id,
             recommendations=[recommendation_to_proto(r) for r in recs],
-            consistency_token=token_for(position),
+            consistency_token=token_for(position, self._d.tokens),
         )
 
     async def RecommendTopLora(
@@ -156,7 +156,7 @@ class CommandServicer(cmd_grpc.CommandServiceServicer):
         response = cmd_pb.RecommendTopLoraResponse(
             recommendation_id=top.recommendation_id,
             none_reason=top.none_reason,
-            consistency_token=token_for(position),
+            consistency_token=token_for(position, self._d.tokens),
         )
         if top.recommendation is not None:
             response.recommendation.CopyFrom(recommendation_to_proto(top.recommendation))
@@ -201,7 +201,7 @@ class CommandServicer(cmd_grpc.CommandServiceServicer):
         return cmd_pb.SubmitGenerationResponse(
             generation_id=generation_id,
             queue_position=queue_position,
-            consistency_token=token_for(position),
+            consistency_token=token_for(position, self._d.tokens),
         )
 
     async def CancelGeneration(
@@ -209,7 +209,9 @@ class CommandServicer(cmd_grpc.CommandServiceServicer):
     ) -> cmd_pb.CancelGenerationResponse:
         command = CancelGenerationCommand(generation_id=request.generation_id)
         view, position = await self._d.command(context, command, request.request_id)
-        response = cmd_pb.CancelGenerationResponse(consistency_token=token_for(position))
+        response = cmd_pb.CancelGenerationResponse(
+            consistency_token=token_for(position, self._d.tokens)
+        )
         if view is not None:
             response.generation.CopyFrom(generation_to_proto(view))
         return response

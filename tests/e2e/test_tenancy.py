@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from client import LoracleClient, LoracleError, NotFound, PermissionDenied
+from client import LoracleClient, NotFound, PermissionDenied
 from loracle.v1 import types_pb2
 from server.application.security import token_sha256
 from server.devtools.local_server import RunningServer, start_server, wait_for_models

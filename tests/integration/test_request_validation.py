@@ -206,8 +206,6 @@ async def test_a_token_this_server_did_not_issue_is_refused_plainly(
     channel: grpc.aio.Channel, case: tuple[MethodDescriptor, str], bad: str
 ) -> None:
     method, field = case
-    if field == "page_token" and bad in ("a huge number", "a negative number"):
-        pytest.skip("numbers are the consistency token's shape")
     request = message_factory.GetMessageClass(method.input_type)()
     for path in id_fields(method.input_type):  # well-formed, so the token is what is wrong
         request = with_id(method, path, str(uuid.uuid4()))

@@ -237,6 +237,8 @@ def other_value(name: str) -> tuple[str, object]:
         return os.pathsep.join(("/a", "/b")), (Path("/a"), Path("/b"))
     if name == "log_format":
         return "json", "json"
+    if name == "token_key":
+        return "ab" * 16, "ab" * 16
     if isinstance(default, bool):
         return str(not default).lower(), not default
     if isinstance(default, int):

@@ -3,11 +3,13 @@ result is dropped when a projected event touches what the query reads (its `read
 
 from __future__ import annotations
 
+import sys
 import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Hashable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass
+from enum import Enum
 from typing import Any, ClassVar, Generic, TypeVar, cast
 
 from server.application.context import DispatchContext, current_context, use_context
@@ -63,15 +65,49 @@ class IStreamQueryHandler(ABC, Generic[SQ, R]):
 ConsistencyWaiter = Consistency
 
 
+def approx_size(obj: object, depth: int = 6) -> int:
+    """A cheap over-estimate of the bytes `obj` holds (shared objects counted each time they
+    appear), so a cache can bound itself by memory: strings, containers, dataclasses and
+    arrays (`nbytes`) to a few levels; deeper parts count as one object each."""
+    size = sys.getsizeof(obj)
+    if depth == 0 or isinstance(obj, str | bytes | bytearray | int | float | bool | Enum):
+        return size
+    nbytes = getattr(obj, "nbytes", None)
+    if isinstance(nbytes, int):
+        return size + nbytes
+    if isinstance(obj, dict):
+        return size + sum(
+            approx_size(k, depth - 1) + approx_size(v, depth - 1) for k, v in obj.items()
+        )
+    if isinstance(obj, tuple | list | set | frozenset):
+        return size + sum(approx_size(v, depth - 1) for v in obj)
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return size + sum(approx_size(getattr(obj, f.name), depth - 1) for f in fields(obj))
+    return size
+
+
 class QueryCache:
     """A bounded LRU keyed by `cache_key()`, invalidated by topic. A result computed while its
-    topic changed is not stored, so an invalidation racing a slow query cannot be undone."""
+    topic changed is not stored, so an invalidation racing a slow query cannot be undone.
 
-    def __init__(self, max_entries: int = 2048) -> None:
+    Bounded by entries and by bytes (an estimate of key and value), since hostile requests
+    choose the keys (megabyte strings, endless distinct queries) and large pages the values:
+    the least recently used go first, and an entry bigger than `max_entry_bytes` is not kept
+    at all (it would evict many small ones for one unlikely repeat)."""
+
+    def __init__(
+        self,
+        max_entries: int = 2048,
+        max_bytes: int = 64 * 1024 * 1024,
+        max_entry_bytes: int | None = None,
+    ) -> None:
         self._max = max_entries
-        self._entries: OrderedDict[Hashable, tuple[frozenset[str], Any]] = OrderedDict()
+        self._max_bytes = max_bytes
+        self._max_entry_bytes = max_bytes // 16 if max_entry_bytes is None else max_entry_bytes
+        self._entries: OrderedDict[Hashable, tuple[frozenset[str], Any, int]] = OrderedDict()
         self._generations: dict[str, int] = {}
         self._lock = threading.Lock()
+        self._bytes = 0
         self.hits = 0
         self.misses = 0
 
@@ -92,21 +128,33 @@ class QueryCache:
     def put(
         self, key: Hashable, topics: frozenset[str], generation: tuple[int, ...], value: Any
     ) -> None:
+        size = approx_size(key) + approx_size(value)  # outside the lock: it walks the value
+        if size > self._max_entry_bytes:
+            return
         with self._lock:
             if tuple(self._generations.get(t, 0) for t in sorted(topics)) != generation:
                 return
-            self._entries[key] = (topics, value)
-            self._entries.move_to_end(key)
-            while len(self._entries) > self._max:
-                self._entries.popitem(last=False)
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._bytes -= old[2]
+            self._entries[key] = (topics, value, size)
+            self._bytes += size
+            while len(self._entries) > self._max or self._bytes > self._max_bytes:
+                _, (_, _, dropped) = self._entries.popitem(last=False)
+                self._bytes -= dropped
 
     def invalidate(self, topics: frozenset[str] | set[str]) -> None:
         with self._lock:
             for topic in topics:
                 self._generations[topic] = self._generations.get(topic, 0) + 1
-            stale = [k for k, (reads, _) in self._entries.items() if reads & topics]
+            stale = [k for k, (reads, _, _) in self._entries.items() if reads & topics]
             for key in stale:
-                del self._entries[key]
+                self._bytes -= self._entries.pop(key)[2]
+
+    @property
+    def bytes(self) -> int:
+        """The estimated bytes held (keys and values)."""
+        return self._bytes
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -19,7 +19,7 @@ from server.domain.models import (
     resolve_architecture,
 )
 from server.domain.recommendation import LoRARecommendation
-from server.domain.tokens import decode_page_token, encode_page_token, typed
+from server.domain.tokens import TokenSigner, typed
 
 MAX_PAGE_SIZE = 1000
 LORAS = frozenset({"loras"})
@@ -75,8 +75,9 @@ MAX_SEARCH_RESULTS = 100
 
 
 class SearchLoRAsByPromptHandler(IQueryHandler[SearchLoRAsByPromptQuery, Page[LoRARecommendation]]):
-    def __init__(self, search: LoraSearch) -> None:
+    def __init__(self, search: LoraSearch, tokens: TokenSigner) -> None:
         self._search = search
+        self._tokens = tokens
 
     def handle(self, query: SearchLoRAsByPromptQuery) -> QueryResult[Page[LoRARecommendation]]:
         if not query.prompt.strip():
@@ -85,12 +86,12 @@ class SearchLoRAsByPromptHandler(IQueryHandler[SearchLoRAsByPromptQuery, Page[Lo
         offset = 0
         listing = f"search|{query.prompt}|{query.base_model}"
         if query.page_token:
-            offset = decode_page_token(query.page_token, listing, _search_offset)
+            offset = self._tokens.page_position(query.page_token, listing, _search_offset)
         arch = resolve_architecture(query.base_model) if query.base_model else None
         hits = self._search.search(query.prompt, arch, MAX_SEARCH_RESULTS)
         page = hits[offset : offset + size]
         more = offset + size < len(hits)
-        token = encode_page_token(listing, o=offset + size) if more else ""
+        token = self._tokens.page_token(listing, o=offset + size) if more else ""
         return QueryResult.success(Page(tuple(page), token, len(hits)))
 
 
