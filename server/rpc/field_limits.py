@@ -18,6 +18,7 @@ from google.protobuf.message import Message
 
 from loracle.v1 import command_service_pb2, query_service_pb2
 from server.domain.errors import FieldViolation
+from server.domain.tokens import MAX_TOKEN_CHARS
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -37,12 +38,14 @@ REQUEST_ID = Limit(128, why="idempotency key; logged and stored")
 OUR_ID = Limit(36, why="a UUID this server issued")
 NAME = Limit(512, why="a name, model or file name")
 PATH = Limit(4096, why="a file system path (PATH_MAX)")
-TOKEN = Limit(1024, why="an opaque token this server issued")
+# The signer's own bound: a page token after a LoRA with a long non-ASCII name is ~2,800.
+TOKEN = Limit(MAX_TOKEN_CHARS, why="an opaque token this server issued")
 PROMPT = Limit(10_000, why="a prompt; the handler applies `max_prompt_chars`")
 TAG = Limit(256, items=200, why="a list of tags")
 TRIGGERS = Limit(1000, items=200, why="a list of trigger phrases")
 DESCRIPTION = Limit(20_000, why="free text")
 FILTER = Limit(128, why="a filter on the audit trail")
+PRINCIPAL = Limit(128, why="a principal's name")
 
 FIELD_LIMITS: dict[str, Limit] = {
     # CommandService
@@ -116,6 +119,7 @@ FIELD_LIMITS: dict[str, Limit] = {
     "loracle.v1.GetGenerationRequest.consistency_token": TOKEN,
     "loracle.v1.ListGenerationsRequest.page_token": TOKEN,
     "loracle.v1.ListGenerationsRequest.consistency_token": TOKEN,
+    "loracle.v1.ListGenerationsRequest.owner": PRINCIPAL,
     "loracle.v1.WatchGenerationRequest.generation_id": OUR_ID,
     "loracle.v1.ListEventsRequest.page_token": TOKEN,
     "loracle.v1.ListEventsRequest.aggregate_id": FILTER,

@@ -24,6 +24,7 @@ from google.protobuf.message import Message
 from server.domain.errors import (
     DomainError,
     FieldViolation,
+    InvalidTokenError,
     Reason,
     RequestTooLargeError,
     UndecodableRequestError,
@@ -203,11 +204,22 @@ def check_request(message: Message, table: dict[str, Limit] | None = None) -> Do
     """What is wrong with a parsed request, or None: field limits first (a 20 MB query is
     not walked further), then enum numbers, then ids."""
     if violations := limit_violations(message, _DEFAULT_TABLE if table is None else table):
-        return ValidationError(violations)
+        return _token_error(violations) or ValidationError(violations)
     if violations := enum_violations(message):
         return ValidationError(violations)
     if violations := id_violations(message):
         return ValidationError(violations, reason=Reason.MALFORMED_ID)
+    return None
+
+
+def _token_error(violations: list[FieldViolation]) -> InvalidTokenError | None:
+    """An over-long token is a token this server did not issue: the same answer (and
+    reason) as any other forged token, so a client handles one case."""
+    fields = {violation.field for violation in violations}
+    if "page_token" in fields:
+        return InvalidTokenError.page()
+    if "consistency_token" in fields:
+        return InvalidTokenError.consistency()
     return None
 
 

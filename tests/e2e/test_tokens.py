@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import uuid
 from collections.abc import Callable, Iterator
 
 import grpc
@@ -58,7 +59,10 @@ def test_forged_page_tokens_are_invalid_argument(client: LoracleClient, name: st
     _refused(lambda: client.list_events(page_size=1, page_token=token), "page_token")
     _refused(lambda: client.list_generations(page_size=1, page_token=token), "page_token")
     _refused(lambda: client.search_loras("style", page_size=1, page_token=token), "page_token")
-    _refused(lambda: client.get_lora("x", consistency_token=token), "consistency_token")
+    # A well-formed id, so the token is the only thing wrong with the request.
+    _refused(
+        lambda: client.get_lora(str(uuid.uuid4()), consistency_token=token), "consistency_token"
+    )
 
 
 def test_the_briefs_grpcurl_line_is_invalid_argument(server: RunningServer) -> None:

@@ -3,11 +3,13 @@ the README's table."""
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 from loracle.v1 import command_service_pb2 as cmd_pb
 from loracle.v1 import query_service_pb2 as qry_pb
 from server.domain.errors import Reason, RequestTooLargeError, UndecodableRequestError
+from server.domain.tokens import MAX_TOKEN_CHARS, TokenSigner, new_key
 from server.rpc.field_limits import (
     FIELD_LIMITS,
     MIB,
@@ -127,3 +129,25 @@ def test_the_readme_table_of_field_limits_is_the_table() -> None:
     block = text.split("<!-- field limits table: python -m server.rpc.field_limits -->\n")[1]
     block = block.split("\n<!-- end of field limits table -->")[0]
     assert block == limit_table()
+
+
+def test_an_over_long_token_is_answered_as_a_forged_token() -> None:
+    """A token over its field's limit gets the token's reason and sentence, not a generic
+    field limit: to a client, every token the server did not issue is the same case."""
+    page = check_request(qry_pb.ListLorasRequest(page_token="A" * 100_000))
+    assert page is not None
+    assert page.reason is Reason.INVALID_PAGE_TOKEN
+    consistency = check_request(
+        qry_pb.GetLoraRequest(id=str(uuid.uuid4()), consistency_token="A" * 5000)
+    )
+    assert consistency is not None
+    assert consistency.reason is Reason.INVALID_CONSISTENCY_TOKEN
+
+
+def test_the_longest_page_token_the_server_issues_passes_the_edge() -> None:
+    """The keyset token after a LoRA whose 512-character name is all 4-byte UTF-8 (the
+    longest name the edge admits) must not be refused by the edge's own token limit."""
+    name = "\U0001f98a" * FIELD_LIMITS["loracle.v1.Lora.name"].size  # type: ignore[operator]
+    token = TokenSigner(new_key()).page_token("None||False", n=name.casefold(), i=str(uuid.uuid4()))
+    assert len(token) <= MAX_TOKEN_CHARS
+    assert check_request(qry_pb.ListLorasRequest(page_token=token)) is None

@@ -220,16 +220,16 @@ def test_a_retry_reattaches_only_for_the_owner(c: Container, fake: FakeExecutor)
     first = next(c.commands.stream(command, as_(ALICE, "rid")))
     again = next(c.commands.stream(command, as_(ALICE, "rid")))
     assert again.generation_id == first.generation_id
-    # Until request ids are per principal (the idempotency change), another principal's
-    # retry with the same id gets NOT_FOUND rather than the owner's stream.
-    with pytest.raises(NotFoundError):
-        next(c.commands.stream(command, as_(BOB, "rid")))
+    # Request ids are per principal: another principal's same id is a new generation of his
+    # own, never a re-attach to hers.
+    his = next(c.commands.stream(command, as_(BOB, "rid")))
+    assert his.generation_id != first.generation_id
     # Nor does a retried SubmitGeneration hand him her generation's id.
     submit_command = SubmitGenerationCommand(request=GenerationRequest(prompt="a hare"))
-    c.commands.dispatch(submit_command, as_(ALICE, "sid")).unwrap()
-    with pytest.raises(NotFoundError):
-        c.commands.dispatch(submit_command, as_(BOB, "sid")).unwrap()
-    assert len(fake.jobs) == 2
+    hers, _ = c.commands.dispatch(submit_command, as_(ALICE, "sid")).unwrap()
+    theirs, _ = c.commands.dispatch(submit_command, as_(BOB, "sid")).unwrap()
+    assert theirs != hers
+    assert [job.owner for job in fake.jobs.values()] == ["alice", "bob", "alice", "bob"]
 
 
 # -- WatchGeneration's replay reads no image before the owner check ------------------------
