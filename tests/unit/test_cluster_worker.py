@@ -41,6 +41,7 @@ from server.infrastructure.broker.replica import BrokerExecutor, RemoteJobStream
 from server.infrastructure.broker.worker import BrokerWorker
 from server.infrastructure.diffusion import images as images_module
 from server.infrastructure.diffusion.executor import DiffusionExecutor
+from server.infrastructure.diffusion.families.sd import StableDiffusion
 from server.infrastructure.diffusion.handles import JobHandle
 from server.infrastructure.lora_files import LoraFileReader
 from tests.unit.fake_broker import FakeBroker
@@ -199,6 +200,9 @@ def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster
     # The PNG's manifest names the diffusers version, and importing diffusers alone takes
     # longer than all these tests; the manifest is covered by the integration tests.
     monkeypatch.setattr(images_module, "manifest", _manifest)
+    # The fake pipeline encodes its own prompts (it has no tokenizer or text encoder);
+    # prompt conditioning is covered by tests/integration/test_conditioning.py.
+    monkeypatch.setattr(StableDiffusion, "text_encoders", ())
     lora_root = tmp_path / "loras"
     lora_root.mkdir()
     model = BaseModelConfig("tiny", Architecture.SD1, tmp_path / "model")

@@ -499,7 +499,9 @@ class GenerationSpec(_message.Message):
     model: _builtins.str
     """Name of a configured base model; empty for the default model."""
     prompt: _builtins.str
-    """The prompt; A1111 syntax (`<lora:name:w>`, `(word:1.2)`) is accepted."""
+    """The prompt, in A1111 syntax: `<lora:name:w>` applies a LoRA; `(word:1.2)`, `(word)`,
+    `[word]` and `BREAK` weight and chunk it as A1111 does; longer than 75 tokens is fine.
+    """
     negative_prompt: _builtins.str
     """The negative prompt."""
     width: _builtins.int

@@ -30,6 +30,7 @@ from server.domain.generation_events import (
 )
 from server.domain.generation_job import GenerationJob
 from server.infrastructure.diffusion.adapters import AdapterLoadError
+from server.infrastructure.diffusion.conditioning import ConditionedGroup
 from server.infrastructure.diffusion.estimates import StepCosts, describe_seconds
 from server.infrastructure.diffusion.families.base import BatchRows, ModelFamily
 from server.infrastructure.diffusion.handles import JobHandle
@@ -226,27 +227,29 @@ class DiffusionExecutor:
         for handle in live:
             handle.publish(Started(len(rows)))
 
-        # 4. Denoise (the family calls its pipeline)
-        watcher = _StepWatcher(live, rows, loaded.family, started, job.steps)
-        call = BatchRows(
-            prompts=[h.job.prompt for h, _ in rows],
-            negative_prompts=[h.job.negative_prompt for h, _ in rows],
-            job=job,
-            generators=[torch.Generator(device="cpu").manual_seed(h.job.seed + i) for h, i in rows],
-        )
+        # 4. Encode the prompts (A1111 emphasis, chunks), then denoise: one call per group
+        #    of rows whose conditioning has the same length (conditioning.py)
+        images: list[Any] = [None] * len(rows)
+        spans: list[tuple[float, float]] = []
         try:
-            images = loaded.family.denoise(loaded.pipe, call, watcher)
-        except _Interrupted:
-            return
+            groups = loaded.family.encode(
+                loaded.pipe,
+                [h.job.prompt for h, _ in rows],
+                [h.job.negative_prompt for h, _ in rows],
+            )
+            for group in groups:
+                span = self._denoise(rows, group, loaded, started, images)
+                if span is not None:
+                    spans.append(span)
         except torch.OutOfMemoryError:
             self._out_of_memory(live, "denoising")
             return
-        denoised = time.monotonic()
+        if not spans:
+            return  # every job was cancelled
 
-        # 5. Split timings (and learn the step cost, for the next jobs' estimates)
-        first, last = watcher.denoising_span(denoised)
-        pixels = job.width * job.height
-        self._costs.record(job.model.name, pixels, len(rows), job.steps, last - first)
+        # 5. Split timings: encoding ends at the first call's first step, denoising at the
+        #    last call's last step
+        first, last = spans[0][0], spans[-1][1]
 
         # 6. Encode and stream each image
         for row, (handle, index) in enumerate(rows):
@@ -269,6 +272,42 @@ class DiffusionExecutor:
                     )
                 )
             )
+
+    def _denoise(
+        self,
+        rows: Sequence[Row],
+        group: ConditionedGroup,
+        loaded: LoadedPipeline,
+        started: float,
+        images: list[Any],
+    ) -> tuple[float, float] | None:
+        """Runs one call for the group's rows, puts their images in `images` and learns the
+        step cost; returns the span of its steps, or None when every job of the group was
+        cancelled during it."""
+        import torch
+
+        part = [rows[i] for i in group.rows]
+        jobs = list(dict.fromkeys(handle for handle, _ in part))
+        job = jobs[0].job
+        watcher = _StepWatcher(jobs, part, loaded.family, started, job.steps)
+        call = BatchRows(
+            prompts=[h.job.prompt for h, _ in part],
+            negative_prompts=[h.job.negative_prompt for h, _ in part],
+            job=job,
+            generators=[torch.Generator(device="cpu").manual_seed(h.job.seed + i) for h, i in part],
+            conditioning=group.kwargs,
+        )
+        try:
+            out = loaded.family.denoise(loaded.pipe, call, watcher)
+        except _Interrupted:
+            return None
+        first, last = watcher.denoising_span(time.monotonic())
+        self._costs.record(
+            job.model.name, job.width * job.height, len(part), job.steps, last - first
+        )
+        for i, image in zip(group.rows, out, strict=True):
+            images[i] = image
+        return first, last
 
     def _prepare(self, live: Sequence[JobHandle], job: GenerationJob) -> LoadedPipeline | None:
         """The pipeline ready for the batch, or None once the batch has been failed."""
@@ -329,11 +368,13 @@ class DiffusionExecutor:
         for side in self._calibration_sides:
             probe = replace(job, width=side, height=side, steps=2, num_images=1)
             marks.clear()
+            (group,) = loaded.family.encode(loaded.pipe, [job.prompt], [job.negative_prompt])
             rows = BatchRows(
                 prompts=[job.prompt],
                 negative_prompts=[job.negative_prompt],
                 job=probe,
                 generators=[torch.Generator(device="cpu").manual_seed(0)],
+                conditioning=group.kwargs,
             )
             loaded.family.denoise(loaded.pipe, rows, on_step)
             if len(marks) >= 2:  # between the two step ends: one step, nothing else

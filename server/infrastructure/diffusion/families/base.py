@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 from server.domain.generation_job import GenerationJob
 from server.domain.models import Architecture, BaseModelConfig, GenerationDefaults
+from server.infrastructure.diffusion.conditioning import ConditionedGroup, TextEncoder, encode_batch
 
 # diffusers' callback_on_step_end: (pipeline, step index, timestep, tensors) -> tensors.
 StepCallback = Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]
@@ -32,13 +33,15 @@ class CheckpointPart:
 
 @dataclass(frozen=True, slots=True)
 class BatchRows:
-    """One denoising call: a prompt, negative prompt and seeded generator per image, and the
-    job whose shared fields (size, steps, guidance) all rows have in common."""
+    """One denoising call: a prompt, negative prompt and seeded generator per image, the
+    job whose shared fields (size, steps, guidance) all rows have in common, and the rows'
+    prompt embeddings (`ModelFamily.encode`; empty: the pipeline encodes `prompts`)."""
 
     prompts: list[str]
     negative_prompts: list[str]
     job: GenerationJob
     generators: list[Any]
+    conditioning: dict[str, Any] = field(default_factory=dict)
 
 
 class ModelFamily(ABC):
@@ -63,6 +66,9 @@ class ModelFamily(ABC):
     preview_bias: ClassVar[tuple[float, float, float] | None] = None
     # GenerationJob fields beyond the shared ones that must match for two jobs to batch.
     batch_fields: ClassVar[tuple[str, ...]] = ()
+    # The tokenizer/text encoder pairs A1111-style prompts are encoded with (none: the
+    # pipeline encodes the plain prompt itself).
+    text_encoders: ClassVar[tuple[TextEncoder, ...]] = ()
 
     @abstractmethod
     def checkpoint_parts(self, architecture: Architecture) -> tuple[CheckpointPart, ...]:
@@ -95,6 +101,15 @@ class ModelFamily(ABC):
             torch_dtype=torch_dtype,
         )
 
+    def encode(
+        self, pipe: Any, prompts: Sequence[str], negative_prompts: Sequence[str]
+    ) -> list[ConditionedGroup]:
+        """The rows' prompt embeddings, in groups that may share a denoising call (rows whose
+        prompts need a different number of 77-token chunks may not: conditioning.py)."""
+        if not self.text_encoders:
+            return [ConditionedGroup(list(range(len(prompts))), {})]
+        return encode_batch(pipe, self.text_encoders, prompts, negative_prompts)
+
     @abstractmethod
     def denoise(self, pipe: Any, rows: BatchRows, on_step: StepCallback) -> Sequence[Any]:
         """Runs the pipeline once for every row and returns one PIL image per row, in order.
@@ -102,13 +117,20 @@ class ModelFamily(ABC):
         stops the call by raising when every job in the batch is cancelled."""
 
 
+def prompt_arguments(rows: BatchRows) -> dict[str, Any]:
+    """The rows' embeddings when the family encoded them, else their prompts. A negative
+    prompt is passed only when some row has one (batching keeps rows with and without apart)."""
+    if rows.conditioning:
+        return dict(rows.conditioning)
+    negative = rows.negative_prompts if any(rows.negative_prompts) else None
+    return {"prompt": rows.prompts, "negative_prompt": negative}
+
+
 def text_to_image(pipe: Any, rows: BatchRows, on_step: StepCallback) -> Sequence[Any]:
-    """The call diffusers' Stable Diffusion text-to-image pipelines share. A negative prompt
-    is passed only when some row has one (batching keeps rows with and without apart)."""
+    """The call diffusers' Stable Diffusion text-to-image pipelines share."""
     job = rows.job
     result = pipe(
-        prompt=rows.prompts,
-        negative_prompt=rows.negative_prompts if any(rows.negative_prompts) else None,
+        **prompt_arguments(rows),
         width=job.width,
         height=job.height,
         num_inference_steps=job.steps,

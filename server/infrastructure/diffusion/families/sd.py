@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from server.domain.models import Architecture, GenerationDefaults
+from server.infrastructure.diffusion.conditioning import TextEncoder
 from server.infrastructure.diffusion.families.base import (
     BatchRows,
     CheckpointPart,
@@ -27,6 +28,7 @@ class StableDiffusion(ModelFamily):
     components = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
     defaults = GenerationDefaults(512, 512, 25, 7.0)
     lora_components = ("unet", "text_encoder")
+    text_encoders = (TextEncoder("tokenizer", "text_encoder"),)
     # Least-squares fit of latent -> RGB published with A1111/ComfyUI (SD2 uses it too).
     preview_factors = (
         (0.3512, 0.2297, 0.3227),

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from server.domain.models import Architecture, GenerationDefaults
+from server.infrastructure.diffusion.conditioning import TextEncoder
 from server.infrastructure.diffusion.families.base import (
     BatchRows,
     CheckpointPart,
@@ -35,6 +36,10 @@ class StableDiffusionXL(ModelFamily):
     )
     defaults = GenerationDefaults(1024, 1024, 30, 5.0)
     lora_components = ("unet", "text_encoder", "text_encoder_2")
+    text_encoders = (
+        TextEncoder("tokenizer", "text_encoder", penultimate=True),
+        TextEncoder("tokenizer_2", "text_encoder_2", penultimate=True, pooled=True),
+    )
     # Least-squares fit of latent -> RGB published with A1111/ComfyUI.
     preview_factors = (
         (0.3651, 0.4232, 0.4341),
