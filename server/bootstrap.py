@@ -80,6 +80,7 @@ from server.infrastructure.diffusion.images import ImageStore
 from server.infrastructure.diffusion.registry import ModelRegistry
 from server.infrastructure.event_store import EventStore
 from server.infrastructure.generation_outcomes import ProjectedOutcomes
+from server.infrastructure.input_images import PillowImageReader
 from server.infrastructure.lora_files import LoraFileReader
 from server.infrastructure.metrics import ExecutorState, Metrics
 from server.infrastructure.projector import Projector
@@ -263,7 +264,11 @@ def bootstrap(
             steps=settings.max_steps,
             images=settings.max_images_per_request,
             loras=settings.max_loras_per_request,
+            input_bytes=settings.max_input_image_bytes,
+            input_pixels=settings.max_input_image_pixels,
         ),
+        images=PillowImageReader(),
+        stored=images,
         models=model_lookup,
         executor=executor
         if broker is None

@@ -173,6 +173,12 @@ class Settings(BaseSettings):
     max_image_side: int = _setting(2048, "width and height of a generated image")
     max_image_pixels: int = _setting(2048 * 2048, "width times height", shown="2048 * 2048")
     max_steps: int = _setting(150, "denoising steps (and `preview_every_n_steps`)")
+    max_input_image_bytes: int = _setting(
+        8 * 1024 * 1024, "bytes of one input image (init image, mask)", shown="8 MiB"
+    )
+    max_input_image_pixels: int = _setting(
+        4096 * 4096, "pixels of one input image", shown="4096 * 4096"
+    )
     max_images_per_request: int = _setting(8, "images in one request")
     max_loras_per_request: int = _setting(8, "LoRAs in one request (fields and tags)")
     rate_limit_per_second: float = _setting(

@@ -160,6 +160,20 @@ class StoredImages(Protocol):
     def read(self, generation_id: str, index: int, mime_type: str) -> bytes | None: ...
 
 
+class ImageReader(Protocol):
+    """Checks an image a client sent before anything is queued."""
+
+    def measure(self, data: bytes, max_pixels: int) -> tuple[int, int]:
+        """(width, height) of a PNG, JPEG or WebP of one frame, at most `max_pixels` pixels
+        (checked before its pixels are decoded), that decodes completely; ValueError with
+        one plain sentence otherwise."""
+        ...
+
+    def blank(self, data: bytes) -> bool:
+        """Whether a (measured) mask is black everywhere: it would paint nothing."""
+        ...
+
+
 # -- recommendations -----------------------------------------------------------------------
 
 

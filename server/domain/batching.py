@@ -15,8 +15,10 @@ T = TypeVar("T")
 
 def batch_key(job: GenerationJob) -> BatchKey:
     """Equal keys batch: everything the denoising loop shares. The presence of a negative
-    prompt is part of it because SDXL zeroes an absent one; a model family can add fields of
-    its own (`BaseModelConfig.batch_fields`). Text, so a replica can put it in a broker
+    prompt is part of it because SDXL zeroes an absent one. img2img and inpainting jobs
+    batch among their own kind at one strength: their images and masks are per row, and an
+    inpainting job's "only masked" crop is scaled to the shared size. A model family can add
+    fields of its own (`BaseModelConfig.batch_fields`). Text, so a replica can put it in a broker
     message and a worker compare it without rebuilding the job."""
     return json.dumps(
         [
@@ -28,6 +30,9 @@ def batch_key(job: GenerationJob) -> BatchKey:
             job.scheduler,
             job.guidance_scale,
             bool(job.negative_prompt),
+            # Input images and masks are per row; the mode and how much is noised are not.
+            job.mode,
+            job.strength,
             *(getattr(job, name) for name in job.model.batch_fields),
         ]
     )

@@ -57,6 +57,7 @@ class Reason(enum.StrEnum):
     LORA_LOAD_FAILED = "LORA_LOAD_FAILED"
     MODEL_LOAD_FAILED = "MODEL_LOAD_FAILED"
     GENERATION_NOT_LIVE = "GENERATION_NOT_LIVE"
+    IMAGE_NOT_KEPT = "IMAGE_NOT_KEPT"
     WORKER_REFUSED = "WORKER_REFUSED"
     STORE_UNAVAILABLE = "STORE_UNAVAILABLE"
     BROKER_UNAVAILABLE = "BROKER_UNAVAILABLE"
@@ -100,6 +101,7 @@ REASON_TEXT: dict[Reason, str] = {
     Reason.LORA_LOAD_FAILED: "the LoRA's file would not load on the model (a generation stream)",
     Reason.MODEL_LOAD_FAILED: "the model's files would not load (a generation stream)",
     Reason.GENERATION_NOT_LIVE: "the generation is not streaming here; watch or get it by id",
+    Reason.IMAGE_NOT_KEPT: "an earlier image named as input is no longer kept; send its bytes",
     Reason.WORKER_REFUSED: "no cluster worker has the model or LoRA files the job needs",
     Reason.STORE_UNAVAILABLE: "the event store or read model is unreachable; retry",
     Reason.BROKER_UNAVAILABLE: "the cluster's job broker is unreachable; retry",
@@ -270,6 +272,7 @@ class PreconditionError(DomainError):
         Reason.LORA_LOAD_FAILED,
         Reason.MODEL_LOAD_FAILED,
         Reason.GENERATION_NOT_LIVE,
+        Reason.IMAGE_NOT_KEPT,
         Reason.WORKER_REFUSED,
     )
 

@@ -24,6 +24,36 @@ class ResolvedLora:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class InputImage:
+    """An image a job reads (init image, mask), checked before queuing: its bytes as the
+    client sent them (or as this server stored them), their SHA-256 (recorded, so the
+    generation can be reproduced), its size, and the earlier image it is, if it is one."""
+
+    data: bytes
+    sha256: str
+    width: int
+    height: int
+    generation_id: str = ""
+    image_index: int = 0
+
+    def record(self) -> dict[str, object]:
+        """What the generation's record keeps of it: never the bytes."""
+        out: dict[str, object] = {"sha256": self.sha256, "width": self.width, "height": self.height}
+        if self.generation_id:
+            out["generation_id"] = self.generation_id
+            out["image_index"] = self.image_index
+        return out
+
+
+class Mode:
+    """What a job does with its input images."""
+
+    TEXT_TO_IMAGE = "txt2img"
+    IMAGE_TO_IMAGE = "img2img"
+    INPAINT = "inpaint"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class GenerationJob:
     """Everything that determines a generation, with defaults filled in and LoRAs resolved.
     `prompt` is what the text encoders see (A1111 `<lora:…>` tags removed); `original_prompt`
@@ -47,6 +77,22 @@ class GenerationJob:
     preview_every: int = 0
     # The principal that submitted it (the live job's handle answers only to it and admins).
     owner: str = ""
+    # img2img: the image to start from and how much of it is noised again.
+    init_image: InputImage | None = None
+    strength: float = 0.0
+    # Inpainting: the mask (white is painted again), its blur, and A1111's "only masked".
+    mask_image: InputImage | None = None
+    mask_blur: int = 0
+    inpaint_only_masked: bool = False
+    inpaint_padding: int = 0
+
+    @property
+    def mode(self) -> str:
+        if self.mask_image is not None:
+            return Mode.INPAINT
+        if self.init_image is not None:
+            return Mode.IMAGE_TO_IMAGE
+        return Mode.TEXT_TO_IMAGE
 
     def spec(self) -> dict[str, object]:
         """The filled-in request as recorded on the Generation aggregate."""
@@ -68,4 +114,23 @@ class GenerationJob:
             "output_format": self.output_format,
             "preview_every_n_steps": self.preview_every,
             "chunk_size_bytes": self.chunk_size,
+            **self._image_spec(),
         }
+
+    def _image_spec(self) -> dict[str, object]:
+        """The image-to-image fields, only when the job has an input image (a text-to-image
+        record is unchanged)."""
+        if self.init_image is None:
+            return {}
+        out: dict[str, object] = {
+            "init_image": self.init_image.record(),
+            "strength": self.strength,
+        }
+        if self.mask_image is not None:
+            out |= {
+                "mask_image": self.mask_image.record(),
+                "mask_blur": self.mask_blur,
+                "inpaint_only_masked": self.inpaint_only_masked,
+                "inpaint_padding": self.inpaint_padding,
+            }
+        return out

@@ -98,6 +98,11 @@ FIELD_LIMITS: dict[str, Limit] = {
         items=64, why="LoRA choices; the handler applies `max_loras_per_request`"
     ),
     "loracle.v1.LoraSelection.lora": NAME,
+    "loracle.v1.InputImage.data": Limit(
+        16 * MIB, why="bytes of an input image; the handler applies `max_input_image_bytes`"
+    ),
+    "loracle.v1.InputImage.sha256": Limit(64, why="output only; ignored"),
+    "loracle.v1.GeneratedImage.generation_id": OUR_ID,
     "loracle.v1.QuickGenerateRequest.request_id": REQUEST_ID,
     "loracle.v1.QuickGenerateRequest.prompt": PROMPT,
     "loracle.v1.QuickGenerateRequest.model": NAME,
@@ -230,7 +235,7 @@ def limit_table() -> str:
     for name, limit in FIELD_LIMITS.items():
         parts = []
         if limit.size is not None:
-            parts.append(f"{limit.size:,} characters")
+            parts.append(f"{limit.size:,} {'bytes' if 'bytes' in limit.why else 'characters'}")
         if limit.items is not None:
             parts.append(f"{limit.items:,} items")
         rows.append(f"| `{name.removeprefix('loracle.v1.')}` | {', '.join(parts)} | {limit.why} |")

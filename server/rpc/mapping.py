@@ -12,6 +12,7 @@ from loracle.v1 import types_pb2
 from server.application.commands import (
     CatalogRecordInput,
     GenerationRequest,
+    ImageInput,
     ImportOutcome,
     ImportTotals,
     ImportUpdate,
@@ -213,7 +214,37 @@ def generation_request_from_proto(spec: types_pb2.GenerationSpec) -> GenerationR
         output_format=_FORMATS.get(spec.output_format, "png"),
         preview_every_n_steps=spec.preview_every_n_steps,
         chunk_size_bytes=spec.chunk_size_bytes,
+        init_image=_image_input(spec, "init_image"),
+        strength=spec.strength if spec.HasField("strength") else None,
+        mask_image=_image_input(spec, "mask_image"),
+        mask_blur=spec.mask_blur if spec.HasField("mask_blur") else None,
+        inpaint_only_masked=spec.inpaint_only_masked,
+        inpaint_padding=spec.inpaint_padding if spec.HasField("inpaint_padding") else None,
     )
+
+
+def _image_input(spec: types_pb2.GenerationSpec, name: str) -> ImageInput | None:
+    """An InputImage field as the request's ImageInput; None when unset (a set but empty one
+    is an empty image, which validation names)."""
+    if not spec.HasField(name):  # type: ignore[arg-type]
+        return None
+    given: types_pb2.InputImage = getattr(spec, name)
+    if given.HasField("generated"):
+        return ImageInput(
+            generation_id=given.generated.generation_id,
+            image_index=given.generated.image_index,
+        )
+    return ImageInput(data=given.data)
+
+
+def _recorded_image(record: object) -> types_pb2.InputImage | None:
+    if not isinstance(record, dict):
+        return None
+    out = types_pb2.InputImage(sha256=str(record.get("sha256", "")))
+    if record.get("generation_id"):
+        out.generated.generation_id = str(record["generation_id"])
+        out.generated.image_index = int(record.get("image_index", 0))
+    return out
 
 
 def generation_event_to_proto(event: GenerationEvent) -> types_pb2.GenerationEvent:
@@ -305,6 +336,12 @@ def generation_to_proto(view: GenerationView) -> types_pb2.Generation:
             ),
             preview_every_n_steps=int(spec.get("preview_every_n_steps", 0)),
             chunk_size_bytes=int(spec.get("chunk_size_bytes", 0)),
+            init_image=_recorded_image(spec.get("init_image")),
+            strength=float(spec["strength"]) if "strength" in spec else None,
+            mask_image=_recorded_image(spec.get("mask_image")),
+            mask_blur=int(spec["mask_blur"]) if "mask_blur" in spec else None,
+            inpaint_only_masked=bool(spec.get("inpaint_only_masked", False)),
+            inpaint_padding=int(spec["inpaint_padding"]) if "inpaint_padding" in spec else None,
         ),
         images=[
             types_pb2.ImageInfo(

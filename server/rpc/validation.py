@@ -99,8 +99,15 @@ def id_violations(message: Message) -> list[FieldViolation]:
     descriptor: Any = message.DESCRIPTOR  # the stubs also allow upb's own Descriptor type
     for path in id_fields(descriptor):
         value: Any = message
-        for name in path.split("."):
+        *parents, leaf = path.split(".")
+        for name in parents:
+            if not value.HasField(name):  # an id inside an unset message is not asked for
+                break
             value = getattr(value, name)
+        else:
+            value = getattr(value, leaf)
+        if value is message or not isinstance(value, str):
+            continue
         if not value:
             violations.append(FieldViolation(path, "is required"))
         elif not is_uuid(value):
@@ -119,14 +126,22 @@ def _is_id(field: FieldDescriptor) -> bool:
     )
 
 
-# Requests are small except a catalog import: every other method takes at most this much.
+# Requests are small except a catalog import and generations with input images: every
+# other method takes at most this much.
 SMALL_REQUEST_BYTES = 1 * MIB
-LARGE_REQUEST_METHODS = frozenset({"/loracle.v1.CommandService/ImportLoraCatalog"})
+LARGE_REQUEST_METHODS = frozenset(
+    {
+        "/loracle.v1.CommandService/ImportLoraCatalog",
+        "/loracle.v1.CommandService/GenerateImage",
+        "/loracle.v1.CommandService/SubmitGeneration",
+    }
+)
 
 
 def method_limits(max_message_bytes: int) -> dict[str, int]:
-    """Each RPC's request size limit in bytes: `max_message_bytes` for a catalog import,
-    SMALL_REQUEST_BYTES (or less, when `max_message_bytes` is lower) for the rest."""
+    """Each RPC's request size limit in bytes: `max_message_bytes` for a catalog import and
+    the generations that may carry images, SMALL_REQUEST_BYTES (or less, when
+    `max_message_bytes` is lower) for the rest."""
     return {
         method: (
             max_message_bytes

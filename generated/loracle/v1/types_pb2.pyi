@@ -496,6 +496,12 @@ class GenerationSpec(_message.Message):
     OUTPUT_FORMAT_FIELD_NUMBER: _builtins.int
     PREVIEW_EVERY_N_STEPS_FIELD_NUMBER: _builtins.int
     CHUNK_SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    INIT_IMAGE_FIELD_NUMBER: _builtins.int
+    STRENGTH_FIELD_NUMBER: _builtins.int
+    MASK_IMAGE_FIELD_NUMBER: _builtins.int
+    MASK_BLUR_FIELD_NUMBER: _builtins.int
+    INPAINT_ONLY_MASKED_FIELD_NUMBER: _builtins.int
+    INPAINT_PADDING_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Name of a configured base model; empty for the default model."""
     prompt: _builtins.str
@@ -524,9 +530,39 @@ class GenerationSpec(_message.Message):
     """Send a preview every N steps; 0 for none."""
     chunk_size_bytes: _builtins.int
     """Image chunk size in bytes; 0 for the server default (64 KiB)."""
+    strength: _builtins.float
+    """img2img: how much of init_image is noised again, above 0 and at most 1 (1 ignores
+    it); unset: 0.75. As in A1111, steps x strength steps run (at least one).
+    """
+    mask_blur: _builtins.int
+    """Inpainting: the radius of the Gaussian blur softening the mask's edge, 0 to 64
+    pixels; unset: 4 (A1111's default).
+    """
+    inpaint_only_masked: _builtins.bool
+    """Inpainting: paint only the masked region (plus `inpaint_padding`) again, cropped and
+    scaled to width x height, then pasted back into init_image, which keeps its size
+    (A1111's "Inpaint area: Only masked"). Otherwise the whole image is painted at width x
+    height. Either way, pixels outside the (blurred) mask keep init_image's values.
+    """
+    inpaint_padding: _builtins.int
+    """With inpaint_only_masked: pixels of context around the masked region, 0 to 256; unset:
+    32 (A1111's default).
+    """
     @_builtins.property
     def loras(self) -> _containers.RepeatedCompositeFieldContainer[Global___LoraSelection]:
         """LoRAs to apply, in addition to `<lora:...>` tags in the prompt."""
+
+    @_builtins.property
+    def init_image(self) -> Global___InputImage:
+        """img2img: the image to start from, resized to width x height (A1111's "just resize").
+        Width and height left at 0 take its size, rounded down to multiples of 8.
+        """
+
+    @_builtins.property
+    def mask_image(self) -> Global___InputImage:
+        """Inpainting (needs init_image, of the same size): white marks what is painted again,
+        black what is kept; grey is in between. Any mode; its luminance is used.
+        """
 
     def __init__(
         self,
@@ -545,21 +581,101 @@ class GenerationSpec(_message.Message):
         output_format: Global___ImageFormat.ValueType = ...,
         preview_every_n_steps: _builtins.int = ...,
         chunk_size_bytes: _builtins.int = ...,
+        init_image: Global___InputImage | None = ...,
+        strength: _builtins.float | None = ...,
+        mask_image: Global___InputImage | None = ...,
+        mask_blur: _builtins.int | None = ...,
+        inpaint_only_masked: _builtins.bool = ...,
+        inpaint_padding: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_seed", b"_seed", "guidance_scale", b"guidance_scale", "seed", b"seed"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_inpaint_padding", b"_inpaint_padding", "_mask_blur", b"_mask_blur", "_seed", b"_seed", "_strength", b"_strength", "guidance_scale", b"guidance_scale", "init_image", b"init_image", "inpaint_padding", b"inpaint_padding", "mask_blur", b"mask_blur", "mask_image", b"mask_image", "seed", b"seed", "strength", b"strength"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_seed", b"_seed", "chunk_size_bytes", b"chunk_size_bytes", "guidance_scale", b"guidance_scale", "height", b"height", "loras", b"loras", "model", b"model", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "output_format", b"output_format", "preview_every_n_steps", b"preview_every_n_steps", "prompt", b"prompt", "scheduler", b"scheduler", "seed", b"seed", "steps", b"steps", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_inpaint_padding", b"_inpaint_padding", "_mask_blur", b"_mask_blur", "_seed", b"_seed", "_strength", b"_strength", "chunk_size_bytes", b"chunk_size_bytes", "guidance_scale", b"guidance_scale", "height", b"height", "init_image", b"init_image", "inpaint_only_masked", b"inpaint_only_masked", "inpaint_padding", b"inpaint_padding", "loras", b"loras", "mask_blur", b"mask_blur", "mask_image", b"mask_image", "model", b"model", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "output_format", b"output_format", "preview_every_n_steps", b"preview_every_n_steps", "prompt", b"prompt", "scheduler", b"scheduler", "seed", b"seed", "steps", b"steps", "strength", b"strength", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__guidance_scale: _TypeAlias = _typing.Literal["guidance_scale"]  # noqa: Y015
     _WhichOneofArgType__guidance_scale: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale"]  # noqa: Y015
+    _WhichOneofReturnType__inpaint_padding: _TypeAlias = _typing.Literal["inpaint_padding"]  # noqa: Y015
+    _WhichOneofArgType__inpaint_padding: _TypeAlias = _typing.Literal["_inpaint_padding", b"_inpaint_padding"]  # noqa: Y015
+    _WhichOneofReturnType__mask_blur: _TypeAlias = _typing.Literal["mask_blur"]  # noqa: Y015
+    _WhichOneofArgType__mask_blur: _TypeAlias = _typing.Literal["_mask_blur", b"_mask_blur"]  # noqa: Y015
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    _WhichOneofReturnType__strength: _TypeAlias = _typing.Literal["strength"]  # noqa: Y015
+    _WhichOneofArgType__strength: _TypeAlias = _typing.Literal["_strength", b"_strength"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__guidance_scale) -> _WhichOneofReturnType__guidance_scale | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__inpaint_padding) -> _WhichOneofReturnType__inpaint_padding | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__mask_blur) -> _WhichOneofReturnType__mask_blur | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__strength) -> _WhichOneofReturnType__strength | None: ...
 
 Global___GenerationSpec: _TypeAlias = GenerationSpec  # noqa: Y015
+
+@_typing.final
+class InputImage(_message.Message):
+    """An image a generation reads: inline bytes, or an image this server made."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    GENERATED_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    """PNG, JPEG or WebP bytes, one frame, at most `max_input_image_bytes` (default 8 MiB)
+    and `max_input_image_pixels` pixels (default 4096 x 4096).
+    """
+    sha256: _builtins.str
+    """Output only (in Generation.spec): the SHA-256 of the image's bytes."""
+    @_builtins.property
+    def generated(self) -> Global___GeneratedImage:
+        """An image of one of the caller's own generations ("vary my last result")."""
+
+    def __init__(
+        self,
+        *,
+        data: _builtins.bytes = ...,
+        generated: Global___GeneratedImage | None = ...,
+        sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "generated", b"generated", "source", b"source"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "generated", b"generated", "sha256", b"sha256", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["data", "generated"]  # noqa: Y015
+    _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_source) -> _WhichOneofReturnType_source | None: ...
+
+Global___InputImage: _TypeAlias = InputImage  # noqa: Y015
+
+@_typing.final
+class GeneratedImage(_message.Message):
+    """One image of an earlier generation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GENERATION_ID_FIELD_NUMBER: _builtins.int
+    IMAGE_INDEX_FIELD_NUMBER: _builtins.int
+    generation_id: _builtins.str
+    """The generation; the caller's own (or any, for an admin)."""
+    image_index: _builtins.int
+    """Which of its images, from 0."""
+    def __init__(
+        self,
+        *,
+        generation_id: _builtins.str = ...,
+        image_index: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation_id", b"generation_id", "image_index", b"image_index"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GeneratedImage: _TypeAlias = GeneratedImage  # noqa: Y015
 
 @_typing.final
 class ImageInfo(_message.Message):

@@ -59,6 +59,7 @@ from server.application.commands.update_lora import (
     UpdateLoRACommand,
     UpdateLoRAHandler,
 )
+from server.application.generation.request import ImageInput
 
 __all__ = [
     "CancelGenerationCommand",
@@ -76,6 +77,7 @@ __all__ = [
     "ICommandHandler",
     "IStreamCommand",
     "IStreamCommandHandler",
+    "ImageInput",
     "ImportCatalogResult",
     "ImportFileResult",
     "ImportLoRACatalogCommand",

@@ -4,6 +4,7 @@ the same step that takes a queue slot, and follow the job for its caller."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import uuid
@@ -16,10 +17,15 @@ from server.application.commands.idempotency import Replay, note_answer, record_
 from server.application.context import DispatchContext, current_context
 from server.application.generation.lifecycle import GenerationRecorder
 from server.application.generation.request import (
+    DEFAULT_INPAINT_PADDING,
     DEFAULT_LIMITS,
+    DEFAULT_MASK_BLUR,
+    DEFAULT_STRENGTH,
     GenerationLimits,
     GenerationRequest,
+    ImageInput,
     LoraChoice,
+    fit_size,
     strip_lora_tags,
     validate,
 )
@@ -29,10 +35,12 @@ from server.application.ports import (
     CatalogRepository,
     Executor,
     GenerationOutcomes,
+    ImageReader,
     JobStream,
     LoraFiles,
     LoraLookup,
     ModelLookup,
+    StoredImages,
 )
 from server.domain.errors import (
     DomainError,
@@ -44,7 +52,7 @@ from server.domain.errors import (
 )
 from server.domain.generation import Generation, GenerationView
 from server.domain.generation_events import TERMINAL, Failed, GenerationEvent
-from server.domain.generation_job import GenerationJob, ResolvedLora
+from server.domain.generation_job import GenerationJob, InputImage, ResolvedLora
 from server.domain.lora import CommandRecord
 from server.domain.models import BaseModelInfo, GenerationDefaults, LoraView, is_uuid
 from server.domain.recommend.prompt import parse_prompt
@@ -79,8 +87,12 @@ class GenerationJobs:
         files: LoraFiles,
         recorder: GenerationRecorder,
         outcomes: GenerationOutcomes,
+        images: ImageReader,
+        stored: StoredImages,
         limits: GenerationLimits = DEFAULT_LIMITS,
     ) -> None:
+        self._images = images
+        self._stored = stored
         self._models = models
         self._executor = executor
         self._catalog = catalog
@@ -101,8 +113,37 @@ class GenerationJobs:
             violations.append(FieldViolation("spec.loras", f"at most {self.limits.loras} LoRAs"))
         if violations:
             raise ValidationError(violations)
+        # 1. Input images: read, measured and fully decoded before anything is queued
+        init = self._input_image(request.init_image, "spec.init_image")
+        mask = self._input_image(request.mask_image, "spec.mask_image")
+        if (
+            init is not None
+            and mask is not None
+            and (mask.width, mask.height)
+            != (
+                init.width,
+                init.height,
+            )
+        ):
+            raise ValidationError(
+                FieldViolation(
+                    "spec.mask_image",
+                    f"is {mask.width}x{mask.height}; it must be the size of spec.init_image "
+                    f"({init.width}x{init.height})",
+                )
+            )
+        if mask is not None and self._images.blank(mask.data):
+            raise ValidationError(
+                FieldViolation("spec.mask_image", "is black everywhere: it would paint nothing")
+            )
+        # 2. The model, the size (an init image's own when none is asked for) and the LoRAs
         model = self.model(request.model)
-        if model.config.placeholder and max(request.width, request.height) > PLACEHOLDER_SIDE:
+        defaults = _defaults(model)
+        width, height = request.width, request.height
+        if init is not None and not (width or height):
+            width, height = fit_size(init.width, init.height, self.limits)
+        width, height = width or defaults.width, height or defaults.height
+        if model.config.placeholder and max(width, height) > PLACEHOLDER_SIDE:
             # Its 2x VAE makes large images cost minutes per step, for noise: one such job
             # would hold the queue for everyone.
             raise ValidationError(
@@ -113,15 +154,14 @@ class GenerationJobs:
                 )
             )
         loras = self._resolve_loras(choices, model)
-        defaults = _defaults(model)
         return GenerationJob(
             generation_id=str(uuid.uuid4()),
             model=model.config,
             prompt=strip_lora_tags(request.prompt),
             original_prompt=request.prompt,
             negative_prompt=request.negative_prompt,
-            width=request.width or defaults.width,
-            height=request.height or defaults.height,
+            width=width,
+            height=height,
             steps=request.steps or defaults.steps,
             guidance_scale=(
                 defaults.guidance_scale
@@ -136,7 +176,86 @@ class GenerationJobs:
             chunk_size=request.chunk_size_bytes or 64 * 1024,
             preview_every=request.preview_every_n_steps,
             owner=current_context().principal,
+            init_image=init,
+            strength=(
+                0.0
+                if init is None
+                else request.strength
+                if request.strength is not None
+                else DEFAULT_STRENGTH
+            ),
+            mask_image=mask,
+            mask_blur=(
+                0
+                if mask is None
+                else request.mask_blur
+                if request.mask_blur is not None
+                else DEFAULT_MASK_BLUR
+            ),
+            inpaint_only_masked=mask is not None and request.inpaint_only_masked,
+            inpaint_padding=(
+                0
+                if mask is None or not request.inpaint_only_masked
+                else request.inpaint_padding
+                if request.inpaint_padding is not None
+                else DEFAULT_INPAINT_PADDING
+            ),
         )
+
+    def _input_image(self, given: ImageInput | None, field: str) -> InputImage | None:
+        """The image a request names, checked: inline bytes, or one of the caller's own
+        earlier images (another principal's is the NOT_FOUND of an unknown id)."""
+        if given is None:
+            return None
+        data = given.data
+        if given.generation_id:
+            data = self._stored_image(given, field)
+        if not data:
+            raise ValidationError(
+                FieldViolation(field, "is empty: send an image's bytes or name an earlier image")
+            )
+        if len(data) > self.limits.input_bytes:
+            raise ValidationError(
+                FieldViolation(
+                    field, f"is {len(data):,} bytes; at most {self.limits.input_bytes:,}"
+                )
+            )
+        try:
+            width, height = self._images.measure(data, self.limits.input_pixels)
+        except ValueError as exc:
+            raise ValidationError(FieldViolation(field, str(exc))) from None
+        return InputImage(
+            data=data,
+            sha256=hashlib.sha256(data).hexdigest(),
+            width=width,
+            height=height,
+            generation_id=given.generation_id,
+            image_index=given.image_index,
+        )
+
+    def _stored_image(self, given: ImageInput, field: str) -> bytes:
+        gid = given.generation_id
+        self.require_visible(gid)
+        generation = self._catalog.get(uuid.UUID(gid))
+        assert isinstance(generation, Generation)
+        records = {r.index: r for r in generation.view().images}
+        record = records.get(given.image_index)
+        if record is None:
+            raise ValidationError(
+                FieldViolation(
+                    f"{field}.generated.image_index",
+                    f"generation {gid} has {len(records)} image(s) (indexes from 0)",
+                )
+            )
+        data = self._stored.read(gid, given.image_index, record.mime_type)
+        if data is None:
+            raise PreconditionError(
+                f"image {given.image_index} of generation {gid} is no longer kept on this "
+                "server (image_retention_hours); send its bytes instead",
+                reason=Reason.IMAGE_NOT_KEPT,
+                metadata={"generation_id": gid, "image_index": str(given.image_index)},
+            )
+        return data
 
     def model(self, name: str) -> BaseModelInfo:
         statuses = self._models.statuses()

@@ -15,6 +15,16 @@ class LoraChoice:
     weight: float | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class ImageInput:
+    """An input image as a request names it: inline bytes, or an image of an earlier
+    generation (`generation_id`, `image_index`)."""
+
+    data: bytes = b""
+    generation_id: str = ""
+    image_index: int = 0
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GenerationRequest:
     model: str = ""
@@ -31,6 +41,12 @@ class GenerationRequest:
     output_format: str = "png"
     preview_every_n_steps: int = 0
     chunk_size_bytes: int = 0
+    init_image: ImageInput | None = None
+    strength: float | None = None
+    mask_image: ImageInput | None = None
+    mask_blur: int | None = None
+    inpaint_only_masked: bool = False
+    inpaint_padding: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +59,8 @@ class GenerationLimits:
     steps: int = 150
     images: int = 8
     loras: int = 8
+    input_bytes: int = 8 * 1024 * 1024
+    input_pixels: int = 4096 * 4096
 
 
 DEFAULT_LIMITS = GenerationLimits()
@@ -81,11 +99,54 @@ def validate(
         out.append(FieldViolation("spec.chunk_size_bytes", "from 1 KiB to 4 MiB, or 0"))
     if not 0 <= request.preview_every_n_steps <= limits.steps:
         out.append(FieldViolation("spec.preview_every_n_steps", f"from 0 to {limits.steps}"))
+    out += _image_violations(request)
     for i, choice in enumerate(request.loras):
         if not choice.lora.strip():
             out.append(FieldViolation(f"spec.loras[{i}].lora", "must not be empty"))
         if choice.weight is not None and not -4.0 <= choice.weight <= 4.0:
             out.append(FieldViolation(f"spec.loras[{i}].weight", "from -4 to 4"))
+    return out
+
+
+def fit_size(width: int, height: int, limits: GenerationLimits) -> tuple[int, int]:
+    """An init image's size as the size to generate at: scaled down (keeping its aspect
+    ratio) to the limits when larger, then rounded down to multiples of 8, at least 64."""
+    scale = min(1.0, limits.side / max(width, height), (limits.pixels / (width * height)) ** 0.5)
+    return tuple(max(64, int(side * scale) // 8 * 8) for side in (width, height))  # type: ignore[return-value]
+
+
+# A1111's defaults for what a request leaves unset.
+DEFAULT_STRENGTH = 0.75
+DEFAULT_MASK_BLUR = 4
+DEFAULT_INPAINT_PADDING = 32
+
+
+def _image_violations(request: GenerationRequest) -> list[FieldViolation]:
+    """The img2img and inpainting fields' ranges, and that they come with an init image."""
+    out = []
+    if request.strength is not None and not 0.0 < request.strength <= 1.0:
+        out.append(FieldViolation("spec.strength", "above 0 and at most 1"))
+    if request.mask_blur is not None and not 0 <= request.mask_blur <= 64:
+        out.append(FieldViolation("spec.mask_blur", "from 0 to 64 pixels"))
+    if request.inpaint_padding is not None and not 0 <= request.inpaint_padding <= 256:
+        out.append(FieldViolation("spec.inpaint_padding", "from 0 to 256 pixels"))
+    if request.init_image is None:
+        needs_init = {
+            "spec.strength": request.strength is not None,
+            "spec.mask_image": request.mask_image is not None,
+        }
+        for field_name, present in needs_init.items():
+            if present:
+                out.append(FieldViolation(field_name, "applies only with spec.init_image"))
+    inpainting = {
+        "spec.mask_blur": request.mask_blur is not None,
+        "spec.inpaint_only_masked": request.inpaint_only_masked,
+        "spec.inpaint_padding": request.inpaint_padding is not None,
+    }
+    if request.mask_image is None:
+        for field_name, present in inpainting.items():
+            if present:
+                out.append(FieldViolation(field_name, "applies only with spec.mask_image"))
     return out
 
 

@@ -29,6 +29,7 @@ from server.domain.generation_events import (
     image_chunks,
 )
 from server.domain.generation_job import GenerationJob
+from server.infrastructure.diffusion import image_inputs
 from server.infrastructure.diffusion.adapters import AdapterLoadError
 from server.infrastructure.diffusion.conditioning import ConditionedGroup
 from server.infrastructure.diffusion.estimates import StepCosts, describe_seconds
@@ -227,8 +228,11 @@ class DiffusionExecutor:
         for handle in live:
             handle.publish(Started(len(rows)))
 
-        # 4. Encode the prompts (A1111 emphasis, chunks), then denoise: one call per group
-        #    of rows whose conditioning has the same length (conditioning.py)
+        # 4. Prepare input images (img2img, inpainting), encode the prompts (A1111 emphasis,
+        #    chunks), then denoise: one call per group of rows whose conditioning has the
+        #    same length (conditioning.py)
+        prepared = {h: image_inputs.prepare(h.job) for h in live}
+        inputs = [prepared[h] for h, _ in rows]
         images: list[Any] = [None] * len(rows)
         spans: list[tuple[float, float]] = []
         try:
@@ -238,7 +242,7 @@ class DiffusionExecutor:
                 [h.job.negative_prompt for h, _ in rows],
             )
             for group in groups:
-                span = self._denoise(rows, group, loaded, started, images)
+                span = self._denoise(rows, inputs, group, loaded, started, images)
                 if span is not None:
                     spans.append(span)
         except torch.OutOfMemoryError:
@@ -276,6 +280,7 @@ class DiffusionExecutor:
     def _denoise(
         self,
         rows: Sequence[Row],
+        inputs: Sequence[image_inputs.RowInputs],
         group: ConditionedGroup,
         loaded: LoadedPipeline,
         started: float,
@@ -296,9 +301,11 @@ class DiffusionExecutor:
             job=job,
             generators=[torch.Generator(device="cpu").manual_seed(h.job.seed + i) for h, i in part],
             conditioning=group.kwargs,
+            images=[inputs[i].image for i in group.rows if inputs[i].image is not None],
+            masks=[inputs[i].mask for i in group.rows if inputs[i].mask is not None],
         )
         try:
-            out = loaded.family.denoise(loaded.pipe, call, watcher)
+            out = loaded.family.denoise(loaded.for_mode(job.mode), call, watcher)
         except _Interrupted:
             return None
         first, last = watcher.denoising_span(time.monotonic())
@@ -306,7 +313,7 @@ class DiffusionExecutor:
             job.model.name, job.width * job.height, len(part), job.steps, last - first
         )
         for i, image in zip(group.rows, out, strict=True):
-            images[i] = image
+            images[i] = inputs[i].finish(image)
         return first, last
 
     def _prepare(self, live: Sequence[JobHandle], job: GenerationJob) -> LoadedPipeline | None:
@@ -366,7 +373,16 @@ class DiffusionExecutor:
             return tensors
 
         for side in self._calibration_sides:
-            probe = replace(job, width=side, height=side, steps=2, num_images=1)
+            probe = replace(
+                job,
+                width=side,
+                height=side,
+                steps=2,
+                num_images=1,
+                init_image=None,  # timed as text to image
+                mask_image=None,
+                strength=0.0,
+            )
             marks.clear()
             (group,) = loaded.family.encode(loaded.pipe, [job.prompt], [job.negative_prompt])
             rows = BatchRows(
@@ -452,7 +468,13 @@ class _StepWatcher:
         done = step + 1
         # The loop runs once per scheduler timestep: PLMS adds one, Heun nearly doubles
         # them, so the scheduler's count is the honest total.
-        total = len(getattr(pipe.scheduler, "timesteps", ())) or self._steps
+        # img2img runs only the last `strength` of them: the pipeline's own count of the
+        # loop it is in, where it has one.
+        total = (
+            getattr(pipe, "num_timesteps", 0)
+            or len(getattr(pipe.scheduler, "timesteps", ()))
+            or self._steps
+        )
         for handle in active:
             handle.publish(Progress(done, max(total, done), now - self._started))
         latents = tensors.get("latents")

@@ -24,6 +24,16 @@ log = logging.getLogger("loracle.images")
 VERSION = "loracle 0.1.0"
 MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
+# The spec's img2img and inpainting fields, as the manifest repeats them (input images by
+# SHA-256, and the earlier image each is, if it is one).
+IMAGE_FIELDS = (
+    "init_image",
+    "strength",
+    "mask_image",
+    "mask_blur",
+    "inpaint_only_masked",
+    "inpaint_padding",
+)
 
 
 class ImageStore:
@@ -101,6 +111,12 @@ def a1111_parameters(
         f"Model hash: {model_hash}",
         f"Model: {job.model.name}",
     ]
+    if job.init_image is not None:
+        fields.append(f"Denoising strength: {job.strength:g}")
+    if job.mask_image is not None:
+        fields.append(f"Mask blur: {job.mask_blur}")
+        if job.inpaint_only_masked:
+            fields += ["Inpaint area: Only masked", f"Masked area padding: {job.inpaint_padding}"]
     if job.loras:
         hashes = ", ".join(
             f"{lora.file_name or lora.name}: {lora.sha256[:12]}" for lora in job.loras
@@ -137,6 +153,8 @@ def manifest(job: GenerationJob, index: int, loaded: LoadedPipeline) -> dict[str
             {"id": x.lora_id, "name": x.name, "sha256": x.sha256, "weight": x.weight}
             for x in job.loras
         ],
+        "mode": job.mode,
+        **{k: v for k, v in job.spec().items() if k in IMAGE_FIELDS},
         "versions": {
             "loracle": VERSION,
             "diffusers": diffusers.__version__,

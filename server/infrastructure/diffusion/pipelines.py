@@ -48,6 +48,23 @@ class LoadedPipeline:
     scheduler_config: Any
     default_scheduler: str
     schedulers: dict[str, Any] = field(default_factory=dict)
+    # The img2img and inpainting pipelines, built from `pipe`'s components on first use.
+    variants: dict[str, Any] = field(default_factory=dict)
+
+    def for_mode(self, mode: str) -> Any:
+        """The pipeline running `mode` (domain.generation_job.Mode) with the scheduler
+        `prepare` set: made once from the loaded components (`from_pipe` shares every
+        module, so no weights are copied and the fused LoRAs apply to it too)."""
+        pipeline_class = self.family.pipeline_for_mode(mode)
+        if pipeline_class is None:
+            return self.pipe
+        variant = self.variants.get(mode)
+        if variant is None:
+            variant = pipeline_class.from_pipe(self.pipe)
+            variant.set_progress_bar_config(disable=True)
+            self.variants[mode] = variant
+        variant.scheduler = self.pipe.scheduler
+        return variant
 
     def scheduler(self, name: str) -> Any:
         """The scheduler a request names ("" for the model's own), made once per model."""

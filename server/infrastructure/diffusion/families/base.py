@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from server.domain.generation_job import GenerationJob
+from server.domain.generation_job import GenerationJob, Mode
 from server.domain.models import Architecture, BaseModelConfig, GenerationDefaults
 from server.infrastructure.diffusion.conditioning import ConditionedGroup, TextEncoder, encode_batch
 
@@ -34,14 +34,18 @@ class CheckpointPart:
 @dataclass(frozen=True, slots=True)
 class BatchRows:
     """One denoising call: a prompt, negative prompt and seeded generator per image, the
-    job whose shared fields (size, steps, guidance) all rows have in common, and the rows'
-    prompt embeddings (`ModelFamily.encode`; empty: the pipeline encodes `prompts`)."""
+    job whose shared fields (size, steps, guidance, mode, strength) all rows have in common,
+    the rows' prompt embeddings (`ModelFamily.encode`; empty: the pipeline encodes
+    `prompts`), and for img2img and inpainting each row's image and mask, already at the
+    job's size (image_inputs.py)."""
 
     prompts: list[str]
     negative_prompts: list[str]
     job: GenerationJob
     generators: list[Any]
     conditioning: dict[str, Any] = field(default_factory=dict)
+    images: list[Any] = field(default_factory=list)
+    masks: list[Any] = field(default_factory=list)
 
 
 class ModelFamily(ABC):
@@ -69,6 +73,9 @@ class ModelFamily(ABC):
     # The tokenizer/text encoder pairs A1111-style prompts are encoded with (none: the
     # pipeline encodes the plain prompt itself).
     text_encoders: ClassVar[tuple[TextEncoder, ...]] = ()
+    # The diffusers pipeline class of each mode beyond text to image (Mode values), built
+    # from the loaded pipeline's components.
+    mode_pipelines: ClassVar[dict[str, str]] = {}
 
     @abstractmethod
     def checkpoint_parts(self, architecture: Architecture) -> tuple[CheckpointPart, ...]:
@@ -81,6 +88,16 @@ class ModelFamily(ABC):
     @abstractmethod
     def pipeline_class(self) -> Any:
         """The diffusers pipeline class a single-file checkpoint is loaded as."""
+
+    def pipeline_for_mode(self, mode: str) -> Any | None:
+        """The diffusers pipeline class running `mode` from the loaded text-to-image
+        pipeline's components (`from_pipe`); None for that pipeline itself."""
+        name = self.mode_pipelines.get(mode)
+        if name is None:
+            return None
+        import diffusers
+
+        return getattr(diffusers, name)
 
     def load_folder(self, config: BaseModelConfig, torch_dtype: Any) -> Any:
         """A local diffusers folder (never a hub id: local_files_only)."""
@@ -126,13 +143,25 @@ def prompt_arguments(rows: BatchRows) -> dict[str, Any]:
     return {"prompt": rows.prompts, "negative_prompt": negative}
 
 
+def image_arguments(rows: BatchRows) -> dict[str, Any]:
+    """What each mode adds to the call: the size (text to image, inpainting), the images
+    and the strength (img2img), the masks too (inpainting)."""
+    job = rows.job
+    if job.mode == Mode.TEXT_TO_IMAGE:
+        return {"width": job.width, "height": job.height}
+    out: dict[str, Any] = {"image": rows.images, "strength": job.strength}
+    if job.mode == Mode.INPAINT:
+        out |= {"mask_image": rows.masks, "width": job.width, "height": job.height}
+    return out
+
+
 def text_to_image(pipe: Any, rows: BatchRows, on_step: StepCallback) -> Sequence[Any]:
-    """The call diffusers' Stable Diffusion text-to-image pipelines share."""
+    """The call diffusers' Stable Diffusion pipelines share, for every mode (`pipe` is the
+    mode's pipeline: LoadedPipeline.for_mode)."""
     job = rows.job
     result = pipe(
         **prompt_arguments(rows),
-        width=job.width,
-        height=job.height,
+        **image_arguments(rows),
         num_inference_steps=job.steps,
         guidance_scale=job.guidance_scale,
         num_images_per_prompt=1,

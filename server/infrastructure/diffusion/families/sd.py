@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from server.domain.generation_job import Mode
 from server.domain.models import Architecture, GenerationDefaults
 from server.infrastructure.diffusion.conditioning import TextEncoder
 from server.infrastructure.diffusion.families.base import (
@@ -28,6 +29,10 @@ class StableDiffusion(ModelFamily):
     components = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
     defaults = GenerationDefaults(512, 512, 25, 7.0)
     lora_components = ("unet", "text_encoder")
+    mode_pipelines = {
+        Mode.IMAGE_TO_IMAGE: "StableDiffusionImg2ImgPipeline",
+        Mode.INPAINT: "StableDiffusionInpaintPipeline",
+    }
     text_encoders = (TextEncoder("tokenizer", "text_encoder"),)
     # Least-squares fit of latent -> RGB published with A1111/ComfyUI (SD2 uses it too).
     preview_factors = (

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from server.domain.generation_job import Mode
 from server.domain.models import Architecture, GenerationDefaults
 from server.infrastructure.diffusion.conditioning import TextEncoder
 from server.infrastructure.diffusion.families.base import (
@@ -36,6 +37,10 @@ class StableDiffusionXL(ModelFamily):
     )
     defaults = GenerationDefaults(1024, 1024, 30, 5.0)
     lora_components = ("unet", "text_encoder", "text_encoder_2")
+    mode_pipelines = {
+        Mode.IMAGE_TO_IMAGE: "StableDiffusionXLImg2ImgPipeline",
+        Mode.INPAINT: "StableDiffusionXLInpaintPipeline",
+    }
     text_encoders = (
         TextEncoder("tokenizer", "text_encoder", penultimate=True),
         TextEncoder("tokenizer_2", "text_encoder_2", penultimate=True, pooled=True),
