@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -669,6 +670,7 @@ def _cmd_generate(client: LoracleClient, args: argparse.Namespace, out: _Output)
         spec.seed = args.seed
     if args.guidance is not None:
         spec.guidance_scale = args.guidance
+    _image_options(client, args, spec)
     if args.detach:
         submitted = _until_model_ready(lambda: client.submit_generation(spec), args, out)
         if out.json_mode:
@@ -682,6 +684,42 @@ def _cmd_generate(client: LoracleClient, args: argparse.Namespace, out: _Output)
         return 0
     events = _until_model_ready(lambda: _primed(client.generate_image(spec)), args, out)
     return _follow(events, args.output, out)
+
+
+def _image_options(
+    client: LoracleClient, args: argparse.Namespace, spec: types_pb2.GenerationSpec
+) -> None:
+    """img2img and inpainting: the init image from a file or an earlier generation, the
+    mask from a file, and their settings."""
+    if args.init_image is not None:
+        spec.init_image.data = _read_image(args.init_image)
+    elif args.init_from is not None:
+        text, _, index = args.init_from.partition(":")
+        spec.init_image.generated.generation_id = _generation_id(client, text)
+        spec.init_image.generated.image_index = int(index or 0)
+    if args.strength is not None:
+        spec.strength = args.strength
+    if args.mask is not None:
+        spec.mask_image.data = _read_image(args.mask)
+    if args.mask_blur is not None:
+        spec.mask_blur = args.mask_blur
+    spec.inpaint_only_masked = args.only_masked
+    if args.padding is not None:
+        spec.inpaint_padding = args.padding
+
+
+def _read_image(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise _LocalError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _image_reference(text: str) -> str:
+    _, _, index = text.partition(":")
+    if index and not index.isdigit():
+        raise argparse.ArgumentTypeError("expected ID[:INDEX], e.g. 3f2a9c1e:0")
+    return text
 
 
 def _cmd_watch(client: LoracleClient, args: argparse.Namespace, out: _Output) -> int:
@@ -1089,6 +1127,40 @@ def _build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NAME[:WEIGHT]",
         help="apply a catalogued LoRA (repeatable); <lora:NAME:W> in the prompt works too",
+    )
+    source = p.add_mutually_exclusive_group()
+    source.add_argument(
+        "--init-image", metavar="FILE", help="img2img: start from this PNG, JPEG or WebP"
+    )
+    source.add_argument(
+        "--init-from",
+        type=_image_reference,
+        metavar="ID[:INDEX]",
+        help="img2img: start from an earlier generation's image (id or prefix; index 0)",
+    )
+    p.add_argument(
+        "--strength",
+        type=float,
+        metavar="S",
+        help="img2img: how much is noised again, above 0 to 1 (default 0.75)",
+    )
+    p.add_argument("--mask", metavar="FILE", help="inpaint: white is painted again, black kept")
+    p.add_argument(
+        "--mask-blur",
+        type=_non_negative_int,
+        metavar="PX",
+        help="inpaint: blur of the mask's edge in pixels (default 4)",
+    )
+    p.add_argument(
+        "--only-masked",
+        action="store_true",
+        help="inpaint: paint only the masked region at --size, pasted back (A1111's only masked)",
+    )
+    p.add_argument(
+        "--padding",
+        type=_non_negative_int,
+        metavar="PX",
+        help="with --only-masked: context around the region in pixels (default 32)",
     )
     p.add_argument(
         "--detach", action="store_true", help="submit and print the id instead of waiting"

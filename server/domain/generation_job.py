@@ -131,6 +131,7 @@ class GenerationJob:
                 "mask_image": self.mask_image.record(),
                 "mask_blur": self.mask_blur,
                 "inpaint_only_masked": self.inpaint_only_masked,
-                "inpaint_padding": self.inpaint_padding,
             }
+            if self.inpaint_only_masked:
+                out["inpaint_padding"] = self.inpaint_padding
         return out

@@ -43,6 +43,7 @@ from loracle.v1 import command_service_pb2, command_service_pb2_grpc, types_pb2
 from server.devtools.local_server import RunningServer, start_server
 from server.devtools.synthetic_loras import write_demo_loras
 from server.domain.schedulers import SCHEDULERS
+from tests.hostile_images import bad_images, odd_images
 from tests.reliability.proto_strategies import (
     WIRE_INTEGER_TYPES,
     integers,
@@ -116,7 +117,14 @@ def _plausibly(*values: int) -> Callable[[bool], st.SearchStrategy[int]]:
     return strategy
 
 
+def _input_image(plausible: bool) -> st.SearchStrategy[bytes]:
+    """Input image bytes: hostile and odd images as often as random bytes."""
+    images = st.sampled_from([*bad_images().values(), *odd_images().values()])
+    return images if plausible else st.one_of(images, st.binary(max_size=4096))
+
+
 OVERRIDES = {
+    "loracle.v1.InputImage.data": _input_image,
     "loracle.v1.GenerationSpec.width": _side,
     "loracle.v1.GenerationSpec.height": _side,
     "loracle.v1.GenerationSpec.num_images": _plausibly(0, 1, 2, 3),
@@ -442,6 +450,35 @@ def test_broken_frames_are_invalid_argument_without_tracebacks(target: Target) -
     log = target.server.log()[start:]
     assert "Traceback" not in log
     assert "DecodeError" not in log
+
+
+def test_hostile_input_images_are_refused_and_odd_ones_accepted(target: Target) -> None:
+    """As init image and as mask, through both generation commands: every broken image is
+    INVALID_ARGUMENT naming its field, every odd but valid one queues; no traceback."""
+    start = len(target.server.log())
+    good = odd_images()["WebP"]
+    cases = [(name, data, INVALID) for name, data in bad_images().items()]
+    cases += [(name, data, grpc.StatusCode.OK) for name, data in odd_images().items()]
+    for method in ("SubmitGeneration", "GenerateImage"):
+        rpc = ALL_BY_NAME[f"CommandService.{method}"]
+        for role in ("init_image", "mask_image"):
+            for name, data, expected in cases:
+                spec = types_pb2.GenerationSpec(prompt="p", steps=1, width=64, height=64)
+                if role == "init_image":
+                    spec.init_image.data = data
+                else:
+                    spec.init_image.data = good
+                    spec.mask_image.data = data
+                request: Any = rpc.request_class()()
+                request.spec.CopyFrom(spec)
+                payload = request.SerializeToString()
+                outcome = invoke(target.channel, rpc, payload)
+                check(target, rpc, payload, outcome, decodable=True)
+                if expected is INVALID:
+                    assert outcome.code == INVALID, (method, role, name, outcome.code)
+                    assert outcome.error is not None
+                    assert f"spec.{role}" in error_details(outcome.error), (method, role, name)
+    assert "Traceback" not in target.server.log()[start:]
 
 
 def test_every_scheduler_with_the_fewest_steps(target: Target) -> None:

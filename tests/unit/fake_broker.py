@@ -206,6 +206,11 @@ class FakeBroker:
         with self.cond:
             return len(self.jobs.messages)
 
+    max_payload = 1024 * 1024  # NATS's default
+
+    def max_message_bytes(self) -> int:
+        return self.max_payload
+
     def enqueue(self, generation_id: str, body: bytes) -> None:
         with self.cond:
             if generation_id in self.enqueued:

@@ -23,6 +23,7 @@ from server.application.generation.request import (
     DEFAULT_STRENGTH,
     GenerationLimits,
     GenerationRequest,
+    MIME_TYPES,
     ImageInput,
     LoraChoice,
     fit_size,
@@ -238,16 +239,24 @@ class GenerationJobs:
         self.require_visible(gid)
         generation = self._catalog.get(uuid.UUID(gid))
         assert isinstance(generation, Generation)
-        records = {r.index: r for r in generation.view().images}
+        view = generation.view()
+        records = {r.index: r for r in view.images}
         record = records.get(given.image_index)
-        if record is None:
+        # An image is stored before the stream announces it, and recorded a moment later:
+        # "vary my last result" right after the stream ended finds it by trying each type.
+        mimes = [record.mime_type] if record is not None else list(MIME_TYPES)
+        data = next(
+            (d for m in mimes if (d := self._stored.read(gid, given.image_index, m)) is not None),
+            None,
+        )
+        if data is None and record is None:
+            made = "made" if generation.finished else "has made"
             raise ValidationError(
                 FieldViolation(
                     f"{field}.generated.image_index",
-                    f"generation {gid} has {len(records)} image(s) (indexes from 0)",
+                    f"generation {gid} {made} {len(records)} image(s) (indexes from 0)",
                 )
             )
-        data = self._stored.read(gid, given.image_index, record.mime_type)
         if data is None:
             raise PreconditionError(
                 f"image {given.image_index} of generation {gid} is no longer kept on this "

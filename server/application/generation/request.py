@@ -65,6 +65,7 @@ class GenerationLimits:
 
 DEFAULT_LIMITS = GenerationLimits()
 FORMATS = ("png", "jpeg", "webp")
+MIME_TYPES = ("image/png", "image/jpeg", "image/webp")
 
 
 def validate(

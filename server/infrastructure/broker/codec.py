@@ -3,6 +3,7 @@ catalog-relative path: each machine resolves them under its own roots."""
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from server.domain.generation_events import (
     Started,
     Timings,
 )
-from server.domain.generation_job import GenerationJob, ResolvedLora
+from server.domain.generation_job import GenerationJob, InputImage, ResolvedLora
 from server.domain.models import BaseModelConfig
 from server.infrastructure.broker.port import EventRecord
 
@@ -105,6 +106,12 @@ class JobMessage:
             chunk_size=chunk_size,
             preview_every=int(f.get("preview_every", 0)),
             owner=self.owner,
+            init_image=_image_from(f.get("init_image")),
+            strength=float(f.get("strength", 0.0)),
+            mask_image=_image_from(f.get("mask_image")),
+            mask_blur=int(f.get("mask_blur", 0)),
+            inpaint_only_masked=bool(f.get("inpaint_only_masked", False)),
+            inpaint_padding=int(f.get("inpaint_padding", 0)),
         )
 
 
@@ -127,6 +134,7 @@ def encode_job(job: GenerationJob, who: Who) -> bytes:
             "output_format": job.output_format,
             "chunk_size": job.chunk_size,
             "preview_every": job.preview_every,
+            **_image_fields(job),
         },
         "loras": [
             {
@@ -144,6 +152,39 @@ def encode_job(job: GenerationJob, who: Who) -> bytes:
         "owner": job.owner,
     }
     return json.dumps(doc).encode()
+
+
+def _image_fields(job: GenerationJob) -> dict[str, Any]:
+    """A job's input images travel inside the job message (base64), with their settings;
+    none for text to image."""
+    if job.init_image is None:
+        return {}
+    out: dict[str, Any] = {"init_image": _image_doc(job.init_image), "strength": job.strength}
+    if job.mask_image is not None:
+        out |= {
+            "mask_image": _image_doc(job.mask_image),
+            "mask_blur": job.mask_blur,
+            "inpaint_only_masked": job.inpaint_only_masked,
+            "inpaint_padding": job.inpaint_padding,
+        }
+    return out
+
+
+def _image_doc(image: InputImage) -> dict[str, Any]:
+    return {**image.record(), "data": base64.b64encode(image.data).decode("ascii")}
+
+
+def _image_from(doc: Any) -> InputImage | None:
+    if not isinstance(doc, dict):
+        return None
+    return InputImage(
+        data=base64.b64decode(str(doc["data"])),
+        sha256=str(doc["sha256"]),
+        width=int(doc["width"]),
+        height=int(doc["height"]),
+        generation_id=str(doc.get("generation_id", "")),
+        image_index=int(doc.get("image_index", 0)),
+    )
 
 
 def decode_job(body: bytes) -> JobMessage:

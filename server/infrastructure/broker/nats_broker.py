@@ -235,6 +235,10 @@ class NatsBroker:
         info = self.call(self.js.stream_info(self.jobs_stream), "queue depth")
         return int(info.state.messages)
 
+    def max_message_bytes(self) -> int:
+        """The server's max_payload (1 MB unless the NATS server is configured otherwise)."""
+        return int(self.nc.max_payload)
+
     def enqueue(self, generation_id: str, body: bytes) -> None:
         try:
             self._enqueue(generation_id, body)

@@ -14,7 +14,13 @@ from typing import Any, Protocol
 
 from server.application.context import current_context
 from server.application.generation.lifecycle import Transition
-from server.domain.errors import ConflictError, DomainError, ResourceExhaustedError
+from server.domain.errors import (
+    ConflictError,
+    DomainError,
+    FieldViolation,
+    ResourceExhaustedError,
+    ValidationError,
+)
 from server.domain.generation import ImageRecord
 from server.domain.generation_events import TERMINAL, Cancelled, GenerationEvent, Payload, Queued
 from server.domain.generation_job import GenerationJob
@@ -154,8 +160,6 @@ class BrokerExecutor:
             raise ResourceExhaustedError(
                 f"the cluster's generation queue is full ({depth} jobs waiting)", 2.0
             )
-        if on_accept is not None:
-            on_accept(depth)  # records Submitted; if the store is down nothing is queued
         ctx = current_context()
         who = Who(
             ctx.principal,
@@ -163,11 +167,24 @@ class BrokerExecutor:
             job.original_prompt,
             tuple(x.lora_id for x in job.loras),
         )
+        body = encode_job(job, who)
+        limit = self._broker.max_message_bytes()
+        if len(body) > limit:  # only input images make a job this large
+            raise ValidationError(
+                FieldViolation(
+                    "spec.init_image",
+                    f"with its mask, makes a job of {len(body):,} bytes; in cluster mode a "
+                    f"job travels in one broker message of at most {limit:,} bytes (NATS "
+                    "max_payload): send smaller images, or raise max_payload",
+                )
+            )
+        if on_accept is not None:
+            on_accept(depth)  # records Submitted; if the store is down nothing is queued
         gid = job.generation_id
         self._broker.create_claim(gid, Claim("queued"))
         # The owner travels in the first record: any replica's handle reads it from there.
         self._broker.publish(to_record(gid, 0, Queued(depth), who=Who(job.owner)))
-        self._broker.enqueue(gid, encode_job(job, who))
+        self._broker.enqueue(gid, body)
         return RemoteJobStream(self._broker, gid, job.owner)
 
     def handle(self, generation_id: str) -> RemoteJobStream | None:

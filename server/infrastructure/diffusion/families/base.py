@@ -6,6 +6,7 @@ fusing, encoding) is shared and never asks which family it runs."""
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -148,8 +149,15 @@ def image_arguments(rows: BatchRows) -> dict[str, Any]:
     and the strength (img2img), the masks too (inpainting)."""
     job = rows.job
     if job.mode == Mode.TEXT_TO_IMAGE:
-        return {"width": job.width, "height": job.height}
-    out: dict[str, Any] = {"image": rows.images, "strength": job.strength}
+        return {"width": job.width, "height": job.height, "num_inference_steps": job.steps}
+    # diffusers runs int(steps x strength) steps, none when that rounds to 0 (and fails):
+    # at least one, with a schedule just long enough for it, as the proto promises.
+    steps = job.steps if job.steps * job.strength >= 1 else math.ceil(1 / job.strength)
+    out: dict[str, Any] = {
+        "image": rows.images,
+        "strength": job.strength,
+        "num_inference_steps": steps,
+    }
     if job.mode == Mode.INPAINT:
         out |= {"mask_image": rows.masks, "width": job.width, "height": job.height}
     return out
@@ -162,7 +170,6 @@ def text_to_image(pipe: Any, rows: BatchRows, on_step: StepCallback) -> Sequence
     result = pipe(
         **prompt_arguments(rows),
         **image_arguments(rows),
-        num_inference_steps=job.steps,
         guidance_scale=job.guidance_scale,
         num_images_per_prompt=1,
         generator=rows.generators,

@@ -1,0 +1,74 @@
+"""Input images in cluster mode: they travel inside the job message and come out as they
+went in; a job larger than the broker carries is INVALID_ARGUMENT before anything is
+recorded or queued."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from dataclasses import replace
+
+import pytest
+
+from server.domain.errors import ValidationError
+from server.domain.generation_job import GenerationJob, InputImage, Mode
+from server.infrastructure.broker.codec import Who, decode_job, encode_job
+from server.infrastructure.broker.replica import BrokerExecutor
+from tests.unit.fake_broker import FakeBroker
+from tests.unit.fake_executor import ready_model
+
+
+def image(data: bytes, **fields: object) -> InputImage:
+    return InputImage(
+        data=data,
+        sha256=hashlib.sha256(data).hexdigest(),
+        width=64,
+        height=48,
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+def inpainting_job(size: int = 100) -> GenerationJob:
+    return GenerationJob(
+        generation_id=str(uuid.uuid4()),
+        model=ready_model("tiny").config,
+        prompt="p",
+        original_prompt="p",
+        width=64,
+        height=48,
+        steps=2,
+        guidance_scale=1.0,
+        seed=1,
+        owner="alice",
+        init_image=image(bytes(range(256)) * (size // 256 + 1), generation_id="g", image_index=2),
+        strength=0.6,
+        mask_image=image(b"\x00\xff" * 50),
+        mask_blur=3,
+        inpaint_only_masked=True,
+        inpaint_padding=16,
+    )
+
+
+def test_input_images_and_their_settings_travel_in_the_job_message() -> None:
+    job = inpainting_job()
+    again = decode_job(encode_job(job, Who("alice"))).job(job.model, (), job.chunk_size)
+    assert again == job
+    assert again.mode == Mode.INPAINT
+    plain = replace(job, init_image=None, mask_image=None, strength=0.0)
+    assert decode_job(encode_job(plain, Who("alice"))).job(plain.model, (), plain.chunk_size) == (
+        replace(plain, mask_blur=0, inpaint_only_masked=False, inpaint_padding=0)
+    )
+
+
+def test_a_job_larger_than_a_broker_message_is_refused_before_anything_is_queued() -> None:
+    broker = FakeBroker()
+    broker.max_payload = 64 * 1024
+    accepted: list[int] = []
+    with pytest.raises(ValidationError) as err:
+        BrokerExecutor(broker).submit(inpainting_job(100 * 1024), accepted.append)
+    assert err.value.violations[0].field == "spec.init_image"
+    assert "65,536 bytes (NATS max_payload)" in err.value.violations[0].description
+    assert accepted == []  # nothing recorded
+    assert broker.enqueued == []
+    BrokerExecutor(broker).submit(inpainting_job(1024), accepted.append)
+    assert len(broker.enqueued) == 1
