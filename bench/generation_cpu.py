@@ -1,6 +1,6 @@
 """Generation benchmark on the CPU: what the service adds to a job, and how fast it streams images.
 
-Two figures, each measured side by side with a bare baseline in one run, interleaved A/B over
+Three figures, each measured side by side with a bare baseline in one run, interleaved A/B over
 several rounds, and reported as medians and ratios (the development machine is small and noisy,
 so absolute times drift between runs; the ratios are the figures to compare):
 
@@ -13,6 +13,8 @@ b) Chunk streaming. The time from an image's first ImageChunk to its last, throu
    against a bare grpc.aio server (its own process, this file with a hidden `_echo` argument)
    that replays the very GenerateImage responses Loracle sent, in the same 64 KiB chunks, to
    the same client code.
+c) img2img overhead. As (a), for the same job made again from its own image at strength 0.5,
+   against diffusers' img2img pipeline built from the same components (`from_pipe`).
 
 Usage: .venv/bin/python bench/generation_cpu.py [--rounds N] [--json]
 """
@@ -57,6 +59,7 @@ JOB_MODEL = "tiny-sd15"
 JOB_SIDE = 64
 JOB_STEPS = 4
 JOB_GUIDANCE = 7.0
+IMG2IMG_STRENGTH = 0.5
 JOBS_PER_ROUND = 2
 # (b) tiny_sd15's text encoder with an 8x VAE and an attention-free UNet (tiny_sd15's own VAE
 # upsamples only 2x and its UNet attends over every latent pixel: a 1024x1024 image would take
@@ -192,7 +195,28 @@ def generate(client: LoracleClient, spec: types_pb2.GenerationSpec) -> ServiceIm
 # --- (a) per-job overhead -------------------------------------------------------------------
 
 
-def measure_jobs(client: LoracleClient, model_dir: Path, rounds: int) -> dict[str, Any]:
+def job_spec() -> types_pb2.GenerationSpec:
+    return types_pb2.GenerationSpec(
+        model=JOB_MODEL,
+        prompt=PROMPT,
+        width=JOB_SIDE,
+        height=JOB_SIDE,
+        steps=JOB_STEPS,
+        guidance_scale=JOB_GUIDANCE,
+        seed=SEED,
+        num_images=1,
+    )
+
+
+def img2img_spec(init_png: bytes) -> types_pb2.GenerationSpec:
+    """The same job as img2img at strength 0.5 (so half the steps run)."""
+    spec = job_spec()
+    spec.init_image.data = init_png
+    spec.strength = IMG2IMG_STRENGTH
+    return spec
+
+
+def load_plain(model_dir: Path) -> Any:
     import torch
 
     from server.domain.models import Architecture, BaseModelConfig
@@ -203,19 +227,15 @@ def measure_jobs(client: LoracleClient, model_dir: Path, rounds: int) -> dict[st
         BaseModelConfig(JOB_MODEL, Architecture.SD1, model_dir, dtype="float32"), device="cpu"
     )
     pipe.set_progress_bar_config(disable=True)
-    spec = types_pb2.GenerationSpec(
-        model=JOB_MODEL,
-        prompt=PROMPT,
-        width=JOB_SIDE,
-        height=JOB_SIDE,
-        steps=JOB_STEPS,
-        guidance_scale=JOB_GUIDANCE,
-        seed=SEED,
-        num_images=1,
-    )
+    return pipe
+
+
+def measure_jobs(
+    client: LoracleClient, pipe: Any, spec: types_pb2.GenerationSpec, rounds: int, label: str
+) -> dict[str, Any]:
     baseline, _ = plain_png(pipe, spec)  # warm-up
     service = generate(client, spec)  # warm-up; the server loads the model now
-    log(f"(a) warm-up done: the first service job took {service.seconds * 1000:.0f} ms")
+    log(f"({label}) warm-up done: the first service job took {service.seconds * 1000:.0f} ms")
     identical = same_pixels(baseline, service.data)
 
     per_round: list[dict[str, float]] = []
@@ -235,10 +255,9 @@ def measure_jobs(client: LoracleClient, model_dir: Path, rounds: int) -> dict[st
             ms[target] = total / JOBS_PER_ROUND * 1000
         per_round.append(ms)
         log(
-            f"(a) round {number + 1}: plain {ms['plain']:.1f} ms/job, service "
+            f"({label}) round {number + 1}: plain {ms['plain']:.1f} ms/job, service "
             f"{ms['service']:.1f} ms/job, ratio {ms['service'] / ms['plain']:.3f}"
         )
-    del pipe
 
     def stage_ms(name: str) -> float:
         return round(statistics.median(float(getattr(t, name)) for t in stages) * 1000, 2)
@@ -377,7 +396,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             log(f"Loracle serving on {server.address}")
             with LoracleClient(server.address, timeout=30.0) as client:
                 wait_for_models(client, timeout=60)
-                jobs = measure_jobs(client, models[JOB_MODEL], args.rounds)
+                pipe = load_plain(models[JOB_MODEL])
+                jobs = measure_jobs(client, pipe, job_spec(), args.rounds, "a")
+                # (c) img2img from the text-to-image job's own image, against diffusers'
+                # img2img pipeline made from the same components.
+                from diffusers import StableDiffusionImg2ImgPipeline
+
+                init = generate(client, job_spec()).data
+                img2img = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
+                img2img.set_progress_bar_config(disable=True)
+                image_jobs = measure_jobs(client, img2img, img2img_spec(init), args.rounds, "c")
+                del pipe, img2img
                 streaming = measure_streaming(client, children, workdir, args.rounds)
         except BaseException:
             if server is not None:
@@ -391,6 +420,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     server.stop()
     result = {
         "per_job": jobs,
+        "img2img": image_jobs,
         "streaming": streaming,
         "rounds": args.rounds,
         "seconds": round(time.perf_counter() - begin, 1),
@@ -415,6 +445,14 @@ def print_table(result: dict[str, Any]) -> None:
     )
     stages = ", ".join(f"{k} {v:.1f}" for k, v in jobs["service_stage_ms"].items())
     print(f"  service stages (ms)         {stages}")
+    image_jobs = result["img2img"]
+    print(f"img2img (the same job from its own image, strength {IMG2IMG_STRENGTH}, medians):")
+    print(f"  plain diffusers img2img     {image_jobs['plain_ms']:9.1f} ms/job")
+    print(f"  Loracle end to end          {image_jobs['service_ms']:9.1f} ms/job")
+    print(
+        f"  overhead                    {image_jobs['overhead_ms']:9.1f} ms/job   ratio "
+        f"{image_jobs['ratio']:.3f} (service / plain)   same pixels: {image_jobs['same_pixels']}"
+    )
     print(
         f"Chunk streaming ({stream['size']}x{stream['size']} PNG, {stream['image_bytes']} bytes, "
         f"{stream['chunks']} chunks of {stream['chunk_bytes'] // 1024} KiB, first to last chunk):"

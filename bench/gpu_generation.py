@@ -12,6 +12,9 @@ B. 8 concurrent clients of one SD1.5 image each (distinct seeds, same everything
    executor may batch them) against plain diffusers making the 8 images one at a time.
 C. SDXL 1024x1024, 30 steps, through the service: two registered rank-32 LoRAs (weights 0.8
    and 0.6) against none.
+D. SDXL img2img at strength 0.5 (1024x1024, 30 steps, so 15 run) from an SDXL image, through
+   the service against diffusers' StableDiffusionXLImg2ImgPipeline built from the same
+   folder's components, interleaved. (Hires fix, 1024 -> 1536, is not built yet.)
 
 Progress lines (stderr) carry timestamps; every figure is printed as it is measured, and the
 last stdout line is one JSON object with the device, versions, figures, targets and pass/fail.
@@ -51,6 +54,7 @@ from client import AsyncLoracleClient, LoracleClient, LoracleError
 from loracle.v1 import types_pb2
 from server.devtools.bench_support import plain_png, raise_system_exit, same_pixels
 from server.devtools.local_server import RunningServer, start_server, wait_for_models
+from server.domain.models import Architecture
 
 SEED = 20261126
 PROMPT = "a lighthouse on a cliff at dusk, dramatic sky, highly detailed, oil painting"
@@ -60,7 +64,8 @@ LORA_WEIGHTS = (0.8, 0.6)
 # Settings the server runs with (explicit, so the JSON says what was measured).
 MAX_BATCH = 8
 BATCH_WAIT_MS = 10
-TARGETS = {"A": 0.97, "B": 3.0, "C": 0.9}
+TARGETS = {"A": 0.97, "B": 3.0, "C": 0.9, "D": 0.97}
+IMG2IMG_STRENGTH = 0.5
 DEFAULT_BUDGET_S = 225.0
 
 # --- full-size configs (those of the published SD1.5 and SDXL base checkpoints) -------------
@@ -703,6 +708,61 @@ def measure_c(
     return result
 
 
+def measure_d(
+    pipe: Any, client: LoracleClient, init_png: bytes, plan: Plan, clock: Clock
+) -> dict[str, Any]:
+    """SDXL img2img at strength 0.5 from an SDXL image, through the service against plain
+    diffusers' img2img pipeline (`pipe`, built from a plain SDXL pipeline's components),
+    interleaved as in A."""
+    spec = types_pb2.GenerationSpec(
+        model="sdxl",
+        prompt=PROMPT,
+        width=plan.sdxl_side,
+        height=plan.sdxl_side,
+        steps=plan.steps,
+        guidance_scale=SDXL_GUIDANCE,
+        seed=SEED,
+        num_images=1,
+        strength=IMG2IMG_STRENGTH,
+    )
+    spec.init_image.data = init_png
+    warm = _with(spec, steps=plan.warmup_steps)
+    baseline, _ = plain_png(pipe, warm)
+    first = service_image(client, warm)
+    identical = same_pixels(baseline, first.png)
+    clock.log(f"D: warm-up done; same pixels as plain diffusers: {identical}")
+    seconds: dict[str, list[float]] = {"plain": [], "service": []}
+    for index, order in enumerate(_interleaved(plan.c_images)):
+        for side in order:
+            if side == "a":
+                seconds["plain"].append(plain_png(pipe, spec)[1])
+            else:
+                seconds["service"].append(service_image(client, spec).seconds)
+        clock.log(
+            f"D: image {index + 1}: plain {seconds['plain'][-1]:.3f} s, "
+            f"service {seconds['service'][-1]:.3f} s"
+        )
+    plain_ips = len(seconds["plain"]) / sum(seconds["plain"])
+    service_ips = len(seconds["service"]) / sum(seconds["service"])
+    result = {
+        "plain_images_per_s": round(plain_ips, 4),
+        "service_images_per_s": round(service_ips, 4),
+        "ratio": round(service_ips / plain_ips, 4),
+        "plain_seconds": [round(s, 4) for s in seconds["plain"]],
+        "service_seconds": [round(s, 4) for s in seconds["service"]],
+        "same_pixels_as_plain": identical,
+        "strength": IMG2IMG_STRENGTH,
+        "images": plan.c_images,
+        "size": plan.sdxl_side,
+        "steps": plan.steps,
+    }
+    clock.log(
+        f"D: SDXL img2img plain {plain_ips:.3f} img/s, service {service_ips:.3f} img/s, ratio "
+        f"{result['ratio']:.4f} (target >= {TARGETS['D']})"
+    )
+    return result
+
+
 # --- orchestration --------------------------------------------------------------------------
 
 
@@ -759,6 +819,8 @@ def targets(report: dict[str, Any]) -> dict[str, Any]:
             "rounds": b.get("ratios", []),
         },
         "C_two_loras_vs_none": verdict("C", c.get("ratio")),
+        "D_sdxl_img2img_service_vs_plain": verdict("D", report.get("D", {}).get("ratio")),
+        # Hires fix (1024 -> 1536) is not built yet: nothing to measure.
     }
 
 
@@ -842,6 +904,24 @@ def run(args: argparse.Namespace, clock: Clock, report: Report) -> bool:
                 if device == "cuda":
                     torch.cuda.empty_cache()
                 attempt("C", lambda: measure_c(client, lora_files, lora_root, plan, clock))
+
+                def img2img() -> dict[str, Any]:
+                    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+                    sdxl = _load_plain(folders["sdxl"], device, dtype, Architecture.SDXL)
+                    plain = StableDiffusionXLImg2ImgPipeline.from_pipe(sdxl)
+                    plain.set_progress_bar_config(disable=True)
+                    start = types_pb2.GenerationSpec(
+                        model="sdxl",
+                        prompt=PROMPT,
+                        width=plan.sdxl_side,
+                        height=plan.sdxl_side,
+                        steps=plan.warmup_steps,
+                        seed=SEED,
+                    )
+                    return measure_d(plain, client, service_image(client, start).png, plan, clock)
+
+                attempt("D", img2img)
         finally:
             if server is not None:
                 with contextlib.suppress(Exception):
@@ -853,11 +933,13 @@ def run(args: argparse.Namespace, clock: Clock, report: Report) -> bool:
     return not failures
 
 
-def _load_plain(folder: Path, device: str, dtype: str) -> Any:
-    from server.domain.models import Architecture, BaseModelConfig
+def _load_plain(
+    folder: Path, device: str, dtype: str, architecture: Architecture = Architecture.SD1
+) -> Any:
+    from server.domain.models import BaseModelConfig
     from server.infrastructure.diffusion.registry import load_pipeline
 
-    config = BaseModelConfig("sd15", Architecture.SD1, folder, dtype=dtype)
+    config = BaseModelConfig(architecture.value, architecture, folder, dtype=dtype)
     pipe = load_pipeline(config, device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe

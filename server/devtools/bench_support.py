@@ -210,15 +210,26 @@ def load_catalog(path: Path) -> tuple[list[dict[str, Any]], str]:
 
 def plain_png(pipe: Any, spec: types_pb2.GenerationSpec) -> tuple[bytes, float]:
     """A job as the executor runs it (a CPU generator per image), on a pipeline in this
-    process, then PNG-encoded: the baseline the generation benchmarks compare against."""
+    process, then PNG-encoded: the baseline the generation benchmarks compare against. A
+    spec with an init image is run as img2img (resized as the executor resizes it), on the
+    img2img pipeline the caller passes."""
     import torch
 
     began = time.perf_counter()
+    size: dict[str, Any] = {"width": spec.width, "height": spec.height}
+    if spec.HasField("init_image"):  # img2img: `pipe` is the img2img pipeline
+        from PIL import Image
+
+        init = Image.open(io.BytesIO(spec.init_image.data)).convert("RGB")
+        resample = Image.Resampling.LANCZOS
+        size = {
+            "image": [init.resize((spec.width, spec.height), resample)],
+            "strength": spec.strength,
+        }
     result = pipe(
         prompt=spec.prompt,
         negative_prompt=None,
-        width=spec.width,
-        height=spec.height,
+        **size,
         num_inference_steps=spec.steps,
         guidance_scale=spec.guidance_scale,
         num_images_per_prompt=1,

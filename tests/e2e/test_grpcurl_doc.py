@@ -170,7 +170,7 @@ def test_recommendations(run: Run) -> None:
 def test_generation(run: Run) -> None:
     models = lines(run.block("ListBaseModels"))
     assert json.loads(models[-1]) == {"name": "tiny-sd15", "ready": True, "isPlaceholder": True}
-    out = lines(run.block("lighthouse.png"))
+    out = lines(run.block("sha256sum -c"))
     assert out[-1] == "lighthouse.png: OK"  # the chunks joined hash to imageComplete.sha256
     chunks = [json.loads(line)["imageChunk"] for line in out if "imageChunk" in line]
     assert len(chunks) > 1
@@ -190,6 +190,18 @@ def test_generation(run: Run) -> None:
         "a lighthouse at dusk",
     ]
     assert json.loads(succeeded)[:2] == ["a lighthouse at dawn", "a lighthouse at dusk"]
+
+
+def test_img2img_and_inpainting(run: Run) -> None:
+    varied = [json.loads(line) for line in lines(run.block("a lighthouse at night"))]
+    assert varied == [
+        {"progress": {"step": 1, "totalSteps": 2}},
+        {"progress": {"step": 2, "totalSteps": 2}},
+        {"imageComplete": {"mimeType": "image/png", "seed": "9"}},
+    ]
+    record, digest = lines(run.block("mask.png"))
+    spec = json.loads(record)
+    assert spec == {"initImage": {"sha256": digest}, "strength": 0.75, "maskBlur": 2}
 
 
 def test_events_health_and_errors(run: Run) -> None:
