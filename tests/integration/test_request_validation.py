@@ -36,6 +36,7 @@ from google.rpc import error_details_pb2, status_pb2
 from loracle.v1 import command_service_pb2, query_service_pb2
 from server.rpc.server import LoracleServer
 from server.rpc.validation import enum_violations, id_fields
+from tests.hostile_images import odd_images
 from tests.support import make_container
 
 SERVICES = (
@@ -268,6 +269,11 @@ def with_id(method: MethodDescriptor, path: str, value: str) -> Message:
     if method.name == "UpdateLora":  # a change to make, so the id is what is wrong
         request.update_mask.paths.append("name")  # type: ignore[attr-defined]
         request.lora.name = "renamed"  # type: ignore[attr-defined]
+    if path.startswith("spec."):  # a generation otherwise valid, so the id is what is wrong
+        spec: Any = request.spec  # type: ignore[attr-defined]
+        spec.prompt = "a fox"
+        if path.startswith("spec.mask_image."):  # a mask needs an init image
+            spec.init_image.data = odd_images()["WebP"]
     return request
 
 
