@@ -706,6 +706,14 @@ def _image_options(
     spec.inpaint_only_masked = args.only_masked
     if args.padding is not None:
         spec.inpaint_padding = args.padding
+    if args.hires is not None:
+        spec.hires.scale = args.hires
+        spec.hires.steps = args.hires_steps
+        spec.hires.upscaler = args.hires_upscaler
+        if args.denoise is not None:
+            spec.hires.denoising_strength = args.denoise
+    elif args.hires_steps or args.hires_upscaler or args.denoise is not None:
+        raise _LocalError("--hires-steps, --hires-upscaler and --denoise need --hires")
 
 
 def _read_image(path: str) -> bytes:
@@ -713,6 +721,14 @@ def _read_image(path: str) -> bytes:
         return Path(path).read_bytes()
     except OSError as exc:
         raise _LocalError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _scale(text: str) -> float:
+    """An upscale factor, as A1111 users write it: 2, 2x, 1.5x."""
+    try:
+        return float(text.lower().removesuffix("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected a factor, e.g. 2x or 1.5") from None
 
 
 def _image_reference(text: str) -> str:
@@ -1161,6 +1177,31 @@ def _build_parser() -> argparse.ArgumentParser:
         type=_non_negative_int,
         metavar="PX",
         help="with --only-masked: context around the region in pixels (default 32)",
+    )
+    p.add_argument(
+        "--hires",
+        type=_scale,
+        metavar="FACTOR",
+        help="hires fix: upscale the first pass by FACTOR (e.g. 2x) and paint it again",
+    )
+    p.add_argument(
+        "--hires-steps",
+        type=_non_negative_int,
+        default=0,
+        metavar="N",
+        help="hires fix: steps of the second pass (default: --steps)",
+    )
+    p.add_argument(
+        "--denoise",
+        type=float,
+        metavar="S",
+        help="hires fix: denoising strength of the second pass (default 0.7)",
+    )
+    p.add_argument(
+        "--hires-upscaler",
+        default="",
+        metavar="NAME",
+        help='hires fix: "Latent" (default), "Latent (bicubic)", ..., "Lanczos", "Nearest"',
     )
     p.add_argument(
         "--detach", action="store_true", help="submit and print the id instead of waiting"

@@ -33,6 +33,7 @@ def batch_key(job: GenerationJob) -> BatchKey:
             # Input images and masks are per row; the mode and how much is noised are not.
             job.mode,
             job.strength,
+            None if job.hires is None else job.hires.record(),
             *(getattr(job, name) for name in job.model.batch_fields),
         ]
     )

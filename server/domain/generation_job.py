@@ -45,6 +45,29 @@ class InputImage:
         return out
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HiresFix:
+    """A1111's hires fix as a job runs it: the upscale factor, the second pass's steps and
+    strength, and the upscaler's A1111 name (domain.upscalers)."""
+
+    scale: float
+    steps: int
+    denoising_strength: float
+    upscaler: str
+
+    def size(self, width: int, height: int) -> tuple[int, int]:
+        """The upscaled size of a width x height first pass, in multiples of 8."""
+        return int(width * self.scale) // 8 * 8, int(height * self.scale) // 8 * 8
+
+    def record(self) -> dict[str, object]:
+        return {
+            "scale": self.scale,
+            "steps": self.steps,
+            "denoising_strength": self.denoising_strength,
+            "upscaler": self.upscaler,
+        }
+
+
 class Mode:
     """What a job does with its input images."""
 
@@ -85,6 +108,8 @@ class GenerationJob:
     mask_blur: int = 0
     inpaint_only_masked: bool = False
     inpaint_padding: int = 0
+    # Hires fix (text to image): the second pass over the upscaled first one.
+    hires: HiresFix | None = None
 
     @property
     def mode(self) -> str:
@@ -117,9 +142,18 @@ class GenerationJob:
             **self._image_spec(),
         }
 
+    @property
+    def output_size(self) -> tuple[int, int]:
+        """The size of the images the job delivers (the upscaled one with hires fix)."""
+        if self.hires is None:
+            return self.width, self.height
+        return self.hires.size(self.width, self.height)
+
     def _image_spec(self) -> dict[str, object]:
-        """The image-to-image fields, only when the job has an input image (a text-to-image
-        record is unchanged)."""
+        """The hires, image-to-image and inpainting fields, only when the job uses them (a
+        plain text-to-image record is unchanged)."""
+        if self.hires is not None:
+            return {"hires": self.hires.record()}
         if self.init_image is None:
             return {}
         out: dict[str, object] = {

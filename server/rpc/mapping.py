@@ -12,6 +12,7 @@ from loracle.v1 import types_pb2
 from server.application.commands import (
     CatalogRecordInput,
     GenerationRequest,
+    HiresRequest,
     ImageInput,
     ImportOutcome,
     ImportTotals,
@@ -220,6 +221,32 @@ def generation_request_from_proto(spec: types_pb2.GenerationSpec) -> GenerationR
         mask_blur=spec.mask_blur if spec.HasField("mask_blur") else None,
         inpaint_only_masked=spec.inpaint_only_masked,
         inpaint_padding=spec.inpaint_padding if spec.HasField("inpaint_padding") else None,
+        hires=_hires(spec),
+    )
+
+
+def _hires(spec: types_pb2.GenerationSpec) -> HiresRequest | None:
+    if not spec.HasField("hires"):
+        return None
+    given = spec.hires
+    return HiresRequest(
+        scale=given.scale,
+        steps=given.steps,
+        denoising_strength=(
+            given.denoising_strength if given.HasField("denoising_strength") else None
+        ),
+        upscaler=given.upscaler,
+    )
+
+
+def _recorded_hires(record: object) -> types_pb2.HiresFix | None:
+    if not isinstance(record, dict):
+        return None
+    return types_pb2.HiresFix(
+        scale=float(record["scale"]),
+        steps=int(record["steps"]),
+        denoising_strength=float(record["denoising_strength"]),
+        upscaler=str(record["upscaler"]),
     )
 
 
@@ -342,6 +369,7 @@ def generation_to_proto(view: GenerationView) -> types_pb2.Generation:
             mask_blur=int(spec["mask_blur"]) if "mask_blur" in spec else None,
             inpaint_only_masked=bool(spec.get("inpaint_only_masked", False)),
             inpaint_padding=int(spec["inpaint_padding"]) if "inpaint_padding" in spec else None,
+            hires=_recorded_hires(spec.get("hires")),
         ),
         images=[
             types_pb2.ImageInfo(

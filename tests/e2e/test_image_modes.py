@@ -85,3 +85,22 @@ def test_inline_bytes_through_the_typed_client_and_a_bad_image(ready: RunningSer
             list(client.generate_image(bad))
         assert [f for f, _ in err.value.field_violations] == ["spec.init_image"]
         assert "not a readable PNG, JPEG or WebP image" in err.value.message
+
+
+def test_cli_hires_fix(
+    ready: RunningServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "hires.png"
+    argv = ["generate", "a castle", "--size", "64x64", "--steps", "2", "--hires", "2x"]
+    argv += ["--hires-steps", "2", "--denoise", "0.5", "-o", str(out), "--server", ready.address]
+    assert main(argv) == 0
+    image = Image.open(out)
+    assert image.size == (128, 128)
+    assert "Hires upscale: 2, Hires steps: 2, Hires upscaler: Latent" in image.info["parameters"]
+    # An upscaler that does not exist: the field and the names that do.
+    argv = ["generate", "x", "--hires", "2", "--hires-upscaler", "4x-UltraSharp"]
+    assert main([*argv, "--server", ready.address]) == 1
+    err = capsys.readouterr().err
+    assert "spec.hires.upscaler: must be one of Latent, Latent (antialiased)" in err
+    assert main(["generate", "x", "--denoise", "0.5", "--server", ready.address]) == 1
+    assert "--denoise need --hires" in capsys.readouterr().err

@@ -1,8 +1,8 @@
-"""img2img and inpainting through the command bus and the real executor, on the tiny SD1.5
-and SDXL pipelines: input images inline or by reference to an earlier image, pixels the mask
-leaves out unchanged, "only masked" pasted back at the init image's size, the same image
-whatever the batch, metadata that reproduces the generation, and bad input images refused
-with the field before anything is queued."""
+"""img2img, inpainting and hires fix through the command bus and the real executor, on the
+tiny SD1.5 and SDXL pipelines: input images inline or by reference to an earlier image,
+pixels the mask leaves out unchanged, "only masked" pasted back at the init image's size, a
+hires fix's two passes in one progress bar, the same image whatever the batch, metadata that
+reproduces the generation, and bad input refused with the field before anything is queued."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from PIL import Image, ImageFilter
 from server.application.commands import (
     GenerateImageCommand,
     GenerationRequest,
+    HiresRequest,
     ImageInput,
     SubmitGenerationCommand,
 )
@@ -296,3 +297,66 @@ def test_inconsistent_image_fields_name_the_field(
     with pytest.raises(ValidationError) as err:
         c.commands.dispatch(SubmitGenerationCommand(request=request), ALICE).unwrap()
     assert field in [v.field for v in err.value.violations]
+
+
+# -- hires fix -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["sd", "sdxl"])
+@pytest.mark.parametrize("upscaler", ["", "Latent (bicubic antialiased)", "Lanczos"])
+def test_hires_fix_paints_the_upscaled_first_pass_and_counts_both_passes(
+    c: Container, model: str, upscaler: str
+) -> None:
+    hires = HiresRequest(scale=1.5, steps=4, denoising_strength=0.5, upscaler=upscaler)
+    events = generate(c, model=model, width=72, height=64, steps=3, hires=hires)
+    image = image_of(events)
+    assert image.size == (104, 96)  # 1.5 x, rounded down to multiples of 8
+    # 3 steps, then 4 x 0.5 = 2: one progress bar over both passes.
+    assert progress(events) == [(1, 5), (2, 5), (3, 5), (4, 5), (5, 5)]
+    parameters = image.info["parameters"]
+    assert "Size: 72x64" in parameters  # A1111 records the first pass's size
+    name = upscaler or "Latent"
+    assert f"Hires upscale: 1.5, Hires steps: 4, Hires upscaler: {name}" in parameters
+    assert "Denoising strength: 0.5" in parameters
+    manifest = json.loads(image.info["loracle"])
+    assert manifest["hires"]["upscaler"] == name
+
+
+def test_hires_images_do_not_depend_on_their_batch(c: Container) -> None:
+    hires = HiresRequest(scale=2.0, steps=2)
+    alone = [
+        np.asarray(image_of(generate(c, width=64, height=64, seed=s, hires=hires)), dtype=np.int16)
+        for s in (1, 2)
+    ]
+    both = generate(c, width=64, height=64, seed=1, num_images=2, hires=hires)
+    assert any(isinstance(e.payload, gen.Started) and e.payload.batch_size == 2 for e in both)
+    for index, expected in enumerate(alone):
+        assert np.abs(np.asarray(image_of(both, index), dtype=np.int16) - expected).max() <= 1
+
+
+@pytest.mark.parametrize(
+    ("hires", "extra", "field"),
+    [
+        (HiresRequest(scale=1.0), {}, "spec.hires.scale"),
+        (HiresRequest(scale=5.0), {}, "spec.hires.scale"),
+        (HiresRequest(scale=2.0, upscaler="4x-UltraSharp"), {}, "spec.hires.upscaler"),
+        (HiresRequest(scale=2.0, denoising_strength=0.0), {}, "spec.hires.denoising_strength"),
+        (HiresRequest(scale=2.0, steps=500), {}, "spec.hires.steps"),
+        (HiresRequest(scale=4.0), {"width": 1024, "height": 1024}, "spec.hires.scale"),
+        (
+            HiresRequest(scale=2.0),
+            {"init_image": ImageInput(data=png(noise(64, 64)))},
+            "spec.hires",
+        ),
+    ],
+    ids=["scale 1", "scale 5", "unknown upscaler", "strength 0", "steps", "too large", "img2img"],
+)
+def test_bad_hires_requests_name_the_field(
+    c: Container, hires: HiresRequest, extra: dict[str, Any], field: str
+) -> None:
+    request = GenerationRequest(model="sd", prompt="x", steps=2, hires=hires, **extra)
+    with pytest.raises(ValidationError) as err:
+        c.commands.dispatch(SubmitGenerationCommand(request=request), ALICE).unwrap()
+    assert field in [v.field for v in err.value.violations]
+    if field == "spec.hires.upscaler":
+        assert "Latent (nearest-exact)" in err.value.violations[0].description

@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 
 from server.domain.errors import ValidationError
-from server.domain.generation_job import GenerationJob, InputImage, Mode
+from server.domain.generation_job import GenerationJob, HiresFix, InputImage, Mode
 from server.infrastructure.broker.codec import Who, decode_job, encode_job
 from server.infrastructure.broker.replica import BrokerExecutor
 from tests.unit.fake_broker import FakeBroker
@@ -72,3 +72,17 @@ def test_a_job_larger_than_a_broker_message_is_refused_before_anything_is_queued
     assert broker.enqueued == []
     BrokerExecutor(broker).submit(inpainting_job(1024), accepted.append)
     assert len(broker.enqueued) == 1
+
+
+def test_a_hires_fix_travels_in_the_job_message() -> None:
+    job = replace(
+        inpainting_job(),
+        init_image=None,
+        mask_image=None,
+        strength=0.0,
+        mask_blur=0,
+        inpaint_only_masked=False,
+        inpaint_padding=0,
+        hires=HiresFix(scale=2.0, steps=5, denoising_strength=0.45, upscaler="Lanczos"),
+    )
+    assert decode_job(encode_job(job, Who("alice"))).job(job.model, (), job.chunk_size) == job

@@ -502,6 +502,7 @@ class GenerationSpec(_message.Message):
     MASK_BLUR_FIELD_NUMBER: _builtins.int
     INPAINT_ONLY_MASKED_FIELD_NUMBER: _builtins.int
     INPAINT_PADDING_FIELD_NUMBER: _builtins.int
+    HIRES_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Name of a configured base model; empty for the default model."""
     prompt: _builtins.str
@@ -564,6 +565,12 @@ class GenerationSpec(_message.Message):
         black what is kept; grey is in between. Any mode; its luminance is used.
         """
 
+    @_builtins.property
+    def hires(self) -> Global___HiresFix:
+        """Hires fix (text to image only): a first pass at width x height, upscaled, then a second
+        pass over the upscaled image; the image has the upscaled size.
+        """
+
     def __init__(
         self,
         *,
@@ -587,10 +594,11 @@ class GenerationSpec(_message.Message):
         mask_blur: _builtins.int | None = ...,
         inpaint_only_masked: _builtins.bool = ...,
         inpaint_padding: _builtins.int | None = ...,
+        hires: Global___HiresFix | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_inpaint_padding", b"_inpaint_padding", "_mask_blur", b"_mask_blur", "_seed", b"_seed", "_strength", b"_strength", "guidance_scale", b"guidance_scale", "init_image", b"init_image", "inpaint_padding", b"inpaint_padding", "mask_blur", b"mask_blur", "mask_image", b"mask_image", "seed", b"seed", "strength", b"strength"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_inpaint_padding", b"_inpaint_padding", "_mask_blur", b"_mask_blur", "_seed", b"_seed", "_strength", b"_strength", "guidance_scale", b"guidance_scale", "hires", b"hires", "init_image", b"init_image", "inpaint_padding", b"inpaint_padding", "mask_blur", b"mask_blur", "mask_image", b"mask_image", "seed", b"seed", "strength", b"strength"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_inpaint_padding", b"_inpaint_padding", "_mask_blur", b"_mask_blur", "_seed", b"_seed", "_strength", b"_strength", "chunk_size_bytes", b"chunk_size_bytes", "guidance_scale", b"guidance_scale", "height", b"height", "init_image", b"init_image", "inpaint_only_masked", b"inpaint_only_masked", "inpaint_padding", b"inpaint_padding", "loras", b"loras", "mask_blur", b"mask_blur", "mask_image", b"mask_image", "model", b"model", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "output_format", b"output_format", "preview_every_n_steps", b"preview_every_n_steps", "prompt", b"prompt", "scheduler", b"scheduler", "seed", b"seed", "steps", b"steps", "strength", b"strength", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_inpaint_padding", b"_inpaint_padding", "_mask_blur", b"_mask_blur", "_seed", b"_seed", "_strength", b"_strength", "chunk_size_bytes", b"chunk_size_bytes", "guidance_scale", b"guidance_scale", "height", b"height", "hires", b"hires", "init_image", b"init_image", "inpaint_only_masked", b"inpaint_only_masked", "inpaint_padding", b"inpaint_padding", "loras", b"loras", "mask_blur", b"mask_blur", "mask_image", b"mask_image", "model", b"model", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "output_format", b"output_format", "preview_every_n_steps", b"preview_every_n_steps", "prompt", b"prompt", "scheduler", b"scheduler", "seed", b"seed", "steps", b"steps", "strength", b"strength", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__guidance_scale: _TypeAlias = _typing.Literal["guidance_scale"]  # noqa: Y015
     _WhichOneofArgType__guidance_scale: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale"]  # noqa: Y015
@@ -614,6 +622,52 @@ class GenerationSpec(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__strength) -> _WhichOneofReturnType__strength | None: ...
 
 Global___GenerationSpec: _TypeAlias = GenerationSpec  # noqa: Y015
+
+@_typing.final
+class HiresFix(_message.Message):
+    """A1111's "Hires. fix": generate at width x height, upscale by `scale`, and paint the result
+    again at `denoising_strength`. Progress counts the steps of both passes.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCALE_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    DENOISING_STRENGTH_FIELD_NUMBER: _builtins.int
+    UPSCALER_FIELD_NUMBER: _builtins.int
+    scale: _builtins.float
+    """Upscale factor, above 1 and at most 4; the upscaled size (rounded down to multiples of
+    8) must stay within the server's image limits.
+    """
+    steps: _builtins.int
+    """Steps of the second pass, 0 to the server's maximum; 0: `steps`. As in A1111, steps x
+    denoising_strength of them run (at least one).
+    """
+    denoising_strength: _builtins.float
+    """How much of the upscaled image is noised again, above 0 and at most 1; unset: 0.7."""
+    upscaler: _builtins.str
+    """How the first pass is upscaled: "Latent" (the default), "Latent (antialiased)",
+    "Latent (bicubic)", "Latent (bicubic antialiased)", "Latent (nearest)" and
+    "Latent (nearest-exact)" resize the latents; "Lanczos" and "Nearest" resize the decoded
+    image. Case does not matter.
+    """
+    def __init__(
+        self,
+        *,
+        scale: _builtins.float = ...,
+        steps: _builtins.int = ...,
+        denoising_strength: _builtins.float | None = ...,
+        upscaler: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_denoising_strength", b"_denoising_strength", "denoising_strength", b"denoising_strength"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_denoising_strength", b"_denoising_strength", "denoising_strength", b"denoising_strength", "scale", b"scale", "steps", b"steps", "upscaler", b"upscaler"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__denoising_strength: _TypeAlias = _typing.Literal["denoising_strength"]  # noqa: Y015
+    _WhichOneofArgType__denoising_strength: _TypeAlias = _typing.Literal["_denoising_strength", b"_denoising_strength"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__denoising_strength) -> _WhichOneofReturnType__denoising_strength | None: ...
+
+Global___HiresFix: _TypeAlias = HiresFix  # noqa: Y015
 
 @_typing.final
 class InputImage(_message.Message):

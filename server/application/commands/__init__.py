@@ -59,7 +59,7 @@ from server.application.commands.update_lora import (
     UpdateLoRACommand,
     UpdateLoRAHandler,
 )
-from server.application.generation.request import ImageInput
+from server.application.generation.request import HiresRequest, ImageInput
 
 __all__ = [
     "CancelGenerationCommand",
@@ -73,6 +73,7 @@ __all__ = [
     "GenerateImageCommand",
     "GenerationRequest",
     "HandlerAlreadyRegisteredError",
+    "HiresRequest",
     "ICommand",
     "ICommandHandler",
     "IStreamCommand",

@@ -17,6 +17,7 @@ from server.application.commands.idempotency import Replay, note_answer, record_
 from server.application.context import DispatchContext, current_context
 from server.application.generation.lifecycle import GenerationRecorder
 from server.application.generation.request import (
+    DEFAULT_HIRES_STRENGTH,
     DEFAULT_INPAINT_PADDING,
     DEFAULT_LIMITS,
     DEFAULT_MASK_BLUR,
@@ -53,10 +54,11 @@ from server.domain.errors import (
 )
 from server.domain.generation import Generation, GenerationView
 from server.domain.generation_events import TERMINAL, Failed, GenerationEvent
-from server.domain.generation_job import GenerationJob, InputImage, ResolvedLora
+from server.domain.generation_job import GenerationJob, HiresFix, InputImage, ResolvedLora
 from server.domain.lora import CommandRecord
 from server.domain.models import BaseModelInfo, GenerationDefaults, LoraView, is_uuid
 from server.domain.recommend.prompt import parse_prompt
+from server.domain.upscalers import find_upscaler
 
 log = logging.getLogger("loracle.generation")
 
@@ -144,7 +146,9 @@ class GenerationJobs:
         if init is not None and not (width or height):
             width, height = fit_size(init.width, init.height, self.limits)
         width, height = width or defaults.width, height or defaults.height
-        if model.config.placeholder and max(width, height) > PLACEHOLDER_SIDE:
+        hires = self._hires(request, width, height)
+        final = (width, height) if hires is None else hires.size(width, height)
+        if model.config.placeholder and max(final) > PLACEHOLDER_SIDE:
             # Its 2x VAE makes large images cost minutes per step, for noise: one such job
             # would hold the queue for everyone.
             raise ValidationError(
@@ -201,7 +205,37 @@ class GenerationJobs:
                 if request.inpaint_padding is not None
                 else DEFAULT_INPAINT_PADDING
             ),
+            hires=hires,
         )
+
+    def _hires(self, request: GenerationRequest, width: int, height: int) -> HiresFix | None:
+        """The hires fix with its defaults filled in; its upscaled size must stay within the
+        limits a plain request's size has."""
+        given = request.hires
+        if given is None:
+            return None
+        upscaler = find_upscaler(given.upscaler)
+        assert upscaler is not None  # validated
+        hires = HiresFix(
+            scale=given.scale,
+            steps=given.steps,
+            denoising_strength=(
+                DEFAULT_HIRES_STRENGTH
+                if given.denoising_strength is None
+                else given.denoising_strength
+            ),
+            upscaler=upscaler.name,
+        )
+        up_width, up_height = hires.size(width, height)
+        side, pixels = self.limits.side, self.limits.pixels
+        if max(up_width, up_height) > side or up_width * up_height > pixels:
+            raise ValidationError(
+                FieldViolation(
+                    "spec.hires.scale",
+                    f"makes {up_width}x{up_height}; at most {side} a side and {pixels:,} pixels",
+                )
+            )
+        return hires
 
     def _input_image(self, given: ImageInput | None, field: str) -> InputImage | None:
         """The image a request names, checked: inline bytes, or one of the caller's own

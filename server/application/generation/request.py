@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from server.domain.errors import FieldViolation
 from server.domain.schedulers import SCHEDULERS
+from server.domain.upscalers import UPSCALERS, find_upscaler
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +24,16 @@ class ImageInput:
     data: bytes = b""
     generation_id: str = ""
     image_index: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class HiresRequest:
+    """A1111's hires fix as a request asks for it (0 and None: the defaults)."""
+
+    scale: float = 0.0
+    steps: int = 0
+    denoising_strength: float | None = None
+    upscaler: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -47,6 +58,7 @@ class GenerationRequest:
     mask_blur: int | None = None
     inpaint_only_masked: bool = False
     inpaint_padding: int | None = None
+    hires: HiresRequest | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +113,7 @@ def validate(
     if not 0 <= request.preview_every_n_steps <= limits.steps:
         out.append(FieldViolation("spec.preview_every_n_steps", f"from 0 to {limits.steps}"))
     out += _image_violations(request)
+    out += _hires_violations(request, limits)
     for i, choice in enumerate(request.loras):
         if not choice.lora.strip():
             out.append(FieldViolation(f"spec.loras[{i}].lora", "must not be empty"))
@@ -116,8 +129,31 @@ def fit_size(width: int, height: int, limits: GenerationLimits) -> tuple[int, in
     return tuple(max(64, int(side * scale) // 8 * 8) for side in (width, height))  # type: ignore[return-value]
 
 
+def _hires_violations(request: GenerationRequest, limits: GenerationLimits) -> list[FieldViolation]:
+    hires = request.hires
+    if hires is None:
+        return []
+    out = []
+    if not 1.0 < hires.scale <= 4.0:
+        out.append(FieldViolation("spec.hires.scale", "above 1 and at most 4"))
+    if not 0 <= hires.steps <= limits.steps:
+        out.append(FieldViolation("spec.hires.steps", f"from 0 to {limits.steps}"))
+    strength = hires.denoising_strength
+    if strength is not None and not 0.0 < strength <= 1.0:
+        out.append(FieldViolation("spec.hires.denoising_strength", "above 0 and at most 1"))
+    if find_upscaler(hires.upscaler) is None:
+        names = ", ".join(u.name for u in UPSCALERS)
+        out.append(FieldViolation("spec.hires.upscaler", f"one of {names}, or empty"))
+    if request.init_image is not None:
+        out.append(
+            FieldViolation("spec.hires", "applies to text to image only, not with init_image")
+        )
+    return out
+
+
 # A1111's defaults for what a request leaves unset.
 DEFAULT_STRENGTH = 0.75
+DEFAULT_HIRES_STRENGTH = 0.7
 DEFAULT_MASK_BLUR = 4
 DEFAULT_INPAINT_PADDING = 32
 

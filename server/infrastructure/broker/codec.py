@@ -26,7 +26,7 @@ from server.domain.generation_events import (
     Started,
     Timings,
 )
-from server.domain.generation_job import GenerationJob, InputImage, ResolvedLora
+from server.domain.generation_job import GenerationJob, HiresFix, InputImage, ResolvedLora
 from server.domain.models import BaseModelConfig
 from server.infrastructure.broker.port import EventRecord
 
@@ -112,6 +112,7 @@ class JobMessage:
             mask_blur=int(f.get("mask_blur", 0)),
             inpaint_only_masked=bool(f.get("inpaint_only_masked", False)),
             inpaint_padding=int(f.get("inpaint_padding", 0)),
+            hires=_hires_from(f.get("hires")),
         )
 
 
@@ -157,6 +158,8 @@ def encode_job(job: GenerationJob, who: Who) -> bytes:
 def _image_fields(job: GenerationJob) -> dict[str, Any]:
     """A job's input images travel inside the job message (base64), with their settings;
     none for text to image."""
+    if job.hires is not None:
+        return {"hires": job.hires.record()}
     if job.init_image is None:
         return {}
     out: dict[str, Any] = {"init_image": _image_doc(job.init_image), "strength": job.strength}
@@ -184,6 +187,17 @@ def _image_from(doc: Any) -> InputImage | None:
         height=int(doc["height"]),
         generation_id=str(doc.get("generation_id", "")),
         image_index=int(doc.get("image_index", 0)),
+    )
+
+
+def _hires_from(doc: Any) -> HiresFix | None:
+    if not isinstance(doc, dict):
+        return None
+    return HiresFix(
+        scale=float(doc["scale"]),
+        steps=int(doc["steps"]),
+        denoising_strength=float(doc["denoising_strength"]),
+        upscaler=str(doc["upscaler"]),
     )
 
 

@@ -29,7 +29,7 @@ from server.domain.generation_events import (
     image_chunks,
 )
 from server.domain.generation_job import GenerationJob
-from server.infrastructure.diffusion import image_inputs
+from server.infrastructure.diffusion import hires, image_inputs
 from server.infrastructure.diffusion.adapters import AdapterLoadError
 from server.infrastructure.diffusion.conditioning import ConditionedGroup
 from server.infrastructure.diffusion.estimates import StepCosts, describe_seconds
@@ -286,15 +286,16 @@ class DiffusionExecutor:
         started: float,
         images: list[Any],
     ) -> tuple[float, float] | None:
-        """Runs one call for the group's rows, puts their images in `images` and learns the
-        step cost; returns the span of its steps, or None when every job of the group was
-        cancelled during it."""
+        """Runs the group's rows (one call; two with hires fix, the second over the first's
+        upscaled output), puts their images in `images` and learns the step cost; returns
+        the span of its steps, or None when every job of the group was cancelled during it."""
         import torch
 
         part = [rows[i] for i in group.rows]
         jobs = list(dict.fromkeys(handle for handle, _ in part))
         job = jobs[0].job
-        watcher = _StepWatcher(jobs, part, loaded.family, started, job.steps)
+        later = 0 if job.hires is None else hires.second_steps(job)
+        watcher = _StepWatcher(jobs, part, loaded.family, started, job.steps, later)
         call = BatchRows(
             prompts=[h.job.prompt for h, _ in part],
             negative_prompts=[h.job.negative_prompt for h, _ in part],
@@ -306,12 +307,18 @@ class DiffusionExecutor:
         )
         try:
             out = loaded.family.denoise(loaded.for_mode(job.mode), call, watcher)
+            if job.hires is not None:
+                second, upscaled = hires.second_pass(job, out, loaded.pipe)
+                watcher.next_pass()
+                call = replace(call, denoise_pass=second, images=upscaled)
+                out = loaded.family.denoise(loaded.for_mode(second.mode), call, watcher)
         except _Interrupted:
             return None
         first, last = watcher.denoising_span(time.monotonic())
-        self._costs.record(
-            job.model.name, job.width * job.height, len(part), job.steps, last - first
-        )
+        if job.hires is None:  # two passes at two sizes are not a step cost at one
+            self._costs.record(
+                job.model.name, job.width * job.height, len(part), job.steps, last - first
+            )
         for i, image in zip(group.rows, out, strict=True):
             images[i] = inputs[i].finish(image)
         return first, last
@@ -434,7 +441,8 @@ class _Interrupted(Exception):
 class _StepWatcher:
     """diffusers' callback_on_step_end for one batch: reports progress, honours cancellation
     (stopping the call once every job is cancelled), publishes previews, and marks when the
-    steps ran, to split prompt encoding from denoising."""
+    steps ran, to split prompt encoding from denoising. With hires fix it follows both passes:
+    `later` steps are still to come during the first, and `next_pass` counts on from it."""
 
     def __init__(
         self,
@@ -443,14 +451,23 @@ class _StepWatcher:
         family: ModelFamily,
         started: float,
         steps: int,
+        later: int = 0,
     ) -> None:
         self._live = live
         self._rows = rows
         self._family = family
         self._started = started
         self._steps = steps
+        self._later = later
+        self._offset = 0  # steps of the passes before this one
+        self._done = 0  # steps of this pass
         self.first_step: float | None = None
         self.last_step: float | None = None
+
+    def next_pass(self) -> None:
+        self._offset += self._done
+        self._done = 0
+        self._later = 0
 
     def __call__(
         self, pipe: Any, step: int, _timestep: Any, tensors: dict[str, Any]
@@ -465,22 +482,23 @@ class _StepWatcher:
                 handle.publish(Cancelled())
         if not active:
             raise _Interrupted
-        done = step + 1
+        self._done = step + 1
+        done = self._offset + self._done
         # The loop runs once per scheduler timestep: PLMS adds one, Heun nearly doubles
-        # them, so the scheduler's count is the honest total.
-        # img2img runs only the last `strength` of them: the pipeline's own count of the
-        # loop it is in, where it has one.
-        total = (
+        # them, so the scheduler's count is the honest total. img2img runs only the last
+        # `strength` of them: the pipeline's own count of the loop it is in, where it has one.
+        in_pass = (
             getattr(pipe, "num_timesteps", 0)
             or len(getattr(pipe.scheduler, "timesteps", ()))
             or self._steps
         )
+        total = self._offset + in_pass + self._later
         for handle in active:
             handle.publish(Progress(done, max(total, done), now - self._started))
         latents = tensors.get("latents")
         for row, (handle, index) in enumerate(self._rows):
             every = handle.job.preview_every
-            due = bool(every) and done % every == 0 and done < handle.job.steps
+            due = bool(every) and done % every == 0 and done < total
             if due and latents is not None and not handle.cancelled:
                 jpeg = preview_jpeg(
                     latents[row], self._family.preview_factors, self._family.preview_bias

@@ -27,6 +27,7 @@ EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
 # The spec's img2img and inpainting fields, as the manifest repeats them (input images by
 # SHA-256, and the earlier image each is, if it is one).
 IMAGE_FIELDS = (
+    "hires",
     "init_image",
     "strength",
     "mask_image",
@@ -113,6 +114,12 @@ def a1111_parameters(
     ]
     if job.init_image is not None:
         fields.append(f"Denoising strength: {job.strength:g}")
+    if job.hires is not None:  # as A1111 writes them; Size stays the first pass's
+        fields.append(f"Denoising strength: {job.hires.denoising_strength:g}")
+        fields.append(f"Hires upscale: {job.hires.scale:g}")
+        if job.hires.steps:
+            fields.append(f"Hires steps: {job.hires.steps}")
+        fields.append(f"Hires upscaler: {job.hires.upscaler}")
     if job.mask_image is not None:
         fields.append(f"Mask blur: {job.mask_blur}")
         if job.inpaint_only_masked:

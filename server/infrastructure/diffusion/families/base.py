@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 from server.domain.generation_job import GenerationJob, Mode
 from server.domain.models import Architecture, BaseModelConfig, GenerationDefaults
+from server.domain.upscalers import find_upscaler
 from server.infrastructure.diffusion.conditioning import ConditionedGroup, TextEncoder, encode_batch
 
 # diffusers' callback_on_step_end: (pipeline, step index, timestep, tensors) -> tensors.
@@ -33,6 +34,33 @@ class CheckpointPart:
 
 
 @dataclass(frozen=True, slots=True)
+class DenoisePass:
+    """What one pipeline call runs: its mode, size, steps and strength, and whether it
+    returns images or latents (the first pass of a hires fix with a latent upscaler)."""
+
+    mode: str
+    width: int
+    height: int
+    steps: int
+    strength: float = 0.0
+    output_type: str = "pil"
+
+    @staticmethod
+    def first(job: GenerationJob) -> DenoisePass:
+        """The job's own call (the first of two with hires fix)."""
+        upscaler = None if job.hires is None else find_upscaler(job.hires.upscaler)
+        latent = upscaler is not None and upscaler.latent
+        return DenoisePass(
+            job.mode,
+            job.width,
+            job.height,
+            job.steps,
+            job.strength,
+            "latent" if latent else "pil",
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class BatchRows:
     """One denoising call: a prompt, negative prompt and seeded generator per image, the
     job whose shared fields (size, steps, guidance, mode, strength) all rows have in common,
@@ -45,8 +73,14 @@ class BatchRows:
     job: GenerationJob
     generators: list[Any]
     conditioning: dict[str, Any] = field(default_factory=dict)
-    images: list[Any] = field(default_factory=list)
+    images: list[Any] | Any = field(default_factory=list)  # a latent tensor, for hires
     masks: list[Any] = field(default_factory=list)
+    # The call to make (None: the job's own, DenoisePass.first).
+    denoise_pass: DenoisePass | None = None
+
+    @property
+    def call(self) -> DenoisePass:
+        return self.denoise_pass or DenoisePass.first(self.job)
 
 
 class ModelFamily(ABC):
@@ -146,20 +180,22 @@ def prompt_arguments(rows: BatchRows) -> dict[str, Any]:
 
 def image_arguments(rows: BatchRows) -> dict[str, Any]:
     """What each mode adds to the call: the size (text to image, inpainting), the images
-    and the strength (img2img), the masks too (inpainting)."""
-    job = rows.job
-    if job.mode == Mode.TEXT_TO_IMAGE:
-        return {"width": job.width, "height": job.height, "num_inference_steps": job.steps}
+    and the strength (img2img), the masks too (inpainting); latents out for a hires fix's
+    first pass."""
+    call = rows.call
+    out: dict[str, Any] = {"output_type": call.output_type}
+    if call.mode == Mode.TEXT_TO_IMAGE:
+        return out | {
+            "width": call.width,
+            "height": call.height,
+            "num_inference_steps": call.steps,
+        }
     # diffusers runs int(steps x strength) steps, none when that rounds to 0 (and fails):
     # at least one, with a schedule just long enough for it, as the proto promises.
-    steps = job.steps if job.steps * job.strength >= 1 else math.ceil(1 / job.strength)
-    out: dict[str, Any] = {
-        "image": rows.images,
-        "strength": job.strength,
-        "num_inference_steps": steps,
-    }
-    if job.mode == Mode.INPAINT:
-        out |= {"mask_image": rows.masks, "width": job.width, "height": job.height}
+    steps = call.steps if call.steps * call.strength >= 1 else math.ceil(1 / call.strength)
+    out |= {"image": rows.images, "strength": call.strength, "num_inference_steps": steps}
+    if call.mode == Mode.INPAINT:
+        out |= {"mask_image": rows.masks, "width": call.width, "height": call.height}
     return out
 
 

@@ -1,0 +1,47 @@
+"""A1111's hires fix between its two passes: the first pass's latents (or decoded images)
+upscaled to the hires size, and the second pass that paints them again, as img2img."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from server.domain.generation_job import GenerationJob, Mode
+from server.domain.upscalers import find_upscaler
+from server.infrastructure.diffusion.families.base import DenoisePass
+
+
+def second_steps(job: GenerationJob) -> int:
+    """How many steps the second pass runs (for progress): steps x strength, at least 1."""
+    assert job.hires is not None
+    steps = job.hires.steps or job.steps
+    return max(1, int(steps * job.hires.denoising_strength))
+
+
+def second_pass(job: GenerationJob, first: Any, pipe: Any) -> tuple[DenoisePass, Any]:
+    """The second call and its input: the first pass's output (latents [rows, c, h, w] for
+    a latent upscaler, else PIL images) upscaled to the hires size."""
+    assert job.hires is not None
+    upscaler = find_upscaler(job.hires.upscaler)
+    assert upscaler is not None
+    width, height = job.hires.size(job.width, job.height)
+    call = DenoisePass(
+        Mode.IMAGE_TO_IMAGE,
+        width,
+        height,
+        job.hires.steps or job.steps,
+        job.hires.denoising_strength,
+    )
+    if upscaler.latent:
+        import torch
+
+        factor = pipe.vae_scale_factor
+        size = (height // factor, width // factor)
+        antialias = upscaler.antialias and upscaler.mode in ("bilinear", "bicubic")
+        upscaled = torch.nn.functional.interpolate(
+            first, size=size, mode=upscaler.mode, antialias=antialias
+        )
+        return call, upscaled
+    from PIL import Image
+
+    resample = Image.Resampling.LANCZOS if upscaler.mode == "lanczos" else Image.Resampling.NEAREST
+    return call, [image.resize((width, height), resample) for image in first]
