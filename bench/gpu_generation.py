@@ -14,7 +14,10 @@ C. SDXL 1024x1024, 30 steps, through the service: two registered rank-32 LoRAs (
    and 0.6) against none.
 D. SDXL img2img at strength 0.5 (1024x1024, 30 steps, so 15 run) from an SDXL image, through
    the service against diffusers' StableDiffusionXLImg2ImgPipeline built from the same
-   folder's components, interleaved. (Hires fix, 1024 -> 1536, is not built yet.)
+   folder's components, interleaved.
+E. SDXL hires fix, 1024 -> 1536 (1.5x, "Latent", denoising strength 0.5, 30 + 15 steps),
+   through the service against the same two calls in plain diffusers (latents out, bilinear
+   upscale, img2img), interleaved.
 
 Progress lines (stderr) carry timestamps; every figure is printed as it is measured, and the
 last stdout line is one JSON object with the device, versions, figures, targets and pass/fail.
@@ -64,7 +67,9 @@ LORA_WEIGHTS = (0.8, 0.6)
 # Settings the server runs with (explicit, so the JSON says what was measured).
 MAX_BATCH = 8
 BATCH_WAIT_MS = 10
-TARGETS = {"A": 0.97, "B": 3.0, "C": 0.9, "D": 0.97}
+TARGETS = {"A": 0.97, "B": 3.0, "C": 0.9, "D": 0.97, "E": 0.97}
+HIRES_SCALE = 1.5
+HIRES_STRENGTH = 0.5
 IMG2IMG_STRENGTH = 0.5
 DEFAULT_BUDGET_S = 225.0
 
@@ -763,6 +768,94 @@ def measure_d(
     return result
 
 
+def plain_hires(text2img: Any, img2img: Any, spec: types_pb2.GenerationSpec) -> tuple[bytes, float]:
+    """A1111's hires fix in plain diffusers: the first pass's latents, bilinear-upscaled,
+    painted again by the img2img pipeline, with the image's one generator; PNG-encoded."""
+    import io
+
+    import torch
+
+    began = time.perf_counter()
+    generator = [torch.Generator(device="cpu").manual_seed(spec.seed)]
+    common = {"prompt": spec.prompt, "guidance_scale": spec.guidance_scale, "generator": generator}
+    latents = text2img(
+        width=spec.width,
+        height=spec.height,
+        num_inference_steps=spec.steps,
+        output_type="latent",
+        **common,
+    ).images
+    factor = text2img.vae_scale_factor
+    size = (int(spec.height * spec.hires.scale) // 8 * 8 // factor,
+            int(spec.width * spec.hires.scale) // 8 * 8 // factor)  # fmt: skip
+    upscaled = torch.nn.functional.interpolate(latents, size=size, mode="bilinear")
+    image = img2img(
+        image=upscaled,
+        strength=spec.hires.denoising_strength,
+        num_inference_steps=spec.hires.steps or spec.steps,
+        **common,
+    ).images[0]
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue(), time.perf_counter() - began
+
+
+def measure_e(
+    text2img: Any, img2img: Any, client: LoracleClient, plan: Plan, clock: Clock
+) -> dict[str, Any]:
+    """SDXL hires fix, 1024 -> 1536 (1.5x, latent, strength 0.5), through the service against
+    the same two calls in plain diffusers, interleaved as in A."""
+    spec = types_pb2.GenerationSpec(
+        model="sdxl",
+        prompt=PROMPT,
+        width=plan.sdxl_side,
+        height=plan.sdxl_side,
+        steps=plan.steps,
+        guidance_scale=SDXL_GUIDANCE,
+        seed=SEED,
+        num_images=1,
+    )
+    spec.hires.scale = HIRES_SCALE
+    spec.hires.denoising_strength = HIRES_STRENGTH
+    spec.hires.upscaler = "Latent"
+    warm = _with(spec, steps=plan.warmup_steps)
+    baseline, _ = plain_hires(text2img, img2img, warm)
+    first = service_image(client, warm)
+    identical = same_pixels(baseline, first.png)
+    clock.log(f"E: warm-up done; same pixels as plain diffusers: {identical}")
+    seconds: dict[str, list[float]] = {"plain": [], "service": []}
+    for index, order in enumerate(_interleaved(plan.c_images)):
+        for side in order:
+            if side == "a":
+                seconds["plain"].append(plain_hires(text2img, img2img, spec)[1])
+            else:
+                seconds["service"].append(service_image(client, spec).seconds)
+        clock.log(
+            f"E: image {index + 1}: plain {seconds['plain'][-1]:.3f} s, "
+            f"service {seconds['service'][-1]:.3f} s"
+        )
+    plain_ips = len(seconds["plain"]) / sum(seconds["plain"])
+    service_ips = len(seconds["service"]) / sum(seconds["service"])
+    result = {
+        "plain_images_per_s": round(plain_ips, 4),
+        "service_images_per_s": round(service_ips, 4),
+        "ratio": round(service_ips / plain_ips, 4),
+        "plain_seconds": [round(s, 4) for s in seconds["plain"]],
+        "service_seconds": [round(s, 4) for s in seconds["service"]],
+        "same_pixels_as_plain": identical,
+        "scale": HIRES_SCALE,
+        "denoising_strength": HIRES_STRENGTH,
+        "images": plan.c_images,
+        "size": plan.sdxl_side,
+        "steps": plan.steps,
+    }
+    clock.log(
+        f"E: SDXL hires fix plain {plain_ips:.3f} img/s, service {service_ips:.3f} img/s, "
+        f"ratio {result['ratio']:.4f} (target >= {TARGETS['E']})"
+    )
+    return result
+
+
 # --- orchestration --------------------------------------------------------------------------
 
 
@@ -820,7 +913,7 @@ def targets(report: dict[str, Any]) -> dict[str, Any]:
         },
         "C_two_loras_vs_none": verdict("C", c.get("ratio")),
         "D_sdxl_img2img_service_vs_plain": verdict("D", report.get("D", {}).get("ratio")),
-        # Hires fix (1024 -> 1536) is not built yet: nothing to measure.
+        "E_sdxl_hires_fix_service_vs_plain": verdict("E", report.get("E", {}).get("ratio")),
     }
 
 
@@ -919,9 +1012,18 @@ def run(args: argparse.Namespace, clock: Clock, report: Report) -> bool:
                         steps=plan.warmup_steps,
                         seed=SEED,
                     )
+                    plains["sdxl"], plains["sdxl_img2img"] = sdxl, plain
                     return measure_d(plain, client, service_image(client, start).png, plan, clock)
 
+                plains: dict[str, Any] = {}
                 attempt("D", img2img)
+                if plains:
+                    attempt(
+                        "E",
+                        lambda: measure_e(
+                            plains["sdxl"], plains["sdxl_img2img"], client, plan, clock
+                        ),
+                    )
         finally:
             if server is not None:
                 with contextlib.suppress(Exception):

@@ -204,6 +204,10 @@ def test_img2img_and_inpainting(run: Run) -> None:
     assert spec == {"initImage": {"sha256": digest}, "strength": 0.75, "maskBlur": 2}
 
 
+def test_hires_fix(run: Run) -> None:
+    assert lines(run.block("hires:")) == ["[1,3]", "[2,3]", "[3,3]"]
+
+
 def test_events_health_and_errors(run: Run) -> None:
     events = [json.loads(line) for line in lines(run.block("ListEvents"))]
     assert len(events) == 3
