@@ -166,8 +166,12 @@ def test_prompt_tags_select_loras_and_are_not_encoded(c: Container) -> None:
     by_field = run(c, loras=(LoraChoice("glow", 0.7),))
     by_tag = run(c, prompt="a red fox <lora:glow:0.7>")
     assert not np.array_equal(pixels(by_tag), pixels(run(c)))
-    # Same LoRA, same weight, same encoded text: the same pixels (the PNG text differs).
+    # Same LoRA, same weight, same encoded text: the same pixels, and the same A1111 prompt
+    # (a LoRA from the field is written as the tag A1111 would read).
     assert np.array_equal(pixels(by_tag), pixels(by_field))
+    for events in (by_field, by_tag):
+        png = Image.open(io.BytesIO(image_bytes(events)[0]))
+        assert png.info["parameters"].splitlines()[0] == "a red fox <lora:glow:0.7>"
 
 
 def test_a_lora_for_another_architecture_is_refused_before_queuing(c: Container) -> None:
@@ -446,7 +450,8 @@ def test_quick_generate_uses_confident_loras_and_their_trigger_words(c: Containe
         events = list(handler.handle(command))
     assert isinstance(final(events), gen.Completed)
     png = Image.open(io.BytesIO(image_bytes(events)[0]))
-    assert png.info["parameters"].startswith("a fox, inkwash\n")
+    # The picked LoRA is in the A1111 prompt as a tag: pasted into A1111, it applies.
+    assert png.info["parameters"].startswith("a fox, inkwash <lora:ink:0.7>\n")
     assert "Lora hashes" in png.info["parameters"]
     # A retry with the same request_id re-attaches to that generation; nothing runs twice.
     batches = c.executor.stats.batches

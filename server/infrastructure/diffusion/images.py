@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from server.domain.generation_job import GenerationJob
+from server.domain.recommend.prompt import parse_prompt
 from server.domain.schedulers import a1111_label
 
 if TYPE_CHECKING:
@@ -100,7 +101,7 @@ def a1111_parameters(
     job: GenerationJob, index: int, model_hash: str, default_scheduler: str
 ) -> str:
     """The `parameters` text A1111, ComfyUI importers and Civitai read from PNGs."""
-    lines = [job.original_prompt]
+    lines = [prompt_with_lora_tags(job)]
     if job.negative_prompt:
         lines.append(f"Negative prompt: {job.negative_prompt}")
     fields = [
@@ -132,6 +133,19 @@ def a1111_parameters(
     fields.append(f"Version: {VERSION}")
     lines.append(", ".join(fields))
     return "\n".join(lines)
+
+
+def prompt_with_lora_tags(job: GenerationJob) -> str:
+    """The prompt as A1111 would have it: a LoRA the request's `loras` field applied (not a
+    `<lora:…>` tag already in the prompt) is appended as `<lora:NAME:W>`, so pasting the
+    prompt into A1111 applies the same LoRAs."""
+    tagged = {tag.name.casefold() for tag in parse_prompt(job.original_prompt).lora_tags}
+    extra = [
+        f"<lora:{lora.file_name or lora.name}:{lora.weight:g}>"
+        for lora in job.loras
+        if not {(lora.file_name or lora.name).casefold(), lora.name.casefold()} & tagged
+    ]
+    return " ".join([job.original_prompt, *extra]) if extra else job.original_prompt
 
 
 def manifest(job: GenerationJob, index: int, loaded: LoadedPipeline) -> dict[str, Any]:
