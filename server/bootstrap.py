@@ -61,6 +61,7 @@ from server.application.queries import (
     ListGenerationsHandler,
     ListGenerationsQuery,
     QueryBus,
+    QueryCache,
     SearchLoRAsByPromptHandler,
     SearchLoRAsByPromptQuery,
     WatchGenerationHandler,
@@ -184,7 +185,11 @@ def bootstrap(
         settings.max_streams_per_principal,
     )
     middlewares = default_middlewares(authorizer, limits)
-    queries = QueryBus(middlewares, consistency=projector)
+    cache = QueryCache(
+        max_entries=settings.query_cache_entries,
+        max_bytes=int(settings.query_cache_mib * 1024 * 1024),
+    )
+    queries = QueryBus(middlewares, cache=cache, consistency=projector)
 
     recommender = CatalogRecommender(RecommendationEngine(), read_model)
 

@@ -173,6 +173,10 @@ class Settings(BaseSettings):
     max_image_side: int = _setting(2048, "width and height of a generated image")
     max_image_pixels: int = _setting(2048 * 2048, "width times height", shown="2048 * 2048")
     max_steps: int = _setting(150, "denoising steps (and `preview_every_n_steps`)")
+    query_cache_entries: int = _setting(2048, "answers the query cache keeps (LRU)")
+    query_cache_mib: float = _setting(
+        64.0, "estimated MiB the query cache keeps; an answer over a sixteenth is not kept"
+    )
     max_input_image_bytes: int = _setting(
         8 * 1024 * 1024, "bytes of one input image (init image, mask)", shown="8 MiB"
     )
