@@ -19,7 +19,7 @@ from server.application.security import TokenAuthenticator
 from server.domain.errors import DomainError, FieldViolation, ValidationError
 from server.domain.tokens import TokenSigner, new_key
 from server.infrastructure.logs import rpc_method
-from server.rpc.errors import to_status
+from server.rpc.errors import Answered, to_status
 from server.rpc.mapping import position_from_token
 from server.rpc.validation import RejectionLog, request_error
 
@@ -196,15 +196,17 @@ def _check_request_id(request_id: str) -> None:
 async def abort(
     rpc: grpc.aio.ServicerContext[Any, Any], exc: BaseException, correlation_id: str
 ) -> NoReturn:
+    """Answers the call with `exc`'s status. Not gRPC's `abort_with_status`: the AbortError
+    it raises stays on the call's state while its traceback holds every frame it passed
+    through (with the call's context and request), a cycle only a full garbage collection
+    frees, so hostile requests refused in a loop piled up memory (docs/benchmarks.md). The
+    answered error's own traceback goes for the same reason."""
     status = to_status(exc, correlation_id)
-    # The answered error's traceback holds every frame it passed through, and those hold the
-    # call's context and request, which hold the error: a cycle only a full garbage
-    # collection frees. Hostile requests refused in a loop piled them up (a sawtooth of tens
-    # of MiB in the soak); dropping the traceback, which nothing reads once the status is
-    # built, lets them go at once.
     exc.__traceback__ = None
-    await rpc.abort_with_status(status)
-    raise AssertionError("abort_with_status returned")  # pragma: no cover
+    rpc.set_code(status.code)
+    rpc.set_details(status.details)
+    rpc.set_trailing_metadata(status.trailing_metadata)
+    raise Answered
 
 
 async def _in_thread(fn: Callable[..., T], *args: Any) -> T:

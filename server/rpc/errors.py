@@ -136,3 +136,8 @@ def reason_table() -> str:
 
 if __name__ == "__main__":
     print(reason_table())
+
+
+class Answered(Exception):
+    """The call's status is set (dispatch.abort): ends the handler, and the edge's handler
+    wrapper (validation.py) returns without a response, so gRPC sends that status."""

@@ -1,8 +1,9 @@
 """Server interceptors: per-RPC metrics, and the method name for log lines.
 
 Every call of every service (ours, health, reflection) passes through here, so a call is
-counted once with the status the client actually received: OK, the code an abort set (our
-Dispatcher ends failed calls with `abort_with_status`, which raises), CANCELLED when the
+counted once with the status the client actually received: OK, the code the call set (our
+Dispatcher answers a failed call by setting its status, then raising `Answered`, which the
+edge turns into a response-less return), CANCELLED when the
 client went away (DEADLINE_EXCEEDED when its deadline passed), UNKNOWN for an escaped
 exception."""
 

@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import aclosing
 from typing import Any
 
 import grpc
@@ -31,6 +32,7 @@ from server.domain.errors import (
     ValidationError,
 )
 from server.domain.models import is_uuid
+from server.rpc.errors import Answered
 from server.rpc.field_limits import MIB, Limit, limit_violations, limits, request_types
 from server.rpc.interceptors import Continuation, Handler, edge_rejection
 
@@ -181,11 +183,11 @@ class RequestValidationInterceptor(grpc.aio.ServerInterceptor):
         deserialize = self._deserializer(method, parse)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                handler.unary_unary, deserialize, handler.response_serializer
+                _answering_unary(handler.unary_unary), deserialize, handler.response_serializer
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                handler.unary_stream, deserialize, handler.response_serializer
+                _answering_stream(handler.unary_stream), deserialize, handler.response_serializer
             )
         return handler
 
@@ -210,6 +212,32 @@ class RequestValidationInterceptor(grpc.aio.ServerInterceptor):
             return request
 
         return deserialize
+
+
+def _answering_unary(behavior: Any) -> Any:
+    """A handler that ends with `Answered` (its status set) returns no response instead."""
+
+    async def call(request: Any, context: Any) -> Any:
+        try:
+            return await behavior(request, context)
+        except Answered:
+            return None
+
+    return call
+
+
+def _answering_stream(behavior: Any) -> Any:
+    """A stream that ends with `Answered` (its status set) just ends."""
+
+    async def call(request: Any, context: Any) -> Any:
+        async with aclosing(behavior(request, context)) as responses:
+            try:
+                async for response in responses:
+                    yield response
+            except Answered:
+                return
+
+    return call
 
 
 _DEFAULT_TABLE = limits()

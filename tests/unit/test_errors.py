@@ -47,7 +47,7 @@ from server.domain.errors import (
 )
 from server.infrastructure.broker.port import BrokerUnavailable
 from server.rpc.dispatch import Dispatcher
-from server.rpc.errors import STATUS_CODES, reason_codes, reason_table, to_status
+from server.rpc.errors import STATUS_CODES, Answered, reason_codes, reason_table, to_status
 
 
 def details(status: grpc.Status) -> dict[str, object]:
@@ -181,15 +181,14 @@ def test_every_domain_error_has_a_row(kind: type[DomainError]) -> None:
     assert (code is grpc.StatusCode.INTERNAL) == (kind is GenerationFailedError)
 
 
-class Aborted(Exception):
-    pass
-
-
 class FakeRpc:
-    """The part of grpc.aio.ServicerContext the Dispatcher uses; aborting raises, as gRPC's does."""
+    """The part of grpc.aio.ServicerContext the Dispatcher uses: it answers a call by setting
+    the status (code, details, trailing metadata) and raising Answered."""
 
     def __init__(self) -> None:
-        self.status: grpc.Status | None = None
+        self.code: grpc.StatusCode | None = None
+        self.details = ""
+        self.trailing_metadata: tuple[tuple[str, str | bytes], ...] = ()
 
     def time_remaining(self) -> float | None:
         return None
@@ -197,9 +196,27 @@ class FakeRpc:
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
         return (("x-correlation-id", "corr-7"),)
 
-    async def abort_with_status(self, status: grpc.Status) -> None:
-        self.status = status
-        raise Aborted
+    def set_code(self, code: grpc.StatusCode) -> None:
+        self.code = code
+
+    def set_details(self, details: str) -> None:
+        self.details = details
+
+    def set_trailing_metadata(self, metadata: tuple[tuple[str, str | bytes], ...]) -> None:
+        self.trailing_metadata = metadata
+
+    @property
+    def status(self) -> grpc.Status | None:
+        if self.code is None:
+            return None
+        return _Status(self.code, self.details, self.trailing_metadata)
+
+
+@dataclass(frozen=True)
+class _Status(grpc.Status):
+    code: grpc.StatusCode
+    details: str
+    trailing_metadata: tuple[tuple[str, str | bytes], ...]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -256,7 +273,7 @@ def wire_status(route: str, error: DomainError) -> grpc.Status:
         else:
             await dispatcher.command(rpc, Fail(error=error, raised=route == "raised"), "r-1")
 
-    with pytest.raises(Aborted):
+    with pytest.raises(Answered):
         asyncio.run(call())
     assert fake.status is not None
     return fake.status
