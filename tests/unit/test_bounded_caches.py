@@ -25,6 +25,7 @@ from server.application.queries.base import (
 )
 from server.application.security import Credential, TokenAuthenticator, token_sha256
 from server.rpc.dispatch import Dispatcher
+from server.rpc.errors import Answered
 
 TOPICS = frozenset({"loras"})
 
@@ -141,10 +142,6 @@ def test_stream_counters_hold_nothing_once_streams_close() -> None:
     assert limits._open == {}
 
 
-class Aborted(Exception):
-    pass
-
-
 class FakeRpc:
     def __init__(self, token: str) -> None:
         self.token = token
@@ -155,8 +152,14 @@ class FakeRpc:
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self.token}"),)
 
-    async def abort_with_status(self, status: grpc.Status) -> None:
-        raise Aborted
+    def set_code(self, code: grpc.StatusCode) -> None:
+        pass
+
+    def set_details(self, details: str) -> None:
+        pass
+
+    def set_trailing_metadata(self, metadata: object) -> None:
+        pass
 
 
 def test_unknown_tokens_create_no_per_principal_state() -> None:
@@ -171,7 +174,7 @@ def test_unknown_tokens_create_no_per_principal_state() -> None:
         await dispatcher.query(rpc, Echo(text="x"))
 
     for i in range(200):
-        with pytest.raises(Aborted):
+        with pytest.raises(Answered):
             asyncio.run(call(f"forged-{i}"))
     assert limiter.principals() == 0
     asyncio.run(call("s3cret"))
