@@ -316,6 +316,14 @@ class AsyncLoracleClient:
         response = await self._unary(self._queries.ListBaseModels, request)
         return list(response.models)
 
+    async def model_listing(self) -> query_service_pb2.ListBaseModelsResponse:
+        """Base models, ControlNets and hires upscalers: what a generation can name."""
+        request = query_service_pb2.ListBaseModelsRequest()
+        response: query_service_pb2.ListBaseModelsResponse = await self._unary(
+            self._queries.ListBaseModels, request
+        )
+        return response
+
     async def list_events(
         self,
         *,

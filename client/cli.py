@@ -714,6 +714,26 @@ def _image_options(
             spec.hires.denoising_strength = args.denoise
     elif args.hires_steps or args.hires_upscaler or args.denoise is not None:
         raise _LocalError("--hires-steps, --hires-upscaler and --denoise need --hires")
+    for name, path, scale in args.control:
+        control = spec.controls.add(controlnet=name)
+        control.image.data = _read_image(path)
+        if scale is not None:
+            control.conditioning_scale = scale
+
+
+def _control_choice(text: str) -> tuple[str, str, float | None]:
+    """NAME:IMAGE[:SCALE]; a path may hold colons, so a last part that is a number is the
+    scale and the rest after the first colon the image."""
+    name, _, rest = text.partition(":")
+    if not name or not rest:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME:IMAGE[:SCALE]")
+    path, _, last = rest.rpartition(":")
+    if path:
+        try:
+            return name, path, float(last)
+        except ValueError:
+            pass
+    return name, rest, None
 
 
 def _read_image(path: str) -> bytes:
@@ -856,9 +876,9 @@ def _follow(events: Iterator[types_pb2.GenerationEvent], output: str, out: _Outp
 
 
 def _cmd_models(client: LoracleClient, args: argparse.Namespace, out: _Output) -> int:
-    models = client.list_base_models()
+    listing = client.model_listing()
     if out.json_mode:
-        out.json([_to_dict(model) for model in models])
+        out.json(_to_dict(listing))
         return 0
     columns = [
         _Column("name"),
@@ -881,9 +901,33 @@ def _cmd_models(client: LoracleClient, args: argparse.Namespace, out: _Output) -
                 model.path,
                 model.error or ("placeholder (random weights)" if model.is_placeholder else ""),
             )
-            for model in models
+            for model in listing.models
         ),
     )
+    if listing.controlnets:
+        sys.stdout.write("\nControlNets (--control NAME:IMAGE[:SCALE]):\n")
+        out.table(
+            [
+                _Column("controlnet"),
+                _Column("architecture"),
+                _Column("ready"),
+                _Column("path", shrink=True),
+                _Column("note", shrink=True),
+            ],
+            (
+                (
+                    c.name,
+                    _architecture(c.architecture),
+                    _yes_no(c.ready),
+                    c.path,
+                    c.error,
+                )
+                for c in listing.controlnets
+            ),
+        )
+    if listing.upscalers:
+        names = ", ".join(u.name for u in listing.upscalers)
+        sys.stdout.write(f"\nHires upscalers (--hires-upscaler): {names}\n")
     return 0
 
 
@@ -1202,6 +1246,15 @@ def _build_parser() -> argparse.ArgumentParser:
         default="",
         metavar="NAME",
         help='hires fix: "Latent" (default), "Latent (bicubic)", ..., "Lanczos", "Nearest"',
+    )
+    p.add_argument(
+        "--control",
+        type=_control_choice,
+        action="append",
+        default=[],
+        metavar="NAME:IMAGE[:SCALE]",
+        help="ControlNet NAME guided by the control image IMAGE (already preprocessed: edges, "
+        "depth...), weight SCALE from 0 to 2 (default 1); repeatable",
     )
     p.add_argument(
         "--detach", action="store_true", help="submit and print the id instead of waiting"

@@ -310,6 +310,14 @@ class LoracleClient:
         response = self._unary(self._queries.ListBaseModels, request)
         return list(response.models)
 
+    def model_listing(self) -> query_service_pb2.ListBaseModelsResponse:
+        """Base models, ControlNets and hires upscalers: what a generation can name."""
+        request = query_service_pb2.ListBaseModelsRequest()
+        response: query_service_pb2.ListBaseModelsResponse = self._unary(
+            self._queries.ListBaseModels, request
+        )
+        return response
+
     def list_events(
         self,
         *,

@@ -234,12 +234,18 @@ def bootstrap(
     queries.register(GetLoRAsByBaseModelQuery, GetLoRAsByBaseModelHandler(read_model))
     queries.register(ListEventsQuery, ListEventsHandler(read_model))
     queries.register(SearchLoRAsByPromptQuery, SearchLoRAsByPromptHandler(recommender, tokens))
-    registry = ModelRegistry(settings.models, data_dir=settings.data_dir.resolve())
+    registry = ModelRegistry(
+        settings.models, data_dir=settings.data_dir.resolve(), controlnets=settings.controlnets
+    )
     if broker is None and settings.broker_url:
         broker = connect_broker(settings, "loracle-server")
     model_lookup: ModelLookup = registry if models is None else models
     if broker is not None:
-        model_lookup = ClusterModels(broker, tuple(m.config for m in model_lookup.statuses()))
+        model_lookup = ClusterModels(
+            broker,
+            tuple(m.config for m in model_lookup.statuses()),
+            controlnets=model_lookup.controlnets(),
+        )
     queries.register(ListBaseModelsQuery, ListBaseModelsHandler(model_lookup))
     # A cluster replica runs no model unless it also runs a worker.
     local_models = broker is None or settings.run_worker

@@ -26,7 +26,12 @@ from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, Setting
 from pydantic_settings.sources.utils import parse_env_vars
 
 from server.domain.errors import FieldViolation, Reason, ValidationError
-from server.domain.models import BaseModelConfig, resolve_architecture
+from server.domain.models import (
+    Architecture,
+    BaseModelConfig,
+    ControlNetConfig,
+    resolve_architecture,
+)
 from server.domain.tokens import parse_key
 
 SCOPES = ("read", "write", "generate", "admin")
@@ -49,6 +54,7 @@ NOT_SETTINGS = frozenset(
         "LORACLE_STORM_SEED",
     }
 )
+_CONTROLNET_KEYS = ("name", "architecture", "path", "config_dir")
 _MODEL_KEYS = ("name", "architecture", "path", "scheduler", "dtype", "vram_budget_gb", "config_dir")
 _TOKEN_KEYS = ("name", "sha256", "scopes")
 _PATHS_IN_TOML = ("tls_cert", "tls_key", "tls_client_ca")  # relative to the file's folder
@@ -130,6 +136,12 @@ class Settings(BaseSettings):
     models: tuple[BaseModelConfig, ...] = _setting(
         (),
         "`[[models]]` tables (see [Base models](#base-models)); none: the embedded placeholder",
+        flag="",
+    )
+    controlnets: tuple[ControlNetConfig, ...] = _setting(
+        (),
+        "`[[controlnets]]` tables (see [ControlNet](#controlnet)); none: requests' `controls` "
+        "are refused",
         flag="",
     )
     embedded_model: bool = _setting(
@@ -265,6 +277,11 @@ class Settings(BaseSettings):
         # The TOML file's tables arrive built (relative to its folder), the environment's not.
         return value if isinstance(value, tuple) else _models(value, Path())
 
+    @field_validator("controlnets", mode="before")
+    @classmethod
+    def _controlnet_tables(cls, value: object) -> object:
+        return value if isinstance(value, tuple) else _controlnets(value, Path())
+
     @field_validator("tokens", mode="before")
     @classmethod
     def _token_tables(cls, value: object) -> object:
@@ -310,29 +327,8 @@ def _unknown(key: str, known: Sequence[str]) -> SettingsError:
 
 
 def _models(tables: Any, base: Path) -> tuple[BaseModelConfig, ...]:
-    if not isinstance(tables, list):
-        raise ValidationError(FieldViolation("models", "must be an array of [[models]] tables"))
     out = []
-    names: set[str] = set()
-    for i, table in enumerate(tables):
-        where = f"models[{i}]"
-        if not isinstance(table, dict):
-            raise ValidationError(FieldViolation(where, "must be a table"))
-        for key in table:
-            if key not in _MODEL_KEYS:
-                raise _unknown(f"{where}.{key}", [f"{where}.{k}" for k in _MODEL_KEYS])
-        name, path = str(table.get("name", "")).strip(), str(table.get("path", "")).strip()
-        if not name or name in names:
-            raise ValidationError(FieldViolation(f"{where}.name", "required and unique"))
-        if not path:
-            raise ValidationError(FieldViolation(f"{where}.path", "required"))
-        names.add(name)
-        try:
-            arch = resolve_architecture(str(table.get("architecture", "")))
-        except ValidationError as exc:
-            raise ValidationError(
-                FieldViolation(f"{where}.architecture", exc.violations[0].description)
-            ) from None
+    for where, table in _tables(tables, "models", _MODEL_KEYS):
         try:
             budget = float(table.get("vram_budget_gb", 0.0))
         except (TypeError, ValueError):
@@ -342,12 +338,59 @@ def _models(tables: Any, base: Path) -> tuple[BaseModelConfig, ...]:
         config_dir = str(table.get("config_dir", "")).strip()
         out.append(
             BaseModelConfig(
-                name=name,
-                architecture=arch,
-                path=_resolve(path, base),
+                name=str(table["name"]).strip(),
+                architecture=_architecture(where, table),
+                path=_resolve(str(table["path"]).strip(), base),
                 scheduler=str(table.get("scheduler", "")),
                 dtype=str(table.get("dtype", "auto")),
                 vram_budget_gb=budget,
+                config_dir=_resolve(config_dir, base) if config_dir else None,
+            )
+        )
+    return tuple(out)
+
+
+def _tables(tables: Any, kind: str, keys: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
+    """`[[kind]]` tables as (where, table), each with only known keys and a unique name."""
+    if not isinstance(tables, list):
+        raise ValidationError(FieldViolation(kind, f"must be an array of [[{kind}]] tables"))
+    out: list[tuple[str, dict[str, Any]]] = []
+    names: set[str] = set()
+    for i, table in enumerate(tables):
+        where = f"{kind}[{i}]"
+        if not isinstance(table, dict):
+            raise ValidationError(FieldViolation(where, "must be a table"))
+        for key in table:
+            if key not in keys:
+                raise _unknown(f"{where}.{key}", [f"{where}.{k}" for k in keys])
+        name = str(table.get("name", "")).strip()
+        if not name or name in names:
+            raise ValidationError(FieldViolation(f"{where}.name", "required and unique"))
+        if not str(table.get("path", "")).strip():
+            raise ValidationError(FieldViolation(f"{where}.path", "required"))
+        names.add(name)
+        out.append((where, table))
+    return out
+
+
+def _architecture(where: str, table: dict[str, Any]) -> Architecture:
+    try:
+        return resolve_architecture(str(table.get("architecture", "")))
+    except ValidationError as exc:
+        raise ValidationError(
+            FieldViolation(f"{where}.architecture", exc.violations[0].description)
+        ) from None
+
+
+def _controlnets(tables: Any, base: Path) -> tuple[ControlNetConfig, ...]:
+    out = []
+    for where, table in _tables(tables, "controlnets", _CONTROLNET_KEYS):
+        config_dir = str(table.get("config_dir", "")).strip()
+        out.append(
+            ControlNetConfig(
+                name=str(table["name"]).strip(),
+                architecture=_architecture(where, table),
+                path=_resolve(str(table["path"]).strip(), base),
                 config_dir=_resolve(config_dir, base) if config_dir else None,
             )
         )
@@ -461,7 +504,7 @@ def _from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
     try:
         return dict(_Environment(environ)())
     except pydantic_settings.SettingsError:  # a table variable that is not JSON
-        for name in ("models", "tokens"):
+        for name in ("models", "controlnets", "tokens"):
             try:
                 json.loads(environ.get(env_of(name)) or "null")
             except ValueError:
@@ -481,6 +524,8 @@ def _from_toml(path: Path) -> dict[str, Any]:
             raise _unknown(key, list(Settings.model_fields))
     if "models" in data:
         data["models"] = _models(data["models"], path.parent)
+    if "controlnets" in data:
+        data["controlnets"] = _controlnets(data["controlnets"], path.parent)
     for key in _PATHS_IN_TOML:
         if isinstance(data.get(key), str):
             data[key] = str(_resolve(data[key], path.parent))

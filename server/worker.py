@@ -33,7 +33,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("loracle-worker: broker_url (or --broker-url) is required", file=sys.stderr)
         return 2
     name = settings.worker_name or default_worker_name()
-    models = ModelRegistry(settings.models, data_dir=settings.data_dir.resolve())
+    models = ModelRegistry(
+        settings.models, data_dir=settings.data_dir.resolve(), controlnets=settings.controlnets
+    )
     if settings.embedded_model:
         models.ensure_embedded(wait=True)
     # The local queue holds one fetched batch and the next; the cluster's queue is the broker.

@@ -18,6 +18,7 @@ from server.domain.models import (
     Architecture,
     AuditEntry,
     BaseModelInfo,
+    ControlNetInfo,
     EventFilter,
     FileEntry,
     HistoryEntry,
@@ -90,6 +91,10 @@ class ModelLookup(Protocol):
     """The base models this server (or cluster) can run, with their readiness."""
 
     def statuses(self) -> list[BaseModelInfo]: ...
+
+    def controlnets(self) -> list[ControlNetInfo]:
+        """The configured ControlNets, with their readiness."""
+        ...
 
 
 class LoraLookup(Protocol):

@@ -14,29 +14,37 @@ T = TypeVar("T")
 
 
 def batch_key(job: GenerationJob) -> BatchKey:
-    """Equal keys batch: everything the denoising loop shares. The presence of a negative
+    """Equal keys batch: everything the denoising loop shares, each under a name, so two
+    keys say why their jobs cannot share a call (`why_apart`). The presence of a negative
     prompt is part of it because SDXL zeroes an absent one. img2img and inpainting jobs
     batch among their own kind at one strength: their images and masks are per row, and an
-    inpainting job's "only masked" crop is scaled to the shared size. A model family can add
-    fields of its own (`BaseModelConfig.batch_fields`). Text, so a replica can put it in a broker
-    message and a worker compare it without rebuilding the job."""
-    return json.dumps(
-        [
-            job.model.name,
-            sorted([lora.sha256, lora.weight] for lora in job.loras),
-            job.width,
-            job.height,
-            job.steps,
-            job.scheduler,
-            job.guidance_scale,
-            bool(job.negative_prompt),
-            # Input images and masks are per row; the mode and how much is noised are not.
-            job.mode,
-            job.strength,
-            None if job.hires is None else job.hires.record(),
-            *(getattr(job, name) for name in job.model.batch_fields),
-        ]
-    )
+    inpainting job's "only masked" crop is scaled to the shared size. ControlNets, their
+    weights and step ranges are shared; control images are per row. A model family can add
+    fields of its own (`BaseModelConfig.batch_fields`). Text, so a replica can put it in a
+    broker message and a worker compare it without rebuilding the job."""
+    fields: dict[str, object] = {
+        "model": job.model.name,
+        "loras": sorted([lora.sha256, lora.weight] for lora in job.loras),
+        "size": [job.width, job.height],
+        "steps": job.steps,
+        "scheduler": job.scheduler,
+        "guidance_scale": job.guidance_scale,
+        "negative_prompt": bool(job.negative_prompt),
+        # Input images and masks are per row; the mode and how much is noised are not.
+        "mode": job.mode,
+        "strength": job.strength,
+        "hires": None if job.hires is None else job.hires.record(),
+        "controls": [c.shared() for c in job.controls],
+    }
+    for name in job.model.batch_fields:
+        fields[name] = getattr(job, name)
+    return json.dumps(fields, sort_keys=True)
+
+
+def why_apart(key: BatchKey, other: BatchKey) -> list[str]:
+    """The names of the fields in which two batch keys differ (none: they batch)."""
+    a, b = json.loads(key), json.loads(other)
+    return sorted(name for name in a.keys() | b.keys() if a.get(name) != b.get(name))
 
 
 @dataclass

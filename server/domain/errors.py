@@ -46,6 +46,7 @@ class Reason(enum.StrEnum):
     BAD_LORA_FILE = "BAD_LORA_FILE"
     LORA_NOT_FOUND = "LORA_NOT_FOUND"
     MODEL_NOT_FOUND = "MODEL_NOT_FOUND"
+    CONTROLNET_NOT_FOUND = "CONTROLNET_NOT_FOUND"
     GENERATION_NOT_FOUND = "GENERATION_NOT_FOUND"
     RECOMMENDATION_NOT_FOUND = "RECOMMENDATION_NOT_FOUND"
     WRITE_CONFLICT = "WRITE_CONFLICT"
@@ -56,6 +57,9 @@ class Reason(enum.StrEnum):
     LORA_FILE_MISSING = "LORA_FILE_MISSING"
     LORA_LOAD_FAILED = "LORA_LOAD_FAILED"
     MODEL_LOAD_FAILED = "MODEL_LOAD_FAILED"
+    CONTROLNET_NOT_READY = "CONTROLNET_NOT_READY"
+    CONTROLNET_ARCHITECTURE_MISMATCH = "CONTROLNET_ARCHITECTURE_MISMATCH"
+    CONTROLNET_LOAD_FAILED = "CONTROLNET_LOAD_FAILED"
     GENERATION_NOT_LIVE = "GENERATION_NOT_LIVE"
     IMAGE_NOT_KEPT = "IMAGE_NOT_KEPT"
     WORKER_REFUSED = "WORKER_REFUSED"
@@ -90,6 +94,7 @@ REASON_TEXT: dict[Reason, str] = {
     Reason.BAD_LORA_FILE: "the file is not a usable LoRA, or lies outside the LoRA roots",
     Reason.LORA_NOT_FOUND: "no LoRA has that id (or file name)",
     Reason.MODEL_NOT_FOUND: "no base model has that name; the message lists those there are",
+    Reason.CONTROLNET_NOT_FOUND: "no ControlNet has that name; the message lists those there are",
     Reason.GENERATION_NOT_FOUND: "no generation has that id",
     Reason.RECOMMENDATION_NOT_FOUND: "no recommendation has that id",
     Reason.WRITE_CONFLICT: "a concurrent write changed the same entity; retry",
@@ -100,6 +105,9 @@ REASON_TEXT: dict[Reason, str] = {
     Reason.LORA_FILE_MISSING: "the LoRA's file is gone from the LoRA roots",
     Reason.LORA_LOAD_FAILED: "the LoRA's file would not load on the model (a generation stream)",
     Reason.MODEL_LOAD_FAILED: "the model's files would not load (a generation stream)",
+    Reason.CONTROLNET_NOT_READY: "the ControlNet's files are missing or unusable (it says why)",
+    Reason.CONTROLNET_ARCHITECTURE_MISMATCH: "the ControlNet is for another architecture",
+    Reason.CONTROLNET_LOAD_FAILED: "the ControlNet would not load on the model (a stream)",
     Reason.GENERATION_NOT_LIVE: "the generation is not streaming here; watch or get it by id",
     Reason.IMAGE_NOT_KEPT: "an earlier image named as input is no longer kept; send its bytes",
     Reason.WORKER_REFUSED: "no cluster worker has the model or LoRA files the job needs",
@@ -222,10 +230,11 @@ class InvalidTokenError(ValidationError):
         )
 
 
-Resource = Literal["lora", "model", "generation", "recommendation"]
+Resource = Literal["lora", "model", "controlnet", "generation", "recommendation"]
 _NOT_FOUND: dict[str, tuple[str, Reason]] = {
     "lora": ("LoRA", Reason.LORA_NOT_FOUND),
     "model": ("model", Reason.MODEL_NOT_FOUND),
+    "controlnet": ("ControlNet", Reason.CONTROLNET_NOT_FOUND),
     "generation": ("generation", Reason.GENERATION_NOT_FOUND),
     "recommendation": ("recommendation", Reason.RECOMMENDATION_NOT_FOUND),
 }
@@ -238,6 +247,7 @@ class NotFoundError(DomainError):
     reasons = (
         Reason.LORA_NOT_FOUND,
         Reason.MODEL_NOT_FOUND,
+        Reason.CONTROLNET_NOT_FOUND,
         Reason.GENERATION_NOT_FOUND,
         Reason.RECOMMENDATION_NOT_FOUND,
     )
@@ -271,6 +281,9 @@ class PreconditionError(DomainError):
         Reason.LORA_FILE_MISSING,
         Reason.LORA_LOAD_FAILED,
         Reason.MODEL_LOAD_FAILED,
+        Reason.CONTROLNET_NOT_READY,
+        Reason.CONTROLNET_ARCHITECTURE_MISMATCH,
+        Reason.CONTROLNET_LOAD_FAILED,
         Reason.GENERATION_NOT_LIVE,
         Reason.IMAGE_NOT_KEPT,
         Reason.WORKER_REFUSED,

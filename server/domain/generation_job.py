@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.domain.models import BaseModelConfig
+from server.domain.models import BaseModelConfig, ControlNetConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +68,31 @@ class HiresFix:
         }
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ControlInput:
+    """One ControlNet steering a job: which, its control image, how strongly and over which
+    fraction of the steps (A1111's Control Weight, Starting and Ending Control Step)."""
+
+    controlnet: ControlNetConfig
+    image: InputImage
+    scale: float
+    guidance_start: float
+    guidance_end: float
+
+    def shared(self) -> list[object]:
+        """What rows must share to be in one call (the image is per row)."""
+        return [self.controlnet.name, self.scale, self.guidance_start, self.guidance_end]
+
+    def record(self) -> dict[str, object]:
+        return {
+            "controlnet": self.controlnet.name,
+            "image": self.image.record(),
+            "conditioning_scale": self.scale,
+            "guidance_start": self.guidance_start,
+            "guidance_end": self.guidance_end,
+        }
+
+
 class Mode:
     """What a job does with its input images."""
 
@@ -110,6 +135,8 @@ class GenerationJob:
     inpaint_padding: int = 0
     # Hires fix (text to image): the second pass over the upscaled first one.
     hires: HiresFix | None = None
+    # ControlNets, in the order the request gave them (any mode).
+    controls: tuple[ControlInput, ...] = ()
 
     @property
     def mode(self) -> str:
@@ -140,6 +167,7 @@ class GenerationJob:
             "preview_every_n_steps": self.preview_every,
             "chunk_size_bytes": self.chunk_size,
             **self._image_spec(),
+            **({"controls": [c.record() for c in self.controls]} if self.controls else {}),
         }
 
     @property

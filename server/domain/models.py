@@ -255,6 +255,24 @@ class BaseModelConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ControlNetConfig:
+    """A ControlNet as configured (`[[controlnets]]`): a local diffusers folder, or a
+    single file with `config_dir` (a folder holding its config.json) beside it."""
+
+    name: str
+    architecture: Architecture
+    path: Path
+    config_dir: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ControlNetInfo:
+    config: ControlNetConfig
+    ready: bool
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class GenerationDefaults:
     """What a request that leaves size, steps or guidance at zero gets, per model family."""
 

@@ -104,6 +104,10 @@ FIELD_LIMITS: dict[str, Limit] = {
     "loracle.v1.InputImage.sha256": Limit(64, why="output only; ignored"),
     "loracle.v1.GeneratedImage.generation_id": OUR_ID,
     "loracle.v1.HiresFix.upscaler": NAME,
+    "loracle.v1.GenerationSpec.controls": Limit(
+        items=16, why="ControlNets; the handler applies its limit of 4"
+    ),
+    "loracle.v1.ControlInput.controlnet": NAME,
     "loracle.v1.QuickGenerateRequest.request_id": REQUEST_ID,
     "loracle.v1.QuickGenerateRequest.prompt": PROMPT,
     "loracle.v1.QuickGenerateRequest.model": NAME,

@@ -8,9 +8,11 @@ from typing import Any
 from google.protobuf import timestamp_pb2
 
 from loracle.v1 import command_service_pb2 as cmd_pb
+from loracle.v1 import query_service_pb2 as qry_pb
 from loracle.v1 import types_pb2
 from server.application.commands import (
     CatalogRecordInput,
+    ControlChoice,
     GenerationRequest,
     HiresRequest,
     ImageInput,
@@ -20,6 +22,7 @@ from server.application.commands import (
     LoraChoice,
     LoRARecommendation,
 )
+from server.application.queries import ModelListing
 from server.domain import generation_events as gen
 from server.domain.generation import GenerationState, GenerationView
 from server.domain.generation_events import GenerationEvent
@@ -131,6 +134,23 @@ def base_model_to_proto(info: BaseModelInfo) -> types_pb2.BaseModel:
     )
 
 
+def model_listing_to_proto(listing: ModelListing) -> qry_pb.ListBaseModelsResponse:
+    return qry_pb.ListBaseModelsResponse(
+        models=[base_model_to_proto(m) for m in listing.models],
+        controlnets=[
+            types_pb2.ControlNet(
+                name=c.config.name,
+                architecture=_ARCH[c.config.architecture],
+                path=str(c.config.path),
+                ready=c.ready,
+                error=c.error,
+            )
+            for c in listing.controlnets
+        ],
+        upscalers=[types_pb2.Upscaler(name=u.name, latent=u.latent) for u in listing.upscalers],
+    )
+
+
 def recommendation_to_proto(rec: LoRARecommendation) -> types_pb2.Recommendation:
     return types_pb2.Recommendation(
         lora=lora_to_proto(rec.lora),
@@ -222,6 +242,18 @@ def generation_request_from_proto(spec: types_pb2.GenerationSpec) -> GenerationR
         inpaint_only_masked=spec.inpaint_only_masked,
         inpaint_padding=spec.inpaint_padding if spec.HasField("inpaint_padding") else None,
         hires=_hires(spec),
+        controls=tuple(
+            ControlChoice(
+                controlnet=c.controlnet,
+                image=_image_input(c, "image"),
+                conditioning_scale=(
+                    c.conditioning_scale if c.HasField("conditioning_scale") else None
+                ),
+                guidance_start=c.guidance_start,
+                guidance_end=c.guidance_end if c.HasField("guidance_end") else None,
+            )
+            for c in spec.controls
+        ),
     )
 
 
@@ -250,7 +282,19 @@ def _recorded_hires(record: object) -> types_pb2.HiresFix | None:
     )
 
 
-def _image_input(spec: types_pb2.GenerationSpec, name: str) -> ImageInput | None:
+def _recorded_control(record: dict[str, Any]) -> types_pb2.ControlInput:
+    return types_pb2.ControlInput(
+        controlnet=str(record["controlnet"]),
+        image=_recorded_image(record["image"]),
+        conditioning_scale=float(record["conditioning_scale"]),
+        guidance_start=float(record["guidance_start"]),
+        guidance_end=float(record["guidance_end"]),
+    )
+
+
+def _image_input(
+    spec: types_pb2.GenerationSpec | types_pb2.ControlInput, name: str
+) -> ImageInput | None:
     """An InputImage field as the request's ImageInput; None when unset (a set but empty one
     is an empty image, which validation names)."""
     if not spec.HasField(name):  # type: ignore[arg-type]
@@ -370,6 +414,7 @@ def generation_to_proto(view: GenerationView) -> types_pb2.Generation:
             inpaint_only_masked=bool(spec.get("inpaint_only_masked", False)),
             inpaint_padding=int(spec["inpaint_padding"]) if "inpaint_padding" in spec else None,
             hires=_recorded_hires(spec.get("hires")),
+            controls=[_recorded_control(c) for c in spec.get("controls", ())],
         ),
         images=[
             types_pb2.ImageInfo(

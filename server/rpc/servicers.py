@@ -42,13 +42,13 @@ from server.rpc.dispatch import Dispatcher
 from server.rpc.mapping import (
     STATE_NAMES,
     audit_to_proto,
-    base_model_to_proto,
     catalog_record_from_proto,
     generation_event_to_proto,
     generation_request_from_proto,
     generation_to_proto,
     import_update_to_proto,
     lora_to_proto,
+    model_listing_to_proto,
     recommendation_to_proto,
     time_bound_from_proto,
     token_for,
@@ -276,8 +276,8 @@ class QueryServicer(qry_grpc.QueryServiceServicer):
     async def ListBaseModels(
         self, request: qry_pb.ListBaseModelsRequest, context: Ctx
     ) -> qry_pb.ListBaseModelsResponse:
-        models = await self._d.query(context, ListBaseModelsQuery())
-        return qry_pb.ListBaseModelsResponse(models=[base_model_to_proto(m) for m in models])
+        listing = await self._d.query(context, ListBaseModelsQuery())
+        return model_listing_to_proto(listing)
 
     async def GetGeneration(
         self, request: qry_pb.GetGenerationRequest, context: Ctx

@@ -22,7 +22,7 @@ from server.domain.generation_events import (
     Timings,
 )
 from server.domain.generation_job import GenerationJob
-from server.domain.models import BaseModelConfig, BaseModelInfo
+from server.domain.models import BaseModelConfig, BaseModelInfo, ControlNetInfo
 
 
 @dataclass
@@ -162,11 +162,15 @@ class FakeExecutor:
 
 
 class FakeModels:
-    def __init__(self, *infos: BaseModelInfo) -> None:
+    def __init__(self, *infos: BaseModelInfo, controlnets: tuple[ControlNetInfo, ...] = ()) -> None:
         self.infos = list(infos)
+        self.controlnet_infos = list(controlnets)
 
     def statuses(self) -> list[BaseModelInfo]:
         return list(self.infos)
+
+    def controlnets(self) -> list[ControlNetInfo]:
+        return list(self.controlnet_infos)
 
 
 def ready_model(name: str = "tiny", **config: Any) -> BaseModelInfo:

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from server.domain.batching import Batch, batch_key
-from server.domain.generation_job import GenerationJob, ResolvedLora
-from server.domain.models import Architecture, BaseModelConfig
+from server.domain.batching import Batch, batch_key, why_apart
+from server.domain.generation_job import ControlInput, GenerationJob, InputImage, ResolvedLora
+from server.domain.models import Architecture, BaseModelConfig, ControlNetConfig
 
 MODEL = BaseModelConfig("tiny", Architecture.SD1, Path("/models/tiny"))
 
@@ -40,22 +40,56 @@ def test_jobs_that_differ_only_per_row_share_a_key() -> None:
     assert batch_key(a) == batch_key(b)
 
 
+def control(name: str = "canny", data: bytes = b"edges", **fields: Any) -> ControlInput:
+    image = InputImage(data=data, sha256=data.hex(), width=64, height=64)
+    base: dict[str, Any] = dict(scale=1.0, guidance_start=0.0, guidance_end=1.0)
+    return ControlInput(
+        controlnet=ControlNetConfig(name, Architecture.SD1, Path(f"/cn/{name}")),
+        image=image,
+        **(base | fields),
+    )
+
+
+INIT = InputImage(data=b"init", sha256="i", width=64, height=64)
+
+
 @pytest.mark.parametrize(
-    "change",
+    ("change", "why"),
     [
-        {"model": replace(MODEL, name="other")},
-        {"width": 128},
-        {"height": 128},
-        {"steps": 5},
-        {"scheduler": "euler"},
-        {"guidance_scale": 5.0},
-        {"negative_prompt": "blurry"},
-        {"loras": (lora("aa"),)},
+        ({"model": replace(MODEL, name="other")}, ["model"]),
+        ({"width": 128}, ["size"]),
+        ({"height": 128}, ["size"]),
+        ({"steps": 5}, ["steps"]),
+        ({"scheduler": "euler"}, ["scheduler"]),
+        ({"guidance_scale": 5.0}, ["guidance_scale"]),
+        ({"negative_prompt": "blurry"}, ["negative_prompt"]),
+        ({"loras": (lora("aa"),)}, ["loras"]),
+        ({"init_image": INIT, "strength": 0.5}, ["mode", "strength"]),
+        ({"controls": (control(),)}, ["controls"]),
+        ({"steps": 5, "width": 128}, ["size", "steps"]),
     ],
-    ids=lambda change: next(iter(change)),
+    ids=lambda value: "+".join(value) if isinstance(value, dict) else "",
 )
-def test_what_the_denoising_loop_shares_splits_batches(change: dict[str, Any]) -> None:
+def test_what_the_denoising_loop_shares_splits_batches_and_says_why(
+    change: dict[str, Any], why: list[str]
+) -> None:
     assert batch_key(job()) != batch_key(job(**change))
+    assert why_apart(batch_key(job()), batch_key(job(**change))) == why
+
+
+def test_control_images_are_per_row_but_controlnets_and_their_settings_are_shared() -> None:
+    one = job(controls=(control(data=b"a"),))
+    assert batch_key(one) == batch_key(job(controls=(control(data=b"b"),)))
+    for other in (
+        control("depth"),
+        control(scale=0.5),
+        control(guidance_start=0.2),
+        control(guidance_end=0.8),
+    ):
+        assert why_apart(batch_key(one), batch_key(job(controls=(other,)))) == ["controls"]
+    two = job(controls=(control("canny"), control("depth")))
+    swapped = job(controls=(control("depth"), control("canny")))
+    assert batch_key(two) != batch_key(swapped)  # the order pairs images with ControlNets
 
 
 def test_lora_order_does_not_matter_but_weights_do() -> None:

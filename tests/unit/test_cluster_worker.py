@@ -28,7 +28,7 @@ from server.domain.generation_events import (
     image_chunks,
 )
 from server.domain.generation_job import GenerationJob
-from server.domain.models import Architecture, BaseModelConfig, BaseModelInfo
+from server.domain.models import Architecture, BaseModelConfig, BaseModelInfo, ControlNetInfo
 from server.infrastructure.broker.codec import (
     Who,
     decode_job,
@@ -111,6 +111,9 @@ class Models:
 
     def statuses(self) -> list[BaseModelInfo]:
         return [BaseModelInfo(self.config, True)]
+
+    def controlnets(self) -> list[ControlNetInfo]:
+        return []
 
 
 class RefusingExecutor(DiffusionExecutor):

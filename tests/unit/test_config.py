@@ -87,12 +87,45 @@ def test_models_from_toml(tmp_path: Path) -> None:
     assert (xl.dtype, xl.vram_budget_gb, xl.path) == ("float16", 12.0, Path("/srv/xl.safetensors"))
 
 
+def test_controlnets_from_toml(tmp_path: Path) -> None:
+    body = (
+        '[[controlnets]]\nname = "canny"\narchitecture = "SD 1.5"\npath = "cn/canny"\n'
+        '[[controlnets]]\nname = "depth-xl"\narchitecture = "SDXL"\npath = "depth.safetensors"\n'
+        'config_dir = "cn/depth-xl"\n'
+    )
+    canny, depth = load_settings(["--config", write(tmp_path, body)], environ={}).controlnets
+    assert (canny.name, canny.architecture.value, canny.path, canny.config_dir) == (
+        "canny",
+        "SD1",
+        tmp_path / "cn/canny",
+        None,
+    )
+    assert (depth.path, depth.config_dir) == (
+        tmp_path / "depth.safetensors",
+        tmp_path / "cn/depth-xl",
+    )
+    with pytest.raises(SettingsError) as err:
+        load_settings(["--config", write(tmp_path, body + "scale = 1\n")], environ={})
+    assert err.value.message.startswith("unknown setting 'controlnets[1].scale'")
+
+
 @pytest.mark.parametrize(
     ("body", "field"),
     [
         ('[[models]]\nname = "a"\narchitecture = "Potato"\npath = "x"\n', "models[0].architecture"),
         ('[[models]]\narchitecture = "SD1"\npath = "x"\n', "models[0].name"),
         ('[[models]]\nname = "a"\narchitecture = "SD1"\n', "models[0].path"),
+        (
+            '[[controlnets]]\nname = "c"\narchitecture = "Potato"\npath = "x"\n',
+            "controlnets[0].architecture",
+        ),
+        ('[[controlnets]]\narchitecture = "SD1"\npath = "x"\n', "controlnets[0].name"),
+        ('[[controlnets]]\nname = "c"\narchitecture = "SD1"\n', "controlnets[0].path"),
+        (
+            '[[controlnets]]\nname = "c"\narchitecture = "SD1"\npath = "x"\n'
+            '[[controlnets]]\nname = "c"\narchitecture = "SD1"\npath = "y"\n',
+            "controlnets[1].name",
+        ),
     ],
 )
 def test_bad_model_tables_name_the_field(tmp_path: Path, body: str, field: str) -> None:
@@ -251,7 +284,8 @@ def other_value(name: str) -> tuple[str, object]:
     return "x:1", "x:1"
 
 
-SCALARS = [name for name in Settings.model_fields if name not in ("models", "tokens")]
+TABLES = ("models", "controlnets", "tokens")
+SCALARS = [name for name in Settings.model_fields if name not in TABLES]
 
 
 @pytest.mark.parametrize("name", SCALARS)
@@ -275,10 +309,16 @@ def test_tables_come_from_the_environment_as_json() -> None:
     environ = {
         "LORACLE_MODELS": json.dumps([{"name": "m", "architecture": "SDXL", "path": "/m"}]),
         "LORACLE_TOKENS": json.dumps([{"name": "t", "sha256": digest, "scopes": ["read"]}]),
+        "LORACLE_CONTROLNETS": json.dumps(
+            [{"name": "canny", "architecture": "SD 1.5", "path": "/c", "config_dir": "/cd"}]
+        ),
     }
     settings = load_settings([], environ=environ)
     assert [(m.name, m.architecture.value, m.path) for m in settings.models] == [
         ("m", "SDXL", Path("/m"))
+    ]
+    assert [(c.name, c.architecture.value, c.path, c.config_dir) for c in settings.controlnets] == [
+        ("canny", "SD1", Path("/c"), Path("/cd"))
     ]
     assert [(t.name, t.sha256, t.scopes) for t in settings.tokens] == [
         ("t", digest, frozenset({"read"}))

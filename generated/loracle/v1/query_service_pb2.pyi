@@ -270,18 +270,30 @@ class ListBaseModelsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MODELS_FIELD_NUMBER: _builtins.int
+    CONTROLNETS_FIELD_NUMBER: _builtins.int
+    UPSCALERS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.BaseModel]:
         """The configured models."""
+
+    @_builtins.property
+    def controlnets(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.ControlNet]:
+        """The configured ControlNets (`[[controlnets]]`)."""
+
+    @_builtins.property
+    def upscalers(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Upscaler]:
+        """The upscalers a hires fix may use."""
 
     def __init__(
         self,
         *,
         models: _abc.Iterable[_types_pb2.BaseModel] | None = ...,
+        controlnets: _abc.Iterable[_types_pb2.ControlNet] | None = ...,
+        upscalers: _abc.Iterable[_types_pb2.Upscaler] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["models", b"models"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["controlnets", b"controlnets", "models", b"models", "upscalers", b"upscalers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

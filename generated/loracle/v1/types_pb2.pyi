@@ -447,6 +447,72 @@ class BaseModel(_message.Message):
 Global___BaseModel: _TypeAlias = BaseModel  # noqa: Y015
 
 @_typing.final
+class ControlNet(_message.Message):
+    """A configured ControlNet (`[[controlnets]]`), usable by models of its architecture."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ARCHITECTURE_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    READY_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The name used in ControlInput.controlnet."""
+    architecture: Global___Architecture.ValueType
+    """The architecture of the base models it works with."""
+    path: _builtins.str
+    """Local diffusers folder or single-file checkpoint."""
+    ready: _builtins.bool
+    """True when its files look loadable; false with `error` set when they do not."""
+    error: _builtins.str
+    """Why it is not ready; empty when it is."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        architecture: Global___Architecture.ValueType = ...,
+        path: _builtins.str = ...,
+        ready: _builtins.bool = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "error", b"error", "name", b"name", "path", b"path", "ready", b"ready"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ControlNet: _TypeAlias = ControlNet  # noqa: Y015
+
+@_typing.final
+class Upscaler(_message.Message):
+    """An upscaler HiresFix.upscaler may name."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    LATENT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The name as A1111 spells it (case does not matter in requests)."""
+    latent: _builtins.bool
+    """True for latent upscalers (they resize the first pass's latents; no decoding between
+    the passes); false for those that resize the decoded image.
+    """
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        latent: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["latent", b"latent", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Upscaler: _TypeAlias = Upscaler  # noqa: Y015
+
+@_typing.final
 class LoraSelection(_message.Message):
     """A LoRA and the weight to apply it with."""
 
@@ -503,6 +569,7 @@ class GenerationSpec(_message.Message):
     INPAINT_ONLY_MASKED_FIELD_NUMBER: _builtins.int
     INPAINT_PADDING_FIELD_NUMBER: _builtins.int
     HIRES_FIELD_NUMBER: _builtins.int
+    CONTROLS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Name of a configured base model; empty for the default model."""
     prompt: _builtins.str
@@ -571,6 +638,13 @@ class GenerationSpec(_message.Message):
         pass over the upscaled image; the image has the upscaled size.
         """
 
+    @_builtins.property
+    def controls(self) -> _containers.RepeatedCompositeFieldContainer[Global___ControlInput]:
+        """ControlNet (SD1, SD2 and SDXL models; any mode): up to 4 configured ControlNets, each
+        guided by its own control image. Control images are used as given: preprocessing
+        (canny, depth, pose...) is the client's job.
+        """
+
     def __init__(
         self,
         *,
@@ -595,10 +669,11 @@ class GenerationSpec(_message.Message):
         inpaint_only_masked: _builtins.bool = ...,
         inpaint_padding: _builtins.int | None = ...,
         hires: Global___HiresFix | None = ...,
+        controls: _abc.Iterable[Global___ControlInput] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_inpaint_padding", b"_inpaint_padding", "_mask_blur", b"_mask_blur", "_seed", b"_seed", "_strength", b"_strength", "guidance_scale", b"guidance_scale", "hires", b"hires", "init_image", b"init_image", "inpaint_padding", b"inpaint_padding", "mask_blur", b"mask_blur", "mask_image", b"mask_image", "seed", b"seed", "strength", b"strength"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_inpaint_padding", b"_inpaint_padding", "_mask_blur", b"_mask_blur", "_seed", b"_seed", "_strength", b"_strength", "chunk_size_bytes", b"chunk_size_bytes", "guidance_scale", b"guidance_scale", "height", b"height", "hires", b"hires", "init_image", b"init_image", "inpaint_only_masked", b"inpaint_only_masked", "inpaint_padding", b"inpaint_padding", "loras", b"loras", "mask_blur", b"mask_blur", "mask_image", b"mask_image", "model", b"model", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "output_format", b"output_format", "preview_every_n_steps", b"preview_every_n_steps", "prompt", b"prompt", "scheduler", b"scheduler", "seed", b"seed", "steps", b"steps", "strength", b"strength", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_inpaint_padding", b"_inpaint_padding", "_mask_blur", b"_mask_blur", "_seed", b"_seed", "_strength", b"_strength", "chunk_size_bytes", b"chunk_size_bytes", "controls", b"controls", "guidance_scale", b"guidance_scale", "height", b"height", "hires", b"hires", "init_image", b"init_image", "inpaint_only_masked", b"inpaint_only_masked", "inpaint_padding", b"inpaint_padding", "loras", b"loras", "mask_blur", b"mask_blur", "mask_image", b"mask_image", "model", b"model", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "output_format", b"output_format", "preview_every_n_steps", b"preview_every_n_steps", "prompt", b"prompt", "scheduler", b"scheduler", "seed", b"seed", "steps", b"steps", "strength", b"strength", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__guidance_scale: _TypeAlias = _typing.Literal["guidance_scale"]  # noqa: Y015
     _WhichOneofArgType__guidance_scale: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale"]  # noqa: Y015
@@ -622,6 +697,62 @@ class GenerationSpec(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__strength) -> _WhichOneofReturnType__strength | None: ...
 
 Global___GenerationSpec: _TypeAlias = GenerationSpec  # noqa: Y015
+
+@_typing.final
+class ControlInput(_message.Message):
+    """One ControlNet guiding a generation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONTROLNET_FIELD_NUMBER: _builtins.int
+    IMAGE_FIELD_NUMBER: _builtins.int
+    CONDITIONING_SCALE_FIELD_NUMBER: _builtins.int
+    GUIDANCE_START_FIELD_NUMBER: _builtins.int
+    GUIDANCE_END_FIELD_NUMBER: _builtins.int
+    controlnet: _builtins.str
+    """The name of a configured ControlNet (ListBaseModels lists them) of the model's
+    architecture; another architecture's is FAILED_PRECONDITION.
+    """
+    conditioning_scale: _builtins.float
+    """How strongly it steers, 0 to 2; unset: 1 (A1111's "Control Weight")."""
+    guidance_start: _builtins.float
+    """The fraction of the steps after which it starts steering, 0 to 1 and below
+    guidance_end; 0 (the default): from the first step.
+    """
+    guidance_end: _builtins.float
+    """The fraction of the steps after which it stops, above guidance_start and at most 1;
+    unset: 1 (to the last step).
+    """
+    @_builtins.property
+    def image(self) -> Global___InputImage:
+        """The control image (an edge map, a depth map, a pose...), any size: cropped to the
+        generation's aspect ratio and scaled to its size (A1111's "Crop and Resize"); with
+        inpaint_only_masked, cropped with init_image.
+        """
+
+    def __init__(
+        self,
+        *,
+        controlnet: _builtins.str = ...,
+        image: Global___InputImage | None = ...,
+        conditioning_scale: _builtins.float | None = ...,
+        guidance_start: _builtins.float = ...,
+        guidance_end: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_conditioning_scale", b"_conditioning_scale", "_guidance_end", b"_guidance_end", "conditioning_scale", b"conditioning_scale", "guidance_end", b"guidance_end", "image", b"image"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_conditioning_scale", b"_conditioning_scale", "_guidance_end", b"_guidance_end", "conditioning_scale", b"conditioning_scale", "controlnet", b"controlnet", "guidance_end", b"guidance_end", "guidance_start", b"guidance_start", "image", b"image"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__conditioning_scale: _TypeAlias = _typing.Literal["conditioning_scale"]  # noqa: Y015
+    _WhichOneofArgType__conditioning_scale: _TypeAlias = _typing.Literal["_conditioning_scale", b"_conditioning_scale"]  # noqa: Y015
+    _WhichOneofReturnType__guidance_end: _TypeAlias = _typing.Literal["guidance_end"]  # noqa: Y015
+    _WhichOneofArgType__guidance_end: _TypeAlias = _typing.Literal["_guidance_end", b"_guidance_end"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__conditioning_scale) -> _WhichOneofReturnType__conditioning_scale | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__guidance_end) -> _WhichOneofReturnType__guidance_end | None: ...
+
+Global___ControlInput: _TypeAlias = ControlInput  # noqa: Y015
 
 @_typing.final
 class HiresFix(_message.Message):

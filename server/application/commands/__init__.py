@@ -59,13 +59,14 @@ from server.application.commands.update_lora import (
     UpdateLoRACommand,
     UpdateLoRAHandler,
 )
-from server.application.generation.request import HiresRequest, ImageInput
+from server.application.generation.request import ControlChoice, HiresRequest, ImageInput
 
 __all__ = [
     "CancelGenerationCommand",
     "CatalogRecordInput",
     "CommandBus",
     "CommandResult",
+    "ControlChoice",
     "DeleteLoRACommand",
     "DeleteLoRAHandler",
     "FilterConfidentRecommendationsCommand",

@@ -17,6 +17,7 @@ from server.application.commands.idempotency import Replay, note_answer, record_
 from server.application.context import DispatchContext, current_context
 from server.application.generation.lifecycle import GenerationRecorder
 from server.application.generation.request import (
+    DEFAULT_CONTROL_SCALE,
     DEFAULT_HIRES_STRENGTH,
     DEFAULT_INPAINT_PADDING,
     DEFAULT_LIMITS,
@@ -54,7 +55,13 @@ from server.domain.errors import (
 )
 from server.domain.generation import Generation, GenerationView
 from server.domain.generation_events import TERMINAL, Failed, GenerationEvent
-from server.domain.generation_job import GenerationJob, HiresFix, InputImage, ResolvedLora
+from server.domain.generation_job import (
+    ControlInput,
+    GenerationJob,
+    HiresFix,
+    InputImage,
+    ResolvedLora,
+)
 from server.domain.lora import CommandRecord
 from server.domain.models import BaseModelInfo, GenerationDefaults, LoraView, is_uuid
 from server.domain.recommend.prompt import parse_prompt
@@ -159,6 +166,7 @@ class GenerationJobs:
                 )
             )
         loras = self._resolve_loras(choices, model)
+        controls = self._controls(request, model)
         return GenerationJob(
             generation_id=str(uuid.uuid4()),
             model=model.config,
@@ -206,7 +214,58 @@ class GenerationJobs:
                 else DEFAULT_INPAINT_PADDING
             ),
             hires=hires,
+            controls=controls,
         )
+
+    def _controls(
+        self, request: GenerationRequest, model: BaseModelInfo
+    ) -> tuple[ControlInput, ...]:
+        """The request's ControlNets, each configured, ready and of the model's architecture,
+        with its image checked like any input image."""
+        if not request.controls:
+            return ()
+        known = {c.config.name: c for c in self._models.controlnets()}
+        out = []
+        for i, choice in enumerate(request.controls):
+            name = choice.controlnet
+            info = known.get(name)
+            if info is None:
+                raise NotFoundError("controlnet", name, list(known))
+            if not info.ready:
+                raise PreconditionError(
+                    f"ControlNet {name!r} is not ready: {info.error}",
+                    reason=Reason.CONTROLNET_NOT_READY,
+                    metadata={"controlnet": name},
+                )
+            wanted, have = info.config.architecture, model.config.architecture
+            if wanted is not have:
+                raise PreconditionError(
+                    f"ControlNet {name!r} is for {wanted.value} models; model "
+                    f"{model.config.name!r} is {have.value}",
+                    reason=Reason.CONTROLNET_ARCHITECTURE_MISMATCH,
+                    metadata={
+                        "controlnet": name,
+                        "controlnet_architecture": wanted.value,
+                        "model": model.config.name,
+                        "model_architecture": have.value,
+                    },
+                )
+            image = self._input_image(choice.image, f"spec.controls[{i}].image")
+            assert image is not None  # validated: a control has an image
+            out.append(
+                ControlInput(
+                    controlnet=info.config,
+                    image=image,
+                    scale=(
+                        DEFAULT_CONTROL_SCALE
+                        if choice.conditioning_scale is None
+                        else choice.conditioning_scale
+                    ),
+                    guidance_start=choice.guidance_start,
+                    guidance_end=1.0 if choice.guidance_end is None else choice.guidance_end,
+                )
+            )
+        return tuple(out)
 
     def _hires(self, request: GenerationRequest, width: int, height: int) -> HiresFix | None:
         """The hires fix with its defaults filled in; its upscaled size must stay within the

@@ -36,6 +36,22 @@ class HiresRequest:
     upscaler: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class ControlChoice:
+    """A ControlNet as a request asks for it (None: the defaults)."""
+
+    controlnet: str
+    image: ImageInput | None = None
+    conditioning_scale: float | None = None
+    guidance_start: float = 0.0
+    guidance_end: float | None = None
+
+
+# At most this many ControlNets per request (A1111's default "Multi-ControlNet" count is 3).
+MAX_CONTROLS = 4
+DEFAULT_CONTROL_SCALE = 1.0
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GenerationRequest:
     model: str = ""
@@ -59,6 +75,7 @@ class GenerationRequest:
     inpaint_only_masked: bool = False
     inpaint_padding: int | None = None
     hires: HiresRequest | None = None
+    controls: tuple[ControlChoice, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +131,7 @@ def validate(
         out.append(FieldViolation("spec.preview_every_n_steps", f"from 0 to {limits.steps}"))
     out += _image_violations(request)
     out += _hires_violations(request, limits)
+    out += _control_violations(request)
     for i, choice in enumerate(request.loras):
         if not choice.lora.strip():
             out.append(FieldViolation(f"spec.loras[{i}].lora", "must not be empty"))
@@ -148,6 +166,30 @@ def _hires_violations(request: GenerationRequest, limits: GenerationLimits) -> l
         out.append(
             FieldViolation("spec.hires", "applies to text to image only, not with init_image")
         )
+    return out
+
+
+def _control_violations(request: GenerationRequest) -> list[FieldViolation]:
+    if len(request.controls) > MAX_CONTROLS:
+        return [FieldViolation("spec.controls", f"at most {MAX_CONTROLS} ControlNets")]
+    out = []
+    for i, control in enumerate(request.controls):
+        where = f"spec.controls[{i}]"
+        if not control.controlnet.strip():
+            out.append(FieldViolation(f"{where}.controlnet", "must name a configured ControlNet"))
+        if control.image is None:
+            out.append(FieldViolation(f"{where}.image", "is required: the control image"))
+        scale = control.conditioning_scale
+        if scale is not None and not 0.0 <= scale <= 2.0:
+            out.append(FieldViolation(f"{where}.conditioning_scale", "from 0 to 2"))
+        start = control.guidance_start
+        end = 1.0 if control.guidance_end is None else control.guidance_end
+        if not 0.0 <= start < 1.0:
+            out.append(FieldViolation(f"{where}.guidance_start", "from 0 to below 1"))
+        elif not start < end <= 1.0:
+            out.append(
+                FieldViolation(f"{where}.guidance_end", "above guidance_start and at most 1")
+            )
     return out
 
 

@@ -17,6 +17,7 @@ from server.application.queries.generation_queries import (
     ListBaseModelsQuery,
     ListGenerationsHandler,
     ListGenerationsQuery,
+    ModelListing,
     WatchGenerationHandler,
     WatchGenerationQuery,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "ListEventsQuery",
     "ListGenerationsHandler",
     "ListGenerationsQuery",
+    "ModelListing",
     "QueryBus",
     "QueryCache",
     "QueryResult",

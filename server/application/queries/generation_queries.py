@@ -40,21 +40,33 @@ from server.domain.generation_events import (
     Timings,
     image_chunks,
 )
-from server.domain.models import BaseModelInfo, Page
+from server.domain.models import BaseModelInfo, ControlNetInfo, Page
+from server.domain.upscalers import UPSCALERS, Upscaler
+
+
+@dataclass(frozen=True, slots=True)
+class ModelListing:
+    """What a generation can name: base models, ControlNets and hires upscalers."""
+
+    models: list[BaseModelInfo]
+    controlnets: list[ControlNetInfo]
+    upscalers: tuple[Upscaler, ...] = UPSCALERS
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class ListBaseModelsQuery(IQuery[list[BaseModelInfo]]):
+class ListBaseModelsQuery(IQuery[ModelListing]):
     # A model's status changes without events (an embedded model finishes building).
     cacheable: ClassVar[bool] = False
 
 
-class ListBaseModelsHandler(IQueryHandler[ListBaseModelsQuery, list[BaseModelInfo]]):
+class ListBaseModelsHandler(IQueryHandler[ListBaseModelsQuery, ModelListing]):
     def __init__(self, models: ModelLookup) -> None:
         self._models = models
 
-    def handle(self, query: ListBaseModelsQuery) -> QueryResult[list[BaseModelInfo]]:
-        return QueryResult.success(self._models.statuses())
+    def handle(self, query: ListBaseModelsQuery) -> QueryResult[ModelListing]:
+        return QueryResult.success(
+            ModelListing(self._models.statuses(), self._models.controlnets())
+        )
 
 
 GENERATIONS = frozenset({"generations"})

@@ -26,8 +26,14 @@ from server.domain.generation_events import (
     Started,
     Timings,
 )
-from server.domain.generation_job import GenerationJob, HiresFix, InputImage, ResolvedLora
-from server.domain.models import BaseModelConfig
+from server.domain.generation_job import (
+    ControlInput,
+    GenerationJob,
+    HiresFix,
+    InputImage,
+    ResolvedLora,
+)
+from server.domain.models import BaseModelConfig, ControlNetConfig
 from server.infrastructure.broker.port import EventRecord
 
 
@@ -82,12 +88,21 @@ class JobMessage:
         """The chunk size the client asked for (the broker carries bigger pieces)."""
         return int(self.fields.get("chunk_size", 64 * 1024))
 
+    @property
+    def controlnet_names(self) -> list[str]:
+        return [str(c["controlnet"]) for c in self.fields.get("controls", ())]
+
     def job(
-        self, model: BaseModelConfig, loras: tuple[ResolvedLora, ...], chunk_size: int
+        self,
+        model: BaseModelConfig,
+        loras: tuple[ResolvedLora, ...],
+        chunk_size: int,
+        controlnets: Mapping[str, ControlNetConfig] | None = None,
     ) -> GenerationJob:
-        """The job again, on the machine that runs it: with that machine's model config and
-        LoRA paths, and the chunk size the broker carries."""
+        """The job again, on the machine that runs it: with that machine's model config,
+        LoRA paths and ControlNets (by name), and the chunk size the broker carries."""
         f = self.fields
+        found = controlnets or {}
         return GenerationJob(
             generation_id=self.generation_id,
             model=model,
@@ -113,6 +128,16 @@ class JobMessage:
             inpaint_only_masked=bool(f.get("inpaint_only_masked", False)),
             inpaint_padding=int(f.get("inpaint_padding", 0)),
             hires=_hires_from(f.get("hires")),
+            controls=tuple(
+                ControlInput(
+                    controlnet=found[str(c["controlnet"])],
+                    image=_required_image(c["image"]),
+                    scale=float(c["conditioning_scale"]),
+                    guidance_start=float(c["guidance_start"]),
+                    guidance_end=float(c["guidance_end"]),
+                )
+                for c in f.get("controls", ())
+            ),
         )
 
 
@@ -136,6 +161,7 @@ def encode_job(job: GenerationJob, who: Who) -> bytes:
             "chunk_size": job.chunk_size,
             "preview_every": job.preview_every,
             **_image_fields(job),
+            **_control_fields(job),
         },
         "loras": [
             {
@@ -171,6 +197,20 @@ def _image_fields(job: GenerationJob) -> dict[str, Any]:
             "inpaint_padding": job.inpaint_padding,
         }
     return out
+
+
+def _control_fields(job: GenerationJob) -> dict[str, Any]:
+    """ControlNets travel by name (a worker has its own paths), control images inline."""
+    if not job.controls:
+        return {}
+    return {"controls": [c.record() | {"image": _image_doc(c.image)} for c in job.controls]}
+
+
+def _required_image(doc: Any) -> InputImage:
+    image = _image_from(doc)
+    if image is None:
+        raise ValueError("a control without its image")
+    return image
 
 
 def _image_doc(image: InputImage) -> dict[str, Any]:

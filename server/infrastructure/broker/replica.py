@@ -28,6 +28,7 @@ from server.domain.models import (
     FALLBACK_DEFAULTS,
     BaseModelConfig,
     BaseModelInfo,
+    ControlNetInfo,
     GenerationDefaults,
     resolve_architecture,
 )
@@ -280,13 +281,24 @@ class ClusterModels:
     read must not make a serving cluster look empty or unavailable."""
 
     def __init__(
-        self, broker: Broker, configured: tuple[BaseModelConfig, ...], ttl: float = 15.0
+        self,
+        broker: Broker,
+        configured: tuple[BaseModelConfig, ...],
+        ttl: float = 15.0,
+        *,
+        controlnets: list[ControlNetInfo] | None = None,
     ) -> None:
         self._broker = broker
         self._configured = configured
+        self._controlnets = list(controlnets or ())
         self._ttl = ttl
         self._adverts: dict[str, tuple[float, list[BaseModelInfo]]] = {}
         self._cache: tuple[float, list[BaseModelInfo]] = (float("-inf"), [])
+
+    def controlnets(self) -> list[ControlNetInfo]:
+        """As this replica's configuration has them: a worker runs a job's ControlNets by
+        name from its own `[[controlnets]]` (the same files, as with LoRA roots)."""
+        return list(self._controlnets)
 
     def statuses(self) -> list[BaseModelInfo]:
         now = time.monotonic()

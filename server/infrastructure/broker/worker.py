@@ -32,7 +32,7 @@ from server.domain.generation_events import (
     Started,
 )
 from server.domain.generation_job import GenerationJob, ResolvedLora
-from server.domain.models import BaseModelInfo
+from server.domain.models import BaseModelInfo, ControlNetInfo
 from server.infrastructure.broker.codec import JobMessage, decode_job, to_record
 from server.infrastructure.broker.port import Broker, Claim, Delivery
 from server.infrastructure.broker.relay import Relay
@@ -49,6 +49,8 @@ BROKER_CHUNK = 256 * 1024
 
 class ModelSource(Protocol):
     def statuses(self) -> list[BaseModelInfo]: ...
+
+    def controlnets(self) -> list[ControlNetInfo]: ...
 
 
 @dataclass
@@ -255,7 +257,11 @@ class BrokerWorker:
                     f"{self.name}'s LoRA roots"
                 )
             loras.append(replace(lora, path=path))
-        return message.job(model.config, tuple(loras), BROKER_CHUNK)
+        ready = {c.config.name: c.config for c in self._models.controlnets() if c.ready}
+        for name in message.controlnet_names:
+            if name not in ready:
+                raise _Refused(f"worker {self.name} has no ready ControlNet {name!r}")
+        return message.job(model.config, tuple(loras), BROKER_CHUNK, ready)
 
     def _earlier_images(self, gid: str) -> dict[int, ImageComplete]:
         """Images an earlier attempt finished: clients may already hold them, so this

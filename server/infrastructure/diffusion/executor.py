@@ -32,6 +32,7 @@ from server.domain.generation_job import GenerationJob
 from server.infrastructure.diffusion import hires, image_inputs
 from server.infrastructure.diffusion.adapters import AdapterLoadError
 from server.infrastructure.diffusion.conditioning import ConditionedGroup
+from server.infrastructure.diffusion.controlnets import ControlNetLoadError
 from server.infrastructure.diffusion.estimates import StepCosts, describe_seconds
 from server.infrastructure.diffusion.families.base import BatchRows, ModelFamily
 from server.infrastructure.diffusion.handles import JobHandle
@@ -294,6 +295,7 @@ class DiffusionExecutor:
         part = [rows[i] for i in group.rows]
         jobs = list(dict.fromkeys(handle for handle, _ in part))
         job = jobs[0].job
+        controls = tuple(c.controlnet.name for c in job.controls)
         later = 0 if job.hires is None else hires.second_steps(job)
         watcher = _StepWatcher(jobs, part, loaded.family, started, job.steps, later)
         call = BatchRows(
@@ -304,14 +306,22 @@ class DiffusionExecutor:
             conditioning=group.kwargs,
             images=[inputs[i].image for i in group.rows if inputs[i].image is not None],
             masks=[inputs[i].mask for i in group.rows if inputs[i].mask is not None],
+            controls=[[inputs[i].controls[c] for i in group.rows] for c in range(len(controls))],
         )
         try:
-            out = loaded.family.denoise(loaded.for_mode(job.mode), call, watcher)
+            out = loaded.family.denoise(loaded.for_mode(job.mode, controls), call, watcher)
             if job.hires is not None:
                 second, upscaled = hires.second_pass(job, out, loaded.pipe)
                 watcher.next_pass()
-                call = replace(call, denoise_pass=second, images=upscaled)
-                out = loaded.family.denoise(loaded.for_mode(second.mode), call, watcher)
+                call = replace(
+                    call,
+                    denoise_pass=second,
+                    images=upscaled,
+                    controls=image_inputs.controls_at(
+                        [rows[i][0].job for i in group.rows], second.width, second.height
+                    ),
+                )
+                out = loaded.family.denoise(loaded.for_mode(second.mode, controls), call, watcher)
         except _Interrupted:
             return None
         first, last = watcher.denoising_span(time.monotonic())
@@ -332,6 +342,10 @@ class DiffusionExecutor:
         except AdapterLoadError as exc:
             for handle in live:
                 handle.publish(Failed(str(exc), Reason.LORA_LOAD_FAILED, exc.sha256))
+        except ControlNetLoadError as exc:
+            log.warning("%s", exc, exc_info=exc.__cause__ is not None)
+            for handle in live:
+                handle.publish(Failed(str(exc), Reason.CONTROLNET_LOAD_FAILED))
         except torch.OutOfMemoryError:
             self._out_of_memory(live, "loading the model")
         except (OSError, ValueError):

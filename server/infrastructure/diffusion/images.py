@@ -10,6 +10,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -98,9 +99,14 @@ class ImageStore:
 
 
 def a1111_parameters(
-    job: GenerationJob, index: int, model_hash: str, default_scheduler: str
+    job: GenerationJob,
+    index: int,
+    model_hash: str,
+    default_scheduler: str,
+    controlnet_hashes: Mapping[str, str] | None = None,
 ) -> str:
-    """The `parameters` text A1111, ComfyUI importers and Civitai read from PNGs."""
+    """The `parameters` text A1111, ComfyUI importers and Civitai read from PNGs (ControlNets
+    as sd-webui-controlnet writes them: no preprocessor, so "Module: none")."""
     lines = [prompt_with_lora_tags(job)]
     if job.negative_prompt:
         lines.append(f"Negative prompt: {job.negative_prompt}")
@@ -130,6 +136,14 @@ def a1111_parameters(
             f"{lora.file_name or lora.name}: {lora.sha256[:12]}" for lora in job.loras
         )
         fields.append(f'Lora hashes: "{hashes}"')
+    for i, control in enumerate(job.controls):
+        name = control.controlnet.name
+        model = f"{name} [{(controlnet_hashes or {}).get(name, '')}]"
+        fields.append(
+            f'ControlNet {i}: "Module: none, Model: {model}, Weight: {control.scale:g}, '
+            f"Resize Mode: Crop and Resize, Guidance Start: {control.guidance_start:g}, "
+            f'Guidance End: {control.guidance_end:g}, Control Mode: Balanced"'
+        )
     fields.append(f"Version: {VERSION}")
     lines.append(", ".join(fields))
     return "\n".join(lines)
@@ -176,6 +190,10 @@ def manifest(job: GenerationJob, index: int, loaded: LoadedPipeline) -> dict[str
         ],
         "mode": job.mode,
         **{k: v for k, v in job.spec().items() if k in IMAGE_FIELDS},
+        "controls": [
+            c.record() | {"hash": loaded.controlnet_hashes.get(c.controlnet.name, "")}
+            for c in job.controls
+        ],
         "versions": {
             "loracle": VERSION,
             "diffusers": diffusers.__version__,
@@ -188,7 +206,9 @@ def encode_image(image: Any, job: GenerationJob, index: int, loaded: LoadedPipel
     from PIL.PngImagePlugin import PngInfo
 
     buffer = io.BytesIO()
-    parameters = a1111_parameters(job, index, loaded.model_hash, loaded.default_scheduler)
+    parameters = a1111_parameters(
+        job, index, loaded.model_hash, loaded.default_scheduler, loaded.controlnet_hashes
+    )
     document = json.dumps(manifest(job, index, loaded), sort_keys=True, default=str)
     if job.output_format == "png":
         info = PngInfo()

@@ -4,15 +4,18 @@ batching policy (server.domain.batching)."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 
-from server.domain.batching import Batch, batch_key
+from server.domain.batching import Batch, batch_key, why_apart
 from server.domain.errors import Reason, ResourceExhaustedError, UnavailableError
 from server.domain.generation_events import Cancelled, Queued
 from server.infrastructure.diffusion.handles import JobHandle
+
+log = logging.getLogger("loracle.executor")
 
 
 class JobQueue:
@@ -104,8 +107,15 @@ class JobQueue:
             deadline = time.monotonic() + self._batch_wait
             while not batch.full and not self._closed:
                 for waiting in list(self._waiting):
-                    if batch.offer(waiting, batch_key(waiting.job), waiting.job.num_images):
+                    key = batch_key(waiting.job)
+                    if batch.offer(waiting, key, waiting.job.num_images):
                         self._waiting.remove(waiting)
+                    elif batch.key is not None and key != batch.key:
+                        log.debug(
+                            "generation %s waits for a later batch: it differs in %s",
+                            waiting.job.generation_id,
+                            ", ".join(why_apart(batch.key, key)),
+                        )
                 remaining = deadline - time.monotonic()
                 if batch.full or remaining <= 0:
                     break

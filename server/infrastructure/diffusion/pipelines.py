@@ -18,12 +18,15 @@ from server.domain.generation_job import GenerationJob, ResolvedLora
 from server.domain.models import BaseModelConfig
 from server.domain.schedulers import SCHEDULERS
 from server.infrastructure.diffusion.adapters import AdapterCache, AdapterLoadError, AdapterSpec
+from server.infrastructure.diffusion.controlnets import controlnet_hash, load_controlnet
 from server.infrastructure.diffusion.families import ModelFamily, family_for
 from server.infrastructure.lora_files import update_digest
 
 log = logging.getLogger("loracle.executor")
 
 GIB = 1024**3
+# Pipelines made from a loaded one (they share its modules; each costs only its wrapper).
+MAX_VARIANTS = 16
 
 # (model, device, dtype) -> a diffusers pipeline; registry.load_pipeline by default.
 Loader = Callable[[BaseModelConfig, str, str], Any]
@@ -48,21 +51,38 @@ class LoadedPipeline:
     scheduler_config: Any
     default_scheduler: str
     schedulers: dict[str, Any] = field(default_factory=dict)
-    # The img2img and inpainting pipelines, built from `pipe`'s components on first use.
-    variants: dict[str, Any] = field(default_factory=dict)
+    # The img2img, inpainting and ControlNet pipelines, built from `pipe`'s components on
+    # first use, by mode and ControlNet names; the most recently used last.
+    variants: OrderedDict[tuple[str, tuple[str, ...]], Any] = field(default_factory=OrderedDict)
+    # The ControlNets loaded for this model (in its device and dtype), by name.
+    controlnets: dict[str, Any] = field(default_factory=dict)
+    controlnet_hashes: dict[str, str] = field(default_factory=dict)
 
-    def for_mode(self, mode: str) -> Any:
-        """The pipeline running `mode` (domain.generation_job.Mode) with the scheduler
-        `prepare` set: made once from the loaded components (`from_pipe` shares every
-        module, so no weights are copied and the fused LoRAs apply to it too)."""
-        pipeline_class = self.family.pipeline_for_mode(mode)
+    def for_mode(self, mode: str, controls: tuple[str, ...] = ()) -> Any:
+        """The pipeline running `mode` (domain.generation_job.Mode) with the ControlNets
+        named by `controls` (loaded by `PipelineCache.prepare`) and the scheduler `prepare`
+        set: made once from the loaded components (`from_pipe` shares every module, so no
+        weights are copied and the fused LoRAs apply to it too)."""
+        pipeline_class = self.family.pipeline_for_mode(mode, bool(controls))
         if pipeline_class is None:
             return self.pipe
-        variant = self.variants.get(mode)
+        key = (mode, controls)
+        variant = self.variants.get(key)
         if variant is None:
-            variant = pipeline_class.from_pipe(self.pipe)
+            extra: dict[str, Any] = {}
+            if controls:
+                from diffusers.models.controlnets import MultiControlNetModel
+
+                models = [self.controlnets[name] for name in controls]
+                extra["controlnet"] = (
+                    models[0] if len(models) == 1 else MultiControlNetModel(models)
+                )
+            variant = pipeline_class.from_pipe(self.pipe, **extra)
             variant.set_progress_bar_config(disable=True)
-            self.variants[mode] = variant
+            self.variants[key] = variant
+            while len(self.variants) > MAX_VARIANTS:
+                self.variants.popitem(last=False)
+        self.variants.move_to_end(key)
         variant.scheduler = self.pipe.scheduler
         return variant
 
@@ -101,6 +121,7 @@ class PipelineCache:
         self._pipelines: OrderedDict[str, LoadedPipeline] = OrderedDict()
         self._verified: set[str] = set()
         self._model_hashes: dict[tuple[Path, float], str] = {}
+        self._controlnet_hashes: dict[tuple[Path, float], str] = {}
 
     def names(self) -> list[str]:
         """Resident models, least recently used first."""
@@ -112,10 +133,23 @@ class PipelineCache:
         set. Raises AdapterLoadError for a LoRA that cannot be applied, OSError or ValueError
         for a model that cannot be loaded, and torch's OutOfMemoryError."""
         loaded = self.get(job.model)
+        self._load_controlnets(loaded, job)
         self.verify_loras(job.loras)
         loaded.adapters.apply([AdapterSpec(x.sha256, x.path, x.weight, x.name) for x in job.loras])
         loaded.pipe.scheduler = loaded.scheduler(job.scheduler)
         return loaded
+
+    def _load_controlnets(self, loaded: LoadedPipeline, job: GenerationJob) -> None:
+        """The job's ControlNets, loaded once per model (they run in its device and dtype)
+        and counted in its size against the device budget. Raises ControlNetLoadError."""
+        for control in job.controls:
+            config = control.controlnet
+            if config.name in loaded.controlnets:
+                continue
+            model = load_controlnet(config, loaded.pipe.unet)
+            loaded.controlnets[config.name] = model
+            loaded.controlnet_hashes[config.name] = controlnet_hash(config, self._controlnet_hashes)
+            loaded.size_bytes += sum(p.numel() * p.element_size() for p in model.parameters())
 
     def get(self, model: BaseModelConfig) -> LoadedPipeline:
         """The model's pipeline, loaded (after unloading the least recently used ones while

@@ -152,3 +152,24 @@ def build_tiny_sdxl(folder: Path, *, seed: int = 0) -> Path:
     )
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def build_tiny_controlnet(folder: Path, base: Path, *, seed: int = 0) -> Path:
+    """A random-weight ControlNet for the tiny model in `base` (SD1 or SDXL), in diffusers'
+    layout. Built from the base UNet as diffusers does for training, but with its zero
+    convolutions randomised too: a fresh ControlNet adds nothing, and tests must see it steer.
+    The control encoder downsamples as often as the tiny VAE (2x), so latents line up."""
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(base / "unet")
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
+    with torch.no_grad():
+        zero_convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]
+        for conv in zero_convs:
+            conv.weight.normal_(0.0, 0.5)
+            conv.bias.normal_(0.0, 0.1)
+        controlnet.controlnet_cond_embedding.conv_out.weight.normal_(0.0, 0.2)
+    controlnet.save_pretrained(folder, safe_serialization=True)
+    return folder

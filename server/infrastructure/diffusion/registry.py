@@ -16,8 +16,11 @@ from server.domain.models import (
     Architecture,
     BaseModelConfig,
     BaseModelInfo,
+    ControlNetConfig,
+    ControlNetInfo,
     GenerationDefaults,
 )
+from server.infrastructure.diffusion.controlnets import inspect_controlnet
 from server.infrastructure.diffusion.families import ModelFamily, family_for
 
 log = logging.getLogger("loracle.models")
@@ -119,10 +122,22 @@ def _missing_parts(
 
 
 class ModelRegistry:
-    """Holds the configured models and their status. When no model is configured, an
-    embedded tiny SD1.5 placeholder is built in the background on first start."""
+    """Holds the configured models and ControlNets and their status. When no model is
+    configured, an embedded tiny SD1.5 placeholder is built in the background on first start."""
 
-    def __init__(self, configs: tuple[BaseModelConfig, ...], *, data_dir: Path) -> None:
+    def __init__(
+        self,
+        configs: tuple[BaseModelConfig, ...],
+        *,
+        data_dir: Path,
+        controlnets: tuple[ControlNetConfig, ...] = (),
+    ) -> None:
+        self._controlnets = [inspect_controlnet(c) for c in controlnets]
+        for controlnet in self._controlnets:
+            if controlnet.error:
+                log.error(
+                    "ControlNet %s is not usable: %s", controlnet.config.name, controlnet.error
+                )
         self._lock = threading.Lock()
         self._configs = [_with_family_fields(c) for c in configs]
         self._status: dict[str, BaseModelInfo] = {}
@@ -157,6 +172,9 @@ class ModelRegistry:
     def statuses(self) -> list[BaseModelInfo]:
         with self._lock:
             return [self._status[c.name] for c in self._configs]
+
+    def controlnets(self) -> list[ControlNetInfo]:
+        return list(self._controlnets)
 
     def _build(self, pending: list[BaseModelConfig]) -> None:
         from server.infrastructure.diffusion.placeholder import build_tiny_sd15

@@ -75,6 +75,8 @@ class BatchRows:
     conditioning: dict[str, Any] = field(default_factory=dict)
     images: list[Any] | Any = field(default_factory=list)  # a latent tensor, for hires
     masks: list[Any] = field(default_factory=list)
+    # Per ControlNet of the job, each row's control image at the call's size.
+    controls: list[list[Any]] = field(default_factory=list)
     # The call to make (None: the job's own, DenoisePass.first).
     denoise_pass: DenoisePass | None = None
 
@@ -111,6 +113,9 @@ class ModelFamily(ABC):
     # The diffusers pipeline class of each mode beyond text to image (Mode values), built
     # from the loaded pipeline's components.
     mode_pipelines: ClassVar[dict[str, str]] = {}
+    # The diffusers pipeline class of each mode (text to image too) with ControlNets; none:
+    # the family takes no ControlNet.
+    controlnet_pipelines: ClassVar[dict[str, str]] = {}
 
     @abstractmethod
     def checkpoint_parts(self, architecture: Architecture) -> tuple[CheckpointPart, ...]:
@@ -124,10 +129,11 @@ class ModelFamily(ABC):
     def pipeline_class(self) -> Any:
         """The diffusers pipeline class a single-file checkpoint is loaded as."""
 
-    def pipeline_for_mode(self, mode: str) -> Any | None:
-        """The diffusers pipeline class running `mode` from the loaded text-to-image
-        pipeline's components (`from_pipe`); None for that pipeline itself."""
-        name = self.mode_pipelines.get(mode)
+    def pipeline_for_mode(self, mode: str, controlled: bool = False) -> Any | None:
+        """The diffusers pipeline class running `mode` (with ControlNets when `controlled`)
+        from the loaded text-to-image pipeline's components (`from_pipe`); None for that
+        pipeline itself."""
+        name = (self.controlnet_pipelines if controlled else self.mode_pipelines).get(mode)
         if name is None:
             return None
         import diffusers
@@ -178,12 +184,13 @@ def prompt_arguments(rows: BatchRows) -> dict[str, Any]:
     return {"prompt": rows.prompts, "negative_prompt": negative}
 
 
-def image_arguments(rows: BatchRows) -> dict[str, Any]:
+def image_arguments(rows: BatchRows, *, controls_row_first: bool = False) -> dict[str, Any]:
     """What each mode adds to the call: the size (text to image, inpainting), the images
     and the strength (img2img), the masks too (inpainting); latents out for a hires fix's
     first pass."""
     call = rows.call
     out: dict[str, Any] = {"output_type": call.output_type}
+    out |= control_arguments(rows, row_first=controls_row_first)
     if call.mode == Mode.TEXT_TO_IMAGE:
         return out | {
             "width": call.width,
@@ -196,16 +203,44 @@ def image_arguments(rows: BatchRows) -> dict[str, Any]:
     out |= {"image": rows.images, "strength": call.strength, "num_inference_steps": steps}
     if call.mode == Mode.INPAINT:
         out |= {"mask_image": rows.masks, "width": call.width, "height": call.height}
+    elif rows.controls:
+        out |= {"width": call.width, "height": call.height}
     return out
 
 
-def text_to_image(pipe: Any, rows: BatchRows, on_step: StepCallback) -> Sequence[Any]:
+def control_arguments(rows: BatchRows, *, row_first: bool = False) -> dict[str, Any]:
+    """diffusers' ControlNet arguments: the control images are `image` in text to image and
+    `control_image` beside the init image; one ControlNet takes a list of rows, several a
+    list (per ControlNet) of lists, or (`row_first`) a list per row of one image per
+    ControlNet."""
+    controls = rows.job.controls
+    if not controls:
+        return {}
+    images: Any = rows.controls[0] if len(controls) == 1 else rows.controls
+    if row_first and len(controls) > 1:
+        images = [list(row) for row in zip(*rows.controls, strict=True)]
+    key = "image" if rows.call.mode == Mode.TEXT_TO_IMAGE else "control_image"
+
+    def each(values: list[float]) -> Any:
+        return values[0] if len(values) == 1 else values
+
+    return {
+        key: images,
+        "controlnet_conditioning_scale": each([c.scale for c in controls]),
+        "control_guidance_start": each([c.guidance_start for c in controls]),
+        "control_guidance_end": each([c.guidance_end for c in controls]),
+    }
+
+
+def text_to_image(
+    pipe: Any, rows: BatchRows, on_step: StepCallback, *, controls_row_first: bool = False
+) -> Sequence[Any]:
     """The call diffusers' Stable Diffusion pipelines share, for every mode (`pipe` is the
     mode's pipeline: LoadedPipeline.for_mode)."""
     job = rows.job
     result = pipe(
         **prompt_arguments(rows),
-        **image_arguments(rows),
+        **image_arguments(rows, controls_row_first=controls_row_first),
         guidance_scale=job.guidance_scale,
         num_images_per_prompt=1,
         generator=rows.generators,

@@ -33,6 +33,11 @@ class StableDiffusion(ModelFamily):
         Mode.IMAGE_TO_IMAGE: "StableDiffusionImg2ImgPipeline",
         Mode.INPAINT: "StableDiffusionInpaintPipeline",
     }
+    controlnet_pipelines = {
+        Mode.TEXT_TO_IMAGE: "StableDiffusionControlNetPipeline",
+        Mode.IMAGE_TO_IMAGE: "StableDiffusionControlNetImg2ImgPipeline",
+        Mode.INPAINT: "StableDiffusionControlNetInpaintPipeline",
+    }
     text_encoders = (TextEncoder("tokenizer", "text_encoder"),)
     # Least-squares fit of latent -> RGB published with A1111/ComfyUI (SD2 uses it too).
     preview_factors = (
@@ -57,4 +62,7 @@ class StableDiffusion(ModelFamily):
         return StableDiffusionPipeline
 
     def denoise(self, pipe: Any, rows: BatchRows, on_step: StepCallback) -> Sequence[Any]:
-        return text_to_image(pipe, rows, on_step)
+        # Alone among diffusers' ControlNet pipelines, text to image's takes several
+        # ControlNets' images row by row (it transposes nested lists; diffusers 0.42).
+        row_first = rows.call.mode == Mode.TEXT_TO_IMAGE
+        return text_to_image(pipe, rows, on_step, controls_row_first=row_first)

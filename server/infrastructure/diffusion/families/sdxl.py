@@ -41,6 +41,11 @@ class StableDiffusionXL(ModelFamily):
         Mode.IMAGE_TO_IMAGE: "StableDiffusionXLImg2ImgPipeline",
         Mode.INPAINT: "StableDiffusionXLInpaintPipeline",
     }
+    controlnet_pipelines = {
+        Mode.TEXT_TO_IMAGE: "StableDiffusionXLControlNetPipeline",
+        Mode.IMAGE_TO_IMAGE: "StableDiffusionXLControlNetImg2ImgPipeline",
+        Mode.INPAINT: "StableDiffusionXLControlNetInpaintPipeline",
+    }
     text_encoders = (
         TextEncoder("tokenizer", "text_encoder", penultimate=True),
         TextEncoder("tokenizer_2", "text_encoder_2", penultimate=True, pooled=True),

@@ -1,0 +1,139 @@
+"""Configured ControlNets: checked at start-up without loading weights (like base models,
+registry.py), loaded on first use in the device and dtype of the model they steer, and kept
+with that model's pipeline (pipelines.LoadedPipeline)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+from server.domain.models import Architecture, ControlNetConfig, ControlNetInfo
+from server.infrastructure.lora_files import update_digest
+
+CONFIG = "config.json"
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+# Keys a single file holds in diffusers' layout, and in the original (lllyasviel) one.
+DIFFUSERS_KEY = "controlnet_cond_embedding."
+ORIGINAL_KEYS = ("control_model.input_hint_block.", "input_hint_block.")
+NEEDS_CONFIG_DIR = (
+    "a single-file ControlNet needs config_dir: a local folder holding its config.json "
+    "(no hub access)"
+)
+
+
+class ControlNetLoadError(Exception):
+    """A ControlNet that cannot steer the model it was asked for (its job fails)."""
+
+
+def inspect_controlnet(config: ControlNetConfig) -> ControlNetInfo:
+    """Its status: ready, or why not (files missing, not a ControlNet, another architecture)."""
+    error = _inspect(config)
+    return ControlNetInfo(config, not error, error)
+
+
+def _inspect(config: ControlNetConfig) -> str:
+    path = config.path
+    if not path.exists():
+        return f"{path} does not exist"
+    if path.is_file():
+        error = _inspect_file(path)
+        if error:
+            return error
+        if config.config_dir is None:
+            return NEEDS_CONFIG_DIR
+        folder = config.config_dir
+    else:
+        folder = path
+        if not (path / WEIGHTS).is_file():
+            return f"{path} has no {WEIGHTS} (only safetensors are loaded: pickle can run code)"
+    return _inspect_config(folder, config.architecture)
+
+
+def _inspect_file(path: Path) -> str:
+    if path.suffix.lower() != ".safetensors":
+        return f"{path}: only .safetensors ControlNets are accepted (pickle can run code)"
+    try:
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"{path}: truncated"
+            (length,) = struct.unpack("<Q", head)
+            if length == 0 or length > MAX_HEADER_BYTES:
+                return f"{path}: not a safetensors file (header length {length})"
+            header: dict[str, Any] = json.loads(f.read(length))
+    except (OSError, ValueError) as exc:
+        return f"{path}: unreadable safetensors header ({exc.__class__.__name__})"
+    if not any(key.startswith((DIFFUSERS_KEY, *ORIGINAL_KEYS)) for key in header):
+        return f"{path} is not a ControlNet: it has no control-image encoder ({DIFFUSERS_KEY}*)"
+    return ""
+
+
+def _inspect_config(folder: Path, architecture: Architecture) -> str:
+    """diffusers' config tells an SDXL ControlNet (its UNet half has SDXL's added text and
+    time embedding) from an SD1/SD2 one; the text encoder's width (768 or 1024) is checked
+    against the model's when it is loaded."""
+    try:
+        config = json.loads((folder / CONFIG).read_text())
+    except (OSError, ValueError) as exc:
+        return f"{folder / CONFIG}: not a diffusers ControlNet config ({exc.__class__.__name__})"
+    kind = config.get("_class_name", "") if isinstance(config, dict) else ""
+    if kind != "ControlNetModel":
+        return f"{folder / CONFIG} describes a {kind or 'unknown model'}, not a ControlNetModel"
+    xl = config.get("addition_embed_type") == "text_time"
+    if xl != (architecture is Architecture.SDXL):
+        found = "an SDXL" if xl else "an SD1/SD2"
+        return f"{folder / CONFIG} describes {found} ControlNet, not {architecture.value}"
+    return ""
+
+
+def load_controlnet(config: ControlNetConfig, unet: Any) -> Any:
+    """The ControlNet in `unet`'s device and dtype. Raises ControlNetLoadError when its
+    files do not load or it does not fit the UNet (a text encoder of another width)."""
+    from diffusers import ControlNetModel
+
+    try:
+        if config.path.is_file():
+            model = ControlNetModel.from_single_file(
+                str(config.path),
+                config=str(config.config_dir),
+                local_files_only=True,
+                torch_dtype=unet.dtype,
+            )
+        else:
+            model = ControlNetModel.from_pretrained(
+                str(config.path),
+                local_files_only=True,
+                use_safetensors=True,
+                torch_dtype=unet.dtype,
+            )
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise ControlNetLoadError(
+            f"ControlNet {config.name!r} could not be loaded ({exc.__class__.__name__}); "
+            "see the server's log"
+        ) from exc
+    width, expected = model.config.cross_attention_dim, unet.config.cross_attention_dim
+    if width != expected:
+        raise ControlNetLoadError(
+            f"ControlNet {config.name!r} takes a {width}-wide text embedding, the model "
+            f"gives {expected}: it was trained for another base model"
+        )
+    model.to(unet.device)
+    model.requires_grad_(False)
+    return model
+
+
+def controlnet_hash(config: ControlNetConfig, known: dict[tuple[Path, float], str]) -> str:
+    """The short hash sd-webui-controlnet writes after a ControlNet's name (SHA-256 of its
+    weights, 8 hex); cached while the file is unchanged."""
+    path = config.path if config.path.is_file() else config.path / WEIGHTS
+    key = (path, path.stat().st_mtime)
+    if key not in known:
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            update_digest(digest, f)
+        known[key] = digest.hexdigest()[:8]
+    return known[key]
