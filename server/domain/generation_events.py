@@ -101,6 +101,7 @@ FAILURE_REASONS = frozenset(
         Reason.OUT_OF_DEVICE_MEMORY,
         Reason.LORA_LOAD_FAILED,
         Reason.MODEL_LOAD_FAILED,
+        Reason.CONTROLNET_LOAD_FAILED,
         Reason.SERVER_SHUTTING_DOWN,
         Reason.WORKER_LOST,
         Reason.WORKER_REFUSED,
@@ -124,7 +125,12 @@ class Failed:
                 return ResourceExhaustedError(self.error, 5.0, reason=reason)
             case Reason.SERVER_SHUTTING_DOWN | Reason.WORKER_LOST:
                 return UnavailableError(self.error, retry_after_seconds=5.0, reason=reason)
-            case Reason.LORA_LOAD_FAILED | Reason.MODEL_LOAD_FAILED | Reason.WORKER_REFUSED:
+            case (
+                Reason.LORA_LOAD_FAILED
+                | Reason.MODEL_LOAD_FAILED
+                | Reason.CONTROLNET_LOAD_FAILED
+                | Reason.WORKER_REFUSED
+            ):
                 return PreconditionError(self.error, reason=reason, metadata=metadata)
         return GenerationFailedError(self.error)
 

@@ -86,3 +86,26 @@ def test_a_hires_fix_travels_in_the_job_message() -> None:
         hires=HiresFix(scale=2.0, steps=5, denoising_strength=0.45, upscaler="Lanczos"),
     )
     assert decode_job(encode_job(job, Who("alice"))).job(job.model, (), job.chunk_size) == job
+
+
+def test_controls_travel_by_controlnet_name_with_their_images() -> None:
+    from pathlib import Path
+
+    from server.domain.generation_job import ControlInput
+    from server.domain.models import Architecture, ControlNetConfig
+
+    here = ControlNetConfig("canny", Architecture.SD1, Path("/replica/canny"))
+    there = ControlNetConfig("canny", Architecture.SD1, Path("/worker/cn/canny"))
+    control = ControlInput(
+        controlnet=here,
+        image=image(b"edges"),
+        scale=0.7,
+        guidance_start=0.1,
+        guidance_end=0.9,
+    )
+    job = replace(inpainting_job(), controls=(control, replace(control, scale=1.2)))
+    message = decode_job(encode_job(job, Who("alice")))
+    assert message.controlnet_names == ["canny", "canny"]
+    again = message.job(job.model, (), job.chunk_size, {"canny": there})
+    # The worker's own ControlNet config (its paths), everything else as sent.
+    assert again == replace(job, controls=tuple(replace(c, controlnet=there) for c in job.controls))

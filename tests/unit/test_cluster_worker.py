@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from server.application.context import DispatchContext, use_context
-from server.domain.errors import ResourceExhaustedError
+from server.domain.errors import Reason, ResourceExhaustedError
 from server.domain.generation_events import (
     Cancelled,
     Completed,
@@ -27,8 +27,14 @@ from server.domain.generation_events import (
     Started,
     image_chunks,
 )
-from server.domain.generation_job import GenerationJob
-from server.domain.models import Architecture, BaseModelConfig, BaseModelInfo, ControlNetInfo
+from server.domain.generation_job import ControlInput, GenerationJob, InputImage
+from server.domain.models import (
+    Architecture,
+    BaseModelConfig,
+    BaseModelInfo,
+    ControlNetConfig,
+    ControlNetInfo,
+)
 from server.infrastructure.broker.codec import (
     Who,
     decode_job,
@@ -343,6 +349,24 @@ def test_a_job_that_used_up_its_attempts_fails_without_running(cluster: Cluster)
     assert cluster.loads == []
     assert cluster.pipeline.calls == []
     assert cluster.client_view(gid)[-1] == to_payload(failed)
+
+
+def test_a_job_naming_a_controlnet_the_worker_lacks_is_refused(cluster: Cluster) -> None:
+    control = ControlInput(
+        controlnet=ControlNetConfig("canny", Architecture.SD1, Path("/replica/canny")),
+        image=InputImage(data=b"png", sha256="s", width=8, height=8),
+        scale=1.0,
+        guidance_start=0.0,
+        guidance_end=1.0,
+    )
+    gid = cluster.submit(controls=(control,))
+    cluster.start()
+    cluster.settled(gid)
+    assert cluster.kinds(gid) == ["queued", "failed"]
+    [failed] = cluster.broker.state_records(gid)
+    assert failed.meta["reason"] == Reason.WORKER_REFUSED
+    assert str(failed.meta["error"]) == "worker worker-1 has no ready ControlNet 'canny'"
+    assert cluster.pipeline.calls == []
 
 
 def test_a_cancel_signal_stops_a_running_job(cluster: Cluster) -> None:
