@@ -3,6 +3,7 @@ grpcurl against a fresh server, each succeed and print what the page says they p
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from server.devtools.local_server import start_server
+from server.infrastructure.diffusion.placeholder import build_tiny_controlnet, build_tiny_sd15
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "grpcurl.md"
@@ -76,7 +78,13 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     if shutil.which("jq") is None:
         pytest.skip("docs/grpcurl.md needs jq, which is not installed")
     workdir = tmp_path_factory.mktemp("grpcurl-doc")
-    server = start_server(workdir / "data")  # fresh: no LoRA files, no model built yet
+    # Fresh: no LoRA files, no model built yet; one ControlNet for the embedded tiny SD1.5
+    # (built from the same tiny UNet, so it fits the model the server builds).
+    base = build_tiny_sd15(workdir / "controlnet-base")
+    canny = build_tiny_controlnet(workdir / "canny", base)
+    config = workdir / "loracle.toml"
+    config.write_text(f'[[controlnets]]\nname = "canny"\narchitecture = "SD1"\npath = "{canny}"\n')
+    server = start_server(workdir / "data", "--config", str(config))
     tools = workdir / "bin"
     tools.mkdir()
     (tools / "grpcurl").symlink_to(grpcurl)
@@ -168,7 +176,7 @@ def test_recommendations(run: Run) -> None:
 
 
 def test_generation(run: Run) -> None:
-    models = lines(run.block("ListBaseModels"))
+    models = lines(run.block("all(.ready)"))
     assert json.loads(models[-1]) == {"name": "tiny-sd15", "ready": True, "isPlaceholder": True}
     out = lines(run.block("sha256sum -c"))
     assert out[-1] == "lighthouse.png: OK"  # the chunks joined hash to imageComplete.sha256
@@ -176,7 +184,7 @@ def test_generation(run: Run) -> None:
     assert len(chunks) > 1
     assert chunks[-1]["last"] is True
     assert (run.workdir / "lighthouse.png").read_bytes().startswith(b"\x89PNG")
-    *watched, resumed_1, resumed_2, record = lines(run.block("WatchGeneration"))
+    *watched, resumed_1, resumed_2, record = lines(run.block("after_sequence"))
     assert "completed" in json.loads(watched[-1])
     assert json.loads(resumed_1) == ["generationId", "imageComplete", "sequence"]  # after 5
     assert json.loads(resumed_2) == ["completed", "generationId", "sequence"]
@@ -202,6 +210,31 @@ def test_img2img_and_inpainting(run: Run) -> None:
     record, digest = lines(run.block("mask.png"))
     spec = json.loads(record)
     assert spec == {"initImage": {"sha256": digest}, "strength": 0.75, "maskBlur": 2}
+
+
+def test_controlnet(run: Run) -> None:
+    listed, *events, spec = lines(run.block("controls:"))
+    assert json.loads(listed) == {
+        "name": "canny",
+        "architecture": "ARCHITECTURE_SD1",
+        "ready": True,
+    }
+    assert [json.loads(e) for e in events] == [
+        {"progress": {"step": 1, "totalSteps": 2}},
+        {"progress": {"step": 2, "totalSteps": 2}},
+        {"imageComplete": {"mimeType": "image/png", "seed": "12"}},
+    ]
+    digest = hashlib.sha256((run.workdir / "edges.png").read_bytes()).hexdigest()
+    assert json.loads(spec) == {
+        "controls": [
+            {
+                "controlnet": "canny",
+                "image": {"sha256": digest},
+                "conditioningScale": 0.8,
+                "guidanceEnd": 1,
+            }
+        ]
+    }
 
 
 def test_hires_fix(run: Run) -> None:
