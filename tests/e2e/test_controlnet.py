@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from client import LoracleClient
+from client import FailedPrecondition, LoracleClient
 from client.cli import main
 from loracle.v1 import types_pb2
 from server.devtools.local_server import RunningServer, start_server, wait_for_models
@@ -85,8 +85,7 @@ def test_a_controlnet_of_another_architecture_is_refused_with_error_info(
     spec = types_pb2.GenerationSpec(prompt="a house", model="xl", steps=2)
     control = spec.controls.add(controlnet="canny")
     control.image.data = edges.read_bytes()
-    with LoracleClient(server.address) as client, pytest.raises(Exception) as raised:
+    with LoracleClient(server.address) as client, pytest.raises(FailedPrecondition) as raised:
         list(client.generate_image(spec))
-    error = raised.value
-    assert getattr(error, "code", None) == grpc.StatusCode.FAILED_PRECONDITION
-    assert getattr(error, "reason", None) == "CONTROLNET_ARCHITECTURE_MISMATCH"
+    assert raised.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert raised.value.reason == "CONTROLNET_ARCHITECTURE_MISMATCH"
