@@ -38,6 +38,8 @@ loras = sa.Table(
     sa.Column("id", sa.String(36), primary_key=True),
     sa.Column("name_key", sa.String(512), nullable=False),
     sa.Column("architecture", sa.String(16), nullable=False),
+    # LORA or EMBEDDING (domain.models.LoraKind).
+    sa.Column("kind", sa.String(16), nullable=False),
     sa.Column("available", sa.Boolean, nullable=False),
     sa.Column("source", sa.String(16), nullable=False),
     sa.Column("source_id", sa.String(256), nullable=False),
@@ -48,6 +50,7 @@ loras = sa.Table(
     sa.Column("view_json", sa.Text, nullable=False),
     sa.Index("rm_loras_order", "name_key", "id"),
     sa.Index("rm_loras_arch", "architecture", "name_key", "id"),
+    sa.Index("rm_loras_kind", "kind", "name_key", "id"),
     sa.Index("rm_loras_sha", "sha256"),
     sa.Index("rm_loras_path", "file_path"),
     sa.Index("rm_loras_file_name", "file_name_key"),
@@ -121,7 +124,7 @@ schema = sa.Table(
 TRACKING_NAME = "catalog"
 # Bump when an rm_* table changes: a database at another version has its read models dropped
 # and rebuilt from the event log (they are projections; there is nothing to migrate).
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: rm_loras.kind
 SCHEMA_NAME = "read_model"
 
 
@@ -345,9 +348,13 @@ class SqlReadModel:
 
     def list_loras(self, flt: LoraFilter, page_size: int, page_token: str = "") -> Page[LoraView]:
         filter_key = f"{flt.architecture}|{flt.tag.casefold()}|{flt.available_only}"
+        if flt.kind is not None:  # (the key of a listing of every kind is unchanged)
+            filter_key += f"|{flt.kind}"
         where = []
         if flt.architecture is not None:
             where.append(loras.c.architecture == flt.architecture.value)
+        if flt.kind is not None:
+            where.append(loras.c.kind == flt.kind.value)
         if flt.available_only:
             where.append(loras.c.available.is_(True))
         if flt.tag:
@@ -586,6 +593,7 @@ def _lora_row(v: LoraView) -> dict[str, Any]:
         "id": v.id,
         "name_key": v.metadata.name.casefold(),
         "architecture": v.metadata.base_model.architecture.value,
+        "kind": v.metadata.kind.value,
         "available": v.available,
         "source": v.source.value,
         "source_id": v.source_id,
