@@ -17,11 +17,13 @@ from server.domain.errors import UnavailableError
 from server.domain.generation import GenerationState, GenerationView, ImageRecord
 from server.domain.lora import file_from_dict, file_to_dict, metadata_from_dict, metadata_to_dict
 from server.domain.models import (
+    Architecture,
     AuditEntry,
     EventFilter,
     FileEntry,
     HistoryEntry,
     LoraFilter,
+    LoraKind,
     LoraSource,
     LoraView,
     Page,
@@ -331,6 +333,23 @@ class SqlReadModel:
     def find_by_name(self, name: str) -> list[LoraView]:
         """LoRAs whose display name (the one `loras list` shows) is `name`, case aside."""
         return self._find(loras.c.name_key, name)
+
+    def embeddings(self, architecture: Architecture) -> list[LoraView]:
+        """The available textual-inversion embeddings of `architecture` (a prompt may name
+        any of them)."""
+        with self._connect() as conn:
+            rows = (
+                conn.execute(
+                    sa.select(loras.c.view_json)
+                    .where(loras.c.kind == LoraKind.EMBEDDING.value)
+                    .where(loras.c.architecture == architecture.value)
+                    .where(loras.c.available.is_(True))
+                    .order_by(loras.c.id)
+                )
+                .scalars()
+                .all()
+            )
+        return [view_from_json(t) for t in rows]
 
     def _find(self, key: sa.Column[str], value: str) -> list[LoraView]:
         """LoRAs whose case-folded `key` column equals `value`, those with a file first."""
