@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import grpc
 from google.protobuf import field_mask_pb2, timestamp_pb2
@@ -361,6 +361,15 @@ def get_lora(lora_id: str, consistency_token: str) -> query_service_pb2.GetLoraR
     return query_service_pb2.GetLoraRequest(id=lora_id, consistency_token=consistency_token)
 
 
+# `kind` of list_loras: LoRAs, textual-inversion embeddings, or "" for both.
+LoraKindName = Literal["", "lora", "embedding"]
+LORA_KINDS: Final[dict[str, types_pb2.LoraKind.ValueType]] = {
+    "": types_pb2.LORA_KIND_UNSPECIFIED,
+    "lora": types_pb2.LORA_KIND_LORA,
+    "embedding": types_pb2.LORA_KIND_EMBEDDING,
+}
+
+
 def list_loras(
     *,
     base_model: str,
@@ -369,7 +378,10 @@ def list_loras(
     page_size: int,
     page_token: str,
     consistency_token: str,
+    kind: LoraKindName = "",
 ) -> query_service_pb2.ListLorasRequest:
+    if kind not in LORA_KINDS:
+        raise ValueError(f"kind must be one of {sorted(LORA_KINDS)}, not {kind!r}")
     return query_service_pb2.ListLorasRequest(
         base_model=base_model,
         tag=tag,
@@ -377,6 +389,7 @@ def list_loras(
         page_size=page_size,
         page_token=page_token,
         consistency_token=consistency_token,
+        kind=LORA_KINDS[kind],
     )
 
 

@@ -258,7 +258,9 @@ class AsyncLoracleClient:
         page_size: int = 50,
         page_token: str = "",
         consistency_token: str = "",
+        kind: rq.LoraKindName = "",
     ) -> query_service_pb2.ListLorasResponse:
+        """`kind`: "lora" or "embedding" (textual inversion); "" lists both."""
         request = rq.list_loras(
             base_model=base_model,
             tag=tag,
@@ -266,6 +268,7 @@ class AsyncLoracleClient:
             page_size=page_size,
             page_token=page_token,
             consistency_token=consistency_token,
+            kind=kind,
         )
         return await self._unary(self._queries.ListLoras, request)
 
@@ -278,6 +281,7 @@ class AsyncLoracleClient:
         page_size: int = 200,
         page_token: str = "",
         consistency_token: str = "",
+        kind: rq.LoraKindName = "",
     ) -> AsyncIterator[types_pb2.Lora]:
         token: str | None = page_token
         while token is not None:
@@ -288,6 +292,7 @@ class AsyncLoracleClient:
                 page_size=page_size,
                 page_token=token,
                 consistency_token=consistency_token,
+                kind=kind,
             )
             for lora in page.loras:
                 yield lora

@@ -357,14 +357,19 @@ def _cmd_list(client: LoracleClient, args: argparse.Namespace, out: _Output) -> 
         tag=args.tag,
         available_only=args.available_only,
         page_size=min(limit, 1000) if limit > 0 else 1000,
+        kind=args.kind,
     )
     loras = list(islice(loras_iter, limit) if limit > 0 else loras_iter)
     if out.json_mode:
         out.json([_to_dict(lora) for lora in loras])
         return 0
+    # The kind column only when there is something to tell apart (a catalog of LoRAs reads
+    # as it always did).
+    kinds = any(lora.kind == types_pb2.LORA_KIND_EMBEDDING for lora in loras)
     columns = [
         _Column("id"),
         _Column("name", shrink=True),
+        *([_Column("kind")] if kinds else []),
         _Column("base model", shrink=True),
         _Column("available"),
         _Column("trigger words", shrink=True),
@@ -376,6 +381,7 @@ def _cmd_list(client: LoracleClient, args: argparse.Namespace, out: _Output) -> 
             (
                 out.id(lora.id),
                 lora.name,
+                *([_kind(lora.kind)] if kinds else []),
                 _base_model(lora.base_model),
                 _yes_no(lora.available),
                 ", ".join(lora.trigger_words),
@@ -385,15 +391,21 @@ def _cmd_list(client: LoracleClient, args: argparse.Namespace, out: _Output) -> 
         ),
     )
     if not loras:
-        filtered = args.base_model or args.tag or args.available_only
+        filtered = args.base_model or args.tag or args.available_only or args.kind
         out.note("no LoRA matches these filters" if filtered else "the catalog is empty")
     return 0
+
+
+def _kind(kind: types_pb2.LoraKind.ValueType) -> str:
+    """ "lora" or "embedding", as `--kind` takes them (an older server sends no kind: LoRAs)."""
+    return "embedding" if kind == types_pb2.LORA_KIND_EMBEDDING else "lora"
 
 
 def _show(lora: types_pb2.Lora, out: _Output) -> None:
     rows: list[tuple[str, str]] = [
         ("id", lora.id),
         ("name", lora.name),
+        ("kind", _kind(lora.kind)),
         ("base model", _base_model(lora.base_model)),
         ("available", _yes_no(lora.available)),
         ("source", _enum_name(types_pb2.LoraSource, lora.source, "LORA_SOURCE_")),
@@ -1110,6 +1122,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", default="", metavar="T", help="only LoRAs with this tag")
     p.add_argument(
         "--available-only", action="store_true", help="only LoRAs with a file on the server"
+    )
+    p.add_argument(
+        "--kind",
+        choices=("lora", "embedding"),
+        default="",
+        help="only LoRAs, or only textual-inversion embeddings (default: both)",
     )
     p.add_argument(
         "--limit", type=_non_negative_int, default=50, metavar="N", help="at most N; 0 for all"

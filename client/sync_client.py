@@ -253,7 +253,9 @@ class LoracleClient:
         page_size: int = 50,
         page_token: str = "",
         consistency_token: str = "",
+        kind: rq.LoraKindName = "",
     ) -> query_service_pb2.ListLorasResponse:
+        """`kind`: "lora" or "embedding" (textual inversion); "" lists both."""
         request = rq.list_loras(
             base_model=base_model,
             tag=tag,
@@ -261,6 +263,7 @@ class LoracleClient:
             page_size=page_size,
             page_token=page_token,
             consistency_token=consistency_token,
+            kind=kind,
         )
         return self._unary(self._queries.ListLoras, request)
 
@@ -273,6 +276,7 @@ class LoracleClient:
         page_size: int = 200,
         page_token: str = "",
         consistency_token: str = "",
+        kind: rq.LoraKindName = "",
     ) -> Iterator[types_pb2.Lora]:
         token: str | None = page_token
         while token is not None:
@@ -283,6 +287,7 @@ class LoracleClient:
                 page_size=page_size,
                 page_token=token,
                 consistency_token=consistency_token,
+                kind=kind,
             )
             yield from page.loras
             token = rq.next_page_token(page.next_page_token, len(page.loras), token)

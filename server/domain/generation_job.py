@@ -11,7 +11,10 @@ from server.domain.models import BaseModelConfig, ControlNetConfig
 
 @dataclass(frozen=True, slots=True)
 class ResolvedLora:
-    """A catalogued LoRA as a job applies it: resolved to a file and a weight before queuing."""
+    """A catalogued LoRA as a job applies it: resolved to a file and a weight before queuing.
+    A textual-inversion embedding the prompts name is resolved the same way (the same
+    catalog, file checks and cluster paths); its `file_name` is the word the prompts name it
+    by, and its weight is unused."""
 
     lora_id: str
     name: str
@@ -135,6 +138,10 @@ class GenerationJob:
     inpaint_padding: int = 0
     # Hires fix (text to image): the second pass over the upscaled first one.
     hires: HiresFix | None = None
+    # Textual-inversion embeddings the prompt or negative prompt names (domain.embeddings),
+    # of the model's architecture. Not part of the batch key: a batch loads every embedding
+    # its jobs name, and a prompt that names none is encoded as if none were loaded.
+    embeddings: tuple[ResolvedLora, ...] = ()
     # ControlNets, in the order the request gave them (any mode).
     controls: tuple[ControlInput, ...] = ()
 
@@ -167,7 +174,19 @@ class GenerationJob:
             "preview_every_n_steps": self.preview_every,
             "chunk_size_bytes": self.chunk_size,
             **self._image_spec(),
+            **self._embedding_spec(),
             **({"controls": [c.record() for c in self.controls]} if self.controls else {}),
+        }
+
+    def _embedding_spec(self) -> dict[str, object]:
+        """The embeddings, only when the prompts name some (other records are unchanged)."""
+        if not self.embeddings:
+            return {}
+        return {
+            "embeddings": [
+                {"lora": x.lora_id, "name": x.file_name, "sha256": x.sha256}
+                for x in self.embeddings
+            ]
         }
 
     @property

@@ -13,6 +13,7 @@ from eventsourcing.domain import Aggregate, event
 from server.domain.models import (
     BaseModelRef,
     LoraFile,
+    LoraKind,
     LoraMetadata,
     LoraSource,
     LoraView,
@@ -34,7 +35,9 @@ def lora_id_for_source(source_id: str) -> uuid.UUID:
 
 
 def metadata_to_dict(m: LoraMetadata) -> dict[str, Any]:
-    return {
+    """The metadata as events carry it. `kind` only for embeddings, so a LoRA's metadata is
+    what it was before kinds existed (re-reading an old LoRA is not a change)."""
+    out: dict[str, Any] = {
         "name": m.name,
         "architecture": m.base_model.architecture.value,
         "lineage": m.base_model.lineage,
@@ -47,6 +50,9 @@ def metadata_to_dict(m: LoraMetadata) -> dict[str, Any]:
         "rank": m.rank,
         "downloads": m.downloads,
     }
+    if m.kind is not LoraKind.LORA:
+        out["kind"] = m.kind.value
+    return out
 
 
 def metadata_from_dict(d: dict[str, Any]) -> LoraMetadata:
@@ -66,6 +72,8 @@ def metadata_from_dict(d: dict[str, Any]) -> LoraMetadata:
         training_tags=tuple((str(t), int(c)) for t, c in d.get("training_tags", ())),
         rank=int(d.get("rank", 0)),
         downloads=int(d.get("downloads", 0)),
+        # Events from before kinds were recorded are all LoRAs.
+        kind=LoraKind(d.get("kind", LoraKind.LORA.value)),
     )
 
 

@@ -47,6 +47,15 @@ class Architecture(enum.StrEnum):
     OTHER = "OTHER"
 
 
+class LoraKind(enum.StrEnum):
+    """What a catalogued file is: a LoRA (weights added to the model, applied by `loras` or
+    `<lora:NAME:W>`) or a textual-inversion embedding (new token vectors for the text
+    encoders, applied by naming it in a prompt, as A1111 does)."""
+
+    LORA = "LORA"
+    EMBEDDING = "EMBEDDING"
+
+
 class LoraSource(enum.StrEnum):
     FILE = "FILE"
     CATALOG = "CATALOG"
@@ -141,6 +150,7 @@ class LoraMetadata:
     training_tags: tuple[tuple[str, int], ...] = ()
     rank: int = 0
     downloads: int = 0
+    kind: LoraKind = LoraKind.LORA
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +170,10 @@ class LoraView:
     @property
     def name(self) -> str:
         return self.metadata.name
+
+    @property
+    def kind(self) -> LoraKind:
+        return self.metadata.kind
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +206,7 @@ class LoraFilter:
     architecture: Architecture | None = None
     tag: str = ""
     available_only: bool = False
+    kind: LoraKind | None = None  # None: every kind
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,4 @@
-"""Reads LoRA `.safetensors` files without loading tensors.
+"""Reads LoRA and textual-inversion embedding `.safetensors` files without loading tensors.
 
 Files come from disk trees that users fill with downloads, so everything here is hostile input:
 paths are confined to the configured roots, pickle formats are refused outright, the header is
@@ -27,12 +27,19 @@ from server.domain.models import (
     Architecture,
     BaseModelRef,
     LoraFile,
+    LoraKind,
     LoraMetadata,
     ScannedLora,
     clean_terms,
 )
 
-__all__ = ["LoraFileReader", "ScannedLora", "detect_architecture", "sha256_file"]
+__all__ = [
+    "LoraFileReader",
+    "ScannedLora",
+    "detect_architecture",
+    "detect_embedding",
+    "sha256_file",
+]
 
 SAFETENSORS_SUFFIX = ".safetensors"
 # Formats a LoRA is commonly shipped in; all but safetensors are pickles that can run code on load.
@@ -57,6 +64,11 @@ _LORA_KEY = re.compile(r"lora[._](?:down|up|A|B)\b|lora_linear_layer\.(?:down|up
 _LORA_DOWN_KEY = re.compile(r"lora[._](?:down|A)\b|lora_linear_layer\.down\b")
 _CONTEXT_DIMS = {768: Architecture.SD1, 1024: Architecture.SD2, 2048: Architecture.SDXL}
 _TEXT_ENCODER_DIMS = {768: Architecture.SD1, 1024: Architecture.SD2}
+# SDXL's two-part textual-inversion embeddings: one tensor per text encoder (CLIP ViT-L, 768
+# wide; OpenCLIP bigG, 1280).
+_SDXL_EMBEDDING_KEYS = frozenset({"clip_l", "clip_g"})
+_FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+_MAX_EMBEDDING_VECTORS = 75  # one CLIP chunk; A1111 trains at most that many
 _A1111_SD_VERSIONS = {"SD1": Architecture.SD1, "SD2": Architecture.SD2, "SDXL": Architecture.SDXL}
 # kohya writes the string "None" for settings that were not given.
 _NULLISH = frozenset({"", "none", "null"})
@@ -272,8 +284,8 @@ def _read_header(
     tensors: dict[str, dict[str, object]] = {}
     for key, entry in header.items():
         tensors[key] = _check_tensor(rel, key, entry, data_size)
-    if not any(_LORA_KEY.search(k) for k in tensors):
-        raise BadLoraFileError(rel, "no LoRA tensors (looks like a full model or embedding)")
+    if not any(_LORA_KEY.search(k) for k in tensors) and detect_embedding(tensors) is None:
+        raise BadLoraFileError(rel, "no LoRA or embedding tensors (looks like a full model)")
     return tensors, metadata
 
 
@@ -348,11 +360,13 @@ def _extract_metadata(
     a1111 = _read_sidecar(absolute.with_name(absolute.stem + ".json"), root)
     if a1111 is not None:
         _apply_a1111(d, a1111)
+    # A LoRA file stays a LoRA, whatever else it holds.
+    embedding = None if any(_LORA_KEY.search(k) for k in tensors) else detect_embedding(tensors)
     if d.base_model.architecture in _UNKNOWN_ARCHITECTURES:
-        detected = detect_architecture(tensors)
-        if detected is not None:
+        detected = detect_architecture(tensors) if embedding is None else embedding
+        if detected not in (None, Architecture.UNSPECIFIED):
             d.base_model = BaseModelRef(detected, "")
-    if d.rank <= 0:
+    if d.rank <= 0 and embedding is None:
         d.rank = _rank_from_shapes(tensors)
     return LoraMetadata(
         name=d.name or absolute.stem,
@@ -364,6 +378,7 @@ def _extract_metadata(
         preferred_weight=d.preferred_weight,
         training_tags=d.training_tags,
         rank=d.rank,
+        kind=LoraKind.LORA if embedding is None else LoraKind.EMBEDDING,
     )
 
 
@@ -489,6 +504,41 @@ def detect_architecture(tensors: Mapping[str, Mapping[str, object]]) -> Architec
         if is_te_q and (arch := _TEXT_ENCODER_DIMS.get(_dim(tensors[key], 1))):
             return arch
     return None
+
+
+def detect_embedding(tensors: Mapping[str, Mapping[str, object]]) -> Architecture | None:
+    """Whether the tensors are a textual-inversion embedding, and for which architecture:
+    None when they are not one, UNSPECIFIED for an embedding of a width no known text encoder
+    has (the file's metadata or sidecar may still say). The forms: one tensor of token
+    vectors under any key (A1111's `emb_params`, diffusers' `{token: vectors}`, a converted
+    .pt's `*`), and SDXL's `clip_l` + `clip_g`."""
+    keys = frozenset(tensors)
+    if keys == _SDXL_EMBEDDING_KEYS:
+        clip_l, clip_g = _vectors_shape(tensors["clip_l"]), _vectors_shape(tensors["clip_g"])
+        # Both parts hold the same tokens: one vector per token for each encoder.
+        same = clip_l is not None and clip_g is not None and clip_l[0] == clip_g[0]
+        return Architecture.SDXL if same else None
+    if len(keys) != 1:
+        return None
+    shape = _vectors_shape(next(iter(tensors.values())))
+    if shape is None:
+        return None
+    return _TEXT_ENCODER_DIMS.get(shape[1], Architecture.UNSPECIFIED)
+
+
+def _vectors_shape(entry: Mapping[str, object]) -> tuple[int, int] | None:
+    """(vectors, width) of a tensor shaped like token vectors ([width] or [vectors, width],
+    floating point), else None."""
+    shape, dtype = entry.get("shape"), entry.get("dtype")
+    if dtype not in _FLOAT_DTYPES or not isinstance(shape, list):
+        return None
+    dims = [d for d in shape if isinstance(d, int)]
+    if len(dims) != len(shape) or not 1 <= len(dims) <= 2:
+        return None
+    vectors, width = (1, dims[0]) if len(dims) == 1 else (dims[0], dims[1])
+    if not 1 <= vectors <= _MAX_EMBEDDING_VECTORS or width < 1:
+        return None
+    return vectors, width
 
 
 def _rank_from_shapes(tensors: Mapping[str, Mapping[str, object]]) -> int:

@@ -17,11 +17,13 @@ from server.domain.errors import UnavailableError
 from server.domain.generation import GenerationState, GenerationView, ImageRecord
 from server.domain.lora import file_from_dict, file_to_dict, metadata_from_dict, metadata_to_dict
 from server.domain.models import (
+    Architecture,
     AuditEntry,
     EventFilter,
     FileEntry,
     HistoryEntry,
     LoraFilter,
+    LoraKind,
     LoraSource,
     LoraView,
     Page,
@@ -38,6 +40,8 @@ loras = sa.Table(
     sa.Column("id", sa.String(36), primary_key=True),
     sa.Column("name_key", sa.String(512), nullable=False),
     sa.Column("architecture", sa.String(16), nullable=False),
+    # LORA or EMBEDDING (domain.models.LoraKind).
+    sa.Column("kind", sa.String(16), nullable=False),
     sa.Column("available", sa.Boolean, nullable=False),
     sa.Column("source", sa.String(16), nullable=False),
     sa.Column("source_id", sa.String(256), nullable=False),
@@ -48,6 +52,7 @@ loras = sa.Table(
     sa.Column("view_json", sa.Text, nullable=False),
     sa.Index("rm_loras_order", "name_key", "id"),
     sa.Index("rm_loras_arch", "architecture", "name_key", "id"),
+    sa.Index("rm_loras_kind", "kind", "name_key", "id"),
     sa.Index("rm_loras_sha", "sha256"),
     sa.Index("rm_loras_path", "file_path"),
     sa.Index("rm_loras_file_name", "file_name_key"),
@@ -121,7 +126,7 @@ schema = sa.Table(
 TRACKING_NAME = "catalog"
 # Bump when an rm_* table changes: a database at another version has its read models dropped
 # and rebuilt from the event log (they are projections; there is nothing to migrate).
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: rm_loras.kind
 SCHEMA_NAME = "read_model"
 
 
@@ -329,6 +334,23 @@ class SqlReadModel:
         """LoRAs whose display name (the one `loras list` shows) is `name`, case aside."""
         return self._find(loras.c.name_key, name)
 
+    def embeddings(self, architecture: Architecture) -> list[LoraView]:
+        """The available textual-inversion embeddings of `architecture` (a prompt may name
+        any of them)."""
+        with self._connect() as conn:
+            rows = (
+                conn.execute(
+                    sa.select(loras.c.view_json)
+                    .where(loras.c.kind == LoraKind.EMBEDDING.value)
+                    .where(loras.c.architecture == architecture.value)
+                    .where(loras.c.available.is_(True))
+                    .order_by(loras.c.id)
+                )
+                .scalars()
+                .all()
+            )
+        return [view_from_json(t) for t in rows]
+
     def _find(self, key: sa.Column[str], value: str) -> list[LoraView]:
         """LoRAs whose case-folded `key` column equals `value`, those with a file first."""
         with self._connect() as conn:
@@ -345,9 +367,13 @@ class SqlReadModel:
 
     def list_loras(self, flt: LoraFilter, page_size: int, page_token: str = "") -> Page[LoraView]:
         filter_key = f"{flt.architecture}|{flt.tag.casefold()}|{flt.available_only}"
+        if flt.kind is not None:  # (the key of a listing of every kind is unchanged)
+            filter_key += f"|{flt.kind}"
         where = []
         if flt.architecture is not None:
             where.append(loras.c.architecture == flt.architecture.value)
+        if flt.kind is not None:
+            where.append(loras.c.kind == flt.kind.value)
         if flt.available_only:
             where.append(loras.c.available.is_(True))
         if flt.tag:
@@ -586,6 +612,7 @@ def _lora_row(v: LoraView) -> dict[str, Any]:
         "id": v.id,
         "name_key": v.metadata.name.casefold(),
         "architecture": v.metadata.base_model.architecture.value,
+        "kind": v.metadata.kind.value,
         "available": v.available,
         "source": v.source.value,
         "source_id": v.source_id,

@@ -7,7 +7,7 @@ import logging
 import time
 
 from server.application.ports import LoraReadModel
-from server.domain.models import Architecture, resolve_architecture
+from server.domain.models import Architecture, LoraKind, resolve_architecture
 from server.domain.recommend.engine import RecommendationEngine, Scored
 from server.domain.recommendation import LoRARecommendation
 from server.infrastructure.read_model import ProjectedChange
@@ -23,7 +23,8 @@ class CatalogRecommender:
     def load(self) -> None:
         start = time.perf_counter()
         for view in self._read_model.all_views():
-            self.engine.upsert(view)
+            if view.kind is LoraKind.LORA:
+                self.engine.upsert(view)
         past = 0
         for entry in self._read_model.history():
             self.engine.record_generation(entry.prompt, entry.lora_ids)
@@ -37,7 +38,10 @@ class CatalogRecommender:
 
     def on_change(self, change: ProjectedChange) -> None:
         for view in change.upserts:
-            self.engine.upsert(view)
+            if view.kind is LoraKind.LORA:
+                self.engine.upsert(view)
+            else:  # embeddings are named in prompts, never recommended as LoRAs
+                self.engine.remove(view.id)
         for lora_id in change.deletes:
             self.engine.remove(lora_id)
         for entry in change.history:

@@ -26,7 +26,14 @@ from server.application.queries import ModelListing
 from server.domain import generation_events as gen
 from server.domain.generation import GenerationState, GenerationView
 from server.domain.generation_events import GenerationEvent
-from server.domain.models import Architecture, AuditEntry, BaseModelInfo, LoraSource, LoraView
+from server.domain.models import (
+    Architecture,
+    AuditEntry,
+    BaseModelInfo,
+    LoraKind,
+    LoraSource,
+    LoraView,
+)
 from server.domain.tokens import TokenSigner
 
 _ARCH = {
@@ -41,6 +48,15 @@ _ARCH = {
 _SOURCE = {
     LoraSource.FILE: types_pb2.LORA_SOURCE_FILE,
     LoraSource.CATALOG: types_pb2.LORA_SOURCE_CATALOG,
+}
+_KIND = {
+    LoraKind.LORA: types_pb2.LORA_KIND_LORA,
+    LoraKind.EMBEDDING: types_pb2.LORA_KIND_EMBEDDING,
+}
+_KIND_FILTER = {
+    types_pb2.LORA_KIND_UNSPECIFIED: None,
+    types_pb2.LORA_KIND_LORA: LoraKind.LORA,
+    types_pb2.LORA_KIND_EMBEDDING: LoraKind.EMBEDDING,
 }
 _OUTCOME = {
     ImportOutcome.REGISTERED: cmd_pb.IMPORT_OUTCOME_REGISTERED,
@@ -84,6 +100,12 @@ def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
     return ts
 
 
+def kind_filter_from_proto(kind: types_pb2.LoraKind.ValueType) -> LoraKind | None:
+    """A ListLoras `kind` as a filter (unspecified: every kind). Undefined numbers never get
+    here: the enum interceptor refuses them."""
+    return _KIND_FILTER.get(kind)
+
+
 def lora_to_proto(view: LoraView) -> types_pb2.Lora:
     m = view.metadata
     msg = types_pb2.Lora(
@@ -105,6 +127,7 @@ def lora_to_proto(view: LoraView) -> types_pb2.Lora:
         create_time=timestamp(view.create_time),
         update_time=timestamp(view.update_time),
         version=view.version,
+        kind=_KIND[m.kind],
     )
     if m.preferred_weight is not None:
         msg.preferred_weight = m.preferred_weight

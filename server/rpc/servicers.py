@@ -47,6 +47,7 @@ from server.rpc.mapping import (
     generation_request_from_proto,
     generation_to_proto,
     import_update_to_proto,
+    kind_filter_from_proto,
     lora_to_proto,
     model_listing_to_proto,
     recommendation_to_proto,
@@ -238,6 +239,7 @@ class QueryServicer(qry_grpc.QueryServiceServicer):
                 page_token=request.page_token,
                 tag=request.tag,
                 available_only=request.available_only,
+                kind=kind_filter_from_proto(request.kind),
             )
         else:
             query = GetAllLoRAsQuery(
@@ -245,6 +247,7 @@ class QueryServicer(qry_grpc.QueryServiceServicer):
                 page_token=request.page_token,
                 tag=request.tag,
                 available_only=request.available_only,
+                kind=kind_filter_from_proto(request.kind),
             )
         page = await self._d.query(context, query, request.consistency_token)
         return qry_pb.ListLorasResponse(

@@ -13,11 +13,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 from server.application.commands import (
     CatalogRecordInput,
     ImportLoRACatalogCommand,
+    ImportLoRAsCommand,
     RegisterLoRACommand,
     UpdateLoRACommand,
 )
@@ -34,7 +37,7 @@ from server.devtools.synthetic_loras import write_synthetic_lora
 from server.domain.errors import ConflictError, ConsistencyTimeoutError, ValidationError
 from server.domain.generation import Generation, GenerationState
 from server.domain.lora import Lora
-from server.domain.models import Architecture, EventFilter, LoraFilter
+from server.domain.models import Architecture, EventFilter, LoraFilter, LoraKind
 from server.infrastructure.storage_url import POSTGRES_TCP
 from tests.support import make_container, postgres_schema, sqlite_url
 
@@ -143,6 +146,28 @@ class StorageContract:
         after = (list(c.read_model.all_views()), c.read_model.events(EventFilter(), 1000))
         assert after == before
         assert result.position < c.read_model.position()
+
+    def test_embeddings_are_a_kind_that_lists_filter_and_rebuilds_keep(self, c: Container) -> None:
+        root = c.files.roots[0]
+        write_synthetic_lora(
+            root / "style.safetensors", architecture=Architecture.SD1, name="style"
+        )
+        save_file({"emb_params": np.zeros((2, 768), np.float32)}, str(root / "EasyNeg.safetensors"))
+        updates = list(c.commands.stream(ImportLoRAsCommand(), DispatchContext()))
+        c.projector.wait_for(updates[-1].position, 5.0)
+
+        def names(kind: LoraKind | None) -> list[tuple[str, LoraKind]]:
+            page = c.read_model.list_loras(LoraFilter(kind=kind), 100)
+            return [(v.metadata.file_name, v.kind) for v in page]
+
+        assert names(LoraKind.EMBEDDING) == [("EasyNeg", LoraKind.EMBEDDING)]
+        assert names(LoraKind.LORA) == [("style", LoraKind.LORA)]
+        assert len(names(None)) == 2
+        sd1 = c.read_model.list_loras(LoraFilter(Architecture.SD1, kind=LoraKind.EMBEDDING), 10)
+        assert [v.metadata.file_name for v in sd1] == ["EasyNeg"]
+        c.projector.stop()
+        c.projector.rebuild()
+        assert names(LoraKind.EMBEDDING) == [("EasyNeg", LoraKind.EMBEDDING)]
 
     def test_state_survives_a_restart(self, tmp_path: Path, url: str) -> None:
         c = make_container(tmp_path, url)

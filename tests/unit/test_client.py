@@ -885,3 +885,19 @@ def test_cli_recommend_says_what_it_left_out(
     assert "--min-confidence 0 shows them" in captured.err
     assert "2 catalog-only LoRAs for SDXL" in captured.err
     assert "--include-unavailable" in captured.err
+
+
+@pytest.mark.parametrize(
+    ("flag", "sent"),
+    [
+        ([], types_pb2.LORA_KIND_UNSPECIFIED),
+        (["--kind", "lora"], types_pb2.LORA_KIND_LORA),
+        (["--kind", "embedding"], types_pb2.LORA_KIND_EMBEDDING),
+    ],
+)
+def test_cli_lists_one_kind(
+    fake: FakeServer, capsys: pytest.CaptureFixture[str], flag: list[str], sent: int
+) -> None:
+    assert main(["--server", fake.address, "loras", "list", *flag]) == 0
+    assert fake.sent(query_service_pb2.ListLorasRequest)[-1].kind == sent
+    capsys.readouterr()

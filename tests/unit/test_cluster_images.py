@@ -7,11 +7,12 @@ from __future__ import annotations
 import hashlib
 import uuid
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
 from server.domain.errors import ValidationError
-from server.domain.generation_job import GenerationJob, HiresFix, InputImage, Mode
+from server.domain.generation_job import GenerationJob, HiresFix, InputImage, Mode, ResolvedLora
 from server.infrastructure.broker.codec import Who, decode_job, encode_job
 from server.infrastructure.broker.replica import BrokerExecutor
 from tests.unit.fake_broker import FakeBroker
@@ -106,6 +107,29 @@ def test_controls_travel_by_controlnet_name_with_their_images() -> None:
     job = replace(inpainting_job(), controls=(control, replace(control, scale=1.2)))
     message = decode_job(encode_job(job, Who("alice")))
     assert message.controlnet_names == ["canny", "canny"]
-    again = message.job(job.model, (), job.chunk_size, {"canny": there})
+    again = message.job(job.model, (), job.chunk_size, controlnets={"canny": there})
     # The worker's own ControlNet config (its paths), everything else as sent.
     assert again == replace(job, controls=tuple(replace(c, controlnet=there) for c in job.controls))
+
+
+def test_embeddings_travel_in_the_job_message_by_relative_path() -> None:
+    embedding = ResolvedLora(
+        lora_id="e1",
+        name="Easy Negative",
+        file_name="EasyNegative",
+        sha256="ab" * 32,
+        path=Path("/roots/a/ti/EasyNegative.safetensors"),
+        weight=1.0,
+        file_path="ti/EasyNegative.safetensors",
+    )
+    job = replace(inpainting_job(), embeddings=(embedding,))
+    message = decode_job(encode_job(job, Who("alice")))
+    assert [(e.file_path, e.sha256, e.file_name) for e in message.embeddings] == [
+        ("ti/EasyNegative.safetensors", "ab" * 32, "EasyNegative")
+    ]
+    located = tuple(replace(e, path=Path("/worker") / e.file_path) for e in message.embeddings)
+    again = message.job(job.model, (), job.chunk_size, located)
+    assert again == replace(job, embeddings=located)
+    assert again.spec()["embeddings"] == [
+        {"lora": "e1", "name": "EasyNegative", "sha256": "ab" * 32}
+    ]

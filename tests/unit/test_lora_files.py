@@ -15,7 +15,7 @@ from safetensors.numpy import save_file
 
 from server.devtools.synthetic_loras import write_demo_loras, write_synthetic_lora
 from server.domain.errors import BadLoraFileError, ValidationError
-from server.domain.models import Architecture, BaseModelRef
+from server.domain.models import Architecture, BaseModelRef, LoraKind
 from server.infrastructure.lora_files import LoraFileReader, sha256_file
 
 
@@ -423,7 +423,7 @@ def test_refuses_full_model_without_lora_keys(reader: LoraFileReader, root: Path
     }
     save_file(tensors, str(root / "full.safetensors"), metadata={"ss_output_name": "x"})
     save_file({}, str(root / "nothing.safetensors"))
-    expected = "no LoRA tensors (looks like a full model or embedding)"
+    expected = "no LoRA or embedding tensors (looks like a full model)"
     assert _bad(reader, "full.safetensors") == expected
     assert _bad(reader, "nothing.safetensors") == expected
 
@@ -550,3 +550,76 @@ def test_scan_refuses_non_directories(reader: LoraFileReader, root: Path) -> Non
         reader.scan("nope")
     with pytest.raises(ValidationError, match=r"'\.\.'"):
         reader.scan("..")
+
+
+# --- textual-inversion embeddings ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("tensors", "architecture"),
+    [
+        # A1111's safetensors form, 2 vectors for SD1's CLIP ViT-L
+        ({"emb_params": np.zeros((2, 768), np.float32)}, Architecture.SD1),
+        # diffusers' {token: vector}: one vector, SD2's OpenCLIP ViT-H width
+        ({"<cat-toy>": np.zeros((1024,), np.float16)}, Architecture.SD2),
+        # SDXL's two-part form
+        (
+            {"clip_l": np.zeros((4, 768), np.float16), "clip_g": np.zeros((4, 1280), np.float16)},
+            Architecture.SDXL,
+        ),
+        # A width no known text encoder has: an embedding of an unknown architecture
+        ({"emb_params": np.zeros((3, 32), np.float32)}, Architecture.UNSPECIFIED),
+    ],
+)
+def test_embeddings_are_detected_by_their_tensors(
+    reader: LoraFileReader, root: Path, tensors: dict[str, np.ndarray], architecture: Architecture
+) -> None:
+    save_file(tensors, str(root / "EasyNegative.safetensors"))
+    scanned = reader.read("EasyNegative.safetensors")
+    assert scanned.metadata.kind is LoraKind.EMBEDDING
+    assert scanned.metadata.base_model.architecture is architecture
+    assert scanned.metadata.file_name == "EasyNegative"
+    assert scanned.metadata.rank == 0
+
+
+def test_an_embeddings_metadata_names_its_architecture(reader: LoraFileReader, root: Path) -> None:
+    save_file(
+        {"emb_params": np.zeros((3, 32), np.float32)},
+        str(root / "tiny.safetensors"),
+        metadata={"modelspec.architecture": "stable-diffusion-xl-v1-base/textual-inversion"},
+    )
+    scanned = reader.read("tiny.safetensors")
+    assert scanned.metadata.kind is LoraKind.EMBEDDING
+    assert scanned.metadata.base_model.architecture is Architecture.SDXL
+
+
+def test_a_lora_stays_a_lora(reader: LoraFileReader, root: Path) -> None:
+    save_file(_lora_tensors(), str(root / "lora.safetensors"))
+    scanned = reader.read("lora.safetensors")
+    assert scanned.metadata.kind is LoraKind.LORA
+    assert scanned.metadata.base_model.architecture is Architecture.SD1
+
+
+@pytest.mark.parametrize(
+    "tensors",
+    [
+        {"emb_params": np.zeros((2, 768), np.int32)},  # not floating point
+        {"emb_params": np.zeros((2, 3, 768), np.float32)},  # not token vectors
+        {"emb_params": np.zeros((200, 768), np.float32)},  # more vectors than a chunk
+        {"clip_l": np.zeros((2, 768), np.float16), "clip_g": np.zeros((3, 1280), np.float16)},
+        {"clip_l": np.zeros((2, 768), np.float16)} | {"x": np.zeros((2, 768), np.float16)},
+    ],
+)
+def test_tensors_that_are_neither_are_refused(
+    reader: LoraFileReader, root: Path, tensors: dict[str, np.ndarray]
+) -> None:
+    save_file(tensors, str(root / "odd.safetensors"))
+    assert _bad(reader, "odd.safetensors") == (
+        "no LoRA or embedding tensors (looks like a full model)"
+    )
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".bin"])
+def test_pickle_embeddings_stay_refused(reader: LoraFileReader, root: Path, suffix: str) -> None:
+    (root / f"EasyNegative{suffix}").write_bytes(b"\x80\x02}q\x00.")
+    assert "pickle" in _bad(reader, f"EasyNegative{suffix}")

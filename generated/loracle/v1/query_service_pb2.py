@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from loracle.v1 import types_pb2 as loracle_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eloracle/v1/query_service.proto\x12\nloracle.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16loracle/v1/types.proto\"7\n\x0eGetLoraRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x19\n\x11\x63onsistency_token\x18\x02 \x01(\t\"1\n\x0fGetLoraResponse\x12\x1e\n\x04lora\x18\x01 \x01(\x0b\x32\x10.loracle.v1.Lora\"\x8d\x01\n\x10ListLorasRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x12\n\nbase_model\x18\x03 \x01(\t\x12\x0b\n\x03tag\x18\x04 \x01(\t\x12\x16\n\x0e\x61vailable_only\x18\x05 \x01(\x08\x12\x19\n\x11\x63onsistency_token\x18\x06 \x01(\t\"a\n\x11ListLorasResponse\x12\x1f\n\x05loras\x18\x01 \x03(\x0b\x32\x10.loracle.v1.Lora\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x05\"y\n\x12SearchLorasRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\x12\x19\n\x11\x63onsistency_token\x18\x05 \x01(\t\"R\n\x10LoraSearchResult\x12\x1e\n\x04lora\x18\x01 \x01(\x0b\x32\x10.loracle.v1.Lora\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x0f\n\x07reasons\x18\x03 \x03(\t\"]\n\x13SearchLorasResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.loracle.v1.LoraSearchResult\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x17\n\x15ListBaseModelsRequest\"\x95\x01\n\x16ListBaseModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.loracle.v1.BaseModel\x12+\n\x0b\x63ontrolnets\x18\x02 \x03(\x0b\x32\x16.loracle.v1.ControlNet\x12\'\n\tupscalers\x18\x03 \x03(\x0b\x32\x14.loracle.v1.Upscaler\"=\n\x14GetGenerationRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x19\n\x11\x63onsistency_token\x18\x02 \x01(\t\"C\n\x15GetGenerationResponse\x12*\n\ngeneration\x18\x01 \x01(\x0b\x32\x16.loracle.v1.Generation\"\xa9\x01\n\x16ListGenerationsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12*\n\x05state\x18\x03 \x01(\x0e\x32\x1b.loracle.v1.GenerationState\x12\x19\n\x11\x63onsistency_token\x18\x04 \x01(\t\x12\x12\n\nall_owners\x18\x05 \x01(\x08\x12\r\n\x05owner\x18\x06 \x01(\t\"_\n\x17ListGenerationsResponse\x12+\n\x0bgenerations\x18\x01 \x03(\x0b\x32\x16.loracle.v1.Generation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"G\n\x16WatchGenerationRequest\x12\x15\n\rgeneration_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"E\n\x17WatchGenerationResponse\x12*\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1b.loracle.v1.GenerationEvent\"\xea\x01\n\x11ListEventsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x14\n\x0c\x61ggregate_id\x18\x03 \x01(\t\x12\x0c\n\x04type\x18\x04 \x01(\t\x12\x11\n\tprincipal\x18\x05 \x01(\t\x12.\n\nstart_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x19\n\x11\x63onsistency_token\x18\x08 \x01(\t\"U\n\x12ListEventsResponse\x12&\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x16.loracle.v1.AuditEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xa2\x05\n\x0cQueryService\x12\x42\n\x07GetLora\x12\x1a.loracle.v1.GetLoraRequest\x1a\x1b.loracle.v1.GetLoraResponse\x12H\n\tListLoras\x12\x1c.loracle.v1.ListLorasRequest\x1a\x1d.loracle.v1.ListLorasResponse\x12N\n\x0bSearchLoras\x12\x1e.loracle.v1.SearchLorasRequest\x1a\x1f.loracle.v1.SearchLorasResponse\x12W\n\x0eListBaseModels\x12!.loracle.v1.ListBaseModelsRequest\x1a\".loracle.v1.ListBaseModelsResponse\x12T\n\rGetGeneration\x12 .loracle.v1.GetGenerationRequest\x1a!.loracle.v1.GetGenerationResponse\x12Z\n\x0fListGenerations\x12\".loracle.v1.ListGenerationsRequest\x1a#.loracle.v1.ListGenerationsResponse\x12\\\n\x0fWatchGeneration\x12\".loracle.v1.WatchGenerationRequest\x1a#.loracle.v1.WatchGenerationResponse0\x01\x12K\n\nListEvents\x12\x1d.loracle.v1.ListEventsRequest\x1a\x1e.loracle.v1.ListEventsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eloracle/v1/query_service.proto\x12\nloracle.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16loracle/v1/types.proto\"7\n\x0eGetLoraRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x19\n\x11\x63onsistency_token\x18\x02 \x01(\t\"1\n\x0fGetLoraResponse\x12\x1e\n\x04lora\x18\x01 \x01(\x0b\x32\x10.loracle.v1.Lora\"\xb1\x01\n\x10ListLorasRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x12\n\nbase_model\x18\x03 \x01(\t\x12\x0b\n\x03tag\x18\x04 \x01(\t\x12\x16\n\x0e\x61vailable_only\x18\x05 \x01(\x08\x12\x19\n\x11\x63onsistency_token\x18\x06 \x01(\t\x12\"\n\x04kind\x18\x07 \x01(\x0e\x32\x14.loracle.v1.LoraKind\"a\n\x11ListLorasResponse\x12\x1f\n\x05loras\x18\x01 \x03(\x0b\x32\x10.loracle.v1.Lora\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x05\"y\n\x12SearchLorasRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\x12\x19\n\x11\x63onsistency_token\x18\x05 \x01(\t\"R\n\x10LoraSearchResult\x12\x1e\n\x04lora\x18\x01 \x01(\x0b\x32\x10.loracle.v1.Lora\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x0f\n\x07reasons\x18\x03 \x03(\t\"]\n\x13SearchLorasResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.loracle.v1.LoraSearchResult\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x17\n\x15ListBaseModelsRequest\"\x95\x01\n\x16ListBaseModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.loracle.v1.BaseModel\x12+\n\x0b\x63ontrolnets\x18\x02 \x03(\x0b\x32\x16.loracle.v1.ControlNet\x12\'\n\tupscalers\x18\x03 \x03(\x0b\x32\x14.loracle.v1.Upscaler\"=\n\x14GetGenerationRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x19\n\x11\x63onsistency_token\x18\x02 \x01(\t\"C\n\x15GetGenerationResponse\x12*\n\ngeneration\x18\x01 \x01(\x0b\x32\x16.loracle.v1.Generation\"\xa9\x01\n\x16ListGenerationsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12*\n\x05state\x18\x03 \x01(\x0e\x32\x1b.loracle.v1.GenerationState\x12\x19\n\x11\x63onsistency_token\x18\x04 \x01(\t\x12\x12\n\nall_owners\x18\x05 \x01(\x08\x12\r\n\x05owner\x18\x06 \x01(\t\"_\n\x17ListGenerationsResponse\x12+\n\x0bgenerations\x18\x01 \x03(\x0b\x32\x16.loracle.v1.Generation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"G\n\x16WatchGenerationRequest\x12\x15\n\rgeneration_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"E\n\x17WatchGenerationResponse\x12*\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1b.loracle.v1.GenerationEvent\"\xea\x01\n\x11ListEventsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x14\n\x0c\x61ggregate_id\x18\x03 \x01(\t\x12\x0c\n\x04type\x18\x04 \x01(\t\x12\x11\n\tprincipal\x18\x05 \x01(\t\x12.\n\nstart_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x19\n\x11\x63onsistency_token\x18\x08 \x01(\t\"U\n\x12ListEventsResponse\x12&\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x16.loracle.v1.AuditEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xa2\x05\n\x0cQueryService\x12\x42\n\x07GetLora\x12\x1a.loracle.v1.GetLoraRequest\x1a\x1b.loracle.v1.GetLoraResponse\x12H\n\tListLoras\x12\x1c.loracle.v1.ListLorasRequest\x1a\x1d.loracle.v1.ListLorasResponse\x12N\n\x0bSearchLoras\x12\x1e.loracle.v1.SearchLorasRequest\x1a\x1f.loracle.v1.SearchLorasResponse\x12W\n\x0eListBaseModels\x12!.loracle.v1.ListBaseModelsRequest\x1a\".loracle.v1.ListBaseModelsResponse\x12T\n\rGetGeneration\x12 .loracle.v1.GetGenerationRequest\x1a!.loracle.v1.GetGenerationResponse\x12Z\n\x0fListGenerations\x12\".loracle.v1.ListGenerationsRequest\x1a#.loracle.v1.ListGenerationsResponse\x12\\\n\x0fWatchGeneration\x12\".loracle.v1.WatchGenerationRequest\x1a#.loracle.v1.WatchGenerationResponse0\x01\x12K\n\nListEvents\x12\x1d.loracle.v1.ListEventsRequest\x1a\x1e.loracle.v1.ListEventsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,35 +38,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETLORARESPONSE']._serialized_start=160
   _globals['_GETLORARESPONSE']._serialized_end=209
   _globals['_LISTLORASREQUEST']._serialized_start=212
-  _globals['_LISTLORASREQUEST']._serialized_end=353
-  _globals['_LISTLORASRESPONSE']._serialized_start=355
-  _globals['_LISTLORASRESPONSE']._serialized_end=452
-  _globals['_SEARCHLORASREQUEST']._serialized_start=454
-  _globals['_SEARCHLORASREQUEST']._serialized_end=575
-  _globals['_LORASEARCHRESULT']._serialized_start=577
-  _globals['_LORASEARCHRESULT']._serialized_end=659
-  _globals['_SEARCHLORASRESPONSE']._serialized_start=661
-  _globals['_SEARCHLORASRESPONSE']._serialized_end=754
-  _globals['_LISTBASEMODELSREQUEST']._serialized_start=756
-  _globals['_LISTBASEMODELSREQUEST']._serialized_end=779
-  _globals['_LISTBASEMODELSRESPONSE']._serialized_start=782
-  _globals['_LISTBASEMODELSRESPONSE']._serialized_end=931
-  _globals['_GETGENERATIONREQUEST']._serialized_start=933
-  _globals['_GETGENERATIONREQUEST']._serialized_end=994
-  _globals['_GETGENERATIONRESPONSE']._serialized_start=996
-  _globals['_GETGENERATIONRESPONSE']._serialized_end=1063
-  _globals['_LISTGENERATIONSREQUEST']._serialized_start=1066
-  _globals['_LISTGENERATIONSREQUEST']._serialized_end=1235
-  _globals['_LISTGENERATIONSRESPONSE']._serialized_start=1237
-  _globals['_LISTGENERATIONSRESPONSE']._serialized_end=1332
-  _globals['_WATCHGENERATIONREQUEST']._serialized_start=1334
-  _globals['_WATCHGENERATIONREQUEST']._serialized_end=1405
-  _globals['_WATCHGENERATIONRESPONSE']._serialized_start=1407
-  _globals['_WATCHGENERATIONRESPONSE']._serialized_end=1476
-  _globals['_LISTEVENTSREQUEST']._serialized_start=1479
-  _globals['_LISTEVENTSREQUEST']._serialized_end=1713
-  _globals['_LISTEVENTSRESPONSE']._serialized_start=1715
-  _globals['_LISTEVENTSRESPONSE']._serialized_end=1800
-  _globals['_QUERYSERVICE']._serialized_start=1803
-  _globals['_QUERYSERVICE']._serialized_end=2477
+  _globals['_LISTLORASREQUEST']._serialized_end=389
+  _globals['_LISTLORASRESPONSE']._serialized_start=391
+  _globals['_LISTLORASRESPONSE']._serialized_end=488
+  _globals['_SEARCHLORASREQUEST']._serialized_start=490
+  _globals['_SEARCHLORASREQUEST']._serialized_end=611
+  _globals['_LORASEARCHRESULT']._serialized_start=613
+  _globals['_LORASEARCHRESULT']._serialized_end=695
+  _globals['_SEARCHLORASRESPONSE']._serialized_start=697
+  _globals['_SEARCHLORASRESPONSE']._serialized_end=790
+  _globals['_LISTBASEMODELSREQUEST']._serialized_start=792
+  _globals['_LISTBASEMODELSREQUEST']._serialized_end=815
+  _globals['_LISTBASEMODELSRESPONSE']._serialized_start=818
+  _globals['_LISTBASEMODELSRESPONSE']._serialized_end=967
+  _globals['_GETGENERATIONREQUEST']._serialized_start=969
+  _globals['_GETGENERATIONREQUEST']._serialized_end=1030
+  _globals['_GETGENERATIONRESPONSE']._serialized_start=1032
+  _globals['_GETGENERATIONRESPONSE']._serialized_end=1099
+  _globals['_LISTGENERATIONSREQUEST']._serialized_start=1102
+  _globals['_LISTGENERATIONSREQUEST']._serialized_end=1271
+  _globals['_LISTGENERATIONSRESPONSE']._serialized_start=1273
+  _globals['_LISTGENERATIONSRESPONSE']._serialized_end=1368
+  _globals['_WATCHGENERATIONREQUEST']._serialized_start=1370
+  _globals['_WATCHGENERATIONREQUEST']._serialized_end=1441
+  _globals['_WATCHGENERATIONRESPONSE']._serialized_start=1443
+  _globals['_WATCHGENERATIONRESPONSE']._serialized_end=1512
+  _globals['_LISTEVENTSREQUEST']._serialized_start=1515
+  _globals['_LISTEVENTSREQUEST']._serialized_end=1749
+  _globals['_LISTEVENTSRESPONSE']._serialized_start=1751
+  _globals['_LISTEVENTSRESPONSE']._serialized_end=1836
+  _globals['_QUERYSERVICE']._serialized_start=1839
+  _globals['_QUERYSERVICE']._serialized_end=2513
 # @@protoc_insertion_point(module_scope)

@@ -82,6 +82,7 @@ class ListLorasRequest(_message.Message):
     TAG_FIELD_NUMBER: _builtins.int
     AVAILABLE_ONLY_FIELD_NUMBER: _builtins.int
     CONSISTENCY_TOKEN_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Maximum LoRAs per page, 1 to 1000; 0 means 50."""
     page_token: _builtins.str
@@ -96,6 +97,8 @@ class ListLorasRequest(_message.Message):
     """Leave out LoRAs that cannot be used for generation."""
     consistency_token: _builtins.str
     """From a command's response: wait until that write is visible."""
+    kind: _types_pb2.LoraKind.ValueType
+    """Only entries of this kind (LoRAs or textual-inversion embeddings); unspecified for all."""
     def __init__(
         self,
         *,
@@ -105,10 +108,11 @@ class ListLorasRequest(_message.Message):
         tag: _builtins.str = ...,
         available_only: _builtins.bool = ...,
         consistency_token: _builtins.str = ...,
+        kind: _types_pb2.LoraKind.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_only", b"available_only", "base_model", b"base_model", "consistency_token", b"consistency_token", "page_size", b"page_size", "page_token", b"page_token", "tag", b"tag"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_only", b"available_only", "base_model", b"base_model", "consistency_token", b"consistency_token", "kind", b"kind", "page_size", b"page_size", "page_token", b"page_token", "tag", b"tag"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -90,6 +90,34 @@ generation.
 """
 Global___LoraSource: _TypeAlias = LoraSource  # noqa: Y015
 
+class _LoraKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _LoraKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LoraKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    LORA_KIND_UNSPECIFIED: _LoraKind.ValueType  # 0
+    """Not known (in a filter: every kind)."""
+    LORA_KIND_LORA: _LoraKind.ValueType  # 1
+    """A LoRA: applied with `GenerationSpec.loras` or `<lora:NAME:WEIGHT>` in the prompt."""
+    LORA_KIND_EMBEDDING: _LoraKind.ValueType  # 2
+    """A textual-inversion embedding: applied by writing its file name (`file_name`) in the
+    prompt or negative prompt, as in A1111; never in `loras` or a `<lora:...>` tag.
+    """
+
+class LoraKind(_LoraKind, metaclass=_LoraKindEnumTypeWrapper):
+    """What a catalogued file is."""
+
+LORA_KIND_UNSPECIFIED: LoraKind.ValueType  # 0
+"""Not known (in a filter: every kind)."""
+LORA_KIND_LORA: LoraKind.ValueType  # 1
+"""A LoRA: applied with `GenerationSpec.loras` or `<lora:NAME:WEIGHT>` in the prompt."""
+LORA_KIND_EMBEDDING: LoraKind.ValueType  # 2
+"""A textual-inversion embedding: applied by writing its file name (`file_name`) in the
+prompt or negative prompt, as in A1111; never in `loras` or a `<lora:...>` tag.
+"""
+Global___LoraKind: _TypeAlias = LoraKind  # noqa: Y015
+
 class _ImageFormat:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -270,6 +298,7 @@ class Lora(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned stable id (a UUID)."""
     name: _builtins.str
@@ -292,6 +321,8 @@ class Lora(_message.Message):
     """LoRA rank (network_dim) when known, else 0."""
     version: _builtins.int
     """Number of events applied to this LoRA; increases with each change."""
+    kind: Global___LoraKind.ValueType
+    """A LoRA or a textual-inversion embedding."""
     @_builtins.property
     def base_model(self) -> Global___BaseModelRef:
         """The base model the LoRA was trained for."""
@@ -341,10 +372,11 @@ class Lora(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         version: _builtins.int = ...,
+        kind: Global___LoraKind.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_preferred_weight", b"_preferred_weight", "base_model", b"base_model", "create_time", b"create_time", "file", b"file", "preferred_weight", b"preferred_weight", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_preferred_weight", b"_preferred_weight", "available", b"available", "base_model", b"base_model", "create_time", b"create_time", "description", b"description", "downloads", b"downloads", "file", b"file", "file_name", b"file_name", "id", b"id", "name", b"name", "preferred_weight", b"preferred_weight", "rank", b"rank", "source", b"source", "source_id", b"source_id", "tags", b"tags", "training_tags", b"training_tags", "trigger_words", b"trigger_words", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_preferred_weight", b"_preferred_weight", "available", b"available", "base_model", b"base_model", "create_time", b"create_time", "description", b"description", "downloads", b"downloads", "file", b"file", "file_name", b"file_name", "id", b"id", "kind", b"kind", "name", b"name", "preferred_weight", b"preferred_weight", "rank", b"rank", "source", b"source", "source_id", b"source_id", "tags", b"tags", "training_tags", b"training_tags", "trigger_words", b"trigger_words", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__preferred_weight: _TypeAlias = _typing.Literal["preferred_weight"]  # noqa: Y015
     _WhichOneofArgType__preferred_weight: _TypeAlias = _typing.Literal["_preferred_weight", b"_preferred_weight"]  # noqa: Y015

@@ -45,6 +45,7 @@ from server.application.ports import (
     ModelLookup,
     StoredImages,
 )
+from server.domain.embeddings import named_in
 from server.domain.errors import (
     DomainError,
     FieldViolation,
@@ -63,7 +64,7 @@ from server.domain.generation_job import (
     ResolvedLora,
 )
 from server.domain.lora import CommandRecord
-from server.domain.models import BaseModelInfo, GenerationDefaults, LoraView, is_uuid
+from server.domain.models import BaseModelInfo, GenerationDefaults, LoraKind, LoraView, is_uuid
 from server.domain.recommend.prompt import parse_prompt
 from server.domain.upscalers import find_upscaler
 
@@ -165,12 +166,14 @@ class GenerationJobs:
                     f"{PLACEHOLDER_SIDE}x{PLACEHOLDER_SIDE}",
                 )
             )
-        loras = self._resolve_loras(choices, model)
+        loras = self._resolve_loras(choices, model, tagged_from=len(request.loras))
+        prompt = strip_lora_tags(request.prompt)
+        embeddings = self._resolve_embeddings((prompt, request.negative_prompt), model)
         controls = self._controls(request, model)
         return GenerationJob(
             generation_id=str(uuid.uuid4()),
             model=model.config,
-            prompt=strip_lora_tags(request.prompt),
+            prompt=prompt,
             original_prompt=request.prompt,
             negative_prompt=request.negative_prompt,
             width=width,
@@ -214,6 +217,7 @@ class GenerationJobs:
                 else DEFAULT_INPAINT_PADDING
             ),
             hires=hires,
+            embeddings=embeddings,
             controls=controls,
         )
 
@@ -381,11 +385,22 @@ class GenerationJobs:
         return found
 
     def _resolve_loras(
-        self, choices: Sequence[LoraChoice], model: BaseModelInfo
+        self, choices: Sequence[LoraChoice], model: BaseModelInfo, *, tagged_from: int
     ) -> tuple[ResolvedLora, ...]:
+        """`choices` from `tagged_from` on come from `<lora:…>` tags in the prompt."""
         resolved: dict[str, ResolvedLora] = {}
-        for choice in choices:
+        for index, choice in enumerate(choices):
             view = self._find_lora(choice.lora)
+            if view.kind is LoraKind.EMBEDDING:
+                where = "a <lora:…> tag" if index >= tagged_from else "spec.loras"
+                raise ValidationError(
+                    FieldViolation(
+                        "spec.prompt" if index >= tagged_from else "spec.loras",
+                        f"{choice.lora!r} is a textual-inversion embedding, not a LoRA: write "
+                        f"{view.metadata.file_name!r} in the prompt or negative prompt instead "
+                        f"of naming it in {where}",
+                    )
+                )
             if view.file is None or not view.available:
                 raise PreconditionError(
                     f"LoRA {view.name!r} has no file on this server (a catalog record only)",
@@ -419,6 +434,37 @@ class GenerationJobs:
             )
         return tuple(resolved.values())
 
+    def _resolve_embeddings(
+        self, prompts: Sequence[str], model: BaseModelInfo
+    ) -> tuple[ResolvedLora, ...]:
+        """The textual-inversion embeddings the prompts name (domain.embeddings), among the
+        available ones of the model's architecture: A1111 skips an embedding whose shape the
+        model cannot take, so a word that happens to be the name of another family's
+        embedding stays a word. Their files are located now, as a LoRA's are."""
+        views = self._loras.embeddings(model.config.architecture)
+        by_name: dict[str, LoraView] = {}
+        for view in sorted(views, key=lambda v: v.id):  # several with one name: one wins
+            by_name.setdefault(view.metadata.file_name.casefold(), view)
+        named: set[str] = set()
+        for prompt in prompts:
+            named |= {n.casefold() for n in named_in(prompt, by_name)}
+        resolved = []
+        for key in sorted(named):
+            view = by_name[key]
+            assert view.file is not None  # available
+            resolved.append(
+                ResolvedLora(
+                    lora_id=view.id,
+                    name=view.name,
+                    file_name=view.metadata.file_name,
+                    sha256=view.file.sha256,
+                    path=self._locate(view),
+                    weight=1.0,
+                    file_path=view.file.path,
+                )
+            )
+        return tuple(resolved)
+
     def _find_lora(self, reference: str) -> LoraView:
         """A LoRA by id, by file name (without its extension) or by the name `loras list`
         shows, in that order; among several, those with a file win, and still several is an
@@ -429,6 +475,8 @@ class GenerationJobs:
         for find in (self._loras.find_by_file_name, self._loras.find_by_name):
             found = find(reference)
             matches = [v for v in found if v.available] or found
+            # A LoRA and an embedding of one name: `loras` and tags mean the LoRA.
+            matches = [v for v in matches if v.kind is LoraKind.LORA] or matches
             if len(matches) > 1:
                 candidates = ", ".join(f"{m.metadata.name} ({m.id})" for m in matches[:5])
                 raise ValidationError(

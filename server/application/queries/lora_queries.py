@@ -14,6 +14,7 @@ from server.domain.models import (
     AuditEntry,
     EventFilter,
     LoraFilter,
+    LoraKind,
     LoraView,
     Page,
     resolve_architecture,
@@ -48,6 +49,7 @@ class GetAllLoRAsQuery(IQuery[Page[LoraView]]):
     page_token: str = ""
     tag: str = ""
     available_only: bool = False
+    kind: LoraKind | None = None  # None: LoRAs and embeddings
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -58,6 +60,7 @@ class GetLoRAsByBaseModelQuery(IQuery[Page[LoraView]]):
     page_token: str = ""
     tag: str = ""
     available_only: bool = False
+    kind: LoraKind | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -136,7 +139,7 @@ class GetAllLoRAsHandler(IQueryHandler[GetAllLoRAsQuery, Page[LoraView]]):
         self._read_model = read_model
 
     def handle(self, query: GetAllLoRAsQuery) -> QueryResult[Page[LoraView]]:
-        flt = LoraFilter(None, query.tag.strip(), query.available_only)
+        flt = LoraFilter(None, query.tag.strip(), query.available_only, query.kind)
         return QueryResult.success(
             self._read_model.list_loras(flt, page_size(query.page_size, 50), query.page_token)
         )
@@ -148,7 +151,10 @@ class GetLoRAsByBaseModelHandler(IQueryHandler[GetLoRAsByBaseModelQuery, Page[Lo
 
     def handle(self, query: GetLoRAsByBaseModelQuery) -> QueryResult[Page[LoraView]]:
         flt = LoraFilter(
-            resolve_architecture(query.base_model), query.tag.strip(), query.available_only
+            resolve_architecture(query.base_model),
+            query.tag.strip(),
+            query.available_only,
+            query.kind,
         )
         return QueryResult.success(
             self._read_model.list_loras(flt, page_size(query.page_size, 50), query.page_token)

@@ -78,6 +78,8 @@ class JobMessage:
     batch_key: BatchKey = ""
     # The submitter, so the job's handle on the worker answers only to it (and admins).
     owner: str = ""
+    # The textual-inversion embeddings its prompts name, by relative path as LoRAs travel.
+    embeddings: tuple[ResolvedLora, ...] = ()
 
     @property
     def num_images(self) -> int:
@@ -97,10 +99,12 @@ class JobMessage:
         model: BaseModelConfig,
         loras: tuple[ResolvedLora, ...],
         chunk_size: int,
+        embeddings: tuple[ResolvedLora, ...] = (),
         controlnets: Mapping[str, ControlNetConfig] | None = None,
     ) -> GenerationJob:
         """The job again, on the machine that runs it: with that machine's model config,
-        LoRA paths and ControlNets (by name), and the chunk size the broker carries."""
+        LoRA (and embedding) paths and ControlNets (by name), and the chunk size the broker
+        carries."""
         f = self.fields
         found = controlnets or {}
         return GenerationJob(
@@ -128,6 +132,7 @@ class JobMessage:
             inpaint_only_masked=bool(f.get("inpaint_only_masked", False)),
             inpaint_padding=int(f.get("inpaint_padding", 0)),
             hires=_hires_from(f.get("hires")),
+            embeddings=embeddings,
             controls=tuple(
                 ControlInput(
                     controlnet=found[str(c["controlnet"])],
@@ -163,22 +168,36 @@ def encode_job(job: GenerationJob, who: Who) -> bytes:
             **_image_fields(job),
             **_control_fields(job),
         },
-        "loras": [
-            {
-                "lora_id": x.lora_id,
-                "name": x.name,
-                "file_name": x.file_name,
-                "sha256": x.sha256,
-                "file_path": x.file_path or x.path.name,
-                "weight": x.weight,
-            }
-            for x in job.loras
-        ],
+        "loras": [_file_doc(x) for x in job.loras],
+        "embeddings": [_file_doc(x) for x in job.embeddings],
         "who": who.to_dict(),
         "batch_key": batch_key(job),
         "owner": job.owner,
     }
     return json.dumps(doc).encode()
+
+
+def _file_doc(x: ResolvedLora) -> dict[str, Any]:
+    return {
+        "lora_id": x.lora_id,
+        "name": x.name,
+        "file_name": x.file_name,
+        "sha256": x.sha256,
+        "file_path": x.file_path or x.path.name,
+        "weight": x.weight,
+    }
+
+
+def _file_from(x: dict[str, Any]) -> ResolvedLora:
+    return ResolvedLora(
+        lora_id=str(x["lora_id"]),
+        name=str(x["name"]),
+        file_name=str(x["file_name"]),
+        sha256=str(x["sha256"]),
+        path=Path(str(x["file_path"])),
+        weight=float(x["weight"]),
+        file_path=str(x["file_path"]),
+    )
 
 
 def _image_fields(job: GenerationJob) -> dict[str, Any]:
@@ -243,21 +262,12 @@ def _hires_from(doc: Any) -> HiresFix | None:
 
 def decode_job(body: bytes) -> JobMessage:
     doc = json.loads(body)
-    loras = tuple(
-        ResolvedLora(
-            lora_id=str(x["lora_id"]),
-            name=str(x["name"]),
-            file_name=str(x["file_name"]),
-            sha256=str(x["sha256"]),
-            path=Path(str(x["file_path"])),
-            weight=float(x["weight"]),
-            file_path=str(x["file_path"]),
-        )
-        for x in doc["loras"]
-    )
+    loras = tuple(_file_from(x) for x in doc["loras"])
+    embeddings = tuple(_file_from(x) for x in doc.get("embeddings", ()))
     return JobMessage(
         str(doc["generation_id"]), str(doc["model"]), dict(doc["fields"]), loras,
         Who.from_dict(doc.get("who")), str(doc["batch_key"]), str(doc.get("owner", "")),
+        embeddings,
     )  # fmt: skip
 
 

@@ -248,20 +248,30 @@ class BrokerWorker:
         model = next((m for m in self._models.statuses() if m.config.name == message.model), None)
         if model is None or not model.ready:
             raise _Refused(f"worker {self.name} does not serve model {message.model!r}")
-        loras: list[ResolvedLora] = []
-        for lora in message.loras:
-            path = self._files.locate(lora.file_path)
-            if path is None:
-                raise _Refused(
-                    f"LoRA {lora.name!r}: {lora.file_path!r} is missing under worker "
-                    f"{self.name}'s LoRA roots"
-                )
-            loras.append(replace(lora, path=path))
         ready = {c.config.name: c.config for c in self._models.controlnets() if c.ready}
         for name in message.controlnet_names:
             if name not in ready:
                 raise _Refused(f"worker {self.name} has no ready ControlNet {name!r}")
-        return message.job(model.config, tuple(loras), BROKER_CHUNK, ready)
+        return message.job(
+            model.config,
+            self._located(message.loras, "LoRA"),
+            BROKER_CHUNK,
+            self._located(message.embeddings, "embedding"),
+            ready,
+        )
+
+    def _located(self, files: tuple[ResolvedLora, ...], what: str) -> tuple[ResolvedLora, ...]:
+        """The job's LoRA (or embedding) files under this worker's roots."""
+        located: list[ResolvedLora] = []
+        for lora in files:
+            path = self._files.locate(lora.file_path)
+            if path is None:
+                raise _Refused(
+                    f"{what} {lora.name!r}: {lora.file_path!r} is missing under worker "
+                    f"{self.name}'s LoRA roots"
+                )
+            located.append(replace(lora, path=path))
+        return tuple(located)
 
     def _earlier_images(self, gid: str) -> dict[int, ImageComplete]:
         """Images an earlier attempt finished: clients may already hold them, so this

@@ -1,8 +1,8 @@
 """The generation executor: one worker thread owns the device, the pipelines and their LoRAs.
 Requests wait in a bounded queue (job_queue.py); compatible jobs (same model, LoRAs, size,
-steps, scheduler, guidance) run as one batch, each image with its own seeded generator, in
-the call its model family makes (families/). Every job's events go to a replayable handle
-(handles.py) that any number of readers follow."""
+steps, scheduler, guidance; any textual-inversion embeddings) run as one batch, each image
+with its own seeded generator, in the call its model family makes (families/). Every job's
+events go to a replayable handle (handles.py) that any number of readers follow."""
 
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ from server.infrastructure.diffusion import hires, image_inputs
 from server.infrastructure.diffusion.adapters import AdapterLoadError
 from server.infrastructure.diffusion.conditioning import ConditionedGroup
 from server.infrastructure.diffusion.controlnets import ControlNetLoadError
+from server.infrastructure.diffusion.embeddings import EmbeddingSpec
 from server.infrastructure.diffusion.estimates import StepCosts, describe_seconds
 from server.infrastructure.diffusion.families.base import BatchRows, ModelFamily
 from server.infrastructure.diffusion.handles import JobHandle
@@ -219,6 +220,9 @@ class DiffusionExecutor:
         loaded = self._prepare(live, job)
         if loaded is None:
             return
+        live = self._apply_embeddings(live, loaded)
+        if not live:
+            return
         if not self._warn_if_slow(live, loaded):
             return
 
@@ -239,8 +243,11 @@ class DiffusionExecutor:
         try:
             groups = loaded.family.encode(
                 loaded.pipe,
-                [h.job.prompt for h, _ in rows],
-                [h.job.negative_prompt for h, _ in rows],
+                [loaded.embeddings.prompt(h.job.prompt, h.job.embeddings) for h, _ in rows],
+                [
+                    loaded.embeddings.prompt(h.job.negative_prompt, h.job.embeddings)
+                    for h, _ in rows
+                ],
             )
             for group in groups:
                 span = self._denoise(rows, inputs, group, loaded, started, images)
@@ -358,6 +365,25 @@ class DiffusionExecutor:
                     )
                 )
         return None
+
+    def _apply_embeddings(self, live: list[JobHandle], loaded: LoadedPipeline) -> list[JobHandle]:
+        """Loads exactly the embeddings the batch's prompts name (jobs that name different
+        ones share a batch: embeddings.py). A job whose embedding cannot be used fails with
+        LORA_LOAD_FAILED and the file's hash; the others go on without it."""
+        while live:
+            wanted = {e.sha256: e for h in live for e in h.job.embeddings}
+            try:
+                self._pipelines.verify_loras(wanted.values(), "embedding")
+                loaded.embeddings.apply([EmbeddingSpec.of(e) for e in wanted.values()])
+                return live
+            except AdapterLoadError as exc:
+                failed = [h for h in live if any(e.sha256 == exc.sha256 for e in h.job.embeddings)]
+                if not failed:  # not one file's fault
+                    failed = [h for h in live if h.job.embeddings]
+                for handle in failed:
+                    handle.publish(Failed(str(exc), Reason.LORA_LOAD_FAILED, exc.sha256))
+                live = [h for h in live if h not in failed]
+        return live
 
     def _warn_if_slow(self, live: Sequence[JobHandle], loaded: LoadedPipeline) -> bool:
         """A job on a model never timed here was queued without an estimate. Two steps at

@@ -136,6 +136,9 @@ def a1111_parameters(
             f"{lora.file_name or lora.name}: {lora.sha256[:12]}" for lora in job.loras
         )
         fields.append(f'Lora hashes: "{hashes}"')
+    if job.embeddings:  # A1111's TI hashes: the name and the file's short SHA-256 (12 hex)
+        hashes = ", ".join(f"{x.file_name}: {x.sha256[:12]}" for x in job.embeddings)
+        fields.append(f'TI hashes: "{hashes}"')
     for i, control in enumerate(job.controls):
         name = control.controlnet.name
         model = f"{name} [{(controlnet_hashes or {}).get(name, '')}]"
@@ -187,6 +190,9 @@ def manifest(job: GenerationJob, index: int, loaded: LoadedPipeline) -> dict[str
         "loras": [
             {"id": x.lora_id, "name": x.name, "sha256": x.sha256, "weight": x.weight}
             for x in job.loras
+        ],
+        "embeddings": [
+            {"id": x.lora_id, "name": x.file_name, "sha256": x.sha256} for x in job.embeddings
         ],
         "mode": job.mode,
         **{k: v for k, v in job.spec().items() if k in IMAGE_FIELDS},

@@ -19,6 +19,7 @@ from server.domain.models import BaseModelConfig
 from server.domain.schedulers import SCHEDULERS
 from server.infrastructure.diffusion.adapters import AdapterCache, AdapterLoadError, AdapterSpec
 from server.infrastructure.diffusion.controlnets import controlnet_hash, load_controlnet
+from server.infrastructure.diffusion.embeddings import EmbeddingCache
 from server.infrastructure.diffusion.families import ModelFamily, family_for
 from server.infrastructure.lora_files import update_digest
 
@@ -48,6 +49,8 @@ class LoadedPipeline:
     model_hash: str
     size_bytes: int
     adapters: AdapterCache
+    # The textual-inversion embeddings the running batch names (embeddings.py).
+    embeddings: EmbeddingCache
     scheduler_config: Any
     default_scheduler: str
     schedulers: dict[str, Any] = field(default_factory=dict)
@@ -199,6 +202,7 @@ class PipelineCache:
             adapters=AdapterCache(
                 pipe, budget_bytes=self._adapter_budget, components=family.lora_components
             ),
+            embeddings=EmbeddingCache(pipe, family.text_encoders),
             scheduler_config=pipe.scheduler.config,
             default_scheduler=type(pipe.scheduler).__name__,
         )
@@ -215,11 +219,13 @@ class PipelineCache:
         for loaded in resident:
             try:
                 loaded.adapters.restore()
+                loaded.embeddings.clear()
             except Exception:
                 log.exception("could not restore base weights after OOM; unloading the model")
 
-    def verify_loras(self, loras: Iterable[ResolvedLora]) -> None:
-        """A LoRA file replaced after import would make the recorded hashes lie."""
+    def verify_loras(self, loras: Iterable[ResolvedLora], what: str = "LoRA") -> None:
+        """A LoRA (or embedding) file replaced after import would make the recorded hashes
+        lie."""
         for lora in loras:
             if lora.sha256 in self._verified:
                 continue
@@ -229,11 +235,12 @@ class PipelineCache:
                     update_digest(digest, f)
             except OSError as exc:
                 raise AdapterLoadError(
-                    f"LoRA {lora.name!r}: cannot read its file ({exc})", lora.sha256
+                    f"{what} {lora.name!r}: cannot read its file ({exc})", lora.sha256
                 ) from None
             if digest.hexdigest() != lora.sha256:
                 raise AdapterLoadError(
-                    f"LoRA {lora.name!r}: its file changed since it was imported; import it again",
+                    f"{what} {lora.name!r}: its file changed since it was imported; "
+                    "import it again",
                     lora.sha256,
                 )
             self._verified.add(lora.sha256)
