@@ -911,7 +911,9 @@ def _cmd_models(client: LoracleClient, args: argparse.Namespace, out: _Output) -
                 model.dtype,
                 model.default_scheduler,
                 model.path,
-                model.error or ("placeholder (random weights)" if model.is_placeholder else ""),
+                model.error
+                or ("placeholder (random weights)" if model.is_placeholder else "")
+                or ("inpainting checkpoint" if model.inpainting else ""),
             )
             for model in listing.models
         ),

@@ -311,3 +311,5 @@ class BaseModelInfo:
     defaults: GenerationDefaults = FALLBACK_DEFAULTS
     # Not ready yet but on its way (the embedded placeholder being built): worth retrying.
     loading: bool = False
+    # A dedicated inpainting checkpoint (9-channel UNet): every mode runs as inpainting.
+    inpainting: bool = False

@@ -154,6 +154,7 @@ def base_model_to_proto(info: BaseModelInfo) -> types_pb2.BaseModel:
         default_scheduler=info.default_scheduler,
         dtype=info.dtype,
         is_placeholder=info.config.placeholder,
+        inpainting=info.inpainting,
     )
 
 

@@ -442,6 +442,7 @@ class BaseModel(_message.Message):
     DEFAULT_SCHEDULER_FIELD_NUMBER: _builtins.int
     DTYPE_FIELD_NUMBER: _builtins.int
     IS_PLACEHOLDER_FIELD_NUMBER: _builtins.int
+    INPAINTING_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The name used in requests."""
     architecture: Global___Architecture.ValueType
@@ -458,6 +459,11 @@ class BaseModel(_message.Message):
     """Torch dtype the model runs in, e.g. "float16"."""
     is_placeholder: _builtins.bool
     """True for the embedded random-weight model, whose images are noise."""
+    inpainting: _builtins.bool
+    """True for a dedicated inpainting checkpoint (a 9-channel UNet): every mode runs as
+    inpainting (text to image and img2img under a white mask, as A1111 runs them) and the
+    hires fix is refused.
+    """
     def __init__(
         self,
         *,
@@ -469,10 +475,11 @@ class BaseModel(_message.Message):
         default_scheduler: _builtins.str = ...,
         dtype: _builtins.str = ...,
         is_placeholder: _builtins.bool = ...,
+        inpainting: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "default_scheduler", b"default_scheduler", "dtype", b"dtype", "error", b"error", "is_placeholder", b"is_placeholder", "name", b"name", "path", b"path", "ready", b"ready"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "default_scheduler", b"default_scheduler", "dtype", b"dtype", "error", b"error", "inpainting", b"inpainting", "is_placeholder", b"is_placeholder", "name", b"name", "path", b"path", "ready", b"ready"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -154,6 +154,14 @@ class GenerationJobs:
         if init is not None and not (width or height):
             width, height = fit_size(init.width, init.height, self.limits)
         width, height = width or defaults.width, height or defaults.height
+        if request.hires is not None and model.inpainting:
+            raise ValidationError(
+                FieldViolation(
+                    "spec.hires",
+                    f"model {model.config.name!r} is an inpainting checkpoint; the hires fix "
+                    "needs a text-to-image model",
+                )
+            )
         hires = self._hires(request, width, height)
         final = (width, height) if hires is None else hires.size(width, height)
         if model.config.placeholder and max(final) > PLACEHOLDER_SIDE:

@@ -350,6 +350,7 @@ def model_document(info: BaseModelInfo) -> dict[str, Any]:
         "resolved_dtype": info.dtype,
         "default_scheduler": info.default_scheduler,
         "batch_fields": list(c.batch_fields),
+        "inpainting": info.inpainting,
         "defaults": {
             "width": d.width,
             "height": d.height,
@@ -389,4 +390,5 @@ def _model_info(doc: dict[str, Any]) -> BaseModelInfo:
         str(doc.get("resolved_dtype", "")),
         str(doc.get("default_scheduler", "")),
         defaults,
+        inpainting=bool(doc.get("inpainting", False)),
     )

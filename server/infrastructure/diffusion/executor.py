@@ -35,7 +35,7 @@ from server.infrastructure.diffusion.conditioning import ConditionedGroup
 from server.infrastructure.diffusion.controlnets import ControlNetLoadError
 from server.infrastructure.diffusion.embeddings import EmbeddingSpec
 from server.infrastructure.diffusion.estimates import StepCosts, describe_seconds
-from server.infrastructure.diffusion.families.base import BatchRows, ModelFamily
+from server.infrastructure.diffusion.families.base import BatchRows, ModelFamily, as_inpainting
 from server.infrastructure.diffusion.handles import JobHandle
 from server.infrastructure.diffusion.images import MIME, ImageStore, encode_image
 from server.infrastructure.diffusion.job_queue import JobQueue
@@ -315,8 +315,10 @@ class DiffusionExecutor:
             masks=[inputs[i].mask for i in group.rows if inputs[i].mask is not None],
             controls=[[inputs[i].controls[c] for i in group.rows] for c in range(len(controls))],
         )
+        if loaded.inpainting:
+            call = as_inpainting(call)
         try:
-            out = loaded.family.denoise(loaded.for_mode(job.mode, controls), call, watcher)
+            out = loaded.family.denoise(loaded.for_mode(call.call.mode, controls), call, watcher)
             if job.hires is not None:
                 second, upscaled = hires.second_pass(job, out, loaded.pipe)
                 watcher.next_pass()
@@ -429,6 +431,8 @@ class DiffusionExecutor:
                 init_image=None,  # timed as text to image
                 mask_image=None,
                 strength=0.0,
+                hires=None,
+                controls=(),
             )
             marks.clear()
             (group,) = loaded.family.encode(loaded.pipe, [job.prompt], [job.negative_prompt])
@@ -439,7 +443,9 @@ class DiffusionExecutor:
                 generators=[torch.Generator(device="cpu").manual_seed(0)],
                 conditioning=group.kwargs,
             )
-            loaded.family.denoise(loaded.pipe, rows, on_step)
+            if loaded.inpainting:
+                rows = as_inpainting(rows)
+            loaded.family.denoise(loaded.for_mode(rows.call.mode), rows, on_step)
             if len(marks) >= 2:  # between the two step ends: one step, nothing else
                 self._costs.record(job.model.name, side * side, 1, 1, marks[-1] - marks[-2])
 

@@ -21,6 +21,7 @@ from server.infrastructure.diffusion.adapters import AdapterCache, AdapterLoadEr
 from server.infrastructure.diffusion.controlnets import controlnet_hash, load_controlnet
 from server.infrastructure.diffusion.embeddings import EmbeddingCache
 from server.infrastructure.diffusion.families import ModelFamily, family_for
+from server.infrastructure.diffusion.registry import INPAINTING_CHANNELS
 from server.infrastructure.lora_files import update_digest
 
 log = logging.getLogger("loracle.executor")
@@ -60,6 +61,13 @@ class LoadedPipeline:
     # The ControlNets loaded for this model (in its device and dtype), by name.
     controlnets: dict[str, Any] = field(default_factory=dict)
     controlnet_hashes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def inpainting(self) -> bool:
+        """A dedicated inpainting model: every mode runs as inpainting (base.as_inpainting).
+        Only UNets have one (a transformer family has no `unet`)."""
+        config = getattr(getattr(self.pipe, "unet", None), "config", None)
+        return getattr(config, "in_channels", None) == INPAINTING_CHANNELS
 
     def for_mode(self, mode: str, controls: tuple[str, ...] = ()) -> Any:
         """The pipeline running `mode` (domain.generation_job.Mode) with the ControlNets

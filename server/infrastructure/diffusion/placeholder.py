@@ -85,20 +85,27 @@ def _scheduler() -> Any:
     )
 
 
-def build_tiny_sd15(folder: Path, *, seed: int = 0) -> Path:
+def build_tiny_sd15(folder: Path, *, seed: int = 0, inpainting: bool = False) -> Path:
+    """`inpainting`: a dedicated inpainting model, its UNet taking 9 channels (latents, mask,
+    masked image), saved as a StableDiffusionInpaintPipeline as such models are."""
     import torch
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        StableDiffusionInpaintPipeline,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
     tokenizer = _tokenizer(folder / "_tokenizer_src")
-    pipe = StableDiffusionPipeline(
+    pipeline = StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline
+    pipe = pipeline(
         vae=_vae(),
         text_encoder=CLIPTextModel(_text_config(len(tokenizer), 32)),
         tokenizer=tokenizer,
         unet=UNet2DConditionModel(
             sample_size=16,
-            in_channels=4,
+            in_channels=9 if inpainting else 4,
             out_channels=4,
             block_out_channels=(32, 64),
             layers_per_block=1,
@@ -117,14 +124,19 @@ def build_tiny_sd15(folder: Path, *, seed: int = 0) -> Path:
     return folder
 
 
-def build_tiny_sdxl(folder: Path, *, seed: int = 0) -> Path:
+def build_tiny_sdxl(folder: Path, *, seed: int = 0, inpainting: bool = False) -> Path:
     import torch
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import (
+        StableDiffusionXLInpaintPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     tokenizer = _tokenizer(folder / "_tokenizer_src")
-    pipe = StableDiffusionXLPipeline(
+    pipeline = StableDiffusionXLInpaintPipeline if inpainting else StableDiffusionXLPipeline
+    pipe = pipeline(
         vae=_vae(),
         text_encoder=CLIPTextModel(_text_config(len(tokenizer), 32)),
         text_encoder_2=CLIPTextModelWithProjection(_text_config(len(tokenizer), 32)),
@@ -132,7 +144,7 @@ def build_tiny_sdxl(folder: Path, *, seed: int = 0) -> Path:
         tokenizer_2=tokenizer,
         unet=UNet2DConditionModel(
             sample_size=16,
-            in_channels=4,
+            in_channels=9 if inpainting else 4,
             out_channels=4,
             block_out_channels=(32, 64),
             layers_per_block=1,

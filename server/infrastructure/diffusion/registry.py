@@ -80,7 +80,42 @@ def _inspect_checkpoint(config: BaseModelConfig, family: ModelFamily) -> tuple[s
     if not config.config_dir.is_dir():
         return f"config_dir {config.config_dir} is not a folder; {NEEDS_CONFIG_DIR}", ""
     error, scheduler = _inspect_folder(config.config_dir, config.architecture, family)
-    return (f"config_dir: {error}" if error else ""), scheduler
+    if error:
+        return f"config_dir: {error}", scheduler
+    given = unet_channels(config.path, family)
+    expected = unet_channels(config.config_dir, family)
+    if given != expected:
+        kind = "an inpainting" if given == INPAINTING_CHANNELS else "a text-to-image"
+        return (
+            f"{config.path} is {kind} checkpoint ({given}-channel UNet) but config_dir's UNet "
+            f"takes {expected} channels: use a diffusers folder of the same kind as config_dir"
+        ), ""
+    return "", scheduler
+
+
+# The UNet of a dedicated inpainting checkpoint takes the noisy latents (4 channels), the
+# mask (1) and the masked image's latents (4).
+INPAINTING_CHANNELS = 9
+# The key of the UNet's first convolution in an original-layout checkpoint.
+UNET_CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
+
+
+def unet_channels(path: Path, family: ModelFamily) -> int | None:
+    """The input channels of a model's UNet (4; 9 for an inpainting checkpoint): from its
+    config in a diffusers folder, from its first convolution's shape in a single file; None
+    when it cannot be read."""
+    try:
+        if path.is_dir():
+            config = json.loads((path / family.denoiser / "config.json").read_text())
+            return int(config["in_channels"])
+        with path.open("rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > MAX_HEADER_BYTES:
+                return None
+            header = json.loads(f.read(length))
+        return int(header[UNET_CONV_IN]["shape"][1])
+    except (OSError, ValueError, KeyError, IndexError, TypeError, struct.error):
+        return None
 
 
 def _inspect_single_file(path: Path, architecture: Architecture, family: ModelFamily) -> str:
@@ -202,6 +237,12 @@ class ModelRegistry:
 
     def _refresh(self, config: BaseModelConfig) -> None:
         error, scheduler = inspect_model(config)
+        family = family_for(config.architecture)
+        inpainting = (
+            not error
+            and family is not None
+            and unet_channels(config.path, family) == INPAINTING_CHANNELS
+        )
         loading = bool(error) and config.placeholder and not config.path.exists()
         if loading:
             error = "building the embedded placeholder model (random weights)"
@@ -214,6 +255,7 @@ class ModelRegistry:
                 config.scheduler or scheduler,
                 _defaults(config),
                 loading=loading,
+                inpainting=inpainting,
             )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -173,6 +173,25 @@ class ModelFamily(ABC):
         """Runs the pipeline once for every row and returns one PIL image per row, in order.
         `on_step` must be passed as diffusers' callback_on_step_end: it reports progress and
         stops the call by raising when every job in the batch is cancelled."""
+
+
+def as_inpainting(rows: BatchRows) -> BatchRows:
+    """The call for a dedicated inpainting model (9-channel UNet), which takes a mask and a
+    masked image in every mode, as A1111 runs one: text to image paints a blank image under
+    a white mask at strength 1, img2img its init image under a white mask at its strength."""
+    call = rows.call
+    if call.mode == Mode.INPAINT:
+        return rows
+    from PIL import Image
+
+    size, count = (call.width, call.height), len(rows.prompts)
+    text = call.mode == Mode.TEXT_TO_IMAGE
+    return replace(
+        rows,
+        images=[Image.new("RGB", size)] * count if text else rows.images,
+        masks=[Image.new("L", size, 255)] * count,
+        denoise_pass=replace(call, mode=Mode.INPAINT, strength=1.0 if text else call.strength),
+    )
 
 
 def prompt_arguments(rows: BatchRows) -> dict[str, Any]:

@@ -25,7 +25,8 @@ OPEN_CLIP_SD2 = "cond_stage_model.model.token_embedding.weight"
 
 class StableDiffusion(ModelFamily):
     architectures = (Architecture.SD1, Architecture.SD2)
-    pipeline_classes = frozenset({"StableDiffusionPipeline"})
+    # A dedicated inpainting model's folder names the inpainting pipeline.
+    pipeline_classes = frozenset({"StableDiffusionPipeline", "StableDiffusionInpaintPipeline"})
     components = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
     defaults = GenerationDefaults(512, 512, 25, 7.0)
     lora_components = ("unet", "text_encoder")

@@ -25,7 +25,8 @@ OPEN_CLIP_SDXL = "conditioner.embedders.1.model.positional_embedding"
 
 class StableDiffusionXL(ModelFamily):
     architectures = (Architecture.SDXL,)
-    pipeline_classes = frozenset({"StableDiffusionXLPipeline"})
+    # A dedicated inpainting model's folder names the inpainting pipeline.
+    pipeline_classes = frozenset({"StableDiffusionXLPipeline", "StableDiffusionXLInpaintPipeline"})
     components = (
         "unet",
         "vae",
