@@ -117,3 +117,22 @@ def test_a_job_larger_than_the_limit_runs_alone() -> None:
     assert batch.full
     assert not batch.offer("small", "k", 1)
     assert batch.members == ["huge"]
+
+
+def test_the_queue_logs_why_a_waiting_job_does_not_join_the_batch(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from server.infrastructure.diffusion.handles import JobHandle
+    from server.infrastructure.diffusion.job_queue import JobQueue
+
+    queue = JobQueue(max_queue=4, max_batch=4, batch_wait=0.0)
+    first, same, other = (
+        JobHandle(job(generation_id="a")),
+        JobHandle(job(generation_id="b", prompt="a dog")),
+        JobHandle(job(generation_id="c", steps=9, width=128)),
+    )
+    for handle in (first, same, other):
+        queue.put(handle)
+    with caplog.at_level("DEBUG", logger="loracle.executor"):
+        assert queue.next_batch() == [first, same]
+    assert "generation c waits for a later batch: it differs in size, steps" in caplog.text
