@@ -15,6 +15,11 @@ b) Chunk streaming. The time from an image's first ImageChunk to its last, throu
    the same client code.
 c) img2img overhead. As (a), for the same job made again from its own image at strength 0.5,
    against diffusers' img2img pipeline built from the same components (`from_pipe`).
+d) ControlNet overhead. As (a), for the same job steered by a tiny random-weight ControlNet
+   (configured in the server, `controls` in the spec) with the job's own image as the control
+   image, against diffusers' StableDiffusionControlNetPipeline built from the same components
+   and the same ControlNet folder. The control image is already at the job's size, so the
+   server's crop-and-resize changes nothing and both sides get the same image.
 
 Usage: .venv/bin/python bench/generation_cpu.py [--rounds N] [--json]
 """
@@ -33,8 +38,9 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +57,7 @@ from server.devtools.bench_support import (
     serve_echo,
 )
 from server.devtools.local_server import RunningServer, start_server, wait_for_models
+from server.infrastructure.diffusion.placeholder import build_tiny_controlnet
 
 SEED = 1234
 PROMPT = "a lighthouse at dusk, detailed, oil painting"
@@ -61,6 +68,8 @@ JOB_STEPS = 4
 JOB_GUIDANCE = 7.0
 IMG2IMG_STRENGTH = 0.5
 JOBS_PER_ROUND = 2
+# (d) a tiny random-weight ControlNet made from JOB_MODEL's UNet.
+CONTROLNET = "tiny-controlnet"
 # (b) tiny_sd15's text encoder with an 8x VAE and an attention-free UNet (tiny_sd15's own VAE
 # upsamples only 2x and its UNet attends over every latent pixel: a 1024x1024 image would take
 # many minutes). One step, no classifier-free guidance: only the bytes matter here. The PNG of
@@ -125,8 +134,9 @@ def build_models(workdir: Path) -> dict[str, Path]:
     return {JOB_MODEL: job_model, STREAM_MODEL: stream_model}
 
 
-def write_settings(path: Path, models: dict[str, Path]) -> None:
-    """A TOML settings file with one [[models]] table per model (json.dumps quotes like TOML)."""
+def write_settings(path: Path, models: dict[str, Path], controlnet: Path) -> None:
+    """A TOML settings file with one [[models]] table per model and the SD1 ControlNet
+    (json.dumps quotes like TOML)."""
     lines = ['log_level = "WARNING"']
     for name, folder in models.items():
         lines += [
@@ -137,6 +147,13 @@ def write_settings(path: Path, models: dict[str, Path]) -> None:
             f"path = {json.dumps(str(folder))}",
             'dtype = "float32"',
         ]
+    lines += [
+        "",
+        "[[controlnets]]",
+        f"name = {json.dumps(CONTROLNET)}",
+        'architecture = "SD1"',
+        f"path = {json.dumps(str(controlnet))}",
+    ]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -216,6 +233,43 @@ def img2img_spec(init_png: bytes) -> types_pb2.GenerationSpec:
     return spec
 
 
+def controlnet_spec(control_png: bytes) -> types_pb2.GenerationSpec:
+    """The same job steered by the configured ControlNet (scale 1, every step: the defaults)."""
+    spec = job_spec()
+    spec.controls.add(controlnet=CONTROLNET).image.data = control_png
+    return spec
+
+
+def plain_controlnet_png(pipe: Any, spec: types_pb2.GenerationSpec) -> tuple[bytes, float]:
+    """`plain_png` for a ControlNet spec: the control image decoded as the server decodes it
+    (already at the job's size, so the server's crop-and-resize keeps it as it is) and passed
+    with diffusers' defaults, which are the spec's."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    began = time.perf_counter()
+    control = Image.open(io.BytesIO(spec.controls[0].image.data)).convert("RGB")
+    result = pipe(
+        prompt=spec.prompt,
+        negative_prompt=None,
+        image=[control],
+        width=spec.width,
+        height=spec.height,
+        num_inference_steps=spec.steps,
+        guidance_scale=spec.guidance_scale,
+        num_images_per_prompt=1,
+        generator=[torch.Generator(device="cpu").manual_seed(spec.seed)],
+    )
+    buffer = io.BytesIO()
+    result.images[0].save(buffer, format="PNG")
+    return buffer.getvalue(), time.perf_counter() - began
+
+
+PlainJob = Callable[[types_pb2.GenerationSpec], tuple[bytes, float]]
+
+
 def load_plain(model_dir: Path) -> Any:
     import torch
 
@@ -231,9 +285,10 @@ def load_plain(model_dir: Path) -> Any:
 
 
 def measure_jobs(
-    client: LoracleClient, pipe: Any, spec: types_pb2.GenerationSpec, rounds: int, label: str
+    client: LoracleClient, plain: PlainJob, spec: types_pb2.GenerationSpec, rounds: int, label: str
 ) -> dict[str, Any]:
-    baseline, _ = plain_png(pipe, spec)  # warm-up
+    """`spec` through the service against `plain`, the same job in plain diffusers."""
+    baseline, _ = plain(spec)  # warm-up
     service = generate(client, spec)  # warm-up; the server loads the model now
     log(f"({label}) warm-up done: the first service job took {service.seconds * 1000:.0f} ms")
     identical = same_pixels(baseline, service.data)
@@ -247,7 +302,7 @@ def measure_jobs(
             total = 0.0
             for _ in range(JOBS_PER_ROUND):
                 if target == "plain":
-                    total += plain_png(pipe, spec)[1]
+                    total += plain(spec)[1]
                 else:
                     image = generate(client, spec)
                     total += image.seconds
@@ -390,23 +445,43 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             quiet_libraries()
             log("building the tiny models")
             models = build_models(workdir / "models")
+            controlnet = build_tiny_controlnet(workdir / "models" / CONTROLNET, models[JOB_MODEL])
             settings = workdir / "settings.toml"
-            write_settings(settings, models)
+            write_settings(settings, models, controlnet)
             server = start_server(workdir / "data", "--config", str(settings))
             log(f"Loracle serving on {server.address}")
             with LoracleClient(server.address, timeout=30.0) as client:
                 wait_for_models(client, timeout=60)
                 pipe = load_plain(models[JOB_MODEL])
-                jobs = measure_jobs(client, pipe, job_spec(), args.rounds, "a")
+                jobs = measure_jobs(client, partial(plain_png, pipe), job_spec(), args.rounds, "a")
                 # (c) img2img from the text-to-image job's own image, against diffusers'
                 # img2img pipeline made from the same components.
-                from diffusers import StableDiffusionImg2ImgPipeline
+                from diffusers import (
+                    ControlNetModel,
+                    StableDiffusionControlNetPipeline,
+                    StableDiffusionImg2ImgPipeline,
+                )
 
                 init = generate(client, job_spec()).data
                 img2img = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
                 img2img.set_progress_bar_config(disable=True)
-                image_jobs = measure_jobs(client, img2img, img2img_spec(init), args.rounds, "c")
-                del pipe, img2img
+                image_jobs = measure_jobs(
+                    client, partial(plain_png, img2img), img2img_spec(init), args.rounds, "c"
+                )
+                # (d) the same job with its own image as the control image, against
+                # diffusers' ControlNet pipeline with the same ControlNet folder.
+                controlled = StableDiffusionControlNetPipeline.from_pipe(
+                    pipe, controlnet=ControlNetModel.from_pretrained(controlnet)
+                )
+                controlled.set_progress_bar_config(disable=True)
+                control_jobs = measure_jobs(
+                    client,
+                    partial(plain_controlnet_png, controlled),
+                    controlnet_spec(init),
+                    args.rounds,
+                    "d",
+                )
+                del pipe, img2img, controlled
                 streaming = measure_streaming(client, children, workdir, args.rounds)
         except BaseException:
             if server is not None:
@@ -421,6 +496,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result = {
         "per_job": jobs,
         "img2img": image_jobs,
+        "controlnet": control_jobs,
         "streaming": streaming,
         "rounds": args.rounds,
         "seconds": round(time.perf_counter() - begin, 1),
@@ -431,27 +507,36 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def print_table(result: dict[str, Any]) -> None:
-    jobs, stream = result["per_job"], result["streaming"]
-    print(
-        f"Per job ({jobs['size']}x{jobs['size']}, {jobs['steps']} steps, tiny SD1.5, "
-        f"{jobs['jobs_per_round']} jobs x {result['rounds']} interleaved rounds, medians):"
-    )
-    print(f"  plain diffusers in-process  {jobs['plain_ms']:9.1f} ms/job")
+def _print_jobs(heading: str, plain_label: str, jobs: dict[str, Any]) -> None:
+    """One job measurement's rows (measure_jobs' figures) under its heading."""
+    print(heading)
+    print(f"  {plain_label:<27} {jobs['plain_ms']:9.1f} ms/job")
     print(f"  Loracle end to end          {jobs['service_ms']:9.1f} ms/job")
     print(
         f"  overhead                    {jobs['overhead_ms']:9.1f} ms/job   ratio "
         f"{jobs['ratio']:.3f} (service / plain)   same pixels: {jobs['same_pixels']}"
     )
+
+
+def print_table(result: dict[str, Any]) -> None:
+    jobs, stream = result["per_job"], result["streaming"]
+    _print_jobs(
+        f"Per job ({jobs['size']}x{jobs['size']}, {jobs['steps']} steps, tiny SD1.5, "
+        f"{jobs['jobs_per_round']} jobs x {result['rounds']} interleaved rounds, medians):",
+        "plain diffusers in-process",
+        jobs,
+    )
     stages = ", ".join(f"{k} {v:.1f}" for k, v in jobs["service_stage_ms"].items())
     print(f"  service stages (ms)         {stages}")
-    image_jobs = result["img2img"]
-    print(f"img2img (the same job from its own image, strength {IMG2IMG_STRENGTH}, medians):")
-    print(f"  plain diffusers img2img     {image_jobs['plain_ms']:9.1f} ms/job")
-    print(f"  Loracle end to end          {image_jobs['service_ms']:9.1f} ms/job")
-    print(
-        f"  overhead                    {image_jobs['overhead_ms']:9.1f} ms/job   ratio "
-        f"{image_jobs['ratio']:.3f} (service / plain)   same pixels: {image_jobs['same_pixels']}"
+    _print_jobs(
+        f"img2img (the same job from its own image, strength {IMG2IMG_STRENGTH}, medians):",
+        "plain diffusers img2img",
+        result["img2img"],
+    )
+    _print_jobs(
+        "ControlNet (the same job, its own image as the control image, scale 1, medians):",
+        "plain diffusers ControlNet",
+        result["controlnet"],
     )
     print(
         f"Chunk streaming ({stream['size']}x{stream['size']} PNG, {stream['image_bytes']} bytes, "

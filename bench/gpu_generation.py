@@ -518,6 +518,82 @@ def _median_timings(timings: list[types_pb2.StageTimings]) -> dict[str, float]:
     return {n: round(statistics.median(float(getattr(t, n)) for t in timings), 4) for n in names}
 
 
+PlainJob = Callable[[types_pb2.GenerationSpec], tuple[bytes, float]]
+
+
+@dataclass
+class Paired:
+    """One spec timed in plain diffusers and through the service, image for image."""
+
+    stage: str
+    first: Streamed  # the service's warm-up job
+    same_pixels: bool  # whether the two warm-up images agree to the bit
+    plain_seconds: list[float] = field(default_factory=list)
+    service: list[Streamed] = field(default_factory=list)
+
+    @property
+    def plain_ips(self) -> float:
+        return len(self.plain_seconds) / sum(self.plain_seconds)
+
+    @property
+    def service_ips(self) -> float:
+        return len(self.service) / sum(s.seconds for s in self.service)
+
+    def figures(self) -> dict[str, Any]:
+        """The keys every A/B stage reports first."""
+        return {
+            "plain_images_per_s": round(self.plain_ips, 4),
+            "service_images_per_s": round(self.service_ips, 4),
+            "ratio": round(self.service_ips / self.plain_ips, 4),
+            "plain_seconds": [round(s, 4) for s in self.plain_seconds],
+            "service_seconds": [round(s.seconds, 4) for s in self.service],
+        }
+
+    def summary(self, title: str = "") -> str:
+        return (
+            f"{self.stage}: {title}plain {self.plain_ips:.3f} img/s, service "
+            f"{self.service_ips:.3f} img/s, ratio {self.figures()['ratio']:.4f} "
+            f"(target >= {TARGETS[self.stage]})"
+        )
+
+
+def measure_paired(
+    stage: str,
+    plain: PlainJob,
+    client: LoracleClient,
+    spec: types_pb2.GenerationSpec,
+    *,
+    images: int,
+    plan: Plan,
+    clock: Clock,
+    loads_model: bool = False,
+) -> Paired:
+    """Warms both sides up at the plan's warm-up steps, then times `images` of `spec` each
+    way, interleaved. `loads_model`: the warm-up is the model's first service job (logged)."""
+    warm = _with(spec, steps=plan.warmup_steps)
+    baseline, _ = plain(warm)
+    first = service_image(client, warm)
+    # Informative: bf16 kernels in two processes usually, not necessarily, agree to the bit.
+    paired = Paired(stage, first, same_pixels(baseline, first.png))
+    loaded = (
+        f"the service's first job (model load) took {first.seconds:.1f} s; " if loads_model else ""
+    )
+    clock.log(
+        f"{stage}: warm-up done; {loaded}same pixels as plain diffusers: {paired.same_pixels}"
+    )
+    for index, order in enumerate(_interleaved(images)):
+        for side in order:
+            if side == "a":
+                paired.plain_seconds.append(plain(spec)[1])
+            else:
+                paired.service.append(service_image(client, spec))
+        clock.log(
+            f"{stage}: image {index + 1}: plain {paired.plain_seconds[-1]:.3f} s, "
+            f"service {paired.service[-1].seconds:.3f} s"
+        )
+    return paired
+
+
 # --- the three measurements -----------------------------------------------------------------
 
 
@@ -532,53 +608,33 @@ def measure_a(pipe: Any, client: LoracleClient, plan: Plan, clock: Clock) -> dic
         seed=SEED,
         num_images=1,
     )
-    warm = _with(spec, steps=plan.warmup_steps)
-    baseline, _ = plain_png(pipe, warm)
-    first = service_image(client, warm)
-    # Informative: bf16 kernels in two processes usually, not necessarily, agree to the bit.
-    identical = same_pixels(baseline, first.png)
-    clock.log(
-        f"A: warm-up done; the service's first job (model load) took {first.seconds:.1f} s; "
-        f"same pixels as plain diffusers: {identical}"
+    paired = measure_paired(
+        "A",
+        lambda s: plain_png(pipe, s),
+        client,
+        spec,
+        images=plan.a_images,
+        plan=plan,
+        clock=clock,
+        loads_model=True,
     )
-    seconds: dict[str, list[float]] = {"plain": [], "service": []}
-    timings: list[types_pb2.StageTimings] = []
-    for index, order in enumerate(_interleaved(plan.a_images)):
-        for side in order:
-            if side == "a":
-                seconds["plain"].append(plain_png(pipe, spec)[1])
-            else:
-                image = service_image(client, spec)
-                seconds["service"].append(image.seconds)
-                timings.append(image.timings)
-        clock.log(
-            f"A: image {index + 1}: plain {seconds['plain'][-1]:.3f} s, "
-            f"service {seconds['service'][-1]:.3f} s"
-        )
-    plain_ips = len(seconds["plain"]) / sum(seconds["plain"])
-    service_ips = len(seconds["service"]) / sum(seconds["service"])
+    timings = [image.timings for image in paired.service]
     result = {
-        "plain_images_per_s": round(plain_ips, 4),
-        "service_images_per_s": round(service_ips, 4),
-        "ratio": round(service_ips / plain_ips, 4),
-        "plain_seconds": [round(s, 4) for s in seconds["plain"]],
-        "service_seconds": [round(s, 4) for s in seconds["service"]],
+        **paired.figures(),
         "service_stage_seconds": _median_timings(timings),
         "service_denoising_seconds": [round(t.denoising_seconds, 4) for t in timings],
         "median_ratio": round(
-            statistics.median(seconds["plain"]) / statistics.median(seconds["service"]), 4
+            statistics.median(paired.plain_seconds)
+            / statistics.median(s.seconds for s in paired.service),
+            4,
         ),
-        "service_first_job_seconds": round(first.seconds, 2),
-        "same_pixels_as_plain": identical,
+        "service_first_job_seconds": round(paired.first.seconds, 2),
+        "same_pixels_as_plain": paired.same_pixels,
         "images": plan.a_images,
         "size": plan.sd15_side,
         "steps": plan.steps,
     }
-    clock.log(
-        f"A: plain {plain_ips:.3f} img/s, service {service_ips:.3f} img/s, ratio "
-        f"{result['ratio']:.4f} (target >= {TARGETS['A']}); service stages (median s): "
-        f"{result['service_stage_seconds']}"
-    )
+    clock.log(f"{paired.summary()}; service stages (median s): {result['service_stage_seconds']}")
     return result
 
 
@@ -731,41 +787,24 @@ def measure_d(
         strength=IMG2IMG_STRENGTH,
     )
     spec.init_image.data = init_png
-    warm = _with(spec, steps=plan.warmup_steps)
-    baseline, _ = plain_png(pipe, warm)
-    first = service_image(client, warm)
-    identical = same_pixels(baseline, first.png)
-    clock.log(f"D: warm-up done; same pixels as plain diffusers: {identical}")
-    seconds: dict[str, list[float]] = {"plain": [], "service": []}
-    for index, order in enumerate(_interleaved(plan.c_images)):
-        for side in order:
-            if side == "a":
-                seconds["plain"].append(plain_png(pipe, spec)[1])
-            else:
-                seconds["service"].append(service_image(client, spec).seconds)
-        clock.log(
-            f"D: image {index + 1}: plain {seconds['plain'][-1]:.3f} s, "
-            f"service {seconds['service'][-1]:.3f} s"
-        )
-    plain_ips = len(seconds["plain"]) / sum(seconds["plain"])
-    service_ips = len(seconds["service"]) / sum(seconds["service"])
-    result = {
-        "plain_images_per_s": round(plain_ips, 4),
-        "service_images_per_s": round(service_ips, 4),
-        "ratio": round(service_ips / plain_ips, 4),
-        "plain_seconds": [round(s, 4) for s in seconds["plain"]],
-        "service_seconds": [round(s, 4) for s in seconds["service"]],
-        "same_pixels_as_plain": identical,
+    paired = measure_paired(
+        "D",
+        lambda s: plain_png(pipe, s),
+        client,
+        spec,
+        images=plan.c_images,
+        plan=plan,
+        clock=clock,
+    )
+    clock.log(paired.summary("SDXL img2img "))
+    return {
+        **paired.figures(),
+        "same_pixels_as_plain": paired.same_pixels,
         "strength": IMG2IMG_STRENGTH,
         "images": plan.c_images,
         "size": plan.sdxl_side,
         "steps": plan.steps,
     }
-    clock.log(
-        f"D: SDXL img2img plain {plain_ips:.3f} img/s, service {service_ips:.3f} img/s, ratio "
-        f"{result['ratio']:.4f} (target >= {TARGETS['D']})"
-    )
-    return result
 
 
 def plain_hires(text2img: Any, img2img: Any, spec: types_pb2.GenerationSpec) -> tuple[bytes, float]:
@@ -818,42 +857,25 @@ def measure_e(
     spec.hires.scale = HIRES_SCALE
     spec.hires.denoising_strength = HIRES_STRENGTH
     spec.hires.upscaler = "Latent"
-    warm = _with(spec, steps=plan.warmup_steps)
-    baseline, _ = plain_hires(text2img, img2img, warm)
-    first = service_image(client, warm)
-    identical = same_pixels(baseline, first.png)
-    clock.log(f"E: warm-up done; same pixels as plain diffusers: {identical}")
-    seconds: dict[str, list[float]] = {"plain": [], "service": []}
-    for index, order in enumerate(_interleaved(plan.c_images)):
-        for side in order:
-            if side == "a":
-                seconds["plain"].append(plain_hires(text2img, img2img, spec)[1])
-            else:
-                seconds["service"].append(service_image(client, spec).seconds)
-        clock.log(
-            f"E: image {index + 1}: plain {seconds['plain'][-1]:.3f} s, "
-            f"service {seconds['service'][-1]:.3f} s"
-        )
-    plain_ips = len(seconds["plain"]) / sum(seconds["plain"])
-    service_ips = len(seconds["service"]) / sum(seconds["service"])
-    result = {
-        "plain_images_per_s": round(plain_ips, 4),
-        "service_images_per_s": round(service_ips, 4),
-        "ratio": round(service_ips / plain_ips, 4),
-        "plain_seconds": [round(s, 4) for s in seconds["plain"]],
-        "service_seconds": [round(s, 4) for s in seconds["service"]],
-        "same_pixels_as_plain": identical,
+    paired = measure_paired(
+        "E",
+        lambda s: plain_hires(text2img, img2img, s),
+        client,
+        spec,
+        images=plan.c_images,
+        plan=plan,
+        clock=clock,
+    )
+    clock.log(paired.summary("SDXL hires fix "))
+    return {
+        **paired.figures(),
+        "same_pixels_as_plain": paired.same_pixels,
         "scale": HIRES_SCALE,
         "denoising_strength": HIRES_STRENGTH,
         "images": plan.c_images,
         "size": plan.sdxl_side,
         "steps": plan.steps,
     }
-    clock.log(
-        f"E: SDXL hires fix plain {plain_ips:.3f} img/s, service {service_ips:.3f} img/s, "
-        f"ratio {result['ratio']:.4f} (target >= {TARGETS['E']})"
-    )
-    return result
 
 
 # --- orchestration --------------------------------------------------------------------------

@@ -939,9 +939,35 @@ def _cmd_models(client: LoracleClient, args: argparse.Namespace, out: _Output) -
                 for c in listing.controlnets
             ),
         )
-    if listing.upscalers:
-        names = ", ".join(u.name for u in listing.upscalers)
-        sys.stdout.write(f"\nHires upscalers (--hires-upscaler): {names}\n")
+    models = [u for u in listing.upscalers if u.path]
+    if models:
+        sys.stdout.write(
+            "\nUpscaler models (--hires-upscaler NAME, loracle upscale --model NAME):\n"
+        )
+        out.table(
+            [
+                _Column("upscaler"),
+                _Column("network"),
+                _Column("scale"),
+                _Column("ready"),
+                _Column("path", shrink=True),
+                _Column("note", shrink=True),
+            ],
+            (
+                (
+                    u.name,
+                    u.architecture,
+                    f"{u.scale}x" if u.scale else "",
+                    _yes_no(u.ready),
+                    u.path,
+                    u.error,
+                )
+                for u in models
+            ),
+        )
+    builtin = ", ".join(u.name for u in listing.upscalers if not u.path)
+    if builtin:
+        sys.stdout.write(f"\nBuilt-in hires upscalers (--hires-upscaler): {builtin}\n")
     return 0
 
 

@@ -235,7 +235,10 @@ def bootstrap(
     queries.register(ListEventsQuery, ListEventsHandler(read_model))
     queries.register(SearchLoRAsByPromptQuery, SearchLoRAsByPromptHandler(recommender, tokens))
     registry = ModelRegistry(
-        settings.models, data_dir=settings.data_dir.resolve(), controlnets=settings.controlnets
+        settings.models,
+        data_dir=settings.data_dir.resolve(),
+        controlnets=settings.controlnets,
+        upscalers=settings.upscalers,
     )
     if broker is None and settings.broker_url:
         broker = connect_broker(settings, "loracle-server")
@@ -245,6 +248,7 @@ def bootstrap(
             broker,
             tuple(m.config for m in model_lookup.statuses()),
             controlnets=model_lookup.controlnets(),
+            upscalers=model_lookup.upscaler_models(),
         )
     queries.register(ListBaseModelsQuery, ListBaseModelsHandler(model_lookup))
     # A cluster replica runs no model unless it also runs a worker.

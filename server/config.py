@@ -30,9 +30,11 @@ from server.domain.models import (
     Architecture,
     BaseModelConfig,
     ControlNetConfig,
+    UpscalerModelConfig,
     resolve_architecture,
 )
 from server.domain.tokens import parse_key
+from server.domain.upscalers import builtin_names
 
 SCOPES = ("read", "write", "generate", "admin")
 ENV_PREFIX = "LORACLE_"
@@ -54,6 +56,7 @@ NOT_SETTINGS = frozenset(
         "LORACLE_STORM_SEED",
     }
 )
+_UPSCALER_KEYS = ("name", "path")
 _CONTROLNET_KEYS = ("name", "architecture", "path", "config_dir")
 _MODEL_KEYS = ("name", "architecture", "path", "scheduler", "dtype", "vram_budget_gb", "config_dir")
 _TOKEN_KEYS = ("name", "sha256", "scopes")
@@ -142,6 +145,12 @@ class Settings(BaseSettings):
         (),
         "`[[controlnets]]` tables (see [ControlNet](#controlnet)); none: requests' `controls` "
         "are refused",
+        flag="",
+    )
+    upscalers: tuple[UpscalerModelConfig, ...] = _setting(
+        (),
+        "`[[upscalers]]` tables (see [Upscalers](#upscalers)): ESRGAN-family models for the "
+        "hires fix and `UpscaleImage`",
         flag="",
     )
     embedded_model: bool = _setting(
@@ -282,6 +291,11 @@ class Settings(BaseSettings):
     def _controlnet_tables(cls, value: object) -> object:
         return value if isinstance(value, tuple) else _controlnets(value, Path())
 
+    @field_validator("upscalers", mode="before")
+    @classmethod
+    def _upscaler_tables(cls, value: object) -> object:
+        return value if isinstance(value, tuple) else _upscalers(value, Path())
+
     @field_validator("tokens", mode="before")
     @classmethod
     def _token_tables(cls, value: object) -> object:
@@ -397,6 +411,19 @@ def _controlnets(tables: Any, base: Path) -> tuple[ControlNetConfig, ...]:
     return tuple(out)
 
 
+def _upscalers(tables: Any, base: Path) -> tuple[UpscalerModelConfig, ...]:
+    builtin = {name.casefold() for name in builtin_names()}
+    out = []
+    for where, table in _tables(tables, "upscalers", _UPSCALER_KEYS):
+        name = str(table["name"]).strip()
+        if name.casefold() in builtin:
+            raise ValidationError(
+                FieldViolation(f"{where}.name", f"{name!r} is a built-in upscaler's name")
+            )
+        out.append(UpscalerModelConfig(name, _resolve(str(table["path"]).strip(), base)))
+    return tuple(out)
+
+
 def _tokens(tables: Any) -> tuple[TokenConfig, ...]:
     if not isinstance(tables, list):
         raise ValidationError(FieldViolation("tokens", "must be an array of [[tokens]] tables"))
@@ -504,7 +531,7 @@ def _from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
     try:
         return dict(_Environment(environ)())
     except pydantic_settings.SettingsError:  # a table variable that is not JSON
-        for name in ("models", "controlnets", "tokens"):
+        for name in ("models", "controlnets", "upscalers", "tokens"):
             try:
                 json.loads(environ.get(env_of(name)) or "null")
             except ValueError:
@@ -526,6 +553,8 @@ def _from_toml(path: Path) -> dict[str, Any]:
         data["models"] = _models(data["models"], path.parent)
     if "controlnets" in data:
         data["controlnets"] = _controlnets(data["controlnets"], path.parent)
+    if "upscalers" in data:
+        data["upscalers"] = _upscalers(data["upscalers"], path.parent)
     for key in _PATHS_IN_TOML:
         if isinstance(data.get(key), str):
             data[key] = str(_resolve(data[key], path.parent))

@@ -34,7 +34,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     name = settings.worker_name or default_worker_name()
     models = ModelRegistry(
-        settings.models, data_dir=settings.data_dir.resolve(), controlnets=settings.controlnets
+        settings.models,
+        data_dir=settings.data_dir.resolve(),
+        controlnets=settings.controlnets,
+        upscalers=settings.upscalers,
     )
     if settings.embedded_model:
         models.ensure_embedded(wait=True)

@@ -7,11 +7,14 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
 from server.bootstrap import Container, bootstrap
 from server.config import Settings
+from server.domain.generation_job import GenerationJob
+from server.domain.models import BaseModelConfig
 
 POSTGRES_URL = os.environ.get("LORACLE_TEST_POSTGRES_URL", "")
 
@@ -47,3 +50,19 @@ def make_container(tmp_path: Path, storage_url: str = "", **kwargs: object) -> C
     # container would only burn CPU (tests/integration/test_models.py builds it on purpose).
     kwargs.setdefault("build_embedded_model", False)
     return bootstrap(settings, **kwargs)  # type: ignore[arg-type]
+
+
+def generation_job(model: BaseModelConfig, **fields: Any) -> GenerationJob:
+    """A small, quick text-to-image job on `model` (64x64, 2 steps); `fields` override."""
+    base: dict[str, Any] = {
+        "generation_id": str(uuid.uuid4()),
+        "model": model,
+        "prompt": "a fox",
+        "original_prompt": "a fox",
+        "width": 64,
+        "height": 64,
+        "steps": 2,
+        "guidance_scale": 7.0,
+        "seed": 1,
+    }
+    return GenerationJob(**{**base, **fields})

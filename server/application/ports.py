@@ -26,6 +26,7 @@ from server.domain.models import (
     LoraView,
     Page,
     ScannedLora,
+    UpscalerModelInfo,
 )
 from server.domain.recommendation import LoRARecommendation
 
@@ -94,6 +95,10 @@ class ModelLookup(Protocol):
 
     def controlnets(self) -> list[ControlNetInfo]:
         """The configured ControlNets, with their readiness."""
+        ...
+
+    def upscaler_models(self) -> list[UpscalerModelInfo]:
+        """The configured upscaler models, with their readiness."""
         ...
 
 

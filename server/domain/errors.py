@@ -60,6 +60,7 @@ class Reason(enum.StrEnum):
     CONTROLNET_NOT_READY = "CONTROLNET_NOT_READY"
     CONTROLNET_ARCHITECTURE_MISMATCH = "CONTROLNET_ARCHITECTURE_MISMATCH"
     CONTROLNET_LOAD_FAILED = "CONTROLNET_LOAD_FAILED"
+    UPSCALER_NOT_READY = "UPSCALER_NOT_READY"
     GENERATION_NOT_LIVE = "GENERATION_NOT_LIVE"
     IMAGE_NOT_KEPT = "IMAGE_NOT_KEPT"
     WORKER_REFUSED = "WORKER_REFUSED"
@@ -108,6 +109,7 @@ REASON_TEXT: dict[Reason, str] = {
     Reason.CONTROLNET_NOT_READY: "the ControlNet's files are missing or unusable (it says why)",
     Reason.CONTROLNET_ARCHITECTURE_MISMATCH: "the ControlNet is for another architecture",
     Reason.CONTROLNET_LOAD_FAILED: "the ControlNet would not load on the model (a stream)",
+    Reason.UPSCALER_NOT_READY: "the upscaler model's file is missing or unusable (it says why)",
     Reason.GENERATION_NOT_LIVE: "the generation is not streaming here; watch or get it by id",
     Reason.IMAGE_NOT_KEPT: "an earlier image named as input is no longer kept; send its bytes",
     Reason.WORKER_REFUSED: "no cluster worker has the model or LoRA files the job needs",
@@ -284,6 +286,7 @@ class PreconditionError(DomainError):
         Reason.CONTROLNET_NOT_READY,
         Reason.CONTROLNET_ARCHITECTURE_MISMATCH,
         Reason.CONTROLNET_LOAD_FAILED,
+        Reason.UPSCALER_NOT_READY,
         Reason.GENERATION_NOT_LIVE,
         Reason.IMAGE_NOT_KEPT,
         Reason.WORKER_REFUSED,

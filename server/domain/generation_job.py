@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.domain.models import BaseModelConfig, ControlNetConfig
+from server.domain.models import BaseModelConfig, ControlNetConfig, UpscalerModelConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,12 +51,14 @@ class InputImage:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HiresFix:
     """A1111's hires fix as a job runs it: the upscale factor, the second pass's steps and
-    strength, and the upscaler's A1111 name (domain.upscalers)."""
+    strength, and the upscaler: an A1111 name (domain.upscalers) or a configured model's."""
 
     scale: float
     steps: int
     denoising_strength: float
     upscaler: str
+    # The configured upscaler model `upscaler` names (None: a built-in one).
+    model: UpscalerModelConfig | None = None
 
     def size(self, width: int, height: int) -> tuple[int, int]:
         """The upscaled size of a width x height first pass, in multiples of 8."""

@@ -288,6 +288,23 @@ class ControlNetInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class UpscalerModelConfig:
+    """An upscaler model as configured (`[[upscalers]]`): one `.safetensors` file."""
+
+    name: str
+    path: Path
+
+
+@dataclass(frozen=True, slots=True)
+class UpscalerModelInfo:
+    config: UpscalerModelConfig
+    ready: bool
+    error: str = ""
+    architecture: str = ""  # "ESRGAN" or "Compact" when ready
+    scale: int = 0  # its native factor when ready
+
+
+@dataclass(frozen=True, slots=True)
 class GenerationDefaults:
     """What a request that leaves size, steps or guidance at zero gets, per model family."""
 

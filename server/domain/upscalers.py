@@ -1,6 +1,7 @@
 """The hires-fix upscalers by A1111's names: the latent ones resize the first pass's latents
 (an interpolation mode, with or without antialiasing), the image ones resize its decoded
-image. Upscaler models (ESRGAN and kin) are not among them yet."""
+image. Upscaler models (ESRGAN and kin, `[[upscalers]]`) are configured, not built in: a hires
+fix names them by their configured name."""
 
 from __future__ import annotations
 
@@ -33,3 +34,7 @@ _BY_NAME = {u.name.casefold(): u for u in UPSCALERS}
 def find_upscaler(name: str) -> Upscaler | None:
     """The upscaler A1111 calls `name` (any case; "" is the default), or None."""
     return _BY_NAME.get((name or DEFAULT_UPSCALER).strip().casefold())
+
+
+def builtin_names() -> list[str]:
+    return [u.name for u in UPSCALERS]

@@ -171,7 +171,23 @@ def model_listing_to_proto(listing: ModelListing) -> qry_pb.ListBaseModelsRespon
             )
             for c in listing.controlnets
         ],
-        upscalers=[types_pb2.Upscaler(name=u.name, latent=u.latent) for u in listing.upscalers],
+        upscalers=[
+            *(
+                types_pb2.Upscaler(name=u.name, latent=u.latent, ready=True)
+                for u in listing.upscalers
+            ),
+            *(
+                types_pb2.Upscaler(
+                    name=u.config.name,
+                    path=str(u.config.path),
+                    ready=u.ready,
+                    error=u.error,
+                    scale=u.scale,
+                    architecture=u.architecture,
+                )
+                for u in listing.upscaler_models
+            ),
+        ],
     )
 
 

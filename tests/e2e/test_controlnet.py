@@ -55,7 +55,7 @@ def test_cli_lists_controlnets_and_generates_with_one(
     assert "ControlNets (--control NAME:IMAGE[:SCALE]):" in listed
     rows = [line.split() for line in listed.splitlines()]
     assert next(r[:3] for r in rows if r and r[0] == "canny") == ["canny", "SD1", "yes"]
-    assert "Hires upscalers (--hires-upscaler): Latent, " in listed
+    assert "Built-in hires upscalers (--hires-upscaler): Latent, " in listed
     edges = tmp_path / "edges.png"
     noise(80, 64, 4).save(edges)
     plain, steered = tmp_path / "plain.png", tmp_path / "steered.png"

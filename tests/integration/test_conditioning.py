@@ -5,7 +5,6 @@ image does not depend on the other prompts of its batch."""
 
 from __future__ import annotations
 
-import uuid
 from io import BytesIO
 from typing import Any
 
@@ -26,6 +25,7 @@ from server.infrastructure.diffusion.executor import DiffusionExecutor
 from server.infrastructure.diffusion.families import family_for
 from server.infrastructure.diffusion.placeholder import build_tiny_sd15, build_tiny_sdxl
 from server.infrastructure.diffusion.registry import load_pipeline
+from tests.support import generation_job
 
 torch.set_num_threads(1)
 
@@ -163,21 +163,6 @@ def test_rows_of_different_lengths_are_grouped(
 # -- through the executor ------------------------------------------------------------------
 
 
-def job(model: BaseModelConfig, **fields: Any) -> GenerationJob:
-    base: dict[str, Any] = {
-        "generation_id": str(uuid.uuid4()),
-        "model": model,
-        "prompt": "a fox",
-        "original_prompt": "a fox",
-        "width": 64,
-        "height": 64,
-        "steps": 2,
-        "guidance_scale": 7.0,
-        "seed": 3,
-    }
-    return GenerationJob(**{**base, **fields})
-
-
 def run(executor: DiffusionExecutor, jobs: list[GenerationJob]) -> list[np.ndarray]:
     handles = [executor.submit(j) for j in jobs]
     executor.start()
@@ -198,9 +183,9 @@ def test_an_image_does_not_depend_on_the_prompts_batched_with_it(
 ) -> None:
     model = models[name]
     jobs = [
-        job(model, prompt="a (fox:1.4)", original_prompt="a (fox:1.4)"),
-        job(model, prompt=LONG, original_prompt=LONG, seed=4),
-        job(model, prompt="a fox", original_prompt="a fox", seed=5),
+        generation_job(model, prompt="a (fox:1.4)", original_prompt="a (fox:1.4)", seed=3),
+        generation_job(model, prompt=LONG, original_prompt=LONG, seed=4),
+        generation_job(model, prompt="a fox", original_prompt="a fox", seed=5),
     ]
     alone = []
     for j in jobs:

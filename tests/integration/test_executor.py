@@ -4,7 +4,6 @@ recently used model."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,11 +15,11 @@ from server.application.context import DispatchContext
 from server.application.generation.jobs import GenerationJobs
 from server.domain import generation_events as gen
 from server.domain.errors import ResourceExhaustedError
-from server.domain.generation_job import GenerationJob
 from server.domain.models import Architecture, BaseModelConfig
 from server.infrastructure.diffusion.executor import DiffusionExecutor
 from server.infrastructure.diffusion.placeholder import build_tiny_sd15
 from server.infrastructure.diffusion.registry import load_pipeline
+from tests.support import generation_job
 
 torch.set_num_threads(1)
 
@@ -51,21 +50,6 @@ class RunsOutOfMemoryOnce:
         return self._pipe(**kwargs)
 
 
-def job(model: BaseModelConfig, **fields: Any) -> GenerationJob:
-    base: dict[str, Any] = {
-        "generation_id": str(uuid.uuid4()),
-        "model": model,
-        "prompt": "a fox",
-        "original_prompt": "a fox",
-        "width": 64,
-        "height": 64,
-        "steps": 2,
-        "guidance_scale": 7.0,
-        "seed": 1,
-    }
-    return GenerationJob(**{**base, **fields})
-
-
 @pytest.fixture
 def executor_factory() -> Iterator[list[DiffusionExecutor]]:
     made: list[DiffusionExecutor] = []
@@ -83,13 +67,13 @@ def test_out_of_memory_fails_that_job_and_the_executor_keeps_serving(
     )
     executor_factory.append(executor)
     executor.start()
-    first = list(executor.submit(job(model)).events())
+    first = list(executor.submit(generation_job(model)).events())
     failed = first[-1].payload
     assert isinstance(failed, gen.Failed)
     assert failed.reason == "OUT_OF_DEVICE_MEMORY"
     assert "out of device memory" in failed.error
     assert executor.stats.out_of_memory == 1
-    second = list(executor.submit(job(model)).events())
+    second = list(executor.submit(generation_job(model)).events())
     assert isinstance(second[-1].payload, gen.Completed)
 
 
@@ -102,7 +86,7 @@ def test_the_stream_of_an_out_of_memory_job_ends_with_resource_exhausted(
     )
     executor_factory.append(executor)
     executor.start()
-    handle = executor.submit(job(model))
+    handle = executor.submit(generation_job(model))
     seen: list[gen.GenerationEvent] = []
     with pytest.raises(ResourceExhaustedError) as err:
         seen.extend(GenerationJobs.stream(handle, DispatchContext()))
@@ -119,7 +103,7 @@ def test_the_device_budget_unloads_the_least_recently_used_model(
     executor_factory.append(executor)
     executor.start()
     for model, resident in ((a, ["a"]), (b, ["b"]), (a, ["a"])):
-        events = list(executor.submit(job(model)).events())
+        events = list(executor.submit(generation_job(model)).events())
         assert isinstance(events[-1].payload, gen.Completed)
         assert executor.loaded_models() == resident
     assert executor.stats.model_evictions == 2
@@ -128,7 +112,7 @@ def test_the_device_budget_unloads_the_least_recently_used_model(
     executor_factory.append(roomy)
     roomy.start()
     for model in (a, b, a):
-        list(roomy.submit(job(model)).events())
+        list(roomy.submit(generation_job(model)).events())
     assert roomy.loaded_models() == ["b", "a"]  # least recently used first
     assert roomy.stats.model_loads == 2
 
@@ -141,7 +125,7 @@ def test_a_job_hears_how_long_it_will_take_from_what_this_server_measured(
     executor = DiffusionExecutor(slow_job_seconds=0.0, calibration_sides=(32, 48))
     executor_factory.append(executor)
     executor.start()
-    first = list(executor.submit(job(model)).events())
+    first = list(executor.submit(generation_job(model)).events())
     queued = first[0].payload
     assert isinstance(queued, gen.Queued)
     assert (queued.estimated_seconds, queued.warning) == (0.0, "")  # nothing measured yet
@@ -153,8 +137,8 @@ def test_a_job_hears_how_long_it_will_take_from_what_this_server_measured(
     assert before_start.estimated_seconds > 0
     assert "this generation will take about" in before_start.warning
     assert isinstance(first[-1].payload, gen.Completed)
-    small = list(executor.submit(job(model, steps=4)).events())
-    bigger = list(executor.submit(job(model, width=128, height=128, steps=4)).events())
+    small = list(executor.submit(generation_job(model, steps=4)).events())
+    bigger = list(executor.submit(generation_job(model, width=128, height=128, steps=4)).events())
     estimate_small, estimate_big = small[0].payload, bigger[0].payload
     assert isinstance(estimate_small, gen.Queued)
     assert isinstance(estimate_big, gen.Queued)

@@ -22,7 +22,12 @@ from server.domain.generation_events import (
     Timings,
 )
 from server.domain.generation_job import GenerationJob
-from server.domain.models import BaseModelConfig, BaseModelInfo, ControlNetInfo
+from server.domain.models import (
+    BaseModelConfig,
+    BaseModelInfo,
+    ControlNetInfo,
+    UpscalerModelInfo,
+)
 
 
 @dataclass
@@ -171,6 +176,9 @@ class FakeModels:
 
     def controlnets(self) -> list[ControlNetInfo]:
         return list(self.controlnet_infos)
+
+    def upscaler_models(self) -> list[UpscalerModelInfo]:
+        return []
 
 
 def ready_model(name: str = "tiny", **config: Any) -> BaseModelInfo:

@@ -34,6 +34,7 @@ from server.domain.models import (
     BaseModelInfo,
     ControlNetConfig,
     ControlNetInfo,
+    UpscalerModelInfo,
 )
 from server.infrastructure.broker.codec import (
     Who,
@@ -119,6 +120,9 @@ class Models:
         return [BaseModelInfo(self.config, True)]
 
     def controlnets(self) -> list[ControlNetInfo]:
+        return []
+
+    def upscaler_models(self) -> list[UpscalerModelInfo]:
         return []
 
 

@@ -284,7 +284,7 @@ def other_value(name: str) -> tuple[str, object]:
     return "x:1", "x:1"
 
 
-TABLES = ("models", "controlnets", "tokens")
+TABLES = ("models", "controlnets", "upscalers", "tokens")
 SCALARS = [name for name in Settings.model_fields if name not in TABLES]
 
 

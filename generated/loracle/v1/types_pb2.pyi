@@ -525,27 +525,49 @@ Global___ControlNet: _TypeAlias = ControlNet  # noqa: Y015
 
 @_typing.final
 class Upscaler(_message.Message):
-    """An upscaler HiresFix.upscaler may name."""
+    """An upscaler HiresFix.upscaler (and UpscaleImage) may name: built in, or a configured model."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
     LATENT_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    READY_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    SCALE_FIELD_NUMBER: _builtins.int
+    ARCHITECTURE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """The name as A1111 spells it (case does not matter in requests)."""
+    """The name: a built-in one as A1111 spells it, or a configured model's (`[[upscalers]]`).
+    Case does not matter in requests.
+    """
     latent: _builtins.bool
     """True for latent upscalers (they resize the first pass's latents; no decoding between
     the passes); false for those that resize the decoded image.
     """
+    path: _builtins.str
+    """A configured model's file; empty for built-in upscalers."""
+    ready: _builtins.bool
+    """False for a configured model that cannot be loaded, with `error` set."""
+    error: _builtins.str
+    """Why a configured model is not ready; empty when it is."""
+    scale: _builtins.int
+    """A model's native factor (e.g. 4); 0 for built-in upscalers, which take any factor."""
+    architecture: _builtins.str
+    """A model's network ("ESRGAN" or "Compact"); empty for built-in upscalers."""
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         latent: _builtins.bool = ...,
+        path: _builtins.str = ...,
+        ready: _builtins.bool = ...,
+        error: _builtins.str = ...,
+        scale: _builtins.int = ...,
+        architecture: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["latent", b"latent", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "error", b"error", "latent", b"latent", "name", b"name", "path", b"path", "ready", b"ready", "scale", b"scale"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

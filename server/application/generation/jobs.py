@@ -64,9 +64,16 @@ from server.domain.generation_job import (
     ResolvedLora,
 )
 from server.domain.lora import CommandRecord
-from server.domain.models import BaseModelInfo, GenerationDefaults, LoraKind, LoraView, is_uuid
+from server.domain.models import (
+    BaseModelInfo,
+    GenerationDefaults,
+    LoraKind,
+    LoraView,
+    UpscalerModelConfig,
+    is_uuid,
+)
 from server.domain.recommend.prompt import parse_prompt
-from server.domain.upscalers import find_upscaler
+from server.domain.upscalers import builtin_names, find_upscaler
 
 log = logging.getLogger("loracle.generation")
 
@@ -285,8 +292,7 @@ class GenerationJobs:
         given = request.hires
         if given is None:
             return None
-        upscaler = find_upscaler(given.upscaler)
-        assert upscaler is not None  # validated
+        name, model = self.upscaler(given.upscaler, "spec.hires.upscaler")
         hires = HiresFix(
             scale=given.scale,
             steps=given.steps,
@@ -295,7 +301,8 @@ class GenerationJobs:
                 if given.denoising_strength is None
                 else given.denoising_strength
             ),
-            upscaler=upscaler.name,
+            upscaler=name,
+            model=model,
         )
         up_width, up_height = hires.size(width, height)
         side, pixels = self.limits.side, self.limits.pixels
@@ -307,6 +314,28 @@ class GenerationJobs:
                 )
             )
         return hires
+
+    def upscaler(self, name: str, field: str) -> tuple[str, UpscalerModelConfig | None]:
+        """A built-in upscaler's A1111 name, or a configured model's name and config (case
+        aside). Unknown: INVALID_ARGUMENT listing both kinds; a model that is not ready:
+        FAILED_PRECONDITION."""
+        builtin = find_upscaler(name)
+        if builtin is not None:
+            return builtin.name, None
+        models = self._models.upscaler_models()
+        found = next(
+            (m for m in models if m.config.name.casefold() == name.strip().casefold()), None
+        )
+        if found is None:
+            names = ", ".join([*builtin_names(), *(m.config.name for m in models)])
+            raise ValidationError(FieldViolation(field, f"one of {names}, or empty"))
+        if not found.ready:
+            raise PreconditionError(
+                f"upscaler {found.config.name!r} is not ready: {found.error}",
+                reason=Reason.UPSCALER_NOT_READY,
+                metadata={"upscaler": found.config.name},
+            )
+        return found.config.name, found.config
 
     def _input_image(self, given: ImageInput | None, field: str) -> InputImage | None:
         """The image a request names, checked: inline bytes, or one of the caller's own

@@ -4,7 +4,7 @@ WatchGeneration, which follows a live job or replays a finished one."""
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from server.application.context import current_context
@@ -40,7 +40,7 @@ from server.domain.generation_events import (
     Timings,
     image_chunks,
 )
-from server.domain.models import BaseModelInfo, ControlNetInfo, Page
+from server.domain.models import BaseModelInfo, ControlNetInfo, Page, UpscalerModelInfo
 from server.domain.upscalers import UPSCALERS, Upscaler
 
 
@@ -50,7 +50,8 @@ class ModelListing:
 
     models: list[BaseModelInfo]
     controlnets: list[ControlNetInfo]
-    upscalers: tuple[Upscaler, ...] = UPSCALERS
+    upscaler_models: list[UpscalerModelInfo] = field(default_factory=list)
+    upscalers: tuple[Upscaler, ...] = UPSCALERS  # the built-in ones
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -65,7 +66,11 @@ class ListBaseModelsHandler(IQueryHandler[ListBaseModelsQuery, ModelListing]):
 
     def handle(self, query: ListBaseModelsQuery) -> QueryResult[ModelListing]:
         return QueryResult.success(
-            ModelListing(self._models.statuses(), self._models.controlnets())
+            ModelListing(
+                self._models.statuses(),
+                self._models.controlnets(),
+                self._models.upscaler_models(),
+            )
         )
 
 

@@ -33,7 +33,8 @@ from server.domain.generation_job import (
     InputImage,
     ResolvedLora,
 )
-from server.domain.models import BaseModelConfig, ControlNetConfig
+from server.domain.models import BaseModelConfig, ControlNetConfig, UpscalerModelConfig
+from server.domain.upscalers import find_upscaler
 from server.infrastructure.broker.port import EventRecord
 
 
@@ -91,6 +92,13 @@ class JobMessage:
         return int(self.fields.get("chunk_size", 64 * 1024))
 
     @property
+    def upscaler_model(self) -> str:
+        """The upscaler model the hires fix names ("" for none or a built-in upscaler)."""
+        hires = self.fields.get("hires")
+        name = str(hires.get("upscaler", "")) if isinstance(hires, dict) else ""
+        return "" if find_upscaler(name) is not None else name
+
+    @property
     def controlnet_names(self) -> list[str]:
         return [str(c["controlnet"]) for c in self.fields.get("controls", ())]
 
@@ -101,6 +109,7 @@ class JobMessage:
         chunk_size: int,
         embeddings: tuple[ResolvedLora, ...] = (),
         controlnets: Mapping[str, ControlNetConfig] | None = None,
+        upscalers: Mapping[str, UpscalerModelConfig] | None = None,
     ) -> GenerationJob:
         """The job again, on the machine that runs it: with that machine's model config,
         LoRA (and embedding) paths and ControlNets (by name), and the chunk size the broker
@@ -131,7 +140,7 @@ class JobMessage:
             mask_blur=int(f.get("mask_blur", 0)),
             inpaint_only_masked=bool(f.get("inpaint_only_masked", False)),
             inpaint_padding=int(f.get("inpaint_padding", 0)),
-            hires=_hires_from(f.get("hires")),
+            hires=_hires_from(f.get("hires"), upscalers or {}),
             embeddings=embeddings,
             controls=tuple(
                 ControlInput(
@@ -249,7 +258,7 @@ def _image_from(doc: Any) -> InputImage | None:
     )
 
 
-def _hires_from(doc: Any) -> HiresFix | None:
+def _hires_from(doc: Any, upscalers: Mapping[str, UpscalerModelConfig]) -> HiresFix | None:
     if not isinstance(doc, dict):
         return None
     return HiresFix(
@@ -257,6 +266,7 @@ def _hires_from(doc: Any) -> HiresFix | None:
         steps=int(doc["steps"]),
         denoising_strength=float(doc["denoising_strength"]),
         upscaler=str(doc["upscaler"]),
+        model=upscalers.get(str(doc["upscaler"])),
     )
 
 

@@ -30,6 +30,7 @@ from server.domain.models import (
     BaseModelInfo,
     ControlNetInfo,
     GenerationDefaults,
+    UpscalerModelInfo,
     resolve_architecture,
 )
 from server.infrastructure.broker.codec import (
@@ -287,10 +288,12 @@ class ClusterModels:
         ttl: float = 15.0,
         *,
         controlnets: list[ControlNetInfo] | None = None,
+        upscalers: list[UpscalerModelInfo] | None = None,
     ) -> None:
         self._broker = broker
         self._configured = configured
         self._controlnets = list(controlnets or ())
+        self._upscalers = list(upscalers or ())
         self._ttl = ttl
         self._adverts: dict[str, tuple[float, list[BaseModelInfo]]] = {}
         self._cache: tuple[float, list[BaseModelInfo]] = (float("-inf"), [])
@@ -299,6 +302,10 @@ class ClusterModels:
         """As this replica's configuration has them: a worker runs a job's ControlNets by
         name from its own `[[controlnets]]` (the same files, as with LoRA roots)."""
         return list(self._controlnets)
+
+    def upscaler_models(self) -> list[UpscalerModelInfo]:
+        """As this replica's configuration has them (workers resolve them by name too)."""
+        return list(self._upscalers)
 
     def statuses(self) -> list[BaseModelInfo]:
         now = time.monotonic()

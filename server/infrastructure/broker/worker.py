@@ -32,7 +32,7 @@ from server.domain.generation_events import (
     Started,
 )
 from server.domain.generation_job import GenerationJob, ResolvedLora
-from server.domain.models import BaseModelInfo, ControlNetInfo
+from server.domain.models import BaseModelInfo, ControlNetInfo, UpscalerModelInfo
 from server.infrastructure.broker.codec import JobMessage, decode_job, to_record
 from server.infrastructure.broker.port import Broker, Claim, Delivery
 from server.infrastructure.broker.relay import Relay
@@ -51,6 +51,8 @@ class ModelSource(Protocol):
     def statuses(self) -> list[BaseModelInfo]: ...
 
     def controlnets(self) -> list[ControlNetInfo]: ...
+
+    def upscaler_models(self) -> list[UpscalerModelInfo]: ...
 
 
 @dataclass
@@ -252,12 +254,16 @@ class BrokerWorker:
         for name in message.controlnet_names:
             if name not in ready:
                 raise _Refused(f"worker {self.name} has no ready ControlNet {name!r}")
+        upscalers = {u.config.name: u.config for u in self._models.upscaler_models() if u.ready}
+        if message.upscaler_model and message.upscaler_model not in upscalers:
+            raise _Refused(f"worker {self.name} has no ready upscaler {message.upscaler_model!r}")
         return message.job(
             model.config,
             self._located(message.loras, "LoRA"),
             BROKER_CHUNK,
             self._located(message.embeddings, "embedding"),
             ready,
+            upscalers,
         )
 
     def _located(self, files: tuple[ResolvedLora, ...], what: str) -> tuple[ResolvedLora, ...]:

@@ -44,6 +44,7 @@ from server.infrastructure.diffusion.pipelines import (
     LoadedPipeline,
     Loader,
     PipelineCache,
+    UpscalerLoadError,
 )
 from server.infrastructure.diffusion.previews import preview_jpeg
 from server.infrastructure.diffusion.registry import load_pipeline
@@ -320,7 +321,13 @@ class DiffusionExecutor:
         try:
             out = loaded.family.denoise(loaded.for_mode(call.call.mode, controls), call, watcher)
             if job.hires is not None:
-                second, upscaled = hires.second_pass(job, out, loaded.pipe)
+                model = job.hires.model
+                second, upscaled = hires.second_pass(
+                    job,
+                    out,
+                    loaded.pipe,
+                    None if model is None else self._pipelines.upscaler(model, loaded.pipe.unet),
+                )
                 watcher.next_pass()
                 call = replace(
                     call,
@@ -351,6 +358,9 @@ class DiffusionExecutor:
         except AdapterLoadError as exc:
             for handle in live:
                 handle.publish(Failed(str(exc), Reason.LORA_LOAD_FAILED, exc.sha256))
+        except UpscalerLoadError as exc:
+            for handle in live:
+                handle.publish(Failed(str(exc), Reason.MODEL_LOAD_FAILED))
         except ControlNetLoadError as exc:
             log.warning("%s", exc, exc_info=exc.__cause__ is not None)
             for handle in live:

@@ -3,6 +3,7 @@ upscaled to the hires size, and the second pass that paints them again, as img2i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from server.domain.generation_job import GenerationJob, Mode
@@ -17,12 +18,13 @@ def second_steps(job: GenerationJob) -> int:
     return max(1, int(steps * job.hires.denoising_strength))
 
 
-def second_pass(job: GenerationJob, first: Any, pipe: Any) -> tuple[DenoisePass, Any]:
+def second_pass(
+    job: GenerationJob, first: Any, pipe: Any, model: Callable[[Any], Any] | None = None
+) -> tuple[DenoisePass, Any]:
     """The second call and its input: the first pass's output (latents [rows, c, h, w] for
-    a latent upscaler, else PIL images) upscaled to the hires size."""
+    a latent upscaler, else PIL images) upscaled to the hires size; `model` upscales one
+    image by its native factor when the job names an upscaler model."""
     assert job.hires is not None
-    upscaler = find_upscaler(job.hires.upscaler)
-    assert upscaler is not None
     width, height = job.hires.size(job.width, job.height)
     call = DenoisePass(
         Mode.IMAGE_TO_IMAGE,
@@ -31,6 +33,11 @@ def second_pass(job: GenerationJob, first: Any, pipe: Any) -> tuple[DenoisePass,
         job.hires.steps or job.steps,
         job.hires.denoising_strength,
     )
+    if job.hires.model is not None:
+        assert model is not None
+        return call, [with_model(model, image, width, height) for image in first]
+    upscaler = find_upscaler(job.hires.upscaler)
+    assert upscaler is not None
     if upscaler.latent:
         import torch
 
@@ -45,3 +52,17 @@ def second_pass(job: GenerationJob, first: Any, pipe: Any) -> tuple[DenoisePass,
 
     resample = Image.Resampling.LANCZOS if upscaler.mode == "lanczos" else Image.Resampling.NEAREST
     return call, [image.resize((width, height), resample) for image in first]
+
+
+def with_model(model: Callable[[Any], Any], image: Any, width: int, height: int) -> Any:
+    """As A1111 upscales with a model: by its native factor until the image covers the
+    target (at most three times), then Lanczos to the exact size."""
+    from PIL import Image
+
+    for _ in range(3):
+        if image.width >= width and image.height >= height:
+            break
+        image = model(image)
+    if image.size == (width, height):
+        return image
+    return image.resize((width, height), Image.Resampling.LANCZOS)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from server.domain.generation_job import GenerationJob, ResolvedLora
-from server.domain.models import BaseModelConfig
+from server.domain.models import BaseModelConfig, UpscalerModelConfig
 from server.domain.schedulers import SCHEDULERS
 from server.infrastructure.diffusion.adapters import AdapterCache, AdapterLoadError, AdapterSpec
 from server.infrastructure.diffusion.controlnets import controlnet_hash, load_controlnet
@@ -27,11 +27,17 @@ from server.infrastructure.lora_files import update_digest
 log = logging.getLogger("loracle.executor")
 
 GIB = 1024**3
+# Upscaler models kept loaded (each tens of MB; a hires fix uses one).
+MAX_UPSCALERS = 2
 # Pipelines made from a loaded one (they share its modules; each costs only its wrapper).
 MAX_VARIANTS = 16
 
 # (model, device, dtype) -> a diffusers pipeline; registry.load_pipeline by default.
 Loader = Callable[[BaseModelConfig, str, str], Any]
+
+
+class UpscalerLoadError(Exception):
+    """An upscaler model whose file no longer loads (the batch fails, MODEL_LOAD_FAILED)."""
 
 
 class LoadCounters(Protocol):
@@ -133,6 +139,7 @@ class PipelineCache:
         self._verified: set[str] = set()
         self._model_hashes: dict[tuple[Path, float], str] = {}
         self._controlnet_hashes: dict[tuple[Path, float], str] = {}
+        self._upscalers: OrderedDict[tuple[str, Path], Any] = OrderedDict()
 
     def names(self) -> list[str]:
         """Resident models, least recently used first."""
@@ -145,6 +152,8 @@ class PipelineCache:
         for a model that cannot be loaded, and torch's OutOfMemoryError."""
         loaded = self.get(job.model)
         self._load_controlnets(loaded, job)
+        if job.hires is not None and job.hires.model is not None:
+            self.upscaler(job.hires.model, loaded.pipe.unet)
         self.verify_loras(job.loras)
         loaded.adapters.apply([AdapterSpec(x.sha256, x.path, x.weight, x.name) for x in job.loras])
         loaded.pipe.scheduler = loaded.scheduler(job.scheduler)
@@ -161,6 +170,30 @@ class PipelineCache:
             loaded.controlnets[config.name] = model
             loaded.controlnet_hashes[config.name] = controlnet_hash(config, self._controlnet_hashes)
             loaded.size_bytes += sum(p.numel() * p.element_size() for p in model.parameters())
+
+    def upscaler(self, config: UpscalerModelConfig, like: Any) -> Callable[[Any], Any]:
+        """The upscaler model as a function of one PIL image, loaded once in the device and
+        dtype of `like` (a module); the two most recently used stay loaded. Raises
+        UpscalerLoadError."""
+        from server.infrastructure.diffusion.upscaler_models import (
+            UpscalerFileError,
+            load_upscaler,
+            upscale,
+        )
+
+        key = (config.name, config.path)
+        entry = self._upscalers.get(key)
+        if entry is None:
+            try:
+                entry = load_upscaler(config.path, str(like.device), like.dtype)
+            except (UpscalerFileError, OSError) as exc:
+                raise UpscalerLoadError(f"upscaler {config.name!r}: {exc}") from None
+            self._upscalers[key] = entry
+            while len(self._upscalers) > MAX_UPSCALERS:
+                self._upscalers.popitem(last=False)
+        self._upscalers.move_to_end(key)
+        net, shape = entry
+        return lambda image: upscale(net, shape.scale, image)
 
     def get(self, model: BaseModelConfig) -> LoadedPipeline:
         """The model's pipeline, loaded (after unloading the least recently used ones while

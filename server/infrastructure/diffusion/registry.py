@@ -19,6 +19,8 @@ from server.domain.models import (
     ControlNetConfig,
     ControlNetInfo,
     GenerationDefaults,
+    UpscalerModelConfig,
+    UpscalerModelInfo,
 )
 from server.infrastructure.diffusion.controlnets import inspect_controlnet
 from server.infrastructure.diffusion.families import ModelFamily, family_for
@@ -166,7 +168,12 @@ class ModelRegistry:
         *,
         data_dir: Path,
         controlnets: tuple[ControlNetConfig, ...] = (),
+        upscalers: tuple[UpscalerModelConfig, ...] = (),
     ) -> None:
+        self._upscalers = [_inspect_upscaler(u) for u in upscalers]
+        for upscaler in self._upscalers:
+            if upscaler.error:
+                log.error("upscaler %s is not usable: %s", upscaler.config.name, upscaler.error)
         self._controlnets = [inspect_controlnet(c) for c in controlnets]
         for controlnet in self._controlnets:
             if controlnet.error:
@@ -210,6 +217,9 @@ class ModelRegistry:
 
     def controlnets(self) -> list[ControlNetInfo]:
         return list(self._controlnets)
+
+    def upscaler_models(self) -> list[UpscalerModelInfo]:
+        return list(self._upscalers)
 
     def _build(self, pending: list[BaseModelConfig]) -> None:
         from server.infrastructure.diffusion.placeholder import build_tiny_sd15
@@ -257,6 +267,23 @@ class ModelRegistry:
                 loading=loading,
                 inpainting=inpainting,
             )
+
+
+def _inspect_upscaler(config: UpscalerModelConfig) -> UpscalerModelInfo:
+    """From the file's header alone: its architecture and native scale, or why it is not
+    one this server loads."""
+    from server.infrastructure.diffusion.upscaler_models import (
+        UpscalerFileError,
+        inspect_upscaler,
+    )
+
+    if not config.path.is_file():
+        return UpscalerModelInfo(config, False, f"{config.path} is not a file")
+    try:
+        shape = inspect_upscaler(config.path)
+    except UpscalerFileError as exc:
+        return UpscalerModelInfo(config, False, f"{config.path}: {exc}")
+    return UpscalerModelInfo(config, True, "", shape.architecture, shape.scale)
 
 
 def _with_family_fields(config: BaseModelConfig) -> BaseModelConfig:
