@@ -499,6 +499,21 @@ async def _concurrent(
         await asyncio.gather(*(client.close() for client in clients))
 
 
+def job_spec(model: str, plan: Plan) -> types_pb2.GenerationSpec:
+    """One image of PROMPT at SEED on "sd15" or "sdxl", at the plan's size and steps."""
+    side = plan.sdxl_side if model == "sdxl" else plan.sd15_side
+    return types_pb2.GenerationSpec(
+        model=model,
+        prompt=PROMPT,
+        width=side,
+        height=side,
+        steps=plan.steps,
+        guidance_scale=SDXL_GUIDANCE if model == "sdxl" else SD15_GUIDANCE,
+        seed=SEED,
+        num_images=1,
+    )
+
+
 def _with(spec: types_pb2.GenerationSpec, **changes: Any) -> types_pb2.GenerationSpec:
     copy = types_pb2.GenerationSpec()
     copy.CopyFrom(spec)
@@ -594,20 +609,11 @@ def measure_paired(
     return paired
 
 
-# --- the three measurements -----------------------------------------------------------------
+# --- the measurements ---------------------------------------------------------------------------
 
 
 def measure_a(pipe: Any, client: LoracleClient, plan: Plan, clock: Clock) -> dict[str, Any]:
-    spec = types_pb2.GenerationSpec(
-        model="sd15",
-        prompt=PROMPT,
-        width=plan.sd15_side,
-        height=plan.sd15_side,
-        steps=plan.steps,
-        guidance_scale=SD15_GUIDANCE,
-        seed=SEED,
-        num_images=1,
-    )
+    spec = job_spec("sd15", plan)
     paired = measure_paired(
         "A",
         lambda s: plain_png(pipe, s),
@@ -639,15 +645,7 @@ def measure_a(pipe: Any, client: LoracleClient, plan: Plan, clock: Clock) -> dic
 
 
 def measure_b(pipe: Any, address: str, plan: Plan, clock: Clock) -> dict[str, Any]:
-    spec = types_pb2.GenerationSpec(
-        model="sd15",
-        prompt=PROMPT,
-        width=plan.sd15_side,
-        height=plan.sd15_side,
-        steps=plan.steps,
-        guidance_scale=SD15_GUIDANCE,
-        num_images=1,
-    )
+    spec = job_spec("sd15", plan)  # each client's seed is set below
     clients = plan.b_clients
 
     def specs(base_seed: int, steps: int) -> list[types_pb2.GenerationSpec]:
@@ -699,16 +697,7 @@ def measure_c(
         if lora.base_model.architecture != types_pb2.ARCHITECTURE_SDXL:
             raise RuntimeError(f"{name} was catalogued as {architecture}, not SDXL")
         ids.append(lora.id)
-    none = types_pb2.GenerationSpec(
-        model="sdxl",
-        prompt=PROMPT,
-        width=plan.sdxl_side,
-        height=plan.sdxl_side,
-        steps=plan.steps,
-        guidance_scale=SDXL_GUIDANCE,
-        seed=SEED,
-        num_images=1,
-    )
+    none = job_spec("sdxl", plan)
     with_loras = _with(none)
     for lora_id, weight in zip(ids, LORA_WEIGHTS, strict=True):
         with_loras.loras.add(lora=lora_id, weight=weight)
@@ -775,17 +764,7 @@ def measure_d(
     """SDXL img2img at strength 0.5 from an SDXL image, through the service against plain
     diffusers' img2img pipeline (`pipe`, built from a plain SDXL pipeline's components),
     interleaved as in A."""
-    spec = types_pb2.GenerationSpec(
-        model="sdxl",
-        prompt=PROMPT,
-        width=plan.sdxl_side,
-        height=plan.sdxl_side,
-        steps=plan.steps,
-        guidance_scale=SDXL_GUIDANCE,
-        seed=SEED,
-        num_images=1,
-        strength=IMG2IMG_STRENGTH,
-    )
+    spec = _with(job_spec("sdxl", plan), strength=IMG2IMG_STRENGTH)
     spec.init_image.data = init_png
     paired = measure_paired(
         "D",
@@ -844,16 +823,7 @@ def measure_e(
 ) -> dict[str, Any]:
     """SDXL hires fix, 1024 -> 1536 (1.5x, latent, strength 0.5), through the service against
     the same two calls in plain diffusers, interleaved as in A."""
-    spec = types_pb2.GenerationSpec(
-        model="sdxl",
-        prompt=PROMPT,
-        width=plan.sdxl_side,
-        height=plan.sdxl_side,
-        steps=plan.steps,
-        guidance_scale=SDXL_GUIDANCE,
-        seed=SEED,
-        num_images=1,
-    )
+    spec = job_spec("sdxl", plan)
     spec.hires.scale = HIRES_SCALE
     spec.hires.denoising_strength = HIRES_STRENGTH
     spec.hires.upscaler = "Latent"
