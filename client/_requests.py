@@ -184,6 +184,22 @@ def filter_confident_recommendations(
     )
 
 
+def upscale_image(
+    image: types_pb2.InputImage,
+    upscaler: str,
+    scale: float,
+    output_format: types_pb2.ImageFormat.ValueType,
+    request_id: str | None,
+) -> command_service_pb2.UpscaleImageRequest:
+    return command_service_pb2.UpscaleImageRequest(
+        request_id=request_id_or_new(request_id),
+        image=image,
+        upscaler=upscaler,
+        scale=scale,
+        output_format=output_format,
+    )
+
+
 def generate_image(
     spec: types_pb2.GenerationSpec, request_id: str | None
 ) -> command_service_pb2.GenerateImageRequest:

@@ -770,6 +770,28 @@ def _image_reference(text: str) -> str:
     return text
 
 
+def _cmd_upscale(client: LoracleClient, args: argparse.Namespace, out: _Output) -> int:
+    image = types_pb2.InputImage()
+    if args.image is not None:
+        image.data = _read_image(args.image)
+    else:
+        text, _, index = args.source.partition(":")
+        image.generated.generation_id = _generation_id(client, text)
+        image.generated.image_index = int(index or 0)
+    suffix = Path(args.output).suffix.lower()
+    output_format = _OUTPUT_FORMATS.get(suffix, types_pb2.IMAGE_FORMAT_PNG)
+    events = client.upscale_image(image, args.model, scale=args.scale, output_format=output_format)
+    return _follow(_primed(events), args.output, out)
+
+
+# The encoding `loracle upscale` asks for, by the output file's extension (else PNG).
+_OUTPUT_FORMATS = {
+    ".jpg": types_pb2.IMAGE_FORMAT_JPEG,
+    ".jpeg": types_pb2.IMAGE_FORMAT_JPEG,
+    ".webp": types_pb2.IMAGE_FORMAT_WEBP,
+}
+
+
 def _cmd_watch(client: LoracleClient, args: argparse.Namespace, out: _Output) -> int:
     generation_id = _generation_id(client, args.generation_id)
     return _follow(client.watch_generation(generation_id), args.output, out)
@@ -1309,6 +1331,37 @@ def _build_parser() -> argparse.ArgumentParser:
         "--no-wait",
         action="store_true",
         help="fail at once if the model is still loading (default: wait for it)",
+    )
+
+    p = command(commands, "upscale", "make an image larger with an upscaler", _cmd_upscale)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("image", nargs="?", metavar="IMAGE", help="a PNG, JPEG or WebP file")
+    source.add_argument(
+        "--from",
+        dest="source",
+        type=_image_reference,
+        metavar="ID[:INDEX]",
+        help="an earlier generation's image instead of a file (id or prefix; index 0)",
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        metavar="NAME",
+        help="a configured upscaler model (loracle models lists them), or Lanczos / Nearest",
+    )
+    p.add_argument(
+        "--scale",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="the factor, above 1 to 8 (default: the model's own; 2 for Lanczos / Nearest)",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        default="upscaled.png",
+        metavar="FILE",
+        help="where to write it (.jpg/.webp ask for that encoding; default PNG)",
     )
 
     p = command(commands, "watch", "follow a generation (from any connection)", _cmd_watch)

@@ -212,6 +212,21 @@ class LoracleClient:
         stream = self._stream(self._commands.GenerateImage, rq.generate_image(spec, request_id))
         return _events(stream)
 
+    def upscale_image(
+        self,
+        image: types_pb2.InputImage,
+        upscaler: str,
+        *,
+        scale: float = 0.0,
+        output_format: types_pb2.ImageFormat.ValueType = types_pb2.IMAGE_FORMAT_PNG,
+        request_id: str | None = None,
+    ) -> Iterator[types_pb2.GenerationEvent]:
+        """An upscale's events (progress counts tiles), as `generate_image`'s: a failure
+        yields `failed`, then raises its LoracleError."""
+        request = rq.upscale_image(image, upscaler, scale, output_format, request_id)
+        stream = self._stream(self._commands.UpscaleImage, request)
+        return _events(stream)
+
     def quick_generate(
         self,
         prompt: str,
@@ -417,6 +432,7 @@ def _events(
     responses: Iterator[
         command_service_pb2.GenerateImageResponse
         | command_service_pb2.QuickGenerateResponse
+        | command_service_pb2.UpscaleImageResponse
         | query_service_pb2.WatchGenerationResponse
     ],
 ) -> Iterator[types_pb2.GenerationEvent]:

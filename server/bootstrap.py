@@ -37,6 +37,8 @@ from server.application.commands.generation import (
     QuickGenerateHandler,
     SubmitGenerationCommand,
     SubmitGenerationHandler,
+    UpscaleImageCommand,
+    UpscaleImageHandler,
 )
 from server.application.context import SYSTEM_CONTEXT
 from server.application.generation.jobs import GenerationJobs
@@ -295,6 +297,7 @@ def bootstrap(
         outcomes=outcomes,
     )
     commands.register(GenerateImageCommand, GenerateImageHandler(jobs))
+    commands.register(UpscaleImageCommand, UpscaleImageHandler(jobs))
     commands.register(QuickGenerateCommand, QuickGenerateHandler(jobs, recommender))
     commands.register(SubmitGenerationCommand, SubmitGenerationHandler(jobs))
     commands.register(CancelGenerationCommand, CancelGenerationHandler(jobs, store))

@@ -24,6 +24,7 @@ from server.application.commands import (
     RegisterLoRACommand,
     SubmitGenerationCommand,
     UpdateLoRACommand,
+    UpscaleImageCommand,
 )
 from server.application.context import DispatchContext
 from server.application.queries import (
@@ -64,6 +65,7 @@ REQUIRED_SCOPE: dict[type, str] = {
     RecommendTopLoRACommand: GENERATE,
     FilterConfidentRecommendationsCommand: GENERATE,
     GenerateImageCommand: GENERATE,
+    UpscaleImageCommand: GENERATE,
     QuickGenerateCommand: GENERATE,
     SubmitGenerationCommand: GENERATE,
     CancelGenerationCommand: GENERATE,

@@ -6,7 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.domain.models import BaseModelConfig, ControlNetConfig, UpscalerModelConfig
+from server.domain.models import (
+    Architecture,
+    BaseModelConfig,
+    ControlNetConfig,
+    UpscalerModelConfig,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,12 +103,33 @@ class ControlInput:
         }
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UpscaleJob:
+    """An image made larger, no diffusion (UpscaleImage; A1111's Extras tab): by a configured
+    upscaler model (`model`) or a built-in image upscaler (Lanczos, Nearest), by `scale`."""
+
+    upscaler: str
+    scale: float
+    model: UpscalerModelConfig | None = None
+
+    def size(self, width: int, height: int) -> tuple[int, int]:
+        return round(width * self.scale), round(height * self.scale)
+
+    def record(self) -> dict[str, object]:
+        return {"upscaler": self.upscaler, "scale": self.scale}
+
+
+# The base model of a job that runs none (an upscale).
+NO_MODEL = BaseModelConfig("", Architecture.UNSPECIFIED, Path())
+
+
 class Mode:
     """What a job does with its input images."""
 
     TEXT_TO_IMAGE = "txt2img"
     IMAGE_TO_IMAGE = "img2img"
     INPAINT = "inpaint"
+    UPSCALE = "upscale"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -146,9 +172,13 @@ class GenerationJob:
     embeddings: tuple[ResolvedLora, ...] = ()
     # ControlNets, in the order the request gave them (any mode).
     controls: tuple[ControlInput, ...] = ()
+    # An upscale (UpscaleImage) of init_image instead of a generation; `model` is NO_MODEL.
+    upscale: UpscaleJob | None = None
 
     @property
     def mode(self) -> str:
+        if self.upscale is not None:
+            return Mode.UPSCALE
         if self.mask_image is not None:
             return Mode.INPAINT
         if self.init_image is not None:
@@ -199,8 +229,10 @@ class GenerationJob:
         return self.hires.size(self.width, self.height)
 
     def _image_spec(self) -> dict[str, object]:
-        """The hires, image-to-image and inpainting fields, only when the job uses them (a
-        plain text-to-image record is unchanged)."""
+        """The hires, image-to-image, inpainting and upscale fields, only when the job uses
+        them (a plain text-to-image record is unchanged)."""
+        if self.upscale is not None and self.init_image is not None:
+            return {"init_image": self.init_image.record(), "upscale": self.upscale.record()}
         if self.hires is not None:
             return {"hires": self.hires.record()}
         if self.init_image is None:

@@ -108,6 +108,9 @@ FIELD_LIMITS: dict[str, Limit] = {
         items=16, why="ControlNets; the handler applies its limit of 4"
     ),
     "loracle.v1.ControlInput.controlnet": NAME,
+    "loracle.v1.UpscaleSpec.upscaler": Limit(512, why="output only; ignored"),
+    "loracle.v1.UpscaleImageRequest.request_id": REQUEST_ID,
+    "loracle.v1.UpscaleImageRequest.upscaler": NAME,
     "loracle.v1.QuickGenerateRequest.request_id": REQUEST_ID,
     "loracle.v1.QuickGenerateRequest.prompt": PROMPT,
     "loracle.v1.QuickGenerateRequest.model": NAME,

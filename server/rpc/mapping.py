@@ -21,6 +21,7 @@ from server.application.commands import (
     ImportUpdate,
     LoraChoice,
     LoRARecommendation,
+    UpscaleRequest,
 )
 from server.application.queries import ModelListing
 from server.domain import generation_events as gen
@@ -257,8 +258,19 @@ def catalog_record_from_proto(r: cmd_pb.CatalogRecord) -> CatalogRecordInput:
     )
 
 
+def upscale_request_from_proto(request: cmd_pb.UpscaleImageRequest) -> UpscaleRequest:
+    return UpscaleRequest(
+        image=_image_input(request, "image"),
+        upscaler=request.upscaler,
+        scale=request.scale,
+        output_format=_FORMATS.get(request.output_format, "png"),
+        chunk_size_bytes=request.chunk_size_bytes,
+    )
+
+
 def generation_request_from_proto(spec: types_pb2.GenerationSpec) -> GenerationRequest:
     return GenerationRequest(
+        upscale_given=spec.HasField("upscale"),
         model=spec.model,
         prompt=spec.prompt,
         negative_prompt=spec.negative_prompt,
@@ -322,6 +334,12 @@ def _recorded_hires(record: object) -> types_pb2.HiresFix | None:
     )
 
 
+def _recorded_upscale(record: object) -> types_pb2.UpscaleSpec | None:
+    if not isinstance(record, dict):
+        return None
+    return types_pb2.UpscaleSpec(upscaler=str(record["upscaler"]), scale=float(record["scale"]))
+
+
 def _recorded_control(record: dict[str, Any]) -> types_pb2.ControlInput:
     return types_pb2.ControlInput(
         controlnet=str(record["controlnet"]),
@@ -333,7 +351,8 @@ def _recorded_control(record: dict[str, Any]) -> types_pb2.ControlInput:
 
 
 def _image_input(
-    spec: types_pb2.GenerationSpec | types_pb2.ControlInput, name: str
+    spec: types_pb2.GenerationSpec | types_pb2.ControlInput | cmd_pb.UpscaleImageRequest,
+    name: str,
 ) -> ImageInput | None:
     """An InputImage field as the request's ImageInput; None when unset (a set but empty one
     is an empty image, which validation names)."""
@@ -455,6 +474,7 @@ def generation_to_proto(view: GenerationView) -> types_pb2.Generation:
             inpaint_padding=int(spec["inpaint_padding"]) if "inpaint_padding" in spec else None,
             hires=_recorded_hires(spec.get("hires")),
             controls=[_recorded_control(c) for c in spec.get("controls", ())],
+            upscale=_recorded_upscale(spec.get("upscale")),
         ),
         images=[
             types_pb2.ImageInfo(

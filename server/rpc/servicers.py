@@ -26,6 +26,7 @@ from server.application.commands import (
     RegisterLoRACommand,
     SubmitGenerationCommand,
     UpdateLoRACommand,
+    UpscaleImageCommand,
 )
 from server.application.queries import (
     GetAllLoRAsQuery,
@@ -53,6 +54,7 @@ from server.rpc.mapping import (
     recommendation_to_proto,
     time_bound_from_proto,
     token_for,
+    upscale_request_from_proto,
 )
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -180,6 +182,13 @@ class CommandServicer(cmd_grpc.CommandServiceServicer):
         command = GenerateImageCommand(request=generation_request_from_proto(request.spec))
         async for event in self._d.stream_command(context, command, request.request_id):
             yield cmd_pb.GenerateImageResponse(event=generation_event_to_proto(event))
+
+    async def UpscaleImage(
+        self, request: cmd_pb.UpscaleImageRequest, context: Ctx
+    ) -> AsyncIterator[cmd_pb.UpscaleImageResponse]:
+        command = UpscaleImageCommand(request=upscale_request_from_proto(request))
+        async for event in self._d.stream_command(context, command, request.request_id):
+            yield cmd_pb.UpscaleImageResponse(event=generation_event_to_proto(event))
 
     async def QuickGenerate(
         self, request: cmd_pb.QuickGenerateRequest, context: Ctx

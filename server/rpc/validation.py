@@ -136,6 +136,7 @@ LARGE_REQUEST_METHODS = frozenset(
         "/loracle.v1.CommandService/ImportLoraCatalog",
         "/loracle.v1.CommandService/GenerateImage",
         "/loracle.v1.CommandService/SubmitGeneration",
+        "/loracle.v1.CommandService/UpscaleImage",
     }
 )
 

@@ -79,9 +79,9 @@ def test_prompt_limits_never_fall_below_the_handler_settings() -> None:
     assert limits(max_prompt_chars=100)["loracle.v1.GenerationSpec.prompt"].size == 10_000
 
 
-def test_only_a_catalog_import_and_generations_with_images_take_large_requests() -> None:
+def test_only_a_catalog_import_and_requests_with_images_take_large_requests() -> None:
     sizes = method_limits(16 * MIB)
-    for method in ("ImportLoraCatalog", "GenerateImage", "SubmitGeneration"):
+    for method in ("ImportLoraCatalog", "GenerateImage", "SubmitGeneration", "UpscaleImage"):
         assert sizes.pop(f"/loracle.v1.CommandService/{method}") == 16 * MIB
     assert set(sizes.values()) == {MIB}
     assert set(method_limits(MIB // 2).values()) == {MIB // 2}

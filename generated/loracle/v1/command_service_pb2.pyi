@@ -956,3 +956,78 @@ class CancelGenerationResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CancelGenerationResponse: _TypeAlias = CancelGenerationResponse  # noqa: Y015
+
+@_typing.final
+class UpscaleImageRequest(_message.Message):
+    """Request of UpscaleImage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    IMAGE_FIELD_NUMBER: _builtins.int
+    UPSCALER_FIELD_NUMBER: _builtins.int
+    SCALE_FIELD_NUMBER: _builtins.int
+    OUTPUT_FORMAT_FIELD_NUMBER: _builtins.int
+    CHUNK_SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key; a retry re-attaches to the same upscale."""
+    upscaler: _builtins.str
+    """A configured upscaler model's name, or "Lanczos" / "Nearest" (ListBaseModels lists
+    them; case does not matter).
+    """
+    scale: _builtins.float
+    """The factor, above 1 and at most 8; 0: the model's own (2 for Lanczos and Nearest). A
+    model runs by its own factor until the image is covered, then Lanczos gives the exact
+    size (as A1111 does). The result must stay within 4 x max_image_side a side.
+    """
+    output_format: _types_pb2.ImageFormat.ValueType
+    """Output encoding (PNG by default). A PNG keeps the input's A1111 `parameters` and adds
+    `Postprocess upscale by` and `Postprocess upscaler`.
+    """
+    chunk_size_bytes: _builtins.int
+    """Image chunk size; 0: 64 KiB."""
+    @_builtins.property
+    def image(self) -> _types_pb2.InputImage:
+        """The image: inline bytes or one of the caller's earlier images (as an init image)."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        image: _types_pb2.InputImage | None = ...,
+        upscaler: _builtins.str = ...,
+        scale: _builtins.float = ...,
+        output_format: _types_pb2.ImageFormat.ValueType = ...,
+        chunk_size_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["image", b"image"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_size_bytes", b"chunk_size_bytes", "image", b"image", "output_format", b"output_format", "request_id", b"request_id", "scale", b"scale", "upscaler", b"upscaler"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpscaleImageRequest: _TypeAlias = UpscaleImageRequest  # noqa: Y015
+
+@_typing.final
+class UpscaleImageResponse(_message.Message):
+    """One event of an UpscaleImage stream: the GenerationEvents of a generation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def event(self) -> _types_pb2.GenerationEvent:
+        """The event."""
+
+    def __init__(
+        self,
+        *,
+        event: _types_pb2.GenerationEvent | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpscaleImageResponse: _TypeAlias = UpscaleImageResponse  # noqa: Y015

@@ -97,6 +97,11 @@ class CommandServiceStub:
                 request_serializer=loracle_dot_v1_dot_command__service__pb2.CancelGenerationRequest.SerializeToString,
                 response_deserializer=loracle_dot_v1_dot_command__service__pb2.CancelGenerationResponse.FromString,
                 _registered_method=True)
+        self.UpscaleImage = channel.unary_stream(
+                '/loracle.v1.CommandService/UpscaleImage',
+                request_serializer=loracle_dot_v1_dot_command__service__pb2.UpscaleImageRequest.SerializeToString,
+                response_deserializer=loracle_dot_v1_dot_command__service__pb2.UpscaleImageResponse.FromString,
+                _registered_method=True)
 
 
 class CommandServiceServicer:
@@ -197,6 +202,16 @@ class CommandServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpscaleImage(self, request, context):
+        """Makes an image larger with an upscaler model (ESRGAN and kin) or a built-in image
+        upscaler, no diffusion (A1111's Extras). Queued on the device and streamed like a
+        generation (progress counts tiles), recorded as one (`spec.upscale` set), so it can be
+        watched, fetched and used as an input image by id. Ends like GenerateImage.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CommandServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -259,6 +274,11 @@ def add_CommandServiceServicer_to_server(servicer, server):
                     servicer.CancelGeneration,
                     request_deserializer=loracle_dot_v1_dot_command__service__pb2.CancelGenerationRequest.FromString,
                     response_serializer=loracle_dot_v1_dot_command__service__pb2.CancelGenerationResponse.SerializeToString,
+            ),
+            'UpscaleImage': grpc.unary_stream_rpc_method_handler(
+                    servicer.UpscaleImage,
+                    request_deserializer=loracle_dot_v1_dot_command__service__pb2.UpscaleImageRequest.FromString,
+                    response_serializer=loracle_dot_v1_dot_command__service__pb2.UpscaleImageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -588,6 +608,33 @@ class CommandService:
             '/loracle.v1.CommandService/CancelGeneration',
             loracle_dot_v1_dot_command__service__pb2.CancelGenerationRequest.SerializeToString,
             loracle_dot_v1_dot_command__service__pb2.CancelGenerationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpscaleImage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/loracle.v1.CommandService/UpscaleImage',
+            loracle_dot_v1_dot_command__service__pb2.UpscaleImageRequest.SerializeToString,
+            loracle_dot_v1_dot_command__service__pb2.UpscaleImageResponse.FromString,
             options,
             channel_credentials,
             insecure,

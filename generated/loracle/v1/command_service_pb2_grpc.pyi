@@ -70,6 +70,12 @@ class CommandServiceStub:
     """Queues a generation and returns at once; follow it with QueryService.WatchGeneration."""
     CancelGeneration: _grpc.UnaryUnaryMultiCallable[_command_service_pb2.CancelGenerationRequest, _command_service_pb2.CancelGenerationResponse]
     """Cancels a queued or running generation."""
+    UpscaleImage: _grpc.UnaryStreamMultiCallable[_command_service_pb2.UpscaleImageRequest, _command_service_pb2.UpscaleImageResponse]
+    """Makes an image larger with an upscaler model (ESRGAN and kin) or a built-in image
+    upscaler, no diffusion (A1111's Extras). Queued on the device and streamed like a
+    generation (progress counts tiles), recorded as one (`spec.upscale` set), so it can be
+    watched, fetched and used as an input image by id. Ends like GenerateImage.
+    """
 
 @_typing.type_check_only
 class CommandServiceAsyncStub(CommandServiceStub):
@@ -113,6 +119,12 @@ class CommandServiceAsyncStub(CommandServiceStub):
     """Queues a generation and returns at once; follow it with QueryService.WatchGeneration."""
     CancelGeneration: _aio.UnaryUnaryMultiCallable[_command_service_pb2.CancelGenerationRequest, _command_service_pb2.CancelGenerationResponse]  # type: ignore[assignment]
     """Cancels a queued or running generation."""
+    UpscaleImage: _aio.UnaryStreamMultiCallable[_command_service_pb2.UpscaleImageRequest, _command_service_pb2.UpscaleImageResponse]  # type: ignore[assignment]
+    """Makes an image larger with an upscaler model (ESRGAN and kin) or a built-in image
+    upscaler, no diffusion (A1111's Extras). Queued on the device and streamed like a
+    generation (progress counts tiles), recorded as one (`spec.upscale` set), so it can be
+    watched, fetched and used as an input image by id. Ends like GenerateImage.
+    """
 
 class CommandServiceServicer(metaclass=_abc_1.ABCMeta):
     """Writes: the LoRA catalog, recommendations and generation. Every request carries a
@@ -225,5 +237,17 @@ class CommandServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_command_service_pb2.CancelGenerationResponse, _abc.Awaitable[_command_service_pb2.CancelGenerationResponse]]:
         """Cancels a queued or running generation."""
+
+    @_abc_1.abstractmethod
+    def UpscaleImage(
+        self,
+        request: _command_service_pb2.UpscaleImageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_command_service_pb2.UpscaleImageResponse], _abc.AsyncIterator[_command_service_pb2.UpscaleImageResponse]]:
+        """Makes an image larger with an upscaler model (ESRGAN and kin) or a built-in image
+        upscaler, no diffusion (A1111's Extras). Queued on the device and streamed like a
+        generation (progress counts tiles), recorded as one (`spec.upscale` set), so it can be
+        watched, fetched and used as an input image by id. Ends like GenerateImage.
+        """
 
 def add_CommandServiceServicer_to_server(servicer: CommandServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -631,6 +631,7 @@ class GenerationSpec(_message.Message):
     INPAINT_PADDING_FIELD_NUMBER: _builtins.int
     HIRES_FIELD_NUMBER: _builtins.int
     CONTROLS_FIELD_NUMBER: _builtins.int
+    UPSCALE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Name of a configured base model; empty for the default model."""
     prompt: _builtins.str
@@ -706,6 +707,12 @@ class GenerationSpec(_message.Message):
         (canny, depth, pose...) is the client's job.
         """
 
+    @_builtins.property
+    def upscale(self) -> Global___UpscaleSpec:
+        """Output only: set on generations UpscaleImage made (init_image is the image upscaled); a
+        request that sets it is INVALID_ARGUMENT.
+        """
+
     def __init__(
         self,
         *,
@@ -731,10 +738,11 @@ class GenerationSpec(_message.Message):
         inpaint_padding: _builtins.int | None = ...,
         hires: Global___HiresFix | None = ...,
         controls: _abc.Iterable[Global___ControlInput] | None = ...,
+        upscale: Global___UpscaleSpec | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_inpaint_padding", b"_inpaint_padding", "_mask_blur", b"_mask_blur", "_seed", b"_seed", "_strength", b"_strength", "guidance_scale", b"guidance_scale", "hires", b"hires", "init_image", b"init_image", "inpaint_padding", b"inpaint_padding", "mask_blur", b"mask_blur", "mask_image", b"mask_image", "seed", b"seed", "strength", b"strength"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_inpaint_padding", b"_inpaint_padding", "_mask_blur", b"_mask_blur", "_seed", b"_seed", "_strength", b"_strength", "guidance_scale", b"guidance_scale", "hires", b"hires", "init_image", b"init_image", "inpaint_padding", b"inpaint_padding", "mask_blur", b"mask_blur", "mask_image", b"mask_image", "seed", b"seed", "strength", b"strength", "upscale", b"upscale"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_inpaint_padding", b"_inpaint_padding", "_mask_blur", b"_mask_blur", "_seed", b"_seed", "_strength", b"_strength", "chunk_size_bytes", b"chunk_size_bytes", "controls", b"controls", "guidance_scale", b"guidance_scale", "height", b"height", "hires", b"hires", "init_image", b"init_image", "inpaint_only_masked", b"inpaint_only_masked", "inpaint_padding", b"inpaint_padding", "loras", b"loras", "mask_blur", b"mask_blur", "mask_image", b"mask_image", "model", b"model", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "output_format", b"output_format", "preview_every_n_steps", b"preview_every_n_steps", "prompt", b"prompt", "scheduler", b"scheduler", "seed", b"seed", "steps", b"steps", "strength", b"strength", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_inpaint_padding", b"_inpaint_padding", "_mask_blur", b"_mask_blur", "_seed", b"_seed", "_strength", b"_strength", "chunk_size_bytes", b"chunk_size_bytes", "controls", b"controls", "guidance_scale", b"guidance_scale", "height", b"height", "hires", b"hires", "init_image", b"init_image", "inpaint_only_masked", b"inpaint_only_masked", "inpaint_padding", b"inpaint_padding", "loras", b"loras", "mask_blur", b"mask_blur", "mask_image", b"mask_image", "model", b"model", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "output_format", b"output_format", "preview_every_n_steps", b"preview_every_n_steps", "prompt", b"prompt", "scheduler", b"scheduler", "seed", b"seed", "steps", b"steps", "strength", b"strength", "upscale", b"upscale", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__guidance_scale: _TypeAlias = _typing.Literal["guidance_scale"]  # noqa: Y015
     _WhichOneofArgType__guidance_scale: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale"]  # noqa: Y015
@@ -758,6 +766,32 @@ class GenerationSpec(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__strength) -> _WhichOneofReturnType__strength | None: ...
 
 Global___GenerationSpec: _TypeAlias = GenerationSpec  # noqa: Y015
+
+@_typing.final
+class UpscaleSpec(_message.Message):
+    """How an image was upscaled (UpscaleImage)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UPSCALER_FIELD_NUMBER: _builtins.int
+    SCALE_FIELD_NUMBER: _builtins.int
+    upscaler: _builtins.str
+    """The upscaler's name."""
+    scale: _builtins.float
+    """The factor applied."""
+    def __init__(
+        self,
+        *,
+        upscaler: _builtins.str = ...,
+        scale: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["scale", b"scale", "upscaler", b"upscaler"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpscaleSpec: _TypeAlias = UpscaleSpec  # noqa: Y015
 
 @_typing.final
 class ControlInput(_message.Message):

@@ -16,6 +16,9 @@ from server.application.commands.generation import (
     LoraChoice,
     QuickGenerateCommand,
     SubmitGenerationCommand,
+    UpscaleImageCommand,
+    UpscaleImageHandler,
+    UpscaleRequest,
 )
 from server.application.commands.import_catalog import (
     CatalogRecordInput,
@@ -108,4 +111,7 @@ __all__ = [
     "TopRecommendation",
     "UpdateLoRACommand",
     "UpdateLoRAHandler",
+    "UpscaleImageCommand",
+    "UpscaleImageHandler",
+    "UpscaleRequest",
 ]

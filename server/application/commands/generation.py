@@ -18,7 +18,7 @@ from server.application.commands.base import (
 from server.application.commands.idempotency import replay, save_answered
 from server.application.context import current_context
 from server.application.generation.jobs import GenerationJobs
-from server.application.generation.request import GenerationRequest, LoraChoice
+from server.application.generation.request import GenerationRequest, LoraChoice, UpscaleRequest
 from server.application.ownership import can_see
 from server.application.ports import CatalogRepository, Recommender
 from server.domain.errors import FieldViolation, ValidationError
@@ -38,6 +38,9 @@ __all__ = [
     "QuickGenerateHandler",
     "SubmitGenerationCommand",
     "SubmitGenerationHandler",
+    "UpscaleImageCommand",
+    "UpscaleImageHandler",
+    "UpscaleRequest",
 ]
 
 QUICK_MIN_CONFIDENCE = 0.5
@@ -48,6 +51,11 @@ QUICK_ATTEMPTS = 3
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GenerateImageCommand(IStreamCommand[GenerationEvent]):
     request: GenerationRequest
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UpscaleImageCommand(IStreamCommand[GenerationEvent]):
+    request: UpscaleRequest
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -78,6 +86,21 @@ class GenerateImageHandler(IStreamCommandHandler[GenerateImageCommand, Generatio
         handle = self._jobs.retried(command)
         if handle is None:
             handle, _, _ = self._jobs.submit(self._jobs.prepare(command.request), command)
+        yield from self._jobs.stream(handle, ctx)
+
+
+class UpscaleImageHandler(IStreamCommandHandler[UpscaleImageCommand, GenerationEvent]):
+    """An upscale is a job of the generation path: queued for the device, streamed with the
+    same events (progress counts tiles), recorded as a generation of mode `upscale`."""
+
+    def __init__(self, jobs: GenerationJobs) -> None:
+        self._jobs = jobs
+
+    def handle(self, command: UpscaleImageCommand) -> Iterator[GenerationEvent]:
+        ctx = current_context()
+        handle = self._jobs.retried(command)
+        if handle is None:
+            handle, _, _ = self._jobs.submit(self._jobs.prepare_upscale(command.request), command)
         yield from self._jobs.stream(handle, ctx)
 
 

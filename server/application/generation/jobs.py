@@ -17,6 +17,7 @@ from server.application.commands.idempotency import Replay, note_answer, record_
 from server.application.context import DispatchContext, current_context
 from server.application.generation.lifecycle import GenerationRecorder
 from server.application.generation.request import (
+    DEFAULT_BUILTIN_UPSCALE,
     DEFAULT_CONTROL_SCALE,
     DEFAULT_HIRES_STRENGTH,
     DEFAULT_INPAINT_PADDING,
@@ -28,9 +29,11 @@ from server.application.generation.request import (
     GenerationRequest,
     ImageInput,
     LoraChoice,
+    UpscaleRequest,
     fit_size,
     strip_lora_tags,
     validate,
+    validate_upscale,
 )
 from server.application.generation.unloadable import UnloadableLoras
 from server.application.ownership import require_visible
@@ -57,11 +60,13 @@ from server.domain.errors import (
 from server.domain.generation import Generation, GenerationView
 from server.domain.generation_events import TERMINAL, Failed, GenerationEvent
 from server.domain.generation_job import (
+    NO_MODEL,
     ControlInput,
     GenerationJob,
     HiresFix,
     InputImage,
     ResolvedLora,
+    UpscaleJob,
 )
 from server.domain.lora import CommandRecord
 from server.domain.models import (
@@ -73,7 +78,7 @@ from server.domain.models import (
     is_uuid,
 )
 from server.domain.recommend.prompt import parse_prompt
-from server.domain.upscalers import builtin_names, find_upscaler
+from server.domain.upscalers import UPSCALERS, builtin_names, find_upscaler
 
 log = logging.getLogger("loracle.generation")
 
@@ -234,6 +239,55 @@ class GenerationJobs:
             hires=hires,
             embeddings=embeddings,
             controls=controls,
+        )
+
+    def prepare_upscale(self, request: UpscaleRequest) -> GenerationJob:
+        """An upscale as a job of the generation path (queued on the device, streamed,
+        recorded): the image checked like any input image, the upscaler resolved, the
+        result within the size limits."""
+        violations = validate_upscale(request)
+        if violations:
+            raise ValidationError(violations)
+        image = self._input_image(request.image, "image")
+        assert image is not None  # validated
+        name, model = self.upscaler(request.upscaler, "upscaler")
+        builtin = find_upscaler(name)
+        if builtin is not None and builtin.latent:
+            pixel = ", ".join(u.name for u in UPSCALERS if not u.latent)
+            raise ValidationError(
+                FieldViolation(
+                    "upscaler",
+                    f"{name!r} resizes latents, which only a hires fix has; use an upscaler "
+                    f"model or {pixel}",
+                )
+            )
+        native = next((m.scale for m in self._models.upscaler_models() if m.config == model), 0)
+        scale = request.scale or float(native or DEFAULT_BUILTIN_UPSCALE)
+        upscale = UpscaleJob(upscaler=name, scale=scale, model=model)
+        width, height = upscale.size(image.width, image.height)
+        side, pixels = self.limits.side * 4, self.limits.input_pixels * 4
+        if max(width, height) > side or width * height > pixels:
+            raise ValidationError(
+                FieldViolation(
+                    "scale",
+                    f"makes {width}x{height}; at most {side} a side and {pixels:,} pixels",
+                )
+            )
+        return GenerationJob(
+            generation_id=str(uuid.uuid4()),
+            model=NO_MODEL,
+            prompt="",
+            original_prompt="",
+            width=width,
+            height=height,
+            steps=0,
+            guidance_scale=0.0,
+            seed=0,
+            output_format=request.output_format,
+            chunk_size=request.chunk_size_bytes or 64 * 1024,
+            owner=current_context().principal,
+            init_image=image,
+            upscale=upscale,
         )
 
     def _controls(

@@ -75,6 +75,40 @@ class GenerationRequest:
     inpaint_padding: int | None = None
     hires: HiresRequest | None = None
     controls: tuple[ControlChoice, ...] = ()
+    # GenerationSpec.upscale was set: it is output only (UpscaleImage makes upscales).
+    upscale_given: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UpscaleRequest:
+    """An image to make larger (UpscaleImage): by a configured upscaler model or a built-in
+    image upscaler; scale 0: the model's own factor (2 for a built-in one)."""
+
+    image: ImageInput | None
+    upscaler: str
+    scale: float = 0.0
+    output_format: str = "png"
+    chunk_size_bytes: int = 0
+
+
+# Upscale factors a request may ask for (A1111's Extras allow 1 to 8).
+MAX_UPSCALE = 8.0
+DEFAULT_BUILTIN_UPSCALE = 2.0
+
+
+def validate_upscale(request: UpscaleRequest) -> list[FieldViolation]:
+    out = []
+    if request.image is None:
+        out.append(FieldViolation("image", "is required: the image to upscale"))
+    if not request.upscaler.strip():
+        out.append(FieldViolation("upscaler", "must name an upscaler (ListBaseModels lists them)"))
+    if request.scale and not 1.0 < request.scale <= MAX_UPSCALE:
+        out.append(FieldViolation("scale", f"above 1 and at most {MAX_UPSCALE:g}, or 0"))
+    if request.output_format not in FORMATS:
+        out.append(FieldViolation("output_format", "png, jpeg or webp"))
+    if request.chunk_size_bytes and not 1024 <= request.chunk_size_bytes <= 4 * 1024 * 1024:
+        out.append(FieldViolation("chunk_size_bytes", "from 1 KiB to 4 MiB, or 0"))
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +165,8 @@ def validate(
     out += _image_violations(request)
     out += _hires_violations(request, limits)
     out += _control_violations(request)
+    if request.upscale_given:
+        out.append(FieldViolation("spec.upscale", "is output only: call UpscaleImage to upscale"))
     for i, choice in enumerate(request.loras):
         if not choice.lora.strip():
             out.append(FieldViolation(f"spec.loras[{i}].lora", "must not be empty"))

@@ -32,6 +32,7 @@ from server.domain.generation_job import (
     HiresFix,
     InputImage,
     ResolvedLora,
+    UpscaleJob,
 )
 from server.domain.models import BaseModelConfig, ControlNetConfig, UpscalerModelConfig
 from server.domain.upscalers import find_upscaler
@@ -93,10 +94,16 @@ class JobMessage:
 
     @property
     def upscaler_model(self) -> str:
-        """The upscaler model the hires fix names ("" for none or a built-in upscaler)."""
-        hires = self.fields.get("hires")
-        name = str(hires.get("upscaler", "")) if isinstance(hires, dict) else ""
+        """The upscaler model the hires fix or the upscale names ("" for none or a built-in
+        upscaler)."""
+        given = self.fields.get("hires") or self.fields.get("upscale")
+        name = str(given.get("upscaler", "")) if isinstance(given, dict) else ""
         return "" if find_upscaler(name) is not None else name
+
+    @property
+    def is_upscale(self) -> bool:
+        """An upscale (UpscaleImage): it runs no base model."""
+        return isinstance(self.fields.get("upscale"), dict)
 
     @property
     def controlnet_names(self) -> list[str]:
@@ -141,6 +148,7 @@ class JobMessage:
             inpaint_only_masked=bool(f.get("inpaint_only_masked", False)),
             inpaint_padding=int(f.get("inpaint_padding", 0)),
             hires=_hires_from(f.get("hires"), upscalers or {}),
+            upscale=_upscale_from(f.get("upscale"), upscalers or {}),
             embeddings=embeddings,
             controls=tuple(
                 ControlInput(
@@ -216,6 +224,8 @@ def _image_fields(job: GenerationJob) -> dict[str, Any]:
         return {"hires": job.hires.record()}
     if job.init_image is None:
         return {}
+    if job.upscale is not None:
+        return {"init_image": _image_doc(job.init_image), "upscale": job.upscale.record()}
     out: dict[str, Any] = {"init_image": _image_doc(job.init_image), "strength": job.strength}
     if job.mask_image is not None:
         out |= {
@@ -256,6 +266,13 @@ def _image_from(doc: Any) -> InputImage | None:
         generation_id=str(doc.get("generation_id", "")),
         image_index=int(doc.get("image_index", 0)),
     )
+
+
+def _upscale_from(doc: Any, upscalers: Mapping[str, UpscalerModelConfig]) -> UpscaleJob | None:
+    if not isinstance(doc, dict):
+        return None
+    name = str(doc["upscaler"])
+    return UpscaleJob(upscaler=name, scale=float(doc["scale"]), model=upscalers.get(name))
 
 
 def _hires_from(doc: Any, upscalers: Mapping[str, UpscalerModelConfig]) -> HiresFix | None:

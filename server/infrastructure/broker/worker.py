@@ -31,7 +31,7 @@ from server.domain.generation_events import (
     Queued,
     Started,
 )
-from server.domain.generation_job import GenerationJob, ResolvedLora
+from server.domain.generation_job import NO_MODEL, GenerationJob, ResolvedLora
 from server.domain.models import BaseModelInfo, ControlNetInfo, UpscalerModelInfo
 from server.infrastructure.broker.codec import JobMessage, decode_job, to_record
 from server.infrastructure.broker.port import Broker, Claim, Delivery
@@ -247,7 +247,12 @@ class BrokerWorker:
         pump.start()
 
     def _job(self, message: JobMessage) -> GenerationJob:
-        model = next((m for m in self._models.statuses() if m.config.name == message.model), None)
+        if message.is_upscale:
+            model: BaseModelInfo | None = BaseModelInfo(NO_MODEL, True)
+        else:
+            model = next(
+                (m for m in self._models.statuses() if m.config.name == message.model), None
+            )
         if model is None or not model.ready:
             raise _Refused(f"worker {self.name} does not serve model {message.model!r}")
         ready = {c.config.name: c.config for c in self._models.controlnets() if c.ready}

@@ -37,7 +37,12 @@ from server.infrastructure.diffusion.embeddings import EmbeddingSpec
 from server.infrastructure.diffusion.estimates import StepCosts, describe_seconds
 from server.infrastructure.diffusion.families.base import BatchRows, ModelFamily, as_inpainting
 from server.infrastructure.diffusion.handles import JobHandle
-from server.infrastructure.diffusion.images import MIME, ImageStore, encode_image
+from server.infrastructure.diffusion.images import (
+    MIME,
+    ImageStore,
+    encode_image,
+    encode_upscaled,
+)
 from server.infrastructure.diffusion.job_queue import JobQueue
 from server.infrastructure.diffusion.pipelines import (
     GIB,
@@ -48,6 +53,7 @@ from server.infrastructure.diffusion.pipelines import (
 )
 from server.infrastructure.diffusion.previews import preview_jpeg
 from server.infrastructure.diffusion.registry import load_pipeline
+from server.infrastructure.input_images import open_rgb
 
 log = logging.getLogger("loracle.executor")
 
@@ -215,6 +221,9 @@ class DiffusionExecutor:
             return
         job = live[0].job  # the fields every job of the batch shares
         started = time.monotonic()
+        if job.upscale is not None:
+            self._run_upscales(live, started)
+            return
 
         # 2. Resolve the pipeline, LoRAs and scheduler (and, for a model this server has not
         #    timed yet, warn the batch if it will be slow)
@@ -321,12 +330,8 @@ class DiffusionExecutor:
         try:
             out = loaded.family.denoise(loaded.for_mode(call.call.mode, controls), call, watcher)
             if job.hires is not None:
-                model = job.hires.model
                 second, upscaled = hires.second_pass(
-                    job,
-                    out,
-                    loaded.pipe,
-                    None if model is None else self._pipelines.upscaler(model, loaded.pipe.unet),
+                    job, out, loaded.pipe, self._hires_upscaler(job, loaded)
                 )
                 watcher.next_pass()
                 call = replace(
@@ -348,6 +353,86 @@ class DiffusionExecutor:
         for i, image in zip(group.rows, out, strict=True):
             images[i] = inputs[i].finish(image)
         return first, last
+
+    def _hires_upscaler(
+        self, job: GenerationJob, loaded: LoadedPipeline
+    ) -> Callable[[Any], Any] | None:
+        """The hires fix's upscaler model as a function of one image (None: built in)."""
+        if job.hires is None or job.hires.model is None:
+            return None
+        from server.infrastructure.diffusion.upscaler_models import upscale
+
+        unet = loaded.pipe.unet
+        net, scale = self._pipelines.upscaler(job.hires.model, str(unet.device), unet.dtype)
+        return lambda image: upscale(net, scale, image)
+
+    def _run_upscales(self, live: Sequence[JobHandle], started: float) -> None:
+        """Upscale jobs, one after another: an upscale has no denoising call to share."""
+        import torch
+
+        self.stats.batches += 1
+        self.stats.batch_sizes.append(len(live))
+        for handle in live:
+            if handle.cancelled:
+                handle.publish(Cancelled())
+                continue
+            handle.publish(Started(1))
+            began = time.monotonic()
+            try:
+                image = self._upscaled(handle, began)
+            except _Interrupted:
+                handle.publish(Cancelled())
+                continue
+            except UpscalerLoadError as exc:
+                handle.publish(Failed(str(exc), Reason.MODEL_LOAD_FAILED))
+                continue
+            except torch.OutOfMemoryError:
+                self._out_of_memory([handle], "upscaling")
+                continue
+            upscaled = time.monotonic()
+            data = encode_upscaled(image, handle.job)
+            self._send(handle, 0, data)
+            self.stats.images += 1
+            handle.publish(
+                Completed(
+                    Timings(
+                        queue_seconds=started - handle.submitted,
+                        denoising_seconds=upscaled - began,
+                        decoding_seconds=time.monotonic() - upscaled,
+                    )
+                )
+            )
+
+    def _upscaled(self, handle: JobHandle, began: float) -> Any:
+        """The job's image upscaled, progress counting tiles (one step for a built-in
+        upscaler); cancellation stops it between tiles."""
+        from PIL import Image
+
+        from server.infrastructure.diffusion.upscaler_models import upscale, upscale_tiles
+
+        job = handle.job
+        spec, source = job.upscale, job.init_image
+        assert spec is not None
+        assert source is not None
+        image = open_rgb(source.data)
+        if spec.model is None:
+            filters = {"Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST}
+            handle.publish(Progress(1, 1, time.monotonic() - began))
+            return image.resize((job.width, job.height), filters[spec.upscaler])
+        net, scale = self._pipelines.upscaler(spec.model)
+        total = upscale_tiles(image.width, image.height, scale, job.width, job.height)
+        done = 0
+
+        def on_tile(_done: int, _total: int) -> None:
+            nonlocal done
+            done += 1
+            if handle.cancelled:
+                raise _Interrupted
+            handle.publish(Progress(done, total, time.monotonic() - began))
+
+        return hires.with_model(
+            lambda im: upscale(net, scale, im, on_tile=on_tile), image, job.width, job.height
+        )
 
     def _prepare(self, live: Sequence[JobHandle], job: GenerationJob) -> LoadedPipeline | None:
         """The pipeline ready for the batch, or None once the batch has been failed."""
@@ -460,8 +545,11 @@ class DiffusionExecutor:
                 self._costs.record(job.model.name, side * side, 1, 1, marks[-1] - marks[-2])
 
     def _deliver(self, handle: JobHandle, index: int, image: Any, loaded: LoadedPipeline) -> None:
+        self._send(handle, index, encode_image(image, handle.job, index, loaded))
+
+    def _send(self, handle: JobHandle, index: int, data: bytes) -> None:
+        """Keeps the encoded image and streams it in chunks, then its checksum record."""
         job = handle.job
-        data = encode_image(image, job, index, loaded)
         mime = MIME[job.output_format]
         digest = hashlib.sha256(data).hexdigest()
         if self._images is not None:

@@ -208,6 +208,45 @@ def manifest(job: GenerationJob, index: int, loaded: LoadedPipeline) -> dict[str
     }
 
 
+def encode_upscaled(image: Any, job: GenerationJob) -> bytes:
+    """An upscaled image, as A1111's Extras saves one: the input's `parameters` kept (so
+    PNG Info still shows how it was made), `postprocessing` saying how it was upscaled, and
+    Loracle's manifest."""
+    import PIL
+    import torch
+    from PIL import Image, PngImagePlugin
+
+    spec, source = job.upscale, job.init_image
+    assert spec is not None
+    assert source is not None
+    with Image.open(io.BytesIO(source.data)) as original:
+        parameters = original.info.get("parameters")
+    postprocessing = (
+        f"Postprocess upscale by: {spec.scale:g}, Postprocess upscaler: {spec.upscaler}"
+    )
+    document = {
+        "generation_id": job.generation_id,
+        "mode": job.mode,
+        "upscale": spec.record(),
+        "init_image": source.record(),
+        "size": [job.width, job.height],
+        "versions": {"loracle": VERSION, "pillow": PIL.__version__, "torch": torch.__version__},
+    }
+    buffer = io.BytesIO()
+    if job.output_format == "png":
+        info = PngImagePlugin.PngInfo()
+        if isinstance(parameters, str):
+            info.add_text("parameters", parameters)
+        info.add_text("postprocessing", postprocessing)
+        info.add_text("loracle", json.dumps(document, sort_keys=True))
+        image.save(buffer, format="PNG", pnginfo=info)
+    else:
+        exif = image.getexif()
+        exif[0x9286] = "\n".join(x for x in (parameters, postprocessing) if isinstance(x, str))
+        image.save(buffer, format=job.output_format.upper(), quality=95, exif=exif)
+    return buffer.getvalue()
+
+
 def encode_image(image: Any, job: GenerationJob, index: int, loaded: LoadedPipeline) -> bytes:
     from PIL.PngImagePlugin import PngInfo
 

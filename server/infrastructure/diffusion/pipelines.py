@@ -139,7 +139,7 @@ class PipelineCache:
         self._verified: set[str] = set()
         self._model_hashes: dict[tuple[Path, float], str] = {}
         self._controlnet_hashes: dict[tuple[Path, float], str] = {}
-        self._upscalers: OrderedDict[tuple[str, Path], Any] = OrderedDict()
+        self._upscalers: OrderedDict[tuple[str, Path, str, str], tuple[Any, int]] = OrderedDict()
 
     def names(self) -> list[str]:
         """Resident models, least recently used first."""
@@ -153,7 +153,8 @@ class PipelineCache:
         loaded = self.get(job.model)
         self._load_controlnets(loaded, job)
         if job.hires is not None and job.hires.model is not None:
-            self.upscaler(job.hires.model, loaded.pipe.unet)
+            unet = loaded.pipe.unet
+            self.upscaler(job.hires.model, str(unet.device), unet.dtype)
         self.verify_loras(job.loras)
         loaded.adapters.apply([AdapterSpec(x.sha256, x.path, x.weight, x.name) for x in job.loras])
         loaded.pipe.scheduler = loaded.scheduler(job.scheduler)
@@ -171,29 +172,43 @@ class PipelineCache:
             loaded.controlnet_hashes[config.name] = controlnet_hash(config, self._controlnet_hashes)
             loaded.size_bytes += sum(p.numel() * p.element_size() for p in model.parameters())
 
-    def upscaler(self, config: UpscalerModelConfig, like: Any) -> Callable[[Any], Any]:
-        """The upscaler model as a function of one PIL image, loaded once in the device and
-        dtype of `like` (a module); the two most recently used stay loaded. Raises
-        UpscalerLoadError."""
+    def upscaler(
+        self, config: UpscalerModelConfig, device: str = "", dtype: Any = None
+    ) -> tuple[Any, int]:
+        """The upscaler model's network and native factor, loaded once in `device` and
+        `dtype` (default: this cache's device; half precision on CUDA, float32 on the CPU);
+        the two most recently used stay loaded. Raises UpscalerLoadError."""
+        import torch
+
         from server.infrastructure.diffusion.upscaler_models import (
             UpscalerFileError,
             load_upscaler,
-            upscale,
         )
 
-        key = (config.name, config.path)
+        device = device or self.device()
+        if dtype is None:
+            dtype = torch.float16 if device.startswith("cuda") else torch.float32
+        key = (config.name, config.path, device, str(dtype))
         entry = self._upscalers.get(key)
         if entry is None:
             try:
-                entry = load_upscaler(config.path, str(like.device), like.dtype)
+                net, shape = load_upscaler(config.path, device, dtype)
             except (UpscalerFileError, OSError) as exc:
                 raise UpscalerLoadError(f"upscaler {config.name!r}: {exc}") from None
+            entry = (net, shape.scale)
             self._upscalers[key] = entry
             while len(self._upscalers) > MAX_UPSCALERS:
                 self._upscalers.popitem(last=False)
         self._upscalers.move_to_end(key)
-        net, shape = entry
-        return lambda image: upscale(net, shape.scale, image)
+        return entry
+
+    def device(self) -> str:
+        """The device pipelines load on ("auto": CUDA when there is one)."""
+        import torch
+
+        if self._device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self._device
 
     def get(self, model: BaseModelConfig) -> LoadedPipeline:
         """The model's pipeline, loaded (after unloading the least recently used ones while
@@ -205,9 +220,7 @@ class PipelineCache:
                 return loaded
         import torch
 
-        device = self._device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = self.device()
         need = _estimate_bytes(model)
         while self._budget and self._pipelines and self._resident() + need > self._budget:
             with self._lock:

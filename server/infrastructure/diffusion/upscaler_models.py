@@ -267,6 +267,18 @@ TILE = 192  # A1111's default ESRGAN tile
 OVERLAP = 8
 
 
+def upscale_tiles(width: int, height: int, scale: int, target_w: int, target_h: int) -> int:
+    """How many tiles upscaling a width x height image to the target takes: a pass by the
+    native factor while the image does not cover it, at most three (hires.with_model)."""
+    total = 0
+    for _ in range(3):
+        if width >= target_w and height >= target_h:
+            break
+        total += math.ceil(width / TILE) * math.ceil(height / TILE)
+        width, height = width * scale, height * scale
+    return total
+
+
 def upscale(
     net: nn.Module, scale: int, image: Any, *, tile: int = TILE, on_tile: Any = None
 ) -> Any:
