@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from server.devtools.local_server import start_server
+from server.devtools.tiny_upscalers import write_tiny_compact
 from server.infrastructure.diffusion.placeholder import build_tiny_controlnet, build_tiny_sd15
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,7 +84,11 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     base = build_tiny_sd15(workdir / "controlnet-base")
     canny = build_tiny_controlnet(workdir / "canny", base)
     config = workdir / "loracle.toml"
-    config.write_text(f'[[controlnets]]\nname = "canny"\narchitecture = "SD1"\npath = "{canny}"\n')
+    compact = write_tiny_compact(workdir / "4x-compact.safetensors")
+    config.write_text(
+        f'[[controlnets]]\nname = "canny"\narchitecture = "SD1"\npath = "{canny}"\n'
+        f'[[upscalers]]\nname = "4x-Compact"\npath = "{compact}"\n'
+    )
     server = start_server(workdir / "data", "--config", str(config))
     tools = workdir / "bin"
     tools.mkdir()
@@ -235,6 +240,20 @@ def test_controlnet(run: Run) -> None:
             }
         ]
     }
+
+
+def test_upscale(run: Run) -> None:
+    listed, *events = lines(run.block("UpscaleImage"))
+    assert json.loads(listed) == {
+        "name": "4x-Compact",
+        "ready": True,
+        "scale": 4,
+        "architecture": "Compact",
+    }
+    assert [json.loads(e) for e in events] == [
+        {"progress": {"step": 1, "totalSteps": 1}},
+        {"imageComplete": {"mimeType": "image/png"}},
+    ]
 
 
 def test_hires_fix(run: Run) -> None:

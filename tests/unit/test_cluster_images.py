@@ -133,3 +133,34 @@ def test_embeddings_travel_in_the_job_message_by_relative_path() -> None:
     assert again.spec()["embeddings"] == [
         {"lora": "e1", "name": "EasyNegative", "sha256": "ab" * 32}
     ]
+
+
+def test_an_upscale_travels_without_a_base_model_and_finds_the_workers_upscaler() -> None:
+    from pathlib import Path
+
+    from server.domain.generation_job import NO_MODEL, UpscaleJob
+    from server.domain.models import UpscalerModelConfig
+
+    here = UpscalerModelConfig("4x-UltraSharp", Path("/replica/u.safetensors"))
+    there = UpscalerModelConfig("4x-UltraSharp", Path("/worker/u.safetensors"))
+    job = GenerationJob(
+        generation_id=str(uuid.uuid4()),
+        model=NO_MODEL,
+        prompt="",
+        original_prompt="",
+        width=256,
+        height=192,
+        steps=0,
+        guidance_scale=0.0,
+        seed=0,
+        init_image=image(b"png bytes"),
+        upscale=UpscaleJob(upscaler="4x-UltraSharp", scale=4.0, model=here),
+    )
+    message = decode_job(encode_job(job, Who("alice")))
+    assert message.is_upscale
+    assert message.upscaler_model == "4x-UltraSharp"
+    again = message.job(NO_MODEL, (), job.chunk_size, upscalers={"4x-UltraSharp": there})
+    assert again.mode == Mode.UPSCALE
+    assert again == replace(job, upscale=replace(job.upscale, model=there))  # type: ignore[type-var]
+    lanczos = replace(job, upscale=UpscaleJob(upscaler="Lanczos", scale=2.0))
+    assert decode_job(encode_job(lanczos, Who("alice"))).upscaler_model == ""

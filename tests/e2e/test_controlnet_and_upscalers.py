@@ -1,7 +1,9 @@
-"""ControlNet through the real server and the CLI, as a user runs it: `loracle models` lists
-the configured ControlNets, `loracle generate --control NAME:IMAGE:SCALE` (options after the
-subcommand) writes an image whose PNG parameters name the ControlNet, and a ControlNet of
-another architecture is refused in one sentence with FAILED_PRECONDITION's ErrorInfo."""
+"""ControlNet and upscaler models through the real server and the CLI, as a user runs them:
+`loracle models` lists the configured ControlNets and upscalers, `loracle generate --control
+NAME:IMAGE:SCALE` (options after the subcommand) writes an image whose PNG parameters name the
+ControlNet, a ControlNet of another architecture is refused in one sentence with
+FAILED_PRECONDITION's ErrorInfo, and `loracle upscale` makes a file or an earlier result larger
+with the same progress bar, ending OK."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from client import FailedPrecondition, LoracleClient
 from client.cli import main
 from loracle.v1 import types_pb2
 from server.devtools.local_server import RunningServer, start_server, wait_for_models
+from server.devtools.tiny_upscalers import write_tiny_compact
 from server.infrastructure.diffusion.placeholder import (
     build_tiny_controlnet,
     build_tiny_sd15,
@@ -36,7 +39,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
         '[[models]]\nname = "xl"\narchitecture = "SDXL"\npath = "sdxl"\n'
         '[[controlnets]]\nname = "canny"\narchitecture = "SD1"\npath = "canny"\n'
         '[[controlnets]]\nname = "canny-xl"\narchitecture = "SDXL"\npath = "canny-xl"\n'
+        '[[upscalers]]\nname = "4x-Compact"\npath = "compact.safetensors"\n'
     )
+    write_tiny_compact(root / "compact.safetensors")
     build_tiny_controlnet(root / "canny", sd)
     build_tiny_controlnet(root / "canny-xl", xl)
     running = start_server(root / "data", "--config", str(config))
@@ -89,3 +94,37 @@ def test_a_controlnet_of_another_architecture_is_refused_with_error_info(
         list(client.generate_image(spec))
     assert raised.value.code == grpc.StatusCode.FAILED_PRECONDITION
     assert raised.value.reason == "CONTROLNET_ARCHITECTURE_MISMATCH"
+
+
+def test_cli_upscales_a_file_and_an_earlier_result(
+    server: RunningServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    address = ["--server", server.address]
+    assert main(["models", *address]) == 0
+    listed = capsys.readouterr().out
+    assert "Upscaler models (--hires-upscaler NAME, loracle upscale --model NAME):" in listed
+    row = next(line.split() for line in listed.splitlines() if line.startswith("4x-Compact"))
+    assert row[:4] == ["4x-Compact", "Compact", "4x", "yes"]
+    source = tmp_path / "small.png"
+    noise(100, 60, 2).save(source)
+    big = tmp_path / "big.png"
+    assert main(["upscale", str(source), "--model", "4x-compact", "-o", str(big), *address]) == 0
+    assert Image.open(big).size == (400, 240)
+    assert Image.open(big).info["postprocessing"] == (
+        "Postprocess upscale by: 4, Postprocess upscaler: 4x-Compact"
+    )
+    first = tmp_path / "first.png"
+    argv = ["generate", "a house", "--model", "sd", "--size", "64x64", "--steps", "2"]
+    assert main([*argv, "-o", str(first), *address]) == 0
+    assert main(["--json", "generations", *address]) == 0
+    prefix = next(line for line in capsys.readouterr().out.splitlines() if '"id"' in line)
+    gid = prefix.split('"')[3][:8]
+    jpeg = tmp_path / "again.jpg"
+    argv = ["upscale", "--from", f"{gid}:0", "--model", "Lanczos", "--scale", "3"]
+    assert main([*argv, "-o", str(jpeg), *address]) == 0
+    assert Image.open(jpeg).format == "JPEG"
+    assert Image.open(jpeg).size == (192, 192)
+    assert main(["upscale", str(source), "--model", "Latent", *address]) == 1
+    err = capsys.readouterr().err
+    assert "upscaler: 'Latent' resizes latents, which only a hires fix has" in err
+    assert "Traceback" not in err
