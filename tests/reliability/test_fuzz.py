@@ -453,8 +453,9 @@ def test_broken_frames_are_invalid_argument_without_tracebacks(target: Target) -
 
 
 def test_hostile_input_images_are_refused_and_odd_ones_accepted(target: Target) -> None:
-    """As init image and as mask, through both generation commands: every broken image is
-    INVALID_ARGUMENT naming its field, every odd but valid one queues; no traceback."""
+    """As init image and as mask, through both generation commands, and as the image
+    UpscaleImage upscales: every broken image is INVALID_ARGUMENT naming its field, every odd
+    but valid one queues (and is upscaled); no traceback."""
     start = len(target.server.log())
     good = odd_images()["WebP"]
     cases = [(name, data, INVALID) for name, data in bad_images().items()]
@@ -478,6 +479,23 @@ def test_hostile_input_images_are_refused_and_odd_ones_accepted(target: Target) 
                     assert outcome.code == INVALID, (method, role, name, outcome.code)
                     assert outcome.error is not None
                     assert f"spec.{role}" in error_details(outcome.error), (method, role, name)
+    # And as the image UpscaleImage makes larger (Lanczos: no model needed).
+    rpc = ALL_BY_NAME["CommandService.UpscaleImage"]
+    for name, data, expected in cases:
+        upscale = command_service_pb2.UpscaleImageRequest(upscaler="Lanczos", scale=1.5)
+        upscale.image.data = data
+        payload = upscale.SerializeToString()
+        outcome = invoke(target.channel, rpc, payload)
+        check(target, rpc, payload, outcome, decodable=True)
+        if expected is INVALID:
+            assert outcome.code == INVALID, ("UpscaleImage", name, outcome.code)
+            assert outcome.error is not None
+            assert error_details(outcome.error).startswith("image: "), name
+            continue
+        with LoracleClient(target.server.address, timeout=60, stream_timeout=60) as client:
+            image = types_pb2.InputImage(data=data)
+            events = list(client.upscale_image(image, "Lanczos", scale=1.5))
+        assert events[-1].HasField("completed"), ("UpscaleImage", name, events[-1])
     assert "Traceback" not in target.server.log()[start:]
 
 
