@@ -77,6 +77,48 @@ def write_single_file_checkpoint(diffusers_folder: Path, out: Path) -> Path:
     return out
 
 
+def write_single_file_controlnet(diffusers_folder: Path, out: Path) -> Path:
+    """Converts a diffusers ControlNet folder to one original-layout (lllyasviel,
+    `control_model.*`) `.safetensors` file, as ControlNets are mostly shared."""
+    from diffusers import ControlNetModel
+    from safetensors.torch import save_file
+
+    controlnet = ControlNetModel.from_pretrained(str(diffusers_folder), local_files_only=True)
+    state = _prefixed("control_model.", controlnet_to_ldm(controlnet.state_dict(), controlnet))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out), metadata={"format": "pt"})
+    return out
+
+
+# The control encoder's last convolution: diffusers' conversion takes it from index 14, where
+# the real (four-level) encoder has it, whatever the encoder's depth.
+_HINT_OUT = 14
+
+
+def controlnet_to_ldm(state: Mapping[str, Tensor], controlnet: Any) -> dict[str, Tensor]:
+    """ControlNetModel keys -> cldm keys: its UNet half as the UNet's input and middle blocks,
+    the zero convolutions, and the control encoder (`input_hint_block`)."""
+    own = ("controlnet_down_blocks.", "controlnet_mid_block.", "controlnet_cond_embedding.")
+    out = unet_to_ldm({k: v for k, v in state.items() if not k.startswith(own)}, controlnet)
+    same = _renamer({})
+    renames: Renames = [
+        ("controlnet_mid_block.", "middle_block_out.0.", same),
+        ("controlnet_cond_embedding.conv_in.", "input_hint_block.0.", same),
+        ("controlnet_cond_embedding.conv_out.", f"input_hint_block.{_HINT_OUT}.", same),
+    ]
+    renames += [
+        (f"controlnet_down_blocks.{i}.", f"zero_convs.{i}.0.", same)
+        for i in range(len(controlnet.controlnet_down_blocks))
+    ]
+    renames += [
+        (f"controlnet_cond_embedding.blocks.{j}.", f"input_hint_block.{2 * (j + 1)}.", same)
+        for j in range(len(controlnet.controlnet_cond_embedding.blocks))
+    ]
+    return out | _rename(
+        {k: v for k, v in state.items() if k.startswith(own)}, renames, "ControlNet"
+    )
+
+
 def unet_to_ldm(state: Mapping[str, Tensor], unet: Any) -> dict[str, Tensor]:
     """UNet2DConditionModel keys -> openaimodel keys (input/middle/output_blocks)."""
     layers = _per_block(unet.config.layers_per_block, len(unet.config.down_block_types))

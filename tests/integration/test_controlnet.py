@@ -32,6 +32,7 @@ from server.application.context import DispatchContext
 from server.application.queries import GetGenerationQuery, ListBaseModelsQuery
 from server.bootstrap import Container, bootstrap
 from server.config import Settings
+from server.devtools.single_file import write_single_file_controlnet
 from server.domain import generation_events as gen
 from server.domain.errors import (
     NotFoundError,
@@ -79,6 +80,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Files:
     shutil.copy(root / "depth-src" / "config.json", root / "depth-config" / "config.json")
     shutil.copy(root / "depth-src" / WEIGHTS, root / "depth.safetensors")
     narrow = _controlnet_of_another_width(root / "narrow")
+    # The original (lllyasviel) layout, as most SD1 ControlNets are shared.
+    write_single_file_controlnet(canny, root / "canny-original.safetensors")
     return Files(
         (
             BaseModelConfig("sd", Architecture.SD1, sd),
@@ -91,6 +94,9 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Files:
             ),
             ControlNetConfig("canny-xl", Architecture.SDXL, build_tiny_controlnet(root / "cx", xl)),
             ControlNetConfig("narrow", Architecture.SD1, narrow),
+            ControlNetConfig(
+                "canny-original", Architecture.SD1, root / "canny-original.safetensors", canny
+            ),
             ControlNetConfig("missing", Architecture.SD1, root / "nowhere"),
         ),
     )
@@ -216,6 +222,17 @@ def test_a_control_image_steers_and_a_weight_of_zero_changes_nothing(c: Containe
     assert not np.array_equal(late, plain)
 
 
+def test_an_original_layout_file_is_the_same_controlnet(c: Container, files: Files) -> None:
+    steered = pixels(generate(c, controls=(control(),)))
+    assert np.array_equal(pixels(generate(c, controls=(control("canny-original"),))), steered)
+    # diffusers cannot convert an SDXL one in that layout: said at start-up.
+    xl_folder = files.controlnets[2].path
+    original_xl = write_single_file_controlnet(xl_folder, xl_folder.parent / "xl-orig.safetensors")
+    info = inspect_controlnet(ControlNetConfig("x", Architecture.SDXL, original_xl, xl_folder))
+    assert not info.ready
+    assert "an SDXL ControlNet in the original layout" in info.error
+
+
 def test_several_controlnets_and_a_single_file_one(c: Container) -> None:
     canny = pixels(generate(c, controls=(control(),)))
     depth = pixels(generate(c, controls=(control("depth", DEPTH),)))
@@ -286,7 +303,9 @@ def test_a_controlnet_that_cannot_serve_the_model_is_refused_before_queueing(c: 
     with pytest.raises(NotFoundError) as missing:
         events_of(c, controls=(control("scribble"),))
     assert missing.value.reason is Reason.CONTROLNET_NOT_FOUND
-    assert "there are: canny, depth, canny-xl, narrow, missing" in missing.value.message
+    assert "there are: canny, depth, canny-xl, narrow, canny-original, missing" in (
+        missing.value.message
+    )
     with pytest.raises(PreconditionError) as other:
         events_of(c, model="sdxl", controls=(control("canny"),))
     assert other.value.reason is Reason.CONTROLNET_ARCHITECTURE_MISMATCH

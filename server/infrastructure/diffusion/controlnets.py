@@ -40,7 +40,7 @@ def _inspect(config: ControlNetConfig) -> str:
     if not path.exists():
         return f"{path} does not exist"
     if path.is_file():
-        error = _inspect_file(path)
+        error = _inspect_file(path, config.architecture)
         if error:
             return error
         if config.config_dir is None:
@@ -53,7 +53,7 @@ def _inspect(config: ControlNetConfig) -> str:
     return _inspect_config(folder, config.architecture)
 
 
-def _inspect_file(path: Path) -> str:
+def _inspect_file(path: Path, architecture: Architecture) -> str:
     if path.suffix.lower() != ".safetensors":
         return f"{path}: only .safetensors ControlNets are accepted (pickle can run code)"
     try:
@@ -69,6 +69,14 @@ def _inspect_file(path: Path) -> str:
         return f"{path}: unreadable safetensors header ({exc.__class__.__name__})"
     if not any(key.startswith((DIFFUSERS_KEY, *ORIGINAL_KEYS)) for key in header):
         return f"{path} is not a ControlNet: it has no control-image encoder ({DIFFUSERS_KEY}*)"
+    original = any(key.startswith(ORIGINAL_KEYS) for key in header)
+    if original and architecture is Architecture.SDXL:
+        # diffusers' conversion of the original layout drops SDXL's added embedding.
+        return (
+            f"{path} is an SDXL ControlNet in the original layout (control_model.*), which "
+            "diffusers cannot convert; use one in diffusers' layout (as diffusers and most "
+            "SDXL ControlNets publish them)"
+        )
     return ""
 
 
