@@ -242,6 +242,17 @@ def test_controlnet(run: Run) -> None:
     }
 
 
+def test_embedding(run: Run) -> None:
+    registered, listed, hashes = lines(run.block("TinyNegative"))
+    lora = json.loads(registered)
+    assert (lora["fileName"], lora["kind"]) == ("TinyNegative", "LORA_KIND_EMBEDDING")
+    assert lora["baseModel"]["architecture"] == "ARCHITECTURE_SD1"
+    assert json.loads(listed) == ["TinyNegative"]
+    file = run.workdir / "data" / "loras" / "embeddings" / "TinyNegative.safetensors"
+    digest = hashlib.sha256(file.read_bytes()).hexdigest()[:12]
+    assert hashes == f'"TinyNegative: {digest}", Version: loracle 0.1.0'
+
+
 def test_upscale(run: Run) -> None:
     listed, *events = lines(run.block("UpscaleImage"))
     assert json.loads(listed) == {
