@@ -6,16 +6,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import struct
 from pathlib import Path
 from typing import Any
 
 from server.domain.models import Architecture, ControlNetConfig, ControlNetInfo
 from server.infrastructure.lora_files import update_digest
+from server.infrastructure.safetensors_header import HeaderError, read_header
 
 CONFIG = "config.json"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
-MAX_HEADER_BYTES = 100 * 1024 * 1024
 # Keys a single file holds in diffusers' layout, and in the original (lllyasviel) one.
 DIFFUSERS_KEY = "controlnet_cond_embedding."
 ORIGINAL_KEYS = ("control_model.input_hint_block.", "input_hint_block.")
@@ -57,16 +56,9 @@ def _inspect_file(path: Path, architecture: Architecture) -> str:
     if path.suffix.lower() != ".safetensors":
         return f"{path}: only .safetensors ControlNets are accepted (pickle can run code)"
     try:
-        with path.open("rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                return f"{path}: truncated"
-            (length,) = struct.unpack("<Q", head)
-            if length == 0 or length > MAX_HEADER_BYTES:
-                return f"{path}: not a safetensors file (header length {length})"
-            header: dict[str, Any] = json.loads(f.read(length))
-    except (OSError, ValueError) as exc:
-        return f"{path}: unreadable safetensors header ({exc.__class__.__name__})"
+        header = read_header(path)
+    except HeaderError as exc:
+        return f"{path}: {exc}"
     if not any(key.startswith((DIFFUSERS_KEY, *ORIGINAL_KEYS)) for key in header):
         return f"{path} is not a ControlNet: it has no control-image encoder ({DIFFUSERS_KEY}*)"
     original = any(key.startswith(ORIGINAL_KEYS) for key in header)

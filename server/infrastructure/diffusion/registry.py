@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import struct
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -24,11 +23,11 @@ from server.domain.models import (
 )
 from server.infrastructure.diffusion.controlnets import inspect_controlnet
 from server.infrastructure.diffusion.families import ModelFamily, family_for
+from server.infrastructure.safetensors_header import HeaderError, read_header
 
 log = logging.getLogger("loracle.models")
 
 EMBEDDED_NAME = "tiny-sd15"
-MAX_HEADER_BYTES = 100 * 1024 * 1024
 NEEDS_CONFIG_DIR = (
     "single-file checkpoint needs config_dir: a local diffusers folder of the same "
     "architecture (its configs and tokenizers are used; no hub access)"
@@ -110,13 +109,8 @@ def unet_channels(path: Path, family: ModelFamily) -> int | None:
         if path.is_dir():
             config = json.loads((path / family.denoiser / "config.json").read_text())
             return int(config["in_channels"])
-        with path.open("rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            if length > MAX_HEADER_BYTES:
-                return None
-            header = json.loads(f.read(length))
-        return int(header[UNET_CONV_IN]["shape"][1])
-    except (OSError, ValueError, KeyError, IndexError, TypeError, struct.error):
+        return int(read_header(path)[UNET_CONV_IN]["shape"][1])
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
         return None
 
 
@@ -124,21 +118,9 @@ def _inspect_single_file(path: Path, architecture: Architecture, family: ModelFa
     if path.suffix.lower() != ".safetensors":
         return f"{path}: only .safetensors checkpoints are accepted (pickle can run code)"
     try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                return f"{path}: truncated"
-            (length,) = struct.unpack("<Q", head)
-            if length == 0 or length > MAX_HEADER_BYTES:
-                return f"{path}: not a safetensors file (header length {length})"
-            header: dict[str, Any] = json.loads(f.read(length))
-        header.pop("__metadata__", None)
-        end = max((int(t["data_offsets"][1]) for t in header.values()), default=0)
-    except (OSError, ValueError, TypeError, KeyError, IndexError) as exc:
-        return f"{path}: unreadable safetensors header ({exc.__class__.__name__})"
-    if 8 + length + end > size:
-        return f"{path}: truncated ({size} bytes, its header needs {8 + length + end})"
+        header = read_header(path)
+    except HeaderError as exc:
+        return f"{path}: {exc}"
     return _missing_parts(path, architecture, family, header)
 
 

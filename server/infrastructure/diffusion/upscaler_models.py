@@ -7,10 +7,8 @@ upscaled in overlapping tiles, so memory stays bounded whatever the image's size
 
 from __future__ import annotations
 
-import json
 import math
 import re
-import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +18,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional
 
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+from server.infrastructure import safetensors_header
+
 T = TypeVar("T")
 SUPPORTED = "ESRGAN (RRDB, original or BasicSR layout) and Real-ESRGAN compact"
 
@@ -230,17 +229,9 @@ def read_header(path: Path) -> dict[str, Any]:
             "convert it once with safetensors' save_file)"
         )
     try:
-        with path.open("rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            if not 0 < length <= MAX_HEADER_BYTES:
-                raise UpscalerFileError(f"not a safetensors file (header length {length})")
-            header: dict[str, Any] = json.loads(f.read(length))
-    except (OSError, ValueError, struct.error) as exc:
-        if isinstance(exc, UpscalerFileError):
-            raise
-        raise UpscalerFileError(f"unreadable ({exc.__class__.__name__})") from None
-    header.pop("__metadata__", None)
-    return header
+        return safetensors_header.read_header(path)
+    except safetensors_header.HeaderError as exc:
+        raise UpscalerFileError(str(exc)) from None
 
 
 def inspect_upscaler(path: Path) -> UpscalerShape:
