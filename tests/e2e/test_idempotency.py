@@ -27,7 +27,7 @@ from server.devtools.synthetic_loras import write_demo_loras, write_synthetic_lo
 from server.domain.models import Architecture
 
 TOKENS = {"alice": "idem-token-alice", "bob": "idem-token-bob"}
-STREAMING = {"ImportLoras", "GenerateImage", "QuickGenerate"}
+STREAMING = {"ImportLoras", "GenerateImage", "QuickGenerate", "UpscaleImage"}
 PROMPT = "a watercolor painting of a fox, wtrcolor style"
 
 
@@ -308,6 +308,16 @@ def bob(server: RunningServer) -> Iterator[Api]:
     api.close()
 
 
+def small_png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (48, 32), (200, 40, 40)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
 def test_every_command_rpc_has_a_retry_case() -> None:
     assert methods(streaming=False) == set(CASES)
     assert methods(streaming=True) == STREAMING
@@ -388,13 +398,17 @@ def test_a_retried_import_answers_its_final_message_only(alice: Api) -> None:
     assert [wire(m) for m in retry] == [wire(first[-1])]
 
 
-@pytest.mark.parametrize("method", ["GenerateImage", "QuickGenerate"])
+@pytest.mark.parametrize("method", ["GenerateImage", "QuickGenerate", "UpscaleImage"])
 def test_a_retried_generation_re_attaches_to_its_job(alice: Api, bob: Api, method: str) -> None:
     """Within the live streams' retention, a retry streams the first job's events again (it
-    never generates twice); another principal's same request_id starts its own job."""
+    never generates (or upscales) twice); another principal's same request_id starts its
+    own job."""
     request: Message
     if method == "GenerateImage":
         request = cmd.GenerateImageRequest(request_id=rid(), spec=spec())
+    elif method == "UpscaleImage":
+        image = types_pb2.InputImage(data=small_png())
+        request = cmd.UpscaleImageRequest(request_id=rid(), image=image, upscaler="Lanczos")
     else:
         request = cmd.QuickGenerateRequest(request_id=rid(), prompt="a lighthouse", seed=3)
     first = alice.stream(method, request)

@@ -44,6 +44,7 @@ EXPECTED_SCOPE = {
     "loracle.v1.CommandService/QuickGenerate": "generate",
     "loracle.v1.CommandService/SubmitGeneration": "generate",
     "loracle.v1.CommandService/CancelGeneration": "generate",
+    "loracle.v1.CommandService/UpscaleImage": "generate",
     "loracle.v1.QueryService/GetLora": "read",
     "loracle.v1.QueryService/ListLoras": "read",
     "loracle.v1.QueryService/SearchLoras": "read",
@@ -177,7 +178,7 @@ def test_authorization_matrix(secured: RunningServer) -> None:
                         assert code == grpc.StatusCode.PERMISSION_DENIED, (name, credential, code)
                 assert code != grpc.StatusCode.INTERNAL, (name, credential, expected_ok)
                 checked += 1
-    assert checked == len(EXPECTED_SCOPE) * len(CREDENTIALS) == 120
+    assert checked == len(EXPECTED_SCOPE) * len(CREDENTIALS) == 126
 
 
 # -- Authorization before validation --------------------------------------------------------

@@ -274,6 +274,8 @@ def with_id(method: MethodDescriptor, path: str, value: str) -> Message:
         spec.prompt = "a fox"
         if path.startswith("spec.mask_image."):  # a mask needs an init image
             spec.init_image.data = odd_images()["WebP"]
+    if method.name == "UpscaleImage":  # an upscale otherwise valid
+        request.upscaler = "Lanczos"  # type: ignore[attr-defined]
     return request
 
 
