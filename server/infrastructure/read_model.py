@@ -4,7 +4,9 @@ One SQLAlchemy Core implementation serves SQLite and PostgreSQL alike."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -221,6 +223,12 @@ class SqlReadModel:
     def __init__(self, url: StorageUrl, tokens: TokenSigner) -> None:
         self.engine: Engine = read_model_engine(url)
         self._tokens = tokens
+        # The in-memory database is one SQLite connection every thread shares (StaticPool):
+        # a read and the projector's commit interleaved on it fail ("cannot rollback - no
+        # transaction is active"), so there each use of it holds this lock.
+        self._serial: AbstractContextManager[Any] = (
+            threading.RLock() if url.kind == "memory" else nullcontext()
+        )
         try:
             self.rebuilt = _ensure_schema(self.engine)
         except (OperationalError, DBAPIError) as exc:
@@ -569,17 +577,24 @@ class SqlReadModel:
     def close(self) -> None:
         self.engine.dispose()
 
-    def _connect(self) -> Connection:
-        try:
-            return self.engine.connect()
-        except (OperationalError, DBAPIError) as exc:
-            raise UnavailableError(f"read model unavailable: {type(exc.orig).__name__}") from None
+    @contextmanager
+    def _connect(self) -> Iterator[Connection]:
+        with self._serial:
+            try:
+                conn = self.engine.connect()
+            except (OperationalError, DBAPIError) as exc:
+                raise UnavailableError(
+                    f"read model unavailable: {type(exc.orig).__name__}"
+                ) from None
+            with conn:
+                yield conn
 
-    def _begin(self) -> Any:
-        try:
-            return self.engine.begin()
-        except (OperationalError, DBAPIError) as exc:
-            raise UnavailableError(f"read model unavailable: {type(exc.orig).__name__}") from None
+    @contextmanager
+    def _begin(self) -> Iterator[Connection]:
+        """A connection in a transaction, committed when the block ends (rolled back when
+        it raises)."""
+        with self._connect() as conn, conn.begin():
+            yield conn
 
 
 def _ensure_schema(engine: Engine) -> bool:
