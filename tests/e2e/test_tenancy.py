@@ -83,10 +83,16 @@ def finish(client: LoracleClient, generation_id: str, timeout: float = 60.0) -> 
 
 
 def wait_state(client: LoracleClient, generation_id: str, timeout: float = 30.0) -> str:
-    """Until the generation's final state is projected."""
+    """Until the generation's final state is projected (on a busy cluster the replica asked
+    may not have projected the generation at all yet: NOT_FOUND until it has)."""
     deadline = time.monotonic() + timeout
     while True:
-        state = types_pb2.GenerationState.Name(client.get_generation(generation_id).state)
+        try:
+            state = types_pb2.GenerationState.Name(client.get_generation(generation_id).state)
+        except NotFound:
+            if time.monotonic() > deadline:
+                raise
+            state = ""
         if state.endswith(("SUCCEEDED", "FAILED", "CANCELLED")) or time.monotonic() > deadline:
             return state
         time.sleep(0.1)
