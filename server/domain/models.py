@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Generic, TypeVar
 
 from server.domain.errors import FieldViolation, ValidationError
+from server.domain.schedulers import NOISE_SCHEDULERS
 
 T = TypeVar("T")
 
@@ -330,3 +331,9 @@ class BaseModelInfo:
     loading: bool = False
     # A dedicated inpainting checkpoint (9-channel UNet): every mode runs as inpainting.
     inpainting: bool = False
+    # The `scheduler` names its family can sample with ("" is always its own).
+    schedulers: tuple[str, ...] = NOISE_SCHEDULERS
+    # False for guidance-distilled families (FLUX): a negative prompt would be ignored.
+    takes_negative_prompt: bool = True
+    # False where the hires fix is not built for the family yet.
+    hires_fix: bool = True

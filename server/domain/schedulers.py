@@ -34,8 +34,14 @@ SCHEDULERS: dict[str, SchedulerChoice] = {
         SchedulerChoice("lms", "LMSDiscreteScheduler", "LMS"),
         SchedulerChoice("heun", "HeunDiscreteScheduler", "Heun"),
         SchedulerChoice("unipc", "UniPCMultistepScheduler", "UniPC"),
+        # Flow matching (FLUX): Forge labels it Euler, with the "Simple" schedule.
+        SchedulerChoice("flow_euler", "FlowMatchEulerDiscreteScheduler", "Euler"),
     )
 }
+# What each kind of model can sample with: noise-prediction models (SD1, SD2, SDXL) take the
+# classic samplers, flow-matching ones (FLUX) only flow-matching samplers.
+FLOW_SCHEDULERS: tuple[str, ...] = ("flow_euler",)
+NOISE_SCHEDULERS: tuple[str, ...] = tuple(n for n in SCHEDULERS if n not in FLOW_SCHEDULERS)
 
 _LABELS = {c.diffusers_class: c.a1111_label for c in reversed(SCHEDULERS.values())}
 

@@ -37,12 +37,12 @@ from google.protobuf.message import DecodeError, Message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from client import LoracleClient
+from client import InvalidArgument, LoracleClient
 from client._requests import CHANNEL_OPTIONS
 from loracle.v1 import command_service_pb2, command_service_pb2_grpc, types_pb2
 from server.devtools.local_server import RunningServer, start_server
 from server.devtools.synthetic_loras import write_demo_loras
-from server.domain.schedulers import SCHEDULERS
+from server.domain.schedulers import FLOW_SCHEDULERS, NOISE_SCHEDULERS, SCHEDULERS
 from tests.hostile_images import bad_images, odd_images
 from tests.reliability.proto_strategies import (
     WIRE_INTEGER_TYPES,
@@ -500,13 +500,20 @@ def test_hostile_input_images_are_refused_and_odd_ones_accepted(target: Target) 
 
 
 def test_every_scheduler_with_the_fewest_steps(target: Target) -> None:
-    """PNDM once failed below 4 steps (Runge-Kutta warm-up steps; "generation failed")."""
+    """PNDM once failed below 4 steps (Runge-Kutta warm-up steps; "generation failed"). The
+    embedded model is SD1.5: every noise-prediction sampler runs, a flow-matching one is
+    INVALID_ARGUMENT naming those that apply."""
     with LoracleClient(target.server.address, timeout=60, stream_timeout=60) as client:
-        for scheduler in SCHEDULERS:
+        for scheduler in NOISE_SCHEDULERS:
             for steps in (1, 2, 3) if scheduler == "pndm" else (1,):
                 spec = types_pb2.GenerationSpec(prompt="p", steps=steps, scheduler=scheduler)
                 events = list(client.generate_image(spec))
                 assert events[-1].HasField("completed"), (scheduler, steps, events[-1])
+        for scheduler in FLOW_SCHEDULERS:
+            spec = types_pb2.GenerationSpec(prompt="p", steps=1, scheduler=scheduler)
+            with pytest.raises(InvalidArgument) as refused:
+                list(client.generate_image(spec))
+            assert "samples with euler, euler_a" in str(refused.value)
 
 
 def test_server_still_generates_and_logged_no_handler_errors(target: Target) -> None:

@@ -166,6 +166,7 @@ class GenerationJobs:
         if init is not None and not (width or height):
             width, height = fit_size(init.width, init.height, self.limits)
         width, height = width or defaults.width, height or defaults.height
+        self._check_family(request, model)
         if request.hires is not None and model.inpainting:
             raise ValidationError(
                 FieldViolation(
@@ -240,6 +241,33 @@ class GenerationJobs:
             embeddings=embeddings,
             controls=controls,
         )
+
+    def _check_family(self, request: GenerationRequest, model: BaseModelInfo) -> None:
+        """What the model's family cannot take: a sampler of another kind, a negative prompt
+        for a guidance-distilled model, the hires fix where it is not built."""
+        name, arch = model.config.name, model.config.architecture.value
+        violations = []
+        if request.scheduler and request.scheduler not in model.schedulers:
+            violations.append(
+                FieldViolation(
+                    "spec.scheduler",
+                    f"model {name!r} ({arch}) samples with {', '.join(model.schedulers)}, "
+                    "or empty (its own)",
+                )
+            )
+        if request.negative_prompt and not model.takes_negative_prompt:
+            violations.append(
+                FieldViolation(
+                    "spec.negative_prompt",
+                    f"model {name!r} ({arch}) is guidance-distilled and takes no negative prompt",
+                )
+            )
+        if request.hires is not None and not model.hires_fix:
+            violations.append(
+                FieldViolation("spec.hires", f"the hires fix is not built for {arch} models yet")
+            )
+        if violations:
+            raise ValidationError(violations)
 
     def prepare_upscale(self, request: UpscaleRequest) -> GenerationJob:
         """An upscale as a job of the generation path (queued on the device, streamed,

@@ -358,6 +358,9 @@ def model_document(info: BaseModelInfo) -> dict[str, Any]:
         "default_scheduler": info.default_scheduler,
         "batch_fields": list(c.batch_fields),
         "inpainting": info.inpainting,
+        "schedulers": list(info.schedulers),
+        "takes_negative_prompt": info.takes_negative_prompt,
+        "hires_fix": info.hires_fix,
         "defaults": {
             "width": d.width,
             "height": d.height,
@@ -398,4 +401,9 @@ def _model_info(doc: dict[str, Any]) -> BaseModelInfo:
         str(doc.get("default_scheduler", "")),
         defaults,
         inpainting=bool(doc.get("inpainting", False)),
+        schedulers=tuple(
+            str(s) for s in doc.get("schedulers", family.schedulers if family else ())
+        ),
+        takes_negative_prompt=bool(doc.get("takes_negative_prompt", True)),
+        hires_fix=bool(doc.get("hires_fix", True)),
     )

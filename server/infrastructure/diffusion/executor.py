@@ -333,7 +333,7 @@ class DiffusionExecutor:
                 second, upscaled = hires.second_pass(
                     job, out, loaded.pipe, self._hires_upscaler(job, loaded)
                 )
-                watcher.next_pass()
+                watcher.next_pass(second.width, second.height)
                 call = replace(
                     call,
                     denoise_pass=second,
@@ -605,13 +605,16 @@ class _StepWatcher:
         self._later = later
         self._offset = 0  # steps of the passes before this one
         self._done = 0  # steps of this pass
+        job = rows[0][0].job if rows else None
+        self._size = (job.width, job.height) if job is not None else (0, 0)  # this pass's
         self.first_step: float | None = None
         self.last_step: float | None = None
 
-    def next_pass(self) -> None:
+    def next_pass(self, width: int, height: int) -> None:
         self._offset += self._done
         self._done = 0
         self._later = 0
+        self._size = (width, height)
 
     def __call__(
         self, pipe: Any, step: int, _timestep: Any, tensors: dict[str, Any]
@@ -640,6 +643,8 @@ class _StepWatcher:
         for handle in active:
             handle.publish(Progress(done, max(total, done), now - self._started))
         latents = tensors.get("latents")
+        if latents is not None and any(h.job.preview_every for h, _ in self._rows):
+            latents = self._family.preview_latents(pipe, latents, *self._size)
         for row, (handle, index) in enumerate(self._rows):
             every = handle.job.preview_every
             due = bool(every) and done % every == 0 and done < total

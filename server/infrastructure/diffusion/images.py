@@ -104,6 +104,8 @@ def a1111_parameters(
     model_hash: str,
     default_scheduler: str,
     controlnet_hashes: Mapping[str, str] | None = None,
+    *,
+    distilled_guidance: bool = False,
 ) -> str:
     """The `parameters` text A1111, ComfyUI importers and Civitai read from PNGs (ControlNets
     as sd-webui-controlnet writes them: no preprocessor, so "Module: none")."""
@@ -113,7 +115,9 @@ def a1111_parameters(
     fields = [
         f"Steps: {job.steps}",
         f"Sampler: {a1111_label(job.scheduler, default_scheduler)}",
-        f"CFG scale: {job.guidance_scale:g}",
+        # A guidance-distilled model (FLUX) runs without CFG; Forge writes its guidance so.
+        "CFG scale: 1" if distilled_guidance else f"CFG scale: {job.guidance_scale:g}",
+        *([f"Distilled CFG Scale: {job.guidance_scale:g}"] if distilled_guidance else []),
         f"Seed: {job.seed + index}",
         f"Size: {job.width}x{job.height}",
         f"Model hash: {model_hash}",
@@ -252,7 +256,12 @@ def encode_image(image: Any, job: GenerationJob, index: int, loaded: LoadedPipel
 
     buffer = io.BytesIO()
     parameters = a1111_parameters(
-        job, index, loaded.model_hash, loaded.default_scheduler, loaded.controlnet_hashes
+        job,
+        index,
+        loaded.model_hash,
+        loaded.default_scheduler,
+        loaded.controlnet_hashes,
+        distilled_guidance=loaded.family.distilled_guidance,
     )
     document = json.dumps(manifest(job, index, loaded), sort_keys=True, default=str)
     if job.output_format == "png":

@@ -185,3 +185,94 @@ def build_tiny_controlnet(folder: Path, base: Path, *, seed: int = 0) -> Path:
         controlnet.controlnet_cond_embedding.conv_out.weight.normal_(0.0, 0.2)
     controlnet.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def _t5_tokenizer() -> Any:
+    """A T5-style Unigram tokenizer (`<pad>` 0, `</s>` 1, `<unk>` 2) over printable ASCII, each
+    character alone or starting a word (SentencePiece's `▁`), built in memory: no sentencepiece
+    model file and no sentinel tokens. `T5TokenizerFast` is this class in transformers 5."""
+    from transformers import T5Tokenizer
+
+    chars = [chr(code) for code in range(ord("!"), ord("~") + 1)]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [("\u2581" + char, -3.0) for char in chars] + [(char, -4.0) for char in chars]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
+
+
+def _flux_vae() -> Any:
+    """FLUX's 16-channel latent space with its scaling and shift; two blocks, so the VAE
+    downsamples 2x and the pipeline (which packs 2x2 latent patches) takes multiples of 4."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(16, 32),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=16,
+        layers_per_block=1,
+        norm_num_groups=16,
+        sample_size=32,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
+def build_tiny_flux(folder: Path, *, seed: int = 0) -> Path:
+    """A tiny random-weight FLUX.1-dev-style pipeline (guidance-distilled transformer, CLIP
+    pooled text plus T5 sequence text, 16-channel VAE, dynamically shifted flow matching)."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer = _tokenizer(folder / "_tokenizer_src")
+    tokenizer_2 = _t5_tokenizer()
+    t5_width, clip_width = 32, 32
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=1000,
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        ),
+        vae=_flux_vae(),
+        text_encoder=CLIPTextModel(_text_config(len(tokenizer), clip_width)),
+        tokenizer=tokenizer,
+        text_encoder_2=T5EncoderModel(
+            T5Config(
+                vocab_size=len(tokenizer_2),
+                d_model=t5_width,
+                d_kv=8,
+                d_ff=37,
+                num_layers=1,
+                num_heads=4,
+                relative_attention_num_buckets=8,
+                feed_forward_proj="gated-gelu",
+                pad_token_id=0,
+                eos_token_id=1,
+                decoder_start_token_id=0,
+            )
+        ),
+        tokenizer_2=tokenizer_2,
+        transformer=FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=64,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=t5_width,
+            pooled_projection_dim=clip_width,
+            guidance_embeds=True,
+            axes_dims_rope=(4, 6, 6),
+        ),
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder

@@ -248,6 +248,7 @@ class ModelRegistry:
                 _defaults(config),
                 loading=loading,
                 inpainting=inpainting,
+                **_traits(config),
             )
 
 
@@ -274,6 +275,18 @@ def _with_family_fields(config: BaseModelConfig) -> BaseModelConfig:
     if family is None or family.batch_fields == config.batch_fields:
         return config
     return replace(config, batch_fields=family.batch_fields)
+
+
+def _traits(config: BaseModelConfig) -> dict[str, Any]:
+    """What the model's family takes, for checks before queueing."""
+    family = family_for(config.architecture)
+    if family is None:
+        return {}
+    return {
+        "schedulers": family.schedulers,
+        "takes_negative_prompt": family.takes_negative_prompt,
+        "hires_fix": family.hires_fix,
+    }
 
 
 def _defaults(config: BaseModelConfig) -> GenerationDefaults:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from server.domain.models import Architecture
 from server.infrastructure.diffusion.families.base import ModelFamily
+from server.infrastructure.diffusion.families.flux import Flux
 from server.infrastructure.diffusion.families.sd import StableDiffusion
 from server.infrastructure.diffusion.families.sdxl import StableDiffusionXL
 
@@ -13,6 +14,7 @@ __all__ = ["FAMILIES", "ModelFamily", "family_for", "supported"]
 FAMILIES: tuple[ModelFamily, ...] = (
     StableDiffusion(),
     StableDiffusionXL(),
+    Flux(),
 )
 
 

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 from server.domain.generation_job import GenerationJob, Mode
 from server.domain.models import Architecture, BaseModelConfig, GenerationDefaults
+from server.domain.schedulers import NOISE_SCHEDULERS
 from server.domain.upscalers import find_upscaler
 from server.infrastructure.diffusion.conditioning import ConditionedGroup, TextEncoder, encode_batch
 
@@ -116,6 +117,15 @@ class ModelFamily(ABC):
     # The diffusers pipeline class of each mode (text to image too) with ControlNets; none:
     # the family takes no ControlNet.
     controlnet_pipelines: ClassVar[dict[str, str]] = {}
+    # The `scheduler` names the family samples with (flow-matching families: their own).
+    schedulers: ClassVar[tuple[str, ...]] = NOISE_SCHEDULERS
+    # Guidance-distilled families (FLUX) take no negative prompt: it would be ignored.
+    takes_negative_prompt: ClassVar[bool] = True
+    # `guidance_scale` is the distilled guidance the model embeds (A1111/Forge: "Distilled CFG
+    # Scale"), not classifier-free guidance.
+    distilled_guidance: ClassVar[bool] = False
+    # Whether the hires fix is built for the family.
+    hires_fix: ClassVar[bool] = True
 
     @abstractmethod
     def checkpoint_parts(self, architecture: Architecture) -> tuple[CheckpointPart, ...]:
@@ -158,6 +168,11 @@ class ModelFamily(ABC):
             local_files_only=True,
             torch_dtype=torch_dtype,
         )
+
+    def preview_latents(self, pipe: Any, latents: Any, width: int, height: int) -> Any:
+        """The step callback's latents as (rows, channels, h, w) for previews (a family
+        whose pipeline packs its latents unpacks them here)."""
+        return latents
 
     def encode(
         self, pipe: Any, prompts: Sequence[str], negative_prompts: Sequence[str]

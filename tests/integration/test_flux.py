@@ -1,0 +1,157 @@
+"""FLUX.1 as a family, on a tiny random-weight FluxPipeline built locally (a two-layer
+transformer, a 16-channel VAE, tiny CLIP and T5 with local tokenizers) and loaded through the
+real loading code: listed with its defaults and samplers, text to image, img2img and
+inpainting through the command bus, previews from its packed latents, the same image whatever
+the batch, Forge's `Distilled CFG Scale` in the parameters, and what it does not take refused
+before queueing."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from server.application.commands import (
+    GenerateImageCommand,
+    GenerationRequest,
+    HiresRequest,
+    ImageInput,
+    SubmitGenerationCommand,
+)
+from server.application.context import DispatchContext
+from server.application.queries import ListBaseModelsQuery
+from server.bootstrap import Container, bootstrap
+from server.config import Settings
+from server.domain import generation_events as gen
+from server.domain.errors import ValidationError
+from server.domain.models import Architecture, BaseModelConfig
+from server.infrastructure.diffusion.placeholder import build_tiny_flux
+from tests.hostile_images import noise
+
+ALICE = DispatchContext(principal="alice", scopes=frozenset({"read", "generate"}))
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> BaseModelConfig:
+    folder = build_tiny_flux(tmp_path_factory.mktemp("flux") / "flux-tiny")
+    return BaseModelConfig("flux", Architecture.FLUX, folder)
+
+
+@pytest.fixture
+def c(tmp_path: Path, model: BaseModelConfig) -> Iterator[Container]:
+    settings = Settings(
+        data_dir=tmp_path, storage_url="memory://", models=(model,), batch_wait_ms=300
+    )
+    container = bootstrap(settings)
+    yield container
+    container.close()
+
+
+def request(**spec: Any) -> GenerationRequest:
+    base = GenerationRequest(model="flux", prompt="a red fox", steps=3, seed=5, width=64, height=64)
+    return dataclasses.replace(base, **spec)
+
+
+def events_of(c: Container, **spec: Any) -> list[gen.GenerationEvent]:
+    events = list(c.commands.stream(GenerateImageCommand(request=request(**spec)), ALICE))
+    failed = [e.payload for e in events if isinstance(e.payload, gen.Failed)]
+    assert not failed, failed
+    return events
+
+
+def image_of(events: list[gen.GenerationEvent]) -> Image.Image:
+    data = b"".join(e.payload.data for e in events if isinstance(e.payload, gen.ImageChunk))
+    return Image.open(io.BytesIO(data))
+
+
+def pixels(events: list[gen.GenerationEvent]) -> np.ndarray[Any, np.dtype[np.int16]]:
+    return np.asarray(image_of(events), dtype=np.int16)
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_flux_is_listed_with_its_defaults_and_samplers(c: Container) -> None:
+    (info,) = c.queries.dispatch(ListBaseModelsQuery(), ALICE).data.models
+    assert info.ready, info.error
+    assert (info.defaults.width, info.defaults.steps, info.defaults.guidance_scale) == (
+        1024,
+        28,
+        3.5,
+    )
+    assert info.schedulers == ("flow_euler",)
+    assert not info.takes_negative_prompt
+
+
+def test_text_to_image_with_distilled_guidance_and_previews(c: Container) -> None:
+    events = events_of(c, preview_every_n_steps=1)
+    image = image_of(events)
+    assert image.size == (64, 64)
+    parameters = image.info["parameters"]
+    assert "Sampler: Euler, CFG scale: 1, Distilled CFG Scale: 3.5, Seed: 5" in parameters
+    previews = [e.payload for e in events if isinstance(e.payload, gen.Preview)]
+    assert [p.step for p in previews] == [1, 2]  # none at the last step: the image follows
+    # Unpacked from (1, 16 x 16 patches, 64) to 16 channels at the VAE's scale (the tiny
+    # VAE's is 2): a 32 x 32 preview.
+    assert Image.open(io.BytesIO(previews[0].jpeg)).size == (32, 32)
+    assert np.array_equal(pixels(events_of(c)), pixels(events))  # deterministic
+    assert not np.array_equal(pixels(events_of(c, guidance_scale=1.0)), pixels(events))
+    assert np.array_equal(pixels(events_of(c, scheduler="flow_euler")), pixels(events))
+
+
+def test_the_same_image_whatever_the_batch(c: Container) -> None:
+    specs: list[dict[str, Any]] = [{"seed": 1}, {"seed": 2, "prompt": "a hare"}]
+    alone = [pixels(events_of(c, **s)) for s in specs]
+    submitted = [
+        c.commands.dispatch(SubmitGenerationCommand(request=request(**s)), ALICE).unwrap()[0]
+        for s in specs
+    ]
+    for gid, expected in zip(submitted, alone, strict=True):
+        handle = c.generations.handle(str(gid))
+        assert handle is not None
+        events = list(handle.events())
+        assert any(isinstance(e.payload, gen.Started) and e.payload.batch_size == 2 for e in events)
+        assert np.abs(pixels(events) - expected).max() <= 1
+
+
+def test_img2img_and_inpainting(c: Container) -> None:
+    init = png(noise(64, 64, 3))
+    varied = events_of(c, init_image=ImageInput(data=init), strength=0.5, steps=4)
+    assert image_of(varied).size == (64, 64)
+    steps = {e.payload.total_steps for e in varied if isinstance(e.payload, gen.Progress)}
+    assert steps == {2}  # 4 steps x 0.5
+    mask = Image.new("L", (64, 64))
+    mask.paste(255, (16, 16, 48, 48))
+    painted = events_of(
+        c, init_image=ImageInput(data=init), mask_image=ImageInput(data=png(mask)), mask_blur=0
+    )
+    kept = np.asarray(mask) == 0
+    assert np.array_equal(pixels(painted)[kept], np.asarray(Image.open(io.BytesIO(init)))[kept])
+
+
+@pytest.mark.parametrize(
+    ("spec", "field", "words"),
+    [
+        ({"scheduler": "euler_a"}, "spec.scheduler", "samples with flow_euler, or empty"),
+        ({"negative_prompt": "blurry"}, "spec.negative_prompt", "guidance-distilled"),
+        ({"hires": HiresRequest(scale=2.0)}, "spec.hires", "not built for FLUX models yet"),
+    ],
+)
+def test_what_flux_does_not_take_is_refused_before_queueing(
+    c: Container, spec: dict[str, Any], field: str, words: str
+) -> None:
+    with pytest.raises(ValidationError) as err:
+        events_of(c, **spec)
+    (violation,) = err.value.violations
+    assert violation.field == field
+    assert words in violation.description
+    assert c.executor.queue_depth() == 0
