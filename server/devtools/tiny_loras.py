@@ -24,6 +24,8 @@ __all__ = ["write_lora_for_pipeline"]
 LoraFormat = Literal["kohya", "peft"]
 
 _UNET_TARGET = re.compile(r"\.attn[12]\.(?:to_q|to_k|to_v|to_out\.0)$")
+# FLUX's transformer: the attention projections of its double- and single-stream blocks.
+_TRANSFORMER_TARGET = re.compile(r"\.attn\.(?:to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj)$")
 _TEXT_TARGET = re.compile(r"\.self_attn\.(?:q_proj|k_proj|v_proj|out_proj)$")
 _TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 # diffusers UNet blocks as kohya's SDXL trainer (the SGM UNet) numbers them.
@@ -43,7 +45,8 @@ def write_lora_for_pipeline(
     text_encoder: bool = True,
     metadata: dict[str, str] | None = None,
 ) -> Path:
-    """Writes a LoRA for every attention projection of `pipe`'s UNet (and text encoders).
+    """Writes a LoRA for every attention projection of `pipe`'s UNet, or transformer (FLUX,
+    peft format only), and text encoders.
 
     Each module's delta B @ A (alpha = rank, so diffusers applies it unscaled) has a standard
     deviation of `scale` times that of the weight it changes: at 1.0 the change is as large as
@@ -53,13 +56,21 @@ def write_lora_for_pipeline(
     if rank <= 0:
         raise ValueError("rank must be positive")
     rng = np.random.default_rng(seed)
-    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    unet = getattr(pipe, "unet", None)
+    sdxl = unet is not None and getattr(pipe, "text_encoder_2", None) is not None
     tensors: dict[str, np.ndarray] = {}
-    targets = [("unet", name, module) for name, module in _modules(pipe.unet, _UNET_TARGET)]
+    if unet is not None:
+        targets = [("unet", name, module) for name, module in _modules(unet, _UNET_TARGET)]
+    elif fmt == "peft":
+        found = _modules(pipe.transformer, _TRANSFORMER_TARGET)
+        targets = [("transformer", name, module) for name, module in found]
+    else:
+        raise ValueError("kohya names are written for UNets only")
     if text_encoder:
         for component in _TEXT_ENCODERS:
             model = getattr(pipe, component, None)
-            if model is not None:
+            # CLIP text encoders only (FLUX's T5 is not a LoRA target).
+            if model is not None and type(model).__name__.startswith("CLIPText"):
                 targets += [(component, n, m) for n, m in _modules(model, _TEXT_TARGET)]
     if not targets:
         raise ValueError(f"{type(pipe).__name__} has no attention projections to target")

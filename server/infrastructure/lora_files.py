@@ -62,6 +62,7 @@ _DTYPE_SIZES = {
 # spellings (to_k_lora.down, lora_linear_layer.down).
 _LORA_KEY = re.compile(r"lora[._](?:down|up|A|B)\b|lora_linear_layer\.(?:down|up)\b")
 _LORA_DOWN_KEY = re.compile(r"lora[._](?:down|A)\b|lora_linear_layer\.down\b")
+_FLUX_KEY = re.compile(r"single_transformer_blocks|(?:^|[._])(?:single|double)_blocks[._]")
 _CONTEXT_DIMS = {768: Architecture.SD1, 1024: Architecture.SD2, 2048: Architecture.SDXL}
 _TEXT_ENCODER_DIMS = {768: Architecture.SD1, 1024: Architecture.SD2}
 # SDXL's two-part textual-inversion embeddings: one tensor per text encoder (CLIP ViT-L, 768
@@ -488,6 +489,11 @@ def _tag_frequency(raw: str) -> tuple[tuple[str, int], ...]:
 def detect_architecture(tensors: Mapping[str, Mapping[str, object]]) -> Architecture | None:
     """Infers the family from tensor shapes, for files whose metadata was stripped."""
     keys = sorted(tensors)
+    # FLUX's single-stream blocks, as diffusers/peft (single_transformer_blocks), kohya
+    # (lora_unet_single_blocks_) and BFL/xlabs (single_blocks., double_blocks.) name them; SD3
+    # has joint blocks only, so `transformer_blocks` alone says nothing.
+    if any(_FLUX_KEY.search(k) for k in keys):
+        return Architecture.FLUX
     for key in keys:
         is_cross_k = ("attn2_to_k" in key and "lora_down" in key) or (
             "attn2.to_k" in key and "lora_A" in key

@@ -22,16 +22,20 @@ from server.application.commands import (
     GenerationRequest,
     HiresRequest,
     ImageInput,
+    ImportLoRAsCommand,
+    LoraChoice,
     SubmitGenerationCommand,
 )
 from server.application.context import DispatchContext
 from server.application.queries import ListBaseModelsQuery
 from server.bootstrap import Container, bootstrap
 from server.config import Settings
+from server.devtools.tiny_loras import write_lora_for_pipeline
 from server.domain import generation_events as gen
 from server.domain.errors import ValidationError
 from server.domain.models import Architecture, BaseModelConfig
 from server.infrastructure.diffusion.placeholder import build_tiny_flux
+from server.infrastructure.diffusion.registry import inspect_model, load_pipeline
 from tests.hostile_images import noise
 
 ALICE = DispatchContext(principal="alice", scopes=frozenset({"read", "generate"}))
@@ -43,10 +47,22 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> BaseModelConfig:
     return BaseModelConfig("flux", Architecture.FLUX, folder)
 
 
+@pytest.fixture(scope="module")
+def lora_root(tmp_path_factory: pytest.TempPathFactory, model: BaseModelConfig) -> Path:
+    """A peft-format LoRA for the tiny transformer and CLIP encoder; its keys say FLUX."""
+    root = tmp_path_factory.mktemp("flux-loras")
+    write_lora_for_pipeline(load_pipeline(model), root / "ink_flux.safetensors", seed=4)
+    return root
+
+
 @pytest.fixture
-def c(tmp_path: Path, model: BaseModelConfig) -> Iterator[Container]:
+def c(tmp_path: Path, model: BaseModelConfig, lora_root: Path) -> Iterator[Container]:
     settings = Settings(
-        data_dir=tmp_path, storage_url="memory://", models=(model,), batch_wait_ms=300
+        data_dir=tmp_path,
+        storage_url="memory://",
+        models=(model,),
+        batch_wait_ms=300,
+        lora_roots=(lora_root,),
     )
     container = bootstrap(settings)
     yield container
@@ -108,6 +124,19 @@ def test_text_to_image_with_distilled_guidance_and_previews(c: Container) -> Non
     assert np.array_equal(pixels(events_of(c, scheduler="flow_euler")), pixels(events))
 
 
+def test_a_flux_lora_is_detected_applied_and_removed_exactly(c: Container) -> None:
+    updates = list(c.commands.stream(ImportLoRAsCommand(directory=""), ALICE))
+    assert updates[-1].totals.registered == 1, updates[-1]
+    c.projector.catch_up()
+    (lora,) = c.read_model.find_by_file_name("ink_flux")
+    assert lora.metadata.base_model.architecture is Architecture.FLUX  # from its keys
+    plain = pixels(events_of(c))
+    with_lora = events_of(c, loras=(LoraChoice("ink_flux", 1.0),))
+    assert not np.array_equal(pixels(with_lora), plain)
+    assert 'Lora hashes: "ink_flux: ' in image_of(with_lora).info["parameters"]
+    assert np.array_equal(pixels(events_of(c)), plain)  # the base weights come back exactly
+
+
 def test_the_same_image_whatever_the_batch(c: Container) -> None:
     specs: list[dict[str, Any]] = [{"seed": 1}, {"seed": 2, "prompt": "a hare"}]
     alone = [pixels(events_of(c, **s)) for s in specs]
@@ -136,6 +165,13 @@ def test_img2img_and_inpainting(c: Container) -> None:
     )
     kept = np.asarray(mask) == 0
     assert np.array_equal(pixels(painted)[kept], np.asarray(Image.open(io.BytesIO(init)))[kept])
+
+
+def test_a_single_file_flux_checkpoint_is_not_ready_yet(model: BaseModelConfig) -> None:
+    transformer = next((model.path / "transformer").glob("*.safetensors"))
+    single = BaseModelConfig("f", Architecture.FLUX, transformer, config_dir=model.path)
+    error, _ = inspect_model(single)
+    assert error == "single-file FLUX checkpoints are not supported yet; use a diffusers folder"
 
 
 @pytest.mark.parametrize(

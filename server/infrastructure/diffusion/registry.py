@@ -73,6 +73,9 @@ def _inspect_folder(path: Path, architecture: Architecture, family: ModelFamily)
 def _inspect_checkpoint(config: BaseModelConfig, family: ModelFamily) -> tuple[str, str]:
     """A single file holds only weights: its configs, tokenizers and scheduler come from
     config_dir, which is what keeps diffusers from fetching them from the hub."""
+    if not family.single_file:
+        arch = config.architecture.value
+        return f"single-file {arch} checkpoints are not supported yet; use a diffusers folder", ""
     error = _inspect_single_file(config.path, config.architecture, family)
     if error:
         return error, ""

@@ -126,6 +126,8 @@ class ModelFamily(ABC):
     distilled_guidance: ClassVar[bool] = False
     # Whether the hires fix is built for the family.
     hires_fix: ClassVar[bool] = True
+    # Whether single-file checkpoints of the family are loaded (else: diffusers folders only).
+    single_file: ClassVar[bool] = True
 
     @abstractmethod
     def checkpoint_parts(self, architecture: Architecture) -> tuple[CheckpointPart, ...]:

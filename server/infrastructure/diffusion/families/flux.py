@@ -49,6 +49,8 @@ class Flux(ModelFamily):
     distilled_guidance = True
     # Its latents are packed: the latent upscalers do not apply (not built yet).
     hires_fix = False
+    # BFL's single files (and GGUF) are not converted and tested yet: folders only.
+    single_file = False
     # Least-squares fit of latent -> RGB published with ComfyUI (16 channels).
     preview_factors = (
         (-0.0346, 0.0244, 0.0681),
