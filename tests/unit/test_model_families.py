@@ -112,7 +112,7 @@ def test_defaults_per_family_reach_requests(
     assert _defaults(placeholder) == PLACEHOLDER_DEFAULTS == GenerationDefaults(64, 64, 4, 7.0)
 
 
-@pytest.mark.parametrize("architecture", [Architecture.SD1, Architecture.SDXL])
+@pytest.mark.parametrize("architecture", [Architecture.SD1, Architecture.SDXL, Architecture.FLUX])
 def test_worker_adverts_carry_defaults_and_older_ones_get_the_familys(
     architecture: Architecture,
 ) -> None:
@@ -126,6 +126,20 @@ def test_worker_adverts_carry_defaults_and_older_ones_get_the_familys(
     assert family is not None
     assert _model_info(document).defaults == family.defaults
     assert _model_info(document).config.batch_fields == family.batch_fields
+    # What the family takes travels too: a replica checks requests against it.
+    traits = BaseModelInfo(
+        config,
+        True,
+        schedulers=family.schedulers,
+        takes_negative_prompt=family.takes_negative_prompt,
+        hires_fix=family.hires_fix,
+    )
+    again = _model_info(json.loads(json.dumps(model_document(traits))))
+    assert (again.schedulers, again.takes_negative_prompt, again.hires_fix) == (
+        family.schedulers,
+        family.takes_negative_prompt,
+        family.hires_fix,
+    )
 
 
 def test_a_folder_of_a_pipeline_no_family_accepts_is_reported(tmp_path: Path) -> None:
