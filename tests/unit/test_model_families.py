@@ -38,7 +38,13 @@ from server.infrastructure.diffusion.families.base import (
 )
 from server.infrastructure.diffusion.registry import ModelRegistry, inspect_model, load_pipeline
 
-SERVED = {Architecture.SD1, Architecture.SD2, Architecture.SDXL, Architecture.FLUX}
+SERVED = {
+    Architecture.SD1,
+    Architecture.SD2,
+    Architecture.SDXL,
+    Architecture.FLUX,
+    Architecture.SD3,
+}
 DECLARATIONS = (
     "architectures",
     "pipeline_classes",
@@ -112,7 +118,9 @@ def test_defaults_per_family_reach_requests(
     assert _defaults(placeholder) == PLACEHOLDER_DEFAULTS == GenerationDefaults(64, 64, 4, 7.0)
 
 
-@pytest.mark.parametrize("architecture", [Architecture.SD1, Architecture.SDXL, Architecture.FLUX])
+@pytest.mark.parametrize(
+    "architecture", [Architecture.SD1, Architecture.SDXL, Architecture.FLUX, Architecture.SD3]
+)
 def test_worker_adverts_carry_defaults_and_older_ones_get_the_familys(
     architecture: Architecture,
 ) -> None:
@@ -176,10 +184,10 @@ class FakePipeline:
 
 
 class Flowing(ModelFamily):
-    """A made-up family for SD3 folders (an architecture no family serves yet) holding a
+    """A made-up family for OTHER folders (an architecture no family serves) holding a
     `FakeFlowPipeline`."""
 
-    architectures = (Architecture.SD3,)
+    architectures = (Architecture.OTHER,)
     pipeline_classes = frozenset({"FakeFlowPipeline"})
     components = ("transformer", "vae", "scheduler")
     defaults = GenerationDefaults(768, 640, 12, 3.0)
@@ -243,14 +251,14 @@ def flux_job(model: BaseModelConfig, **fields: Any) -> GenerationJob:
 
 
 def test_without_its_family_an_architecture_is_refused(flux_folder: Path) -> None:
-    error, _ = inspect_model(BaseModelConfig("flux", Architecture.SD3, flux_folder))
-    assert error == "architecture SD3 is not supported yet"
+    error, _ = inspect_model(BaseModelConfig("flux", Architecture.OTHER, flux_folder))
+    assert error == "architecture OTHER is not supported yet"
 
 
 def test_a_family_in_families_is_all_the_registry_needs(
     flowing: Flowing, flux_folder: Path, tmp_path: Path
 ) -> None:
-    config = BaseModelConfig("flux", Architecture.SD3, flux_folder)
+    config = BaseModelConfig("flux", Architecture.OTHER, flux_folder)
     assert inspect_model(config) == ("", "FlowMatchEulerDiscreteScheduler")
     (info,) = ModelRegistry((config,), data_dir=tmp_path).statuses()
     assert info.ready, info.error
@@ -266,7 +274,7 @@ def test_a_family_in_families_is_all_the_registry_needs(
 
 
 def test_a_familys_batch_fields_keep_jobs_apart(flowing: Flowing, tmp_path: Path) -> None:
-    plain = BaseModelConfig("flux", Architecture.SD3, tmp_path)
+    plain = BaseModelConfig("flux", Architecture.OTHER, tmp_path)
     (info,) = ModelRegistry((plain,), data_dir=tmp_path).statuses()
     model = info.config
     assert batch_key(flux_job(model, preview_every=1)) != batch_key(flux_job(model))
@@ -279,7 +287,7 @@ def test_the_executor_runs_a_batch_through_its_familys_call(
 ) -> None:
     # The manifest names the diffusers version, and importing diffusers is slow.
     monkeypatch.setattr(images_module, "manifest", lambda job, index, loaded: {})
-    model = BaseModelConfig("flux", Architecture.SD3, flux_folder)
+    model = BaseModelConfig("flux", Architecture.OTHER, flux_folder)
     executor = DiffusionExecutor(
         loader=lambda m, device, dtype: load_pipeline(m, device=device, dtype=dtype)
     )

@@ -276,3 +276,90 @@ def build_tiny_flux(folder: Path, *, seed: int = 0) -> Path:
     )
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def _sd3_vae() -> Any:
+    """SD3's 16-channel latent space with its scaling and shift (two blocks: 2x)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(16, 32),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=16,
+        layers_per_block=1,
+        norm_num_groups=16,
+        sample_size=32,
+        scaling_factor=1.5305,
+        shift_factor=0.0609,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
+def build_tiny_sd3(folder: Path, *, seed: int = 0, t5: bool = True) -> Path:
+    """A tiny random-weight SD3.5-style pipeline: an MMDiT transformer on 16-channel latents
+    in 2x2 patches, two CLIP text encoders with projections (their pooled outputs joined) and
+    a T5 (the sequence; `t5=False` leaves it out, as SD3 allows), flow matching with a fixed
+    shift."""
+    import torch
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer = _tokenizer(folder / "_tokenizer_src")
+    t5_tokenizer = _t5_tokenizer()
+    clip_width, t5_width = 32, 32
+
+    def clip() -> Any:
+        config = _text_config(len(tokenizer), clip_width)
+        config.projection_dim = clip_width
+        return CLIPTextModelWithProjection(config)
+
+    pipe = StableDiffusion3Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=_sd3_vae(),
+        text_encoder=clip(),
+        tokenizer=tokenizer,
+        text_encoder_2=clip(),
+        tokenizer_2=tokenizer,
+        text_encoder_3=None
+        if not t5
+        else T5EncoderModel(
+            T5Config(
+                vocab_size=len(t5_tokenizer),
+                d_model=t5_width,
+                d_kv=8,
+                d_ff=37,
+                num_layers=1,
+                num_heads=4,
+                relative_attention_num_buckets=8,
+                feed_forward_proj="gated-gelu",
+                pad_token_id=0,
+                eos_token_id=1,
+                decoder_start_token_id=0,
+            )
+        ),
+        tokenizer_3=t5_tokenizer if t5 else None,
+        transformer=SD3Transformer2DModel(
+            sample_size=32,
+            patch_size=2,
+            in_channels=16,
+            num_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=t5_width,
+            caption_projection_dim=32,
+            pooled_projection_dim=2 * clip_width,
+            out_channels=16,
+            pos_embed_max_size=32,
+        ),
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder

@@ -7,6 +7,7 @@ from server.domain.models import Architecture
 from server.infrastructure.diffusion.families.base import ModelFamily
 from server.infrastructure.diffusion.families.flux import Flux
 from server.infrastructure.diffusion.families.sd import StableDiffusion
+from server.infrastructure.diffusion.families.sd3 import StableDiffusion3
 from server.infrastructure.diffusion.families.sdxl import StableDiffusionXL
 
 __all__ = ["FAMILIES", "ModelFamily", "family_for", "supported"]
@@ -15,6 +16,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
     StableDiffusion(),
     StableDiffusionXL(),
     Flux(),
+    StableDiffusion3(),
 )
 
 

@@ -1,0 +1,109 @@
+"""Stable Diffusion 3.5 (large, medium): an MMDiT transformer on 16-channel latents, two CLIP
+text encoders (their pooled outputs joined) and a T5 (optional in the model: the sequence),
+flow matching with a fixed shift, classifier-free guidance with a negative prompt."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from server.domain.generation_job import Mode
+from server.domain.models import Architecture, BaseModelConfig, GenerationDefaults
+from server.domain.schedulers import FLOW_SCHEDULERS
+from server.infrastructure.diffusion.families.base import (
+    BatchRows,
+    CheckpointPart,
+    ModelFamily,
+    StepCallback,
+    image_arguments,
+)
+
+MMDIT = CheckpointPart(
+    "the MMDiT (joint_blocks.*)", ("model.diffusion_model.joint_blocks.", "joint_blocks.")
+)
+
+
+class StableDiffusion3(ModelFamily):
+    architectures = (Architecture.SD3,)
+    pipeline_classes = frozenset({"StableDiffusion3Pipeline"})
+    # T5 (text_encoder_3, tokenizer_3) is optional: without it the pipeline pads the CLIP
+    # embeddings in its place (less prompt adherence, several GB less memory).
+    components = (
+        "transformer",
+        "vae",
+        "text_encoder",
+        "text_encoder_2",
+        "tokenizer",
+        "tokenizer_2",
+        "scheduler",
+    )
+    # SD3.5 Large's: 28 steps at CFG 3.5.
+    defaults = GenerationDefaults(1024, 1024, 28, 3.5)
+    denoiser = "transformer"
+    lora_components = ("transformer", "text_encoder", "text_encoder_2")
+    mode_pipelines = {
+        Mode.IMAGE_TO_IMAGE: "StableDiffusion3Img2ImgPipeline",
+        Mode.INPAINT: "StableDiffusion3InpaintPipeline",
+    }
+    schedulers = FLOW_SCHEDULERS
+    # Not built for it yet: the hires fix (its latent pass is untested) and single files.
+    hires_fix = False
+    single_file = False
+    # Least-squares fit of latent -> RGB published with ComfyUI (16 channels).
+    preview_factors = (
+        (-0.0922, -0.0175, 0.0749),
+        (0.0311, 0.0633, 0.0954),
+        (0.1994, 0.0927, 0.0458),
+        (0.0856, 0.0339, 0.0902),
+        (0.0587, 0.0272, -0.0496),
+        (-0.0006, 0.1104, 0.0309),
+        (0.0978, 0.0306, 0.0427),
+        (-0.0042, 0.1038, 0.1358),
+        (-0.0194, 0.0020, 0.0669),
+        (-0.0488, 0.0130, -0.0268),
+        (0.0922, 0.0988, 0.0951),
+        (-0.0278, 0.0524, -0.0542),
+        (0.0332, 0.0456, 0.0895),
+        (-0.0069, -0.0030, -0.0810),
+        (-0.0596, -0.0465, -0.0293),
+        (-0.1448, -0.1463, -0.1189),
+    )
+    preview_bias = (0.2394, 0.2135, 0.1925)
+
+    def checkpoint_parts(self, architecture: Architecture) -> tuple[CheckpointPart, ...]:
+        return (MMDIT,)
+
+    def pipeline_class(self) -> Any:
+        from diffusers import StableDiffusion3Pipeline
+
+        return StableDiffusion3Pipeline
+
+    def load_folder(self, config: BaseModelConfig, torch_dtype: Any) -> Any:
+        """Without a T5 folder, as diffusers documents it: the pipeline told there is none."""
+        from diffusers import DiffusionPipeline
+
+        without_t5: dict[str, Any] = {}
+        if not (config.path / "text_encoder_3").is_dir():
+            without_t5 = {"text_encoder_3": None, "tokenizer_3": None}
+        return DiffusionPipeline.from_pretrained(
+            str(config.path), local_files_only=True, torch_dtype=torch_dtype, **without_t5
+        )
+
+    def denoise(self, pipe: Any, rows: BatchRows, on_step: StepCallback) -> Sequence[Any]:
+        """The pipeline encodes its own prompts (both CLIPs and T5); a negative prompt is
+        passed only when some row has one. The size is always given (the img2img pipeline
+        otherwise takes its default, not the init image's)."""
+        job, call = rows.job, rows.call
+        negative = rows.negative_prompts if any(rows.negative_prompts) else None
+        arguments = {"width": call.width, "height": call.height} | image_arguments(rows)
+        result = pipe(
+            prompt=rows.prompts,
+            negative_prompt=negative,
+            **arguments,
+            guidance_scale=job.guidance_scale,
+            num_images_per_prompt=1,
+            generator=rows.generators,
+            callback_on_step_end=on_step,
+        )
+        images: Sequence[Any] = result.images
+        return images
