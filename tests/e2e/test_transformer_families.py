@@ -1,6 +1,7 @@
-"""FLUX through the real server and the CLI, as a user runs it: `loracle models` lists the
-FLUX model with its defaults, `loracle generate` makes an image whose PNG records Forge's
-`Distilled CFG Scale`, and a negative prompt or an SD sampler is refused in one sentence."""
+"""FLUX and SD3.5 through the real server and the CLI, as a user runs them: `loracle models`
+lists both, `loracle generate` makes a FLUX image whose PNG records Forge's `Distilled CFG
+Scale` and an SD3.5 one with a negative prompt, and what FLUX does not take (a negative
+prompt, an SD sampler) is refused in one sentence."""
 
 from __future__ import annotations
 
@@ -13,15 +14,19 @@ from PIL import Image
 from client import LoracleClient
 from client.cli import main
 from server.devtools.local_server import RunningServer, start_server, wait_for_models
-from server.infrastructure.diffusion.placeholder import build_tiny_flux
+from server.infrastructure.diffusion.placeholder import build_tiny_flux, build_tiny_sd3
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     root = tmp_path_factory.mktemp("flux-e2e")
     build_tiny_flux(root / "flux-tiny")
+    build_tiny_sd3(root / "sd3-tiny")
     config = root / "loracle.toml"
-    config.write_text('[[models]]\nname = "flux"\narchitecture = "Flux.1 D"\npath = "flux-tiny"\n')
+    config.write_text(
+        '[[models]]\nname = "flux"\narchitecture = "Flux.1 D"\npath = "flux-tiny"\n'
+        '[[models]]\nname = "sd35"\narchitecture = "SD 3.5 Large"\npath = "sd3-tiny"\n'
+    )
     running = start_server(root / "data", "--config", str(config))
     with LoracleClient(running.address) as client:
         wait_for_models(client, timeout=120)
@@ -34,10 +39,16 @@ def test_cli_generates_with_flux_and_refuses_what_it_does_not_take(
 ) -> None:
     address = ["--server", server.address]
     assert main(["models", *address]) == 0
-    row = next(line.split() for line in capsys.readouterr().out.splitlines() if "flux" in line)
-    assert row[:3] == ["flux", "FLUX", "yes"]
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert ["flux", "FLUX", "yes"] in [r[:3] for r in rows]
+    assert ["sd35", "SD3", "yes"] in [r[:3] for r in rows]
+    sd35 = tmp_path / "sd35.png"
+    argv = ["generate", "a red fox", "--model", "sd35", "--size", "64x64", "--steps", "2"]
+    assert main([*argv, "--negative", "blurry", "-o", str(sd35), *address]) == 0
+    assert "Negative prompt: blurry" in Image.open(sd35).info["parameters"]
     out = tmp_path / "fox.png"
-    argv = ["generate", "a red fox", "--size", "64x64", "--steps", "2", "--seed", "3"]
+    argv = ["generate", "a red fox", "--model", "flux", "--size", "64x64", "--steps", "2"]
+    argv += ["--seed", "3"]
     assert main([*argv, "-o", str(out), *address]) == 0
     image = Image.open(out)
     assert image.size == (64, 64)
