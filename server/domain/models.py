@@ -45,6 +45,8 @@ class Architecture(enum.StrEnum):
     SDXL = "SDXL"
     SD3 = "SD3"
     FLUX = "FLUX"
+    QWEN_IMAGE = "QWEN_IMAGE"
+    Z_IMAGE = "Z_IMAGE"
     OTHER = "OTHER"
 
 
@@ -68,6 +70,8 @@ _LINEAGE_PATTERNS: tuple[tuple[re.Pattern[str], Architecture], ...] = tuple(
     (re.compile(p, re.IGNORECASE), a)
     for p, a in (
         (r"flux", Architecture.FLUX),
+        (r"qwen", Architecture.QWEN_IMAGE),
+        (r"z[ _-]?image", Architecture.Z_IMAGE),
         (r"sd[ _-]?3|stable-diffusion-v3", Architecture.SD3),
         (
             r"sdxl|sd[ _-]?xl|stable-diffusion-xl|pony|illustrious|noobai|playground|sd[ _]?1?0?24",
@@ -102,7 +106,8 @@ def resolve_architecture(base_model: str) -> Architecture:
             FieldViolation(
                 "base_model",
                 f"{base_model!r} is not a known base model; use an architecture "
-                "(SD1, SD2, SDXL, SD3, FLUX) or a lineage such as 'SD 1.5' or 'Pony'",
+                "(SD1, SD2, SDXL, SD3, FLUX, QWEN_IMAGE, Z_IMAGE) or a lineage such as "
+                "'SD 1.5' or 'Pony'",
             )
         )
     return arch

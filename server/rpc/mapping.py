@@ -44,6 +44,8 @@ _ARCH = {
     Architecture.SDXL: types_pb2.ARCHITECTURE_SDXL,
     Architecture.SD3: types_pb2.ARCHITECTURE_SD3,
     Architecture.FLUX: types_pb2.ARCHITECTURE_FLUX,
+    Architecture.QWEN_IMAGE: types_pb2.ARCHITECTURE_QWEN_IMAGE,
+    Architecture.Z_IMAGE: types_pb2.ARCHITECTURE_Z_IMAGE,
     Architecture.OTHER: types_pb2.ARCHITECTURE_OTHER,
 }
 _SOURCE = {

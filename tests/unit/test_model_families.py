@@ -24,6 +24,7 @@ from server.domain.models import (
     BaseModelConfig,
     BaseModelInfo,
     GenerationDefaults,
+    architecture_of,
 )
 from server.infrastructure.broker.replica import _model_info, model_document
 from server.infrastructure.diffusion import families
@@ -305,3 +306,23 @@ def test_the_executor_runs_a_batch_through_its_familys_call(
     assert rows.negative_prompts == ["blur", "blur"]
     assert [g.initial_seed() for g in rows.generators] == [5, 6]
     assert executor.loaded_models() == ["flux"]
+
+
+@pytest.mark.parametrize(
+    ("lineage", "architecture"),
+    [
+        ("Flux.1 D", Architecture.FLUX),
+        ("Flux.1 S", Architecture.FLUX),
+        ("SD 3.5", Architecture.SD3),
+        ("SD 3.5 Large", Architecture.SD3),
+        ("SD 3.5 Medium", Architecture.SD3),
+        ("Qwen", Architecture.QWEN_IMAGE),
+        ("ZImageTurbo", Architecture.Z_IMAGE),
+        ("Z-Image", Architecture.Z_IMAGE),
+        ("Illustrious", Architecture.SDXL),
+    ],
+)
+def test_civitai_lineage_names_of_the_newer_families(
+    lineage: str, architecture: Architecture
+) -> None:
+    assert architecture_of(lineage) is architecture

@@ -40,6 +40,10 @@ class _ArchitectureEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Architec
     """FLUX.1."""
     ARCHITECTURE_OTHER: _Architecture.ValueType  # 6
     """Known, but none of the above; never compatible with a configured model."""
+    ARCHITECTURE_QWEN_IMAGE: _Architecture.ValueType  # 7
+    """Qwen-Image (catalogued; no model family serves it yet)."""
+    ARCHITECTURE_Z_IMAGE: _Architecture.ValueType  # 8
+    """Z-Image (catalogued; no model family serves it yet)."""
 
 class Architecture(_Architecture, metaclass=_ArchitectureEnumTypeWrapper):
     """The network architecture a model or LoRA is built for. A LoRA is compatible with a base
@@ -60,6 +64,10 @@ ARCHITECTURE_FLUX: Architecture.ValueType  # 5
 """FLUX.1."""
 ARCHITECTURE_OTHER: Architecture.ValueType  # 6
 """Known, but none of the above; never compatible with a configured model."""
+ARCHITECTURE_QWEN_IMAGE: Architecture.ValueType  # 7
+"""Qwen-Image (catalogued; no model family serves it yet)."""
+ARCHITECTURE_Z_IMAGE: Architecture.ValueType  # 8
+"""Z-Image (catalogued; no model family serves it yet)."""
 Global___Architecture: _TypeAlias = Architecture  # noqa: Y015
 
 class _LoraSource:
