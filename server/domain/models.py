@@ -342,3 +342,5 @@ class BaseModelInfo:
     takes_negative_prompt: bool = True
     # False where the hires fix is not built for the family yet.
     hires_fix: bool = True
+    # Its weights files' bytes on disk (0: not known).
+    weights_bytes: int = 0

@@ -158,6 +158,13 @@ def base_model_to_proto(info: BaseModelInfo) -> types_pb2.BaseModel:
         dtype=info.dtype,
         is_placeholder=info.config.placeholder,
         inpainting=info.inpainting,
+        default_width=info.defaults.width,
+        default_height=info.defaults.height,
+        default_steps=info.defaults.steps,
+        default_guidance_scale=info.defaults.guidance_scale,
+        schedulers=info.schedulers,
+        takes_negative_prompt=info.takes_negative_prompt,
+        weights_bytes=info.weights_bytes,
     )
 
 

@@ -58,3 +58,16 @@ def test_cli_generates_with_flux_and_refuses_what_it_does_not_take(
     assert "model 'flux' (FLUX) is guidance-distilled and takes no negative prompt" in err
     assert main([*argv, "--scheduler", "euler_a", *address]) == 1
     assert "samples with flow_euler, or empty (its own)" in capsys.readouterr().err
+
+
+def test_list_base_models_says_what_each_family_takes(server: RunningServer) -> None:
+    with LoracleClient(server.address) as client:
+        models = {m.name: m for m in client.list_base_models()}
+    flux, sd35 = models["flux"], models["sd35"]
+    assert (flux.default_width, flux.default_steps, flux.default_guidance_scale) == (1024, 28, 3.5)
+    assert list(flux.schedulers) == ["flow_euler"]
+    assert not flux.takes_negative_prompt
+    assert sd35.takes_negative_prompt
+    # The tiny folders' weights, as files on disk: what loading them takes.
+    assert 500_000 < flux.weights_bytes < 5_000_000
+    assert 500_000 < sd35.weights_bytes < 5_000_000

@@ -451,6 +451,13 @@ class BaseModel(_message.Message):
     DTYPE_FIELD_NUMBER: _builtins.int
     IS_PLACEHOLDER_FIELD_NUMBER: _builtins.int
     INPAINTING_FIELD_NUMBER: _builtins.int
+    DEFAULT_WIDTH_FIELD_NUMBER: _builtins.int
+    DEFAULT_HEIGHT_FIELD_NUMBER: _builtins.int
+    DEFAULT_STEPS_FIELD_NUMBER: _builtins.int
+    DEFAULT_GUIDANCE_SCALE_FIELD_NUMBER: _builtins.int
+    SCHEDULERS_FIELD_NUMBER: _builtins.int
+    TAKES_NEGATIVE_PROMPT_FIELD_NUMBER: _builtins.int
+    WEIGHTS_BYTES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The name used in requests."""
     architecture: Global___Architecture.ValueType
@@ -472,6 +479,22 @@ class BaseModel(_message.Message):
     inpainting (text to image and img2img under a white mask, as A1111 runs them) and the
     hires fix is refused.
     """
+    default_width: _builtins.int
+    """The width a request that leaves it at 0 gets (its family's default)."""
+    default_height: _builtins.int
+    """The height a request that leaves it at 0 gets."""
+    default_steps: _builtins.int
+    """The steps a request that leaves them at 0 gets."""
+    default_guidance_scale: _builtins.float
+    """The guidance a request that leaves it unset gets (FLUX: the distilled guidance)."""
+    takes_negative_prompt: _builtins.bool
+    """False for guidance-distilled models (FLUX): a negative prompt is INVALID_ARGUMENT."""
+    weights_bytes: _builtins.int
+    """Bytes of its weights on disk, at their stored precision: roughly what loading it takes."""
+    @_builtins.property
+    def schedulers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The `scheduler` names the model takes; empty `scheduler` (its own) always works."""
+
     def __init__(
         self,
         *,
@@ -484,10 +507,17 @@ class BaseModel(_message.Message):
         dtype: _builtins.str = ...,
         is_placeholder: _builtins.bool = ...,
         inpainting: _builtins.bool = ...,
+        default_width: _builtins.int = ...,
+        default_height: _builtins.int = ...,
+        default_steps: _builtins.int = ...,
+        default_guidance_scale: _builtins.float = ...,
+        schedulers: _abc.Iterable[_builtins.str] | None = ...,
+        takes_negative_prompt: _builtins.bool = ...,
+        weights_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "default_scheduler", b"default_scheduler", "dtype", b"dtype", "error", b"error", "inpainting", b"inpainting", "is_placeholder", b"is_placeholder", "name", b"name", "path", b"path", "ready", b"ready"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "default_guidance_scale", b"default_guidance_scale", "default_height", b"default_height", "default_scheduler", b"default_scheduler", "default_steps", b"default_steps", "default_width", b"default_width", "dtype", b"dtype", "error", b"error", "inpainting", b"inpainting", "is_placeholder", b"is_placeholder", "name", b"name", "path", b"path", "ready", b"ready", "schedulers", b"schedulers", "takes_negative_prompt", b"takes_negative_prompt", "weights_bytes", b"weights_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -361,6 +361,7 @@ def model_document(info: BaseModelInfo) -> dict[str, Any]:
         "schedulers": list(info.schedulers),
         "takes_negative_prompt": info.takes_negative_prompt,
         "hires_fix": info.hires_fix,
+        "weights_bytes": info.weights_bytes,
         "defaults": {
             "width": d.width,
             "height": d.height,
@@ -406,4 +407,5 @@ def _model_info(doc: dict[str, Any]) -> BaseModelInfo:
         ),
         takes_negative_prompt=bool(doc.get("takes_negative_prompt", True)),
         hires_fix=bool(doc.get("hires_fix", True)),
+        weights_bytes=int(doc.get("weights_bytes", 0)),
     )

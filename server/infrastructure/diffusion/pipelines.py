@@ -21,7 +21,7 @@ from server.infrastructure.diffusion.adapters import AdapterCache, AdapterLoadEr
 from server.infrastructure.diffusion.controlnets import controlnet_hash, load_controlnet
 from server.infrastructure.diffusion.embeddings import EmbeddingCache
 from server.infrastructure.diffusion.families import ModelFamily, family_for
-from server.infrastructure.diffusion.registry import INPAINTING_CHANNELS
+from server.infrastructure.diffusion.registry import INPAINTING_CHANNELS, weights_bytes
 from server.infrastructure.lora_files import update_digest
 
 log = logging.getLogger("loracle.executor")
@@ -307,9 +307,7 @@ class PipelineCache:
 def _estimate_bytes(model: BaseModelConfig) -> int:
     if model.vram_budget_gb:
         return int(model.vram_budget_gb * GIB)
-    path = model.path
-    files = [path] if path.is_file() else list(path.glob("*/*.safetensors"))
-    return sum(f.stat().st_size for f in files if f.exists())
+    return weights_bytes(model)
 
 
 def _model_hash(model: BaseModelConfig, denoiser: str, known: dict[tuple[Path, float], str]) -> str:

@@ -251,6 +251,7 @@ class ModelRegistry:
                 _defaults(config),
                 loading=loading,
                 inpainting=inpainting,
+                weights_bytes=0 if error else weights_bytes(config),
                 **_traits(config),
             )
 
@@ -278,6 +279,13 @@ def _with_family_fields(config: BaseModelConfig) -> BaseModelConfig:
     if family is None or family.batch_fields == config.batch_fields:
         return config
     return replace(config, batch_fields=family.batch_fields)
+
+
+def weights_bytes(config: BaseModelConfig) -> int:
+    """The bytes of a model's weights on disk (a folder's components' safetensors files)."""
+    path = config.path
+    files = [path] if path.is_file() else list(path.glob("*/*.safetensors"))
+    return sum(f.stat().st_size for f in files if f.exists())
 
 
 def _traits(config: BaseModelConfig) -> dict[str, Any]:
