@@ -1,8 +1,8 @@
 """SD3.5 as a family, on a tiny random-weight StableDiffusion3Pipeline built locally (an MMDiT
 transformer, a 16-channel VAE, two CLIPs and a T5 with local tokenizers) loaded through the
 real loading code: text to image with classifier-free guidance and a negative prompt,
-img2img and inpainting, previews, a LoRA applied and removed exactly, the same image whatever
-the batch, and an SD sampler refused before queueing."""
+img2img and inpainting, the hires fix, previews, a LoRA applied and removed exactly, the same
+image whatever the batch, and an SD sampler refused before queueing."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from PIL import Image
 from server.application.commands import (
     GenerateImageCommand,
     GenerationRequest,
+    HiresRequest,
     ImageInput,
     ImportLoRAsCommand,
     LoraChoice,
@@ -161,6 +162,21 @@ def test_a_model_without_t5_loads_and_generates(tmp_path: Path) -> None:
         assert image_of(events_of(container)).size == (64, 64)
     finally:
         container.close()
+
+
+@pytest.mark.parametrize("upscaler", ["Latent", "Lanczos"])
+def test_a_hires_fix_counts_the_steps_flow_matching_runs(c: Container, upscaler: str) -> None:
+    hires = HiresRequest(scale=2.0, steps=4, upscaler=upscaler)  # second pass at 0.7
+    events = events_of(c, hires=hires)
+    assert image_of(events).size == (128, 128)
+    progress = [
+        (e.payload.step, e.payload.total_steps)
+        for e in events
+        if isinstance(e.payload, gen.Progress)
+    ]
+    # 4 first-pass steps, then the 3 that SD3's img2img runs at 0.7 (SD would run 2): one
+    # total from the first event on.
+    assert progress == [(step, 7) for step in range(1, 8)]
 
 
 def test_an_sd_sampler_is_refused(c: Container) -> None:

@@ -313,7 +313,7 @@ class DiffusionExecutor:
         jobs = list(dict.fromkeys(handle for handle, _ in part))
         job = jobs[0].job
         controls = tuple(c.controlnet.name for c in job.controls)
-        later = 0 if job.hires is None else hires.second_steps(job)
+        later = 0 if job.hires is None else hires.second_steps(job, loaded.family)
         watcher = _StepWatcher(jobs, part, loaded.family, started, job.steps, later)
         call = BatchRows(
             prompts=[h.job.prompt for h, _ in part],

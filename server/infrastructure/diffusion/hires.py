@@ -8,14 +8,14 @@ from typing import Any
 
 from server.domain.generation_job import GenerationJob, Mode
 from server.domain.upscalers import find_upscaler
-from server.infrastructure.diffusion.families.base import DenoisePass
+from server.infrastructure.diffusion.families.base import DenoisePass, ModelFamily
 
 
-def second_steps(job: GenerationJob) -> int:
-    """How many steps the second pass runs (for progress): steps x strength, at least 1."""
+def second_steps(job: GenerationJob, family: ModelFamily) -> int:
+    """How many steps the second pass runs (for progress): steps x strength as the family's
+    img2img pipeline rounds it, at least 1."""
     assert job.hires is not None
-    steps = job.hires.steps or job.steps
-    return max(1, int(steps * job.hires.denoising_strength))
+    return family.img2img_steps(job.hires.steps or job.steps, job.hires.denoising_strength)
 
 
 def second_pass(

@@ -171,6 +171,11 @@ class ModelFamily(ABC):
             torch_dtype=torch_dtype,
         )
 
+    def img2img_steps(self, steps: int, strength: float) -> int:
+        """How many of `steps` an img2img call at `strength` runs: diffusers' Stable
+        Diffusion pipelines (and A1111) run int(steps x strength), at least one."""
+        return max(1, int(steps * strength))
+
     def preview_latents(self, pipe: Any, latents: Any, width: int, height: int) -> Any:
         """The step callback's latents as (rows, channels, h, w) for previews (a family
         whose pipeline packs its latents unpacks them here)."""
