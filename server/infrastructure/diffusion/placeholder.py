@@ -199,9 +199,9 @@ def _t5_tokenizer() -> Any:
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
 
 
-def _flux_vae() -> Any:
-    """FLUX's 16-channel latent space with its scaling and shift; two blocks, so the VAE
-    downsamples 2x and the pipeline (which packs 2x2 latent patches) takes multiples of 4."""
+def _vae16(scaling_factor: float, shift_factor: float) -> Any:
+    """A 16-channel latent space (FLUX, SD3) with the family's scaling and shift; two blocks,
+    so the VAE downsamples 2x (pipelines that pack 2x2 patches take multiples of 4)."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -214,10 +214,32 @@ def _flux_vae() -> Any:
         layers_per_block=1,
         norm_num_groups=16,
         sample_size=32,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
         use_quant_conv=False,
         use_post_quant_conv=False,
+    )
+
+
+def _t5_encoder(vocab_size: int, width: int) -> Any:
+    """A one-layer T5 v1.1-style encoder (gated GELU), `<pad>` 0 and `</s>` 1 as in
+    `_t5_tokenizer`."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=vocab_size,
+            d_model=width,
+            d_kv=8,
+            d_ff=37,
+            num_layers=1,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            feed_forward_proj="gated-gelu",
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
     )
 
 
@@ -226,7 +248,7 @@ def build_tiny_flux(folder: Path, *, seed: int = 0) -> Path:
     pooled text plus T5 sequence text, 16-channel VAE, dynamically shifted flow matching)."""
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
     tokenizer = _tokenizer(folder / "_tokenizer_src")
@@ -242,24 +264,10 @@ def build_tiny_flux(folder: Path, *, seed: int = 0) -> Path:
             base_image_seq_len=256,
             max_image_seq_len=4096,
         ),
-        vae=_flux_vae(),
+        vae=_vae16(scaling_factor=0.3611, shift_factor=0.1159),
         text_encoder=CLIPTextModel(_text_config(len(tokenizer), clip_width)),
         tokenizer=tokenizer,
-        text_encoder_2=T5EncoderModel(
-            T5Config(
-                vocab_size=len(tokenizer_2),
-                d_model=t5_width,
-                d_kv=8,
-                d_ff=37,
-                num_layers=1,
-                num_heads=4,
-                relative_attention_num_buckets=8,
-                feed_forward_proj="gated-gelu",
-                pad_token_id=0,
-                eos_token_id=1,
-                decoder_start_token_id=0,
-            )
-        ),
+        text_encoder_2=_t5_encoder(len(tokenizer_2), t5_width),
         tokenizer_2=tokenizer_2,
         transformer=FluxTransformer2DModel(
             patch_size=1,
@@ -278,27 +286,6 @@ def build_tiny_flux(folder: Path, *, seed: int = 0) -> Path:
     return folder
 
 
-def _sd3_vae() -> Any:
-    """SD3's 16-channel latent space with its scaling and shift (two blocks: 2x)."""
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        block_out_channels=(16, 32),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=16,
-        layers_per_block=1,
-        norm_num_groups=16,
-        sample_size=32,
-        scaling_factor=1.5305,
-        shift_factor=0.0609,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
-
-
 def build_tiny_sd3(folder: Path, *, seed: int = 0, t5: bool = True) -> Path:
     """A tiny random-weight SD3.5-style pipeline: an MMDiT transformer on 16-channel latents
     in 2x2 patches, two CLIP text encoders with projections (their pooled outputs joined) and
@@ -310,7 +297,7 @@ def build_tiny_sd3(folder: Path, *, seed: int = 0, t5: bool = True) -> Path:
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
     )
-    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     tokenizer = _tokenizer(folder / "_tokenizer_src")
@@ -324,28 +311,12 @@ def build_tiny_sd3(folder: Path, *, seed: int = 0, t5: bool = True) -> Path:
 
     pipe = StableDiffusion3Pipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
-        vae=_sd3_vae(),
+        vae=_vae16(scaling_factor=1.5305, shift_factor=0.0609),
         text_encoder=clip(),
         tokenizer=tokenizer,
         text_encoder_2=clip(),
         tokenizer_2=tokenizer,
-        text_encoder_3=None
-        if not t5
-        else T5EncoderModel(
-            T5Config(
-                vocab_size=len(t5_tokenizer),
-                d_model=t5_width,
-                d_kv=8,
-                d_ff=37,
-                num_layers=1,
-                num_heads=4,
-                relative_attention_num_buckets=8,
-                feed_forward_proj="gated-gelu",
-                pad_token_id=0,
-                eos_token_id=1,
-                decoder_start_token_id=0,
-            )
-        ),
+        text_encoder_3=None if not t5 else _t5_encoder(len(t5_tokenizer), t5_width),
         tokenizer_3=t5_tokenizer if t5 else None,
         transformer=SD3Transformer2DModel(
             sample_size=32,

@@ -273,6 +273,31 @@ def control_arguments(rows: BatchRows, *, row_first: bool = False) -> dict[str, 
     }
 
 
+def flow_matching_img2img_steps(steps: int, strength: float) -> int:
+    """How many steps diffusers' flow-matching img2img pipelines (FLUX, SD3) run: they skip
+    int(steps x (1 - strength)) and run the rest (4 at 0.7: 3, where SD runs 2)."""
+    return max(1, steps - int(max(steps - steps * strength, 0)))
+
+
+def transformer_call(
+    pipe: Any, rows: BatchRows, on_step: StepCallback, **prompts: Any
+) -> Sequence[Any]:
+    """The call of the transformer families' pipelines, which encode their own `prompts`.
+    The size is always given: their img2img pipelines otherwise make their default size, not
+    the init image's."""
+    call = rows.call
+    result = pipe(
+        **prompts,
+        **({"width": call.width, "height": call.height} | image_arguments(rows)),
+        guidance_scale=rows.job.guidance_scale,
+        num_images_per_prompt=1,
+        generator=rows.generators,
+        callback_on_step_end=on_step,
+    )
+    images: Sequence[Any] = result.images
+    return images
+
+
 def text_to_image(
     pipe: Any, rows: BatchRows, on_step: StepCallback, *, controls_row_first: bool = False
 ) -> Sequence[Any]:

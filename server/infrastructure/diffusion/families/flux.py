@@ -15,7 +15,8 @@ from server.infrastructure.diffusion.families.base import (
     CheckpointPart,
     ModelFamily,
     StepCallback,
-    image_arguments,
+    flow_matching_img2img_steps,
+    transformer_call,
 )
 
 TRANSFORMER = CheckpointPart(
@@ -76,9 +77,7 @@ class Flux(ModelFamily):
         return (TRANSFORMER,)
 
     def img2img_steps(self, steps: int, strength: float) -> int:
-        """diffusers' flow-matching img2img pipelines skip int(steps x (1 - strength)) steps
-        and run the rest (4 steps at 0.7: 3, where SD runs 2)."""
-        return max(1, steps - int(max(steps - steps * strength, 0)))
+        return flow_matching_img2img_steps(steps, strength)
 
     def pipeline_class(self) -> Any:
         from diffusers import FluxPipeline
@@ -94,17 +93,5 @@ class Flux(ModelFamily):
     def denoise(self, pipe: Any, rows: BatchRows, on_step: StepCallback) -> Sequence[Any]:
         """FluxPipeline encodes its own prompts (CLIP pooled, T5 sequence); guidance_scale is
         the embedded guidance, and no negative prompt is passed (the application refuses
-        one). The size is always given: FLUX's img2img pipeline otherwise makes its default
-        size, not the init image's."""
-        job, call = rows.job, rows.call
-        arguments = {"width": call.width, "height": call.height} | image_arguments(rows)
-        result = pipe(
-            prompt=rows.prompts,
-            **arguments,
-            guidance_scale=job.guidance_scale,
-            num_images_per_prompt=1,
-            generator=rows.generators,
-            callback_on_step_end=on_step,
-        )
-        images: Sequence[Any] = result.images
-        return images
+        one)."""
+        return transformer_call(pipe, rows, on_step, prompt=rows.prompts)

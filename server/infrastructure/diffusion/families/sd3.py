@@ -15,7 +15,9 @@ from server.infrastructure.diffusion.families.base import (
     CheckpointPart,
     ModelFamily,
     StepCallback,
-    image_arguments,
+    flow_matching_img2img_steps,
+    prompt_arguments,
+    transformer_call,
 )
 
 MMDIT = CheckpointPart(
@@ -73,9 +75,7 @@ class StableDiffusion3(ModelFamily):
         return (MMDIT,)
 
     def img2img_steps(self, steps: int, strength: float) -> int:
-        """diffusers' flow-matching img2img pipelines skip int(steps x (1 - strength)) steps
-        and run the rest (4 steps at 0.7: 3, where SD runs 2)."""
-        return max(1, steps - int(max(steps - steps * strength, 0)))
+        return flow_matching_img2img_steps(steps, strength)
 
     def pipeline_class(self) -> Any:
         from diffusers import StableDiffusion3Pipeline
@@ -95,19 +95,5 @@ class StableDiffusion3(ModelFamily):
 
     def denoise(self, pipe: Any, rows: BatchRows, on_step: StepCallback) -> Sequence[Any]:
         """The pipeline encodes its own prompts (both CLIPs and T5); a negative prompt is
-        passed only when some row has one. The size is always given (the img2img pipeline
-        otherwise takes its default, not the init image's)."""
-        job, call = rows.job, rows.call
-        negative = rows.negative_prompts if any(rows.negative_prompts) else None
-        arguments = {"width": call.width, "height": call.height} | image_arguments(rows)
-        result = pipe(
-            prompt=rows.prompts,
-            negative_prompt=negative,
-            **arguments,
-            guidance_scale=job.guidance_scale,
-            num_images_per_prompt=1,
-            generator=rows.generators,
-            callback_on_step_end=on_step,
-        )
-        images: Sequence[Any] = result.images
-        return images
+        passed only when some row has one (batching keeps rows with and without apart)."""
+        return transformer_call(pipe, rows, on_step, **prompt_arguments(rows))
