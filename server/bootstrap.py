@@ -79,6 +79,7 @@ from server.infrastructure.broker.port import Broker
 from server.infrastructure.broker.replica import BrokerExecutor, ClusterModels, RecorderFeed
 from server.infrastructure.broker.worker import BrokerWorker
 from server.infrastructure.diffusion.executor import DiffusionExecutor
+from server.infrastructure.diffusion.footprint import DeviceMemory
 from server.infrastructure.diffusion.images import ImageStore
 from server.infrastructure.diffusion.registry import ModelRegistry
 from server.infrastructure.event_store import EventStore
@@ -241,6 +242,7 @@ def bootstrap(
         data_dir=settings.data_dir.resolve(),
         controlnets=settings.controlnets,
         upscalers=settings.upscalers,
+        device_memory=DeviceMemory.probe(settings.device_budget_gb),
     )
     if broker is None and settings.broker_url:
         broker = connect_broker(settings, "loracle-server")

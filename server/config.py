@@ -27,6 +27,8 @@ from pydantic_settings.sources.utils import parse_env_vars
 
 from server.domain.errors import FieldViolation, Reason, ValidationError
 from server.domain.models import (
+    OFFLOADS,
+    QUANTIZATIONS,
     Architecture,
     BaseModelConfig,
     ControlNetConfig,
@@ -58,7 +60,28 @@ NOT_SETTINGS = frozenset(
 )
 _UPSCALER_KEYS = ("name", "path")
 _CONTROLNET_KEYS = ("name", "architecture", "path", "config_dir")
-_MODEL_KEYS = ("name", "architecture", "path", "scheduler", "dtype", "vram_budget_gb", "config_dir")
+_MODEL_KEYS = (
+    "name",
+    "architecture",
+    "path",
+    "scheduler",
+    "dtype",
+    "vram_budget_gb",
+    "config_dir",
+    "width",
+    "height",
+    "steps",
+    "guidance_scale",
+    "quantize",
+    "offload",
+)
+# What a `[[models]]` entry may set instead of its family's default, and the range each takes.
+_MODEL_DEFAULTS: dict[str, tuple[type, float, float]] = {
+    "width": (int, 64, 4096),
+    "height": (int, 64, 4096),
+    "steps": (int, 1, 150),
+    "guidance_scale": (float, 0.0, 30.0),
+}
 _TOKEN_KEYS = ("name", "sha256", "scopes")
 _PATHS_IN_TOML = ("tls_cert", "tls_key", "tls_client_ca")  # relative to the file's folder
 
@@ -359,9 +382,46 @@ def _models(tables: Any, base: Path) -> tuple[BaseModelConfig, ...]:
                 dtype=str(table.get("dtype", "auto")),
                 vram_budget_gb=budget,
                 config_dir=_resolve(config_dir, base) if config_dir else None,
+                quantize=_choice(where, table, "quantize", QUANTIZATIONS),
+                offload=_choice(where, table, "offload", OFFLOADS),
+                **_model_defaults(where, table),
             )
         )
     return tuple(out)
+
+
+def _choice(where: str, table: dict[str, Any], key: str, allowed: tuple[str, ...]) -> str:
+    value = str(table.get(key, "")).strip().lower()
+    if value not in allowed:
+        shown = ", ".join(repr(a) for a in allowed if a)
+        raise ValidationError(
+            FieldViolation(f"{where}.{key}", f"must be one of {shown}, or left out")
+        )
+    return value
+
+
+def _model_defaults(where: str, table: dict[str, Any]) -> dict[str, Any]:
+    """The defaults a model entry sets for requests that leave them at 0 (a distilled
+    checkpoint's 4 or 8 steps, a base model's guidance)."""
+    out: dict[str, Any] = {}
+    for key, (kind, low, high) in _MODEL_DEFAULTS.items():
+        if key not in table:
+            continue
+        value = table[key]
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if (
+            not number
+            or (kind is int and not float(value).is_integer())
+            or not low <= value <= high
+        ):
+            what = "a whole number" if kind is int else "a number"
+            raise ValidationError(
+                FieldViolation(f"{where}.{key}", f"must be {what} from {low:g} to {high:g}")
+            )
+        if key in ("width", "height") and int(value) % 8:
+            raise ValidationError(FieldViolation(f"{where}.{key}", "must be a multiple of 8"))
+        out[f"default_{key}"] = kind(value)
+    return out
 
 
 def _tables(tables: Any, kind: str, keys: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:

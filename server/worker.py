@@ -14,6 +14,7 @@ from server.bootstrap import cluster_worker, connect_broker, device_executor
 from server.config import load_settings
 from server.domain.errors import DomainError
 from server.infrastructure.broker.worker import default_worker_name
+from server.infrastructure.diffusion.footprint import DeviceMemory
 from server.infrastructure.diffusion.registry import ModelRegistry
 from server.infrastructure.logs import configure_logging
 from server.infrastructure.lora_files import LoraFileReader
@@ -38,6 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         data_dir=settings.data_dir.resolve(),
         controlnets=settings.controlnets,
         upscalers=settings.upscalers,
+        device_memory=DeviceMemory.probe(settings.device_budget_gb),
     )
     if settings.embedded_model:
         models.ensure_embedded(wait=True)

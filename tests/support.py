@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import uuid
 from collections.abc import Iterator
@@ -9,10 +10,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psycopg
+from PIL import Image
 
+from server.application.commands import GenerateImageCommand, GenerationRequest
+from server.application.context import DispatchContext
 from server.bootstrap import Container, bootstrap
 from server.config import Settings
+from server.domain import generation_events as gen
 from server.domain.generation_job import GenerationJob
 from server.domain.models import BaseModelConfig
 
@@ -66,3 +72,30 @@ def generation_job(model: BaseModelConfig, **fields: Any) -> GenerationJob:
         "seed": 1,
     }
     return GenerationJob(**{**base, **fields})
+
+
+def streamed_events(
+    c: Container, request: GenerationRequest, context: DispatchContext
+) -> list[gen.GenerationEvent]:
+    """A GenerateImage stream's events, checked to have succeeded."""
+    events = list(c.commands.stream(GenerateImageCommand(request=request), context))
+    failed = [e.payload for e in events if isinstance(e.payload, gen.Failed)]
+    assert not failed, failed
+    return events
+
+
+def image_of(events: list[gen.GenerationEvent]) -> Image.Image:
+    """The image a generation streamed, from its chunks."""
+    data = b"".join(e.payload.data for e in events if isinstance(e.payload, gen.ImageChunk))
+    return Image.open(io.BytesIO(data))
+
+
+def pixels(events: list[gen.GenerationEvent]) -> np.ndarray[Any, np.dtype[np.int16]]:
+    """The streamed image's pixels, signed so that differences do not wrap."""
+    return np.asarray(image_of(events), dtype=np.int16)
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()

@@ -21,13 +21,24 @@ from server.devtools.synthetic_loras import _canonical
 
 __all__ = ["write_lora_for_pipeline"]
 
-LoraFormat = Literal["kohya", "peft"]
+# peft: diffusers' own names (`transformer.<module>.lora_A`); kohya: `lora_unet_<module_>`
+# with lora_down/lora_up/alpha; diffusion_model: the original model's module names under
+# `diffusion_model.` with lora_A/lora_B, as ai-toolkit and musubi-tuner write them for
+# transformer families whose original names are diffusers' (Qwen-Image, Z-Image).
+LoraFormat = Literal["kohya", "peft", "diffusion_model"]
 
 _UNET_TARGET = re.compile(r"\.attn[12]\.(?:to_q|to_k|to_v|to_out\.0)$")
-# FLUX's transformer: the attention projections of its double- and single-stream blocks.
-_TRANSFORMER_TARGET = re.compile(r"\.attn\.(?:to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj)$")
+# The transformers' attention projections: FLUX's double- and single-stream blocks, SD3's and
+# Qwen-Image's joint blocks (`attn`), Z-Image's single-stream layers and refiners
+# (`attention`).
+_TRANSFORMER_TARGET = re.compile(
+    r"\.(?:attn|attention)\.(?:to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj)$"
+)
 _TEXT_TARGET = re.compile(r"\.self_attn\.(?:q_proj|k_proj|v_proj|out_proj)$")
 _TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+# Transformers whose original checkpoints name modules otherwise than diffusers (FLUX's
+# double_blocks.N.img_attn.qkv, SD3's joint_blocks): their kohya files are not a rename.
+_RENAMED_TRANSFORMERS = frozenset({"FluxTransformer2DModel", "SD3Transformer2DModel"})
 # diffusers UNet blocks as kohya's SDXL trainer (the SGM UNet) numbers them.
 _DIFFUSERS_BLOCK = re.compile(
     r"^(down_blocks|mid_block|up_blocks)\.(?:(\d+)\.)?attentions\.(\d+)\."
@@ -60,12 +71,14 @@ def write_lora_for_pipeline(
     sdxl = unet is not None and getattr(pipe, "text_encoder_2", None) is not None
     tensors: dict[str, np.ndarray] = {}
     if unet is not None:
+        if fmt == "diffusion_model":
+            raise ValueError("diffusion_model names are written for transformers only")
         targets = [("unet", name, module) for name, module in _modules(unet, _UNET_TARGET)]
-    elif fmt == "peft":
+    else:
+        if fmt != "peft" and type(pipe.transformer).__name__ in _RENAMED_TRANSFORMERS:
+            raise ValueError(f"{fmt} names of {type(pipe.transformer).__name__} are not diffusers'")
         found = _modules(pipe.transformer, _TRANSFORMER_TARGET)
         targets = [("transformer", name, module) for name, module in found]
-    else:
-        raise ValueError("kohya names are written for UNets only")
     if text_encoder:
         for component in _TEXT_ENCODERS:
             model = getattr(pipe, component, None)
@@ -80,8 +93,11 @@ def write_lora_for_pipeline(
         std = scale * float(weight.std() or 1.0)
         down = rng.standard_normal((rank, in_features)) / math.sqrt(in_features)
         up = rng.standard_normal((out_features, rank)) * std * math.sqrt(in_features / rank)
-        if fmt == "kohya":
-            key = _kohya_name(component, module_name, sdxl=sdxl, unet=pipe.unet)
+        if fmt == "diffusion_model":
+            tensors[f"diffusion_model.{module_name}.lora_A.weight"] = down.astype(np.float16)
+            tensors[f"diffusion_model.{module_name}.lora_B.weight"] = up.astype(np.float16)
+        elif fmt == "kohya":
+            key = _kohya_name(component, module_name, sdxl=sdxl, unet=unet)
             tensors[f"{key}.lora_down.weight"] = down.astype(np.float16)
             tensors[f"{key}.lora_up.weight"] = up.astype(np.float16)
             tensors[f"{key}.alpha"] = np.array(rank, dtype=np.float16)
@@ -105,6 +121,8 @@ def _modules(model: Any, pattern: re.Pattern[str]) -> list[tuple[str, Any]]:
 
 
 def _kohya_name(component: str, module_name: str, *, sdxl: bool, unet: Any) -> str:
+    if component == "transformer":
+        return "lora_unet_" + module_name.replace(".", "_")
     if component == "unet":
         if sdxl:
             module_name = _sgm_name(module_name, unet.config.layers_per_block)

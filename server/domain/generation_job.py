@@ -64,18 +64,25 @@ class HiresFix:
     upscaler: str
     # The configured upscaler model `upscaler` names (None: a built-in one).
     model: UpscalerModelConfig | None = None
+    # What the model's sizes are multiples of (16 where transformers pack 2x2 patches).
+    multiple: int = 8
 
     def size(self, width: int, height: int) -> tuple[int, int]:
-        """The upscaled size of a width x height first pass, in multiples of 8."""
-        return int(width * self.scale) // 8 * 8, int(height * self.scale) // 8 * 8
+        """The upscaled size of a width x height first pass, rounded down to the model's
+        multiple."""
+        m = self.multiple
+        return int(width * self.scale) // m * m, int(height * self.scale) // m * m
 
     def record(self) -> dict[str, object]:
-        return {
+        out: dict[str, object] = {
             "scale": self.scale,
             "steps": self.steps,
             "denoising_strength": self.denoising_strength,
             "upscaler": self.upscaler,
         }
+        if self.multiple != 8:  # a worker sizes the second pass as the server did
+            out["multiple"] = self.multiple
+        return out
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

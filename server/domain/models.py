@@ -255,6 +255,14 @@ class ScannedLora:
     header_metadata: dict[str, str] = field(default_factory=dict)
 
 
+# torchao weight-only quantization of a model's denoiser on load: int8, or fp8 (fast on CUDA
+# GPUs of compute capability 8.9 or newer).
+QUANTIZATIONS = ("", "int8", "fp8")
+# diffusers' offloading: "model" moves whole components (text encoders, denoiser, VAE) to the
+# GPU while each runs; "sequential" moves layer by layer (least memory, slowest).
+OFFLOADS = ("", "model", "sequential")
+
+
 @dataclass(frozen=True, slots=True)
 class BaseModelConfig:
     """A base model as configured: a local diffusers folder or a single-file checkpoint."""
@@ -273,6 +281,16 @@ class BaseModelConfig:
     # those every model shares (server.domain.batching); the registry fills them in from the
     # model's family.
     batch_fields: tuple[str, ...] = ()
+    # What requests that leave them at 0 get, instead of the family's defaults (0 / None:
+    # the family's): a distilled checkpoint's few steps, a base model's guidance.
+    default_width: int = 0
+    default_height: int = 0
+    default_steps: int = 0
+    default_guidance_scale: float | None = None
+    # The denoiser's weights quantized on load ("": as stored): QUANTIZATIONS.
+    quantize: str = ""
+    # Components kept in host memory and moved to the GPU only while they run: OFFLOADS.
+    offload: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -344,3 +362,5 @@ class BaseModelInfo:
     hires_fix: bool = True
     # Its weights files' bytes on disk (0: not known).
     weights_bytes: int = 0
+    # What width and height must be multiples of.
+    size_multiple: int = 8

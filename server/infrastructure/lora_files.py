@@ -60,9 +60,29 @@ _DTYPE_SIZES = {
 
 # kohya (lora_down/lora_up), peft (lora_A/lora_B), and the older diffusers attention-processor
 # spellings (to_k_lora.down, lora_linear_layer.down).
-_LORA_KEY = re.compile(r"lora[._](?:down|up|A|B)\b|lora_linear_layer\.(?:down|up)\b")
-_LORA_DOWN_KEY = re.compile(r"lora[._](?:down|A)\b|lora_linear_layer\.down\b")
+# kohya/peft (lora_down, lora_A), diffusers' old attention processors (lora_linear_layer) and
+# xlabs' FLUX processors (qkv_lora1.down, proj_lora2.up).
+_LORA_KEY = re.compile(
+    r"lora[._](?:down|up|A|B)\b|lora_linear_layer\.(?:down|up)\b|_lora\d\.(?:down|up)\b"
+)
+_LORA_DOWN_KEY = re.compile(r"lora[._](?:down|A)\b|lora_linear_layer\.down\b|_lora\d\.down\b")
 _FLUX_KEY = re.compile(r"single_transformer_blocks|(?:^|[._])(?:single|double)_blocks[._]")
+# Z-Image's refiners and single-stream layers (`layers.N.attention`, `.feed_forward`,
+# `.adaLN_modulation`), dotted or kohya-flattened; SD's kohya text-encoder keys have
+# `layers_N_self_attn`, never these.
+_Z_IMAGE_KEY = re.compile(
+    r"(?:^|[._])(?:context_refiner|noise_refiner)[._]"
+    r"|(?:^|[._])layers[._]\d+[._](?:attention|feed_forward|adaLN_modulation)[._]"
+)
+# Qwen-Image's joint blocks have their own MLP and modulation names (SD3's and FLUX's are
+# ff/ff_context and norm1/norm1_context); blocks past SD3.5 Large's 38 are Qwen-Image's 60.
+_QWEN_IMAGE_KEY = re.compile(r"transformer_blocks[._]\d+[._](?:img|txt)_(?:mlp|mod)[._]")
+_JOINT_BLOCK = re.compile(r"(?:^|[._])transformer_blocks[._](\d+)[._]attn[._]to_q[._]")
+_SD3_KEY = re.compile(r"(?:^|[._])joint_blocks[._]|context_block[._]")
+# The joint blocks' inner width (what to_q takes in): SD3 Medium's 1536, SD3.5 Large's 2432;
+# 3072 is Qwen-Image's (and FLUX's, whose single blocks are matched first).
+_JOINT_WIDTHS = {1536: Architecture.SD3, 2432: Architecture.SD3, 3072: Architecture.QWEN_IMAGE}
+_SD3_BLOCKS = 38
 _CONTEXT_DIMS = {768: Architecture.SD1, 1024: Architecture.SD2, 2048: Architecture.SDXL}
 _TEXT_ENCODER_DIMS = {768: Architecture.SD1, 1024: Architecture.SD2}
 # SDXL's two-part textual-inversion embeddings: one tensor per text encoder (CLIP ViT-L, 768
@@ -494,6 +514,18 @@ def detect_architecture(tensors: Mapping[str, Mapping[str, object]]) -> Architec
     # has joint blocks only, so `transformer_blocks` alone says nothing.
     if any(_FLUX_KEY.search(k) for k in keys):
         return Architecture.FLUX
+    if any(_Z_IMAGE_KEY.search(k) for k in keys):
+        return Architecture.Z_IMAGE
+    if any(_QWEN_IMAGE_KEY.search(k) for k in keys):
+        return Architecture.QWEN_IMAGE
+    if any(_SD3_KEY.search(k) for k in keys):
+        return Architecture.SD3
+    for key in keys:
+        if (block := _JOINT_BLOCK.search(key)) and ("lora_A" in key or "lora_down" in key):
+            if int(block.group(1)) >= _SD3_BLOCKS:
+                return Architecture.QWEN_IMAGE
+            if arch := _JOINT_WIDTHS.get(_dim(tensors[key], 1)):
+                return arch
     for key in keys:
         is_cross_k = ("attn2_to_k" in key and "lora_down" in key) or (
             "attn2.to_k" in key and "lora_A" in key

@@ -165,6 +165,8 @@ def base_model_to_proto(info: BaseModelInfo) -> types_pb2.BaseModel:
         schedulers=info.schedulers,
         takes_negative_prompt=info.takes_negative_prompt,
         weights_bytes=info.weights_bytes,
+        size_multiple=info.size_multiple,
+        hires_fix=info.hires_fix,
     )
 
 

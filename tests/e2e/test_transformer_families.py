@@ -14,7 +14,12 @@ from PIL import Image
 from client import LoracleClient
 from client.cli import main
 from server.devtools.local_server import RunningServer, start_server, wait_for_models
-from server.infrastructure.diffusion.placeholder import build_tiny_flux, build_tiny_sd3
+from server.infrastructure.diffusion.placeholder import (
+    build_tiny_flux,
+    build_tiny_qwen_image,
+    build_tiny_sd3,
+    build_tiny_z_image,
+)
 
 
 @pytest.fixture(scope="module")
@@ -22,10 +27,16 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     root = tmp_path_factory.mktemp("flux-e2e")
     build_tiny_flux(root / "flux-tiny")
     build_tiny_sd3(root / "sd3-tiny")
+    build_tiny_qwen_image(root / "qwen-tiny")
+    build_tiny_z_image(root / "zimage-tiny")
     config = root / "loracle.toml"
     config.write_text(
         '[[models]]\nname = "flux"\narchitecture = "Flux.1 D"\npath = "flux-tiny"\n'
         '[[models]]\nname = "sd35"\narchitecture = "SD 3.5 Large"\npath = "sd3-tiny"\n'
+        '[[models]]\nname = "qwen"\narchitecture = "Qwen"\npath = "qwen-tiny"\n'
+        # A Z-Image base model's settings, instead of Turbo's (its family's defaults).
+        '[[models]]\nname = "zimage"\narchitecture = "ZImageBase"\npath = "zimage-tiny"\n'
+        "steps = 3\nguidance_scale = 4\n"
     )
     running = start_server(root / "data", "--config", str(config))
     with LoracleClient(running.address) as client:
@@ -71,3 +82,25 @@ def test_list_base_models_says_what_each_family_takes(server: RunningServer) -> 
     # The tiny folders' weights, as files on disk: what loading them takes.
     assert 500_000 < flux.weights_bytes < 5_000_000
     assert 500_000 < sd35.weights_bytes < 5_000_000
+
+
+def test_cli_generates_with_qwen_image_and_z_image(
+    server: RunningServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    address = ["--server", server.address]
+    assert main(["models", *address]) == 0
+    rows = [line.split()[:3] for line in capsys.readouterr().out.splitlines()]
+    assert ["qwen", "QWEN_IMAGE", "yes"] in rows
+    assert ["zimage", "Z_IMAGE", "yes"] in rows
+    for name in ("qwen", "zimage"):
+        out = tmp_path / f"{name}.png"
+        argv = ["generate", "a red fox", "--model", name, "--size", "64x64", "--seed", "3"]
+        assert main([*argv, "--negative", "blurry", "-o", str(out), *address]) == 0
+        parameters = Image.open(out).info["parameters"]
+        assert "Negative prompt: blurry" in parameters
+        # Qwen-Image's family default, and the Z-Image entry's own steps and guidance.
+        expected = "Steps: 50" if name == "qwen" else "Steps: 3"
+        assert expected in parameters, parameters
+        assert "CFG scale: 4" in parameters, parameters
+        assert main([*argv, "--size", "72x72", *address]) == 1
+        assert f"model '{name}'" in capsys.readouterr().err

@@ -167,11 +167,16 @@ def test_img2img_and_inpainting(c: Container) -> None:
     assert np.array_equal(pixels(painted)[kept], np.asarray(Image.open(io.BytesIO(init)))[kept])
 
 
-def test_a_single_file_flux_checkpoint_is_not_ready_yet(model: BaseModelConfig) -> None:
+def test_a_diffusers_layout_transformer_file_is_not_ready(model: BaseModelConfig) -> None:
+    """Single files are BFL's layout (tests/integration/test_transformer_files.py); a
+    diffusers transformer's own weights file is not one."""
     transformer = next((model.path / "transformer").glob("*.safetensors"))
     single = BaseModelConfig("f", Architecture.FLUX, transformer, config_dir=model.path)
     error, _ = inspect_model(single)
-    assert error == "single-file FLUX checkpoints are not supported yet; use a diffusers folder"
+    assert error == (
+        f"{transformer} is not an original-layout FLUX checkpoint: lacks the FLUX "
+        "transformer (double_blocks.*)"
+    )
 
 
 @pytest.mark.parametrize(

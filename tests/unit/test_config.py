@@ -87,6 +87,42 @@ def test_models_from_toml(tmp_path: Path) -> None:
     assert (xl.dtype, xl.vram_budget_gb, xl.path) == ("float16", 12.0, Path("/srv/xl.safetensors"))
 
 
+def test_a_model_entry_sets_its_own_defaults_quantization_and_offload(tmp_path: Path) -> None:
+    body = (
+        '[[models]]\nname = "zit"\narchitecture = "ZImageTurbo"\npath = "z"\n'
+        "steps = 8\nguidance_scale = 0\nwidth = 832\nheight = 1216\n"
+        'quantize = "fp8"\noffload = "model"\n'
+        '[[models]]\nname = "plain"\narchitecture = "Qwen"\npath = "q"\n'
+    )
+    zit, plain = load_settings(["--config", write(tmp_path, body)], environ={}).models
+    assert (zit.default_steps, zit.default_guidance_scale) == (8, 0.0)
+    assert (zit.default_width, zit.default_height) == (832, 1216)
+    assert (zit.quantize, zit.offload) == ("fp8", "model")
+    assert (plain.default_steps, plain.default_guidance_scale, plain.quantize) == (0, None, "")
+
+
+@pytest.mark.parametrize(
+    ("line", "field", "says"),
+    [
+        ("steps = 8.5", "models[0].steps", "must be a whole number from 1 to 150"),
+        ("steps = 0", "models[0].steps", "must be a whole number from 1 to 150"),
+        ('guidance_scale = "high"', "models[0].guidance_scale", "must be a number from 0 to 30"),
+        ("width = 1004", "models[0].width", "must be a multiple of 8"),
+        ('quantize = "nf4"', "models[0].quantize", "must be one of 'int8', 'fp8', or left out"),
+        ('offload = "disk"', "models[0].offload", "'model', 'sequential', or left out"),
+    ],
+)
+def test_bad_model_defaults_and_options_name_the_field(
+    tmp_path: Path, line: str, field: str, says: str
+) -> None:
+    body = f'[[models]]\nname = "a"\narchitecture = "Flux.1 S"\npath = "x"\n{line}\n'
+    with pytest.raises(ValidationError) as err:
+        load_settings(["--config", write(tmp_path, body)], environ={})
+    (violation,) = err.value.violations
+    assert violation.field == field
+    assert says in violation.description
+
+
 def test_controlnets_from_toml(tmp_path: Path) -> None:
     body = (
         '[[controlnets]]\nname = "canny"\narchitecture = "SD 1.5"\npath = "cn/canny"\n'

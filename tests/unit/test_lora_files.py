@@ -286,6 +286,39 @@ def test_architecture_from_text_encoder_shapes(
     assert reader.read("te.safetensors").metadata.base_model == BaseModelRef(expected, "")
 
 
+# Real widths: FLUX and Qwen-Image 3072, SD3.5 Large 2432, SD3 Medium 1536, Z-Image 3840.
+@pytest.mark.parametrize(
+    ("key", "width", "expected"),
+    [
+        ("transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight", 3072, "FLUX"),
+        ("lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight", 3072, "FLUX"),
+        ("double_blocks.0.processor.qkv_lora1.down.weight", 3072, "FLUX"),  # xlabs
+        ("diffusion_model.single_blocks.0.linear1.lora_A.weight", 3072, "FLUX"),  # BFL
+        ("transformer.transformer_blocks.0.attn.to_q.lora_A.weight", 2432, "SD3"),
+        ("transformer.transformer_blocks.3.attn.to_q.lora_A.weight", 1536, "SD3"),
+        ("lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight", 2432, "SD3"),
+        ("transformer.transformer_blocks.0.attn.to_q.lora_A.weight", 3072, "QWEN_IMAGE"),
+        ("transformer_blocks.45.attn.to_q.lora_A.weight", 64, "QWEN_IMAGE"),  # past SD3's 38
+        ("lora_unet_transformer_blocks_0_img_mlp_net_0_proj.lora_down.weight", 3072, "QWEN_IMAGE"),
+        ("diffusion_model.transformer_blocks.7.txt_mod.1.lora_A.weight", 3072, "QWEN_IMAGE"),
+        ("diffusion_model.layers.0.attention.to_q.lora_A.weight", 3840, "Z_IMAGE"),
+        ("lora_unet_layers_12_feed_forward_w1.lora_down.weight", 3840, "Z_IMAGE"),
+        ("transformer.context_refiner.0.attention.to_k.lora_A.weight", 3840, "Z_IMAGE"),
+        ("transformer.transformer_blocks.0.attn.to_q.lora_A.weight", 64, "UNSPECIFIED"),
+    ],
+)
+def test_transformer_families_from_their_keys(
+    reader: LoraFileReader, root: Path, key: str, width: int, expected: str
+) -> None:
+    """kohya, diffusers/peft, BFL/xlabs and diffusion_model (ai-toolkit, musubi) keys of
+    each transformer family, without metadata."""
+    up = key.replace("lora_A", "lora_B").replace("lora_down", "lora_up").replace("down", "up")
+    tensors = {key: np.zeros((4, width), np.float16), up: np.zeros((width, 4), np.float16)}
+    save_file(tensors, str(root / "t.safetensors"))
+    detected = reader.read("t.safetensors").metadata.base_model
+    assert detected == BaseModelRef(Architecture(expected), "")
+
+
 def test_unknown_lineage_gives_way_to_shapes(reader: LoraFileReader, root: Path) -> None:
     meta = {"ss_sd_model_name": "myMergedModel_v3.safetensors"}
     save_file(_lora_tensors(ctx=1024), str(root / "m.safetensors"), metadata=meta)

@@ -16,9 +16,10 @@ import pytest
 from PIL import Image
 
 from server.application.generation.jobs import PLACEHOLDER_DEFAULTS, _defaults
+from server.application.generation.request import GenerationLimits, fit_size
 from server.domain.batching import batch_key
 from server.domain.generation_events import Completed, Progress
-from server.domain.generation_job import GenerationJob
+from server.domain.generation_job import GenerationJob, HiresFix
 from server.domain.models import (
     Architecture,
     BaseModelConfig,
@@ -45,6 +46,8 @@ SERVED = {
     Architecture.SDXL,
     Architecture.FLUX,
     Architecture.SD3,
+    Architecture.QWEN_IMAGE,
+    Architecture.Z_IMAGE,
 }
 DECLARATIONS = (
     "architectures",
@@ -102,6 +105,10 @@ def test_every_family_makes_every_declaration(family: ModelFamily) -> None:
         (Architecture.SD1, GenerationDefaults(512, 512, 25, 7.0)),
         (Architecture.SD2, GenerationDefaults(512, 512, 25, 7.0)),
         (Architecture.SDXL, GenerationDefaults(1024, 1024, 30, 5.0)),
+        (Architecture.FLUX, GenerationDefaults(1024, 1024, 28, 3.5)),
+        (Architecture.SD3, GenerationDefaults(1024, 1024, 28, 3.5)),
+        (Architecture.QWEN_IMAGE, GenerationDefaults(1328, 1328, 50, 4.0)),
+        (Architecture.Z_IMAGE, GenerationDefaults(1024, 1024, 9, 0.0)),
     ],
 )
 def test_defaults_per_family_reach_requests(
@@ -119,8 +126,55 @@ def test_defaults_per_family_reach_requests(
     assert _defaults(placeholder) == PLACEHOLDER_DEFAULTS == GenerationDefaults(64, 64, 4, 7.0)
 
 
+def test_derived_sizes_follow_the_familys_multiple() -> None:
+    """An init image's size and a hires fix's second pass, for a family that packs 2x2
+    patches of an 8x VAE's latents (16) and one that does not (8)."""
+    limits = GenerationLimits()
+    assert fit_size(1000, 700, limits) == (1000, 696)
+    assert fit_size(1000, 700, limits, 16) == (992, 688)
+    hires = HiresFix(scale=1.5, steps=4, denoising_strength=0.5, upscaler="Lanczos")
+    assert hires.size(1000, 1000) == (1496, 1496)
+    packed = replace(hires, multiple=16)
+    assert packed.size(1000, 1000) == (1488, 1488)
+    assert packed.record()["multiple"] == 16
+    assert "multiple" not in hires.record()
+    assert {f.size_multiple for f in FAMILIES if f.denoiser == "transformer"} == {16}
+
+
+def test_a_model_entry_overrides_its_familys_defaults(tmp_path: Path) -> None:
+    """FLUX.1 schnell runs 4 steps, a Z-Image base model guidance 4: the entry says so."""
+    schnell = BaseModelConfig(
+        "schnell",
+        Architecture.FLUX,
+        tmp_path / "absent",
+        default_steps=4,
+        default_guidance_scale=0.0,
+    )
+    base = BaseModelConfig(
+        "zbase",
+        Architecture.Z_IMAGE,
+        tmp_path / "absent",
+        default_steps=28,
+        default_guidance_scale=4.0,
+        default_width=768,
+    )
+    infos = ModelRegistry((schnell, base), data_dir=tmp_path).statuses()
+    assert [i.defaults for i in infos] == [
+        GenerationDefaults(1024, 1024, 4, 0.0),
+        GenerationDefaults(768, 1024, 28, 4.0),
+    ]
+
+
 @pytest.mark.parametrize(
-    "architecture", [Architecture.SD1, Architecture.SDXL, Architecture.FLUX, Architecture.SD3]
+    "architecture",
+    [
+        Architecture.SD1,
+        Architecture.SDXL,
+        Architecture.FLUX,
+        Architecture.SD3,
+        Architecture.QWEN_IMAGE,
+        Architecture.Z_IMAGE,
+    ],
 )
 def test_worker_adverts_carry_defaults_and_older_ones_get_the_familys(
     architecture: Architecture,
@@ -142,13 +196,17 @@ def test_worker_adverts_carry_defaults_and_older_ones_get_the_familys(
         schedulers=family.schedulers,
         takes_negative_prompt=family.takes_negative_prompt,
         hires_fix=family.hires_fix,
+        size_multiple=family.size_multiple,
     )
     again = _model_info(json.loads(json.dumps(model_document(traits))))
-    assert (again.schedulers, again.takes_negative_prompt, again.hires_fix) == (
-        family.schedulers,
-        family.takes_negative_prompt,
-        family.hires_fix,
-    )
+    assert (
+        again.schedulers,
+        again.takes_negative_prompt,
+        again.hires_fix,
+        again.size_multiple,
+    ) == (family.schedulers, family.takes_negative_prompt, family.hires_fix, family.size_multiple)
+    del document["size_multiple"]  # an older worker's advert: its family's multiple
+    assert _model_info(document).size_multiple == family.size_multiple
 
 
 def test_a_folder_of_a_pipeline_no_family_accepts_is_reported(tmp_path: Path) -> None:

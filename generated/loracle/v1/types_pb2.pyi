@@ -458,6 +458,8 @@ class BaseModel(_message.Message):
     SCHEDULERS_FIELD_NUMBER: _builtins.int
     TAKES_NEGATIVE_PROMPT_FIELD_NUMBER: _builtins.int
     WEIGHTS_BYTES_FIELD_NUMBER: _builtins.int
+    SIZE_MULTIPLE_FIELD_NUMBER: _builtins.int
+    HIRES_FIX_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The name used in requests."""
     architecture: Global___Architecture.ValueType
@@ -491,6 +493,12 @@ class BaseModel(_message.Message):
     """False for guidance-distilled models (FLUX): a negative prompt is INVALID_ARGUMENT."""
     weights_bytes: _builtins.int
     """Bytes of its weights on disk, at their stored precision: roughly what loading it takes."""
+    size_multiple: _builtins.int
+    """What width and height must be multiples of (16 where the transformer packs 2x2 patches
+    of the 8x VAE's latents: FLUX, SD3, Qwen-Image, Z-Image); others are INVALID_ARGUMENT.
+    """
+    hires_fix: _builtins.bool
+    """Whether the hires fix is built for the model's family (else `hires` is INVALID_ARGUMENT)."""
     @_builtins.property
     def schedulers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The `scheduler` names the model takes; empty `scheduler` (its own) always works."""
@@ -514,10 +522,12 @@ class BaseModel(_message.Message):
         schedulers: _abc.Iterable[_builtins.str] | None = ...,
         takes_negative_prompt: _builtins.bool = ...,
         weights_bytes: _builtins.int = ...,
+        size_multiple: _builtins.int = ...,
+        hires_fix: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "default_guidance_scale", b"default_guidance_scale", "default_height", b"default_height", "default_scheduler", b"default_scheduler", "default_steps", b"default_steps", "default_width", b"default_width", "dtype", b"dtype", "error", b"error", "inpainting", b"inpainting", "is_placeholder", b"is_placeholder", "name", b"name", "path", b"path", "ready", b"ready", "schedulers", b"schedulers", "takes_negative_prompt", b"takes_negative_prompt", "weights_bytes", b"weights_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "default_guidance_scale", b"default_guidance_scale", "default_height", b"default_height", "default_scheduler", b"default_scheduler", "default_steps", b"default_steps", "default_width", b"default_width", "dtype", b"dtype", "error", b"error", "hires_fix", b"hires_fix", "inpainting", b"inpainting", "is_placeholder", b"is_placeholder", "name", b"name", "path", b"path", "ready", b"ready", "schedulers", b"schedulers", "size_multiple", b"size_multiple", "takes_negative_prompt", b"takes_negative_prompt", "weights_bytes", b"weights_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -164,7 +164,7 @@ class GenerationJobs:
         defaults = _defaults(model)
         width, height = request.width, request.height
         if init is not None and not (width or height):
-            width, height = fit_size(init.width, init.height, self.limits)
+            width, height = fit_size(init.width, init.height, self.limits, model.size_multiple)
         width, height = width or defaults.width, height or defaults.height
         self._check_family(request, model)
         if request.hires is not None and model.inpainting:
@@ -175,7 +175,7 @@ class GenerationJobs:
                     "needs a text-to-image model",
                 )
             )
-        hires = self._hires(request, width, height)
+        hires = self._hires(request, width, height, model.size_multiple)
         final = (width, height) if hires is None else hires.size(width, height)
         if model.config.placeholder and max(final) > PLACEHOLDER_SIDE:
             # Its 2x VAE makes large images cost minutes per step, for noise: one such job
@@ -262,6 +262,16 @@ class GenerationJobs:
                     f"model {name!r} ({arch}) is guidance-distilled and takes no negative prompt",
                 )
             )
+        multiple = model.size_multiple
+        for side in ("width", "height"):
+            value = getattr(request, side)
+            if value % multiple:
+                violations.append(
+                    FieldViolation(
+                        f"spec.{side}",
+                        f"model {name!r} ({arch}) takes sizes in multiples of {multiple}",
+                    )
+                )
         if request.hires is not None and not model.hires_fix:
             violations.append(
                 FieldViolation("spec.hires", f"the hires fix is not built for {arch} models yet")
@@ -368,7 +378,9 @@ class GenerationJobs:
             )
         return tuple(out)
 
-    def _hires(self, request: GenerationRequest, width: int, height: int) -> HiresFix | None:
+    def _hires(
+        self, request: GenerationRequest, width: int, height: int, multiple: int
+    ) -> HiresFix | None:
         """The hires fix with its defaults filled in; its upscaled size must stay within the
         limits a plain request's size has."""
         given = request.hires
@@ -385,6 +397,7 @@ class GenerationJobs:
             ),
             upscaler=name,
             model=model,
+            multiple=multiple,
         )
         up_width, up_height = hires.size(width, height)
         side, pixels = self.limits.side, self.limits.pixels

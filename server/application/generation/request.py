@@ -175,11 +175,15 @@ def validate(
     return out
 
 
-def fit_size(width: int, height: int, limits: GenerationLimits) -> tuple[int, int]:
+def fit_size(
+    width: int, height: int, limits: GenerationLimits, multiple: int = 8
+) -> tuple[int, int]:
     """An init image's size as the size to generate at: scaled down (keeping its aspect
-    ratio) to the limits when larger, then rounded down to multiples of 8, at least 64."""
+    ratio) to the limits when larger, then rounded down to the model's multiple, at least
+    64."""
     scale = min(1.0, limits.side / max(width, height), (limits.pixels / (width * height)) ** 0.5)
-    return tuple(max(64, int(side * scale) // 8 * 8) for side in (width, height))  # type: ignore[return-value]
+    sides = (max(64, int(side * scale) // multiple * multiple) for side in (width, height))
+    return tuple(sides)  # type: ignore[return-value]
 
 
 def _hires_violations(request: GenerationRequest, limits: GenerationLimits) -> list[FieldViolation]:

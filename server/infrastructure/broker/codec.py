@@ -284,6 +284,7 @@ def _hires_from(doc: Any, upscalers: Mapping[str, UpscalerModelConfig]) -> Hires
         denoising_strength=float(doc["denoising_strength"]),
         upscaler=str(doc["upscaler"]),
         model=upscalers.get(str(doc["upscaler"])),
+        multiple=int(doc.get("multiple", 8)),
     )
 
 

@@ -22,6 +22,7 @@ from server.infrastructure.diffusion.controlnets import controlnet_hash, load_co
 from server.infrastructure.diffusion.embeddings import EmbeddingCache
 from server.infrastructure.diffusion.families import ModelFamily, family_for
 from server.infrastructure.diffusion.registry import INPAINTING_CHANNELS, weights_bytes
+from server.infrastructure.gguf_header import GGUF_SUFFIX
 from server.infrastructure.lora_files import update_digest
 
 log = logging.getLogger("loracle.executor")
@@ -254,7 +255,14 @@ class PipelineCache:
             model_hash=_model_hash(model, family.denoiser, self._model_hashes),
             size_bytes=size,
             adapters=AdapterCache(
-                pipe, budget_bytes=self._adapter_budget, components=family.lora_components
+                pipe,
+                budget_bytes=self._adapter_budget,
+                components=family.lora_components,
+                # GGUF weights are quantized bytes: peft cannot merge a LoRA into them (a
+                # shape error), so LoRAs run beside them, unfused.
+                # torchao's quantized weights likewise: fusing would re-quantize them, and
+                # unfusing would not give them back bit for bit.
+                fuse=model.path.suffix.lower() != GGUF_SUFFIX and not model.quantize,
             ),
             embeddings=EmbeddingCache(pipe, family.text_encoders),
             scheduler_config=pipe.scheduler.config,

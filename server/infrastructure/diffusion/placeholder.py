@@ -334,3 +334,159 @@ def build_tiny_sd3(folder: Path, *, seed: int = 0, t5: bool = True) -> Path:
     )
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def _qwen_tokenizer() -> Any:
+    """A Qwen2-style byte-level BPE tokenizer over the 256 byte symbols (no merges), with the
+    chat markers Qwen's prompt templates use and a chat template like Qwen3's, built in
+    memory: Qwen-Image formats its template itself, Z-Image asks the tokenizer for it."""
+    from transformers import Qwen2Tokenizer
+
+    vocab = {char: index for index, char in enumerate(_bytes_to_unicode().values())}
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab,
+        merges=[],
+        unk_token=None,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        model_max_length=1024,
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    return tokenizer
+
+
+def build_tiny_qwen_image(folder: Path, *, seed: int = 0) -> Path:
+    """A tiny random-weight Qwen-Image pipeline: an MMDiT on 16-channel latents of a Wan-style
+    video VAE (one frame) packed in 2x2 patches, a two-layer Qwen2.5-VL text encoder (its
+    vision tower too, as the real one has), dynamically shifted flow matching."""
+    import torch
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    tokenizer = _qwen_tokenizer()
+    vocab, width = len(tokenizer), 16
+    # Vision token ids past the vocabulary: prompts never contain them.
+    vision = {
+        f"{name}_token_id": vocab + offset
+        for offset, name in enumerate(("vision_start", "vision_end", "vision", "image", "video"))
+    }
+    text_config = {
+        "hidden_size": width,
+        "intermediate_size": 16,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+        "rope_theta": 1000000.0,
+        "vocab_size": vocab,
+        "bos_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    vision_config = {
+        "depth": 1,
+        "hidden_size": 16,
+        "intermediate_size": 16,
+        "num_heads": 2,
+        "out_hidden_size": width,
+    }
+    config = Qwen2_5_VLConfig(
+        text_config=text_config, vision_config=vision_config, vocab_size=vocab, **vision
+    )
+    pipe = QwenImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=1000,
+            shift=1.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=0.9,
+            base_image_seq_len=256,
+            max_image_seq_len=8192,
+            time_shift_type="exponential",
+        ),
+        vae=AutoencoderKLQwenImage(
+            base_dim=8,
+            z_dim=16,
+            dim_mult=[1, 2, 2],
+            num_res_blocks=1,
+            temperal_downsample=[False, True],
+            latents_mean=[0.0] * 16,
+            latents_std=[1.0] * 16,
+        ),
+        text_encoder=Qwen2_5_VLForConditionalGeneration(config),
+        tokenizer=tokenizer,
+        transformer=QwenImageTransformer2DModel(
+            patch_size=2,
+            in_channels=64,
+            out_channels=16,
+            num_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=width,
+            guidance_embeds=False,
+            axes_dims_rope=(8, 4, 4),
+        ),
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def build_tiny_z_image(folder: Path, *, seed: int = 0) -> Path:
+    """A tiny random-weight Z-Image pipeline: a single-stream DiT with noise and context
+    refiners on FLUX-style 16-channel latents, a two-layer Qwen3 text encoder read through
+    its chat template, flow matching with a fixed shift (Turbo's)."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(seed)
+    tokenizer = _qwen_tokenizer()
+    width = 16
+    pipe = ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=_vae16(scaling_factor=0.3611, shift_factor=0.1159),
+        text_encoder=Qwen3Model(
+            Qwen3Config(
+                hidden_size=width,
+                intermediate_size=16,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                num_key_value_heads=2,
+                head_dim=8,
+                vocab_size=len(tokenizer),
+                max_position_embeddings=1024,
+                bos_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        ),
+        tokenizer=tokenizer,
+        transformer=ZImageTransformer2DModel(
+            all_patch_size=(2,),
+            all_f_patch_size=(1,),
+            in_channels=16,
+            dim=32,
+            n_layers=2,
+            n_refiner_layers=1,
+            n_heads=2,
+            n_kv_heads=2,
+            norm_eps=1e-5,
+            qk_norm=True,
+            cap_feat_dim=width,
+            rope_theta=256.0,
+            t_scale=1000.0,
+            axes_dims=[8, 4, 4],
+            axes_lens=[256, 32, 32],
+        ),
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder

@@ -23,6 +23,9 @@ from server.domain.models import (
 )
 from server.infrastructure.diffusion.controlnets import inspect_controlnet
 from server.infrastructure.diffusion.families import ModelFamily, family_for
+from server.infrastructure.diffusion.footprint import DeviceMemory, fit_problem
+from server.infrastructure.diffusion.quantization import quantization_problem
+from server.infrastructure.gguf_header import GGUF_SUFFIX, read_gguf_header
 from server.infrastructure.safetensors_header import HeaderError, read_header
 
 log = logging.getLogger("loracle.models")
@@ -31,6 +34,11 @@ EMBEDDED_NAME = "tiny-sd15"
 NEEDS_CONFIG_DIR = (
     "single-file checkpoint needs config_dir: a local diffusers folder of the same "
     "architecture (its configs and tokenizers are used; no hub access)"
+)
+NEEDS_DENOISER_CONFIG_DIR = (
+    "a single {arch} file holds the transformer alone and needs config_dir: a local "
+    "diffusers {arch} folder that lends the VAE, text encoders, tokenizers and configs "
+    "(its transformer/ needs only config.json; no hub access)"
 )
 
 
@@ -79,13 +87,17 @@ def _inspect_checkpoint(config: BaseModelConfig, family: ModelFamily) -> tuple[s
     error = _inspect_single_file(config.path, config.architecture, family)
     if error:
         return error, ""
+    needs = NEEDS_DENOISER_CONFIG_DIR if family.denoiser_file else NEEDS_CONFIG_DIR
     if config.config_dir is None:
-        return NEEDS_CONFIG_DIR, ""
+        return needs.format(arch=config.architecture.value), ""
     if not config.config_dir.is_dir():
-        return f"config_dir {config.config_dir} is not a folder; {NEEDS_CONFIG_DIR}", ""
+        needs = needs.format(arch=config.architecture.value)
+        return f"config_dir {config.config_dir} is not a folder; {needs}", ""
     error, scheduler = _inspect_folder(config.config_dir, config.architecture, family)
     if error:
         return f"config_dir: {error}", scheduler
+    if family.denoiser_file:  # its widths are checked as diffusers loads it
+        return "", scheduler
     given = unet_channels(config.path, family)
     expected = unet_channels(config.config_dir, family)
     if given != expected:
@@ -118,13 +130,35 @@ def unet_channels(path: Path, family: ModelFamily) -> int | None:
 
 
 def _inspect_single_file(path: Path, architecture: Architecture, family: ModelFamily) -> str:
-    if path.suffix.lower() != ".safetensors":
-        return f"{path}: only .safetensors checkpoints are accepted (pickle can run code)"
+    gguf = path.suffix.lower() == GGUF_SUFFIX
+    if gguf and not family.denoiser_file:
+        return f"{path}: {architecture.value} checkpoints are read from .safetensors, not GGUF"
+    if not gguf and path.suffix.lower() != ".safetensors":
+        accepted = ".safetensors or .gguf" if family.denoiser_file else ".safetensors"
+        return f"{path}: only {accepted} checkpoints are accepted (pickle can run code)"
     try:
-        header = read_header(path)
+        header = read_gguf_header(path) if gguf else read_header(path)
     except HeaderError as exc:
         return f"{path}: {exc}"
-    return _missing_parts(path, architecture, family, header)
+    error = _missing_parts(path, architecture, family, header)
+    if error or not gguf:
+        return error
+    return _unsupported_quantization(path, header)
+
+
+def _unsupported_quantization(path: Path, header: dict[str, Any]) -> str:
+    """A GGUF whose quantization diffusers cannot dequantize fails only when loaded: said at
+    start-up instead. (Importing diffusers here costs a second, only when a GGUF is set.)"""
+    from diffusers.quantizers.gguf.utils import SUPPORTED_GGUF_QUANT_TYPES
+
+    supported = {"F32", "F16", *(t.name for t in SUPPORTED_GGUF_QUANT_TYPES)}
+    found = sorted({str(t["dtype"]) for t in header.values()} - supported)
+    if found:
+        return (
+            f"{path} holds tensors quantized as {', '.join(found)}, which diffusers cannot "
+            f"dequantize (it takes {', '.join(sorted(supported))})"
+        )
+    return ""
 
 
 def _missing_parts(
@@ -154,7 +188,10 @@ class ModelRegistry:
         data_dir: Path,
         controlnets: tuple[ControlNetConfig, ...] = (),
         upscalers: tuple[UpscalerModelConfig, ...] = (),
+        device_memory: DeviceMemory | None = None,
     ) -> None:
+        # What models must fit (none known: nothing is checked, as on the CPU).
+        self._memory = device_memory or DeviceMemory(0, False, "")
         self._upscalers = [_inspect_upscaler(u) for u in upscalers]
         for upscaler in self._upscalers:
             if upscaler.error:
@@ -232,7 +269,10 @@ class ModelRegistry:
 
     def _refresh(self, config: BaseModelConfig) -> None:
         error, scheduler = inspect_model(config)
+        error = error or quantization_problem(config)
         family = family_for(config.architecture)
+        if not error and family is not None and not config.placeholder:
+            error = fit_problem(config, family, self._memory)
         inpainting = (
             not error
             and family is not None
@@ -282,9 +322,13 @@ def _with_family_fields(config: BaseModelConfig) -> BaseModelConfig:
 
 
 def weights_bytes(config: BaseModelConfig) -> int:
-    """The bytes of a model's weights on disk (a folder's components' safetensors files)."""
+    """The bytes of a model's weights on disk (a folder's components' safetensors files; a
+    transformer-only file's, plus those config_dir lends it: the VAE and text encoders)."""
     path = config.path
     files = [path] if path.is_file() else list(path.glob("*/*.safetensors"))
+    family, lender = family_for(config.architecture), config.config_dir
+    if path.is_file() and lender is not None and family is not None and family.denoiser_file:
+        files += [f for f in lender.glob("*/*.safetensors") if f.parent.name != family.denoiser]
     return sum(f.stat().st_size for f in files if f.exists())
 
 
@@ -297,12 +341,21 @@ def _traits(config: BaseModelConfig) -> dict[str, Any]:
         "schedulers": family.schedulers,
         "takes_negative_prompt": family.takes_negative_prompt,
         "hires_fix": family.hires_fix,
+        "size_multiple": family.size_multiple,
     }
 
 
 def _defaults(config: BaseModelConfig) -> GenerationDefaults:
+    """The family's defaults, with what the model's entry sets instead."""
     family = family_for(config.architecture)
-    return FALLBACK_DEFAULTS if family is None else family.defaults
+    base = FALLBACK_DEFAULTS if family is None else family.defaults
+    guidance = config.default_guidance_scale
+    return GenerationDefaults(
+        config.default_width or base.width,
+        config.default_height or base.height,
+        config.default_steps or base.steps,
+        base.guidance_scale if guidance is None else guidance,
+    )
 
 
 def load_pipeline(config: BaseModelConfig, *, device: str = "cpu", dtype: str = "auto") -> Any:
@@ -329,4 +382,19 @@ def load_pipeline(config: BaseModelConfig, *, device: str = "cpu", dtype: str = 
         pipe = family.load_single_file(config, torch_dtype)
     else:
         pipe = family.load_folder(config, torch_dtype)
-    return pipe.to(device)
+    return _place(pipe, config, device)
+
+
+def _place(pipe: Any, config: BaseModelConfig, device: str) -> Any:
+    """On the device, or (`offload`) in host memory with diffusers' hooks moving each
+    component (model) or layer (sequential) to the GPU while it runs. Offloading exists for
+    GPUs smaller than the model: on the CPU there is nothing to offload to."""
+    if not config.offload or not device.startswith("cuda"):
+        if config.offload:
+            log.info("model %s: offload applies to a CUDA device only; ignored", config.name)
+        return pipe.to(device)
+    if config.offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.enable_sequential_cpu_offload(device=device)
+    return pipe

@@ -24,7 +24,15 @@ def device_memory() -> list[tuple[int, int, int]]:
     ]
 
 
-_LIBRARIES = ("diffusers", "transformers", "peft", "accelerate", "huggingface_hub", "torch")
+_LIBRARIES = (
+    "diffusers",
+    "transformers",
+    "peft",
+    "accelerate",
+    "huggingface_hub",
+    "torch",
+    "torchao",
+)
 
 
 def quiet_libraries(*, verbose: bool = False) -> None:
@@ -57,5 +65,7 @@ def quiet_libraries(*, verbose: bool = False) -> None:
         library.enable_propagation()
         library.disable_progress_bar()
         library.set_verbosity(logging.WARNING if verbose else logging.ERROR)
-    for name in ("peft", "accelerate", "huggingface_hub"):
+    # torchao (when installed, diffusers imports it) warns about the CUDA kernels a CPU or
+    # older GPU cannot load, and about a missing triton: not this server's problem.
+    for name in ("peft", "accelerate", "huggingface_hub", "torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.WARNING if verbose else logging.ERROR)

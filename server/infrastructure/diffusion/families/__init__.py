@@ -6,9 +6,11 @@ from __future__ import annotations
 from server.domain.models import Architecture
 from server.infrastructure.diffusion.families.base import ModelFamily
 from server.infrastructure.diffusion.families.flux import Flux
+from server.infrastructure.diffusion.families.qwen_image import QwenImage
 from server.infrastructure.diffusion.families.sd import StableDiffusion
 from server.infrastructure.diffusion.families.sd3 import StableDiffusion3
 from server.infrastructure.diffusion.families.sdxl import StableDiffusionXL
+from server.infrastructure.diffusion.families.z_image import ZImage
 
 __all__ = ["FAMILIES", "ModelFamily", "family_for", "supported"]
 
@@ -17,6 +19,8 @@ FAMILIES: tuple[ModelFamily, ...] = (
     StableDiffusionXL(),
     Flux(),
     StableDiffusion3(),
+    QwenImage(),
+    ZImage(),
 )
 
 

@@ -128,6 +128,12 @@ class ModelFamily(ABC):
     hires_fix: ClassVar[bool] = True
     # Whether single-file checkpoints of the family are loaded (else: diffusers folders only).
     single_file: ClassVar[bool] = True
+    # Whether a single file holds the denoiser alone (safetensors or GGUF), the rest of the
+    # pipeline coming from config_dir, rather than the whole pipeline (A1111's checkpoints).
+    denoiser_file: ClassVar[bool] = False
+    # What width and height must be multiples of: the VAE's downsampling times the
+    # transformer's patch size (pipelines otherwise resize silently or fail).
+    size_multiple: ClassVar[int] = 8
 
     @abstractmethod
     def checkpoint_parts(self, architecture: Architecture) -> tuple[CheckpointPart, ...]:
@@ -156,8 +162,13 @@ class ModelFamily(ABC):
         """A local diffusers folder (never a hub id: local_files_only)."""
         from diffusers import DiffusionPipeline
 
+        from server.infrastructure.diffusion.quantization import pipeline_quantization
+
         return DiffusionPipeline.from_pretrained(
-            str(config.path), local_files_only=True, torch_dtype=torch_dtype
+            str(config.path),
+            local_files_only=True,
+            torch_dtype=torch_dtype,
+            **pipeline_quantization(config, self.denoiser),
         )
 
     def load_single_file(self, config: BaseModelConfig, torch_dtype: Any) -> Any:
@@ -280,16 +291,21 @@ def flow_matching_img2img_steps(steps: int, strength: float) -> int:
 
 
 def transformer_call(
-    pipe: Any, rows: BatchRows, on_step: StepCallback, **prompts: Any
+    pipe: Any,
+    rows: BatchRows,
+    on_step: StepCallback,
+    *,
+    guidance_argument: str = "guidance_scale",
+    **prompts: Any,
 ) -> Sequence[Any]:
     """The call of the transformer families' pipelines, which encode their own `prompts`.
     The size is always given: their img2img pipelines otherwise make their default size, not
-    the init image's."""
+    the init image's. `guidance_argument`: the pipeline's name for the request's guidance."""
     call = rows.call
     result = pipe(
         **prompts,
         **({"width": call.width, "height": call.height} | image_arguments(rows)),
-        guidance_scale=rows.job.guidance_scale,
+        **{guidance_argument: rows.job.guidance_scale},
         num_images_per_prompt=1,
         generator=rows.generators,
         callback_on_step_end=on_step,

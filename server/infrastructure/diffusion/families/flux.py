@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from server.domain.generation_job import Mode
-from server.domain.models import Architecture, GenerationDefaults
+from server.domain.models import Architecture, BaseModelConfig, GenerationDefaults
 from server.domain.schedulers import FLOW_SCHEDULERS
 from server.infrastructure.diffusion.families.base import (
     BatchRows,
@@ -17,6 +17,10 @@ from server.infrastructure.diffusion.families.base import (
     StepCallback,
     flow_matching_img2img_steps,
     transformer_call,
+)
+from server.infrastructure.diffusion.families.transformer_file import (
+    StateDict,
+    load_transformer_file,
 )
 
 TRANSFORMER = CheckpointPart(
@@ -46,12 +50,13 @@ class Flux(ModelFamily):
         Mode.INPAINT: "FluxInpaintPipeline",
     }
     schedulers = FLOW_SCHEDULERS
+    size_multiple = 16  # 8x VAE, 2x2 patches
     takes_negative_prompt = False
     distilled_guidance = True
     # Its latents are packed: the latent upscalers do not apply (not built yet).
     hires_fix = False
-    # BFL's single files (and GGUF) are not converted and tested yet: folders only.
-    single_file = False
+    # A single file is BFL's transformer (safetensors or GGUF); the rest is config_dir's.
+    denoiser_file = True
     # Least-squares fit of latent -> RGB published with ComfyUI (16 channels).
     preview_factors = (
         (-0.0346, 0.0244, 0.0681),
@@ -84,6 +89,17 @@ class Flux(ModelFamily):
 
         return FluxPipeline
 
+    def load_single_file(self, config: BaseModelConfig, torch_dtype: Any) -> Any:
+        from diffusers import FluxTransformer2DModel
+
+        return load_transformer_file(
+            config,
+            torch_dtype,
+            transformer_class=FluxTransformer2DModel,
+            pipeline_class=self.pipeline_class(),
+            convert=bfl_to_diffusers,
+        )
+
     def preview_latents(self, pipe: Any, latents: Any, width: int, height: int) -> Any:
         """(rows, patches, 64) packed latents -> (rows, 16, h, w)."""
         if latents.dim() != 3:
@@ -95,3 +111,35 @@ class Flux(ModelFamily):
         the embedded guidance, and no negative prompt is passed (the application refuses
         one)."""
         return transformer_call(pipe, rows, on_step, prompt=rows.prompts)
+
+
+# The width (3 x 3072 + 4 x 3072) diffusers 0.42 splits every single block's fused linear1 at.
+_FLUX1_LINEAR1_ROWS = 3 * 3072 + 4 * 3072
+_COMFY_PREFIX = "model.diffusion_model."
+
+
+def bfl_to_diffusers(checkpoint: StateDict) -> StateDict:
+    """diffusers' conversion of BFL's layout, except for the split of each single block's
+    fused linear1 (q, k, v, MLP), which diffusers does at FLUX.1's width (3072) whatever the
+    file: it is done here at the file's own width (`img_in`'s outputs). diffusers is handed a
+    weightless placeholder of the width it expects in its place, and its results for those
+    keys are replaced. For FLUX.1 files the outcome is diffusers' own; narrower transformers
+    (the tiny ones tests build) load too. Quantized GGUF rows split the same way."""
+    import torch
+    from diffusers.loaders.single_file_utils import (
+        convert_flux_transformer_checkpoint_to_diffusers,
+    )
+
+    state = {key.removeprefix(_COMFY_PREFIX): value for key, value in checkpoint.items()}
+    width = int(state["img_in.weight"].shape[0])
+    split: StateDict = {}
+    for key in [k for k in state if k.startswith("single_blocks.") and ".linear1." in k]:
+        fused = state[key]
+        _, block, _, kind = key.split(".")
+        rows = [width, width, width, int(fused.shape[0]) - 3 * width]
+        names = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
+        for name, part in zip(names, torch.split(fused, rows, dim=0), strict=True):
+            split[f"single_transformer_blocks.{block}.{name}.{kind}"] = part
+        state[key] = torch.empty(_FLUX1_LINEAR1_ROWS, device="meta")
+    converted: StateDict = convert_flux_transformer_checkpoint_to_diffusers(state)
+    return converted | split

@@ -5,6 +5,7 @@ flow matching with a fixed shift, classifier-free guidance with a negative promp
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from server.domain.generation_job import Mode
@@ -19,6 +20,8 @@ from server.infrastructure.diffusion.families.base import (
     prompt_arguments,
     transformer_call,
 )
+from server.infrastructure.diffusion.families.transformer_file import load_transformer_file
+from server.infrastructure.diffusion.quantization import pipeline_quantization
 
 MMDIT = CheckpointPart(
     "the MMDiT (joint_blocks.*)", ("model.diffusion_model.joint_blocks.", "joint_blocks.")
@@ -48,8 +51,9 @@ class StableDiffusion3(ModelFamily):
         Mode.INPAINT: "StableDiffusion3InpaintPipeline",
     }
     schedulers = FLOW_SCHEDULERS
-    # Not built for it yet: single files (and GGUF).
-    single_file = False
+    size_multiple = 16  # 8x VAE, 2x2 patches
+    # A single file is Stability's MMDiT (safetensors or GGUF); the rest is config_dir's.
+    denoiser_file = True
     # Least-squares fit of latent -> RGB published with ComfyUI (16 channels).
     preview_factors = (
         (-0.0922, -0.0175, 0.0749),
@@ -83,17 +87,37 @@ class StableDiffusion3(ModelFamily):
         return StableDiffusion3Pipeline
 
     def load_folder(self, config: BaseModelConfig, torch_dtype: Any) -> Any:
-        """Without a T5 folder, as diffusers documents it: the pipeline told there is none."""
         from diffusers import DiffusionPipeline
 
-        without_t5: dict[str, Any] = {}
-        if not (config.path / "text_encoder_3").is_dir():
-            without_t5 = {"text_encoder_3": None, "tokenizer_3": None}
         return DiffusionPipeline.from_pretrained(
-            str(config.path), local_files_only=True, torch_dtype=torch_dtype, **without_t5
+            str(config.path),
+            local_files_only=True,
+            torch_dtype=torch_dtype,
+            **_without_t5(config.path),
+            **pipeline_quantization(config, self.denoiser),
+        )
+
+    def load_single_file(self, config: BaseModelConfig, torch_dtype: Any) -> Any:
+        """diffusers converts the MMDiT layout itself (at the file's own widths)."""
+        from diffusers import SD3Transformer2DModel
+
+        assert config.config_dir is not None  # inspect_model requires it
+        return load_transformer_file(
+            config,
+            torch_dtype,
+            transformer_class=SD3Transformer2DModel,
+            pipeline_class=self.pipeline_class(),
+            **_without_t5(config.config_dir),
         )
 
     def denoise(self, pipe: Any, rows: BatchRows, on_step: StepCallback) -> Sequence[Any]:
         """The pipeline encodes its own prompts (both CLIPs and T5); a negative prompt is
         passed only when some row has one (batching keeps rows with and without apart)."""
         return transformer_call(pipe, rows, on_step, **prompt_arguments(rows))
+
+
+def _without_t5(folder: Path) -> dict[str, Any]:
+    """Without a T5 folder, as diffusers documents it: the pipeline told there is none."""
+    if (folder / "text_encoder_3").is_dir():
+        return {}
+    return {"text_encoder_3": None, "tokenizer_3": None}

@@ -1,0 +1,68 @@
+"""Z-Image (Turbo and base): a single-stream DiT on FLUX's 16-channel VAE latents, conditioned on
+the second-to-last hidden states of a Qwen3 language model read through its chat template.
+Turbo is distilled to 8 denoising steps without guidance; at a guidance above 0 the pipeline
+runs classifier-free guidance with the negative prompt (the base model's way)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from server.domain.generation_job import Mode
+from server.domain.models import Architecture, GenerationDefaults
+from server.domain.schedulers import FLOW_SCHEDULERS
+from server.infrastructure.diffusion.families.base import (
+    BatchRows,
+    CheckpointPart,
+    ModelFamily,
+    StepCallback,
+    flow_matching_img2img_steps,
+    prompt_arguments,
+    transformer_call,
+)
+from server.infrastructure.diffusion.families.flux import Flux
+
+TRANSFORMER = CheckpointPart(
+    "the Z-Image transformer (context_refiner.*)",
+    ("context_refiner.", "model.diffusion_model.context_refiner."),
+)
+
+
+class ZImage(ModelFamily):
+    architectures = (Architecture.Z_IMAGE,)
+    pipeline_classes = frozenset({"ZImagePipeline"})
+    components = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+    # Z-Image-Turbo's published settings: 1024x1024, 9 steps (8 transformer passes) and no
+    # guidance; a base model's `[[models]]` entry sets its own (steps = 28, guidance = 4).
+    defaults = GenerationDefaults(1024, 1024, 9, 0.0)
+    denoiser = "transformer"
+    lora_components = ("transformer",)
+    mode_pipelines = {
+        Mode.IMAGE_TO_IMAGE: "ZImageImg2ImgPipeline",
+        Mode.INPAINT: "ZImageInpaintPipeline",
+    }
+    schedulers = FLOW_SCHEDULERS
+    # Not built for it yet: the second pass at a scaled size (its latents are not packed, but
+    # the pass is untested on this family), single files and GGUF.
+    hires_fix = False
+    single_file = False
+    size_multiple = 16  # 8x VAE, 2x2 patches
+    # The FLUX VAE: FLUX's fit applies.
+    preview_factors = Flux.preview_factors
+    preview_bias = Flux.preview_bias
+
+    def checkpoint_parts(self, architecture: Architecture) -> tuple[CheckpointPart, ...]:
+        return (TRANSFORMER,)
+
+    def img2img_steps(self, steps: int, strength: float) -> int:
+        return flow_matching_img2img_steps(steps, strength)
+
+    def pipeline_class(self) -> Any:
+        from diffusers import ZImagePipeline
+
+        return ZImagePipeline
+
+    def denoise(self, pipe: Any, rows: BatchRows, on_step: StepCallback) -> Sequence[Any]:
+        """The pipeline encodes its own prompts; a negative prompt counts only with guidance
+        above 0, where each step runs the transformer twice."""
+        return transformer_call(pipe, rows, on_step, **prompt_arguments(rows))
