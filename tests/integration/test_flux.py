@@ -179,12 +179,28 @@ def test_a_diffusers_layout_transformer_file_is_not_ready(model: BaseModelConfig
     )
 
 
+@pytest.mark.parametrize("upscaler", ["Latent", "Lanczos"])
+def test_a_hires_fix_unpacks_latents_or_upscales_images(c: Container, upscaler: str) -> None:
+    """FLUX's first-pass latents come out packed in 2x2 patches: a latent upscaler resizes
+    them unpacked, and the img2img pipeline packs them again."""
+    hires = HiresRequest(scale=2.0, steps=4, upscaler=upscaler)  # second pass at 0.7
+    events = events_of(c, hires=hires, steps=4)
+    assert image_of(events).size == (128, 128)
+    progress = [
+        (e.payload.step, e.payload.total_steps)
+        for e in events
+        if isinstance(e.payload, gen.Progress)
+    ]
+    assert progress == [(step, 7) for step in range(1, 8)]  # 4, then 3 of 4 at 0.7
+    assert "Hires upscale: 2" in image_of(events).info["parameters"]
+
+
 @pytest.mark.parametrize(
     ("spec", "field", "words"),
     [
         ({"scheduler": "euler_a"}, "spec.scheduler", "samples with flow_euler, or empty"),
         ({"negative_prompt": "blurry"}, "spec.negative_prompt", "guidance-distilled"),
-        ({"hires": HiresRequest(scale=2.0)}, "spec.hires", "not built for FLUX models yet"),
+        ({"width": 72}, "spec.width", "takes sizes in multiples of 16"),
     ],
 )
 def test_what_flux_does_not_take_is_refused_before_queueing(

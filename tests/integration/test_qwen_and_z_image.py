@@ -131,7 +131,7 @@ def test_listed_with_what_the_family_takes(c: Container, family: Family) -> None
     assert info.schedulers == ("flow_euler",)
     assert info.takes_negative_prompt
     assert info.size_multiple == 16
-    assert not info.hires_fix
+    assert info.hires_fix
 
 
 def test_generates_with_previews_and_takes_guidance_and_a_negative_prompt(
@@ -195,12 +195,37 @@ def test_loras_in_each_format_give_the_same_image_and_come_off_exactly(
     assert np.array_equal(pixels(events_of(c)), plain)
 
 
+@pytest.mark.parametrize("upscaler", ["Latent", "Lanczos"])
+def test_a_hires_fix_upscales_latents_or_images_and_paints_them_again(
+    c: Container, family: Family, upscaler: str
+) -> None:
+    """Z-Image's latent upscalers resize the first pass's latents, Lanczos the decoded image;
+    Qwen-Image's img2img takes no latents, so it refuses latent upscalers before queueing."""
+    hires = HiresRequest(scale=2.0, steps=4, upscaler=upscaler)  # second pass at 0.7
+    if upscaler == "Latent" and family.architecture is Architecture.QWEN_IMAGE:
+        with pytest.raises(ValidationError) as err:
+            events_of(c, hires=hires)
+        (violation,) = err.value.violations
+        assert violation.field == "spec.hires.upscaler"
+        assert "takes no latents in its second pass; use Lanczos, Nearest" in violation.description
+        return
+    events = events_of(c, hires=hires)
+    assert image_of(events).size == (128, 128)
+    progress = [
+        (e.payload.step, e.payload.total_steps)
+        for e in events
+        if isinstance(e.payload, gen.Progress)
+    ]
+    # 4 first-pass steps, then the 3 that flow matching's img2img runs at 0.7.
+    assert progress == [(step, 7) for step in range(1, 8)]
+    assert not np.array_equal(pixels(events), pixels(events_of(c, hires=None, width=128)))
+
+
 @pytest.mark.parametrize(
     ("spec", "field", "says"),
     [
         ({"scheduler": "dpmpp_2m"}, "spec.scheduler", "samples with flow_euler"),
         ({"width": 72}, "spec.width", "takes sizes in multiples of 16"),
-        ({"hires": HiresRequest(scale=2.0)}, "spec.hires", "not built for"),
     ],
 )
 def test_what_the_family_does_not_take_is_refused_before_queueing(

@@ -196,17 +196,15 @@ def test_worker_adverts_carry_defaults_and_older_ones_get_the_familys(
         schedulers=family.schedulers,
         takes_negative_prompt=family.takes_negative_prompt,
         hires_fix=family.hires_fix,
+        latent_hires=family.latent_hires,
         size_multiple=family.size_multiple,
     )
     again = _model_info(json.loads(json.dumps(model_document(traits))))
-    assert (
-        again.schedulers,
-        again.takes_negative_prompt,
-        again.hires_fix,
-        again.size_multiple,
-    ) == (family.schedulers, family.takes_negative_prompt, family.hires_fix, family.size_multiple)
-    del document["size_multiple"]  # an older worker's advert: its family's multiple
-    assert _model_info(document).size_multiple == family.size_multiple
+    names = ("schedulers", "takes_negative_prompt", "hires_fix", "latent_hires", "size_multiple")
+    assert [getattr(again, n) for n in names] == [getattr(family, n) for n in names]
+    for name in ("size_multiple", "latent_hires"):
+        del document[name]  # an older worker's advert: its family's
+        assert getattr(_model_info(document), name) == getattr(family, name)
 
 
 def test_a_folder_of_a_pipeline_no_family_accepts_is_reported(tmp_path: Path) -> None:

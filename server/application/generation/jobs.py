@@ -175,7 +175,7 @@ class GenerationJobs:
                     "needs a text-to-image model",
                 )
             )
-        hires = self._hires(request, width, height, model.size_multiple)
+        hires = self._hires(request, width, height, model)
         final = (width, height) if hires is None else hires.size(width, height)
         if model.config.placeholder and max(final) > PLACEHOLDER_SIDE:
             # Its 2x VAE makes large images cost minutes per step, for noise: one such job
@@ -379,7 +379,7 @@ class GenerationJobs:
         return tuple(out)
 
     def _hires(
-        self, request: GenerationRequest, width: int, height: int, multiple: int
+        self, request: GenerationRequest, width: int, height: int, base: BaseModelInfo
     ) -> HiresFix | None:
         """The hires fix with its defaults filled in; its upscaled size must stay within the
         limits a plain request's size has."""
@@ -387,6 +387,17 @@ class GenerationJobs:
         if given is None:
             return None
         name, model = self.upscaler(given.upscaler, "spec.hires.upscaler")
+        builtin = find_upscaler(name)
+        if builtin is not None and builtin.latent and not base.latent_hires:
+            pixel = ", ".join(u.name for u in UPSCALERS if not u.latent)
+            arch = base.config.architecture.value
+            raise ValidationError(
+                FieldViolation(
+                    "spec.hires.upscaler",
+                    f"model {base.config.name!r} ({arch}) takes no latents in its second pass; "
+                    f"use {pixel} or an upscaler model",
+                )
+            )
         hires = HiresFix(
             scale=given.scale,
             steps=given.steps,
@@ -397,7 +408,7 @@ class GenerationJobs:
             ),
             upscaler=name,
             model=model,
-            multiple=multiple,
+            multiple=base.size_multiple,
         )
         up_width, up_height = hires.size(width, height)
         side, pixels = self.limits.side, self.limits.pixels

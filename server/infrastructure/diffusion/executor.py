@@ -331,7 +331,7 @@ class DiffusionExecutor:
             out = loaded.family.denoise(loaded.for_mode(call.call.mode, controls), call, watcher)
             if job.hires is not None:
                 second, upscaled = hires.second_pass(
-                    job, out, loaded.pipe, self._hires_upscaler(job, loaded)
+                    job, out, loaded.pipe, self._hires_upscaler(job, loaded), loaded.family
                 )
                 watcher.next_pass(second.width, second.height)
                 call = replace(

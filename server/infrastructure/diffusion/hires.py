@@ -19,11 +19,17 @@ def second_steps(job: GenerationJob, family: ModelFamily) -> int:
 
 
 def second_pass(
-    job: GenerationJob, first: Any, pipe: Any, model: Callable[[Any], Any] | None = None
+    job: GenerationJob,
+    first: Any,
+    pipe: Any,
+    model: Callable[[Any], Any] | None = None,
+    family: ModelFamily | None = None,
 ) -> tuple[DenoisePass, Any]:
-    """The second call and its input: the first pass's output (latents [rows, c, h, w] for
-    a latent upscaler, else PIL images) upscaled to the hires size; `model` upscales one
-    image by its native factor when the job names an upscaler model."""
+    """The second call and its input: the first pass's output (latents for a latent
+    upscaler, else PIL images) upscaled to the hires size; `model` upscales one image by its
+    native factor when the job names an upscaler model. Latents are resized as
+    (rows, channels, h, w): a `family` that packs them unpacks them first and gives its
+    img2img pipeline the shape it takes."""
     assert job.hires is not None
     width, height = job.hires.size(job.width, job.height)
     call = DenoisePass(
@@ -44,10 +50,12 @@ def second_pass(
         factor = pipe.vae_scale_factor
         size = (height // factor, width // factor)
         antialias = upscaler.antialias and upscaler.mode in ("bilinear", "bicubic")
+        if family is not None:
+            first = family.preview_latents(pipe, first, job.width, job.height)
         upscaled = torch.nn.functional.interpolate(
             first, size=size, mode=upscaler.mode, antialias=antialias
         )
-        return call, upscaled
+        return call, upscaled if family is None else family.img2img_latents(upscaled)
     from PIL import Image
 
     resample = Image.Resampling.LANCZOS if upscaler.mode == "lanczos" else Image.Resampling.NEAREST

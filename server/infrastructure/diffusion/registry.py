@@ -341,6 +341,7 @@ def _traits(config: BaseModelConfig) -> dict[str, Any]:
         "schedulers": family.schedulers,
         "takes_negative_prompt": family.takes_negative_prompt,
         "hires_fix": family.hires_fix,
+        "latent_hires": family.latent_hires,
         "size_multiple": family.size_multiple,
     }
 

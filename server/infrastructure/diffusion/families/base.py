@@ -124,8 +124,9 @@ class ModelFamily(ABC):
     # `guidance_scale` is the distilled guidance the model embeds (A1111/Forge: "Distilled CFG
     # Scale"), not classifier-free guidance.
     distilled_guidance: ClassVar[bool] = False
-    # Whether the hires fix is built for the family.
+    # Whether the hires fix is built for the family, and with the latent upscalers too.
     hires_fix: ClassVar[bool] = True
+    latent_hires: ClassVar[bool] = True
     # Whether single-file checkpoints of the family are loaded (else: diffusers folders only).
     single_file: ClassVar[bool] = True
     # Whether a single file holds the denoiser alone (safetensors or GGUF), the rest of the
@@ -188,8 +189,14 @@ class ModelFamily(ABC):
         return max(1, int(steps * strength))
 
     def preview_latents(self, pipe: Any, latents: Any, width: int, height: int) -> Any:
-        """The step callback's latents as (rows, channels, h, w) for previews (a family
-        whose pipeline packs its latents unpacks them here)."""
+        """The pipeline's latents (a step callback's, or a pass's `output_type="latent"`) as
+        (rows, channels, h, w), for previews and latent upscaling (a family whose pipeline
+        packs its latents unpacks them here)."""
+        return latents
+
+    def img2img_latents(self, latents: Any) -> Any:
+        """(rows, channels, h, w) latents as the family's img2img pipeline takes them for its
+        `image` (a hires fix's latent second pass)."""
         return latents
 
     def encode(

@@ -53,8 +53,6 @@ class Flux(ModelFamily):
     size_multiple = 16  # 8x VAE, 2x2 patches
     takes_negative_prompt = False
     distilled_guidance = True
-    # Its latents are packed: the latent upscalers do not apply (not built yet).
-    hires_fix = False
     # A single file is BFL's transformer (safetensors or GGUF); the rest is config_dir's.
     denoiser_file = True
     # Least-squares fit of latent -> RGB published with ComfyUI (16 channels).

@@ -44,8 +44,9 @@ class QwenImage(ModelFamily):
         Mode.INPAINT: "QwenImageInpaintPipeline",
     }
     schedulers = FLOW_SCHEDULERS
-    # Packed latents: the latent upscalers do not apply (as for FLUX, not built yet).
-    hires_fix = False
+    # diffusers' Qwen img2img takes no latents for `image` (its preprocessing refuses the
+    # video VAE's 5-D latents and misreads 4-D ones): hires fix with image upscalers only.
+    latent_hires = False
     single_file = False
     size_multiple = 16  # 8x VAE, 2x2 patches
     # ComfyUI's least-squares fit for the Wan 2.1 VAE's 16 normalised channels.

@@ -42,9 +42,7 @@ class ZImage(ModelFamily):
         Mode.INPAINT: "ZImageInpaintPipeline",
     }
     schedulers = FLOW_SCHEDULERS
-    # Not built for it yet: the second pass at a scaled size (its latents are not packed, but
-    # the pass is untested on this family), single files and GGUF.
-    hires_fix = False
+    # Not built for it yet: single files and GGUF.
     single_file = False
     size_multiple = 16  # 8x VAE, 2x2 patches
     # The FLUX VAE: FLUX's fit applies.
