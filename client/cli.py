@@ -682,6 +682,8 @@ def _cmd_generate(client: LoracleClient, args: argparse.Namespace, out: _Output)
         spec.seed = args.seed
     if args.guidance is not None:
         spec.guidance_scale = args.guidance
+    if args.true_cfg is not None:
+        spec.true_cfg_scale = args.true_cfg
     _image_options(client, args, spec)
     if args.detach:
         submitted = _until_model_ready(lambda: client.submit_generation(spec), args, out)
@@ -1247,6 +1249,12 @@ def _build_parser() -> argparse.ArgumentParser:
         "--images", type=_positive_int, default=1, metavar="N", help="images to generate"
     )
     p.add_argument("--guidance", type=float, metavar="CFG", help="guidance scale, 0 to 30")
+    p.add_argument(
+        "--true-cfg",
+        type=float,
+        metavar="CFG",
+        help="FLUX: true CFG with the negative prompt beside the distilled guidance, 1 to 30",
+    )
     p.add_argument("--scheduler", default="", metavar="NAME", help="e.g. euler_a, dpmpp_2m")
     p.add_argument(
         "--lora",
@@ -1441,6 +1449,7 @@ _FIELDS: dict[str, tuple[str, str | None]] = {
     "spec.height": ("--size", "size"),
     "spec.steps": ("--steps", "steps"),
     "spec.guidance_scale": ("--guidance", "guidance"),
+    "spec.true_cfg_scale": ("--true-cfg", "true_cfg"),
     "spec.num_images": ("--images", "images"),
     "spec.seed": ("--seed", "seed"),
     "spec.scheduler": ("--scheduler", "scheduler"),

@@ -156,6 +156,8 @@ class GenerationJob:
     guidance_scale: float
     seed: int
     num_images: int = 1
+    # FLUX's true classifier-free guidance with the negative prompt (0: off).
+    true_cfg_scale: float = 0.0
     scheduler: str = ""
     loras: tuple[ResolvedLora, ...] = ()
     output_format: str = "png"
@@ -202,6 +204,7 @@ class GenerationJob:
             "height": self.height,
             "steps": self.steps,
             "guidance_scale": self.guidance_scale,
+            **({"true_cfg_scale": self.true_cfg_scale} if self.true_cfg_scale else {}),
             "seed": self.seed,
             "num_images": self.num_images,
             "scheduler": self.scheduler,

@@ -67,6 +67,10 @@ def test_cli_generates_with_flux_and_refuses_what_it_does_not_take(
     assert main([*argv, "--negative", "blurry", *address]) == 1
     err = capsys.readouterr().err
     assert "model 'flux' (FLUX) is guidance-distilled and takes no negative prompt" in err
+    # With true CFG beside the distilled guidance, FLUX takes a negative prompt.
+    cfg = tmp_path / "cfg.png"
+    assert main([*argv, "--negative", "blurry", "--true-cfg", "3", "-o", str(cfg), *address]) == 0
+    assert "CFG scale: 3, Distilled CFG Scale: 3.5" in Image.open(cfg).info["parameters"]
     assert main([*argv, "--scheduler", "euler_a", *address]) == 1
     assert "samples with flow_euler, or empty (its own)" in capsys.readouterr().err
 

@@ -124,6 +124,29 @@ def test_text_to_image_with_distilled_guidance_and_previews(c: Container) -> Non
     assert np.array_equal(pixels(events_of(c, scheduler="flow_euler")), pixels(events))
 
 
+def test_true_cfg_takes_a_negative_prompt_beside_the_distilled_guidance(c: Container) -> None:
+    plain = pixels(events_of(c))
+    events = events_of(c, true_cfg_scale=4.0, negative_prompt="blurry")
+    parameters = image_of(events).info["parameters"]
+    assert "Negative prompt: blurry" in parameters
+    assert "CFG scale: 4, Distilled CFG Scale: 3.5" in parameters
+    guided = pixels(events)
+    assert not np.array_equal(guided, plain)
+    # Its own negative prompt steers it: an empty one is another image.
+    assert not np.array_equal(pixels(events_of(c, true_cfg_scale=4.0)), guided)
+    # A batch never mixes true CFG (two passes a step) with plain FLUX.
+    submitted = [
+        c.commands.dispatch(SubmitGenerationCommand(request=request(**s)), ALICE).unwrap()[0]
+        for s in ({"true_cfg_scale": 4.0, "negative_prompt": "blurry"}, {})
+    ]
+    for gid, expected in zip(submitted, (guided, plain), strict=True):
+        handle = c.generations.handle(str(gid))
+        assert handle is not None
+        events = list(handle.events())
+        assert any(isinstance(e.payload, gen.Started) and e.payload.batch_size == 1 for e in events)
+        assert np.array_equal(pixels(events), expected)
+
+
 def test_a_flux_lora_is_detected_applied_and_removed_exactly(c: Container) -> None:
     updates = list(c.commands.stream(ImportLoRAsCommand(directory=""), ALICE))
     assert updates[-1].totals.registered == 1, updates[-1]
@@ -199,7 +222,12 @@ def test_a_hires_fix_unpacks_latents_or_upscales_images(c: Container, upscaler: 
     ("spec", "field", "words"),
     [
         ({"scheduler": "euler_a"}, "spec.scheduler", "samples with flow_euler, or empty"),
-        ({"negative_prompt": "blurry"}, "spec.negative_prompt", "guidance-distilled"),
+        (
+            {"negative_prompt": "blurry"},
+            "spec.negative_prompt",
+            "takes no negative prompt unless true_cfg_scale is above 1",
+        ),
+        ({"true_cfg_scale": 0.5}, "spec.true_cfg_scale", "from 1 to 30"),
         ({"width": 72}, "spec.width", "takes sizes in multiples of 16"),
     ],
 )

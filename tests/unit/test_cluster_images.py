@@ -87,6 +87,10 @@ def test_a_hires_fix_travels_in_the_job_message() -> None:
         hires=HiresFix(scale=2.0, steps=5, denoising_strength=0.45, upscaler="Lanczos"),
     )
     assert decode_job(encode_job(job, Who("alice"))).job(job.model, (), job.chunk_size) == job
+    # With a transformer family's multiple and FLUX's true CFG, which a worker must honour.
+    assert job.hires is not None
+    job = replace(job, hires=replace(job.hires, multiple=16), true_cfg_scale=4.0)
+    assert decode_job(encode_job(job, Who("alice"))).job(job.model, (), job.chunk_size) == job
 
 
 def test_controls_travel_by_controlnet_name_with_their_images() -> None:

@@ -680,6 +680,7 @@ class GenerationSpec(_message.Message):
     HIRES_FIELD_NUMBER: _builtins.int
     CONTROLS_FIELD_NUMBER: _builtins.int
     UPSCALE_FIELD_NUMBER: _builtins.int
+    TRUE_CFG_SCALE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Name of a configured base model; empty for the default model."""
     prompt: _builtins.str
@@ -725,6 +726,11 @@ class GenerationSpec(_message.Message):
     inpaint_padding: _builtins.int
     """With inpaint_only_masked: pixels of context around the masked region, 0 to 256; unset:
     32 (A1111's default).
+    """
+    true_cfg_scale: _builtins.float
+    """Guidance-distilled models (FLUX) only: classifier-free guidance with the negative prompt
+    on top of the distilled `guidance_scale` (diffusers' true_cfg_scale; two transformer
+    passes a step). Above 1 it lets a FLUX request take a negative prompt; unset: off.
     """
     @_builtins.property
     def loras(self) -> _containers.RepeatedCompositeFieldContainer[Global___LoraSelection]:
@@ -787,10 +793,11 @@ class GenerationSpec(_message.Message):
         hires: Global___HiresFix | None = ...,
         controls: _abc.Iterable[Global___ControlInput] | None = ...,
         upscale: Global___UpscaleSpec | None = ...,
+        true_cfg_scale: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_inpaint_padding", b"_inpaint_padding", "_mask_blur", b"_mask_blur", "_seed", b"_seed", "_strength", b"_strength", "guidance_scale", b"guidance_scale", "hires", b"hires", "init_image", b"init_image", "inpaint_padding", b"inpaint_padding", "mask_blur", b"mask_blur", "mask_image", b"mask_image", "seed", b"seed", "strength", b"strength", "upscale", b"upscale"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_inpaint_padding", b"_inpaint_padding", "_mask_blur", b"_mask_blur", "_seed", b"_seed", "_strength", b"_strength", "_true_cfg_scale", b"_true_cfg_scale", "guidance_scale", b"guidance_scale", "hires", b"hires", "init_image", b"init_image", "inpaint_padding", b"inpaint_padding", "mask_blur", b"mask_blur", "mask_image", b"mask_image", "seed", b"seed", "strength", b"strength", "true_cfg_scale", b"true_cfg_scale", "upscale", b"upscale"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_inpaint_padding", b"_inpaint_padding", "_mask_blur", b"_mask_blur", "_seed", b"_seed", "_strength", b"_strength", "chunk_size_bytes", b"chunk_size_bytes", "controls", b"controls", "guidance_scale", b"guidance_scale", "height", b"height", "hires", b"hires", "init_image", b"init_image", "inpaint_only_masked", b"inpaint_only_masked", "inpaint_padding", b"inpaint_padding", "loras", b"loras", "mask_blur", b"mask_blur", "mask_image", b"mask_image", "model", b"model", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "output_format", b"output_format", "preview_every_n_steps", b"preview_every_n_steps", "prompt", b"prompt", "scheduler", b"scheduler", "seed", b"seed", "steps", b"steps", "strength", b"strength", "upscale", b"upscale", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_inpaint_padding", b"_inpaint_padding", "_mask_blur", b"_mask_blur", "_seed", b"_seed", "_strength", b"_strength", "_true_cfg_scale", b"_true_cfg_scale", "chunk_size_bytes", b"chunk_size_bytes", "controls", b"controls", "guidance_scale", b"guidance_scale", "height", b"height", "hires", b"hires", "init_image", b"init_image", "inpaint_only_masked", b"inpaint_only_masked", "inpaint_padding", b"inpaint_padding", "loras", b"loras", "mask_blur", b"mask_blur", "mask_image", b"mask_image", "model", b"model", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "output_format", b"output_format", "preview_every_n_steps", b"preview_every_n_steps", "prompt", b"prompt", "scheduler", b"scheduler", "seed", b"seed", "steps", b"steps", "strength", b"strength", "true_cfg_scale", b"true_cfg_scale", "upscale", b"upscale", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__guidance_scale: _TypeAlias = _typing.Literal["guidance_scale"]  # noqa: Y015
     _WhichOneofArgType__guidance_scale: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale"]  # noqa: Y015
@@ -802,6 +809,8 @@ class GenerationSpec(_message.Message):
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
     _WhichOneofReturnType__strength: _TypeAlias = _typing.Literal["strength"]  # noqa: Y015
     _WhichOneofArgType__strength: _TypeAlias = _typing.Literal["_strength", b"_strength"]  # noqa: Y015
+    _WhichOneofReturnType__true_cfg_scale: _TypeAlias = _typing.Literal["true_cfg_scale"]  # noqa: Y015
+    _WhichOneofArgType__true_cfg_scale: _TypeAlias = _typing.Literal["_true_cfg_scale", b"_true_cfg_scale"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__guidance_scale) -> _WhichOneofReturnType__guidance_scale | None: ...
     @_typing.overload
@@ -812,6 +821,8 @@ class GenerationSpec(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__strength) -> _WhichOneofReturnType__strength | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__true_cfg_scale) -> _WhichOneofReturnType__true_cfg_scale | None: ...
 
 Global___GenerationSpec: _TypeAlias = GenerationSpec  # noqa: Y015
 

@@ -207,6 +207,7 @@ class GenerationJobs:
             ),
             seed=request.seed if request.seed is not None else random.randrange(2**31),
             num_images=request.num_images,
+            true_cfg_scale=request.true_cfg_scale or 0.0,
             scheduler=request.scheduler,
             loras=loras,
             output_format=request.output_format,
@@ -255,11 +256,21 @@ class GenerationJobs:
                     "or empty (its own)",
                 )
             )
-        if request.negative_prompt and not model.takes_negative_prompt:
+        true_cfg = request.true_cfg_scale or 0.0
+        if request.negative_prompt and not model.takes_negative_prompt and true_cfg <= 1:
             violations.append(
                 FieldViolation(
                     "spec.negative_prompt",
-                    f"model {name!r} ({arch}) is guidance-distilled and takes no negative prompt",
+                    f"model {name!r} ({arch}) is guidance-distilled and takes no negative prompt "
+                    "unless true_cfg_scale is above 1",
+                )
+            )
+        if request.true_cfg_scale is not None and model.takes_negative_prompt:
+            violations.append(
+                FieldViolation(
+                    "spec.true_cfg_scale",
+                    f"model {name!r} ({arch}) is not guidance-distilled: its guidance_scale is "
+                    "classifier-free guidance already",
                 )
             )
         multiple = model.size_multiple

@@ -60,6 +60,8 @@ class GenerationRequest:
     height: int = 0
     steps: int = 0
     guidance_scale: float | None = None
+    # FLUX's true CFG beside its distilled guidance (None: off).
+    true_cfg_scale: float | None = None
     seed: int | None = None
     num_images: int = 1
     scheduler: str = ""
@@ -149,6 +151,8 @@ def validate(
         out.append(FieldViolation("spec.steps", f"from 1 to {limits.steps}, or 0"))
     if request.guidance_scale is not None and not 0.0 <= request.guidance_scale <= 30.0:
         out.append(FieldViolation("spec.guidance_scale", "from 0 to 30"))
+    if request.true_cfg_scale is not None and not 1.0 <= request.true_cfg_scale <= 30.0:
+        out.append(FieldViolation("spec.true_cfg_scale", "from 1 to 30"))
     if not 1 <= request.num_images <= limits.images:
         out.append(FieldViolation("spec.num_images", f"from 1 to {limits.images}"))
     # Image i uses seed + i, which must stay a valid int64.

@@ -225,7 +225,7 @@ class AdapterCache:
             self._purge(adapter)
             raise AdapterLoadError(
                 f"LoRA {spec.name!r}: none of its {expected} layers exist in this model "
-                "(a LoRA for another architecture?)",
+                "(a LoRA for another architecture, or a layout diffusers does not convert?)",
                 spec.key,
             )
         if matched < expected:
@@ -349,6 +349,10 @@ def _reason(exc: Exception) -> str:
     if isinstance(exc, OSError):
         return f"cannot read its file ({exc.strerror or exc})"
     first = " ".join(text.split())
+    if not first:
+        # diffusers' converters assert their model's sizes without a message (FLUX.1's
+        # widths in its kohya converter): say where it stopped instead of an empty colon.
+        return f"cannot be loaded: diffusers' conversion refused it ({type(exc).__name__})"
     if len(first) > 200:
         first = first[:197] + "..."
     return f"cannot be loaded ({type(exc).__name__}: {first})"

@@ -115,8 +115,11 @@ def a1111_parameters(
     fields = [
         f"Steps: {job.steps}",
         f"Sampler: {a1111_label(job.scheduler, default_scheduler)}",
-        # A guidance-distilled model (FLUX) runs without CFG; Forge writes its guidance so.
-        "CFG scale: 1" if distilled_guidance else f"CFG scale: {job.guidance_scale:g}",
+        # A guidance-distilled model (FLUX) runs without CFG (unless true CFG is asked for);
+        # Forge writes its guidance so.
+        f"CFG scale: {job.true_cfg_scale or 1:g}"
+        if distilled_guidance
+        else f"CFG scale: {job.guidance_scale:g}",
         *([f"Distilled CFG Scale: {job.guidance_scale:g}"] if distilled_guidance else []),
         f"Seed: {job.seed + index}",
         f"Size: {job.width}x{job.height}",
@@ -185,6 +188,7 @@ def manifest(job: GenerationJob, index: int, loaded: LoadedPipeline) -> dict[str
         "seed": job.seed + index,
         "steps": job.steps,
         "guidance_scale": job.guidance_scale,
+        **({"true_cfg_scale": job.true_cfg_scale} if job.true_cfg_scale else {}),
         "size": [job.width, job.height],
         "scheduler": {
             "name": job.scheduler or "default",

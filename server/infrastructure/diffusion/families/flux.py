@@ -50,6 +50,8 @@ class Flux(ModelFamily):
         Mode.INPAINT: "FluxInpaintPipeline",
     }
     schedulers = FLOW_SCHEDULERS
+    # True CFG runs two transformer passes a step where plain FLUX runs one.
+    batch_fields = ("true_cfg_scale",)
     size_multiple = 16  # 8x VAE, 2x2 patches
     takes_negative_prompt = False
     distilled_guidance = True
@@ -106,9 +108,20 @@ class Flux(ModelFamily):
 
     def denoise(self, pipe: Any, rows: BatchRows, on_step: StepCallback) -> Sequence[Any]:
         """FluxPipeline encodes its own prompts (CLIP pooled, T5 sequence); guidance_scale is
-        the embedded guidance, and no negative prompt is passed (the application refuses
-        one)."""
-        return transformer_call(pipe, rows, on_step, prompt=rows.prompts)
+        the embedded guidance. A negative prompt is passed only with true CFG (the
+        application refuses one otherwise), whose diffusers switch is a negative prompt
+        being given at all: rows without one get an empty one."""
+        true_cfg = rows.job.true_cfg_scale
+        if true_cfg <= 1:
+            return transformer_call(pipe, rows, on_step, prompt=rows.prompts)
+        return transformer_call(
+            pipe,
+            rows,
+            on_step,
+            prompt=rows.prompts,
+            negative_prompt=list(rows.negative_prompts),
+            true_cfg_scale=true_cfg,
+        )
 
 
 # The width (3 x 3072 + 4 x 3072) diffusers 0.42 splits every single block's fused linear1 at.
