@@ -25,6 +25,9 @@ WHEELS=(
   typing_extensions==4.16.0
   # On the image in an unknown version: carry the one the LoRA code was tested with.
   peft==0.21.2
+  # quantize = "fp8"/"int8" (bench/gpu_transformer_families.py stage Q) and GGUF files.
+  torchao==0.18.0
+  gguf==0.19.0
 )
 
 rm -rf .whl
