@@ -148,6 +148,37 @@ def sd3_to_mmdit(state: StateDict, *, prefix: str = COMFY_PREFIX) -> StateDict:
     return {prefix + k: v for k, v in out.items()}
 
 
+# diffusers' Z-Image names -> the original checkpoint's (convert_z_image_transformer_
+# checkpoint_to_diffusers, reversed); q, k and v are fused into one qkv below.
+_Z_IMAGE_RENAMES = (
+    ("all_final_layer.2-1.", "final_layer."),
+    ("all_x_embedder.2-1.", "x_embedder."),
+    (".attention.to_out.0.", ".attention.out."),
+    (".attention.norm_k.", ".attention.k_norm."),
+    (".attention.norm_q.", ".attention.q_norm."),
+)
+
+
+def z_image_to_original(state: StateDict, *, prefix: str = "") -> StateDict:
+    """A diffusers Z-Image transformer's state dict in the original layout (Tongyi's, and
+    ComfyUI's with `prefix`): q, k and v fused into `attention.qkv`, the output and norms
+    renamed, the patch embedder and final layer without diffusers' patch-size suffix."""
+    import torch
+
+    out: StateDict = {}
+    for key, tensor in state.items():
+        if ".attention.to_k." in key or ".attention.to_v." in key:
+            continue
+        if ".attention.to_q." in key:
+            parts = [state[key.replace("to_q", name)] for name in ("to_q", "to_k", "to_v")]
+            out[prefix + key.replace(".attention.to_q.", ".attention.qkv.")] = torch.cat(parts)
+            continue
+        for old, new in _Z_IMAGE_RENAMES:
+            key = key.replace(old, new)
+        out[prefix + key] = tensor
+    return out
+
+
 def transformer_state(folder: Path) -> StateDict:
     """The transformer weights of a diffusers folder, as saved."""
     from safetensors.torch import load_file

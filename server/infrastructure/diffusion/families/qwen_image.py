@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from server.domain.generation_job import Mode
-from server.domain.models import Architecture, GenerationDefaults
+from server.domain.models import Architecture, BaseModelConfig, GenerationDefaults
 from server.domain.schedulers import FLOW_SCHEDULERS
 from server.infrastructure.diffusion.families.base import (
     BatchRows,
@@ -20,6 +20,12 @@ from server.infrastructure.diffusion.families.base import (
     flow_matching_img2img_steps,
     transformer_call,
 )
+from server.infrastructure.diffusion.families.transformer_file import (
+    StateDict,
+    load_transformer_file,
+)
+
+COMFY_PREFIX = "model.diffusion_model."
 
 # The original (ComfyUI) layout names the blocks as diffusers does.
 TRANSFORMER = CheckpointPart(
@@ -47,7 +53,9 @@ class QwenImage(ModelFamily):
     # diffusers' Qwen img2img takes no latents for `image` (its preprocessing refuses the
     # video VAE's 5-D latents and misreads 4-D ones): hires fix with image upscalers only.
     latent_hires = False
-    single_file = False
+    # A single file is the transformer (ComfyUI's, diffusers' names under
+    # `model.diffusion_model.`, or a GGUF of it); the rest is config_dir's.
+    denoiser_file = True
     size_multiple = 16  # 8x VAE, 2x2 patches
     # ComfyUI's least-squares fit for the Wan 2.1 VAE's 16 normalised channels.
     preview_factors = (
@@ -81,6 +89,19 @@ class QwenImage(ModelFamily):
 
         return QwenImagePipeline
 
+    def load_single_file(self, config: BaseModelConfig, torch_dtype: Any) -> Any:
+        """diffusers maps a Qwen-Image file's keys as they are: the ComfyUI prefix goes
+        first."""
+        from diffusers import QwenImageTransformer2DModel
+
+        return load_transformer_file(
+            config,
+            torch_dtype,
+            transformer_class=QwenImageTransformer2DModel,
+            pipeline_class=self.pipeline_class(),
+            convert=without_prefix,
+        )
+
     def preview_latents(self, pipe: Any, latents: Any, width: int, height: int) -> Any:
         """(rows, patches, 64) packed latents -> (rows, 16, h, w): the VAE's frame axis
         (a video VAE: one frame) is dropped."""
@@ -101,3 +122,8 @@ class QwenImage(ModelFamily):
             negative_prompt=negative,
             guidance_argument="true_cfg_scale",
         )
+
+
+def without_prefix(checkpoint: StateDict) -> StateDict:
+    """ComfyUI's `model.diffusion_model.` prefix off every key."""
+    return {key.removeprefix(COMFY_PREFIX): value for key, value in checkpoint.items()}

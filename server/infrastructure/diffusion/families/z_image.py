@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from server.domain.generation_job import Mode
-from server.domain.models import Architecture, GenerationDefaults
+from server.domain.models import Architecture, BaseModelConfig, GenerationDefaults
 from server.domain.schedulers import FLOW_SCHEDULERS
 from server.infrastructure.diffusion.families.base import (
     BatchRows,
@@ -21,6 +21,10 @@ from server.infrastructure.diffusion.families.base import (
     transformer_call,
 )
 from server.infrastructure.diffusion.families.flux import Flux
+from server.infrastructure.diffusion.families.transformer_file import (
+    StateDict,
+    load_transformer_file,
+)
 
 TRANSFORMER = CheckpointPart(
     "the Z-Image transformer (context_refiner.*)",
@@ -42,8 +46,9 @@ class ZImage(ModelFamily):
         Mode.INPAINT: "ZImageInpaintPipeline",
     }
     schedulers = FLOW_SCHEDULERS
-    # Not built for it yet: single files and GGUF.
-    single_file = False
+    # A single file is the transformer in its original layout (fused qkv; diffusers
+    # converts it), ComfyUI's prefixed one, or a GGUF of either; the rest is config_dir's.
+    denoiser_file = True
     size_multiple = 16  # 8x VAE, 2x2 patches
     # The FLUX VAE: FLUX's fit applies.
     preview_factors = Flux.preview_factors
@@ -60,7 +65,38 @@ class ZImage(ModelFamily):
 
         return ZImagePipeline
 
+    def load_single_file(self, config: BaseModelConfig, torch_dtype: Any) -> Any:
+        from diffusers import ZImageTransformer2DModel
+
+        return load_transformer_file(
+            config,
+            torch_dtype,
+            transformer_class=ZImageTransformer2DModel,
+            pipeline_class=self.pipeline_class(),
+            convert=pad_tokens_as_parameters,
+        )
+
     def denoise(self, pipe: Any, rows: BatchRows, on_step: StepCallback) -> Sequence[Any]:
         """The pipeline encodes its own prompts; a negative prompt counts only with guidance
         above 0, where each step runs the transformer twice."""
         return transformer_call(pipe, rows, on_step, **prompt_arguments(rows))
+
+
+# The learned pad embeddings the transformer writes into padded positions (not matmuls).
+_PAD_TOKENS = ("x_pad_token", "cap_pad_token")
+
+
+def pad_tokens_as_parameters(checkpoint: StateDict) -> StateDict:
+    """The pad tokens as the model's (1, dim) parameters: some GGUF conversions store them
+    as (dim,) vectors (leejet's), or quantize them (a quantized tensor cannot be assigned into
+    activations), and diffusers takes neither."""
+    out = dict(checkpoint)
+    for key, tensor in checkpoint.items():
+        if key.rsplit(".", 1)[-1] not in _PAD_TOKENS:
+            continue
+        if getattr(tensor, "quant_type", None) is not None:
+            from diffusers.quantizers.gguf.utils import dequantize_gguf_tensor
+
+            tensor = dequantize_gguf_tensor(tensor)
+        out[key] = tensor.reshape(1, -1).float()
+    return out
