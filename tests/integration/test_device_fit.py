@@ -105,3 +105,20 @@ def test_nothing_is_checked_without_a_known_device_memory(folder: Path) -> None:
     assert DeviceMemory.probe(0.0) == CPU  # this machine has no CUDA device
     budget = DeviceMemory.probe(12.0)
     assert (budget.bytes, budget.described) == (12 * GIB, "the device budget (12.0 GiB)")
+
+
+def test_the_device_budget_counts_what_loading_will_put_on_the_device(folder: Path) -> None:
+    """Before a load, the LRU budget's estimate is the footprint: a quantized denoiser and an
+    offloaded model take less than the same files at full precision."""
+    from server.infrastructure.diffusion.pipelines import _estimate_bytes
+
+    full = BaseModelConfig("z", Architecture.Z_IMAGE, folder)
+    family = family_for(Architecture.Z_IMAGE)
+    assert family is not None
+    parts = component_bytes(full, family, 4)
+    assert _estimate_bytes(full, "cpu") == sum(parts.values())
+    assert _estimate_bytes(full, "cuda") == sum(parts.values()) // 2  # bfloat16
+    int8 = BaseModelConfig("z", Architecture.Z_IMAGE, folder, quantize="int8")
+    assert _estimate_bytes(int8, "cpu") == sum(parts.values()) - parts["transformer"] * 3 // 4
+    offloaded = BaseModelConfig("z", Architecture.Z_IMAGE, folder, offload="model")
+    assert _estimate_bytes(offloaded, "cuda") == max(parts.values()) // 2

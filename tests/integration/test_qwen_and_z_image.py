@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from server.application.commands import (
+    CancelGenerationCommand,
     GenerationRequest,
     HiresRequest,
     ImageInput,
@@ -32,6 +33,7 @@ from server.config import Settings
 from server.devtools.tiny_loras import LoraFormat, write_lora_for_pipeline
 from server.domain import generation_events as gen
 from server.domain.errors import ValidationError
+from server.domain.generation import GenerationState
 from server.domain.models import Architecture, BaseModelConfig, GenerationDefaults
 from server.infrastructure.diffusion.placeholder import build_tiny_qwen_image, build_tiny_z_image
 from server.infrastructure.diffusion.registry import load_pipeline
@@ -236,3 +238,22 @@ def test_what_the_family_does_not_take_is_refused_before_queueing(
     (violation,) = err.value.violations
     assert violation.field == field
     assert says in violation.description
+
+
+def test_a_running_generation_is_cancelled_between_steps(c: Container) -> None:
+    """The pipeline's step callback stops the call, as for every family."""
+    gid = c.commands.dispatch(
+        SubmitGenerationCommand(request=request(steps=150, prompt="slow")), ALICE
+    ).unwrap()[0]
+    handle = c.generations.handle(str(gid))
+    assert handle is not None
+    for event in handle.events():
+        if isinstance(event.payload, gen.Progress):
+            break
+    view = c.commands.dispatch(CancelGenerationCommand(generation_id=str(gid)), ALICE).unwrap()
+    assert view is not None
+    assert view.state is GenerationState.CANCELLED
+    events = list(handle.events())
+    assert isinstance(events[-1].payload, gen.Cancelled)
+    assert not any(isinstance(e.payload, gen.ImageChunk) for e in events)
+    assert max(e.payload.step for e in events if isinstance(e.payload, gen.Progress)) < 150

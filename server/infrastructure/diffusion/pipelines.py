@@ -21,6 +21,7 @@ from server.infrastructure.diffusion.adapters import AdapterCache, AdapterLoadEr
 from server.infrastructure.diffusion.controlnets import controlnet_hash, load_controlnet
 from server.infrastructure.diffusion.embeddings import EmbeddingCache
 from server.infrastructure.diffusion.families import ModelFamily, family_for
+from server.infrastructure.diffusion.footprint import DeviceMemory, resident_bytes
 from server.infrastructure.diffusion.registry import INPAINTING_CHANNELS, weights_bytes
 from server.infrastructure.gguf_header import GGUF_SUFFIX
 from server.infrastructure.lora_files import update_digest
@@ -222,7 +223,7 @@ class PipelineCache:
         import torch
 
         device = self.device()
-        need = _estimate_bytes(model)
+        need = _estimate_bytes(model, device)
         while self._budget and self._pipelines and self._resident() + need > self._budget:
             with self._lock:
                 name, evicted = self._pipelines.popitem(last=False)
@@ -247,6 +248,9 @@ class PipelineCache:
             if isinstance(component, torch.nn.Module)
             for p in component.parameters()
         )
+        if model.offload and device.startswith("cuda"):
+            # Offloaded: the components wait in host memory, one at a time on the device.
+            size = _estimate_bytes(model, device)
         # A configured budget also covers activations and adapters, which weights omit.
         size = max(size, int(model.vram_budget_gb * GIB))
         loaded = LoadedPipeline(
@@ -312,9 +316,17 @@ class PipelineCache:
             return sum(p.size_bytes for p in self._pipelines.values())
 
 
-def _estimate_bytes(model: BaseModelConfig) -> int:
+def _estimate_bytes(model: BaseModelConfig, device: str) -> int:
+    """What loading the model will put on the device, before it is loaded: its entry's own
+    budget, else its weights at the dtype it will run in, quantized or offloaded as set
+    (footprint.py), else its files' size."""
     if model.vram_budget_gb:
         return int(model.vram_budget_gb * GIB)
+    family = family_for(model.architecture)
+    if family is not None:
+        memory = DeviceMemory(0, device.startswith("cuda"), "")
+        if estimate := resident_bytes(model, family, memory):
+            return estimate
     return weights_bytes(model)
 
 
