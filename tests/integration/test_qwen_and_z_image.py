@@ -31,10 +31,16 @@ from server.application.queries import ListBaseModelsQuery
 from server.bootstrap import Container, bootstrap
 from server.config import Settings
 from server.devtools.tiny_loras import LoraFormat, write_lora_for_pipeline
+from server.devtools.tiny_upscalers import write_tiny_compact
 from server.domain import generation_events as gen
 from server.domain.errors import ValidationError
 from server.domain.generation import GenerationState
-from server.domain.models import Architecture, BaseModelConfig, GenerationDefaults
+from server.domain.models import (
+    Architecture,
+    BaseModelConfig,
+    GenerationDefaults,
+    UpscalerModelConfig,
+)
 from server.infrastructure.diffusion.placeholder import build_tiny_qwen_image, build_tiny_z_image
 from server.infrastructure.diffusion.registry import load_pipeline
 from tests.hostile_images import noise
@@ -104,12 +110,14 @@ def lora_root(
 
 @pytest.fixture
 def c(tmp_path: Path, model: BaseModelConfig, lora_root: Path) -> Iterator[Container]:
+    compact = write_tiny_compact(tmp_path / "compact.safetensors")
     settings = Settings(
         data_dir=tmp_path,
         storage_url="memory://",
         models=(model,),
         batch_wait_ms=300,
         lora_roots=(lora_root,),
+        upscalers=(UpscalerModelConfig("4x-Compact", compact),),
     )
     container = bootstrap(settings)
     yield container
@@ -197,14 +205,16 @@ def test_loras_in_each_format_give_the_same_image_and_come_off_exactly(
     assert np.array_equal(pixels(events_of(c)), plain)
 
 
-@pytest.mark.parametrize("upscaler", ["Latent", "Lanczos"])
+@pytest.mark.parametrize("upscaler", ["Latent", "Lanczos", "4x-Compact"])
 def test_a_hires_fix_upscales_latents_or_images_and_paints_them_again(
     c: Container, family: Family, upscaler: str
 ) -> None:
-    """Z-Image's latent upscalers resize the first pass's latents, Lanczos the decoded image;
-    Qwen-Image's img2img takes no latents, so it refuses latent upscalers before queueing."""
+    """Lanczos and an upscaler model (running in the transformer's device and dtype) upscale
+    the decoded image; neither family's img2img in diffusers takes latents (Qwen-Image's
+    refuses them, Z-Image's resizes them as pixels), so latent upscalers are refused before
+    queueing."""
     hires = HiresRequest(scale=2.0, steps=4, upscaler=upscaler)  # second pass at 0.7
-    if upscaler == "Latent" and family.architecture is Architecture.QWEN_IMAGE:
+    if upscaler == "Latent":
         with pytest.raises(ValidationError) as err:
             events_of(c, hires=hires)
         (violation,) = err.value.violations

@@ -362,8 +362,8 @@ class DiffusionExecutor:
             return None
         from server.infrastructure.diffusion.upscaler_models import upscale
 
-        unet = loaded.pipe.unet
-        net, scale = self._pipelines.upscaler(job.hires.model, str(unet.device), unet.dtype)
+        denoiser = loaded.denoiser
+        net, scale = self._pipelines.upscaler(job.hires.model, str(denoiser.device), denoiser.dtype)
         return lambda image: upscale(net, scale, image)
 
     def _run_upscales(self, live: Sequence[JobHandle], started: float) -> None:

@@ -71,6 +71,12 @@ class LoadedPipeline:
     controlnet_hashes: dict[str, str] = field(default_factory=dict)
 
     @property
+    def denoiser(self) -> Any:
+        """The denoising module (a UNet, or a transformer): its device and dtype are the
+        model's, for what runs beside it (ControlNets, upscaler models)."""
+        return getattr(self.pipe, self.family.denoiser)
+
+    @property
     def inpainting(self) -> bool:
         """A dedicated inpainting model: every mode runs as inpainting (base.as_inpainting).
         Only UNets have one (a transformer family has no `unet`)."""
@@ -155,8 +161,8 @@ class PipelineCache:
         loaded = self.get(job.model)
         self._load_controlnets(loaded, job)
         if job.hires is not None and job.hires.model is not None:
-            unet = loaded.pipe.unet
-            self.upscaler(job.hires.model, str(unet.device), unet.dtype)
+            denoiser = loaded.denoiser
+            self.upscaler(job.hires.model, str(denoiser.device), denoiser.dtype)
         self.verify_loras(job.loras)
         loaded.adapters.apply([AdapterSpec(x.sha256, x.path, x.weight, x.name) for x in job.loras])
         loaded.pipe.scheduler = loaded.scheduler(job.scheduler)

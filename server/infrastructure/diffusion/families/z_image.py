@@ -46,6 +46,10 @@ class ZImage(ModelFamily):
         Mode.INPAINT: "ZImageInpaintPipeline",
     }
     schedulers = FLOW_SCHEDULERS
+    # diffusers' Z-Image img2img does not know its latents' 16 channels (its image processor
+    # is built without vae_latent_channels) and resizes latents as if they were pixels:
+    # hires fix with image upscalers only.
+    latent_hires = False
     # A single file is the transformer in its original layout (fused qkv; diffusers
     # converts it), ComfyUI's prefixed one, or a GGUF of either; the rest is config_dir's.
     denoiser_file = True
