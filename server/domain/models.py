@@ -360,8 +360,10 @@ class BaseModelInfo:
     takes_negative_prompt: bool = True
     # False where the hires fix is not built for the family yet.
     hires_fix: bool = True
-    # False where the family's img2img takes no latents: hires fix with image upscalers only.
+    # False where the family's img2img takes no latents: hires fix with image upscalers only
+    # (`latent_hires_controlled`: with ControlNets).
     latent_hires: bool = True
+    latent_hires_controlled: bool = True
     # Its weights files' bytes on disk (0: not known).
     weights_bytes: int = 0
     # What width and height must be multiples of.

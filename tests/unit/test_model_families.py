@@ -197,12 +197,20 @@ def test_worker_adverts_carry_defaults_and_older_ones_get_the_familys(
         takes_negative_prompt=family.takes_negative_prompt,
         hires_fix=family.hires_fix,
         latent_hires=family.latent_hires,
+        latent_hires_controlled=family.latent_hires_controlled,
         size_multiple=family.size_multiple,
     )
     again = _model_info(json.loads(json.dumps(model_document(traits))))
-    names = ("schedulers", "takes_negative_prompt", "hires_fix", "latent_hires", "size_multiple")
+    names = (
+        "schedulers",
+        "takes_negative_prompt",
+        "hires_fix",
+        "latent_hires",
+        "latent_hires_controlled",
+        "size_multiple",
+    )
     assert [getattr(again, n) for n in names] == [getattr(family, n) for n in names]
-    for name in ("size_multiple", "latent_hires"):
+    for name in ("size_multiple", "latent_hires", "latent_hires_controlled"):
         del document[name]  # an older worker's advert: its family's
         assert getattr(_model_info(document), name) == getattr(family, name)
 

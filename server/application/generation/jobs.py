@@ -265,6 +265,14 @@ class GenerationJobs:
                     "unless true_cfg_scale is above 1",
                 )
             )
+        if true_cfg > 1 and request.controls:
+            violations.append(
+                FieldViolation(
+                    "spec.true_cfg_scale",
+                    "true CFG with ControlNets is not built (diffusers' FLUX ControlNet "
+                    "img2img and inpainting pipelines take no negative prompt)",
+                )
+            )
         if request.true_cfg_scale is not None and model.takes_negative_prompt:
             violations.append(
                 FieldViolation(
@@ -399,14 +407,16 @@ class GenerationJobs:
             return None
         name, model = self.upscaler(given.upscaler, "spec.hires.upscaler")
         builtin = find_upscaler(name)
-        if builtin is not None and builtin.latent and not base.latent_hires:
+        takes_latents = base.latent_hires and (base.latent_hires_controlled or not request.controls)
+        if builtin is not None and builtin.latent and not takes_latents:
             pixel = ", ".join(u.name for u in UPSCALERS if not u.latent)
             arch = base.config.architecture.value
             raise ValidationError(
                 FieldViolation(
                     "spec.hires.upscaler",
-                    f"model {base.config.name!r} ({arch}) takes no latents in its second pass; "
-                    f"use {pixel} or an upscaler model",
+                    f"model {base.config.name!r} ({arch}) takes no latents in its second pass"
+                    f"{' with ControlNets' if base.latent_hires else ''}; use {pixel} or an "
+                    "upscaler model",
                 )
             )
         hires = HiresFix(

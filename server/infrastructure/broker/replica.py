@@ -362,6 +362,7 @@ def model_document(info: BaseModelInfo) -> dict[str, Any]:
         "takes_negative_prompt": info.takes_negative_prompt,
         "hires_fix": info.hires_fix,
         "latent_hires": info.latent_hires,
+        "latent_hires_controlled": info.latent_hires_controlled,
         "weights_bytes": info.weights_bytes,
         "size_multiple": info.size_multiple,
         "defaults": {
@@ -410,6 +411,9 @@ def _model_info(doc: dict[str, Any]) -> BaseModelInfo:
         takes_negative_prompt=bool(doc.get("takes_negative_prompt", True)),
         hires_fix=bool(doc.get("hires_fix", True)),
         latent_hires=bool(doc.get("latent_hires", family.latent_hires if family else True)),
+        latent_hires_controlled=bool(
+            doc.get("latent_hires_controlled", family.latent_hires_controlled if family else True)
+        ),
         weights_bytes=int(doc.get("weights_bytes", 0)),
         size_multiple=int(doc.get("size_multiple", family.size_multiple if family else 8)),
     )

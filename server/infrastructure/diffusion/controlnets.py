@@ -10,10 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from server.domain.models import Architecture, ControlNetConfig, ControlNetInfo
+from server.infrastructure.diffusion.families import ModelFamily, family_for
 from server.infrastructure.lora_files import update_digest
 from server.infrastructure.safetensors_header import HeaderError, read_header
 
 CONFIG = "config.json"
+SD_CONTROLNET = "ControlNetModel"
+# The config key holding the width of the text embedding a ControlNet takes, by class.
+_TEXT_WIDTH = {SD_CONTROLNET: "cross_attention_dim", "FluxControlNetModel": "joint_attention_dim"}
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 # Keys a single file holds in diffusers' layout, and in the original (lllyasviel) one.
 DIFFUSERS_KEY = "controlnet_cond_embedding."
@@ -36,8 +40,16 @@ def inspect_controlnet(config: ControlNetConfig) -> ControlNetInfo:
 
 def _inspect(config: ControlNetConfig) -> str:
     path = config.path
+    family = family_for(config.architecture)
+    if family is None or not family.controlnet_pipelines:
+        return f"ControlNets are not built for {config.architecture.value} models yet"
     if not path.exists():
         return f"{path} does not exist"
+    if path.is_file() and family.controlnet_class != SD_CONTROLNET:
+        return (
+            f"{path}: {config.architecture.value} ControlNets are loaded from diffusers "
+            "folders (config.json beside diffusion_pytorch_model.safetensors)"
+        )
     if path.is_file():
         error = _inspect_file(path, config.architecture)
         if error:
@@ -81,8 +93,12 @@ def _inspect_config(folder: Path, architecture: Architecture) -> str:
     except (OSError, ValueError) as exc:
         return f"{folder / CONFIG}: not a diffusers ControlNet config ({exc.__class__.__name__})"
     kind = config.get("_class_name", "") if isinstance(config, dict) else ""
-    if kind != "ControlNetModel":
-        return f"{folder / CONFIG} describes a {kind or 'unknown model'}, not a ControlNetModel"
+    family = family_for(architecture)
+    expected = SD_CONTROLNET if family is None else family.controlnet_class
+    if kind != expected:
+        return f"{folder / CONFIG} describes a {kind or 'unknown model'}, not a {expected}"
+    if expected != SD_CONTROLNET:
+        return ""
     xl = config.get("addition_embed_type") == "text_time"
     if xl != (architecture is Architecture.SDXL):
         found = "an SDXL" if xl else "an SD1/SD2"
@@ -90,38 +106,41 @@ def _inspect_config(folder: Path, architecture: Architecture) -> str:
     return ""
 
 
-def load_controlnet(config: ControlNetConfig, unet: Any) -> Any:
-    """The ControlNet in `unet`'s device and dtype. Raises ControlNetLoadError when its
-    files do not load or it does not fit the UNet (a text encoder of another width)."""
-    from diffusers import ControlNetModel
+def load_controlnet(config: ControlNetConfig, denoiser: Any, family: ModelFamily) -> Any:
+    """The ControlNet in the `denoiser`'s (UNet's or transformer's) device and dtype. Raises
+    ControlNetLoadError when its files do not load or it does not fit the denoiser (a text
+    encoder of another width)."""
+    import diffusers
 
+    controlnet_class = getattr(diffusers, family.controlnet_class)
     try:
         if config.path.is_file():
-            model = ControlNetModel.from_single_file(
+            model = controlnet_class.from_single_file(
                 str(config.path),
                 config=str(config.config_dir),
                 local_files_only=True,
-                torch_dtype=unet.dtype,
+                torch_dtype=denoiser.dtype,
             )
         else:
-            model = ControlNetModel.from_pretrained(
+            model = controlnet_class.from_pretrained(
                 str(config.path),
                 local_files_only=True,
                 use_safetensors=True,
-                torch_dtype=unet.dtype,
+                torch_dtype=denoiser.dtype,
             )
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise ControlNetLoadError(
             f"ControlNet {config.name!r} could not be loaded ({exc.__class__.__name__}); "
             "see the server's log"
         ) from exc
-    width, expected = model.config.cross_attention_dim, unet.config.cross_attention_dim
+    key = _TEXT_WIDTH[family.controlnet_class]
+    width, expected = getattr(model.config, key), getattr(denoiser.config, key)
     if width != expected:
         raise ControlNetLoadError(
             f"ControlNet {config.name!r} takes a {width}-wide text embedding, the model "
             f"gives {expected}: it was trained for another base model"
         )
-    model.to(unet.device)
+    model.to(denoiser.device)
     model.requires_grad_(False)
     return model
 

@@ -96,12 +96,11 @@ class LoadedPipeline:
         if variant is None:
             extra: dict[str, Any] = {}
             if controls:
-                from diffusers.models.controlnets import MultiControlNetModel
+                import diffusers
 
                 models = [self.controlnets[name] for name in controls]
-                extra["controlnet"] = (
-                    models[0] if len(models) == 1 else MultiControlNetModel(models)
-                )
+                several = getattr(diffusers, self.family.multi_controlnet_class)
+                extra["controlnet"] = models[0] if len(models) == 1 else several(models)
             variant = pipeline_class.from_pipe(self.pipe, **extra)
             variant.set_progress_bar_config(disable=True)
             self.variants[key] = variant
@@ -175,7 +174,7 @@ class PipelineCache:
             config = control.controlnet
             if config.name in loaded.controlnets:
                 continue
-            model = load_controlnet(config, loaded.pipe.unet)
+            model = load_controlnet(config, loaded.denoiser, loaded.family)
             loaded.controlnets[config.name] = model
             loaded.controlnet_hashes[config.name] = controlnet_hash(config, self._controlnet_hashes)
             loaded.size_bytes += sum(p.numel() * p.element_size() for p in model.parameters())

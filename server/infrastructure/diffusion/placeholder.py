@@ -187,6 +187,37 @@ def build_tiny_controlnet(folder: Path, base: Path, *, seed: int = 0) -> Path:
     return folder
 
 
+def build_tiny_flux_controlnet(folder: Path, base: Path, *, seed: int = 0) -> Path:
+    """A random-weight FLUX ControlNet (InstantX layout) for the tiny FLUX model in `base`,
+    in diffusers' layout: one double- and one single-stream block copied from its transformer,
+    with the zero-initialised projections (the control image's embedder, each block's
+    output) randomised so that tests see it steer."""
+    import torch
+    from diffusers import FluxControlNetModel, FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel.from_pretrained(base / "transformer")
+    controlnet = FluxControlNetModel.from_transformer(
+        transformer,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=transformer.config.attention_head_dim,
+        num_attention_heads=transformer.config.num_attention_heads,
+    )
+    with torch.no_grad():
+        outputs = [*controlnet.controlnet_blocks, *controlnet.controlnet_single_blocks]
+        for linear in [*outputs, controlnet.controlnet_x_embedder]:
+            linear.weight.normal_(0.0, 0.5)
+            linear.bias.normal_(0.0, 0.1)
+    controlnet.save_pretrained(folder, safe_serialization=True)
+    # from_transformer keeps the transformer's `out_channels`, which the class does not take
+    # (diffusers warns on every load): dropped, as in published FLUX ControlNets.
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("out_channels", None)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
 def _t5_tokenizer() -> Any:
     """A T5-style Unigram tokenizer (`<pad>` 0, `</s>` 1, `<unk>` 2) over printable ASCII, each
     character alone or starting a word (SentencePiece's `▁`), built in memory: no sentencepiece

@@ -342,6 +342,7 @@ def _traits(config: BaseModelConfig) -> dict[str, Any]:
         "takes_negative_prompt": family.takes_negative_prompt,
         "hires_fix": family.hires_fix,
         "latent_hires": family.latent_hires,
+        "latent_hires_controlled": family.latent_hires_controlled,
         "size_multiple": family.size_multiple,
     }
 

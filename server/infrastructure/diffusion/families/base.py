@@ -117,6 +117,9 @@ class ModelFamily(ABC):
     # The diffusers pipeline class of each mode (text to image too) with ControlNets; none:
     # the family takes no ControlNet.
     controlnet_pipelines: ClassVar[dict[str, str]] = {}
+    # The diffusers classes of the family's ControlNets, one and several at once.
+    controlnet_class: ClassVar[str] = "ControlNetModel"
+    multi_controlnet_class: ClassVar[str] = "MultiControlNetModel"
     # The `scheduler` names the family samples with (flow-matching families: their own).
     schedulers: ClassVar[tuple[str, ...]] = NOISE_SCHEDULERS
     # Guidance-distilled families (FLUX) take no negative prompt: it would be ignored.
@@ -127,6 +130,8 @@ class ModelFamily(ABC):
     # Whether the hires fix is built for the family, and with the latent upscalers too.
     hires_fix: ClassVar[bool] = True
     latent_hires: ClassVar[bool] = True
+    # ... and with latent upscalers when ControlNets steer the second pass.
+    latent_hires_controlled: ClassVar[bool] = True
     # Whether single-file checkpoints of the family are loaded (else: diffusers folders only).
     single_file: ClassVar[bool] = True
     # Whether a single file holds the denoiser alone (safetensors or GGUF), the rest of the
@@ -243,13 +248,15 @@ def prompt_arguments(rows: BatchRows) -> dict[str, Any]:
     return {"prompt": rows.prompts, "negative_prompt": negative}
 
 
-def image_arguments(rows: BatchRows, *, controls_row_first: bool = False) -> dict[str, Any]:
+def image_arguments(
+    rows: BatchRows, *, controls_row_first: bool = False, control_key: str | None = None
+) -> dict[str, Any]:
     """What each mode adds to the call: the size (text to image, inpainting), the images
     and the strength (img2img), the masks too (inpainting); latents out for a hires fix's
     first pass."""
     call = rows.call
     out: dict[str, Any] = {"output_type": call.output_type}
-    out |= control_arguments(rows, row_first=controls_row_first)
+    out |= control_arguments(rows, row_first=controls_row_first, key=control_key)
     if call.mode == Mode.TEXT_TO_IMAGE:
         return out | {
             "width": call.width,
@@ -267,18 +274,20 @@ def image_arguments(rows: BatchRows, *, controls_row_first: bool = False) -> dic
     return out
 
 
-def control_arguments(rows: BatchRows, *, row_first: bool = False) -> dict[str, Any]:
+def control_arguments(
+    rows: BatchRows, *, row_first: bool = False, key: str | None = None
+) -> dict[str, Any]:
     """diffusers' ControlNet arguments: the control images are `image` in text to image and
-    `control_image` beside the init image; one ControlNet takes a list of rows, several a
-    list (per ControlNet) of lists, or (`row_first`) a list per row of one image per
-    ControlNet."""
+    `control_image` beside the init image (`key`: one name for every mode); one ControlNet
+    takes a list of rows, several a list (per ControlNet) of lists, or (`row_first`) a list
+    per row of one image per ControlNet."""
     controls = rows.job.controls
     if not controls:
         return {}
     images: Any = rows.controls[0] if len(controls) == 1 else rows.controls
     if row_first and len(controls) > 1:
         images = [list(row) for row in zip(*rows.controls, strict=True)]
-    key = "image" if rows.call.mode == Mode.TEXT_TO_IMAGE else "control_image"
+    key = key or ("image" if rows.call.mode == Mode.TEXT_TO_IMAGE else "control_image")
 
     def each(values: list[float]) -> Any:
         return values[0] if len(values) == 1 else values
@@ -309,9 +318,11 @@ def transformer_call(
     The size is always given: their img2img pipelines otherwise make their default size, not
     the init image's. `guidance_argument`: the pipeline's name for the request's guidance."""
     call = rows.call
+    # Their ControlNet pipelines take `control_image` in every mode.
+    inputs = image_arguments(rows, control_key="control_image")
     result = pipe(
         **prompts,
-        **({"width": call.width, "height": call.height} | image_arguments(rows)),
+        **({"width": call.width, "height": call.height} | inputs),
         **{guidance_argument: rows.job.guidance_scale},
         num_images_per_prompt=1,
         generator=rows.generators,

@@ -49,6 +49,16 @@ class Flux(ModelFamily):
         Mode.IMAGE_TO_IMAGE: "FluxImg2ImgPipeline",
         Mode.INPAINT: "FluxInpaintPipeline",
     }
+    # InstantX/Shakker-Labs-style FLUX ControlNets (diffusers folders), Union ones too.
+    controlnet_pipelines = {
+        Mode.TEXT_TO_IMAGE: "FluxControlNetPipeline",
+        Mode.IMAGE_TO_IMAGE: "FluxControlNetImg2ImgPipeline",
+        Mode.INPAINT: "FluxControlNetInpaintPipeline",
+    }
+    # diffusers' FLUX ControlNet img2img treats latents given as `image` as pixels.
+    latent_hires_controlled = False
+    controlnet_class = "FluxControlNetModel"
+    multi_controlnet_class = "FluxMultiControlNetModel"
     schedulers = FLOW_SCHEDULERS
     # True CFG runs two transformer passes a step where plain FLUX runs one.
     batch_fields = ("true_cfg_scale",)
