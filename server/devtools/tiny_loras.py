@@ -32,6 +32,7 @@ __all__ = ["FLUX_TARGETS", "FluxLoraFormat", "write_flux_lora", "write_lora_for_
 LoraFormat = Literal["kohya", "peft", "diffusion_model"]
 
 _UNET_TARGET = re.compile(r"\.attn[12]\.(?:to_q|to_k|to_v|to_out\.0)$")
+_UNET_CONV = re.compile(r"\.attentions\.\d+\.(?:proj_in|proj_out)$")
 # The transformers' attention projections: FLUX's double- and single-stream blocks, SD3's and
 # Qwen-Image's joint blocks (`attn`), Z-Image's single-stream layers and refiners
 # (`attention`).
@@ -59,6 +60,8 @@ def write_lora_for_pipeline(
     scale: float = 1.0,
     text_encoder: bool = True,
     metadata: dict[str, str] | None = None,
+    alpha: float | None = None,
+    convs: bool = False,
 ) -> Path:
     """Writes a LoRA for every attention projection of `pipe`'s UNet, or transformer (FLUX,
     peft format only), and text encoders.
@@ -67,6 +70,9 @@ def write_lora_for_pipeline(
     deviation of `scale` times that of the weight it changes: at 1.0 the change is as large as
     the weight itself, which shows in any image. Kohya files for SDXL use the SGM block names
     (input_blocks/middle_block/output_blocks) that kohya's trainer writes and diffusers maps back.
+    `alpha` (kohya only; default: the rank) scales the delta by alpha / rank, as trainers do;
+    `convs` adds the UNet's convolution projections (SD1's 1x1 proj_in/proj_out), as kohya's
+    trainer targets them.
     """
     if rank <= 0:
         raise ValueError("rank must be positive")
@@ -78,6 +84,8 @@ def write_lora_for_pipeline(
         if fmt == "diffusion_model":
             raise ValueError("diffusion_model names are written for transformers only")
         targets = [("unet", name, module) for name, module in _modules(unet, _UNET_TARGET)]
+        if convs:
+            targets += [("unet", n, m) for n, m in _modules(unet, _UNET_CONV, conv=True)]
     else:
         if fmt != "peft" and type(pipe.transformer).__name__ in _RENAMED_TRANSFORMERS:
             raise ValueError(
@@ -96,10 +104,11 @@ def write_lora_for_pipeline(
         raise ValueError(f"{type(pipe).__name__} has no attention projections to target")
     for component, module_name, module in targets:
         weight = module.weight.detach().float().cpu().numpy()
-        out_features, in_features = weight.shape
+        out_features, in_features, *kernel = weight.shape
         std = scale * float(weight.std() or 1.0)
-        down = rng.standard_normal((rank, in_features)) / math.sqrt(in_features)
+        down = rng.standard_normal((rank, in_features, *kernel)) / math.sqrt(in_features)
         up = rng.standard_normal((out_features, rank)) * std * math.sqrt(in_features / rank)
+        up = up.reshape(out_features, rank, *[1] * len(kernel))
         if fmt == "diffusion_model":
             tensors[f"diffusion_model.{module_name}.lora_A.weight"] = down.astype(np.float16)
             tensors[f"diffusion_model.{module_name}.lora_B.weight"] = up.astype(np.float16)
@@ -107,7 +116,7 @@ def write_lora_for_pipeline(
             key = _kohya_name(component, module_name, sdxl=sdxl, unet=unet)
             tensors[f"{key}.lora_down.weight"] = down.astype(np.float16)
             tensors[f"{key}.lora_up.weight"] = up.astype(np.float16)
-            tensors[f"{key}.alpha"] = np.array(rank, dtype=np.float16)
+            tensors[f"{key}.alpha"] = np.array(alpha or rank, dtype=np.float16)
         else:
             tensors[f"{component}.{module_name}.lora_A.weight"] = down.astype(np.float16)
             tensors[f"{component}.{module_name}.lora_B.weight"] = up.astype(np.float16)
@@ -116,14 +125,16 @@ def write_lora_for_pipeline(
     return path
 
 
-def _modules(model: Any, pattern: re.Pattern[str]) -> list[tuple[str, Any]]:
-    """Plain linear projections only: a module already wrapped by peft has its own names."""
+def _modules(model: Any, pattern: re.Pattern[str], *, conv: bool = False) -> list[tuple[str, Any]]:
+    """Plain linear (or convolution) projections only: a module already wrapped by peft has
+    its own names."""
     import torch
 
+    kind = torch.nn.Conv2d if conv else torch.nn.Linear
     return [
         (name, module)
         for name, module in model.named_modules()
-        if pattern.search(name) and type(module) is torch.nn.Linear
+        if pattern.search(name) and type(module) is kind
     ]
 
 

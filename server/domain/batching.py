@@ -19,12 +19,13 @@ def batch_key(job: GenerationJob) -> BatchKey:
     prompt is part of it because SDXL zeroes an absent one. img2img and inpainting jobs
     batch among their own kind at one strength: their images and masks are per row, and an
     inpainting job's "only masked" crop is scaled to the shared size. ControlNets, their
-    weights and step ranges are shared; control images are per row. A model family can add
+    weights and step ranges are shared; control images are per row. LoRAs are per row too
+    (jobs asking for different ones run as one batch of per-row deltas: the executor's
+    row_loras), so they are not in the key. A model family can add
     fields of its own (`BaseModelConfig.batch_fields`). Text, so a replica can put it in a
     broker message and a worker compare it without rebuilding the job."""
     fields: dict[str, object] = {
         "model": job.model.name,
-        "loras": sorted([lora.sha256, lora.weight] for lora in job.loras),
         "size": [job.width, job.height],
         "steps": job.steps,
         "scheduler": job.scheduler,

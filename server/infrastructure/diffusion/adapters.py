@@ -164,6 +164,23 @@ class AdapterCache:
             self.restore()
             raise
 
+    def load_unfused(self, specs: Sequence[AdapterSpec]) -> dict[str, str]:
+        """For a batch that mixes LoRAs (row_loras.py): every LoRA of `specs` loaded (the
+        least recently used others evicted for room), none active and nothing fused, so the
+        pipeline computes with its exact base weights until per-row deltas are hooked in.
+        Returns each LoRA's peft adapter name by key. Raises as `apply` does, leaving the
+        pipeline at its base weights."""
+        unique = list({spec.key: spec for spec in specs}.values())
+        self.restore()
+        try:
+            self._make_room(unique)
+            for spec in unique:
+                self._ensure_loaded(spec)
+        finally:
+            self._touched = True  # loads activate adapters: restore() must disable them
+            self._pipe.disable_lora()
+        return {spec.key: self._loaded[spec.key].adapter for spec in unique}
+
     def restore(self) -> None:
         """Back to the exact base weights with no adapter active; loaded adapters stay cached,
         disabled."""

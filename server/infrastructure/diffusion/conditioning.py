@@ -17,7 +17,8 @@ runs one call per group, which keeps every image independent of its batch."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,15 @@ from server.domain.emphasis import parse_emphasis
 
 CHUNK = 75  # tokens between the start and end tokens of CLIP's 77
 COMMA_BACKTRACK = 20  # A1111's comma_padding_backtrack default
+
+# What runs around a model call over some rows of the batch (their indices): a batch that
+# mixes LoRAs says there which LoRAs each input row gets (row_loras.MixedPlan.rows).
+RowScope = Callable[[Sequence[int]], AbstractContextManager[None]]
+
+
+def all_rows(_rows: Sequence[int]) -> AbstractContextManager[None]:
+    """The scope of a batch whose rows all compute alike."""
+    return nullcontext()
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,11 +172,13 @@ def encode_batch(
     encoders: Sequence[TextEncoder],
     prompts: Sequence[str],
     negative_prompts: Sequence[str],
+    scope: RowScope = all_rows,
 ) -> list[ConditionedGroup]:
     """The embeddings of every row, grouped by chunk count (the largest of prompt and
     negative prompt, over every text encoder). With no negative prompt in the batch, a
     pipeline that zeroes the unconditional embedding (SDXL's force_zeros_for_empty_prompt)
-    is left to do so, as without emphasis."""
+    is left to do so, as without emphasis. Each encoder call runs inside `scope(rows)`, the
+    rows it encodes (a batch mixing LoRAs computes each row's text-encoder LoRAs there)."""
     import torch
 
     zero_negative = not any(negative_prompts) and bool(
@@ -187,13 +199,15 @@ def encode_batch(
         cond_parts, uncond_parts = [], []
         pooled = negative_pooled = None
         for spec, (cond, uncond, empty) in zip(encoders, per_encoder, strict=True):
-            hidden, pool = _encode(pipe, spec, [_pad_to(cond[i], length, empty) for i in rows])
+            with scope(rows):
+                hidden, pool = _encode(pipe, spec, [_pad_to(cond[i], length, empty) for i in rows])
             cond_parts.append(hidden)
             pooled = pool if spec.pooled else pooled
             if not zero_negative:
-                hidden, pool = _encode(
-                    pipe, spec, [_pad_to(uncond[i], length, empty) for i in rows]
-                )
+                with scope(rows):
+                    hidden, pool = _encode(
+                        pipe, spec, [_pad_to(uncond[i], length, empty) for i in rows]
+                    )
                 uncond_parts.append(hidden)
                 negative_pooled = pool if spec.pooled else negative_pooled
         kwargs: dict[str, Any] = {"prompt_embeds": torch.cat(cond_parts, dim=-1)}

@@ -1,8 +1,10 @@
 """The generation executor: one worker thread owns the device, the pipelines and their LoRAs.
-Requests wait in a bounded queue (job_queue.py); compatible jobs (same model, LoRAs, size,
-steps, scheduler, guidance; any textual-inversion embeddings) run as one batch, each image
-with its own seeded generator, in the call its model family makes (families/). Every job's
-events go to a replayable handle (handles.py) that any number of readers follow."""
+Requests wait in a bounded queue (job_queue.py); compatible jobs (same model, size, steps,
+scheduler, guidance; any LoRAs and textual-inversion embeddings) run as one batch, each image
+with its own seeded generator, in the call its model family makes (families/). A batch whose
+jobs share one LoRA set runs it fused; one that mixes LoRAs adds each row's own
+(row_loras.py). Every job's events go to a replayable handle (handles.py) that any number of
+readers follow."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from server.domain.errors import Reason
 from server.domain.generation_events import (
@@ -28,10 +30,10 @@ from server.domain.generation_events import (
     Timings,
     image_chunks,
 )
-from server.domain.generation_job import GenerationJob
+from server.domain.generation_job import GenerationJob, ResolvedLora
 from server.infrastructure.diffusion import hires, image_inputs
 from server.infrastructure.diffusion.adapters import AdapterLoadError
-from server.infrastructure.diffusion.conditioning import ConditionedGroup
+from server.infrastructure.diffusion.conditioning import ConditionedGroup, RowScope, all_rows
 from server.infrastructure.diffusion.controlnets import ControlNetLoadError
 from server.infrastructure.diffusion.embeddings import EmbeddingSpec
 from server.infrastructure.diffusion.estimates import StepCosts, describe_seconds
@@ -53,6 +55,7 @@ from server.infrastructure.diffusion.pipelines import (
 )
 from server.infrastructure.diffusion.previews import preview_jpeg
 from server.infrastructure.diffusion.registry import load_pipeline
+from server.infrastructure.diffusion.row_loras import MixedPlan, NotMixable
 from server.infrastructure.input_images import open_rgb
 
 log = logging.getLogger("loracle.executor")
@@ -74,6 +77,11 @@ class ExecutorStats:
     model_loads: int = 0
     model_evictions: int = 0
     out_of_memory: int = 0
+    # Batches whose rows asked for different LoRAs (per-row deltas), the distinct LoRA files
+    # of each, and the time the worker spent loading LoRAs for them.
+    mixed_batches: int = 0
+    distinct_loras: list[int] = field(default_factory=list)
+    adapter_wait_seconds: float = 0.0
 
 
 class DiffusionExecutor:
@@ -210,8 +218,6 @@ class DiffusionExecutor:
                     self._images.sweep_if_due()
 
     def _run_batch(self, batch: list[JobHandle]) -> None:
-        import torch
-
         # 1. Drop cancelled jobs
         live = [h for h in batch if not h.cancelled]
         for handle in batch:
@@ -219,17 +225,51 @@ class DiffusionExecutor:
                 handle.publish(Cancelled())
         if not live:
             return
+        if live[0].job.upscale is not None:
+            self._run_upscales(live, time.monotonic())
+            return
+        self._run_jobs(live, mix=True)
+
+    def _run_jobs(self, live: list[JobHandle], *, mix: bool) -> None:
+
         job = live[0].job  # the fields every job of the batch shares
         started = time.monotonic()
-        if job.upscale is not None:
-            self._run_upscales(live, started)
-            return
 
-        # 2. Resolve the pipeline, LoRAs and scheduler (and, for a model this server has not
-        #    timed yet, warn the batch if it will be slow)
-        loaded = self._prepare(live, job)
-        if loaded is None:
-            return
+        # 2. Resolve the pipeline, LoRAs and scheduler: the jobs' one LoRA set fused, or each
+        #    row's own LoRAs as per-row deltas (row_loras.py) when the jobs ask for different
+        #    ones; if those cannot be computed per row, each set runs on its own, fused. For a
+        #    model this server has not timed yet, warn the batch if it will be slow.
+        plan: MixedPlan | None = None
+        if mix and len(_lora_sets(live)) > 1:
+            prepared = self._prepare_mixed(live, job)
+            if prepared is None:
+                return
+            if isinstance(prepared, NotMixable):
+                log.info("running a batch's LoRA sets one after another: %s", prepared)
+                for part in _lora_sets(live).values():
+                    self._run_jobs(part, mix=False)
+                return
+            live, loaded, plan = prepared
+        else:
+            loaded_or_none = self._prepare(live, job)
+            if loaded_or_none is None:
+                return
+            loaded = loaded_or_none
+        try:
+            self._run_prepared(live, loaded, plan, started)
+        finally:
+            if plan is not None:
+                plan.close()
+
+    def _run_prepared(
+        self,
+        live: list[JobHandle],
+        loaded: LoadedPipeline,
+        plan: MixedPlan | None,
+        started: float,
+    ) -> None:
+        import torch
+
         live = self._apply_embeddings(live, loaded)
         if not live:
             return
@@ -240,6 +280,12 @@ class DiffusionExecutor:
         rows: list[Row] = [(h, i) for h in live for i in range(h.job.num_images)]
         self.stats.batches += 1
         self.stats.batch_sizes.append(len(rows))
+        scope: RowScope = all_rows
+        if plan is not None:
+            slots = [plan.slot_of(_lora_key(h)) for h, _ in rows]
+            scope = lambda part: plan.rows([slots[i] for i in part])  # noqa: E731
+            self.stats.mixed_batches += 1
+            self.stats.distinct_loras.append(len({x.sha256 for h in live for x in h.job.loras}))
         for handle in live:
             handle.publish(Started(len(rows)))
 
@@ -258,9 +304,11 @@ class DiffusionExecutor:
                     loaded.embeddings.prompt(h.job.negative_prompt, h.job.embeddings)
                     for h, _ in rows
                 ],
+                scope,
             )
             for group in groups:
-                span = self._denoise(rows, inputs, group, loaded, started, images)
+                with scope(group.rows):
+                    span = self._denoise(rows, inputs, group, loaded, started, images)
                 if span is not None:
                     spans.append(span)
         except torch.OutOfMemoryError:
@@ -436,10 +484,45 @@ class DiffusionExecutor:
 
     def _prepare(self, live: Sequence[JobHandle], job: GenerationJob) -> LoadedPipeline | None:
         """The pipeline ready for the batch, or None once the batch has been failed."""
+        return self._failing_batch(live, job, lambda: self._pipelines.prepare(job))
+
+    def _prepare_mixed(
+        self, live: list[JobHandle], job: GenerationJob
+    ) -> tuple[list[JobHandle], LoadedPipeline, MixedPlan] | NotMixable | None:
+        """The pipeline and per-row LoRA plan for jobs asking for different LoRAs; the jobs
+        needing a LoRA that cannot be loaded fail (LORA_LOAD_FAILED, its file's hash) and the
+        others go on. NotMixable: run the LoRA sets apart. None: every job has failed."""
+        while len(_lora_sets(live)) > 1:
+            sets = {key: part[0].job.loras for key, part in _lora_sets(live).items()}
+
+            def ready(sets: dict[_LoraKey, tuple[ResolvedLora, ...]] = sets) -> _Mixed:
+                try:
+                    return self._pipelines.prepare_mixed(job, sets)
+                except (NotMixable, AdapterLoadError) as exc:
+                    return exc
+
+            began = time.monotonic()
+            outcome = self._failing_batch(live, job, ready)
+            self.stats.adapter_wait_seconds += time.monotonic() - began
+            if outcome is None or isinstance(outcome, NotMixable):
+                return outcome
+            if isinstance(outcome, AdapterLoadError):
+                failed = [h for h in live if any(x.sha256 == outcome.sha256 for x in h.job.loras)]
+                for handle in failed or live:
+                    handle.publish(Failed(str(outcome), Reason.LORA_LOAD_FAILED, outcome.sha256))
+                live = [h for h in live if h not in failed] if failed else []
+                continue
+            return (live, *outcome)
+        return NotMixable("one LoRA set is left") if live else None
+
+    def _failing_batch(
+        self, live: Sequence[JobHandle], job: GenerationJob, ready: Callable[[], _T]
+    ) -> _T | None:
+        """`ready()`, or None once its error has failed every job of the batch."""
         import torch
 
         try:
-            return self._pipelines.prepare(job)
+            return ready()
         except AdapterLoadError as exc:
             for handle in live:
                 handle.publish(Failed(str(exc), Reason.LORA_LOAD_FAILED, exc.sha256))
@@ -664,3 +747,24 @@ class _StepWatcher:
         if self._steps > 1 and last > first:
             first = max(self._started, first - (last - first) / (self._steps - 1))
         return first, last
+
+
+_T = TypeVar("_T")
+# What preparing a mixed batch gives: the pipeline and its plan, or why not.
+_Mixed = tuple[LoadedPipeline, MixedPlan] | NotMixable | AdapterLoadError
+
+
+# A job's LoRA set: its files and weights, in any order.
+_LoraKey = tuple[tuple[str, float], ...]
+
+
+def _lora_key(handle: JobHandle) -> _LoraKey:
+    return tuple(sorted((x.sha256, float(x.weight)) for x in handle.job.loras))
+
+
+def _lora_sets(live: Sequence[JobHandle]) -> dict[_LoraKey, list[JobHandle]]:
+    """The jobs by LoRA set, in order of first appearance."""
+    sets: dict[_LoraKey, list[JobHandle]] = {}
+    for handle in live:
+        sets.setdefault(_lora_key(handle), []).append(handle)
+    return sets

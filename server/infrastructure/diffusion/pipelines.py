@@ -9,10 +9,10 @@ import hashlib
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from server.domain.generation_job import GenerationJob, ResolvedLora
 from server.domain.models import BaseModelConfig, UpscalerModelConfig
@@ -23,10 +23,13 @@ from server.infrastructure.diffusion.embeddings import EmbeddingCache
 from server.infrastructure.diffusion.families import ModelFamily, family_for
 from server.infrastructure.diffusion.footprint import DeviceMemory, resident_bytes
 from server.infrastructure.diffusion.registry import INPAINTING_CHANNELS, weights_bytes
+from server.infrastructure.diffusion.row_loras import MixedPlan, build_plan
 from server.infrastructure.gguf_header import GGUF_SUFFIX
 from server.infrastructure.lora_files import update_digest
 
 log = logging.getLogger("loracle.executor")
+
+K = TypeVar("K", bound=Hashable)
 
 GIB = 1024**3
 # Upscaler models kept loaded (each tens of MB; a hires fix uses one).
@@ -157,13 +160,36 @@ class PipelineCache:
         """The job's model on the device with exactly its LoRAs applied and its scheduler
         set. Raises AdapterLoadError for a LoRA that cannot be applied, OSError or ValueError
         for a model that cannot be loaded, and torch's OutOfMemoryError."""
+        loaded = self._ready(job)
+        self.verify_loras(job.loras)
+        loaded.adapters.apply([_spec(x) for x in job.loras])
+        return loaded
+
+    def prepare_mixed(
+        self, job: GenerationJob, sets: Mapping[K, Sequence[ResolvedLora]]
+    ) -> tuple[LoadedPipeline, MixedPlan]:
+        """The job's model for a batch whose jobs ask for different LoRA sets (by the
+        caller's label): every LoRA loaded, none fused, and a plan hooking in each row's own
+        deltas (close it after the batch). Raises as `prepare` does, and
+        row_loras.NotMixable (nothing hooked) for LoRAs that cannot be computed per row."""
+        loaded = self._ready(job)
+        every = [lora for loras in sets.values() for lora in loras]
+        self.verify_loras(every)
+        names = loaded.adapters.load_unfused([_spec(x) for x in every])
+        labelled = {
+            label: tuple((names[x.sha256], float(x.weight)) for x in loras)
+            for label, loras in sets.items()
+        }
+        plan = build_plan(loaded.pipe, loaded.family.lora_components, labelled)
+        return loaded, plan
+
+    def _ready(self, job: GenerationJob) -> LoadedPipeline:
+        """The job's model loaded, with its ControlNets, hires upscaler and scheduler."""
         loaded = self.get(job.model)
         self._load_controlnets(loaded, job)
         if job.hires is not None and job.hires.model is not None:
             denoiser = loaded.denoiser
             self.upscaler(job.hires.model, str(denoiser.device), denoiser.dtype)
-        self.verify_loras(job.loras)
-        loaded.adapters.apply([AdapterSpec(x.sha256, x.path, x.weight, x.name) for x in job.loras])
         loaded.pipe.scheduler = loaded.scheduler(job.scheduler)
         return loaded
 
@@ -319,6 +345,10 @@ class PipelineCache:
     def _resident(self) -> int:
         with self._lock:
             return sum(p.size_bytes for p in self._pipelines.values())
+
+
+def _spec(lora: ResolvedLora) -> AdapterSpec:
+    return AdapterSpec(lora.sha256, lora.path, lora.weight, lora.name)
 
 
 def _estimate_bytes(model: BaseModelConfig, device: str) -> int:

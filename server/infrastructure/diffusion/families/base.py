@@ -17,7 +17,13 @@ from server.domain.generation_job import GenerationJob, Mode
 from server.domain.models import Architecture, BaseModelConfig, GenerationDefaults
 from server.domain.schedulers import NOISE_SCHEDULERS
 from server.domain.upscalers import find_upscaler
-from server.infrastructure.diffusion.conditioning import ConditionedGroup, TextEncoder, encode_batch
+from server.infrastructure.diffusion.conditioning import (
+    ConditionedGroup,
+    RowScope,
+    TextEncoder,
+    all_rows,
+    encode_batch,
+)
 
 # diffusers' callback_on_step_end: (pipeline, step index, timestep, tensors) -> tensors.
 StepCallback = Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]
@@ -205,13 +211,18 @@ class ModelFamily(ABC):
         return latents
 
     def encode(
-        self, pipe: Any, prompts: Sequence[str], negative_prompts: Sequence[str]
+        self,
+        pipe: Any,
+        prompts: Sequence[str],
+        negative_prompts: Sequence[str],
+        scope: RowScope = all_rows,
     ) -> list[ConditionedGroup]:
         """The rows' prompt embeddings, in groups that may share a denoising call (rows whose
-        prompts need a different number of 77-token chunks may not: conditioning.py)."""
+        prompts need a different number of 77-token chunks may not: conditioning.py); each
+        encoder call runs in `scope` of the rows it encodes."""
         if not self.text_encoders:
             return [ConditionedGroup(list(range(len(prompts))), {})]
-        return encode_batch(pipe, self.text_encoders, prompts, negative_prompts)
+        return encode_batch(pipe, self.text_encoders, prompts, negative_prompts, scope)
 
     @abstractmethod
     def denoise(self, pipe: Any, rows: BatchRows, on_step: StepCallback) -> Sequence[Any]:

@@ -1,0 +1,177 @@
+"""Batches that mix LoRAs (row_loras.py), on the tiny SD1.5 and SDXL pipelines through the
+executor: every image of a mixed batch equals the same job run alone with its LoRAs fused
+(within 1 per 8-bit value: fp32 rounding of W x + B(A x) against (W + BA) x), the base
+weights are never modified, and LoRAs that cannot be computed per row run apart, fused."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from server.devtools.tiny_loras import write_lora_for_pipeline
+from server.domain import generation_events as gen
+from server.domain.generation_job import GenerationJob, ResolvedLora
+from server.domain.models import Architecture, BaseModelConfig
+from server.infrastructure.diffusion.executor import DiffusionExecutor
+from server.infrastructure.diffusion.placeholder import build_tiny_sd15, build_tiny_sdxl
+from server.infrastructure.diffusion.registry import load_pipeline
+from server.infrastructure.lora_files import sha256_file
+from tests.support import generation_job, image_of
+
+torch.set_num_threads(1)
+
+LONG = ", ".join(["a red fox in the snow"] * 14)  # two 75-token chunks: a group of its own
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, BaseModelConfig]:
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "sd15": BaseModelConfig("sd15", Architecture.SD1, build_tiny_sd15(root / "sd15")),
+        "sdxl": BaseModelConfig("sdxl", Architecture.SDXL, build_tiny_sdxl(root / "sdxl")),
+    }
+
+
+@pytest.fixture(scope="module")
+def loras(
+    tmp_path_factory: pytest.TempPathFactory, models: dict[str, BaseModelConfig]
+) -> dict[str, dict[str, Path]]:
+    """Per model: peft files of ranks 4 and 2, and a kohya one of rank 8 with alpha 4 (its
+    delta halved) that for SD1 also changes the 1x1 convolutions proj_in/proj_out."""
+    root = tmp_path_factory.mktemp("loras")
+    out: dict[str, dict[str, Path]] = {}
+    for name, model in models.items():
+        pipe = load_pipeline(model, device="cpu")
+        out[name] = {
+            "a": write_lora_for_pipeline(pipe, root / f"{name}-a.safetensors", rank=4, seed=1),
+            "c": write_lora_for_pipeline(pipe, root / f"{name}-c.safetensors", rank=2, seed=3),
+            "k": write_lora_for_pipeline(
+                pipe,
+                root / f"{name}-k.safetensors",
+                fmt="kohya",
+                rank=8,
+                alpha=4,
+                seed=2,
+                convs=name == "sd15",
+            ),
+        }
+    return out
+
+
+def lora(path: Path, weight: float = 1.0) -> ResolvedLora:
+    return ResolvedLora(path.stem, path.stem, path.name, sha256_file(path), path, weight)
+
+
+class Recording:
+    """The executor's loader, keeping the pipelines it loads."""
+
+    def __init__(self) -> None:
+        self.pipes: list[Any] = []
+
+    def __call__(self, model: BaseModelConfig, device: str, dtype: str) -> Any:
+        pipe = load_pipeline(model, device=device)
+        self.pipes.append(pipe)
+        return pipe
+
+
+@pytest.fixture
+def executor() -> Iterator[tuple[DiffusionExecutor, Recording]]:
+    loader = Recording()
+    # A long batch window: the jobs submitted together all join the first batch.
+    made = DiffusionExecutor(device="cpu", max_batch=8, batch_wait=2.0, loader=loader)
+    made.start()
+    yield made, loader
+    made.stop()
+
+
+def run_together(executor: DiffusionExecutor, jobs: list[GenerationJob]) -> list[np.ndarray]:
+    handles = [executor.submit(job) for job in jobs]
+    return [pixels_of(list(handle.events())) for handle in handles]
+
+
+def pixels_of(events: list[gen.GenerationEvent]) -> np.ndarray:
+    assert isinstance(events[-1].payload, gen.Completed), events[-1].payload
+    return np.asarray(image_of(events), dtype=np.int16)
+
+
+def base_weights(pipe: Any) -> dict[str, torch.Tensor]:
+    """Every parameter of the LoRA components, as the bare model names them."""
+    out: dict[str, torch.Tensor] = {}
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        model = getattr(pipe, component, None)
+        if model is None:
+            continue
+        for name, param in model.named_parameters():
+            if "lora_" not in name:
+                out[f"{component}.{name.replace('.base_layer', '')}"] = param.detach().clone()
+    return out
+
+
+@pytest.mark.parametrize("name", ["sd15", "sdxl"])
+def test_each_image_of_a_mixed_batch_equals_its_job_run_alone_with_its_loras_fused(
+    name: str,
+    models: dict[str, BaseModelConfig],
+    loras: dict[str, dict[str, Path]],
+    executor: tuple[DiffusionExecutor, Recording],
+) -> None:
+    model, files = models[name], loras[name]
+    run, loader = executor
+    sets: list[tuple[ResolvedLora, ...]] = [
+        (lora(files["a"]),),
+        (lora(files["k"]),),
+        (lora(files["a"], 0.7), lora(files["c"], -0.5)),  # two on one row, weights folded
+        (),  # no LoRA: zeros gathered
+        (lora(files["c"]),),
+    ]
+    jobs = [
+        generation_job(model, loras=loras_, seed=10 + i, prompt=LONG if i == 4 else "a fox")
+        for i, loras_ in enumerate(sets)
+    ]
+    mixed = run_together(run, jobs)
+    assert run.stats.mixed_batches == 1
+    assert run.stats.batches == 1
+    assert run.stats.batch_sizes == [len(jobs)]
+    assert run.stats.distinct_loras == [3]
+    fresh = base_weights(load_pipeline(model, device="cpu"))
+    after = base_weights(loader.pipes[0])
+    assert after.keys() == fresh.keys()
+    assert all(torch.equal(after[key], fresh[key]) for key in fresh), "base weights changed"
+
+    alone = [pixels_of(list(run.submit(job).events())) for job in jobs]
+    assert run.stats.mixed_batches == 1  # each of those ran as a batch of its own
+    for i, (together, single) in enumerate(zip(mixed, alone, strict=True)):
+        difference = np.abs(together - single).max()
+        assert difference <= 1, f"row {i} differs by {difference}"
+    bare = alone[3]
+    for i in (0, 1, 2, 4):
+        if i != 4:  # the long prompt is another image anyway
+            assert np.abs(alone[i] - bare).max() > 8, f"LoRA set {i} changes nothing"
+    assert np.abs(alone[0] - alone[2]).max() > 8  # weights and the second LoRA count
+
+
+def test_a_mixed_batch_with_a_lora_that_cannot_load_fails_only_its_jobs(
+    models: dict[str, BaseModelConfig],
+    loras: dict[str, dict[str, Path]],
+    tmp_path: Path,
+    executor: tuple[DiffusionExecutor, Recording],
+) -> None:
+    model, files = models["sd15"], loras["sd15"]
+    run, _ = executor
+    other = loras["sdxl"]["a"]  # an SDXL LoRA: its shapes do not fit SD1
+    jobs = [
+        generation_job(model, loras=(lora(files["a"]),)),
+        generation_job(model, loras=(lora(other),)),
+        generation_job(model, loras=(lora(files["c"]),), seed=3),
+    ]
+    handles = [run.submit(job) for job in jobs]
+    outcomes = [list(h.events())[-1].payload for h in handles]
+    assert isinstance(outcomes[1], gen.Failed)
+    assert outcomes[1].reason == "LORA_LOAD_FAILED"
+    assert isinstance(outcomes[0], gen.Completed)
+    assert isinstance(outcomes[2], gen.Completed)
+    assert run.stats.mixed_batches == 1
