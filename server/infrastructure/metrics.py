@@ -111,6 +111,12 @@ class GenerationOutcomes:
                         self.stages.labels(stage).observe(seconds)
 
 
+class AdapterStatsView(Protocol):
+    loads: int
+    evictions: int
+    prefetched: int
+
+
 class ExecutorStatsView(Protocol):
     batches: int
     images: int
@@ -118,6 +124,12 @@ class ExecutorStatsView(Protocol):
     model_loads: int
     model_evictions: int
     out_of_memory: int
+    mixed_batches: int
+    distinct_loras: list[int]
+    adapter_wait_seconds: float
+
+    @property
+    def adapters(self) -> AdapterStatsView: ...
 
 
 class ExecutorState(Protocol):
@@ -140,9 +152,11 @@ class CacheStats(Protocol):
 
 @dataclass
 class _BatchSizes:
-    """Folds the executor's append-only list of batch sizes into histogram buckets, each
-    entry once however often it is scraped."""
+    """Folds one of the executor's append-only lists of counts (batch sizes, distinct LoRAs
+    per mixed batch) into histogram buckets, each entry once however often it is scraped."""
 
+    name: str = "loracle_generation_batch_size"
+    help: str = "Images run together per batch."
     seen: int = 0
     buckets: list[int] = field(default_factory=lambda: [0] * (len(BATCH_BUCKETS) + 1))
     total: float = 0.0
@@ -162,9 +176,7 @@ class _BatchSizes:
             for bound, count in zip((*BATCH_BUCKETS, float("inf")), self.buckets, strict=True):
                 running += count
                 cumulative.append((_bound(bound), running))
-            family = HistogramMetricFamily(
-                "loracle_generation_batch_size", "Images run together per batch."
-            )
+            family = HistogramMetricFamily(self.name, self.help)
             family.add_metric([], cumulative, self.total)
             return family
 
@@ -186,6 +198,9 @@ class RuntimeCollector(Collector):
         self._store = store
         self._projector = projector
         self._batch_sizes = _BatchSizes()
+        self._distinct_loras = _BatchSizes(
+            "loracle_generation_distinct_loras", "Distinct LoRA files per mixed batch."
+        )
 
     def collect(self) -> Iterable[Metric]:
         yield from self._executor_metrics()
@@ -215,9 +230,27 @@ class RuntimeCollector(Collector):
                 "Device out-of-memory errors.",
                 stats.out_of_memory,
             ),
+            (
+                "loracle_generation_mixed_lora_batches",
+                "Batches whose rows asked for different LoRAs (per-row deltas).",
+                stats.mixed_batches,
+            ),
+            ("loracle_lora_loads", "LoRA files loaded onto the device.", stats.adapters.loads),
+            (
+                "loracle_lora_prefetched_loads",
+                "LoRA loads from files the loader thread had read ahead.",
+                stats.adapters.prefetched,
+            ),
+            ("loracle_lora_evictions", "LoRAs unloaded for room.", stats.adapters.evictions),
+            (
+                "loracle_lora_wait_seconds",
+                "Time mixed batches waited for their LoRAs to load.",
+                stats.adapter_wait_seconds,
+            ),
         ):
             yield CounterMetricFamily(name, help_, value=value)
         yield self._batch_sizes.fold(stats.batch_sizes)
+        yield self._distinct_loras.fold(stats.distinct_loras)
 
     def _cache_metrics(self, cache: CacheStats) -> Iterable[Metric]:
         hits, misses = cache.hits, cache.misses

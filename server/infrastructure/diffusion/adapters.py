@@ -20,7 +20,7 @@ import logging
 import re
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +77,7 @@ class AdapterStats:
     hits: int = 0  # requested adapters that were already loaded
     evictions: int = 0
     unchanged: int = 0  # apply() calls that found the same LoRAs applied and did nothing
+    prefetched: int = 0  # loads from tensors the loader thread had read ahead
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,17 +113,21 @@ class AdapterCache:
         fuse: bool = True,
         snapshot_device: str | None = None,
         components: Sequence[str] | None = None,
+        prefetched: Callable[[str], dict[str, Any] | None] | None = None,
+        stats: AdapterStats | None = None,
     ) -> None:
         self._pipe = pipe
         self._components = None if components is None else tuple(components)
         self._budget = budget_bytes
         self._fuse = fuse
         self._snapshot_device = snapshot_device
+        # A LoRA's tensors already read from disk (lora_prefetch.py), by file hash.
+        self._prefetched = prefetched or (lambda _key: None)
         self._loaded: OrderedDict[str, _Loaded] = OrderedDict()  # least recently used first
         self._applied: tuple[tuple[str, float], ...] = ()
         self._saved: list[tuple[torch.Tensor, torch.Tensor]] = []  # (live weight, base copy)
         self._touched = False  # adapters may be active or merged: restore() has work to do
-        self.stats = AdapterStats()
+        self.stats = stats or AdapterStats()  # shared by the executor's caches
 
     @property
     def applied(self) -> tuple[tuple[str, float], ...]:
@@ -226,9 +231,16 @@ class AdapterCache:
         size = _file_size(spec)
         self._touched = True  # a load activates the new adapter, even on a disabled pipeline
         try:
-            expected = _lora_layer_count(spec.path)
+            tensors = self._prefetched(spec.key)
+            if tensors is None:
+                expected = _lora_layer_count(spec.path)
+                source: str | dict[str, Any] = str(spec.path)
+            else:
+                self.stats.prefetched += 1
+                expected = sum(1 for key in tensors if _DOWN_KEY.search(key))
+                source = dict(tensors)  # diffusers' converters pop from the dict they get
             with _quiet_peft():
-                self._pipe.load_lora_weights(str(spec.path), adapter_name=adapter)
+                self._pipe.load_lora_weights(source, adapter_name=adapter)
         except torch.OutOfMemoryError:
             self._purge(adapter)
             raise

@@ -32,7 +32,7 @@ from server.domain.generation_events import (
 )
 from server.domain.generation_job import GenerationJob, ResolvedLora
 from server.infrastructure.diffusion import hires, image_inputs
-from server.infrastructure.diffusion.adapters import AdapterLoadError
+from server.infrastructure.diffusion.adapters import AdapterLoadError, AdapterStats
 from server.infrastructure.diffusion.conditioning import ConditionedGroup, RowScope, all_rows
 from server.infrastructure.diffusion.controlnets import ControlNetLoadError
 from server.infrastructure.diffusion.embeddings import EmbeddingSpec
@@ -46,6 +46,7 @@ from server.infrastructure.diffusion.images import (
     encode_upscaled,
 )
 from server.infrastructure.diffusion.job_queue import JobQueue
+from server.infrastructure.diffusion.lora_prefetch import LoraPrefetcher
 from server.infrastructure.diffusion.pipelines import (
     GIB,
     LoadedPipeline,
@@ -82,6 +83,7 @@ class ExecutorStats:
     mixed_batches: int = 0
     distinct_loras: list[int] = field(default_factory=list)
     adapter_wait_seconds: float = 0.0
+    adapters: AdapterStats = field(default_factory=AdapterStats)
 
 
 class DiffusionExecutor:
@@ -117,7 +119,10 @@ class DiffusionExecutor:
             budget_bytes=int(device_budget_gb * GIB),
             adapter_budget_bytes=int(adapter_budget_gb * GIB),
             counters=self.stats,
+            # LoRA files read ahead: as many bytes as the adapters' own budget.
+            prefetcher=LoraPrefetcher(int(adapter_budget_gb * GIB)),
         )
+        self.stats.adapters = self._pipelines.adapter_stats
         self._handles: dict[str, JobHandle] = {}
         self._handles_lock = threading.Lock()
         self._worker: threading.Thread | None = None
@@ -128,6 +133,7 @@ class DiffusionExecutor:
         if self._worker is None:
             self._worker = threading.Thread(target=self._loop, name="loracle-executor", daemon=True)
             self._worker.start()
+            self._pipelines.prefetcher.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         waiting, running = self._queue.close()
@@ -142,6 +148,7 @@ class DiffusionExecutor:
             handle.cancel()
         if self._worker is not None:
             self._worker.join(timeout)
+        self._pipelines.prefetcher.stop()
 
     def submit(
         self, job: GenerationJob, on_accept: Callable[[int], None] | None = None
@@ -151,6 +158,9 @@ class DiffusionExecutor:
         if it raises, nothing is queued."""
         handle = JobHandle(job, self._queue.withdraw)
         self._queue.put(handle, on_accept, self._estimate(job))
+        cache = self._pipelines
+        for lora in job.loras:  # read while the job waits, off the worker's path
+            cache.prefetcher.want(lora.sha256, lora.path, cache.resident(lora.sha256))
         with self._handles_lock:
             self._handles[job.generation_id] = handle
             self._forget_old_locked()

@@ -17,11 +17,17 @@ from typing import Any, Protocol, TypeVar
 from server.domain.generation_job import GenerationJob, ResolvedLora
 from server.domain.models import BaseModelConfig, UpscalerModelConfig
 from server.domain.schedulers import SCHEDULERS
-from server.infrastructure.diffusion.adapters import AdapterCache, AdapterLoadError, AdapterSpec
+from server.infrastructure.diffusion.adapters import (
+    AdapterCache,
+    AdapterLoadError,
+    AdapterSpec,
+    AdapterStats,
+)
 from server.infrastructure.diffusion.controlnets import controlnet_hash, load_controlnet
 from server.infrastructure.diffusion.embeddings import EmbeddingCache
 from server.infrastructure.diffusion.families import ModelFamily, family_for
 from server.infrastructure.diffusion.footprint import DeviceMemory, resident_bytes
+from server.infrastructure.diffusion.lora_prefetch import LoraPrefetcher
 from server.infrastructure.diffusion.registry import INPAINTING_CHANNELS, weights_bytes
 from server.infrastructure.diffusion.row_loras import MixedPlan, build_plan
 from server.infrastructure.gguf_header import GGUF_SUFFIX
@@ -138,8 +144,11 @@ class PipelineCache:
         budget_bytes: int,
         adapter_budget_bytes: int,
         counters: LoadCounters,
+        prefetcher: LoraPrefetcher | None = None,
     ) -> None:
         self._loader = loader
+        self.prefetcher = prefetcher or LoraPrefetcher(0)
+        self.adapter_stats = AdapterStats()  # every model's LoRA loads and evictions
         self._device = device
         self._budget = budget_bytes
         self._adapter_budget = adapter_budget_bytes
@@ -298,6 +307,8 @@ class PipelineCache:
                 # torchao's quantized weights likewise: fusing would re-quantize them, and
                 # unfusing would not give them back bit for bit.
                 fuse=model.path.suffix.lower() != GGUF_SUFFIX and not model.quantize,
+                prefetched=self._prefetched,
+                stats=self.adapter_stats,
             ),
             embeddings=EmbeddingCache(pipe, family.text_encoders),
             scheduler_config=pipe.scheduler.config,
@@ -320,11 +331,25 @@ class PipelineCache:
             except Exception:
                 log.exception("could not restore base weights after OOM; unloading the model")
 
+    def resident(self, sha256: str) -> bool:
+        """Whether some resident model has this LoRA loaded (read from any thread: at worst
+        a file is read ahead for nothing)."""
+        with self._lock:
+            resident = list(self._pipelines.values())
+        return any(sha256 in loaded.adapters.loaded for loaded in resident)
+
+    def _prefetched(self, sha256: str) -> dict[str, Any] | None:
+        taken = self.prefetcher.take(sha256)
+        return None if taken is None else taken.tensors
+
     def verify_loras(self, loras: Iterable[ResolvedLora], what: str = "LoRA") -> None:
         """A LoRA (or embedding) file replaced after import would make the recorded hashes
-        lie."""
+        lie (the loader thread checks the files it reads ahead)."""
         for lora in loras:
             if lora.sha256 in self._verified:
+                continue
+            if self.prefetcher.verified(lora.sha256):
+                self._verified.add(lora.sha256)
                 continue
             digest = hashlib.sha256()
             try:
