@@ -364,6 +364,14 @@ class BaseModelInfo:
     # (`latent_hires_controlled`: with ControlNets).
     latent_hires: bool = True
     latent_hires_controlled: bool = True
+    # The modes (generation_job.Mode values) its family runs ControlNets in; whether several
+    # ControlNets run at once (`several_control_images`: several images, each through its own
+    # ControlNet or, where `several_controlnets` is False, all through one Union ControlNet);
+    # whether they take a step range (guidance_start/end).
+    controlnet_modes: tuple[str, ...] = ("txt2img", "img2img", "inpaint")
+    several_control_images: bool = True
+    several_controlnets: bool = True
+    controlnet_step_range: bool = True
     # Its weights files' bytes on disk (0: not known).
     weights_bytes: int = 0
     # What width and height must be multiples of.

@@ -38,7 +38,12 @@ from server.infrastructure.diffusion.families.base import (
     ModelFamily,
     StepCallback,
 )
-from server.infrastructure.diffusion.registry import ModelRegistry, inspect_model, load_pipeline
+from server.infrastructure.diffusion.registry import (
+    ModelRegistry,
+    _traits,
+    inspect_model,
+    load_pipeline,
+)
 
 SERVED = {
     Architecture.SD1,
@@ -190,29 +195,15 @@ def test_worker_adverts_carry_defaults_and_older_ones_get_the_familys(
     assert _model_info(document).defaults == family.defaults
     assert _model_info(document).config.batch_fields == family.batch_fields
     # What the family takes travels too: a replica checks requests against it.
-    traits = BaseModelInfo(
-        config,
-        True,
-        schedulers=family.schedulers,
-        takes_negative_prompt=family.takes_negative_prompt,
-        hires_fix=family.hires_fix,
-        latent_hires=family.latent_hires,
-        latent_hires_controlled=family.latent_hires_controlled,
-        size_multiple=family.size_multiple,
+    taken = _traits(config)
+    assert taken["controlnet_modes"] == tuple(family.controlnet_pipelines)
+    again = _model_info(
+        json.loads(json.dumps(model_document(BaseModelInfo(config, True, **taken))))
     )
-    again = _model_info(json.loads(json.dumps(model_document(traits))))
-    names = (
-        "schedulers",
-        "takes_negative_prompt",
-        "hires_fix",
-        "latent_hires",
-        "latent_hires_controlled",
-        "size_multiple",
-    )
-    assert [getattr(again, n) for n in names] == [getattr(family, n) for n in names]
-    for name in ("size_multiple", "latent_hires", "latent_hires_controlled"):
+    assert {name: getattr(again, name) for name in taken} == taken
+    for name in set(taken) - {"schedulers", "takes_negative_prompt", "hires_fix"}:
         del document[name]  # an older worker's advert: its family's
-        assert getattr(_model_info(document), name) == getattr(family, name)
+        assert getattr(_model_info(document), name) == taken[name]
 
 
 def test_a_folder_of_a_pipeline_no_family_accepts_is_reported(tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ from server.application.generation.request import (
     ImageInput,
     LoraChoice,
     UpscaleRequest,
+    family_control_violations,
     fit_size,
     strip_lora_tags,
     validate,
@@ -295,6 +296,7 @@ class GenerationJobs:
             violations.append(
                 FieldViolation("spec.hires", f"the hires fix is not built for {arch} models yet")
             )
+        violations += family_control_violations(request, model)
         if violations:
             raise ValidationError(violations)
 

@@ -6,6 +6,8 @@ import re
 from dataclasses import dataclass, field
 
 from server.domain.errors import FieldViolation
+from server.domain.generation_job import Mode
+from server.domain.models import BaseModelInfo
 from server.domain.schedulers import SCHEDULERS
 
 
@@ -234,11 +236,88 @@ def _control_violations(request: GenerationRequest) -> list[FieldViolation]:
     return out
 
 
+# How sentences name modes.
+MODE_NAMES = {
+    Mode.TEXT_TO_IMAGE: "text to image",
+    Mode.IMAGE_TO_IMAGE: "img2img",
+    Mode.INPAINT: "inpainting",
+}
+
 # A1111's defaults for what a request leaves unset.
 DEFAULT_STRENGTH = 0.75
 DEFAULT_HIRES_STRENGTH = 0.7
 DEFAULT_MASK_BLUR = 4
 DEFAULT_INPAINT_PADDING = 32
+
+
+def family_control_violations(
+    request: GenerationRequest, model: BaseModelInfo
+) -> list[FieldViolation]:
+    """What the model's family cannot do with the request's ControlNets, as its family
+    declares it (BaseModelInfo): a mode without a ControlNet pipeline (the hires fix's second
+    pass is img2img), several at once, a step range. A family with no ControlNets at all
+    leaves them to be reported not ready."""
+    modes = model.controlnet_modes
+    if not request.controls or not modes:
+        return []
+    where = f"model {model.config.name!r} ({model.config.architecture.value})"
+    only = " and ".join(MODE_NAMES.get(m, m) for m in modes)
+    out = []
+    if request.mask_image is not None and Mode.INPAINT not in modes:
+        out.append(
+            FieldViolation(
+                "spec.mask_image",
+                f"{where} runs ControlNets in {only} only: diffusers has no pipeline "
+                "inpainting with its ControlNets",
+            )
+        )
+    elif request.init_image is not None and Mode.IMAGE_TO_IMAGE not in modes:
+        out.append(
+            FieldViolation(
+                "spec.init_image",
+                f"{where} runs ControlNets in {only} only: diffusers has no img2img pipeline "
+                "for its ControlNets",
+            )
+        )
+    if request.hires is not None and Mode.IMAGE_TO_IMAGE not in modes:
+        out.append(
+            FieldViolation(
+                "spec.hires",
+                f"{where} runs ControlNets in {only} only, and the hires fix's second pass is "
+                "img2img",
+            )
+        )
+    controls = request.controls
+    if len(controls) > 1 and not model.several_control_images:
+        out.append(
+            FieldViolation(
+                "spec.controls",
+                f"{where} takes one ControlNet at a time: diffusers has no class running "
+                "several of its ControlNets",
+            )
+        )
+    elif not model.several_controlnets:
+        first = controls[0].controlnet
+        for i, control in enumerate(controls):
+            if control.controlnet != first:
+                out.append(
+                    FieldViolation(
+                        f"spec.controls[{i}].controlnet",
+                        f"{where} runs several control images through one ControlNet (a "
+                        f"Union one), not several ControlNets: name {first!r} here too",
+                    )
+                )
+    for i, control in enumerate(controls if not model.controlnet_step_range else ()):
+        if control.guidance_start != 0.0 or control.guidance_end not in (None, 1.0):
+            side = "guidance_start" if control.guidance_start != 0.0 else "guidance_end"
+            out.append(
+                FieldViolation(
+                    f"spec.controls[{i}].{side}",
+                    f"{where} has its ControlNets steer every step (diffusers' pipeline takes "
+                    "no step range): leave guidance_start at 0 and guidance_end at 1",
+                )
+            )
+    return out
 
 
 def _image_violations(request: GenerationRequest) -> list[FieldViolation]:

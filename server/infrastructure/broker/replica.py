@@ -363,6 +363,10 @@ def model_document(info: BaseModelInfo) -> dict[str, Any]:
         "hires_fix": info.hires_fix,
         "latent_hires": info.latent_hires,
         "latent_hires_controlled": info.latent_hires_controlled,
+        "controlnet_modes": list(info.controlnet_modes),
+        "several_control_images": info.several_control_images,
+        "several_controlnets": info.several_controlnets,
+        "controlnet_step_range": info.controlnet_step_range,
         "weights_bytes": info.weights_bytes,
         "size_multiple": info.size_multiple,
         "defaults": {
@@ -413,6 +417,24 @@ def _model_info(doc: dict[str, Any]) -> BaseModelInfo:
         latent_hires=bool(doc.get("latent_hires", family.latent_hires if family else True)),
         latent_hires_controlled=bool(
             doc.get("latent_hires_controlled", family.latent_hires_controlled if family else True)
+        ),
+        controlnet_modes=tuple(
+            str(m)
+            for m in doc.get(
+                "controlnet_modes", tuple(family.controlnet_pipelines) if family else ()
+            )
+        ),
+        several_control_images=bool(
+            doc.get(
+                "several_control_images",
+                family is None or family.multi_controlnet_class is not None,
+            )
+        ),
+        several_controlnets=bool(
+            doc.get("several_controlnets", family.several_controlnets if family else True)
+        ),
+        controlnet_step_range=bool(
+            doc.get("controlnet_step_range", family.controlnet_step_range if family else True)
         ),
         weights_bytes=int(doc.get("weights_bytes", 0)),
         size_multiple=int(doc.get("size_multiple", family.size_multiple if family else 8)),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,24 @@ from server.infrastructure.safetensors_header import HeaderError, read_header
 
 CONFIG = "config.json"
 SD_CONTROLNET = "ControlNetModel"
-# The config key holding the width of the text embedding a ControlNet takes, by class.
-_TEXT_WIDTH = {SD_CONTROLNET: "cross_attention_dim", "FluxControlNetModel": "joint_attention_dim"}
+# What a ControlNet's config must share with its denoiser's, by class: the width of the text
+# embedding it takes (and of SD3's pooled one), and a transformer ControlNet's hidden width
+# (the product of the keys) and heads, its outputs being added to the transformer's blocks.
+_TEXT = "text embedding"
+_HIDDEN = "hidden state"
+_MMDIT_FIT = {
+    _TEXT: ("joint_attention_dim",),
+    _HIDDEN: ("num_attention_heads", "attention_head_dim"),
+}
+_FITS: dict[str, dict[str, tuple[str, ...]]] = {
+    SD_CONTROLNET: {_TEXT: ("cross_attention_dim",)},
+    "FluxControlNetModel": {_TEXT: ("joint_attention_dim",)},
+    "SD3ControlNetModel": _MMDIT_FIT | {"pooled text embedding": ("pooled_projection_dim",)},
+    "QwenImageControlNetModel": _MMDIT_FIT,
+    # Z-Image's shares the transformer's text and timestep embedders and its rotary
+    # embedding: its width and heads are the transformer's.
+    "ZImageControlNetModel": {_HIDDEN: ("dim",), "attention heads": ("n_heads",)},
+}
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 # Keys a single file holds in diffusers' layout, and in the original (lllyasviel) one.
 DIFFUSERS_KEY = "controlnet_cond_embedding."
@@ -133,16 +150,28 @@ def load_controlnet(config: ControlNetConfig, denoiser: Any, family: ModelFamily
             f"ControlNet {config.name!r} could not be loaded ({exc.__class__.__name__}); "
             "see the server's log"
         ) from exc
-    key = _TEXT_WIDTH[family.controlnet_class]
-    width, expected = getattr(model.config, key), getattr(denoiser.config, key)
-    if width != expected:
+    misfit = _misfit(model.config, denoiser.config, family.controlnet_class)
+    if misfit:
         raise ControlNetLoadError(
-            f"ControlNet {config.name!r} takes a {width}-wide text embedding, the model "
-            f"gives {expected}: it was trained for another base model"
+            f"ControlNet {config.name!r} {misfit}: it was trained for another base model"
         )
     model.to(denoiser.device)
     model.requires_grad_(False)
     return model
+
+
+def _misfit(controlnet: Any, denoiser: Any, controlnet_class: str) -> str:
+    """How the ControlNet's config does not fit its denoiser's; "" when it does. A width of
+    None is one the ControlNet does not take (SD3.5's own ControlNets take no text)."""
+    for what, keys in _FITS[controlnet_class].items():
+        width = math.prod(getattr(controlnet, k) or 0 for k in keys)
+        expected = math.prod(getattr(denoiser, k, 0) or 0 for k in keys)
+        if getattr(controlnet, keys[0]) is None or width == expected:
+            continue
+        if what == "attention heads":
+            return f"has {width} attention heads, the model's transformer {expected}"
+        return f"takes a {width}-wide {what}, the model gives {expected}"
+    return ""
 
 
 def controlnet_hash(config: ControlNetConfig, known: dict[tuple[Path, float], str]) -> str:

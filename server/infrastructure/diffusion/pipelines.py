@@ -107,9 +107,15 @@ class LoadedPipeline:
             if controls:
                 import diffusers
 
-                models = [self.controlnets[name] for name in controls]
-                several = getattr(diffusers, self.family.multi_controlnet_class)
-                extra["controlnet"] = models[0] if len(models) == 1 else several(models)
+                family = self.family
+                # A class running one ControlNet over several images takes it once.
+                names = controls if family.several_controlnets else tuple(dict.fromkeys(controls))
+                models = [self.controlnets[name] for name in names]
+                if len(controls) == 1:
+                    extra["controlnet"] = models[0]
+                else:  # GenerationJobs refuses several where the family has no such class
+                    assert family.multi_controlnet_class is not None
+                    extra["controlnet"] = getattr(diffusers, family.multi_controlnet_class)(models)
             variant = pipeline_class.from_pipe(self.pipe, **extra)
             variant.set_progress_bar_config(disable=True)
             self.variants[key] = variant

@@ -218,6 +218,90 @@ def build_tiny_flux_controlnet(folder: Path, base: Path, *, seed: int = 0) -> Pa
     return folder
 
 
+def _randomise(*linears: Any) -> None:
+    """The zero-initialised projections of a fresh ControlNet made random: a tiny one's
+    control image then steers from the first step."""
+    import torch
+
+    with torch.no_grad():
+        for linear in linears:
+            linear.weight.normal_(0.0, 0.5)
+            if linear.bias is not None:
+                linear.bias.normal_(0.0, 0.1)
+
+
+def build_tiny_sd3_controlnet(
+    folder: Path, base: Path, *, seed: int = 0, text_width: int | None = None
+) -> Path:
+    """A random-weight SD3 ControlNet (InstantX layout: its own blocks over the text
+    embedding, no pooled projection) with one block, for the tiny SD3 model in `base`, in
+    diffusers' layout; `text_width`: another T5 width than the model's (a ControlNet made for
+    another base model)."""
+    import inspect
+
+    import torch
+    from diffusers import SD3ControlNetModel
+
+    torch.manual_seed(seed)
+    config = json.loads((base / "transformer" / "config.json").read_text())
+    keys = inspect.signature(SD3ControlNetModel.__init__).parameters
+    given = {k: v for k, v in config.items() if k in keys}
+    given |= {"num_layers": 1, "extra_conditioning_channels": 0}
+    if text_width is not None:
+        given["joint_attention_dim"] = text_width
+    controlnet = SD3ControlNetModel(**given)
+    _randomise(*controlnet.controlnet_blocks, controlnet.pos_embed_input.proj)
+    controlnet.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def build_tiny_qwen_image_controlnet(folder: Path, base: Path, *, seed: int = 0) -> Path:
+    """A random-weight Qwen-Image ControlNet (InstantX layout) with one block, for the tiny
+    Qwen-Image model in `base`, in diffusers' layout."""
+    import torch
+    from diffusers import QwenImageControlNetModel, QwenImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = QwenImageTransformer2DModel.from_pretrained(base / "transformer")
+    controlnet = QwenImageControlNetModel.from_transformer(
+        transformer,
+        num_layers=1,
+        attention_head_dim=transformer.config.attention_head_dim,
+        num_attention_heads=transformer.config.num_attention_heads,
+    )
+    _randomise(*controlnet.controlnet_blocks, controlnet.controlnet_x_embedder)
+    controlnet.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def build_tiny_z_image_controlnet(folder: Path, base: Path, *, seed: int = 0) -> Path:
+    """A random-weight Z-Image ControlNet (Alibaba PAI's Union 1.0 layout: control blocks
+    steering the transformer's layers, its own noise refiner; the embedders are the
+    transformer's, shared when the pipeline is made) for the tiny Z-Image model in `base`,
+    in diffusers' layout."""
+    import torch
+    from diffusers import ZImageControlNetModel
+
+    torch.manual_seed(seed)
+    config = json.loads((base / "transformer" / "config.json").read_text())
+    controlnet = ZImageControlNetModel(
+        control_layers_places=list(range(config["n_layers"])),
+        control_in_dim=config["in_channels"],
+        all_patch_size=tuple(config["all_patch_size"]),
+        all_f_patch_size=tuple(config["all_f_patch_size"]),
+        dim=config["dim"],
+        n_refiner_layers=config["n_refiner_layers"],
+        n_heads=config["n_heads"],
+        n_kv_heads=config["n_kv_heads"],
+        norm_eps=config["norm_eps"],
+        qk_norm=config["qk_norm"],
+    )
+    blocks = controlnet.control_layers
+    _randomise(blocks[0].before_proj, *(block.after_proj for block in blocks))
+    controlnet.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 def _t5_tokenizer() -> Any:
     """A T5-style Unigram tokenizer (`<pad>` 0, `</s>` 1, `<unk>` 2) over printable ASCII, each
     character alone or starting a word (SentencePiece's `▁`), built in memory: no sentencepiece

@@ -343,6 +343,10 @@ def _traits(config: BaseModelConfig) -> dict[str, Any]:
         "hires_fix": family.hires_fix,
         "latent_hires": family.latent_hires,
         "latent_hires_controlled": family.latent_hires_controlled,
+        "controlnet_modes": tuple(family.controlnet_pipelines),
+        "several_control_images": family.multi_controlnet_class is not None,
+        "several_controlnets": family.several_controlnets,
+        "controlnet_step_range": family.controlnet_step_range,
         "size_multiple": family.size_multiple,
     }
 

@@ -123,9 +123,16 @@ class ModelFamily(ABC):
     # The diffusers pipeline class of each mode (text to image too) with ControlNets; none:
     # the family takes no ControlNet.
     controlnet_pipelines: ClassVar[dict[str, str]] = {}
-    # The diffusers classes of the family's ControlNets, one and several at once.
+    # The diffusers classes of the family's ControlNets, one and several at once (None: no
+    # class runs several).
     controlnet_class: ClassVar[str] = "ControlNetModel"
-    multi_controlnet_class: ClassVar[str] = "MultiControlNetModel"
+    multi_controlnet_class: ClassVar[str | None] = "MultiControlNetModel"
+    # False where the several-ControlNets class runs one ControlNet over several control
+    # images (Qwen-Image's, for Union ControlNets), not several ControlNets.
+    several_controlnets: ClassVar[bool] = True
+    # False where the ControlNet pipelines take no control_guidance_start/end (Z-Image's):
+    # ControlNets steer every step.
+    controlnet_step_range: ClassVar[bool] = True
     # The `scheduler` names the family samples with (flow-matching families: their own).
     schedulers: ClassVar[tuple[str, ...]] = NOISE_SCHEDULERS
     # Guidance-distilled families (FLUX) take no negative prompt: it would be ignored.
@@ -164,6 +171,8 @@ class ModelFamily(ABC):
         from the loaded text-to-image pipeline's components (`from_pipe`); None for that
         pipeline itself."""
         name = (self.controlnet_pipelines if controlled else self.mode_pipelines).get(mode)
+        if name is None and controlled:  # GenerationJobs refuses it before queueing
+            raise ValueError(f"{type(self).__name__} has no ControlNet pipeline for {mode}")
         if name is None:
             return None
         import diffusers
@@ -323,14 +332,20 @@ def transformer_call(
     on_step: StepCallback,
     *,
     guidance_argument: str = "guidance_scale",
+    control_step_range: bool = True,
     **prompts: Any,
 ) -> Sequence[Any]:
     """The call of the transformer families' pipelines, which encode their own `prompts`.
     The size is always given: their img2img pipelines otherwise make their default size, not
-    the init image's. `guidance_argument`: the pipeline's name for the request's guidance."""
+    the init image's. `guidance_argument`: the pipeline's name for the request's guidance;
+    `control_step_range`: False where the ControlNet pipeline takes no step range (the
+    request's is then the whole run, GenerationJobs checks)."""
     call = rows.call
     # Their ControlNet pipelines take `control_image` in every mode.
     inputs = image_arguments(rows, control_key="control_image")
+    if not control_step_range:
+        inputs.pop("control_guidance_start", None)
+        inputs.pop("control_guidance_end", None)
     result = pipe(
         **prompts,
         **({"width": call.width, "height": call.height} | inputs),

@@ -49,6 +49,14 @@ class QwenImage(ModelFamily):
         Mode.IMAGE_TO_IMAGE: "QwenImageImg2ImgPipeline",
         Mode.INPAINT: "QwenImageInpaintPipeline",
     }
+    # InstantX's Qwen-Image ControlNets (Union too; diffusers folders), in text to image only:
+    # diffusers has no Qwen-Image ControlNet img2img pipeline, and its ControlNet inpainting
+    # one is for inpainting ControlNets (which take the masked image themselves).
+    controlnet_pipelines = {Mode.TEXT_TO_IMAGE: "QwenImageControlNetPipeline"}
+    controlnet_class = "QwenImageControlNetModel"
+    # It runs one (Union) ControlNet over several control images, not several ControlNets.
+    multi_controlnet_class = "QwenImageMultiControlNetModel"
+    several_controlnets = False
     schedulers = FLOW_SCHEDULERS
     # diffusers' Qwen img2img takes no latents for `image` (its preprocessing refuses the
     # video VAE's 5-D latents and misreads 4-D ones): hires fix with image upscalers only.

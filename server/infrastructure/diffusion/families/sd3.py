@@ -4,7 +4,8 @@ flow matching with a fixed shift, classifier-free guidance with a negative promp
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,12 @@ class StableDiffusion3(ModelFamily):
         Mode.IMAGE_TO_IMAGE: "StableDiffusion3Img2ImgPipeline",
         Mode.INPAINT: "StableDiffusion3InpaintPipeline",
     }
+    # InstantX's and Stability's SD3/SD3.5 ControlNets (diffusers folders), in text to image
+    # only: diffusers has no SD3 ControlNet img2img pipeline, and its ControlNet inpainting
+    # one is for inpainting ControlNets (which take the masked image themselves).
+    controlnet_pipelines = {Mode.TEXT_TO_IMAGE: "StableDiffusion3ControlNetPipeline"}
+    controlnet_class = "SD3ControlNetModel"
+    multi_controlnet_class = "SD3MultiControlNetModel"
     schedulers = FLOW_SCHEDULERS
     size_multiple = 16  # 8x VAE, 2x2 patches
     # A single file is Stability's MMDiT (safetensors or GGUF); the rest is config_dir's.
@@ -113,7 +120,36 @@ class StableDiffusion3(ModelFamily):
     def denoise(self, pipe: Any, rows: BatchRows, on_step: StepCallback) -> Sequence[Any]:
         """The pipeline encodes its own prompts (both CLIPs and T5); a negative prompt is
         passed only when some row has one (batching keeps rows with and without apart)."""
-        return transformer_call(pipe, rows, on_step, **prompt_arguments(rows))
+        if not rows.job.controls:
+            return transformer_call(pipe, rows, on_step, **prompt_arguments(rows))
+        with control_latents_sampled_from(pipe.vae, rows.generators):
+            return transformer_call(pipe, rows, on_step, **prompt_arguments(rows))
+
+
+@contextmanager
+def control_latents_sampled_from(vae: Any, generators: list[Any]) -> Iterator[None]:
+    """diffusers' SD3 ControlNet pipeline samples the control images' latents from torch's
+    global generator (FLUX's and Qwen-Image's sample them from the call's generators): here
+    from each row's own generator, so that a seed makes the same image again whatever ran
+    before. Under classifier-free guidance it encodes every control image twice (the
+    unconditional rows first), each row's drawn from its generator again."""
+    encode = vae.encode
+
+    def seeded(images: Any, *args: Any, **kwargs: Any) -> Any:
+        out = encode(images, *args, **kwargs)
+        if len(images) % len(generators):
+            return out
+        rows = generators * (len(images) // len(generators))
+        dist = out.latent_dist
+        draw = dist.sample
+        dist.sample = lambda generator=None: draw(rows if generator is None else generator)
+        return out
+
+    vae.encode = seeded
+    try:
+        yield
+    finally:
+        del vae.encode  # the class's method again
 
 
 def _without_t5(folder: Path) -> dict[str, Any]:

@@ -45,6 +45,15 @@ class ZImage(ModelFamily):
         Mode.IMAGE_TO_IMAGE: "ZImageImg2ImgPipeline",
         Mode.INPAINT: "ZImageInpaintPipeline",
     }
+    # Alibaba PAI's Z-Image ControlNets (Union, 1.0 and 2.x; diffusers folders), one at a time
+    # (diffusers has no class running several) and in text to image only: diffusers has no
+    # Z-Image ControlNet img2img pipeline, and its ControlNet inpainting one is for inpainting
+    # ControlNets (which take the masked image themselves). Its pipeline takes no step range:
+    # the ControlNet steers every step.
+    controlnet_pipelines = {Mode.TEXT_TO_IMAGE: "ZImageControlNetPipeline"}
+    controlnet_class = "ZImageControlNetModel"
+    multi_controlnet_class = None
+    controlnet_step_range = False
     schedulers = FLOW_SCHEDULERS
     # diffusers' Z-Image img2img does not know its latents' 16 channels (its image processor
     # is built without vae_latent_channels) and resizes latents as if they were pixels:
@@ -83,7 +92,13 @@ class ZImage(ModelFamily):
     def denoise(self, pipe: Any, rows: BatchRows, on_step: StepCallback) -> Sequence[Any]:
         """The pipeline encodes its own prompts; a negative prompt counts only with guidance
         above 0, where each step runs the transformer twice."""
-        return transformer_call(pipe, rows, on_step, **prompt_arguments(rows))
+        return transformer_call(
+            pipe,
+            rows,
+            on_step,
+            control_step_range=self.controlnet_step_range,
+            **prompt_arguments(rows),
+        )
 
 
 # The learned pad embeddings the transformer writes into padded positions (not matmuls).
