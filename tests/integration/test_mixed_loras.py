@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from server.devtools.tiny_loras import write_lora_for_pipeline
 from server.domain import generation_events as gen
@@ -137,6 +138,7 @@ def test_each_image_of_a_mixed_batch_equals_its_job_run_alone_with_its_loras_fus
     assert run.stats.batches == 1
     assert run.stats.batch_sizes == [len(jobs)]
     assert run.stats.distinct_loras == [3]
+    assert run.stats.adapters.prefetched == 3  # read by the loader thread while they waited
     fresh = base_weights(load_pipeline(model, device="cpu"))
     after = base_weights(loader.pipes[0])
     assert after.keys() == fresh.keys()
@@ -175,3 +177,30 @@ def test_a_mixed_batch_with_a_lora_that_cannot_load_fails_only_its_jobs(
     assert isinstance(outcomes[0], gen.Completed)
     assert isinstance(outcomes[2], gen.Completed)
     assert run.stats.mixed_batches == 1
+
+
+def test_a_dora_lora_cannot_be_computed_per_row_so_the_sets_run_apart_fused(
+    models: dict[str, BaseModelConfig],
+    loras: dict[str, dict[str, Path]],
+    tmp_path: Path,
+    executor: tuple[DiffusionExecutor, Recording],
+) -> None:
+    model, files = models["sd15"], loras["sd15"]
+    tensors = load_file(str(files["a"]))
+    for key in list(tensors):
+        if key.endswith("lora_B.weight"):
+            magnitude = key.replace("lora_B.weight", "lora_magnitude_vector")
+            tensors[magnitude] = torch.ones(tensors[key].shape[0], dtype=tensors[key].dtype)
+    dora = tmp_path / "dora.safetensors"
+    save_file(tensors, str(dora))
+    run, _ = executor
+    jobs = [
+        generation_job(model, loras=(lora(dora),)),
+        generation_job(model, loras=(lora(files["c"]),), seed=3),
+    ]
+    together = run_together(run, jobs)
+    assert run.stats.mixed_batches == 0
+    assert run.stats.batches == 2  # one per LoRA set
+    alone = [pixels_of(list(run.submit(job).events())) for job in jobs]
+    for i in range(2):
+        assert np.abs(together[i] - alone[i]).max() <= 1
