@@ -382,6 +382,7 @@ def device_executor(
         threads=cpu_threads(settings.torch_threads),
         device_budget_gb=settings.device_budget_gb,
         adapter_budget_gb=settings.adapter_budget_gb,
+        mix_loras=settings.mixed_lora_batches,
         images=images,
     )
 

@@ -191,6 +191,11 @@ class Settings(BaseSettings):
     adapter_budget_gb: float = _setting(
         2.0, "LoRA adapters kept loaded per model (least recently used evicted)"
     )
+    mixed_lora_batches: bool = _setting(
+        True,
+        "jobs asking for different LoRAs share a batch, each row adding its own LoRAs' deltas "
+        "(false: each LoRA set runs as a batch of its own, fused)",
+    )
     image_retention_hours: float = _setting(
         24.0, "finished images kept in `<data_dir>/generations` for `WatchGeneration`"
     )

@@ -97,6 +97,7 @@ class DiffusionExecutor:
         threads: int = 1,
         device_budget_gb: float = 0.0,
         adapter_budget_gb: float = 2.0,
+        mix_loras: bool = True,
         images: ImageStore | None = None,
         handle_retention: float = 600.0,
         loader: Loader | None = None,
@@ -104,6 +105,7 @@ class DiffusionExecutor:
         calibration_sides: tuple[int, ...] = CALIBRATION_SIDES,
     ) -> None:
         self._threads = threads
+        self._mix_loras = mix_loras
         self._costs = StepCosts()
         self._timed: set[str] = set()
         self._calibration_sides = calibration_sides
@@ -238,7 +240,7 @@ class DiffusionExecutor:
         if live[0].job.upscale is not None:
             self._run_upscales(live, time.monotonic())
             return
-        self._run_jobs(live, mix=True)
+        self._run_jobs(live, mix=self._mix_loras)
 
     def _run_jobs(self, live: list[JobHandle], *, mix: bool) -> None:
 
@@ -250,13 +252,14 @@ class DiffusionExecutor:
         #    ones; if those cannot be computed per row, each set runs on its own, fused. For a
         #    model this server has not timed yet, warn the batch if it will be slow.
         plan: MixedPlan | None = None
-        if mix and len(_lora_sets(live)) > 1:
-            prepared = self._prepare_mixed(live, job)
+        if len(_lora_sets(live)) > 1:
+            prepared = self._prepare_mixed(live, job) if mix else NotMixable("mixing is off")
             if prepared is None:
                 return
             if isinstance(prepared, NotMixable):
                 log.info("running a batch's LoRA sets one after another: %s", prepared)
-                for part in _lora_sets(live).values():
+                unfinished = [h for h in live if not h.finished]  # some may have failed
+                for part in _lora_sets(unfinished).values():
                     self._run_jobs(part, mix=False)
                 return
             live, loaded, plan = prepared
