@@ -39,17 +39,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from server.devtools.tiny_loras import write_lora_for_pipeline  # noqa: E402
-from server.domain import generation_events as gen  # noqa: E402
-from server.domain.generation_job import GenerationJob, ResolvedLora  # noqa: E402
-from server.domain.models import Architecture, BaseModelConfig  # noqa: E402
-from server.infrastructure.diffusion.executor import DiffusionExecutor  # noqa: E402
-from server.infrastructure.diffusion.placeholder import (  # noqa: E402
+from server.devtools.tiny_loras import write_lora_for_pipeline
+from server.domain import generation_events as gen
+from server.domain.generation_job import GenerationJob, ResolvedLora
+from server.domain.models import Architecture, BaseModelConfig
+from server.infrastructure.diffusion.executor import DiffusionExecutor
+from server.infrastructure.diffusion.placeholder import (
     build_tiny_sd15,
     build_tiny_sdxl,
 )
-from server.infrastructure.diffusion.registry import load_pipeline  # noqa: E402
-from server.infrastructure.lora_files import sha256_file  # noqa: E402
+from server.infrastructure.diffusion.registry import load_pipeline
+from server.infrastructure.lora_files import sha256_file
 
 JOBS = 8
 
@@ -116,6 +116,7 @@ def stage_a(name: str, model: BaseModelConfig, root: Path, rounds: int) -> dict[
     for executor in executors.values():
         executor.start()
     try:
+
         def jobs_for(mode: str) -> list[GenerationJob]:
             return [job(model, i, () if mode == "no_lora" else loras[i]) for i in range(JOBS)]
 
@@ -168,22 +169,23 @@ def stage_b(rounds: int) -> dict[str, Any]:
     holder = Holder()
     names = [f"l{i}" for i in range(JOBS)]
     for name in names:
-        config = LoraConfig(r=rank, lora_alpha=rank, target_modules=["proj"], init_lora_weights=False)
+        config = LoraConfig(
+            r=rank, lora_alpha=rank, target_modules=["proj"], init_lora_weights=False
+        )
         inject_adapter_in_model(config, holder, adapter_name=name)
-    layer = holder.proj
+    layer: Any = holder.proj
     layer.set_adapter(names)
     x = torch.randn(JOBS, tokens, width)
-    plan = build_plan(holder, [""], {n: ((n, 1.0),) for n in names}) if False else None
-    # build_plan reads components off a pipeline; the holder is the "pipeline" here.
+    # build_plan reads the components off a pipeline; a stand-in holds the one layer.
     pipe = type("Pipe", (), {"proj_model": holder})()
     plan = build_plan(pipe, ["proj_model"], {n: ((n, 1.0),) for n in names})
     layer.disable_adapters = True  # the hook adds the deltas to the base output
 
-    def ours() -> torch.Tensor:
+    def ours() -> Any:
         with plan.rows(list(range(1, JOBS + 1))):
             return layer(x)
 
-    def peft_mixed() -> torch.Tensor:
+    def peft_mixed() -> Any:
         layer.disable_adapters = False
         try:
             with plan.rows([0] * JOBS):  # our hook adds nothing
@@ -191,21 +193,26 @@ def stage_b(rounds: int) -> dict[str, Any]:
         finally:
             layer.disable_adapters = True
 
-    def per_group() -> torch.Tensor:
+    def per_group() -> Any:
         base = layer.base_layer(x)
         for i, name in enumerate(names):
             a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
             base[i] += (x[i] @ a.T) @ b.T * layer.scaling[name]
         return base
 
-    def base_only() -> torch.Tensor:
+    def base_only() -> Any:
         return layer.base_layer(x)
 
     with torch.no_grad():
         reference = peft_mixed()
         assert torch.allclose(ours(), reference, atol=1e-4), "row_loras differs from peft"
         assert torch.allclose(per_group(), reference, atol=1e-4)
-        timings: dict[str, list[float]] = {"row_loras_bmm": [], "peft_mixed_batch": [], "per_row_group": [], "base_only": []}
+        timings: dict[str, list[float]] = {
+            "row_loras_bmm": [],
+            "peft_mixed_batch": [],
+            "per_row_group": [],
+            "base_only": [],
+        }
         functions = {
             "row_loras_bmm": ours,
             "peft_mixed_batch": peft_mixed,

@@ -102,6 +102,13 @@ def parse_emphasis(prompt: str) -> list[Fragment]:
     ]
 
 
+def plain_text(prompt: str) -> str:
+    """The prompt's text without the syntax, for text encoders that take no per-token weights
+    (Qwen-Image's and Z-Image's language models): `a (fox:1.3) BREAK snow` is `a fox snow`,
+    `\\(` is `(`. A prompt without syntax comes back as it is."""
+    return "".join(" " if f.brk else f.text for f in parse_emphasis(prompt))
+
+
 def _number(text: str) -> float:
     """A1111 calls float() on `[+-]?[.\\d]+`, which refuses "1.2.3" with a ValueError (an
     error page); here such a weight is 1.0, the nearest thing to ignoring it."""

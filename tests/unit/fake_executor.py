@@ -38,6 +38,17 @@ class FakeStats:
     model_loads: int = 0
     model_evictions: int = 0
     out_of_memory: int = 0
+    mixed_batches: int = 0
+    distinct_loras: list[int] = field(default_factory=list)
+    adapter_wait_seconds: float = 0.0
+    adapters: FakeAdapterStats = field(default_factory=lambda: FakeAdapterStats())
+
+
+@dataclass
+class FakeAdapterStats:
+    loads: int = 0
+    evictions: int = 0
+    prefetched: int = 0
 
 
 class FakeJob:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.domain.emphasis import Fragment, parse_emphasis
+from server.domain.emphasis import Fragment, parse_emphasis, plain_text
 
 A1111 = [
     # A1111's doctests
@@ -98,3 +98,17 @@ def test_prompts_parse_as_a1111_parses_them(prompt: str, expected: list[tuple[st
 def test_a_malformed_weight_is_ignored_rather_than_an_error() -> None:
     # A1111 raises on float("1.2.3"); a request must not fail on it.
     assert _as_a1111(parse_emphasis("(fox:1.2.3)")) == [("fox", 1.0)]
+
+
+@pytest.mark.parametrize(
+    ("prompt", "expected"),
+    [
+        ("a red fox, snow at dusk: 16:9", "a red fox, snow at dusk: 16:9"),
+        ("a (fox:1.3) in [snow]", "a fox in snow"),
+        ("((masterpiece)), \\(literal\\)", "masterpiece, (literal)"),
+        ("a fox BREAK snow", "a fox snow"),
+        ("", ""),
+    ],
+)
+def test_plain_text_drops_the_syntax_and_keeps_the_words(prompt: str, expected: str) -> None:
+    assert plain_text(prompt) == expected

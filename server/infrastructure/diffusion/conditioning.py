@@ -121,7 +121,7 @@ def _empty(tokenizer: Any) -> Chunked:
     return chunk_prompt(tokenizer, "")
 
 
-def _pad_to(chunked: Chunked, count: int, empty: Chunked) -> Chunked:
+def pad_chunks(chunked: Chunked, count: int, empty: Chunked) -> Chunked:
     missing = count - len(chunked.tokens)
     return Chunked(
         chunked.tokens + empty.tokens * missing,
@@ -130,7 +130,7 @@ def _pad_to(chunked: Chunked, count: int, empty: Chunked) -> Chunked:
     )
 
 
-def _encode(pipe: Any, spec: TextEncoder, rows: Sequence[Chunked]) -> tuple[Any, Any]:
+def encode_chunks(pipe: Any, spec: TextEncoder, rows: Sequence[Chunked]) -> tuple[Any, Any]:
     """(hidden states [rows, 77*chunks, width], pooled [rows, width] or None) for rows that
     all have the same number of chunks."""
     import torch
@@ -150,15 +150,18 @@ def _encode(pipe: Any, spec: TextEncoder, rows: Sequence[Chunked]) -> tuple[Any,
             output = encoder(ids, attention_mask=mask, output_hidden_states=spec.penultimate)
         hidden = output.hidden_states[-2] if spec.penultimate else output[0]
         if spec.pooled and c == 0:
-            pooled = output[0]
+            # CLIPTextModelWithProjection's projected output (SDXL, SD3), else CLIPTextModel's
+            # pooled one (FLUX).
+            pooled = getattr(output, "text_embeds", None)
+            pooled = output.pooler_output if pooled is None else pooled
         weights = [row.weights[c] for row in rows]
         if any(w != 1.0 for chunk in weights for w in chunk):
-            hidden = _emphasize(hidden, torch.tensor(weights, dtype=hidden.dtype, device=device))
+            hidden = emphasize(hidden, torch.tensor(weights, dtype=hidden.dtype, device=device))
         hidden_parts.append(hidden)
     return torch.cat(hidden_parts, dim=1), pooled
 
 
-def _emphasize(hidden: Any, weights: Any) -> Any:
+def emphasize(hidden: Any, weights: Any) -> Any:
     """A1111's original emphasis, per row: scale each token's hidden state by its weight,
     then restore the row's mean (so emphasis shifts attention between tokens, not the whole
     conditioning's magnitude)."""
@@ -200,13 +203,15 @@ def encode_batch(
         pooled = negative_pooled = None
         for spec, (cond, uncond, empty) in zip(encoders, per_encoder, strict=True):
             with scope(rows):
-                hidden, pool = _encode(pipe, spec, [_pad_to(cond[i], length, empty) for i in rows])
+                hidden, pool = encode_chunks(
+                    pipe, spec, [pad_chunks(cond[i], length, empty) for i in rows]
+                )
             cond_parts.append(hidden)
             pooled = pool if spec.pooled else pooled
             if not zero_negative:
                 with scope(rows):
-                    hidden, pool = _encode(
-                        pipe, spec, [_pad_to(uncond[i], length, empty) for i in rows]
+                    hidden, pool = encode_chunks(
+                        pipe, spec, [pad_chunks(uncond[i], length, empty) for i in rows]
                     )
                 uncond_parts.append(hidden)
                 negative_pooled = pool if spec.pooled else negative_pooled

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
+from server.domain.emphasis import plain_text
 from server.domain.generation_job import GenerationJob, Mode
 from server.domain.models import Architecture, BaseModelConfig, GenerationDefaults
 from server.domain.schedulers import NOISE_SCHEDULERS
@@ -114,8 +115,9 @@ class ModelFamily(ABC):
     preview_bias: ClassVar[tuple[float, float, float] | None] = None
     # GenerationJob fields beyond the shared ones that must match for two jobs to batch.
     batch_fields: ClassVar[tuple[str, ...]] = ()
-    # The tokenizer/text encoder pairs A1111-style prompts are encoded with (none: the
-    # pipeline encodes the plain prompt itself).
+    # The CLIP tokenizer/text encoder pairs A1111-style prompts are encoded with and
+    # textual-inversion embeddings go into (none: `encode` says how the family's prompts are
+    # encoded; by default the pipeline encodes them, A1111's syntax taken out).
     text_encoders: ClassVar[tuple[TextEncoder, ...]] = ()
     # The diffusers pipeline class of each mode beyond text to image (Mode values), built
     # from the loaded pipeline's components.
@@ -260,12 +262,20 @@ def as_inpainting(rows: BatchRows) -> BatchRows:
 
 
 def prompt_arguments(rows: BatchRows) -> dict[str, Any]:
-    """The rows' embeddings when the family encoded them, else their prompts. A negative
-    prompt is passed only when some row has one (batching keeps rows with and without apart)."""
+    """The rows' embeddings when the family encoded them, else their prompts as plain text
+    (`plain_prompts`). A negative prompt is passed only when some row has one (batching keeps
+    rows with and without apart)."""
     if rows.conditioning:
         return dict(rows.conditioning)
-    negative = rows.negative_prompts if any(rows.negative_prompts) else None
-    return {"prompt": rows.prompts, "negative_prompt": negative}
+    negative = plain_prompts(rows.negative_prompts) if any(rows.negative_prompts) else None
+    return {"prompt": plain_prompts(rows.prompts), "negative_prompt": negative}
+
+
+def plain_prompts(prompts: Sequence[str]) -> list[str]:
+    """Prompts for a pipeline that encodes them itself with encoders that take no emphasis:
+    A1111's syntax taken out (`(cat:1.3)` reaches the encoder as `cat`), plain prompts as
+    they are."""
+    return [plain_text(p) for p in prompts]
 
 
 def image_arguments(

@@ -10,6 +10,7 @@ from typing import Any
 from server.domain.generation_job import Mode
 from server.domain.models import Architecture, BaseModelConfig, GenerationDefaults
 from server.domain.schedulers import FLOW_SCHEDULERS
+from server.infrastructure.diffusion.conditioning import ConditionedGroup, RowScope, all_rows
 from server.infrastructure.diffusion.families.base import (
     BatchRows,
     CheckpointPart,
@@ -22,6 +23,7 @@ from server.infrastructure.diffusion.families.transformer_file import (
     StateDict,
     load_transformer_file,
 )
+from server.infrastructure.diffusion.transformer_conditioning import encode_flux
 
 TRANSFORMER = CheckpointPart(
     "the FLUX transformer (double_blocks.*)",
@@ -116,22 +118,28 @@ class Flux(ModelFamily):
             return latents
         return pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
 
+    def encode(
+        self,
+        pipe: Any,
+        prompts: Sequence[str],
+        negative_prompts: Sequence[str],
+        scope: RowScope = all_rows,
+    ) -> list[ConditionedGroup]:
+        """A1111's syntax on CLIP (pooled) and T5 (sequence): transformer_conditioning.py."""
+        return encode_flux(pipe, prompts, negative_prompts, scope)
+
     def denoise(self, pipe: Any, rows: BatchRows, on_step: StepCallback) -> Sequence[Any]:
-        """FluxPipeline encodes its own prompts (CLIP pooled, T5 sequence); guidance_scale is
-        the embedded guidance. A negative prompt is passed only with true CFG (the
-        application refuses one otherwise), whose diffusers switch is a negative prompt
-        being given at all: rows without one get an empty one."""
+        """The rows' embeddings (`encode`); guidance_scale is the embedded guidance. A
+        negative prompt is passed only with true CFG (the application refuses one
+        otherwise), whose diffusers switch is a negative prompt being given at all: when no
+        row has one, the pipeline encodes empty ones itself."""
+        prompts = dict(rows.conditioning)
+        negative = {k: prompts.pop(k) for k in list(prompts) if k.startswith("negative_")}
         true_cfg = rows.job.true_cfg_scale
         if true_cfg <= 1:
-            return transformer_call(pipe, rows, on_step, prompt=rows.prompts)
-        return transformer_call(
-            pipe,
-            rows,
-            on_step,
-            prompt=rows.prompts,
-            negative_prompt=list(rows.negative_prompts),
-            true_cfg_scale=true_cfg,
-        )
+            return transformer_call(pipe, rows, on_step, **prompts)
+        negative = negative or {"negative_prompt": [""] * len(rows.prompts)}
+        return transformer_call(pipe, rows, on_step, **prompts, **negative, true_cfg_scale=true_cfg)
 
 
 # The width (3 x 3072 + 4 x 3072) diffusers 0.42 splits every single block's fused linear1 at.

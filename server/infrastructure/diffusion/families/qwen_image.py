@@ -18,6 +18,7 @@ from server.infrastructure.diffusion.families.base import (
     ModelFamily,
     StepCallback,
     flow_matching_img2img_steps,
+    plain_prompts,
     transformer_call,
 )
 from server.infrastructure.diffusion.families.transformer_file import (
@@ -119,14 +120,16 @@ class QwenImage(ModelFamily):
 
     def denoise(self, pipe: Any, rows: BatchRows, on_step: StepCallback) -> Sequence[Any]:
         """guidance_scale is Qwen's true CFG scale; at 1 or less it runs unguided (one
-        transformer pass per step), as diffusers does."""
+        transformer pass per step), as diffusers does. Prompts go as plain text: its language
+        model takes no emphasis (`plain_prompts`)."""
         guided = rows.job.guidance_scale > 1
-        negative = [n or EMPTY_NEGATIVE for n in rows.negative_prompts] if guided else None
+        negatives = plain_prompts(rows.negative_prompts)
+        negative = [n or EMPTY_NEGATIVE for n in negatives] if guided else None
         return transformer_call(
             pipe,
             rows,
             on_step,
-            prompt=rows.prompts,
+            prompt=plain_prompts(rows.prompts),
             negative_prompt=negative,
             guidance_argument="true_cfg_scale",
         )

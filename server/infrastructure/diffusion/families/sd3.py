@@ -12,6 +12,7 @@ from typing import Any
 from server.domain.generation_job import Mode
 from server.domain.models import Architecture, BaseModelConfig, GenerationDefaults
 from server.domain.schedulers import FLOW_SCHEDULERS
+from server.infrastructure.diffusion.conditioning import ConditionedGroup, RowScope, all_rows
 from server.infrastructure.diffusion.families.base import (
     BatchRows,
     CheckpointPart,
@@ -23,6 +24,7 @@ from server.infrastructure.diffusion.families.base import (
 )
 from server.infrastructure.diffusion.families.transformer_file import load_transformer_file
 from server.infrastructure.diffusion.quantization import pipeline_quantization
+from server.infrastructure.diffusion.transformer_conditioning import encode_sd3
 
 MMDIT = CheckpointPart(
     "the MMDiT (joint_blocks.*)", ("model.diffusion_model.joint_blocks.", "joint_blocks.")
@@ -117,9 +119,18 @@ class StableDiffusion3(ModelFamily):
             **_without_t5(config.config_dir),
         )
 
+    def encode(
+        self,
+        pipe: Any,
+        prompts: Sequence[str],
+        negative_prompts: Sequence[str],
+        scope: RowScope = all_rows,
+    ) -> list[ConditionedGroup]:
+        """A1111's syntax on both CLIPs and T5: transformer_conditioning.py."""
+        return encode_sd3(pipe, prompts, negative_prompts, scope)
+
     def denoise(self, pipe: Any, rows: BatchRows, on_step: StepCallback) -> Sequence[Any]:
-        """The pipeline encodes its own prompts (both CLIPs and T5); a negative prompt is
-        passed only when some row has one (batching keeps rows with and without apart)."""
+        """The rows' embeddings (`encode`), negative ones included."""
         if not rows.job.controls:
             return transformer_call(pipe, rows, on_step, **prompt_arguments(rows))
         with control_latents_sampled_from(pipe.vae, rows.generators):
