@@ -71,6 +71,7 @@ cluster: install services
 bench: install
 	$(BIN)/python bench/bench_catalog.py
 	$(BIN)/python bench/generation_cpu.py
+	$(BIN)/python bench/mixed_loras_cpu.py
 
 # One worker against two and the broker path's cost per job (needs PostgreSQL and nats-server,
 # so not part of `make bench`); QUICK=1 for a 2-minute run.

@@ -179,19 +179,20 @@ def stage_b(rounds: int) -> dict[str, Any]:
     # build_plan reads the components off a pipeline; a stand-in holds the one layer.
     pipe = type("Pipe", (), {"proj_model": holder})()
     plan = build_plan(pipe, ["proj_model"], {n: ((n, 1.0),) for n in names})
-    layer.disable_adapters = True  # the hook adds the deltas to the base output
+    layer.enable_adapters(False)  # the hook adds the deltas to the base output
 
     def ours() -> Any:
         with plan.rows(list(range(1, JOBS + 1))):
             return layer(x)
 
     def peft_mixed() -> Any:
-        layer.disable_adapters = False
+        layer.enable_adapters(True)
+        layer.set_adapter(names)
         try:
             with plan.rows([0] * JOBS):  # our hook adds nothing
                 return layer(x, adapter_names=names)
         finally:
-            layer.disable_adapters = True
+            layer.enable_adapters(False)
 
     def per_group() -> Any:
         base = layer.base_layer(x)

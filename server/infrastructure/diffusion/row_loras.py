@@ -93,7 +93,12 @@ class _LinearDelta:
         a = self.a.index_select(0, index)  # (n, rank, in)
         b = self.b.index_select(0, index)  # (n, out, rank)
         flat = x.reshape(n, -1, x.shape[-1]).to(a.dtype)
-        delta = torch.bmm(torch.bmm(flat, a.transpose(1, 2)), b.transpose(1, 2))
+        inner = torch.bmm(flat, a.transpose(1, 2))  # (n, tokens, rank)
+        if output.dtype == b.dtype and output.is_contiguous():
+            # Added in place: the base layer's output is a fresh tensor of this call.
+            output.view(n, -1, output.shape[-1]).baddbmm_(inner, b.transpose(1, 2))
+            return output
+        delta = torch.bmm(inner, b.transpose(1, 2))
         return output + delta.reshape(output.shape).to(output.dtype)
 
 
