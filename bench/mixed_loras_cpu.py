@@ -156,7 +156,7 @@ def stage_a(name: str, model: BaseModelConfig, root: Path, rounds: int) -> dict[
 def stage_b(rounds: int) -> dict[str, Any]:
     from peft import LoraConfig, inject_adapter_in_model
 
-    from server.infrastructure.diffusion.row_loras import build_plan
+    from server.infrastructure.diffusion.row_loras import RowLoras
 
     torch.manual_seed(0)
     width, tokens, rank = 640, 1024, 32
@@ -176,9 +176,9 @@ def stage_b(rounds: int) -> dict[str, Any]:
     layer: Any = holder.proj
     layer.set_adapter(names)
     x = torch.randn(JOBS, tokens, width)
-    # build_plan reads the components off a pipeline; a stand-in holds the one layer.
+    # RowLoras reads the components off a pipeline; a stand-in holds the one layer.
     pipe = type("Pipe", (), {"proj_model": holder})()
-    plan = build_plan(pipe, ["proj_model"], {n: ((n, 1.0),) for n in names})
+    plan = RowLoras(pipe, ["proj_model"]).plan({n: ((n, 1.0),) for n in names})
     layer.enable_adapters(False)  # the hook adds the deltas to the base output
 
     def ours() -> Any:

@@ -78,6 +78,7 @@ from server.infrastructure.broker.nats_broker import NatsBroker
 from server.infrastructure.broker.port import Broker
 from server.infrastructure.broker.replica import BrokerExecutor, ClusterModels, RecorderFeed
 from server.infrastructure.broker.worker import BrokerWorker
+from server.infrastructure.diffusion.compilation import use_cache_dir
 from server.infrastructure.diffusion.executor import DiffusionExecutor
 from server.infrastructure.diffusion.footprint import DeviceMemory
 from server.infrastructure.diffusion.images import ImageStore
@@ -375,6 +376,8 @@ def connect_broker(settings: Settings, name: str) -> NatsBroker:
 def device_executor(
     settings: Settings, max_queue: int, images: ImageStore | None = None
 ) -> DiffusionExecutor:
+    if any(model.compile for model in settings.models):
+        use_cache_dir(settings.data_dir / "compile-cache")
     return DiffusionExecutor(
         max_queue=max_queue,
         max_batch=settings.max_batch,

@@ -74,6 +74,7 @@ _MODEL_KEYS = (
     "guidance_scale",
     "quantize",
     "offload",
+    "compile",
 )
 # What a `[[models]]` entry may set instead of its family's default, and the range each takes.
 _MODEL_DEFAULTS: dict[str, tuple[type, float, float]] = {
@@ -389,6 +390,7 @@ def _models(tables: Any, base: Path) -> tuple[BaseModelConfig, ...]:
                 config_dir=_resolve(config_dir, base) if config_dir else None,
                 quantize=_choice(where, table, "quantize", QUANTIZATIONS),
                 offload=_choice(where, table, "offload", OFFLOADS),
+                compile=_flag(where, table, "compile"),
                 **_model_defaults(where, table),
             )
         )
@@ -402,6 +404,13 @@ def _choice(where: str, table: dict[str, Any], key: str, allowed: tuple[str, ...
         raise ValidationError(
             FieldViolation(f"{where}.{key}", f"must be one of {shown}, or left out")
         )
+    return value
+
+
+def _flag(where: str, table: dict[str, Any], key: str) -> bool:
+    value = table.get(key, False)
+    if not isinstance(value, bool):
+        raise ValidationError(FieldViolation(f"{where}.{key}", "must be true or false"))
     return value
 
 

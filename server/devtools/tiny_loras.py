@@ -32,7 +32,7 @@ __all__ = ["FLUX_TARGETS", "FluxLoraFormat", "write_flux_lora", "write_lora_for_
 LoraFormat = Literal["kohya", "peft", "diffusion_model"]
 
 _UNET_TARGET = re.compile(r"\.attn[12]\.(?:to_q|to_k|to_v|to_out\.0)$")
-_UNET_CONV = re.compile(r"\.attentions\.\d+\.(?:proj_in|proj_out)$")
+_UNET_CONV = re.compile(r"\.attentions\.\d+\.(?:proj_in|proj_out)$|\.resnets\.\d+\.conv1$")
 # The transformers' attention projections: FLUX's double- and single-stream blocks, SD3's and
 # Qwen-Image's joint blocks (`attn`), Z-Image's single-stream layers and refiners
 # (`attention`).
@@ -71,8 +71,8 @@ def write_lora_for_pipeline(
     the weight itself, which shows in any image. Kohya files for SDXL use the SGM block names
     (input_blocks/middle_block/output_blocks) that kohya's trainer writes and diffusers maps back.
     `alpha` (kohya only; default: the rank) scales the delta by alpha / rank, as trainers do;
-    `convs` adds the UNet's convolution projections (SD1's 1x1 proj_in/proj_out), as kohya's
-    trainer targets them.
+    `convs` adds convolutions, as kohya's LoCon trainer targets them: the UNet's projections
+    (SD1's 1x1 proj_in/proj_out) and the resnets' first 3x3 convolutions.
     """
     if rank <= 0:
         raise ValueError("rank must be positive")

@@ -291,6 +291,8 @@ class BaseModelConfig:
     quantize: str = ""
     # Components kept in host memory and moved to the GPU only while they run: OFFLOADS.
     offload: str = ""
+    # The denoiser's repeated blocks compiled with torch.compile on load.
+    compile: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,6 +6,7 @@ weights are never modified, and LoRAs that cannot be computed per row run apart,
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -204,3 +205,30 @@ def test_a_dora_lora_cannot_be_computed_per_row_so_the_sets_run_apart_fused(
     alone = [pixels_of(list(run.submit(job).events())) for job in jobs]
     for i in range(2):
         assert np.abs(together[i] - alone[i]).max() <= 1
+
+
+def test_a_compiled_denoiser_keeps_its_graphs_whatever_loras_a_batch_mixes(
+    models: dict[str, BaseModelConfig], loras: dict[str, dict[str, Path]]
+) -> None:
+    """torch.compile's graph capture (dynamo, with the eager backend so that no code is
+    generated on this CPU) of the SD1 UNet's blocks with the per-row hooks inside: after a
+    warm-up that sees the shapes change once, new LoRA mixes compile nothing."""
+    from server.infrastructure.diffusion.compilation import compile_count
+
+    model = replace(models["sd15"], name="compiled", compile=True)
+    files = loras["sd15"]
+    a, c, k = lora(files["a"]), lora(files["c"]), lora(files["k"])
+    run = DiffusionExecutor(device="cpu", max_batch=8, batch_wait=2.0, compile_backend="eager")
+    run.start()
+    try:
+        before = compile_count()
+        for sets in ([(a,), (k,), ()], [(c,), (c,), (a,)]):  # 4 slots, then 3
+            run_together(run, [generation_job(model, loras=s, seed=i) for i, s in enumerate(sets)])
+        warmed = compile_count()
+        assert warmed > before  # the blocks were compiled
+        for sets in ([(k,), (c,), (a, c)], [(c,), (k,), (k,)], [(a,), (), (k, a)]):
+            run_together(run, [generation_job(model, loras=s, seed=i) for i, s in enumerate(sets)])
+        assert compile_count() == warmed, "a new LoRA mix recompiled"
+        assert run.stats.mixed_batches == 5
+    finally:
+        run.stop()

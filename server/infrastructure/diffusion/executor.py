@@ -98,6 +98,7 @@ class DiffusionExecutor:
         device_budget_gb: float = 0.0,
         adapter_budget_gb: float = 2.0,
         mix_loras: bool = True,
+        compile_backend: str = "inductor",
         images: ImageStore | None = None,
         handle_retention: float = 600.0,
         loader: Loader | None = None,
@@ -123,6 +124,7 @@ class DiffusionExecutor:
             counters=self.stats,
             # LoRA files read ahead: as many bytes as the adapters' own budget.
             prefetcher=LoraPrefetcher(int(adapter_budget_gb * GIB)),
+            compile_backend=compile_backend,
         )
         self.stats.adapters = self._pipelines.adapter_stats
         self._handles: dict[str, JobHandle] = {}

@@ -23,13 +23,14 @@ from server.infrastructure.diffusion.adapters import (
     AdapterSpec,
     AdapterStats,
 )
+from server.infrastructure.diffusion.compilation import compile_blocks
 from server.infrastructure.diffusion.controlnets import controlnet_hash, load_controlnet
 from server.infrastructure.diffusion.embeddings import EmbeddingCache
 from server.infrastructure.diffusion.families import ModelFamily, family_for
 from server.infrastructure.diffusion.footprint import DeviceMemory, resident_bytes
 from server.infrastructure.diffusion.lora_prefetch import LoraPrefetcher
 from server.infrastructure.diffusion.registry import INPAINTING_CHANNELS, weights_bytes
-from server.infrastructure.diffusion.row_loras import MixedPlan, build_plan
+from server.infrastructure.diffusion.row_loras import MixedPlan, RowLoras
 from server.infrastructure.gguf_header import GGUF_SUFFIX
 from server.infrastructure.lora_files import update_digest
 
@@ -69,6 +70,8 @@ class LoadedPipeline:
     adapters: AdapterCache
     # The textual-inversion embeddings the running batch names (embeddings.py).
     embeddings: EmbeddingCache
+    # The per-row LoRA hooks of batches that mix LoRAs (row_loras.py).
+    row_loras: RowLoras
     scheduler_config: Any
     default_scheduler: str
     schedulers: dict[str, Any] = field(default_factory=dict)
@@ -151,7 +154,9 @@ class PipelineCache:
         adapter_budget_bytes: int,
         counters: LoadCounters,
         prefetcher: LoraPrefetcher | None = None,
+        compile_backend: str = "inductor",
     ) -> None:
+        self._compile_backend = compile_backend
         self._loader = loader
         self.prefetcher = prefetcher or LoraPrefetcher(0)
         self.adapter_stats = AdapterStats()  # every model's LoRA loads and evictions
@@ -195,8 +200,7 @@ class PipelineCache:
             label: tuple((names[x.sha256], float(x.weight)) for x in loras)
             for label, loras in sets.items()
         }
-        plan = build_plan(loaded.pipe, loaded.family.lora_components, labelled)
-        return loaded, plan
+        return loaded, loaded.row_loras.plan(labelled)
 
     def _ready(self, job: GenerationJob) -> LoadedPipeline:
         """The job's model loaded, with its ControlNets, hires upscaler and scheduler."""
@@ -284,6 +288,10 @@ class PipelineCache:
         if family is None:
             raise ValueError(f"architecture {model.architecture.value} is not supported yet")
         pipe.set_progress_bar_config(disable=True)
+        if model.compile:
+            compile_blocks(
+                getattr(pipe, family.denoiser), family.compiled_blocks, self._compile_backend
+            )
         # A pipeline is hundreds of thousands of long-lived objects; frozen, full garbage
         # collections stop rescanning them (a pause in the middle of someone's denoising).
         gc.collect()
@@ -317,6 +325,7 @@ class PipelineCache:
                 stats=self.adapter_stats,
             ),
             embeddings=EmbeddingCache(pipe, family.text_encoders),
+            row_loras=RowLoras(pipe, family.lora_components, uniform=model.compile),
             scheduler_config=pipe.scheduler.config,
             default_scheduler=type(pipe.scheduler).__name__,
         )

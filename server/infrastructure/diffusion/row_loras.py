@@ -15,26 +15,31 @@ whose adapters peft computes differently (DoRA and other variants, a LoRA bias, 
 attention layers) make a plan impossible (`NotMixable`): the executor then runs the batch's
 LoRA sets one after another, fused, as before.
 
-Convolution LoRAs (LoCon; SD1's 1x1 `proj_in`/`proj_out`) take a slower path that is still
-exact: one pair of convolutions per distinct LoRA set present in the call.
+1x1 convolutions (SD1's `proj_in`/`proj_out`) are linear layers over channels and take the
+same two bmm. Other convolution LoRAs (LoCon on resnet blocks) take a slower path that is
+still exact: one pair of convolutions per distinct LoRA set present in the call.
 
 A denoising call runs the rows of one conditioning group, and classifier-free guidance doubles
 them ([unconditional rows, conditional rows], as diffusers concatenates them), so the plan is
 told which batch rows the next calls run (`MixedPlan.rows`) and a layer that sees k times
 that many inputs repeats the row order k times.
+
+The hooks are installed once per layer and only their contents change between batches, so a
+compiled denoiser (`[[models]] compile = true`) keeps its graphs whatever LoRAs a batch mixes;
+ranks are padded to buckets so that the stacks take few shapes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["RANK_BUCKETS", "MixedPlan", "NotMixable", "build_plan", "rank_bucket"]
+__all__ = ["RANK_BUCKETS", "MixedPlan", "NotMixable", "RowLoras", "rank_bucket"]
 
 # Stacked ranks are padded up to one of these (then to a multiple of the largest), so that a
 # compiled graph sees a handful of shapes whatever LoRAs a batch mixes.
@@ -57,27 +62,29 @@ def rank_bucket(rank: int) -> int:
     return -(-rank // top) * top
 
 
-@dataclass(slots=True)
-class _Current:
-    """The slot (distinct LoRA set) of each row the next calls run; per device, as an index
-    tensor for each multiple of the row count seen."""
+class _RowState:
+    """The rows the next calls run: each one's slot (distinct LoRA set), as a list (the
+    convolution path) and as an index tensor (the batched path); None outside a mixed call."""
 
-    slots: list[int]
-    indices: dict[tuple[int, str], torch.Tensor]
+    def __init__(self) -> None:
+        self.slots: list[int] = []
+        self.index: torch.Tensor | None = None
 
-    def index(self, inputs: int, device: torch.device) -> torch.Tensor:
-        key = (inputs, str(device))
-        cached = self.indices.get(key)
-        if cached is None:
-            rows = len(self.slots)
-            if rows == 0 or inputs % rows:
-                raise RuntimeError(
-                    f"a LoRA layer saw {inputs} inputs in a call over {rows} rows; the mixed "
-                    "batch cannot tell which row each input belongs to"
-                )
-            cached = torch.tensor(self.slots * (inputs // rows), dtype=torch.long, device=device)
-            self.indices[key] = cached
-        return cached
+
+def _row_index(state: _RowState, inputs: int, device: torch.device) -> torch.Tensor:
+    """The slot of each of a layer's `inputs` rows: the call's rows, repeated when
+    classifier-free guidance concatenated them (k times as many inputs)."""
+    index = state.index
+    assert index is not None
+    rows = index.shape[0]
+    if inputs % rows:
+        raise RuntimeError(
+            f"a LoRA layer saw {inputs} inputs in a call over {rows} rows; the mixed batch "
+            "cannot tell which row each input belongs to"
+        )
+    if inputs != rows:
+        index = index.repeat(inputs // rows)
+    return index.to(device)
 
 
 class _LinearDelta:
@@ -87,9 +94,9 @@ class _LinearDelta:
         self.a = a
         self.b = b
 
-    def __call__(self, x: torch.Tensor, output: torch.Tensor, current: _Current) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, output: torch.Tensor, state: _RowState) -> torch.Tensor:
         n = x.shape[0]
-        index = current.index(n, self.a.device)
+        index = _row_index(state, n, self.a.device)
         a = self.a.index_select(0, index)  # (n, rank, in)
         b = self.b.index_select(0, index)  # (n, out, rank)
         flat = x.reshape(n, -1, x.shape[-1]).to(a.dtype)
@@ -100,6 +107,22 @@ class _LinearDelta:
             return output
         delta = torch.bmm(inner, b.transpose(1, 2))
         return output + delta.reshape(output.shape).to(output.dtype)
+
+
+class _PointwiseConvDelta(_LinearDelta):
+    """A 1x1 convolution (SD1's proj_in/proj_out) is a linear layer over channels: the same
+    stacks and two bmm per call, on (rows, channels, pixels)."""
+
+    def __call__(self, x: torch.Tensor, output: torch.Tensor, state: _RowState) -> torch.Tensor:
+        n = x.shape[0]
+        index = _row_index(state, n, self.a.device)
+        a = self.a.index_select(0, index)  # (n, rank, in)
+        b = self.b.index_select(0, index)  # (n, out, rank)
+        inner = torch.bmm(a, x.reshape(n, x.shape[1], -1).to(a.dtype))  # (n, rank, pixels)
+        if output.dtype == b.dtype and output.is_contiguous():
+            output.view(n, output.shape[1], -1).baddbmm_(b, inner)
+            return output
+        return output + torch.bmm(b, inner).reshape(output.shape).to(output.dtype)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,11 +140,10 @@ class _ConvDelta:
     def __init__(self, pairs: dict[int, _ConvPair]) -> None:
         self.pairs = pairs
 
-    def __call__(self, x: torch.Tensor, output: torch.Tensor, current: _Current) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, output: torch.Tensor, state: _RowState) -> torch.Tensor:
         n = x.shape[0]
-        slots = current.slots * (n // max(len(current.slots), 1))
-        if len(slots) != n:
-            current.index(n, x.device)  # raises the explanation
+        _row_index(state, n, x.device)  # checks the row count
+        slots = state.slots * (n // len(state.slots))
         delta = torch.zeros_like(output)
         for slot, pair in self.pairs.items():
             rows = [i for i, s in enumerate(slots) if s == slot]
@@ -133,82 +155,122 @@ class _ConvDelta:
         return output + delta
 
 
-class MixedPlan:
-    """The hooks computing one batch's per-row deltas. `rows(...)` says which slots the next
-    calls run (the executor wraps text encoding and denoising in it); `close()` removes the
-    hooks, leaving the modules exactly as they were."""
+class _LayerHook:
+    """The forward hook of one peft LoRA layer, installed once: it adds the current batch's
+    per-row delta, and nothing outside a mixed call. One object for the layer's lifetime, so
+    a compiled graph that traced it stays valid whatever LoRAs the next batch mixes."""
 
-    def __init__(self, labels: Sequence[Hashable], rank: int) -> None:
+    def __init__(self, state: _RowState) -> None:
+        self.state = state
+        self.delta: _LinearDelta | _ConvDelta | None = None
+
+    def __call__(self, _module: Any, args: tuple[Any, ...], output: Any) -> Any:
+        if self.state.index is None or self.delta is None:
+            return output
+        return self.delta(args[0], output, self.state)
+
+
+class RowLoras:
+    """The per-row LoRA hooks of one pipeline's LoRA components. `plan` fills them for a
+    batch's LoRA sets; `MixedPlan.rows` says which slots the next calls run; `MixedPlan.close`
+    empties them again. `uniform` (for compiled models) gives every hooked layer a delta,
+    zeros where the batch's LoRAs do not reach it, so graphs never see a layer with and
+    without one."""
+
+    def __init__(self, pipe: Any, components: Sequence[str], *, uniform: bool = False) -> None:
+        self._pipe = pipe
+        self._components = tuple(components)
+        self._uniform = uniform
+        self._state = _RowState()
+        self._hooks: dict[int, tuple[Any, _LayerHook]] = {}  # id(layer) -> (layer, hook)
+
+    def plan(self, labelled: Mapping[K, RowSet]) -> MixedPlan:
+        """Fills the hooks for the distinct LoRA sets of `labelled` (adapters loaded; an
+        empty set gets zeros). Raises NotMixable, leaving every hook empty, for an adapter
+        this module cannot compute per row."""
+        from peft.tuners.lora import layer as lora_layer
+
+        sets = list(labelled.values())
+        layers = [(la, n) for la, n in _lora_layers(self._pipe, self._components) if la.lora_A]
+        widest = 0
+        for layer, _name in layers:
+            for loras in sets:
+                widest = max(widest, sum(_rank(layer, a) for a, _ in loras if a in layer.lora_A))
+        plan = MixedPlan(list(labelled), rank_bucket(max(widest, 1)), self)
+        try:
+            for layer, name in layers:
+                used = any(a in layer.lora_A for loras in sets for a, _ in loras)
+                if not used and not self._uniform:
+                    continue
+                for loras in sets:
+                    for adapter, _ in loras:
+                        if adapter in layer.lora_A:
+                            _check(layer, adapter, name)
+                if isinstance(layer, lora_layer.Linear):
+                    delta: _LinearDelta | _ConvDelta = _linear_delta(layer, sets, plan.rank)
+                elif isinstance(layer, lora_layer.Conv2d) and _pointwise(layer):
+                    a, b = _stacks(layer, sets, plan.rank, _flat)
+                    delta = _PointwiseConvDelta(a, b)
+                elif isinstance(layer, lora_layer.Conv2d):
+                    delta = _conv_delta(layer, sets)
+                else:
+                    raise NotMixable(f"{name} is a {type(layer).__name__} LoRA layer")
+                self._hook(layer).delta = delta
+                plan.layers += 1
+        except BaseException:
+            self.clear()
+            raise
+        return plan
+
+    def clear(self) -> None:
+        """Every hook empty: the layers compute as peft alone would."""
+        for _layer, hook in self._hooks.values():
+            hook.delta = None
+        self._state.index = None
+        self._state.slots = []
+
+    def _hook(self, layer: Any) -> _LayerHook:
+        entry = self._hooks.get(id(layer))
+        if entry is None or entry[0] is not layer:
+            hook = _LayerHook(self._state)
+            layer.register_forward_hook(hook)
+            entry = (layer, hook)
+            self._hooks[id(layer)] = entry
+        return entry[1]
+
+    @contextmanager
+    def rows(self, slots: Sequence[int]) -> Iterator[None]:
+        """The next calls run rows of these slots (0: no LoRA)."""
+        state = self._state
+        previous = (state.slots, state.index)
+        state.slots = list(slots)
+        state.index = torch.tensor(state.slots, dtype=torch.long) if any(slots) else None
+        try:
+            yield
+        finally:
+            state.slots, state.index = previous
+
+
+class MixedPlan:
+    """One batch's per-row LoRAs: `rows(...)` says which slots the next calls run (the
+    executor wraps text encoding and denoising in it); `close()` empties the hooks, leaving
+    the layers computing exactly as before."""
+
+    def __init__(self, labels: Sequence[Hashable], rank: int, owner: RowLoras) -> None:
         self.labels = list(labels)  # slot i + 1 -> the caller's label of its LoRA set
         self.rank = rank
         self.layers = 0
-        self._handles: list[Any] = []
-        self._current: _Current | None = None
+        self._owner = owner
 
     def slot_of(self, label: Hashable) -> int:
         """The slot of the LoRA set labelled `label` when the plan was built."""
         return self.labels.index(label) + 1
 
-    @contextmanager
-    def rows(self, slots: Sequence[int]) -> Iterator[None]:
-        previous = self._current
-        self._current = _Current(list(slots), {})
-        try:
-            yield
-        finally:
-            self._current = previous
-
-    def _hook(self, delta: _LinearDelta | _ConvDelta) -> Any:
-        def hook(_module: Any, args: tuple[Any, ...], output: Any) -> Any:
-            current = self._current
-            if current is None or not any(current.slots):
-                return output  # outside a mixed call, or only rows without LoRAs
-            return delta(args[0], output, current)
-
-        return hook
-
-    def attach(self, layer: Any, delta: _LinearDelta | _ConvDelta) -> None:
-        self._handles.append(layer.register_forward_hook(self._hook(delta)))
-        self.layers += 1
+    def rows(self, slots: Sequence[int]) -> AbstractContextManager[None]:
+        return self._owner.rows(slots)
 
     def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-
-def build_plan(pipe: Any, components: Sequence[str], labelled: Mapping[K, RowSet]) -> MixedPlan:
-    """Hooks every peft LoRA layer of `components` that one of the distinct LoRA sets of
-    `labelled` (adapters already loaded; an empty set gets zeros) touches. Raises NotMixable,
-    with no hook left attached, for an adapter this module cannot compute per row."""
-    from peft.tuners.lora import layer as lora_layer
-
-    sets = list(labelled.values())
-    layers = _lora_layers(pipe, components)
-    widest = 0
-    for layer, _name in layers:
-        for loras in sets:
-            widest = max(widest, sum(_rank(layer, a) for a, _ in loras if a in layer.lora_A))
-    plan = MixedPlan(list(labelled), rank_bucket(max(widest, 1)))
-    try:
-        for layer, name in layers:
-            used = [loras for loras in sets if any(a in layer.lora_A for a, _ in loras)]
-            if not used:
-                continue
-            for loras in used:
-                for adapter, _ in loras:
-                    if adapter in layer.lora_A:
-                        _check(layer, adapter, name)
-            if isinstance(layer, lora_layer.Linear):
-                plan.attach(layer, _linear_delta(layer, sets, plan.rank))
-            elif isinstance(layer, lora_layer.Conv2d):
-                plan.attach(layer, _conv_delta(layer, sets))
-            else:
-                raise NotMixable(f"{name} is a {type(layer).__name__} LoRA layer")
-    except BaseException:
-        plan.close()
-        raise
-    return plan
+        self._owner.clear()
 
 
 def _lora_layers(pipe: Any, components: Sequence[str]) -> list[tuple[Any, str]]:
@@ -249,9 +311,35 @@ def _scale(layer: Any, adapter: str, weight: float) -> float:
 
 
 def _linear_delta(layer: Any, sets: Sequence[RowSet], rank: int) -> _LinearDelta:
+    a, b = _stacks(layer, sets, rank, lambda w: w)
+    return _LinearDelta(a, b)
+
+
+def _pointwise(layer: Any) -> bool:
+    """A 1x1 convolution with stride 1 and no padding, in the layer and its LoRA."""
+    base = layer.get_base_layer()
+    return (
+        tuple(base.kernel_size) == (1, 1)
+        and tuple(base.stride) == (1, 1)
+        and all(
+            tuple(down.kernel_size) == (1, 1) and tuple(down.padding) == (0, 0)
+            for down in layer.lora_A.values()
+        )
+    )
+
+
+def _flat(weight: torch.Tensor) -> torch.Tensor:
+    return weight.reshape(weight.shape[0], weight.shape[1])
+
+
+def _stacks(
+    layer: Any, sets: Sequence[RowSet], rank: int, shape: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slots, rank, in) and (slots, out, rank): each set's A matrices stacked along the rank,
+    its B matrices beside each other with weight and scaling folded in, zeros to `rank`."""
     base = layer.get_base_layer()
     out_features, in_features = layer.out_features, layer.in_features
-    dtype = next(layer.lora_A[a].weight.dtype for s in sets for a, _ in s if a in layer.lora_A)
+    dtype = next(iter(layer.lora_A.values())).weight.dtype
     device = base.weight.device
     a = torch.zeros(len(sets) + 1, rank, in_features, dtype=dtype, device=device)
     b = torch.zeros(len(sets) + 1, out_features, rank, dtype=dtype, device=device)
@@ -261,13 +349,13 @@ def _linear_delta(layer: Any, sets: Sequence[RowSet], rank: int) -> _LinearDelta
             for adapter, weight in loras:
                 if adapter not in layer.lora_A:
                     continue
-                down = layer.lora_A[adapter].weight
-                up = layer.lora_B[adapter].weight
+                down = shape(layer.lora_A[adapter].weight)
+                up = shape(layer.lora_B[adapter].weight)
                 r = down.shape[0]
                 a[slot, at : at + r] = down.to(device, dtype)
                 b[slot, :, at : at + r] = (up * _scale(layer, adapter, weight)).to(device, dtype)
                 at += r
-    return _LinearDelta(a, b)
+    return a, b
 
 
 def _conv_delta(layer: Any, sets: Sequence[RowSet]) -> _ConvDelta:

@@ -155,6 +155,9 @@ class ModelFamily(ABC):
     # What width and height must be multiples of: the VAE's downsampling times the
     # transformer's patch size (pipelines otherwise resize silently or fail).
     size_multiple: ClassVar[int] = 8
+    # The denoiser's repeated blocks `[[models]] compile = true` compiles (a denoiser that
+    # declares diffusers' `_repeated_blocks` is compiled by those instead).
+    compiled_blocks: ClassVar[tuple[str, ...]] = ("BasicTransformerBlock", "ResnetBlock2D")
 
     @abstractmethod
     def checkpoint_parts(self, architecture: Architecture) -> tuple[CheckpointPart, ...]:

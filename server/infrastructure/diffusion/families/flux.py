@@ -46,6 +46,7 @@ class Flux(ModelFamily):
     # FLUX.1-dev's: 28 steps at a distilled guidance of 3.5.
     defaults = GenerationDefaults(1024, 1024, 28, 3.5)
     denoiser = "transformer"
+    compiled_blocks = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
     lora_components = ("transformer", "text_encoder")
     mode_pipelines = {
         Mode.IMAGE_TO_IMAGE: "FluxImg2ImgPipeline",

@@ -44,6 +44,7 @@ class QwenImage(ModelFamily):
     # Qwen-Image's published settings: 1328x1328 (its 1:1 training size), 50 steps, CFG 4.
     defaults = GenerationDefaults(1328, 1328, 50, 4.0)
     denoiser = "transformer"
+    compiled_blocks = ("QwenImageTransformerBlock",)
     # Its LoRAs train the transformer only (the 7B text encoder is never a LoRA target).
     lora_components = ("transformer",)
     mode_pipelines = {

@@ -48,6 +48,7 @@ class StableDiffusion3(ModelFamily):
     # SD3.5 Large's: 28 steps at CFG 3.5.
     defaults = GenerationDefaults(1024, 1024, 28, 3.5)
     denoiser = "transformer"
+    compiled_blocks = ("JointTransformerBlock",)
     lora_components = ("transformer", "text_encoder", "text_encoder_2")
     mode_pipelines = {
         Mode.IMAGE_TO_IMAGE: "StableDiffusion3Img2ImgPipeline",

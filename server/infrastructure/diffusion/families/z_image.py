@@ -40,6 +40,7 @@ class ZImage(ModelFamily):
     # guidance; a base model's `[[models]]` entry sets its own (steps = 28, guidance = 4).
     defaults = GenerationDefaults(1024, 1024, 9, 0.0)
     denoiser = "transformer"
+    compiled_blocks = ("ZImageTransformerBlock",)
     lora_components = ("transformer",)
     mode_pipelines = {
         Mode.IMAGE_TO_IMAGE: "ZImageImg2ImgPipeline",
