@@ -91,14 +91,15 @@ def test_a_model_entry_sets_its_own_defaults_quantization_and_offload(tmp_path: 
     body = (
         '[[models]]\nname = "zit"\narchitecture = "ZImageTurbo"\npath = "z"\n'
         "steps = 8\nguidance_scale = 0\nwidth = 832\nheight = 1216\n"
-        'quantize = "fp8"\noffload = "model"\n'
+        'quantize = "fp8"\noffload = "model"\ncompile = true\n'
         '[[models]]\nname = "plain"\narchitecture = "Qwen"\npath = "q"\n'
     )
     zit, plain = load_settings(["--config", write(tmp_path, body)], environ={}).models
     assert (zit.default_steps, zit.default_guidance_scale) == (8, 0.0)
     assert (zit.default_width, zit.default_height) == (832, 1216)
-    assert (zit.quantize, zit.offload) == ("fp8", "model")
+    assert (zit.quantize, zit.offload, zit.compile) == ("fp8", "model", True)
     assert (plain.default_steps, plain.default_guidance_scale, plain.quantize) == (0, None, "")
+    assert not plain.compile
 
 
 @pytest.mark.parametrize(
@@ -110,6 +111,7 @@ def test_a_model_entry_sets_its_own_defaults_quantization_and_offload(tmp_path: 
         ("width = 1004", "models[0].width", "must be a multiple of 8"),
         ('quantize = "nf4"', "models[0].quantize", "must be one of 'int8', 'fp8', or left out"),
         ('offload = "disk"', "models[0].offload", "'model', 'sequential', or left out"),
+        ('compile = "yes"', "models[0].compile", "must be true or false"),
     ],
 )
 def test_bad_model_defaults_and_options_name_the_field(

@@ -106,7 +106,8 @@ class DiffusionExecutor:
         calibration_sides: tuple[int, ...] = CALIBRATION_SIDES,
     ) -> None:
         self._threads = threads
-        self._mix_loras = mix_loras
+        # Whether jobs asking for different LoRAs run as one batch (read per batch).
+        self.mix_loras = mix_loras
         self._costs = StepCosts()
         self._timed: set[str] = set()
         self._calibration_sides = calibration_sides
@@ -242,7 +243,7 @@ class DiffusionExecutor:
         if live[0].job.upscale is not None:
             self._run_upscales(live, time.monotonic())
             return
-        self._run_jobs(live, mix=self._mix_loras)
+        self._run_jobs(live, mix=self.mix_loras)
 
     def _run_jobs(self, live: list[JobHandle], *, mix: bool) -> None:
 
