@@ -232,3 +232,37 @@ def test_a_compiled_denoiser_keeps_its_graphs_whatever_loras_a_batch_mixes(
         assert run.stats.mixed_batches == 5
     finally:
         run.stop()
+
+
+@pytest.mark.parametrize("family", ["FLUX", "SD3", "QWEN_IMAGE", "Z_IMAGE"])
+def test_transformer_families_mix_loras_in_one_batch_as_alone(
+    family: str, tmp_path: Path, executor: tuple[DiffusionExecutor, Recording]
+) -> None:
+    """FLUX (no CFG), SD3 (CFG, three text encoders), Qwen-Image (true CFG: two calls) and
+    Z-Image: a row with one LoRA, one with another at 0.7, one without, as alone."""
+    from server.infrastructure.diffusion import placeholder
+
+    builders = {
+        "FLUX": placeholder.build_tiny_flux,
+        "SD3": placeholder.build_tiny_sd3,
+        "QWEN_IMAGE": placeholder.build_tiny_qwen_image,
+        "Z_IMAGE": placeholder.build_tiny_z_image,
+    }
+    model = BaseModelConfig(family, Architecture[family], builders[family](tmp_path / family))
+    pipe = load_pipeline(model, device="cpu")
+    one = write_lora_for_pipeline(pipe, tmp_path / "one.safetensors", rank=4, seed=1, scale=2.0)
+    two = write_lora_for_pipeline(pipe, tmp_path / "two.safetensors", rank=2, seed=2, scale=2.0)
+    del pipe
+    run, _ = executor
+    jobs = [
+        generation_job(model, loras=(lora(one),), seed=1),
+        generation_job(model, loras=(lora(two, 0.7),), seed=2),
+        generation_job(model, seed=3),
+    ]
+    mixed = run_together(run, jobs)
+    assert run.stats.mixed_batches == 1
+    alone = [pixels_of(list(run.submit(job).events())) for job in jobs]
+    for i in range(3):
+        assert np.abs(mixed[i] - alone[i]).max() <= 1, f"row {i}"
+    base = pixels_of(list(run.submit(replace(jobs[0], loras=())).events()))
+    assert np.abs(alone[0] - base).max() > 8, "the LoRA changes nothing"

@@ -351,7 +351,10 @@ class PipelineCache:
         a file is read ahead for nothing)."""
         with self._lock:
             resident = list(self._pipelines.values())
-        return any(sha256 in loaded.adapters.loaded for loaded in resident)
+        try:
+            return any(sha256 in loaded.adapters.loaded for loaded in resident)
+        except RuntimeError:  # the worker changed a cache while it was read: read it ahead
+            return False
 
     def _prefetched(self, sha256: str) -> dict[str, Any] | None:
         taken = self.prefetcher.take(sha256)
