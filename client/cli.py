@@ -208,15 +208,24 @@ class _NoMatch(_LocalError):
     """An id or prefix that names nothing (exit 1, like NOT_FOUND)."""
 
 
-def _resolve_id(text: str, kind: str, candidates: Callable[[], Iterable[str]]) -> str:
+def _resolve_id(
+    text: str, kind: str, candidates: Callable[[], Iterable[str]], settle: float = 0.0
+) -> str:
     """The one id rule: a full id is used as given; a prefix (the 8 characters tables show, or
-    more) is looked up among `candidates()`, and must name exactly one."""
+    more) is looked up among `candidates()`, and must name exactly one. With `settle`, a
+    prefix that names nothing is looked up again for that many seconds: lists are read
+    models, which show what was just written a moment later (another process's `--detach`
+    carries no consistency token here)."""
     wanted = text.strip().lower()
     if _FULL_ID.fullmatch(wanted):
         return wanted
     if not _ID_PREFIX.fullmatch(wanted):
         raise _NoMatch(f"NOT_FOUND: {text!r} is not a {kind} id or the start of one")
+    deadline = time.monotonic() + settle
     matches = sorted({c for c in candidates() if c.startswith(wanted)})
+    while not matches and time.monotonic() < deadline:
+        time.sleep(0.2)
+        matches = sorted({c for c in candidates() if c.startswith(wanted)})
     if not matches:
         raise _NoMatch(f"NOT_FOUND: no {kind} has an id starting with {text!r}")
     if len(matches) > 1:
@@ -244,7 +253,9 @@ def _iter_generations(client: LoracleClient) -> Iterator[types_pb2.Generation]:
 
 
 def _generation_id(client: LoracleClient, text: str) -> str:
-    return _resolve_id(text, "generation", lambda: (g.id for g in _iter_generations(client)))
+    return _resolve_id(
+        text, "generation", lambda: (g.id for g in _iter_generations(client)), settle=3.0
+    )
 
 
 def _aggregate_id(client: LoracleClient, text: str) -> str:

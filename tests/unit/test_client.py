@@ -766,9 +766,13 @@ def test_cli_ambiguous_or_unknown_prefixes_are_refused(
     assert main(["--server", fake.address, "cancel", "abcdef01"]) == 1
     err = capsys.readouterr().err
     assert "'abcdef01' matches 2 generations (abcdef01-111…, abcdef01-222…)" in err
+    listed = len(fake.sent(query_service_pb2.ListGenerationsRequest))
     assert main(["--server", fake.address, "watch", "99999999"]) == 1
     assert "NOT_FOUND: no generation has an id starting with '99999999'" in capsys.readouterr().err
     assert fake.sent(command_service_pb2.CancelGenerationRequest) == []
+    # Looked up again for a while: a generation submitted a moment ago by another process
+    # reaches the listed read model a little later.
+    assert len(fake.sent(query_service_pb2.ListGenerationsRequest)) - listed > 2
 
 
 def test_cli_generations_all_and_owner(
