@@ -84,8 +84,8 @@ class Recording:
 @pytest.fixture
 def executor() -> Iterator[tuple[DiffusionExecutor, Recording]]:
     loader = Recording()
-    # A long batch window: the jobs submitted together all join the first batch.
-    made = DiffusionExecutor(device="cpu", max_batch=8, batch_wait=2.0, loader=loader)
+    # A batch window long enough for the jobs submitted together to join the first batch.
+    made = DiffusionExecutor(device="cpu", max_batch=8, batch_wait=0.5, loader=loader)
     made.start()
     yield made, loader
     made.stop()
@@ -218,7 +218,7 @@ def test_a_compiled_denoiser_keeps_its_graphs_whatever_loras_a_batch_mixes(
     model = replace(models["sd15"], name="compiled", compile=True)
     files = loras["sd15"]
     a, c, k = lora(files["a"]), lora(files["c"]), lora(files["k"])
-    run = DiffusionExecutor(device="cpu", max_batch=8, batch_wait=2.0, compile_backend="eager")
+    run = DiffusionExecutor(device="cpu", max_batch=8, batch_wait=0.5, compile_backend="eager")
     run.start()
     try:
         before = compile_count()
