@@ -35,6 +35,10 @@ class CatalogRepository(Protocol):
     """The write side: aggregates in, events appended atomically."""
 
     def get_lora(self, lora_id: uuid.UUID) -> Lora | None: ...
+    def get_loras(self, lora_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, Lora]:
+        """The LoRAs among `lora_ids` that exist, read in bulk (a few queries, not one each)."""
+        ...
+
     def get(self, aggregate_id: uuid.UUID) -> Aggregate | None: ...
     def find_command(self, principal: str, request_id: str) -> CommandRecord | None:
         """The principal's idempotency record of `request_id` (another principal's never)."""

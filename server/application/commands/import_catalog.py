@@ -83,14 +83,18 @@ class ImportLoRACatalogHandler(ICommandHandler[ImportLoRACatalogCommand, ImportC
         pending: dict[uuid.UUID, Lora] = {}
         created = updated = unchanged = 0
         errors: list[RecordError] = []
+        valid: list[tuple[CatalogRecordInput, uuid.UUID]] = []
         for index, record in enumerate(command.records):
             problem = _problem(record)
             if problem:
                 errors.append(RecordError(index, record.source_id, problem))
-                continue
+            else:
+                valid.append((record, lora_id_for_source(record.source_id)))
+        # The batch's existing LoRAs in a few queries, not one per record.
+        existing = self._catalog.get_loras(lora_id for _, lora_id in valid)
+        for record, lora_id in valid:
             metadata = metadata_to_dict(metadata_from_record(record))
-            lora_id = lora_id_for_source(record.source_id)
-            lora = pending.get(lora_id) or self._catalog.get_lora(lora_id)
+            lora = pending.get(lora_id) or existing.get(lora_id)
             if lora is None:
                 lora = Lora(
                     key=f"source:{record.source_id}",
