@@ -14,8 +14,6 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from eventsourcing.application import project_aggregate
-
 from server.domain.errors import (
     ConsistencyTimeoutError,
     DomainError,
@@ -25,7 +23,7 @@ from server.domain.generation import Generation, GenerationView
 from server.domain.lora import CommandRecord, Lora
 from server.domain.models import AuditEntry, HistoryEntry, LoraView
 from server.domain.recommendation import PastGeneration
-from server.infrastructure.event_store import EventStore
+from server.infrastructure.event_store import EventStore, fold
 from server.infrastructure.read_model import ProjectedChange, SqlReadModel
 
 log = logging.getLogger("loracle.projector")
@@ -209,7 +207,7 @@ class Projector:
         earlier: dict[uuid.UUID, int] = {}
         for aggregate_id, events in batch_events.items():
             if events[0].originator_version == 1:
-                built[aggregate_id] = project_aggregate(None, events)
+                built[aggregate_id] = fold(events)
             else:
                 earlier[aggregate_id] = events[-1].originator_version
         if earlier:
