@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import sys
 from collections.abc import Sequence
@@ -32,6 +33,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DomainError as exc:
         logging.getLogger("loracle").error("cannot start: %s", exc.message)
         return 1
+    # What start-up built (modules, the container, the recommendation index) lives as long as
+    # the process: frozen, full collections stop rescanning it. Without this they were a
+    # quarter of a large catalog import's time.
+    gc.collect()
+    gc.freeze()
 
     async def run() -> None:
         metrics_http: MetricsHttpServer | None = None

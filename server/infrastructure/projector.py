@@ -48,7 +48,7 @@ class Projector:
         store: EventStore,
         read_model: SqlReadModel,
         *,
-        batch_size: int = 1000,
+        batch_size: int = 5000,
         poll_interval: float = 0.25,
         default_wait: float = 30.0,
     ) -> None:

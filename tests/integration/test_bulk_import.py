@@ -30,7 +30,7 @@ from server.infrastructure import read_model as read_model_module
 from tests.integration.test_storage_contract import catalog
 from tests.support import make_container, postgres_schema, sqlite_url
 
-BIG = 2500  # more than one bulk-read chunk (1,000) and more than one projector batch
+BIG = 2500  # more than two bulk-read chunks (1,000 aggregates each)
 
 
 def import_catalog(c: Container, records: tuple[CatalogRecordInput, ...], request_id: str) -> Any:
