@@ -11,7 +11,12 @@ Four processes take part so that no two share a GIL: this orchestrator (idle whi
 the Loracle server, the echo server and the load generator. The last two are this same file,
 started with a hidden first argument (`_echo`, `_load`).
 
+The import is timed twice through the client, each to visibility (the commands answered,
+then a ListLoras that waits for the last batch's consistency token): the first import into an
+empty catalog, then the same records again under a new request id (every record unchanged).
+
 Usage: .venv/bin/python bench/bench_catalog.py [--catalog PATH] [--seconds S] [--concurrency N]
+                                                [--storage-url postgresql://...] [--import-only]
                                                 [--json]
 """
 
@@ -67,12 +72,36 @@ WORKLOADS = (
 TARGETS = ("loracle", "echo")
 
 
+@dataclass(frozen=True)
+class ImportRun:
+    """One timed import: the batches answered, then visible to queries."""
+
+    label: str
+    answered_seconds: float
+    visible_seconds: float
+    created: int
+    updated: int
+    unchanged: int
+
+    def as_dict(self, records: int) -> dict[str, Any]:
+        return {
+            "answered_seconds": round(self.answered_seconds, 3),
+            "visible_seconds": round(self.visible_seconds, 3),
+            "records_per_second": round(records / self.visible_seconds, 1),
+            "created": self.created,
+            "updated": self.updated,
+            "unchanged": self.unchanged,
+        }
+
+
 @dataclass
 class Prepared:
     """What the load phase needs from the imported catalog."""
 
     records: int
-    seconds: float
+    first: ImportRun
+    again: ImportRun
+    index_seconds: float
     source: str
     ids: list[str]
     page_tokens: list[str]
@@ -84,25 +113,54 @@ def _median_by_size(messages: Sequence[bytes]) -> bytes:
     return sorted(messages, key=len)[len(messages) // 2]
 
 
+def timed_import(
+    client: LoracleClient, records: Sequence[Any], label: str
+) -> tuple[ImportRun, str]:
+    """Imports `records` under a fresh request id and waits until a query sees the last
+    batch; returns the timings and the consistency token."""
+    log(f"{label}: {len(records)} records in batches of {IMPORT_BATCH}")
+    started = time.perf_counter()
+    result = client.import_lora_catalog(
+        records, batch_size=IMPORT_BATCH, request_id=f"bench-{uuid.uuid4()}"
+    )
+    answered = time.perf_counter() - started
+    token = result.consistency_token
+    total = client.list_loras(page_size=1, consistency_token=token).total_size
+    visible = time.perf_counter() - started
+    if result.errors:
+        first = result.errors[0]
+        raise RuntimeError(
+            f"{len(result.errors)} records refused, first #{first.index}: {first.error}"
+        )
+    if total != len(records):
+        raise RuntimeError(f"ListLoras total_size {total}, expected {len(records)}")
+    run = ImportRun(label, answered, visible, result.created, result.updated, result.unchanged)
+    log(
+        f"{label}: answered in {answered:.2f} s, visible in {visible:.2f} s "
+        f"(created {run.created}, updated {run.updated}, unchanged {run.unchanged})"
+    )
+    return run, token
+
+
 def import_and_prepare(address: str, catalog: Path) -> Prepared:
-    """Imports the catalog, checks it is all visible, and collects ids, tokens and responses."""
+    """Imports the catalog, checks it is all visible, imports it again unchanged, and collects
+    ids, tokens and responses."""
     records, source = load_catalog(catalog)
     with LoracleClient(address, timeout=120.0) as client:
-        log(f"importing {len(records)} records ({source}) in batches of {IMPORT_BATCH}")
+        log(f"catalog: {source}")
+        first, _ = timed_import(client, records, "import")
+        if first.created != len(records):
+            raise RuntimeError(f"created {first.created}, expected {len(records)}")
+        again, token = timed_import(client, records, "unchanged re-import")
+        if again.unchanged != len(records):
+            raise RuntimeError(f"unchanged {again.unchanged}, expected {len(records)}")
+        # The recommendation index takes projected batches from a queue, indexed by the first
+        # search or recommendation (or once the catalog is quiet): this one pays for the
+        # import, so that the query measurements below do not share the CPU with it.
         started = time.perf_counter()
-        result = client.import_lora_catalog(
-            records, batch_size=IMPORT_BATCH, request_id=f"bench-{uuid.uuid4()}"
-        )
-        seconds = time.perf_counter() - started
-        if result.errors:
-            first = result.errors[0]
-            raise RuntimeError(
-                f"{len(result.errors)} records refused, first #{first.index}: {first.error}"
-            )
-        token = result.consistency_token
-        total = client.list_loras(page_size=1, consistency_token=token).total_size
-        if total != len(records):
-            raise RuntimeError(f"ListLoras total_size {total}, expected {len(records)}")
+        client.search_loras("style", page_size=1, consistency_token=token)
+        index_seconds = time.perf_counter() - started
+        log(f"first search after the imports (indexes them): {index_seconds:.2f} s")
         loras = list(client.iter_loras(page_size=1000, consistency_token=token))
         ids = [lora.id for lora in loras]
         random.Random(0).shuffle(ids)
@@ -120,7 +178,9 @@ def import_and_prepare(address: str, catalog: Path) -> Prepared:
             tokens.append(page.next_page_token)
     return Prepared(
         records=len(records),
-        seconds=seconds,
+        first=first,
+        again=again,
+        index_seconds=index_seconds,
         source=source,
         ids=ids,
         page_tokens=tokens,
@@ -313,18 +373,26 @@ def summarize(measurements: list[Measurement]) -> dict[str, dict[str, float]]:
     return summary
 
 
+def print_imports(prepared: Prepared, storage: str) -> None:
+    print(
+        f"Catalog import: {prepared.records} records ({prepared.source}) on {storage}, "
+        f"batches of {IMPORT_BATCH}, through the client; ListLoras total_size matches"
+    )
+    print(f"{'import':<22}{'answered s':>11}{'visible s':>11}{'records/s':>11}")
+    for run in (prepared.first, prepared.again):
+        rate = prepared.records / run.visible_seconds
+        print(
+            f"{run.label:<22}{run.answered_seconds:>11.2f}{run.visible_seconds:>11.2f}{rate:>11.0f}"
+        )
+    print(f"first SearchLoras after the imports (indexes them): {prepared.index_seconds:.2f} s")
+    print()
+
+
 def print_table(
-    prepared: Prepared,
     summary: dict[str, dict[str, float]],
     measurements: list[Measurement],
     args: argparse.Namespace,
 ) -> None:
-    rate = prepared.records / prepared.seconds
-    print(
-        f"Catalog import: {prepared.records} records ({prepared.source}) in "
-        f"{prepared.seconds:.2f} s = {rate:.0f} records/s (batches of {IMPORT_BATCH}); "
-        "ListLoras total_size matches"
-    )
     print(
         f"Queries: {args.concurrency} calls in flight, {args.seconds:g} s per measurement after "
         f"{WARMUP_SECONDS:g} s warm-up, {ROUNDS} interleaved rounds per target; "
@@ -346,8 +414,31 @@ def print_table(
     print()
 
 
+@contextlib.contextmanager
+def storage(url: str) -> Iterator[tuple[list[str], str]]:
+    """Server arguments for the store, and its name: SQLite in the data directory, or a
+    throwaway schema in the PostgreSQL database `url` names (dropped afterwards)."""
+    if not url:
+        yield [], "SQLite"
+        return
+    import psycopg  # only the PostgreSQL run needs it
+
+    base = url.split("?", 1)[0].replace("postgresql+psycopg", "postgresql")
+    schema = f"bench_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(base, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    try:
+        yield ["--storage-url", f"{base}?schema={schema}"], "PostgreSQL"
+    finally:
+        with psycopg.connect(base, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="loracle-bench-") as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix="loracle-bench-") as tmp,
+        storage(args.storage_url) as (storage_args, storage_name),
+    ):
         workdir = Path(tmp)
         children = Children(workdir)
         try:
@@ -363,12 +454,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "--data-dir",
                     str(data_dir),
                     "--no-embedded-model",
+                    *storage_args,
                 ],
             )
             loracle_address = f"127.0.0.1:{loracle.wait_for_port()}"
-            log(f"Loracle serving on {loracle_address} (SQLite in a temporary directory)")
+            log(f"Loracle serving on {loracle_address} ({storage_name})")
 
             prepared = import_and_prepare(loracle_address, args.catalog)
+            if not args.json:
+                print_imports(prepared, storage_name)
+            if args.import_only:
+                return imports_report(prepared, storage_name)
             responses_path = workdir / "responses.json"
             responses_path.write_text(
                 json.dumps(
@@ -420,18 +516,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise RuntimeError(f"{m.method} on {m.target} had {m.errors} errors: {m.first_error}")
     summary = summarize(measurements)
     if not args.json:
-        print_table(prepared, summary, measurements, args)
+        print_table(summary, measurements, args)
+    return {
+        **imports_report(prepared, storage_name),
+        **summary,
+        "concurrency": args.concurrency,
+        "seconds": args.seconds,
+    }
+
+
+def imports_report(prepared: Prepared, storage_name: str) -> dict[str, Any]:
     return {
         "catalog": {
             "records": prepared.records,
-            "seconds": round(prepared.seconds, 3),
-            "records_per_second": round(prepared.records / prepared.seconds, 1),
             "source": prepared.source,
+            "storage": storage_name,
+            "batch_size": IMPORT_BATCH,
+            "import": prepared.first.as_dict(prepared.records),
+            "unchanged_reimport": prepared.again.as_dict(prepared.records),
+            "first_search_seconds": round(prepared.index_seconds, 3),
         },
-        **summary,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-        "concurrency": args.concurrency,
-        "seconds": args.seconds,
     }
 
 
@@ -467,6 +572,17 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         type=_positive(int, 1024),
         default=16,
         help="calls kept in flight (default 16)",
+    )
+    parser.add_argument(
+        "--storage-url",
+        default="",
+        help="run the server on PostgreSQL: postgresql://USER@HOST/DB (a throwaway schema "
+        "is made there and dropped afterwards); default SQLite in a temporary directory",
+    )
+    parser.add_argument(
+        "--import-only",
+        action="store_true",
+        help="time the two imports and stop (no GetLora/ListLoras measurement)",
     )
     parser.add_argument(
         "--json", action="store_true", help="print only the JSON line on stdout, no table"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import sys
 from collections.abc import Sequence
@@ -32,6 +33,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DomainError as exc:
         logging.getLogger("loracle").error("cannot start: %s", exc.message)
         return 1
+    # What start-up built (modules, the container, the recommendation index) lives as long as
+    # the process: frozen, full collections stop rescanning it. And a catalog import allocates
+    # millions of short-lived objects: at the default threshold (700) the young generation
+    # was collected about 650 times for the 7,955-record sample, 20,000 makes that 17. Both
+    # together took the collector's share of that import from a quarter to about 3 %.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
 
     async def run() -> None:
         metrics_http: MetricsHttpServer | None = None

@@ -137,6 +137,7 @@ class Container:
         self.recorder.close()
         self.models.close()
         self.projector.stop()
+        self.recommender.stop()
         self.read_model.close()
         self.store.close()
         if self.broker is not None:
@@ -216,7 +217,7 @@ def bootstrap(
     commands = CommandBus(middlewares)
     commands.register(RegisterLoRACommand, RegisterLoRAHandler(files, store, read_model, projector))
     commands.register(ImportLoRAsCommand, ImportLoRAsHandler(files, store, read_model, projector))
-    commands.register(ImportLoRACatalogCommand, ImportLoRACatalogHandler(store))
+    commands.register(ImportLoRACatalogCommand, ImportLoRACatalogHandler(store, read_model))
     commands.register(UpdateLoRACommand, UpdateLoRAHandler(store))
     commands.register(DeleteLoRACommand, DeleteLoRAHandler(store))
     commands.register(
@@ -316,6 +317,7 @@ def bootstrap(
     recommender.load()
     if start_projector:
         projector.start()
+        recommender.start()
     feed: RecorderFeed | None = None
     worker: BrokerWorker | None = None
     if broker is not None:

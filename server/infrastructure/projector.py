@@ -23,7 +23,7 @@ from server.domain.generation import Generation, GenerationView
 from server.domain.lora import CommandRecord, Lora
 from server.domain.models import AuditEntry, HistoryEntry, LoraView
 from server.domain.recommendation import PastGeneration
-from server.infrastructure.event_store import EventStore
+from server.infrastructure.event_store import EventStore, fold
 from server.infrastructure.read_model import ProjectedChange, SqlReadModel
 
 log = logging.getLogger("loracle.projector")
@@ -48,7 +48,7 @@ class Projector:
         store: EventStore,
         read_model: SqlReadModel,
         *,
-        batch_size: int = 1000,
+        batch_size: int = 5000,
         poll_interval: float = 0.25,
         default_wait: float = 30.0,
     ) -> None:
@@ -145,7 +145,8 @@ class Projector:
         notifications = self._store.notifications(after, self._batch_size)
         if not notifications:
             return False
-        latest: dict[uuid.UUID, int] = {}
+        # Each LoRA's and generation's events in this batch, oldest first.
+        batch_events: dict[uuid.UUID, list[Any]] = {}
         audit: list[AuditEntry] = []
         history: list[HistoryEntry] = []
         catalog: set[str] = set()
@@ -157,17 +158,16 @@ class Projector:
             if n.topic.startswith(_LORA):
                 catalog.add(str(n.originator_id))
             if n.topic.startswith((_LORA, *_GENERATION)):
-                latest[uuid.UUID(str(n.originator_id))] = n.originator_version
+                batch_events.setdefault(uuid.UUID(str(n.originator_id)), []).append(event)
             elif n.topic.startswith(_PAST_GENERATION):
                 history.append(HistoryEntry(n.id, event.prompt, tuple(event.lora_ids)))
         upserts: list[LoraView] = []
         deletes: list[str] = []
         generations: list[GenerationView] = []
-        for aggregate_id, version in latest.items():
-            aggregate = self._store.get_at(aggregate_id, version)
+        for aggregate in self._aggregates(batch_events).values():
             if isinstance(aggregate, Lora):
                 if aggregate.deleted:
-                    deletes.append(str(aggregate_id))
+                    deletes.append(str(aggregate.id))
                 else:
                     upserts.append(aggregate.view())
             elif isinstance(aggregate, Generation):
@@ -198,6 +198,21 @@ class Projector:
             self._position = change.position
             self._cond.notify_all()
         return len(notifications) == self._batch_size
+
+    def _aggregates(self, batch_events: dict[uuid.UUID, list[Any]]) -> dict[uuid.UUID, Any]:
+        """Each aggregate as of its last event in the batch. One that begins in the batch is
+        built from the batch's events alone (the log is contiguous, so it holds all of them);
+        the others are read in bulk up to the version the batch reached."""
+        built: dict[uuid.UUID, Any] = {}
+        earlier: dict[uuid.UUID, int] = {}
+        for aggregate_id, events in batch_events.items():
+            if events[0].originator_version == 1:
+                built[aggregate_id] = fold(events)
+            else:
+                earlier[aggregate_id] = events[-1].originator_version
+        if earlier:
+            built.update(self._store.get_many(earlier, versions=earlier))
+        return {i: built[i] for i in batch_events if i in built}
 
 
 def _topic_prefix(cls: type[Any]) -> str:

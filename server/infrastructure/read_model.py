@@ -318,6 +318,21 @@ class SqlReadModel:
             text = conn.execute(sa.select(loras.c.view_json).where(loras.c.id == lora_id)).scalar()
         return None if text is None else view_from_json(text)
 
+    def lora_metadata(self, lora_ids: Sequence[str]) -> dict[str, tuple[int, dict[str, Any]]]:
+        """(version, metadata as events carry it) of each LoRA among `lora_ids` the read
+        model holds, a thousand per query."""
+        out: dict[str, tuple[int, dict[str, Any]]] = {}
+        with self._connect() as conn:
+            for start in range(0, len(lora_ids), 1000):
+                rows = conn.execute(
+                    sa.select(loras.c.id, loras.c.version, loras.c.view_json).where(
+                        loras.c.id.in_(lora_ids[start : start + 1000])
+                    )
+                ).all()
+                for lora_id, version, text in rows:
+                    out[lora_id] = (int(version), json.loads(text)["metadata"])
+        return out
+
     def find_by_sha256(self, sha256: str) -> LoraView | None:
         with self._connect() as conn:
             text = conn.execute(

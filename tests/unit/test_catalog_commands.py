@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,6 +19,7 @@ from server.application.commands import (
     ImportUpdate,
     RegisterLoRACommand,
     UpdateLoRACommand,
+    import_loras,
 )
 from server.application.commands.idempotency import fingerprint
 from server.application.context import DispatchContext
@@ -189,6 +192,37 @@ def test_import_registers_updates_skips_fails_and_marks_missing(
     assert by_name["A2"].available
     available = c.queries.dispatch(GetAllLoRAsQuery(available_only=True)).data
     assert {v.name for v in available} == {"A2", "C"}
+
+
+def test_import_reads_files_in_parallel_bounded_and_reports_in_scan_order(
+    memory_container: Container, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    c = memory_container
+    for i in range(12):
+        lora_file(c, f"many/{i:02d}.safetensors", name=f"L{i}", seed=i)
+    read = c.files.read
+    both_reading = threading.Barrier(2, timeout=10)
+    lock = threading.Lock()
+    in_flight = [0, 0]  # now, most at once
+
+    def watched(path: str) -> Any:
+        with lock:
+            in_flight[0] += 1
+            in_flight[1] = max(in_flight)
+        try:
+            if path.endswith(("00.safetensors", "01.safetensors")):
+                both_reading.wait()  # raises (the file FAILS) unless two reads overlap
+            return read(path)
+        finally:
+            with lock:
+                in_flight[0] -= 1
+
+    monkeypatch.setattr(c.files, "read", watched)
+    updates = run_import(c)
+    files = [u.file for u in updates if u.file]
+    assert [f.path for f in files] == [f"many/{i:02d}.safetensors" for i in range(12)]
+    assert {f.outcome for f in files} == {ImportOutcome.REGISTERED}
+    assert 2 <= in_flight[1] <= import_loras.READERS
 
 
 def test_import_of_a_subdirectory_leaves_the_rest_alone(memory_container: Container) -> None:

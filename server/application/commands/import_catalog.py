@@ -1,5 +1,11 @@
 """ImportLoraCatalog: metadata records without files, matched on source_id. A batch is saved
-in one transaction with its request record, so a retried batch writes nothing twice."""
+in one transaction with its request record, so a retried batch writes nothing twice.
+
+A batch costs a few queries whatever its size: the current versions of its LoRAs from the event
+store, their metadata from the read model, and the events of only those LoRAs that may change
+(new metadata, a deleted record, or a read model that has not caught up with the store): a
+record the read model shows at the store's version with the same metadata is unchanged without
+rebuilding its aggregate."""
 
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ from typing import Any
 from server.application.commands.base import CommandResult, ICommand, ICommandHandler
 from server.application.commands.idempotency import replay, save_answered
 from server.application.context import current_context
-from server.application.ports import CatalogRepository
+from server.application.ports import CatalogRepository, LoraReadModel
 from server.domain.errors import FieldViolation
 from server.domain.lora import Lora, lora_id_for_source, metadata_to_dict
 from server.domain.models import BaseModelRef, LoraMetadata, LoraSource, clean_terms
@@ -68,8 +74,9 @@ class ImportLoRACatalogCommand(ICommand[ImportCatalogResult]):
 
 
 class ImportLoRACatalogHandler(ICommandHandler[ImportLoRACatalogCommand, ImportCatalogResult]):
-    def __init__(self, catalog: CatalogRepository) -> None:
+    def __init__(self, catalog: CatalogRepository, read_model: LoraReadModel) -> None:
         self._catalog = catalog
+        self._read_model = read_model
 
     def handle(self, command: ImportLoRACatalogCommand) -> CommandResult[ImportCatalogResult]:
         if len(command.records) > MAX_RECORDS_PER_BATCH:
@@ -83,14 +90,27 @@ class ImportLoRACatalogHandler(ICommandHandler[ImportLoRACatalogCommand, ImportC
         pending: dict[uuid.UUID, Lora] = {}
         created = updated = unchanged = 0
         errors: list[RecordError] = []
+        valid: list[tuple[CatalogRecordInput, uuid.UUID, dict[str, Any]]] = []
         for index, record in enumerate(command.records):
             problem = _problem(record)
             if problem:
                 errors.append(RecordError(index, record.source_id, problem))
+            else:
+                metadata = metadata_to_dict(metadata_from_record(record))
+                valid.append((record, lora_id_for_source(record.source_id), metadata))
+        current = self._current_metadata([lora_id for _, lora_id, _ in valid])
+        # Only LoRAs that may change are rebuilt, in a few queries rather than one each.
+        existing = self._catalog.get_loras(
+            lora_id
+            for _, lora_id, metadata in valid
+            if lora_id in current and current[lora_id] != metadata
+        )
+        for record, lora_id, metadata in valid:
+            lora = pending.get(lora_id)
+            if lora is None and current.get(lora_id, _UNKNOWN) == metadata:
+                unchanged += 1
                 continue
-            metadata = metadata_to_dict(metadata_from_record(record))
-            lora_id = lora_id_for_source(record.source_id)
-            lora = pending.get(lora_id) or self._catalog.get_lora(lora_id)
+            lora = lora or existing.get(lora_id)
             if lora is None:
                 lora = Lora(
                     key=f"source:{record.source_id}",
@@ -114,6 +134,24 @@ class ImportLoRACatalogHandler(ICommandHandler[ImportLoRACatalogCommand, ImportC
         result = ImportCatalogResult(created, updated, unchanged, tuple(errors))
         position = save_answered(self._catalog, command, _result_dict(result), [*pending.values()])
         return CommandResult.success(result, position=position)
+
+    def _current_metadata(self, lora_ids: list[uuid.UUID]) -> dict[uuid.UUID, object]:
+        """Each existing LoRA's metadata where the read model shows it at the version the
+        store holds (so it is the aggregate's), and _UNKNOWN for the other existing ones (a
+        deleted record, or a read model that lags behind)."""
+        versions = self._catalog.versions(lora_ids)
+        if not versions:
+            return {}
+        shown = self._read_model.lora_metadata([str(i) for i in versions])
+        out: dict[uuid.UUID, object] = {}
+        for lora_id, version in versions.items():
+            view = shown.get(str(lora_id))
+            out[lora_id] = view[1] if view is not None and view[0] == version else _UNKNOWN
+        return out
+
+
+# Compares unequal to any metadata: the aggregate must be read to know.
+_UNKNOWN = object()
 
 
 def _problem(record: CatalogRecordInput) -> str:
