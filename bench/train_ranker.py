@@ -37,7 +37,7 @@ from server.domain.recommend.ranker import FEATURES, LinearModel, Ranker
 ROOT = Path(__file__).resolve().parents[1]
 RANKER = ROOT / "server" / "domain" / "recommend" / "ranker.json"
 SETS = ("cold/prompt", "cold/prompt_no_trigger", "warm/prompt", "warm/prompt_no_trigger")
-THRESHOLDS = (5.0, 6.0, 7.0)  # query_trigger_specificity cut-offs tried
+THRESHOLDS = (0.55, 0.65, 0.75)  # query_trigger_specificity cut-offs tried
 RANK_PRIORS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 50.0)  # 50: the first-stage order
 # Feature groups for the ablation (each removed in turn).
 GROUPS = {

@@ -237,14 +237,14 @@ def test_ranker_keeps_two_models_and_picks_by_trigger_specificity() -> None:
     spec = FEATURES.index("query_trigger_specificity")
     trigger = LinearModel(np.ones(n), 0.0, np.zeros(n), np.ones(n))
     plain = LinearModel(-np.ones(n), 0.0, np.zeros(n), np.ones(n), rank_prior=2.0)
-    ranker = Ranker.from_json(Ranker(trigger, plain, 6.0).to_json())
-    assert ranker.threshold == 6.0
+    ranker = Ranker.from_json(Ranker(trigger, plain, 0.65).to_json())
+    assert ranker.threshold == 0.65
     assert ranker.plain.rank_prior == 2.0
     rows = np.full((2, n), 0.1)
     rows[:, FEATURES.index("inverse_rank")] = [1.0, 0.5]
-    rows[:, spec] = 7.0
+    rows[:, spec] = 0.8
     assert ranker.model_for(rows) is ranker.trigger
-    rows[:, spec] = 2.0
+    rows[:, spec] = 0.2
     assert ranker.model_for(rows) is ranker.plain
     assert ranker.predict(rows)[0] > ranker.predict(rows)[1]
     with pytest.raises(ValueError, match="refit"):

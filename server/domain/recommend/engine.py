@@ -489,11 +489,15 @@ class RecommendationEngine:
     def _specificity(self, phrase: tuple[str, ...]) -> float:
         """How surely a trigger phrase in a prompt points at its LoRAs: low when many LoRAs
         share it or when its rarest word is common in catalog text (`eyes`, `long hair`),
-        zero for boilerplate. The ranker picks its model by the best one in the prompt."""
+        zero for boilerplate. An IDF over the largest possible one, so a phrase unique to one
+        LoRA scores alike in a catalog of ten and of 100,000. The ranker picks its model by
+        the best one in the prompt."""
         if all(t in GENERIC_TERMS or t in STOP_WORDS for t in phrase):
             return 0.0
+        n = len(self._docs)
         df = min(self.index.document_frequency("all", t) for t in phrase)
-        return min(self._phrase_idf(phrase), math.log1p(len(self._docs) / (1 + df)))
+        idf = min(self._phrase_idf(phrase), math.log1p(n / (1 + df)))
+        return idf / math.log1p(n) if n > 0 else 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,6 +50,11 @@ FEATURES = (
 )
 
 
+# Certainty (1.0) is for LoRAs the prompt names with <lora:...>; a calibration bin where every
+# dev recommendation was right still says less.
+MAX_CONFIDENCE = 0.99
+
+
 @dataclass(frozen=True)
 class LinearModel:
     coefficients: FloatArray
@@ -105,7 +110,8 @@ class LinearModel:
         raw = self.raw(matrix)
         if len(self.calibration_x) == 0:
             return raw
-        return np.interp(raw, self.calibration_x, self.calibration_y)
+        calibrated = np.interp(raw, self.calibration_x, self.calibration_y)
+        return np.minimum(calibrated, MAX_CONFIDENCE)
 
     def with_calibration(self, x: FloatArray, y: FloatArray) -> LinearModel:
         return replace(self, calibration_x=x, calibration_y=y)
