@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 
 from server.domain.models import (
@@ -13,6 +16,7 @@ from server.domain.models import (
 )
 from server.domain.recommend.engine import RecommendationEngine
 from server.domain.recommend.prompt import parse_prompt
+from server.domain.recommend.ranker import FEATURES, LinearModel, Ranker
 
 
 def lora(
@@ -226,3 +230,44 @@ def test_search_pages_the_same_ranking(engine: RecommendationEngine) -> None:
     hits = engine.search("hatsune miku", None, limit=10)
     assert {h.lora.id for h in hits[:3]} == {"miku1", "miku2", "miku3"}
     assert engine.search("zzzz-nothing", None, limit=10) == []
+
+
+def test_ranker_keeps_two_models_and_picks_by_trigger_specificity() -> None:
+    n = len(FEATURES)
+    spec = FEATURES.index("query_trigger_specificity")
+    trigger = LinearModel(np.ones(n), 0.0, np.zeros(n), np.ones(n))
+    plain = LinearModel(-np.ones(n), 0.0, np.zeros(n), np.ones(n), rank_prior=2.0)
+    ranker = Ranker.from_json(Ranker(trigger, plain, 0.65).to_json())
+    assert ranker.threshold == 0.65
+    assert ranker.plain.rank_prior == 2.0
+    rows = np.full((2, n), 0.1)
+    rows[:, FEATURES.index("inverse_rank")] = [1.0, 0.5]
+    rows[:, spec] = 0.8
+    assert ranker.model_for(rows) is ranker.trigger
+    rows[:, spec] = 0.2
+    assert ranker.model_for(rows) is ranker.plain
+    assert ranker.predict(rows)[0] > ranker.predict(rows)[1]
+    with pytest.raises(ValueError, match="refit"):
+        Ranker.from_json(json.dumps({"features": ["bm25_all"]}))
+
+
+def test_only_specific_trigger_phrases_select_the_trigger_model() -> None:
+    e = RecommendationEngine(Ranker.neutral())
+    for view in CATALOG:
+        e.upsert(view)
+    e.upsert(lora("eyes", "Eye Detail", triggers=("eyes",)))
+    for i in range(4):  # a word common in catalog text names no LoRA in particular
+        e.upsert(lora(f"portrait{i}", f"Portrait {i}", description="a face with blue eyes"))
+    spec = FEATURES.index("query_trigger_specificity")
+    _, boilerplate = e.candidate_features("masterpiece, best quality, 8k", Architecture.SD1, True)
+    assert len(boilerplate) == 0 or boilerplate[0, spec] == 0.0
+    _, unique = e.candidate_features("a temple, shuimobysim", Architecture.SD1, True)
+    _, common = e.candidate_features("a temple, blue eyes", Architecture.SD1, True)
+    assert unique[0, spec] > common[0, spec] > 0.0
+
+
+def test_shipped_ranker_loads_both_models() -> None:
+    ranker = Ranker.default()
+    assert ranker.trigger.coefficients.shape == ranker.plain.coefficients.shape == (len(FEATURES),)
+    assert len(ranker.trigger.calibration_x) > 0
+    assert len(ranker.plain.calibration_x) > 0

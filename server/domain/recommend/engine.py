@@ -15,6 +15,8 @@ import numpy.typing as npt
 from server.domain.models import Architecture, LoraView
 from server.domain.recommend.index import FloatArray, LexicalIndex
 from server.domain.recommend.prompt import (
+    GENERIC_TERMS,
+    STOP_WORDS,
     ParsedPrompt,
     content_terms,
     parse_prompt,
@@ -33,6 +35,10 @@ CANDIDATES = 100
 DEFAULT_WEIGHT = 0.8
 MAX_DESCRIPTION_TERMS = 300
 MAX_HISTORY_TERMS = 3000
+# A LoRA's kind, for the ranker: its first Civitai tag among these (catalog text only).
+LORA_TYPES = ("style", "character", "celebrity", "clothing", "concept")
+# Fields whose scores the ranker also sees relative to the best candidate of the query.
+RELATIVE_FIELDS = ("name", "tags", "description", "history")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +57,18 @@ class _Doc:
     triggers: tuple[tuple[str, ...], ...]
     name_terms: frozenset[str]
     concept: frozenset[str]
+    tag_terms: frozenset[str]
+    kind: int  # index into LORA_TYPES, -1 for none of them
     history: list[str] = field(default_factory=list)
+
+
+def lora_type(tags: Sequence[str]) -> int:
+    """Index in LORA_TYPES of the first tag that names a kind, -1 when none does."""
+    for tag in tags:
+        kind = tag.strip().casefold()
+        if kind in LORA_TYPES:
+            return LORA_TYPES.index(kind)
+    return -1
 
 
 class RecommendationEngine:
@@ -235,7 +252,13 @@ class RecommendationEngine:
         name_terms = frozenset(tokens(m.name)) | frozenset(tokens(m.file_name))
         concept = frozenset(triggers) if triggers else frozenset({tuple(sorted(name_terms))})
         self._docs[slot] = _Doc(
-            view, triggers, name_terms, frozenset(t for p in concept for t in p), history
+            view,
+            triggers,
+            name_terms,
+            frozenset(t for p in concept for t in p),
+            frozenset(content_terms(" ".join(m.tags))),
+            lora_type(m.tags),
+            history,
         )
         self.index.put(slot, self._fields(view, history))
         self._arch[slot] = _ARCH_CODE[m.base_model.architecture]
@@ -332,7 +355,8 @@ class RecommendationEngine:
     def candidate_features(
         self, prompt: str, architecture: Architecture | None, include_unavailable: bool
     ) -> tuple[list[str], FloatArray]:
-        """Candidate ids and their feature rows, for fitting the ranker offline."""
+        """Candidate ids (best first-stage score first) and their feature rows, for fitting
+        the ranker offline."""
         with self._lock:
             found = self._candidates(
                 parse_prompt(prompt), architecture, include_unavailable, exclude=set()
@@ -358,15 +382,21 @@ class RecommendationEngine:
             slot = self._slot_of.get(lora_id)
             if slot is not None:
                 mask[slot] = False
-        per_field = {f: self.index.field_scores(f, terms)[:n] for f in FIELDS}
+        coverage = np.zeros(self.index.capacity())
+        per_field = {
+            f: self.index.field_scores(f, terms, coverage if f == "all" else None)[:n]
+            for f in FIELDS
+        }
         first = np.zeros(n)
         for f, w in FIRST_STAGE_WEIGHTS.items():
             first += w * per_field[f]
         triggers = self._trigger_matches(prompt_tokens)
         trigger_idf = np.zeros(n)
+        specificity = np.zeros(n)
         for phrase, slots in triggers.items():
             idx = np.fromiter(slots, dtype=np.int64, count=len(slots))
             trigger_idf[idx] = np.maximum(trigger_idf[idx], self._phrase_idf(phrase))
+            specificity[idx] = np.maximum(specificity[idx], self._specificity(phrase))
         first += TRIGGER_BOOST * trigger_idf
         first = np.where(mask, first, -np.inf)
         k = min(CANDIDATES, int(np.count_nonzero(first > 0)))
@@ -376,7 +406,8 @@ class RecommendationEngine:
         top = top[np.argsort(-first[top], kind="stable")]
         best = float(first[top[0]])
         prompt_set = frozenset(prompt_tokens)
-        per_doc = np.zeros((k, 3))
+        per_doc = np.zeros((k, 4))
+        kinds = np.zeros((k, len(LORA_TYPES)))
         for row, slot in enumerate(top.tolist()):
             doc = self._docs[slot]
             if doc.triggers:
@@ -385,6 +416,10 @@ class RecommendationEngine:
                 per_doc[row, 1] = 1.0
             if doc.name_terms:
                 per_doc[row, 2] = len(doc.name_terms & prompt_set) / len(doc.name_terms)
+            if doc.tag_terms:
+                per_doc[row, 3] = len(doc.tag_terms & prompt_set) / len(doc.tag_terms)
+            if doc.kind >= 0:
+                kinds[row, doc.kind] = 1.0
         columns = [np.log1p(per_field[f][top]) for f in RANKED_FIELDS]
         columns += [
             trigger_idf[top],
@@ -398,6 +433,16 @@ class RecommendationEngine:
             # prompt with strong evidence (history, triggers) from a vague one.
             np.full(k, math.log1p(float(per_field["history"][top].max()))),
             np.full(k, min(len(triggers), 5) / 5.0),
+            # Signals that do not depend on trigger words.
+            specificity[top],
+            np.full(k, float(specificity[top].max())),
+            per_doc[:, 3],
+            coverage[top],
+            *(_relative(per_field[f][top]) for f in RELATIVE_FIELDS),
+            np.log1p(self.index.field_length("all")[top]) / 10.0,
+            *kinds.T,
+            np.full(k, math.log1p(len(terms)) / 5.0),
+            np.full(k, math.log1p(best) / 5.0),
         ]
         return _Candidates(top, np.column_stack(columns), triggers, per_field, first)
 
@@ -441,6 +486,19 @@ class RecommendationEngine:
         df = len(self._trigger_docs.get(phrase, ()))
         return math.log1p(len(self._docs) / (1 + df))
 
+    def _specificity(self, phrase: tuple[str, ...]) -> float:
+        """How surely a trigger phrase in a prompt points at its LoRAs: low when many LoRAs
+        share it or when its rarest word is common in catalog text (`eyes`, `long hair`),
+        zero for boilerplate. An IDF over the largest possible one, so a phrase unique to one
+        LoRA scores alike in a catalog of ten and of 100,000. The ranker picks its model by
+        the best one in the prompt."""
+        if all(t in GENERIC_TERMS or t in STOP_WORDS for t in phrase):
+            return 0.0
+        n = len(self._docs)
+        df = min(self.index.document_frequency("all", t) for t in phrase)
+        idf = min(self._phrase_idf(phrase), math.log1p(n / (1 + df)))
+        return idf / math.log1p(n) if n > 0 else 0.0
+
 
 @dataclass(frozen=True, slots=True)
 class _Candidates:
@@ -449,6 +507,11 @@ class _Candidates:
     triggers: dict[tuple[str, ...], set[int]]
     per_field: dict[str, FloatArray]
     first: FloatArray
+
+
+def _relative(scores: FloatArray) -> FloatArray:
+    best = float(scores.max())
+    return scores / best if best > 0 else np.zeros(len(scores))
 
 
 _FIELD_LABELS = {

@@ -58,12 +58,20 @@ class FieldIndex:
         return 0 if postings is None else len(postings.docs)
 
     def scores(
-        self, terms: Iterable[str], n_docs: int, capacity: int, lengths: FloatArray
+        self,
+        terms: Iterable[str],
+        n_docs: int,
+        capacity: int,
+        lengths: FloatArray,
+        coverage: FloatArray | None = None,
     ) -> FloatArray:
-        """BM25 of every document slot for `terms` (a term counted once per query)."""
+        """BM25 of every document slot for `terms` (a term counted once per query). With
+        `coverage`, also the share of the query's IDF mass (terms the field knows) that each
+        document contains, written into it."""
         out = np.zeros(capacity)
         if not self._lengths:
             return out
+        total_idf = 0.0
         avg = self._total_length / len(self._lengths) or 1.0
         for term in set(terms):
             postings = self._postings.get(term)
@@ -80,6 +88,11 @@ class FieldIndex:
             idf = math.log(1.0 + (n_docs - df + 0.5) / (df + 0.5))
             norm = K1 * (1.0 - B + B * lengths[docs] / avg)
             out[docs] += idf * tfs * (K1 + 1.0) / (tfs + norm)
+            if coverage is not None:
+                coverage[docs] += idf
+                total_idf += idf
+        if coverage is not None and total_idf > 0:
+            coverage /= total_idf
         return out
 
     def length_of(self, doc: int) -> int:
@@ -125,11 +138,18 @@ class LexicalIndex:
     def terms_of(self, doc: int, field: str) -> list[str]:
         return self._terms.get(doc, {}).get(field, [])
 
-    def field_scores(self, field: str, terms: Sequence[str]) -> FloatArray:
+    def field_scores(
+        self, field: str, terms: Sequence[str], coverage: FloatArray | None = None
+    ) -> FloatArray:
+        """BM25 per slot; `coverage` (zeros, one per slot), when given, receives the share
+        of the query's IDF mass each document contains (see FieldIndex.scores)."""
         with self.lock:
             return self._index[field].scores(
-                terms, max(self.size, 1), self.capacity(), self._lengths[field]
+                terms, max(self.size, 1), self.capacity(), self._lengths[field], coverage
             )
+
+    def field_length(self, field: str) -> FloatArray:
+        return self._lengths[field]
 
     def document_frequency(self, field: str, term: str) -> int:
         return self._index[field].document_frequency(term)
