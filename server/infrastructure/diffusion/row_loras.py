@@ -64,11 +64,14 @@ def rank_bucket(rank: int) -> int:
 
 class _RowState:
     """The rows the next calls run: each one's slot (distinct LoRA set), as a list (the
-    convolution path) and as an index tensor (the batched path); None outside a mixed call."""
+    convolution path) and as an index tensor on the model's device (the batched path), also
+    repeated for classifier-free guidance's doubled batch; None outside a mixed call. Made once
+    per call, so the hundreds of LoRA layers a step runs copy nothing to the device."""
 
     def __init__(self) -> None:
         self.slots: list[int] = []
         self.index: torch.Tensor | None = None
+        self.doubled: torch.Tensor | None = None
 
 
 def _row_index(state: _RowState, inputs: int, device: torch.device) -> torch.Tensor:
@@ -82,9 +85,11 @@ def _row_index(state: _RowState, inputs: int, device: torch.device) -> torch.Ten
             f"a LoRA layer saw {inputs} inputs in a call over {rows} rows; the mixed batch "
             "cannot tell which row each input belongs to"
         )
-    if inputs != rows:
+    if inputs == 2 * rows and state.doubled is not None:
+        index = state.doubled
+    elif inputs != rows:
         index = index.repeat(inputs // rows)
-    return index.to(device)
+    return index.to(device)  # a no-op on the model's device
 
 
 class _LinearDelta:
@@ -226,7 +231,7 @@ class RowLoras:
         """Every hook empty: the layers compute as peft alone would."""
         for _layer, hook in self._hooks.values():
             hook.delta = None
-        self._state.index = None
+        self._state.index = self._state.doubled = None
         self._state.slots = []
 
     def _hook(self, layer: Any) -> _LayerHook:
@@ -242,13 +247,17 @@ class RowLoras:
     def rows(self, slots: Sequence[int]) -> Iterator[None]:
         """The next calls run rows of these slots (0: no LoRA)."""
         state = self._state
-        previous = (state.slots, state.index)
+        previous = (state.slots, state.index, state.doubled)
         state.slots = list(slots)
-        state.index = torch.tensor(state.slots, dtype=torch.long) if any(slots) else None
+        state.index = state.doubled = None
+        if any(slots):
+            device = getattr(self._pipe, "device", "cpu")
+            state.index = torch.tensor(state.slots, dtype=torch.long, device=device)
+            state.doubled = state.index.repeat(2)
         try:
             yield
         finally:
-            state.slots, state.index = previous
+            state.slots, state.index, state.doubled = previous
 
 
 class MixedPlan:
