@@ -1063,11 +1063,19 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+def bench_main(
+    name: str,
+    args: argparse.Namespace,
+    run: Callable[[argparse.Namespace, Clock, Report], bool],
+    errors: tuple[type[Exception], ...],
+    targets: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+) -> int:
+    """How each GPU benchmark runs: SIGTERM ends it as Ctrl-C does, an expected error is
+    reported in one line, and whatever happens the JSON report (with the targets' verdicts)
+    is written to --out and printed as the last stdout line."""
     signal.signal(signal.SIGTERM, raise_system_exit)
     clock = Clock()
-    report = Report(args.out, {"bench": "gpu_generation", "status": "running"})
+    report = Report(args.out, {"bench": name, "status": "running"})
     ok = False
     try:
         ok = run(args, clock, report)
@@ -1075,19 +1083,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         clock.log("interrupted")
         report.set("status", "interrupted")
         return 130
-    except (RuntimeError, LoracleError, grpc.RpcError, OSError) as exc:
+    except errors as exc:
         clock.log(f"failed: {type(exc).__name__}: {exc}")
         report.set("error", f"{type(exc).__name__}: {exc}")
     finally:
-        report.data["targets"] = targets(report.data)
+        if targets is not None:
+            report.data["targets"] = targets(report.data)
         report.data["total_seconds"] = round(clock.elapsed(), 1)
         if report.data["status"] == "running":
             report.data["status"] = "complete" if ok else "failed"
         report.write()
         print(json.dumps(report.data), flush=True)
-    for name, verdict in report.data["targets"].items():
-        clock.log(f"target {name}: {verdict}")
+    for target, verdict in report.data.get("targets", {}).items():
+        clock.log(f"target {target}: {verdict}")
     return 0 if ok else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    errors = (RuntimeError, LoracleError, grpc.RpcError, OSError)
+    return bench_main("gpu_generation", args, run, errors, targets)
 
 
 if __name__ == "__main__":

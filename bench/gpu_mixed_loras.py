@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
-import signal
 import statistics
 import sys
 import tempfile
@@ -46,12 +44,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.gpu_generation import (
     Clock,
     Report,
+    bench_main,
     full_pipeline,
     lora_targets,
     quiet_libraries,
     versions,
 )
-from server.devtools.bench_support import raise_system_exit
 
 SEED = 20261207
 PROMPT = "a lighthouse on a cliff at dusk, dramatic sky, highly detailed, oil painting"
@@ -505,26 +503,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    signal.signal(signal.SIGTERM, raise_system_exit)
-    clock = Clock()
-    report = Report(args.out, {"bench": "gpu_mixed_loras", "status": "running"})
-    ok = False
-    try:
-        ok = run(args, clock, report)
-    except KeyboardInterrupt:
-        report.set("status", "interrupted")
-        return 130
-    except (RuntimeError, OSError) as exc:
-        clock.log(f"failed: {type(exc).__name__}: {exc}")
-        report.set("error", f"{type(exc).__name__}: {exc}")
-    finally:
-        report.data["targets"] = verdicts(report.data)
-        report.data["total_seconds"] = round(clock.elapsed(), 1)
-        if report.data["status"] == "running":
-            report.data["status"] = "complete" if ok else "failed"
-        report.write()
-        print(json.dumps(report.data), flush=True)
-    return 0 if ok else 1
+    return bench_main("gpu_mixed_loras", args, run, (RuntimeError, OSError), verdicts)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ import contextlib
 import gc
 import io
 import json
-import signal
 import sys
 import tempfile
 import time
@@ -47,7 +46,6 @@ import grpc
 
 from client import LoracleClient, LoracleError
 from loracle.v1 import types_pb2
-from server.devtools.bench_support import raise_system_exit
 from server.devtools.local_server import RunningServer, start_server, wait_for_models
 
 # Run as `python bench/gpu_transformer_families.py`: the repository root, for its sibling.
@@ -58,6 +56,7 @@ from bench.gpu_generation import (
     Streamed,
     _interleaved,
     _with,
+    bench_main,
     quiet_libraries,
     service_image,
     versions,
@@ -589,21 +588,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    signal.signal(signal.SIGTERM, raise_system_exit)
-    clock = Clock()
-    report = Report(args.out, {"bench": "gpu_transformer_families", "status": "running"})
-    ok = False
-    try:
-        ok = run(args, clock, report)
-    except (RuntimeError, ValueError, LoracleError, grpc.RpcError, OSError) as exc:
-        clock.log(f"failed: {type(exc).__name__}: {exc}")
-        report.set("error", f"{type(exc).__name__}: {exc}")
-    finally:
-        report.data["total_seconds"] = round(clock.elapsed(), 1)
-        report.data["status"] = "complete" if ok else "failed"
-        report.write()
-        print(json.dumps(report.data), flush=True)
-    return 0 if ok else 1
+    errors = (RuntimeError, ValueError, LoracleError, grpc.RpcError, OSError)
+    return bench_main("gpu_transformer_families", args, run, errors)
 
 
 if __name__ == "__main__":
