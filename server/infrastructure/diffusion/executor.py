@@ -246,7 +246,6 @@ class DiffusionExecutor:
         self._run_jobs(live, mix=self.mix_loras)
 
     def _run_jobs(self, live: list[JobHandle], *, mix: bool) -> None:
-
         job = live[0].job  # the fields every job of the batch shares
         started = time.monotonic()
 
