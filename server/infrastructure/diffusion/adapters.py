@@ -20,7 +20,7 @@ import logging
 import re
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,11 +233,11 @@ class AdapterCache:
         try:
             tensors = self._prefetched(spec.key)
             if tensors is None:
-                expected = _lora_layer_count(spec.path)
+                expected = _down_count(_header_keys(spec.path))
                 source: str | dict[str, Any] = str(spec.path)
             else:
                 self.stats.prefetched += 1
-                expected = sum(1 for key in tensors if _DOWN_KEY.search(key))
+                expected = _down_count(tensors)
                 source = dict(tensors)  # diffusers' converters pop from the dict they get
             with _quiet_peft():
                 self._pipe.load_lora_weights(source, adapter_name=adapter)
@@ -348,12 +348,17 @@ def _file_size(spec: AdapterSpec) -> int:
         ) from exc
 
 
-def _lora_layer_count(path: Path) -> int:
-    """The file's LoRA layers (down/A matrices), read from the header alone."""
+def _header_keys(path: Path) -> list[str]:
+    """The file's tensor names, read from the header alone."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         keys: list[str] = f.keys()  # safe_open is not iterable
+    return keys
+
+
+def _down_count(keys: Iterable[str]) -> int:
+    """LoRA layers among tensor names: their down (A) matrices."""
     return sum(1 for key in keys if _DOWN_KEY.search(key))
 
 
