@@ -87,9 +87,9 @@ class LoraPrefetcher:
     def _read(self, sha256: str, path: Path) -> None:
         from safetensors.torch import load as load_safetensors
 
+        if path.stat().st_size > self._budget:
+            return  # would not be kept: the worker reads it when it needs it
         data = path.read_bytes()
-        if len(data) > self._budget:
-            return
         if hashlib.sha256(data).hexdigest() != sha256:
             return  # changed since import: the worker's own check says so
         tensors = load_safetensors(data)
