@@ -17,7 +17,10 @@ empty catalog, then the same records again under a new request id (every record 
 
 Usage: .venv/bin/python bench/bench_catalog.py [--catalog PATH] [--seconds S] [--concurrency N]
                                                 [--storage-url postgresql://...] [--import-only]
-                                                [--json]
+                                                [--json] [--synthetic N]
+
+`--synthetic N` runs the scale benchmark instead (bench/catalog_scale.py): N deterministic
+records shaped like the Civitai sample, from import to restart.
 """
 
 from __future__ import annotations
@@ -435,6 +438,15 @@ def storage(url: str) -> Iterator[tuple[list[str], str]]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.synthetic:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from bench.catalog_scale import run_scale, summary_lines
+
+        with storage(args.storage_url) as (storage_args, storage_name):
+            report: dict[str, Any] = run_scale(args, storage_args, storage_name)
+        if not args.json:
+            print("\n".join(summary_lines(report)))
+        return report
     with (
         tempfile.TemporaryDirectory(prefix="loracle-bench-") as tmp,
         storage(args.storage_url) as (storage_args, storage_name),
@@ -583,6 +595,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--import-only",
         action="store_true",
         help="time the two imports and stop (no GetLora/ListLoras measurement)",
+    )
+    parser.add_argument(
+        "--synthetic",
+        type=_positive(int, 10_000_000),
+        default=0,
+        help="run the scale benchmark on N synthetic records (bench/catalog_scale.py) instead",
     )
     parser.add_argument(
         "--json", action="store_true", help="print only the JSON line on stdout, no table"
