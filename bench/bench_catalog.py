@@ -64,10 +64,19 @@ WARMUP_SECONDS = 1.0
 CALL_TIMEOUT = 10.0
 SERVICE = "loracle.v1.QueryService"
 
-# (workload label in output, RPC method, JSON key)
+# GetLora in the cached phase asks for this many ids over and over (the query cache holds
+# 2,048 answers by default, and the warm-up second asks for each of them).
+HOT_IDS = 256
+# The uncached phase restarts the server on the same data with its query cache off.
+NO_CACHE_ENV = {"LORACLE_QUERY_CACHE_ENTRIES": "0"}
+PHASES = ("cached", "uncached")
+
+# (workload label in output, RPC method, JSON key, phase)
 WORKLOADS = (
-    ("GetLora", "GetLora", "get_lora"),
-    (f"ListLoras page_size={LIST_PAGE_SIZE}", "ListLoras", "list_loras_50"),
+    ("GetLora, cached", "GetLora", "get_lora", "cached"),
+    (f"ListLoras {LIST_PAGE_SIZE}, cached", "ListLoras", "list_loras_50", "cached"),
+    ("GetLora, uncached", "GetLora", "get_lora_uncached", "uncached"),
+    (f"ListLoras {LIST_PAGE_SIZE}, uncached", "ListLoras", "list_loras_50_uncached", "uncached"),
 )
 TARGETS = ("loracle", "echo")
 
@@ -243,6 +252,7 @@ def percentile(sorted_values: Sequence[float], pct: float) -> float:
 class Measurement:
     target: str
     method: str
+    key: str
     round: int
     seconds: float
     latencies_ms: list[float]
@@ -301,7 +311,7 @@ async def _load(plan: dict[str, Any]) -> list[dict[str, Any]]:
             for token in plan["page_tokens"]
         ]
         results = []
-        for target, method, round_number in plan["schedule"]:
+        for target, method, key, round_number in plan["schedule"]:
             stub = stubs[target]
             if method == "GetLora":
                 call: Callable[..., Any] = stub.GetLora
@@ -312,16 +322,17 @@ async def _load(plan: dict[str, Any]) -> list[dict[str, Any]]:
                 call, requests, plan["concurrency"], plan["warmup"], plan["seconds"]
             )
             result = Measurement(
-                target, method, round_number, plan["seconds"], latencies, errors, first_error
+                target, method, key, round_number, plan["seconds"], latencies, errors, first_error
             )
             log(
-                f"{method:<9} {target:<7} round {round_number}: {result.qps:8.1f} calls/s"
+                f"{key:<22} {target:<7} round {round_number}: {result.qps:8.1f} calls/s"
                 + (f", {errors} errors ({first_error})" if errors else "")
             )
             results.append(
                 {
                     "target": target,
                     "method": method,
+                    "key": key,
                     "round": round_number,
                     "seconds": plan["seconds"],
                     "latencies_ms": [round(v, 4) for v in latencies],
@@ -338,11 +349,12 @@ async def _load(plan: dict[str, Any]) -> list[dict[str, Any]]:
 # --- orchestration ------------------------------------------------------------------------
 
 
-def schedule() -> list[tuple[str, str, int]]:
-    """A/B/A/B per workload: drift over the run lands on both targets alike."""
+def schedule(phase: str) -> list[tuple[str, str, str, int]]:
+    """A/B/A/B per workload of `phase`: drift over the run lands on both targets alike."""
     return [
-        (target, method, round_number)
-        for _label, method, _key in WORKLOADS
+        (target, method, key, round_number)
+        for _label, method, key, workload_phase in WORKLOADS
+        if workload_phase == phase
         for round_number in range(1, ROUNDS + 1)
         for target in TARGETS
     ]
@@ -350,10 +362,10 @@ def schedule() -> list[tuple[str, str, int]]:
 
 def summarize(measurements: list[Measurement]) -> dict[str, dict[str, float]]:
     summary: dict[str, dict[str, float]] = {}
-    for _label, method, key in WORKLOADS:
+    for _label, _method, key, _phase in WORKLOADS:
         figures: dict[str, float] = {}
         for target in TARGETS:
-            runs = [m for m in measurements if m.target == target and m.method == method]
+            runs = [m for m in measurements if m.target == target and m.key == key]
             calls = sum(len(m.latencies_ms) for m in runs)
             pooled = sorted(v for m in runs for v in m.latencies_ms)
             figures[f"{target}_qps"] = round(calls / sum(m.seconds for m in runs), 1)
@@ -400,11 +412,11 @@ def print_table(
     )
     print()
     print(f"{'workload':<24}{'target':<9}{'calls/s':>10}{'p50 ms':>9}{'p99 ms':>9}  rounds")
-    for label, method, key in WORKLOADS:
+    for label, _method, key, _phase in WORKLOADS:
         figures = summary[key]
         for target in TARGETS:
             rounds = " / ".join(
-                f"{m.qps:.0f}" for m in measurements if m.target == target and m.method == method
+                f"{m.qps:.0f}" for m in measurements if m.target == target and m.key == key
             )
             print(
                 f"{label:<24}{target:<9}{figures[f'{target}_qps']:>10.1f}"
@@ -444,19 +456,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             data_dir = workdir / "data"
             (data_dir / "loras").mkdir(parents=True)
-            loracle = children.start(
-                "loracle",
-                [
-                    "-m",
-                    "server",
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--data-dir",
-                    str(data_dir),
-                    "--no-embedded-model",
-                    *storage_args,
-                ],
-            )
+            server_args = [
+                "-m",
+                "server",
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                str(data_dir),
+                "--no-embedded-model",
+                *storage_args,
+            ]
+            loracle = children.start("loracle", server_args)
             loracle_address = f"127.0.0.1:{loracle.wait_for_port()}"
             log(f"Loracle serving on {loracle_address} ({storage_name})")
 
@@ -481,32 +491,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"ListLoras {len(prepared.list_response)} B per response)"
             )
 
-            plan_path, out_path = workdir / "plan.json", workdir / "results.json"
-            steps = schedule()
-            plan_path.write_text(
-                json.dumps(
-                    {
-                        "targets": [["loracle", loracle_address], ["echo", echo_address]],
-                        "ids": prepared.ids,
-                        "page_tokens": prepared.page_tokens,
-                        "schedule": steps,
-                        "concurrency": args.concurrency,
-                        "warmup": WARMUP_SECONDS,
-                        "seconds": args.seconds,
-                    }
-                )
-            )
-            load = children.start(
-                "load", [str(Path(__file__).resolve()), "_load", tmp], share_stderr=True
-            )
-            budget = len(steps) * (WARMUP_SECONDS + args.seconds + CALL_TIMEOUT) + START_TIMEOUT
-            try:
-                code = load.process.wait(timeout=budget)
-            except subprocess.TimeoutExpired:
-                raise RuntimeError(f"load generator still running after {budget:.0f} s") from None
-            if code != 0:
-                raise RuntimeError(f"load generator exited with {code}:\n{load.tail()}")
-            measurements = [Measurement(**m) for m in json.loads(out_path.read_text())]
+            measurements = []
+            for phase in PHASES:
+                if phase == "uncached":
+                    # The same data, served by a server whose query cache keeps nothing.
+                    loracle.stop()
+                    loracle = children.start("loracle-uncached", server_args, env=NO_CACHE_ENV)
+                    loracle_address = f"127.0.0.1:{loracle.wait_for_port()}"
+                    log(f"Loracle restarted without its query cache on {loracle_address}")
+                # Cached: a few ids over and over. Uncached: all of them (no cache either way).
+                ids = prepared.ids[:HOT_IDS] if phase == "cached" else prepared.ids
+                plan = {
+                    "targets": [["loracle", loracle_address], ["echo", echo_address]],
+                    "ids": ids,
+                    "page_tokens": prepared.page_tokens,
+                    "schedule": schedule(phase),
+                    "concurrency": args.concurrency,
+                    "warmup": WARMUP_SECONDS,
+                    "seconds": args.seconds,
+                }
+                measurements += measure(children, workdir, phase, plan)
         finally:
             children.stop_all()
 
@@ -523,6 +527,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "concurrency": args.concurrency,
         "seconds": args.seconds,
     }
+
+
+def measure(
+    children: Children, workdir: Path, phase: str, plan: dict[str, Any]
+) -> list[Measurement]:
+    """Runs the load generator on `plan` in its own process and reads back what it measured."""
+    (workdir / "plan.json").write_text(json.dumps(plan))
+    load = children.start(
+        f"load-{phase}", [str(Path(__file__).resolve()), "_load", str(workdir)], share_stderr=True
+    )
+    steps = len(plan["schedule"])
+    budget = steps * (WARMUP_SECONDS + plan["seconds"] + CALL_TIMEOUT) + START_TIMEOUT
+    try:
+        code = load.process.wait(timeout=budget)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"load generator still running after {budget:.0f} s") from None
+    if code != 0:
+        raise RuntimeError(f"load generator exited with {code}:\n{load.tail()}")
+    return [Measurement(**m) for m in json.loads((workdir / "results.json").read_text())]
 
 
 def imports_report(prepared: Prepared, storage_name: str) -> dict[str, Any]:
