@@ -258,10 +258,18 @@ class Measurement:
     latencies_ms: list[float]
     errors: int
     first_error: str
+    # CPU seconds the server process used during the measured window (all its threads).
+    server_cpu_seconds: float = 0.0
 
     @property
     def qps(self) -> float:
         return len(self.latencies_ms) / self.seconds
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of process `pid` and all its threads so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def _measure(
@@ -270,14 +278,22 @@ async def _measure(
     concurrency: int,
     warmup: float,
     seconds: float,
-) -> tuple[list[float], int, str]:
-    """N workers keep one call each in flight; calls completing inside the window count."""
+    server_pid: int,
+) -> tuple[list[float], int, str, float]:
+    """N workers keep one call each in flight; calls completing inside the window count, and
+    the server's CPU time is read at the window's start and end."""
     begin = time.perf_counter()
     window_start = begin + warmup
     window_end = window_start + seconds
     latencies: list[float] = []
     errors = 0
     first_error = ""
+
+    async def server_cpu() -> float:
+        await asyncio.sleep(window_start - time.perf_counter())
+        start = cpu_seconds(server_pid)
+        await asyncio.sleep(window_end - time.perf_counter())
+        return cpu_seconds(server_pid) - start
 
     async def worker() -> None:
         nonlocal errors, first_error
@@ -295,8 +311,9 @@ async def _measure(
             if window_start <= done <= window_end:
                 latencies.append((done - sent) * 1000)
 
+    cpu = asyncio.create_task(server_cpu())
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return latencies, errors, first_error
+    return latencies, errors, first_error, await cpu
 
 
 async def _load(plan: dict[str, Any]) -> list[dict[str, Any]]:
@@ -318,14 +335,28 @@ async def _load(plan: dict[str, Any]) -> list[dict[str, Any]]:
                 requests: Iterator[Any] = itertools.cycle(get_requests)
             else:
                 call, requests = stub.ListLoras, itertools.cycle(list_requests)
-            latencies, errors, first_error = await _measure(
-                call, requests, plan["concurrency"], plan["warmup"], plan["seconds"]
+            latencies, errors, first_error, cpu = await _measure(
+                call,
+                requests,
+                plan["concurrency"],
+                plan["warmup"],
+                plan["seconds"],
+                plan["pids"][target],
             )
             result = Measurement(
-                target, method, key, round_number, plan["seconds"], latencies, errors, first_error
+                target,
+                method,
+                key,
+                round_number,
+                plan["seconds"],
+                latencies,
+                errors,
+                first_error,
+                cpu,
             )
             log(
-                f"{key:<22} {target:<7} round {round_number}: {result.qps:8.1f} calls/s"
+                f"{key:<22} {target:<7} round {round_number}: {result.qps:8.1f} calls/s, "
+                f"{1000 * cpu / max(1, len(latencies)):.3f} server CPU ms per call"
                 + (f", {errors} errors ({first_error})" if errors else "")
             )
             results.append(
@@ -338,6 +369,7 @@ async def _load(plan: dict[str, Any]) -> list[dict[str, Any]]:
                     "latencies_ms": [round(v, 4) for v in latencies],
                     "errors": errors,
                     "first_error": first_error,
+                    "server_cpu_seconds": cpu,
                 }
             )
         return results
@@ -369,6 +401,8 @@ def summarize(measurements: list[Measurement]) -> dict[str, dict[str, float]]:
             calls = sum(len(m.latencies_ms) for m in runs)
             pooled = sorted(v for m in runs for v in m.latencies_ms)
             figures[f"{target}_qps"] = round(calls / sum(m.seconds for m in runs), 1)
+            cpu = sum(m.server_cpu_seconds for m in runs)
+            figures[f"{target}_cpu_ms_per_call"] = round(1000 * cpu / max(1, calls), 3)
             figures[f"{target}_p50_ms"] = round(percentile(pooled, 50), 3)
             figures[f"{target}_p99_ms"] = round(percentile(pooled, 99), 3)
         echo = figures["echo_qps"]
@@ -381,6 +415,15 @@ def summarize(measurements: list[Measurement]) -> dict[str, dict[str, float]]:
             "loracle_p99_ms": figures["loracle_p99_ms"],
             "echo_p50_ms": figures["echo_p50_ms"],
             "echo_p99_ms": figures["echo_p99_ms"],
+            "loracle_cpu_ms_per_call": figures["loracle_cpu_ms_per_call"],
+            "echo_cpu_ms_per_call": figures["echo_cpu_ms_per_call"],
+            # Echo's server CPU per call over Loracle's: the throughput ratio the two would
+            # have if each had a core of its own (less sensitive to other load on the machine).
+            "cpu_ratio": round(
+                figures["echo_cpu_ms_per_call"] / figures["loracle_cpu_ms_per_call"], 3
+            )
+            if figures["loracle_cpu_ms_per_call"]
+            else 0.0,
         }
     return summary
 
@@ -411,7 +454,10 @@ def print_table(
         f"{os.cpu_count()} CPUs, Python {platform.python_version()}"
     )
     print()
-    print(f"{'workload':<24}{'target':<9}{'calls/s':>10}{'p50 ms':>9}{'p99 ms':>9}  rounds")
+    print(
+        f"{'workload':<24}{'target':<9}{'calls/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'CPU ms':>9}  rounds"
+    )
     for label, _method, key, _phase in WORKLOADS:
         figures = summary[key]
         for target in TARGETS:
@@ -420,9 +466,13 @@ def print_table(
             )
             print(
                 f"{label:<24}{target:<9}{figures[f'{target}_qps']:>10.1f}"
-                f"{figures[f'{target}_p50_ms']:>9.2f}{figures[f'{target}_p99_ms']:>9.2f}  {rounds}"
+                f"{figures[f'{target}_p50_ms']:>9.2f}{figures[f'{target}_p99_ms']:>9.2f}"
+                f"{figures[f'{target}_cpu_ms_per_call']:>9.3f}  {rounds}"
             )
-        print(f"{'':<24}{'ratio':<9}{figures['ratio']:>10.3f}  (loracle / echo)")
+        print(
+            f"{'':<24}{'ratio':<9}{figures['ratio']:>10.3f}  (loracle / echo calls/s; "
+            f"echo / loracle server CPU per call: {figures['cpu_ratio']:.3f})"
+        )
     print()
 
 
@@ -503,6 +553,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 ids = prepared.ids[:HOT_IDS] if phase == "cached" else prepared.ids
                 plan = {
                     "targets": [["loracle", loracle_address], ["echo", echo_address]],
+                    "pids": {"loracle": loracle.process.pid, "echo": echo.process.pid},
                     "ids": ids,
                     "page_tokens": prepared.page_tokens,
                     "schedule": schedule(phase),
