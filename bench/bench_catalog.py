@@ -5,7 +5,11 @@ to the next. Each query figure is therefore reported next to a bare grpc.aio "ec
 answers the same QueryService methods with a pre-built response of the same size and shape,
 measured in the same run and interleaved A/B/A/B. The ratio loracle_qps / echo_qps is the share
 of the gRPC + protobuf ceiling that Loracle keeps after its own work (buses, cache, read model,
-mapping), and it is the figure worth comparing between runs.
+mapping), and it is the figure worth comparing between runs. Each round also reads the server's
+CPU time, so the CPU per call of the two servers can be compared as well.
+
+Reads are measured twice: cached (a few ids, 20 pages, asked over and over) and uncached (the
+server restarted on the same data with its query cache off).
 
 Four processes take part so that no two share a GIL: this orchestrator (idle while measuring),
 the Loracle server, the echo server and the load generator. The last two are this same file,
