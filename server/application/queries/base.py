@@ -11,7 +11,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, fields, is_dataclass
 from enum import Enum
-from typing import Any, ClassVar, Generic, TypeVar, cast
+from typing import Any, ClassVar, Generic, TypeVar, cast, overload
 
 from server.application.context import DispatchContext, current_context, use_context
 from server.application.middleware import Middleware, Next, build_chain, default_middlewares
@@ -19,6 +19,7 @@ from server.application.ports import Consistency
 from server.domain.errors import DeadlineExceededError, NotImplementedYetError
 
 R = TypeVar("R")
+B = TypeVar("B")
 R_co = TypeVar("R_co", covariant=True)
 Q = TypeVar("Q", bound="IQuery[Any]")
 SQ = TypeVar("SQ", bound="IStreamQuery[Any]")
@@ -241,9 +242,17 @@ class QueryBus:
     def is_registered(self, query_type: type[Any]) -> bool:
         return query_type in self._routes
 
+    @overload
+    def dispatch(self, query: IQuery[R], ctx: DispatchContext | None = None) -> QueryResult[R]: ...
+
+    @overload
     def dispatch(
-        self, query: IQuery[R], ctx: DispatchContext | None = None, build: Build | None = None
-    ) -> QueryResult[R]:
+        self, query: IQuery[R], ctx: DispatchContext | None, build: Callable[[R], B]
+    ) -> QueryResult[B]: ...
+
+    def dispatch(
+        self, query: IQuery[Any], ctx: DispatchContext | None = None, build: Build | None = None
+    ) -> QueryResult[Any]:
         """Runs the query (blocking: the read model, a consistency wait). With `build`, the
         result's data is `build(data)`, and that is what the cache keeps."""
         route = self._routes.get(type(query))
@@ -251,7 +260,7 @@ class QueryBus:
             raise NotImplementedYetError(f"{type(query).__name__} is not implemented yet")
         token = _builder.set(build)  # None too: a nested dispatch must not inherit one
         try:
-            return cast(QueryResult[R], route(query, ctx or current_context()))
+            return cast(QueryResult[Any], route(query, ctx or current_context()))
         finally:
             _builder.reset(token)
 
