@@ -11,6 +11,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, fields, is_dataclass
 from enum import Enum
+from types import FunctionType
 from typing import Any, ClassVar, Generic, TypeVar, cast, overload
 
 from server.application.context import DispatchContext, current_context, use_context
@@ -73,23 +74,28 @@ def approx_size(obj: object, depth: int = 6) -> int:
     (`nbytes`) and messages (`ByteSize()`, their encoded size) to a few levels; deeper parts
     count as one object each."""
     size = sys.getsizeof(obj)
-    if depth == 0 or isinstance(obj, str | bytes | bytearray | int | float | bool | Enum):
+    if depth == 0 or isinstance(obj, _ATOMS):
         return size
-    nbytes = getattr(obj, "nbytes", None)
-    if isinstance(nbytes, int):
-        return size + nbytes
-    byte_size = getattr(obj, "ByteSize", None)  # a built response message: its wire size
-    if callable(byte_size):
-        return size + int(byte_size())
     if isinstance(obj, dict):
         return size + sum(
             approx_size(k, depth - 1) + approx_size(v, depth - 1) for k, v in obj.items()
         )
     if isinstance(obj, tuple | list | set | frozenset):
         return size + sum(approx_size(v, depth - 1) for v in obj)
-    if is_dataclass(obj) and not isinstance(obj, type):
+    if is_dataclass(obj):
         return size + sum(approx_size(getattr(obj, f.name), depth - 1) for f in fields(obj))
+    nbytes = getattr(obj, "nbytes", None)
+    if isinstance(nbytes, int):
+        return size + nbytes
+    byte_size = getattr(obj, "ByteSize", None)  # a built response message: its wire size
+    if callable(byte_size):
+        return size + int(byte_size())
     return size
+
+
+# Sized by sys.getsizeof alone: scalars, and classes and functions (a cache key holds the
+# query's type and the answer's builder, shared by every entry).
+_ATOMS = (str, bytes, bytearray, int, float, bool, Enum, type, FunctionType)
 
 
 class QueryCache:
@@ -134,6 +140,8 @@ class QueryCache:
     def put(
         self, key: Hashable, topics: frozenset[str], generation: tuple[int, ...], value: Any
     ) -> None:
+        if self._max <= 0:  # a cache that keeps nothing (query_cache_entries = 0)
+            return
         size = approx_size(key) + approx_size(value)  # outside the lock: it walks the value
         if size > self._max_entry_bytes:
             return
