@@ -361,10 +361,42 @@ def read_model_engine(url: StorageUrl) -> Engine:
     return engine
 
 
+class _Totals:
+    """ListLoras' `total_size` per filter, counted once per catalog change rather than on
+    every page: counting reads every matching index entry, which at a million LoRAs costs more
+    than the page. A count that began before a change finished is not kept (the generation
+    moved on while it ran)."""
+
+    MAX_FILTERS = 4096
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._generation = 0
+        self._counts: dict[tuple[str, bool], int] = {}
+
+    def get(self, key: tuple[str, bool]) -> tuple[int | None, int]:
+        with self._lock:
+            return self._counts.get(key), self._generation
+
+    def put(self, key: tuple[str, bool], total: int, generation: int) -> None:
+        with self._lock:
+            if generation != self._generation:
+                return
+            if len(self._counts) >= self.MAX_FILTERS:  # tags are the caller's: stay bounded
+                self._counts.clear()
+            self._counts[key] = total
+
+    def forget(self) -> None:
+        with self._lock:
+            self._generation += 1
+            self._counts.clear()
+
+
 class SqlReadModel:
     def __init__(self, url: StorageUrl, tokens: TokenSigner) -> None:
         self.engine: Engine = read_model_engine(url)
         self._tokens = tokens
+        self._totals = _Totals()
         # The in-memory database is one SQLite connection every thread shares (StaticPool):
         # a read and the projector's commit interleaved on it fail ("cannot rollback - no
         # transaction is active"), so there each use of it holds this lock.
@@ -381,6 +413,13 @@ class SqlReadModel:
     def apply(self, change: ProjectedChange) -> bool:
         """Applies the batch with its tracking position in one transaction. Returns False and
         changes nothing when another projector got there first (tracking moved on)."""
+        try:
+            return self._apply(change)
+        finally:  # after the commit, whoever made it: this process's counts are stale now
+            if change.upserts or change.deletes:
+                self._totals.forget()
+
+    def _apply(self, change: ProjectedChange) -> bool:
         with self._begin() as conn:
             current = conn.execute(
                 sa.select(tracking.c.position)
@@ -445,6 +484,7 @@ class SqlReadModel:
                 tracking,
             ):
                 conn.execute(table.delete())
+        self._totals.forget()
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -544,8 +584,12 @@ class SqlReadModel:
             bool(flt.tag),
             bool(page_token),
         )
+        count_key = (filter_key, flt.available_only)
+        total, generation = self._totals.get(count_key)
         with self._connect() as conn:
-            total = conn.execute(count, params).scalar_one()
+            if total is None:
+                total = int(conn.execute(count, params).scalar_one())
+                self._totals.put(count_key, total, generation)
             rows = conn.execute(page, params).all()
         views = tuple(_view(r) for r in rows[:page_size])
         token = ""

@@ -408,6 +408,44 @@ class StorageContract:
                     break
             assert seen == expected, flt
 
+    def test_a_listing_counts_its_total_once_per_catalog_change(self, c: Container) -> None:
+        views = read_model_views(40)
+        write_views(c, views[:30])
+        counts: list[str] = []
+
+        def capture(*args: Any) -> None:
+            if "count(" in str(args[2]).lower():
+                counts.append(args[2])
+
+        sa_event.listen(c.read_model.engine, "before_cursor_execute", capture)
+        try:
+            token, pages = "", 0
+            while True:
+                page = c.read_model.list_loras(LoraFilter(Architecture.SDXL), 4, token)
+                assert page.total_size == 15
+                pages, token = pages + 1, page.next_page_token
+                if not token:
+                    break
+            assert pages == 4
+            assert len(counts) == 1
+            assert c.read_model.list_loras(LoraFilter(None, "red"), 4).total_size == len(
+                [v for v in views[:30] if _matches(v, LoraFilter(None, "red"))]
+            )
+            assert len(counts) == 2  # another filter is counted on its own
+            write_views(c, views[30:])  # a change: every total is counted again
+            assert c.read_model.list_loras(LoraFilter(Architecture.SDXL), 4).total_size == 20
+            assert len(counts) == 3
+            after = c.read_model.position()
+            deleted = [
+                v.id for v in views if v.metadata.base_model.architecture is Architecture.SDXL
+            ][:3]
+            assert c.read_model.apply(
+                ProjectedChange(after=after, position=after + 1, deletes=deleted)
+            )
+            assert c.read_model.list_loras(LoraFilter(Architecture.SDXL), 4).total_size == 17
+        finally:
+            sa_event.remove(c.read_model.engine, "before_cursor_execute", capture)
+
 
 def read_model_views(n: int) -> list[LoraView]:
     """Views with every field set, or left empty, in turns; some share a name but for case
@@ -489,13 +527,15 @@ class TestSQLite(StorageContract):
             LoraFilter(kind=LoraKind.EMBEDDING),
         ]
         for flt in filters:
-            first = c.read_model.list_loras(flt, 5)
+            statements.clear()
             sa_event.listen(engine, "before_cursor_execute", capture)
-            try:
+            try:  # the first page counts (once per catalog change), the second only reads
+                first = c.read_model.list_loras(flt, 5)
                 c.read_model.list_loras(flt, 5, first.next_page_token)
             finally:
                 sa_event.remove(engine, "before_cursor_execute", capture)
-            count, page = statements[-2:]
+            (count,) = [s for s in statements if "count(" in s[0].lower()]
+            page = statements[-1]
             with engine.connect() as conn:
                 for statement, parameters in (count, page):
                     plan = " | ".join(
