@@ -121,7 +121,7 @@ def run_scale(
                 report["database_bytes"] = _database_bytes(data_dir, storage_args)
                 queries, ids, tokens = _queries(client, catalog, rng)
             queries["under_load"] = _load_phase(
-                workdir, children, address, ids, tokens, args.seconds
+                server.process.pid, workdir, children, address, ids, tokens, args.seconds
             )
             report["queries"] = queries
             report["rss_after_queries_mib"] = round(server.rss_mib(), 1)
@@ -241,6 +241,7 @@ def _queries(
 
 
 def _load_phase(
+    pid: int,
     workdir: Path,
     children: Children,
     address: str,
@@ -254,7 +255,11 @@ def _load_phase(
         "targets": [["loracle", address]],
         "ids": ids,
         "page_tokens": tokens,
-        "schedule": [["loracle", "GetLora", 1], ["loracle", "ListLoras", 1]],
+        "schedule": [
+            ["loracle", "GetLora", "get_lora", 1],
+            ["loracle", "ListLoras", "list_loras_50", 1],
+        ],
+        "pids": {"loracle": pid},
         "concurrency": 16,
         "warmup": 1.0,
         "seconds": seconds,
@@ -275,6 +280,9 @@ def _load_phase(
             "calls_per_second": round(len(latencies) / m["seconds"], 1),
             "p50_ms": _ms(latencies, 50),
             "p99_ms": _ms(latencies, 99),
+            "server_cpu_ms_per_call": round(
+                1000 * m["server_cpu_seconds"] / max(1, len(latencies)), 3
+            ),
         }
     return out
 
