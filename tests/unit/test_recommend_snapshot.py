@@ -27,7 +27,7 @@ def make(i: int, rng: random.Random, version: int = 0) -> LoraView:
         base="SDXL 1.0" if i % 4 == 0 else "SD 1.5",
         triggers=(f"{words[1]} {words[2]}",) if i % 3 else (),
         tags=(STYLES[i % len(STYLES)], words[3], words[4]),
-        description=" ".join(words[5:] + [f"v{version}"]),
+        description=" ".join([*words[5:], f"v{version}"]),
         available=i % 5 != 0,
         downloads=rng.randrange(10_000),
         weight=0.6 if i % 7 == 0 else None,
@@ -94,7 +94,8 @@ def test_restored_engine_answers_like_the_incremental_one(tmp_path: Path) -> Non
         views.update(found)
 
     snapshot = file.load()
-    assert snapshot is not None and snapshot.position == 42
+    assert snapshot is not None
+    assert snapshot.position == 42
     restored = RecommendationEngine(views=lambda ids: {i: views[i] for i in ids if i in views})
     restored.restore(snapshot.arrays)
     after(restored, random.Random(2))
@@ -136,7 +137,8 @@ def test_unusable_snapshot_files_are_ignored(tmp_path: Path) -> None:
     SnapshotFile(path, "a").save(e.state(), 5)
     assert SnapshotFile(path, "b").load() is None  # another database
     loaded = SnapshotFile(path, "a").load()
-    assert loaded is not None and loaded.position == 5
+    assert loaded is not None
+    assert loaded.position == 5
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     assert SnapshotFile(path, "a").load() is None  # truncated
     assert not list(tmp_path.glob(".*tmp"))  # no temporary file left behind
