@@ -163,12 +163,13 @@ class CatalogRecommender:
             batches += 1
         log.info(
             "recommendation index: %d LoRAs restored from the snapshot at position %d and "
-            "%d batches up to %d replayed in %.2fs",
+            "%d batches up to %d replayed in %.2fs; arrays %d bytes",
             len(self.engine),
             found.position,
             batches,
             position,
             time.perf_counter() - started,
+            self.engine.nbytes(),
         )
         return True
 
@@ -182,10 +183,11 @@ class CatalogRecommender:
             self.engine.record_generation(entry.prompt, entry.lora_ids)
             past += 1
         log.info(
-            "recommendation index: %d LoRAs, %d past generations in %.2fs",
+            "recommendation index: %d LoRAs, %d past generations in %.2fs; arrays %d bytes",
             len(self.engine),
             past,
             time.perf_counter() - start,
+            self.engine.nbytes(),
         )
 
     def on_change(self, change: ProjectedChange) -> None:
