@@ -43,6 +43,7 @@ from client import LoracleClient, LoracleError
 from server.devtools.bench_support import (
     DEFAULT_CATALOG,
     REPO_ROOT,
+    START_TIMEOUT,
     SYNTHETIC_RECORDS,
     Child,
     Children,
@@ -73,6 +74,8 @@ SNAPSHOT_LINE = re.compile(
 )
 SNAPSHOT_FILE = "recommend-index.npz"
 SNAPSHOT_WAIT = 300.0
+# Without the snapshot a start indexes the whole catalog first: minutes at 100k on 2 busy CPUs.
+REBUILD_START_TIMEOUT = 900.0
 
 
 def scaled_catalog(base: Sequence[dict[str, Any]], count: int) -> list[dict[str, Any]]:
@@ -192,7 +195,9 @@ class SizeResult:
     rss_after_rebuild_mib: float
 
 
-def start_server(children: Children, name: str, data_dir: Path) -> tuple[Child, str, float]:
+def start_server(
+    children: Children, name: str, data_dir: Path, timeout: float = START_TIMEOUT
+) -> tuple[Child, str, float]:
     started = time.perf_counter()
     child = children.start(
         name,
@@ -208,7 +213,7 @@ def start_server(children: Children, name: str, data_dir: Path) -> tuple[Child, 
             "INFO",
         ],
     )
-    address = f"127.0.0.1:{child.wait_for_port()}"
+    address = f"127.0.0.1:{child.wait_for_port(timeout)}"
     return child, address, time.perf_counter() - started
 
 
@@ -261,7 +266,12 @@ def import_catalog(address: str, records: Sequence[dict[str, Any]]) -> float:
 
 
 def measure_size(
-    workdir: Path, records: Sequence[dict[str, Any]], source: str, prompts: Sequence[str]
+    workdir: Path,
+    records: Sequence[dict[str, Any]],
+    source: str,
+    prompts: Sequence[str],
+    *,
+    rebuild: bool = True,
 ) -> SizeResult:
     size = len(records)
     children = Children(workdir)
@@ -298,15 +308,17 @@ def measure_size(
         rss_restart = again.rss_mib()
         again.stop()
 
-        (data_dir / SNAPSHOT_FILE).unlink()
-        log("  restarting without the snapshot (index rebuilt from the read models)")
-        rebuilt, address, restart_rebuild = start_server(
-            children, f"loracle-{size}-rebuild", data_dir
-        )
-        rebuild = rebuilt.wait_for_stderr(INDEX_LINE)
-        with LoracleClient(address, timeout=CALL_TIMEOUT) as client:
-            recommend(client, warmup)
-        rss_rebuild = rebuilt.rss_mib()
+        rebuild_seconds = restart_rebuild = rss_rebuild = -1.0
+        if rebuild:
+            (data_dir / SNAPSHOT_FILE).unlink()
+            log("  restarting without the snapshot (index rebuilt from the read models)")
+            rebuilt, address, restart_rebuild = start_server(
+                children, f"loracle-{size}-rebuild", data_dir, REBUILD_START_TIMEOUT
+            )
+            rebuild_seconds = float(rebuilt.wait_for_stderr(INDEX_LINE).group(2))
+            with LoracleClient(address, timeout=CALL_TIMEOUT) as client:
+                recommend(client, warmup)
+            rss_rebuild = rebuilt.rss_mib()
     finally:
         children.stop_all()
     index_loras = int(index.group(1))
@@ -327,7 +339,7 @@ def measure_size(
         index_bytes_per_lora=round(int(index.group(3) or 0) / max(index_loras, 1), 1),
         snapshot_mib=round(snapshot_mib, 1),
         snapshot_save_seconds=saved,
-        rebuild_seconds=float(rebuild.group(2)),
+        rebuild_seconds=rebuild_seconds,
         restart_rebuild_seconds=round(restart_rebuild, 2),
         rss_mib=round(rss, 1),
         rss_after_restart_mib=round(rss_restart, 1),
@@ -381,13 +393,16 @@ def print_table(results: Sequence[SizeResult], args: argparse.Namespace, prompts
             f"{r.p50_ms:>8.2f}{verdict:>12}{r.p90_ms:>8.2f}{r.p99_ms:>8.2f}{r.rss_mib:>8.0f}"
         )
     print()
-    print("Restart on the same data: with the index snapshot, and with it deleted (rebuild).")
+    print(
+        "Restart on the same data: with the index snapshot, and with it deleted (rebuild; "
+        "-1: skipped). ratio: index rebuild s / index s."
+    )
     print(
         f"{'LoRAs':>7}{'snapshot':>10}{'index s':>9}{'serving s':>11}{'RSS MiB':>9}"
         f"{'rebuild s':>11}{'serving s':>11}{'RSS MiB':>9}{'ratio':>7}{'B/LoRA':>8}{'MiB':>7}"
     )
     for r in results:
-        ratio = r.restart_rebuild_seconds / r.restart_seconds if r.restart_seconds else 0.0
+        ratio = r.rebuild_seconds / r.index_build_seconds if r.index_build_seconds > 0 else 0.0
         print(
             f"{r.loras:>7}{r.index_mode:>10}{r.index_build_seconds:>9.2f}{r.restart_seconds:>11.2f}"
             f"{r.rss_after_restart_mib:>9.0f}{r.rebuild_seconds:>11.2f}"
@@ -424,7 +439,7 @@ def print_table(results: Sequence[SizeResult], args: argparse.Namespace, prompts
 def run(args: argparse.Namespace) -> dict[str, Any]:
     base, source = load_catalog(args.catalog)
     prompts, prompt_source = load_prompts(args.queries, base, args.calls)
-    sizes: list[tuple[list[dict[str, Any]], str]] = [(base, source)]
+    sizes: list[tuple[list[dict[str, Any]], str]] = [] if args.only_scale else [(base, source)]
     if args.scale > len(base):
         sizes.append((scaled_catalog(base, args.scale), "synthetic"))
         log(f"scaled {len(base)} records to {args.scale} in memory")
@@ -433,7 +448,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results = []
     with tempfile.TemporaryDirectory(prefix="loracle-bench-rec-") as tmp:
         for records, size_source in sizes:
-            results.append(measure_size(Path(tmp), records, size_source, prompts))
+            results.append(
+                measure_size(Path(tmp), records, size_source, prompts, rebuild=not args.no_rebuild)
+            )
+            log(f"  {json.dumps(asdict(results[-1]))}")  # kept if a later size fails
     if not args.json:
         print_table(results, args, prompt_source)
     keys = (
@@ -501,6 +519,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=DEFAULT_CALLS,
         help=f"measured calls per size, after {WARMUP_CALLS} warm-up calls "
         f"(default {DEFAULT_CALLS})",
+    )
+    parser.add_argument(
+        "--only-scale", action="store_true", help="measure only the scaled-up catalog"
+    )
+    parser.add_argument(
+        "--no-rebuild",
+        action="store_true",
+        help="skip the restart without the snapshot (a full index rebuild: minutes at 100k)",
     )
     parser.add_argument(
         "--json", action="store_true", help="print only the JSON line on stdout, no table"
