@@ -2,10 +2,14 @@
 size of the real catalog sample and at a synthetic scale-up of it.
 
 For each catalog size this starts the real server (SQLite in a temporary directory), imports
-the catalog through the typed client, and makes sequential RecommendLoras calls (one in
-flight: the latency one user sees). It then restarts the server on the same data and reads the
-start-up log line `recommendation index: N LoRAs, M past generations in X.XXs`, which times
-the rebuild of the recommendation index from the read models.
+the catalog through the typed client, waits for the index snapshot the server saves once the
+catalog is quiet, and makes sequential RecommendLoras calls (one in flight: the latency one
+user sees). It then restarts the server on the same data twice: with the snapshot (the
+start-up log line `recommendation index: N LoRAs restored from the snapshot ... in X.XXs`
+times its load and the replay of later events) and with the snapshot file deleted (`N LoRAs,
+M past generations in X.XXs`: the index rebuilt from the read models, as every start did
+before snapshots). Each restart's time to serving and RSS are recorded, and the index's array
+bytes per LoRA from the same log line.
 
 The scale-up repeats the real records with deterministic variations (see `scaled_catalog`);
 it lives only in memory and in the temporary data directory.
@@ -39,6 +43,7 @@ from client import LoracleClient, LoracleError
 from server.devtools.bench_support import (
     DEFAULT_CATALOG,
     REPO_ROOT,
+    START_TIMEOUT,
     SYNTHETIC_RECORDS,
     Child,
     Children,
@@ -60,7 +65,17 @@ IMPORT_TIMEOUT = 300.0
 VISIBLE_TRIES = 10
 # Targets are printed next to the measured p50; the run never fails on them.
 P50_TARGETS_MS = ((SYNTHETIC_RECORDS, 10.0), (100_000, 30.0))
-INDEX_LINE = re.compile(r"recommendation index: (\d+) LoRAs, (\d+) past generations in ([0-9.]+)s")
+INDEX_LINE = re.compile(
+    r"recommendation index: (\d+) LoRAs[^\n]* in ([0-9.]+)s(?:; arrays (\d+) bytes)?"
+)
+RESTORED_LINE = re.compile(r"recommendation index: \d+ LoRAs restored from the snapshot")
+SNAPSHOT_LINE = re.compile(
+    r"recommendation index: snapshot at position (\d+), (\d+) LoRAs, ([0-9.]+) MiB in ([0-9.]+)s"
+)
+SNAPSHOT_FILE = "recommend-index.npz"
+SNAPSHOT_WAIT = 300.0
+# Without the snapshot a start indexes the whole catalog first: minutes at 100k on 2 busy CPUs.
+REBUILD_START_TIMEOUT = 900.0
 
 
 def scaled_catalog(base: Sequence[dict[str, Any]], count: int) -> list[dict[str, Any]]:
@@ -166,14 +181,23 @@ class SizeResult:
     p99_ms: float
     max_ms: float
     empty_results: int
-    index_build_seconds: float
+    index_build_seconds: float  # index ready at restart, from the snapshot
     index_loras: int
-    restart_seconds: float
+    index_mode: str  # "snapshot" or "rebuilt" (no usable snapshot)
+    restart_seconds: float  # process start to serving, with the snapshot
+    index_bytes_per_lora: float  # the index's arrays after the restart, per LoRA
+    snapshot_mib: float
+    snapshot_save_seconds: float
+    rebuild_seconds: float  # index rebuilt from the read models (snapshot deleted)
+    restart_rebuild_seconds: float  # process start to serving without the snapshot
     rss_mib: float
     rss_after_restart_mib: float
+    rss_after_rebuild_mib: float
 
 
-def start_server(children: Children, name: str, data_dir: Path) -> tuple[Child, str, float]:
+def start_server(
+    children: Children, name: str, data_dir: Path, timeout: float = START_TIMEOUT
+) -> tuple[Child, str, float]:
     started = time.perf_counter()
     child = children.start(
         name,
@@ -189,7 +213,7 @@ def start_server(children: Children, name: str, data_dir: Path) -> tuple[Child, 
             "INFO",
         ],
     )
-    address = f"127.0.0.1:{child.wait_for_port()}"
+    address = f"127.0.0.1:{child.wait_for_port(timeout)}"
     return child, address, time.perf_counter() - started
 
 
@@ -242,7 +266,12 @@ def import_catalog(address: str, records: Sequence[dict[str, Any]]) -> float:
 
 
 def measure_size(
-    workdir: Path, records: Sequence[dict[str, Any]], source: str, prompts: Sequence[str]
+    workdir: Path,
+    records: Sequence[dict[str, Any]],
+    source: str,
+    prompts: Sequence[str],
+    *,
+    rebuild: bool = True,
 ) -> SizeResult:
     size = len(records)
     children = Children(workdir)
@@ -256,6 +285,7 @@ def measure_size(
         loras_per_s = size / import_seconds
         log(f"  imported in {import_seconds:.1f} s ({loras_per_s:.0f} records/s)")
 
+        saved = wait_for_snapshot(server, size)
         with LoracleClient(address, timeout=CALL_TIMEOUT) as client:
             recommend(client, warmup)
             rss = server.rss_mib()
@@ -266,16 +296,32 @@ def measure_size(
         server.stop()
         if server.process.returncode not in (0, -signal.SIGTERM):
             log(f"  server exited with {server.process.returncode} on SIGTERM")
-        log("  restarting on the same data directory")
+        snapshot_mib = (data_dir / SNAPSHOT_FILE).stat().st_size / 2**20
+        log(f"  restarting on the same data directory (snapshot {snapshot_mib:.1f} MiB)")
         again, address, restart_seconds = start_server(
             children, f"loracle-{size}-restart", data_dir
         )
         index = again.wait_for_stderr(INDEX_LINE)
+        mode = "snapshot" if RESTORED_LINE.search(index.group(0)) else "rebuilt"
         with LoracleClient(address, timeout=CALL_TIMEOUT) as client:
             recommend(client, warmup)
         rss_restart = again.rss_mib()
+        again.stop()
+
+        rebuild_seconds = restart_rebuild = rss_rebuild = -1.0
+        if rebuild:
+            (data_dir / SNAPSHOT_FILE).unlink()
+            log("  restarting without the snapshot (index rebuilt from the read models)")
+            rebuilt, address, restart_rebuild = start_server(
+                children, f"loracle-{size}-rebuild", data_dir, REBUILD_START_TIMEOUT
+            )
+            rebuild_seconds = float(rebuilt.wait_for_stderr(INDEX_LINE).group(2))
+            with LoracleClient(address, timeout=CALL_TIMEOUT) as client:
+                recommend(client, warmup)
+            rss_rebuild = rebuilt.rss_mib()
     finally:
         children.stop_all()
+    index_loras = int(index.group(1))
     return SizeResult(
         loras=size,
         source=source,
@@ -286,12 +332,34 @@ def measure_size(
         p99_ms=round(percentile(ordered, 99), 3),
         max_ms=round(ordered[-1], 3),
         empty_results=empty,
-        index_build_seconds=float(index.group(3)),
-        index_loras=int(index.group(1)),
+        index_build_seconds=float(index.group(2)),
+        index_loras=index_loras,
+        index_mode=mode,
         restart_seconds=round(restart_seconds, 2),
+        index_bytes_per_lora=round(int(index.group(3) or 0) / max(index_loras, 1), 1),
+        snapshot_mib=round(snapshot_mib, 1),
+        snapshot_save_seconds=saved,
+        rebuild_seconds=rebuild_seconds,
+        restart_rebuild_seconds=round(restart_rebuild, 2),
         rss_mib=round(rss, 1),
         rss_after_restart_mib=round(rss_restart, 1),
+        rss_after_rebuild_mib=round(rss_rebuild, 1),
     )
+
+
+def wait_for_snapshot(server: Child, size: int) -> float:
+    """Waits for the snapshot the server saves once the imported catalog is indexed and
+    quiet (so no call below is measured while it is written); its save time, or -1."""
+    deadline = time.monotonic() + SNAPSHOT_WAIT
+    while time.monotonic() < deadline:
+        text = server.stderr_path.read_text(errors="replace")
+        for match in SNAPSHOT_LINE.finditer(text):
+            if int(match.group(2)) == size:
+                log(f"  snapshot saved: {match.group(3)} MiB in {match.group(4)} s")
+                return float(match.group(4))
+        time.sleep(0.5)
+    log(f"  no snapshot of {size} LoRAs within {SNAPSHOT_WAIT:.0f} s")
+    return -1.0
 
 
 def p50_target(loras: int) -> float | None:
@@ -311,7 +379,7 @@ def print_table(results: Sequence[SizeResult], args: argparse.Namespace, prompts
     print()
     header = (
         f"{'LoRAs':>7} {'source':<11}{'import s':>9}{'rec/s':>7}{'p50 ms':>8}{'p50 target':>12}"
-        f"{'p90 ms':>8}{'p99 ms':>8}{'index s':>8}{'RSS MiB':>8}{'restart':>8}"
+        f"{'p90 ms':>8}{'p99 ms':>8}{'RSS MiB':>8}"
     )
     print(header)
     for r in results:
@@ -322,13 +390,43 @@ def print_table(results: Sequence[SizeResult], args: argparse.Namespace, prompts
             verdict = f"<={target:g} " + ("ok" if r.p50_ms <= target else "MISS")
         print(
             f"{r.loras:>7} {r.source:<11}{r.import_seconds:>9.1f}{r.records_per_second:>7.0f}"
-            f"{r.p50_ms:>8.2f}{verdict:>12}{r.p90_ms:>8.2f}{r.p99_ms:>8.2f}"
-            f"{r.index_build_seconds:>8.2f}{r.rss_mib:>8.0f}{r.rss_after_restart_mib:>8.0f}"
+            f"{r.p50_ms:>8.2f}{verdict:>12}{r.p90_ms:>8.2f}{r.p99_ms:>8.2f}{r.rss_mib:>8.0f}"
         )
     print()
     print(
-        "index s: recommendation index rebuilt from the read models at start-up (server log). "
-        "RSS MiB: server VmRSS after import + warm-up; restart: after restart + 20 calls."
+        "Restart on the same data: with the index snapshot, and with it deleted (rebuild; "
+        "-1: skipped). ratio: index rebuild s / index s."
+    )
+    print(
+        f"{'LoRAs':>7}{'snapshot':>10}{'index s':>9}{'serving s':>11}{'RSS MiB':>9}"
+        f"{'rebuild s':>11}{'serving s':>11}{'RSS MiB':>9}{'ratio':>7}{'B/LoRA':>8}{'MiB':>7}"
+    )
+    for r in results:
+        ratio = r.rebuild_seconds / r.index_build_seconds if r.index_build_seconds > 0 else 0.0
+        print(
+            f"{r.loras:>7}{r.index_mode:>10}{r.index_build_seconds:>9.2f}{r.restart_seconds:>11.2f}"
+            f"{r.rss_after_restart_mib:>9.0f}{r.rebuild_seconds:>11.2f}"
+            f"{r.restart_rebuild_seconds:>11.2f}{r.rss_after_rebuild_mib:>9.0f}{ratio:>7.1f}"
+            f"{r.index_bytes_per_lora:>8.0f}{r.snapshot_mib:>7.1f}"
+        )
+    if len(results) > 1:
+        small, large = results[0], results[-1]
+        per_lora = (
+            (large.rss_after_restart_mib - small.rss_after_restart_mib)
+            * 2**20
+            / max(large.loras - small.loras, 1)
+        )
+        print(
+            f"server RSS per added LoRA after restart, {small.loras} -> {large.loras}: "
+            f"{per_lora / 1024:.1f} KiB"
+        )
+    print()
+    print(
+        "index s: the index restored from its snapshot plus the events after it (server log); "
+        "serving s: process start to the port open; rebuild s: the index built from the read "
+        "models. RSS MiB: server VmRSS after import + warm-up, and after each restart + 20 "
+        "calls. B/LoRA: the index's numpy arrays and packed records per LoRA (server log); "
+        "MiB: snapshot file."
     )
     for r in results:
         if r.empty_results:
@@ -341,7 +439,7 @@ def print_table(results: Sequence[SizeResult], args: argparse.Namespace, prompts
 def run(args: argparse.Namespace) -> dict[str, Any]:
     base, source = load_catalog(args.catalog)
     prompts, prompt_source = load_prompts(args.queries, base, args.calls)
-    sizes: list[tuple[list[dict[str, Any]], str]] = [(base, source)]
+    sizes: list[tuple[list[dict[str, Any]], str]] = [] if args.only_scale else [(base, source)]
     if args.scale > len(base):
         sizes.append((scaled_catalog(base, args.scale), "synthetic"))
         log(f"scaled {len(base)} records to {args.scale} in memory")
@@ -350,7 +448,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results = []
     with tempfile.TemporaryDirectory(prefix="loracle-bench-rec-") as tmp:
         for records, size_source in sizes:
-            results.append(measure_size(Path(tmp), records, size_source, prompts))
+            results.append(
+                measure_size(Path(tmp), records, size_source, prompts, rebuild=not args.no_rebuild)
+            )
+            log(f"  {json.dumps(asdict(results[-1]))}")  # kept if a later size fails
     if not args.json:
         print_table(results, args, prompt_source)
     keys = (
@@ -418,6 +519,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=DEFAULT_CALLS,
         help=f"measured calls per size, after {WARMUP_CALLS} warm-up calls "
         f"(default {DEFAULT_CALLS})",
+    )
+    parser.add_argument(
+        "--only-scale", action="store_true", help="measure only the scaled-up catalog"
+    )
+    parser.add_argument(
+        "--no-rebuild",
+        action="store_true",
+        help="skip the restart without the snapshot (a full index rebuild: minutes at 100k)",
     )
     parser.add_argument(
         "--json", action="store_true", help="print only the JSON line on stdout, no table"

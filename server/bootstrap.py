@@ -90,6 +90,8 @@ from server.infrastructure.lora_files import LoraFileReader
 from server.infrastructure.metrics import ExecutorState, Metrics
 from server.infrastructure.projector import Projector
 from server.infrastructure.read_model import ProjectedChange, SqlReadModel
+from server.infrastructure.recommend_snapshot import FILE_NAME as SNAPSHOT_FILE_NAME
+from server.infrastructure.recommend_snapshot import SnapshotFile
 from server.infrastructure.recommender import CatalogRecommender
 from server.infrastructure.storage_url import StorageUrl
 from server.infrastructure.token_keys import shared_key
@@ -196,7 +198,19 @@ def bootstrap(
     )
     queries = QueryBus(middlewares, cache=cache, consistency=projector)
 
-    recommender = CatalogRecommender(RecommendationEngine(), read_model)
+    # The index keeps no views: it reads the few it returns from the read model. Its state
+    # is saved beside the read models (not for an in-memory database, gone at restart).
+    snapshot = (
+        None
+        if url.kind == "memory"
+        else SnapshotFile(settings.data_dir.resolve() / SNAPSHOT_FILE_NAME, url.identity())
+    )
+    recommender = CatalogRecommender(
+        RecommendationEngine(views=read_model.views_by_id),
+        read_model,
+        snapshot=snapshot,
+        replay=projector.changes,
+    )
 
     def invalidate(change: ProjectedChange) -> None:
         topics = {"events"} if change.audit else set()

@@ -10,7 +10,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -143,11 +143,21 @@ class Projector:
         with self._project_lock:
             return self._project_batch_locked()
 
-    def _project_batch_locked(self) -> bool:
-        after = self._position
-        notifications = self._store.notifications(after, self._batch_size)
-        if not notifications:
-            return False
+    def changes(self, after: int, until: int) -> Iterator[ProjectedChange]:
+        """The batches that took the read models from `after` to `until`, built again from
+        the event log without applying them (for in-memory indexes restored from a snapshot
+        taken at `after`)."""
+        while after < until:
+            notifications = [
+                n for n in self._store.notifications(after, self._batch_size) if n.id <= until
+            ]
+            if not notifications:
+                return
+            change = self._change(after, notifications)
+            yield change
+            after = change.position
+
+    def _change(self, after: int, notifications: Sequence[Any]) -> ProjectedChange:
         # Each LoRA's and generation's events in this batch, oldest first.
         batch_events: dict[uuid.UUID, list[Any]] = {}
         audit: list[AuditEntry] = []
@@ -177,7 +187,7 @@ class Projector:
                 generations.append(aggregate.view())
         # Audit rows of a generation's events carry its owner (from the views), catalog
         # events none: ListEvents shows a principal only those and its own generations'.
-        change = ProjectedChange(
+        return ProjectedChange(
             after,
             notifications[-1].id,
             upserts,
@@ -187,6 +197,13 @@ class Projector:
             generations,
             frozenset(catalog),
         )
+
+    def _project_batch_locked(self) -> bool:
+        after = self._position
+        notifications = self._store.notifications(after, self._batch_size)
+        if not notifications:
+            return False
+        change = self._change(after, notifications)
         # False: another process sharing the database applied this batch first. This process's
         # in-memory consumers (the recommendation index, the query cache) still need it.
         self._read_model.apply(change)

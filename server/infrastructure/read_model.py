@@ -500,6 +500,17 @@ class SqlReadModel:
             row = conn.execute(_GET, {"lora_id": lora_id}).first()
         return None if row is None else _view(row)
 
+    def views_by_id(self, lora_ids: Sequence[str]) -> dict[str, LoraView]:
+        """The views of those of `lora_ids` the read model holds, in one query (the few a
+        recommendation returns: the index keeps no views of its own)."""
+        if not lora_ids:
+            return {}
+        with self._connect() as conn:
+            rows = conn.execute(
+                sa.select(loras.c.id, loras.c.view_json).where(loras.c.id.in_(list(lora_ids)))
+            ).all()
+        return {row[0]: view_from_json(row[1]) for row in rows}
+
     def lora_metadata(self, lora_ids: Sequence[str]) -> dict[str, tuple[int, dict[str, Any]]]:
         """(version, metadata as events carry it) of each LoRA among `lora_ids` the read
         model holds, a thousand per query."""

@@ -89,6 +89,17 @@ class StorageUrl:
             "POSTGRES_POOL_SIZE": "4",
         }
 
+    def identity(self) -> str:
+        """Which database this is, without credentials (to tell caches of two apart)."""
+        if self.kind == "sqlite":
+            assert self.sqlite_path is not None
+            return f"sqlite:{self.sqlite_path.resolve()}"
+        if self.kind == "memory":
+            return "memory"
+        return (
+            f"postgresql://{self.user}@{self.host}:{self.port}/{self.database}?schema={self.schema}"
+        )
+
     def sqlalchemy_url(self) -> str:
         if self.kind == "sqlite":
             return f"sqlite:///{self.sqlite_path}"
