@@ -507,9 +507,10 @@ class SqlReadModel:
             return {}
         with self._connect() as conn:
             rows = conn.execute(
-                sa.select(loras.c.id, loras.c.view_json).where(loras.c.id.in_(list(lora_ids)))
+                sa.select(*VIEW_COLUMNS).where(loras.c.id.in_(list(lora_ids)))
             ).all()
-        return {row[0]: view_from_json(row[1]) for row in rows}
+        views = (_view(row) for row in rows)
+        return {view.id: view for view in views}
 
     def lora_metadata(self, lora_ids: Sequence[str]) -> dict[str, tuple[int, dict[str, Any]]]:
         """(version, metadata as events carry it) of each LoRA among `lora_ids` the read
