@@ -361,6 +361,34 @@ def read_model_engine(url: StorageUrl) -> Engine:
     return engine
 
 
+class _BulkInsert:
+    """A table's INSERT compiled once for the engine's dialect and run as one executemany,
+    each value passed through its column's bind processor: SQLAlchemy's per-row parameter
+    building cost a third as much as SQLite's own inserts on a 2,000-record import batch."""
+
+    def __init__(self, table: sa.Table, dialect: sa.Dialect) -> None:
+        compiled = table.insert().compile(dialect=dialect)
+        self.sql = compiled.string
+        self.names = tuple(compiled.positiontup or ()) if compiled.positional else ()
+        if not self.names:
+            self.names = tuple(c.name for c in table.columns)
+        self.positional = compiled.positional
+        processors = {c.name: c.type.bind_processor(dialect) for c in table.columns}
+        self.processors = [(name, p) for name, p in processors.items() if p is not None]
+
+    def run(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        for name, process in self.processors:
+            for row in rows:
+                row[name] = process(row[name])
+        if self.positional:
+            names = self.names
+            conn.exec_driver_sql(self.sql, [tuple(row[n] for n in names) for row in rows])
+        else:
+            conn.exec_driver_sql(self.sql, list(rows))
+
+
 class _Totals:
     """ListLoras' `total_size` per filter, counted once per catalog change rather than on
     every page: counting reads every matching index entry, which at a million LoRAs costs more
@@ -397,6 +425,9 @@ class SqlReadModel:
         self.engine: Engine = read_model_engine(url)
         self._tokens = tokens
         self._totals = _Totals()
+        self._inserts = {
+            t.name: _BulkInsert(t, self.engine.dialect) for t in (loras, lora_tags, audit_events)
+        }
         # The in-memory database is one SQLite connection every thread shares (StaticPool):
         # a read and the projector's commit interleaved on it fail ("cannot rollback - no
         # transaction is active"), so there each use of it holds this lock.
@@ -433,19 +464,17 @@ class SqlReadModel:
                 conn.execute(lora_tags.delete().where(lora_tags.c.lora_id.in_(ids)))
                 conn.execute(loras.delete().where(loras.c.id.in_(ids)))
             if change.upserts:
-                conn.execute(loras.insert(), [_lora_row(v) for v in change.upserts])
+                self._inserts[loras.name].run(conn, [_lora_row(v) for v in change.upserts])
                 tag_rows = [
                     {"lora_id": v.id, "tag_key": tag, "name_key": v.metadata.name.casefold()}
                     for v in change.upserts
                     for tag in sorted({t.casefold() for t in v.metadata.tags})
                 ]
-                if tag_rows:
-                    conn.execute(lora_tags.insert(), tag_rows)
+                self._inserts[lora_tags.name].run(conn, tag_rows)
             if change.audit:
                 owners = {g.id: g.owner for g in change.generations}
-                conn.execute(
-                    audit_events.insert(),
-                    [_audit_row(a, owners, change.catalog) for a in change.audit],
+                self._inserts[audit_events.name].run(
+                    conn, [_audit_row(a, owners, change.catalog) for a in change.audit]
                 )
             if change.history:
                 conn.execute(
