@@ -6,18 +6,22 @@ than projecting it, so the projector only queues each batch here: a batch is vis
 ListLoras and GetLora without waiting for the index. The queue is indexed, in order, by
 whichever comes first: the next recommendation or search (which indexes what is queued before
 it answers, so it never misses a LoRA the read model shows), or a background thread once the
-catalog has been quiet for `settle` seconds."""
+catalog has been quiet for `settle` seconds. Answered recommendations (the feedback the
+projector linked, server.domain.recommend.feedback) are applied in log order with history."""
 
 from __future__ import annotations
 
+import heapq
 import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Iterable, Iterator
 
 from server.application.ports import LoraReadModel
-from server.domain.models import Architecture, LoraKind, resolve_architecture
+from server.domain.models import Architecture, HistoryEntry, LoraKind, resolve_architecture
 from server.domain.recommend.engine import RecommendationEngine, Scored
+from server.domain.recommend.feedback import Feedback
 from server.domain.recommendation import LoRARecommendation
 from server.infrastructure.read_model import ProjectedChange
 
@@ -72,20 +76,28 @@ class CatalogRecommender:
         for view in self._read_model.all_views():
             if view.kind is LoraKind.LORA:
                 self.engine.upsert(view)
-        past = 0
-        for entry in self._read_model.history():
-            self.engine.record_generation(entry.prompt, entry.lora_ids)
-            past += 1
+        past = answered = 0
+        # In log order, as they were first applied: history is bounded per LoRA and an
+        # acceptance clears earlier skips.
+        for entry in _in_log_order(self._read_model.history(), self._read_model.feedback()):
+            if isinstance(entry, Feedback):
+                self.engine.record_feedback(entry.prompt, entry.accepted, entry.skipped)
+                answered += 1
+            else:
+                self.engine.record_generation(entry.prompt, entry.lora_ids)
+                past += 1
         log.info(
-            "recommendation index: %d LoRAs, %d past generations in %.2fs",
+            "recommendation index: %d LoRAs, %d past generations, %d answered "
+            "recommendations in %.2fs",
             len(self.engine),
             past,
+            answered,
             time.perf_counter() - start,
         )
 
     def on_change(self, change: ProjectedChange) -> None:
         """Queues a projected batch for the index (see the module's docstring)."""
-        if not (change.upserts or change.deletes or change.history):
+        if not (change.upserts or change.deletes or change.history or change.feedback):
             return
         with self._queue_lock:
             self._queue.append(change)
@@ -123,8 +135,12 @@ class CatalogRecommender:
                 self.engine.remove(view.id)
         for lora_id in change.deletes:
             self.engine.remove(lora_id)
-        for entry in change.history:
-            self.engine.record_generation(entry.prompt, entry.lora_ids)
+        # A batch's feedback comes after the history record it was linked at.
+        for entry in _in_log_order(change.history, change.feedback):
+            if isinstance(entry, Feedback):
+                self.engine.record_feedback(entry.prompt, entry.accepted, entry.skipped)
+            else:
+                self.engine.record_generation(entry.prompt, entry.lora_ids)
 
     def recommend(
         self,
@@ -150,6 +166,16 @@ class CatalogRecommender:
     ) -> list[LoRARecommendation]:
         self.catch_up()
         return [_recommendation(s) for s in self.engine.search(query, architecture, limit=limit)]
+
+
+def _in_log_order(
+    history: Iterable[HistoryEntry], feedback: Iterable[Feedback]
+) -> Iterator[HistoryEntry | Feedback]:
+    def position(entry: HistoryEntry | Feedback) -> int:
+        return entry.position
+
+    both: tuple[Iterable[HistoryEntry | Feedback], ...] = (history, feedback)
+    return heapq.merge(*both, key=position)
 
 
 def _recommendation(s: Scored) -> LoRARecommendation:

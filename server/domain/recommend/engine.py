@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -35,6 +35,19 @@ CANDIDATES = 100
 DEFAULT_WEIGHT = 0.8
 MAX_DESCRIPTION_TERMS = 300
 MAX_HISTORY_TERMS = 3000
+# Learning from use (feedback.py): an accepted recommendation's prompt joins the history of
+# the LoRA used, on top of the generation's own prompt (so an accepted generation counts as
+# two prompts, a plain one as one; repeating the same words instead scores lower, BM25's
+# length normalisation outweighing the term frequency). A skipped LoRA's confidence for
+# prompts near the ones it was skipped for is lowered by at most SKIP_PENALTY, reached after
+# SKIPS_FOR_FULL_PENALTY skips there. A LoRA keeps its last MAX_SKIPS skipped prompts
+# (MAX_SKIP_TERMS words each); an acceptance clears those it covers.
+SKIP_PENALTY = 0.3
+SKIPS_FOR_FULL_PENALTY = 3
+# A skip is cleared by an acceptance of the same LoRA whose prompt holds this share of it.
+PROMPT_NEAR = 0.5
+MAX_SKIPS = 32
+MAX_SKIP_TERMS = 40
 # A LoRA's kind, for the ranker: its first Civitai tag among these (catalog text only).
 LORA_TYPES = ("style", "character", "celebrity", "clothing", "concept")
 # Fields whose scores the ranker also sees relative to the best candidate of the query.
@@ -94,6 +107,8 @@ class RecommendationEngine:
         self._by_first: dict[str, dict[tuple[str, ...], set[int]]] = defaultdict(dict)
         self._by_file_name: dict[str, set[int]] = defaultdict(set)
         self._pending_history: dict[str, list[list[str]]] = defaultdict(list)
+        # lora id -> content words of the prompts it was recently skipped for
+        self._skips: dict[str, deque[frozenset[str]]] = {}
 
     # -- maintenance ---------------------------------------------------------------------
 
@@ -120,6 +135,7 @@ class RecommendationEngine:
             if slot is None:
                 return
             self._forget(slot)
+            self._skips.pop(lora_id, None)
             self.index.delete(slot)
             del self._docs[slot]
             self._alive[slot] = False
@@ -132,14 +148,41 @@ class RecommendationEngine:
         if not terms:
             return
         with self._lock:
-            for lora_id in lora_ids:
-                slot = self._slot_of.get(lora_id)
-                if slot is None:
-                    self._pending_history[lora_id].append(terms)
-                    continue
-                doc = self._docs[slot]
-                doc.history = (doc.history + terms)[-MAX_HISTORY_TERMS:]
-                self.index.put(slot, self._fields(doc.view, doc.history))
+            self._add_history(terms, lora_ids)
+
+    def record_feedback(self, prompt: str, accepted: Iterable[str], skipped: Iterable[str]) -> None:
+        """An answered recommendation (feedback.py): the prompt it was asked for joins the
+        history of each accepted LoRA (whose generation's own prompt arrives as plain history
+        too: an accepted generation counts twice) and clears skips of that LoRA it covers;
+        each skipped LoRA remembers the prompt as a mild negative for prompts near it."""
+        terms = list(content_terms(parse_prompt(prompt).text))
+        if not terms:
+            return
+        asked = frozenset(terms[:MAX_SKIP_TERMS])
+        with self._lock:
+            used = list(accepted)
+            self._add_history(terms, used)
+            for lora_id in used:
+                kept = [
+                    s for s in self._skips.get(lora_id, ()) if len(s & asked) < PROMPT_NEAR * len(s)
+                ]
+                if kept:
+                    self._skips[lora_id] = deque(kept, maxlen=MAX_SKIPS)
+                else:
+                    self._skips.pop(lora_id, None)
+            for lora_id in skipped:
+                if lora_id in self._slot_of:
+                    self._skips.setdefault(lora_id, deque(maxlen=MAX_SKIPS)).append(asked)
+
+    def _add_history(self, terms: list[str], lora_ids: Iterable[str]) -> None:
+        for lora_id in lora_ids:
+            slot = self._slot_of.get(lora_id)
+            if slot is None:
+                self._pending_history[lora_id].append(terms)
+                continue
+            doc = self._docs[slot]
+            doc.history = (doc.history + terms)[-MAX_HISTORY_TERMS:]
+            self.index.put(slot, self._fields(doc.view, doc.history))
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -458,6 +501,8 @@ class RecommendationEngine:
         if found is None:
             return []
         probabilities = self.ranker.predict(found.matrix)
+        if self._skips:
+            probabilities = probabilities * self._skip_factors(parsed, found.slots)
         order = sorted(
             range(len(found.slots)),
             key=lambda r: (
@@ -481,6 +526,29 @@ class RecommendationEngine:
                 )
             )
         return scored
+
+    def _skip_factors(self, parsed: ParsedPrompt, slots: npt.NDArray[np.int64]) -> FloatArray:
+        """1 for a candidate never skipped near this prompt, down to 1 - SKIP_PENALTY for one
+        skipped SKIPS_FOR_FULL_PENALTY times for prompts holding all of its words. Each word
+        counts by its IDF, so shared boilerplate (`masterpiece`) says little."""
+        factors = np.ones(len(slots))
+        terms = set(parsed.terms)
+        if not terms:
+            return factors
+        n = len(self._docs)
+        idf = {t: math.log1p(n / (1 + self.index.document_frequency("all", t))) for t in terms}
+        total = sum(idf.values())
+        if total <= 0:
+            return factors
+        for row, slot in enumerate(slots.tolist()):
+            skips = self._skips.get(self._docs[slot].view.id)
+            if not skips:
+                continue
+            near = sum(
+                w * min(SKIPS_FOR_FULL_PENALTY, sum(t in s for s in skips)) for t, w in idf.items()
+            )
+            factors[row] = 1.0 - SKIP_PENALTY * near / (SKIPS_FOR_FULL_PENALTY * total)
+        return factors
 
     def _phrase_idf(self, phrase: tuple[str, ...]) -> float:
         df = len(self._trigger_docs.get(phrase, ()))
