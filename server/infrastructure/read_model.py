@@ -87,6 +87,8 @@ audit_events = sa.Table(
     sa.Index("rm_audit_aggregate", "aggregate_id", "position"),
     sa.Index("rm_audit_type", "type", "position"),
     sa.Index("rm_audit_principal", "principal", "position"),
+    # A principal's recent recommendations, for linking generations to them (projector).
+    sa.Index("rm_audit_principal_type", "principal", "type", "position"),
     sa.Index("rm_audit_time", "occurred_at"),
     sa.Index("rm_audit_owner", "owner", "position"),
 )
