@@ -29,8 +29,7 @@ from server.application.commands.generation import (
     SubmitGenerationCommand,
 )
 from server.application.commands.import_loras import ImportLoRAsCommand
-from server.application.commands.recommend import RecommendLoRAsCommand
-from server.application.commands.recommend import LoRARecommendation
+from server.application.commands.recommend import LoRARecommendation, RecommendLoRAsCommand
 from server.application.context import DispatchContext, use_context
 from server.application.queries import (
     GetGenerationQuery,
@@ -409,7 +408,7 @@ def test_a_recommendation_answered_by_generate_image_is_learned_across_a_restart
         names = [r.lora.name for r in made]
         assert sorted(names) == ["glow", "ink"]
         chosen, other = names[1], names[0]
-        assert list(before)[0] == other
+        assert next(iter(before)) == other
         events = run(c, alice, prompt=prompt, loras=(LoraChoice(chosen, 0.8),))
         assert isinstance(final(events), gen.Completed)
         c.recorder.flush()
@@ -418,7 +417,7 @@ def test_a_recommendation_answered_by_generate_image_is_learned_across_a_restart
         assert learned.recommendation_id == made.recommendation_id
         assert len(learned.accepted) == len(learned.skipped) == 1
         after = ranked(c)
-        assert list(after)[0] == chosen
+        assert next(iter(after)) == chosen
         assert after[other] < before[other]
     finally:
         c.close()
