@@ -12,7 +12,8 @@ full prompt and the LoRA. The session is linked by the service's own rule
 
 - `plain`: the generation is recorded as history only (what the service did before);
 - `learn`: the same, plus the answered recommendation's feedback (accepted / skipped);
-- `accept_only`: the same, with the skips left out (what the skip signal adds).
+- `accept_only`: the same, with the skips left out (what the skip signal adds);
+- `skip_only`: the same, with the acceptances left out (what the acceptances add).
 
 Sessions are shuffled with a fixed seed (the file is grouped by LoRA). R@5 is measured on a
 seeded sample of dev_warm_queries.jsonl, both fields, at checkpoints of the stream, plus the
@@ -44,7 +45,7 @@ from server.domain.recommend.feedback import MadeRecommendation, UsedLoras, link
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = ("prompt", "prompt_no_trigger")
 CHECKPOINTS = (0.0, 0.1, 0.25, 0.5, 1.0)
-VARIANTS = ("plain", "learn", "accept_only")
+VARIANTS = ("plain", "learn", "accept_only", "skip_only")
 K = 5
 
 
@@ -106,13 +107,22 @@ def main() -> int:
     parser.add_argument("--queries", type=int, default=1500, help="warm queries sampled (0: all)")
     parser.add_argument("--sessions", type=int, default=0, help="first N sessions (0: all)")
     parser.add_argument("--seed", type=int, default=17)
+    parser.add_argument(
+        "--variants",
+        default="plain,learn,accept_only",
+        help=f"comma-separated, of {', '.join(VARIANTS)} (each engine runs alone: figures of "
+        "one variant are the same in any run with the same seed and sizes)",
+    )
     args = parser.parse_args()
     eval_dir = Path(args.eval_dir)
     if not (eval_dir / "dev_history.jsonl").exists():
         print(f"skipped: no eval data under {eval_dir}", file=sys.stderr)
         return 0
     views, triggers = load_views(eval_dir / "civitai_loras.jsonl")
-    engines = {name: RecommendationEngine() for name in VARIANTS}
+    chosen = args.variants.split(",")
+    if not chosen or set(chosen) - set(VARIANTS):
+        parser.error(f"--variants: choose among {', '.join(VARIANTS)}")
+    engines = {name: RecommendationEngine() for name in chosen}
     for engine in engines.values():
         for view in views:
             engine.upsert(view)
@@ -127,7 +137,7 @@ def main() -> int:
     marks = sorted({round(p * len(sessions)) for p in CHECKPOINTS})
     curve: list[dict[str, Any]] = []
     online: list[dict[str, Any]] = []
-    hits = {name: 0 for name in VARIANTS}
+    hits = {name: 0 for name in engines}
     counted = 0
     linked = accepted = 0
     start = time.perf_counter()
@@ -153,7 +163,7 @@ def main() -> int:
                         **{n: round(h / max(counted, 1), 4) for n, h in hits.items()},
                     }
                 )
-                hits = {name: 0 for name in VARIANTS}
+                hits = {name: 0 for name in engines}
                 counted = 0
         lora_ids = tuple(str(lora_id_for_source(s)) for s in row["loras"])
         asked = without_triggers(row["prompt"], triggers.get(lora_ids[0], ()))
@@ -174,11 +184,14 @@ def main() -> int:
             found = link(done, generation, [made])
             if found is None:
                 continue
-            if name == "learn":
+            if name == chosen[-1]:
                 linked += 1
                 accepted += bool(found.accepted)
-            skipped = found.skipped if name == "learn" else ()
-            engine.record_feedback(found.prompt, found.accepted, skipped)
+            engine.record_feedback(
+                found.prompt,
+                () if name == "skip_only" else found.accepted,
+                () if name == "accept_only" else found.skipped,
+            )
         counted += bool(asked)
     online.append(
         {"until": len(sessions), **{n: round(h / max(counted, 1), 4) for n, h in hits.items()}}
@@ -186,6 +199,7 @@ def main() -> int:
     checkpoint(len(sessions))
     report = {
         "sessions": len(sessions),
+        "linked_in": chosen[-1],  # sessions linked / accepted in the last variant run
         "linked": linked,
         "accepted": accepted,
         "queries": len(queries),

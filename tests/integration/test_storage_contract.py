@@ -433,6 +433,8 @@ class StorageContract:
         reopened = make_container(tmp_path, url)
         try:
             assert confidences(reopened, prompt) == after
+            reopened.projector.rebuild()  # linked again from the log alone: the same answer
+            assert list(reopened.read_model.feedback()) == [learned]
         finally:
             reopened.close()
 
