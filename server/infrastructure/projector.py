@@ -70,6 +70,9 @@ class Projector:
         self._poll_interval = poll_interval
         self._default_wait = default_wait
         self._position = read_model.position()
+        # Whether any recommendation was ever projected: until one is, a generation's history
+        # record has nothing to answer and linking it costs no query (a bulk history replay).
+        self._recommended = read_model.has_recommendations()
         self._cond = threading.Condition()
         # One batch at a time in this process; other processes are fenced by tracking.
         self._project_lock = threading.Lock()
@@ -105,6 +108,7 @@ class Projector:
         """Drops the read models and replays the whole log into them."""
         with self._project_lock:
             self._read_model.reset()
+            self._recommended = False
             with self._cond:
                 self._position = 0
         return self.catch_up()
@@ -228,6 +232,9 @@ class Projector:
         come from its view (this batch's or the read model's), else from the record."""
         out: list[Feedback] = []
         answered: set[str] = set()
+        if not (self._recommended or recommended):
+            return out
+        self._recommended = True
         for position, event in past:
             key = str(event.key)
             view = generations.get(key)

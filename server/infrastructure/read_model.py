@@ -525,6 +525,16 @@ class SqlReadModel:
                 )
             last = int(rows[-1]["position"])
 
+    def has_recommendations(self) -> bool:
+        """Whether any recommendation was projected (linking needs none before the first)."""
+        with self._connect() as conn:
+            found = conn.execute(
+                sa.select(audit_events.c.position)
+                .where(audit_events.c.type == RECOMMENDATION_MADE)
+                .limit(1)
+            ).first()
+        return found is not None
+
     def recent_recommendations(
         self, principal: str, since: datetime, until: datetime, limit: int
     ) -> list[MadeRecommendation]:
