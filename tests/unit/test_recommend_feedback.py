@@ -21,7 +21,6 @@ from server.domain.recommend.feedback import (
     UsedLoras,
     link,
 )
-from server.domain.recommend.index import LexicalIndex
 from server.infrastructure.read_model import ProjectedChange
 from server.infrastructure.recommender import CatalogRecommender
 from tests.unit.test_recommend_engine import CATALOG
@@ -204,21 +203,3 @@ def test_a_reload_from_the_read_models_equals_the_live_engine() -> None:
         b = reloaded.engine.recommend(prompt, Architecture.SD1, max_loras=5)
         assert [(r.lora.id, r.confidence) for r in a] == [(r.lora.id, r.confidence) for r in b]
     assert set(reloaded.engine._skips) == {"ink", "detail"}  # pixel's skip was cleared
-
-
-def test_extra_terms_weigh_without_lengthening_and_leave_with_the_document() -> None:
-    index = LexicalIndex(("history",))
-    index.put(0, {"history": ["castle", "dusk"]})
-    index.put(1, {"history": ["castle", "dawn"]})
-    plain = index.field_scores("history", ["castle"])
-    index.put(0, {"history": ["castle", "dusk"]}, {"history": ["castle", "moat"]})
-    weighted = index.field_scores("history", ["castle"])
-    assert weighted[0] > plain[0]
-    assert weighted[1] == pytest.approx(plain[1])
-    assert index.field_length("history")[0] == 2
-    assert index.field_scores("history", ["moat"])[0] > 0  # a word gained, no longer doc
-    index.put(0, {"history": ["castle", "dusk"]})
-    assert index.document_frequency("history", "moat") == 0
-    assert index.field_scores("history", ["castle"])[0] == pytest.approx(plain[0])
-    index.delete(1)
-    assert index.document_frequency("history", "dawn") == 0

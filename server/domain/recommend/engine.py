@@ -35,16 +35,13 @@ CANDIDATES = 100
 DEFAULT_WEIGHT = 0.8
 MAX_DESCRIPTION_TERMS = 300
 MAX_HISTORY_TERMS = 3000
-# Learning from use (feedback.py): an accepted recommendation's prompt weighs on the history
-# of the LoRA used, on top of the generation's own prompt: its words add term frequency to the
-# history (and all-text) field without making it longer, so an accepted generation counts
-# above a plain one (adding them as words instead, the same words again mostly, scored lower:
-# BM25's length normalisation outweighs the extra frequency). A LoRA keeps the words of its
-# last MAX_ACCEPTED_TERMS accepted words. A skipped LoRA's confidence for
+# Learning from use (feedback.py): an accepted recommendation's prompt joins the history of
+# the LoRA used, on top of the generation's own prompt (so an accepted generation counts as
+# two prompts, a plain one as one; repeating the same words instead scores lower, BM25's
+# length normalisation outweighing the term frequency). A skipped LoRA's confidence for
 # prompts near the ones it was skipped for is lowered by at most SKIP_PENALTY, reached after
 # SKIPS_FOR_FULL_PENALTY skips there. A LoRA keeps its last MAX_SKIPS skipped prompts
 # (MAX_SKIP_TERMS words each); an acceptance clears those it covers.
-MAX_ACCEPTED_TERMS = 1000
 SKIP_PENALTY = 0.3
 SKIPS_FOR_FULL_PENALTY = 3
 # A skip is cleared by an acceptance of the same LoRA whose prompt holds this share of it.
@@ -76,7 +73,6 @@ class _Doc:
     tag_terms: frozenset[str]
     kind: int  # index into LORA_TYPES, -1 for none of them
     history: list[str] = field(default_factory=list)
-    accepted: list[str] = field(default_factory=list)  # words of accepted recommendations
 
 
 def lora_type(tags: Sequence[str]) -> int:
@@ -111,7 +107,6 @@ class RecommendationEngine:
         self._by_first: dict[str, dict[tuple[str, ...], set[int]]] = defaultdict(dict)
         self._by_file_name: dict[str, set[int]] = defaultdict(set)
         self._pending_history: dict[str, list[list[str]]] = defaultdict(list)
-        self._pending_accepted: dict[str, list[str]] = defaultdict(list)
         # lora id -> content words of the prompts it was recently skipped for
         self._skips: dict[str, deque[frozenset[str]]] = {}
 
@@ -124,18 +119,15 @@ class RecommendationEngine:
         with self._lock:
             slot = self._slot_of.get(view.id)
             history: list[str] = []
-            accepted: list[str] = []
             if slot is not None:
                 history = self._docs[slot].history
-                accepted = self._docs[slot].accepted
                 self._forget(slot)
             else:
                 slot = self._free.pop() if self._free else self._take_slot()
                 self._slot_of[view.id] = slot
             for past in self._pending_history.pop(view.id, []):
                 history.extend(past)
-            accepted = accepted + self._pending_accepted.pop(view.id, [])
-            self._remember(slot, view, history[-MAX_HISTORY_TERMS:], accepted[-MAX_ACCEPTED_TERMS:])
+            self._remember(slot, view, history[-MAX_HISTORY_TERMS:])
 
     def remove(self, lora_id: str) -> None:
         with self._lock:
@@ -144,7 +136,6 @@ class RecommendationEngine:
                 return
             self._forget(slot)
             self._skips.pop(lora_id, None)
-            self._pending_accepted.pop(lora_id, None)
             self.index.delete(slot)
             del self._docs[slot]
             self._alive[slot] = False
@@ -160,24 +151,17 @@ class RecommendationEngine:
             self._add_history(terms, lora_ids)
 
     def record_feedback(self, prompt: str, accepted: Iterable[str], skipped: Iterable[str]) -> None:
-        """An answered recommendation (feedback.py): the words of the prompt it was asked for
-        weigh on the history of each accepted LoRA (whose generation's own prompt arrives as
-        plain history too) and clear the skips of that LoRA they cover; each skipped LoRA
-        remembers the prompt as a mild negative for prompts near it."""
+        """An answered recommendation (feedback.py): the prompt it was asked for joins the
+        history of each accepted LoRA (whose generation's own prompt arrives as plain history
+        too: an accepted generation counts twice) and clears skips of that LoRA it covers;
+        each skipped LoRA remembers the prompt as a mild negative for prompts near it."""
         terms = list(content_terms(parse_prompt(prompt).text))
         if not terms:
             return
         asked = frozenset(terms[:MAX_SKIP_TERMS])
         with self._lock:
             used = list(accepted)
-            for lora_id in used:
-                slot = self._slot_of.get(lora_id)
-                if slot is None:
-                    self._pending_accepted[lora_id].extend(terms)
-                else:
-                    doc = self._docs[slot]
-                    doc.accepted = (doc.accepted + terms)[-MAX_ACCEPTED_TERMS:]
-                    self._put(slot, doc)
+            self._add_history(terms, used)
             for lora_id in used:
                 kept = [
                     s for s in self._skips.get(lora_id, ()) if len(s & asked) < PROMPT_NEAR * len(s)
@@ -198,11 +182,7 @@ class RecommendationEngine:
                 continue
             doc = self._docs[slot]
             doc.history = (doc.history + terms)[-MAX_HISTORY_TERMS:]
-            self._put(slot, doc)
-
-    def _put(self, slot: int, doc: _Doc) -> None:
-        extra = {"history": doc.accepted, "all": doc.accepted} if doc.accepted else None
-        self.index.put(slot, self._fields(doc.view, doc.history), extra)
+            self.index.put(slot, self._fields(doc.view, doc.history))
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -304,7 +284,7 @@ class RecommendationEngine:
         ]
         return fields
 
-    def _remember(self, slot: int, view: LoraView, history: list[str], accepted: list[str]) -> None:
+    def _remember(self, slot: int, view: LoraView, history: list[str]) -> None:
         m = view.metadata
         triggers = tuple(
             phrase
@@ -322,9 +302,8 @@ class RecommendationEngine:
             frozenset(content_terms(" ".join(m.tags))),
             lora_type(m.tags),
             history,
-            accepted,
         )
-        self._put(slot, self._docs[slot])
+        self.index.put(slot, self._fields(view, history))
         self._arch[slot] = _ARCH_CODE[m.base_model.architecture]
         self._available[slot] = view.available
         self._alive[slot] = True

@@ -34,12 +34,8 @@ class FieldIndex:
         self._lengths: dict[int, int] = {}
         self._total_length = 0
 
-    def add(self, doc: int, terms: Sequence[str], extra: Sequence[str] = ()) -> None:
-        """`extra` terms count towards term frequency but not the document's length: a
-        weight on words the document holds (or a word it gains without growing longer)."""
-        counts = Counter(terms)
-        counts.update(extra)
-        for term, tf in counts.items():
+    def add(self, doc: int, terms: Sequence[str]) -> None:
+        for term, tf in Counter(terms).items():
             postings = self._postings.get(term)
             if postings is None:
                 postings = self._postings[term] = _Postings({})
@@ -110,7 +106,6 @@ class LexicalIndex:
         self.fields = tuple(fields)
         self._index = {f: FieldIndex() for f in fields}
         self._terms: dict[int, dict[str, list[str]]] = {}
-        self._extra: dict[int, dict[str, list[str]]] = {}
         self._lengths = {f: np.zeros(1024) for f in fields}
         self.lock = threading.RLock()
 
@@ -121,34 +116,23 @@ class LexicalIndex:
     def capacity(self) -> int:
         return len(next(iter(self._lengths.values())))
 
-    def put(
-        self,
-        doc: int,
-        fields: Mapping[str, Sequence[str]],
-        extra: Mapping[str, Sequence[str]] | None = None,
-    ) -> None:
-        """Indexes a document's fields; `extra` terms per field add term frequency without
-        length (see FieldIndex.add)."""
+    def put(self, doc: int, fields: Mapping[str, Sequence[str]]) -> None:
         with self.lock:
             self.delete(doc)
             self._grow(doc + 1)
             stored = {f: list(fields.get(f, ())) for f in self.fields}
-            more = {f: list(t) for f, t in (extra or {}).items() if f in self._index and t}
             for name, terms in stored.items():
-                self._index[name].add(doc, terms, more.get(name, ()))
+                self._index[name].add(doc, terms)
                 self._lengths[name][doc] = len(terms)
             self._terms[doc] = stored
-            if more:
-                self._extra[doc] = more
 
     def delete(self, doc: int) -> None:
         with self.lock:
             stored = self._terms.pop(doc, None)
             if stored is None:
                 return
-            more = self._extra.pop(doc, {})
             for name, terms in stored.items():
-                self._index[name].remove(doc, [*terms, *more.get(name, ())])
+                self._index[name].remove(doc, terms)
                 self._lengths[name][doc] = 0
 
     def terms_of(self, doc: int, field: str) -> list[str]:
