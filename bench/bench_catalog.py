@@ -5,7 +5,11 @@ to the next. Each query figure is therefore reported next to a bare grpc.aio "ec
 answers the same QueryService methods with a pre-built response of the same size and shape,
 measured in the same run and interleaved A/B/A/B. The ratio loracle_qps / echo_qps is the share
 of the gRPC + protobuf ceiling that Loracle keeps after its own work (buses, cache, read model,
-mapping), and it is the figure worth comparing between runs.
+mapping), and it is the figure worth comparing between runs. Each round also reads the server's
+CPU time, so the CPU per call of the two servers can be compared as well.
+
+Reads are measured twice: cached (a few ids, 20 pages, asked over and over) and uncached (the
+server restarted on the same data with its query cache off).
 
 Four processes take part so that no two share a GIL: this orchestrator (idle while measuring),
 the Loracle server, the echo server and the load generator. The last two are this same file,
@@ -17,7 +21,10 @@ empty catalog, then the same records again under a new request id (every record 
 
 Usage: .venv/bin/python bench/bench_catalog.py [--catalog PATH] [--seconds S] [--concurrency N]
                                                 [--storage-url postgresql://...] [--import-only]
-                                                [--json]
+                                                [--json] [--synthetic N]
+
+`--synthetic N` runs the scale benchmark instead (bench/catalog_scale.py): N deterministic
+records shaped like the Civitai sample, from import to restart.
 """
 
 from __future__ import annotations
@@ -64,10 +71,19 @@ WARMUP_SECONDS = 1.0
 CALL_TIMEOUT = 10.0
 SERVICE = "loracle.v1.QueryService"
 
-# (workload label in output, RPC method, JSON key)
+# GetLora in the cached phase asks for this many ids over and over (the query cache holds
+# 2,048 answers by default, and the warm-up second asks for each of them).
+HOT_IDS = 256
+# The uncached phase restarts the server on the same data with its query cache off.
+NO_CACHE_ENV = {"LORACLE_QUERY_CACHE_ENTRIES": "0"}
+PHASES = ("cached", "uncached")
+
+# (workload label in output, RPC method, JSON key, phase)
 WORKLOADS = (
-    ("GetLora", "GetLora", "get_lora"),
-    (f"ListLoras page_size={LIST_PAGE_SIZE}", "ListLoras", "list_loras_50"),
+    ("GetLora, cached", "GetLora", "get_lora", "cached"),
+    (f"ListLoras {LIST_PAGE_SIZE}, cached", "ListLoras", "list_loras_50", "cached"),
+    ("GetLora, uncached", "GetLora", "get_lora_uncached", "uncached"),
+    (f"ListLoras {LIST_PAGE_SIZE}, uncached", "ListLoras", "list_loras_50_uncached", "uncached"),
 )
 TARGETS = ("loracle", "echo")
 
@@ -243,15 +259,24 @@ def percentile(sorted_values: Sequence[float], pct: float) -> float:
 class Measurement:
     target: str
     method: str
+    key: str
     round: int
     seconds: float
     latencies_ms: list[float]
     errors: int
     first_error: str
+    # CPU seconds the server process used during the measured window (all its threads).
+    server_cpu_seconds: float = 0.0
 
     @property
     def qps(self) -> float:
         return len(self.latencies_ms) / self.seconds
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of process `pid` and all its threads so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def _measure(
@@ -260,14 +285,22 @@ async def _measure(
     concurrency: int,
     warmup: float,
     seconds: float,
-) -> tuple[list[float], int, str]:
-    """N workers keep one call each in flight; calls completing inside the window count."""
+    server_pid: int,
+) -> tuple[list[float], int, str, float]:
+    """N workers keep one call each in flight; calls completing inside the window count, and
+    the server's CPU time is read at the window's start and end."""
     begin = time.perf_counter()
     window_start = begin + warmup
     window_end = window_start + seconds
     latencies: list[float] = []
     errors = 0
     first_error = ""
+
+    async def server_cpu() -> float:
+        await asyncio.sleep(window_start - time.perf_counter())
+        start = cpu_seconds(server_pid)
+        await asyncio.sleep(window_end - time.perf_counter())
+        return cpu_seconds(server_pid) - start
 
     async def worker() -> None:
         nonlocal errors, first_error
@@ -285,8 +318,9 @@ async def _measure(
             if window_start <= done <= window_end:
                 latencies.append((done - sent) * 1000)
 
+    cpu = asyncio.create_task(server_cpu())
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return latencies, errors, first_error
+    return latencies, errors, first_error, await cpu
 
 
 async def _load(plan: dict[str, Any]) -> list[dict[str, Any]]:
@@ -301,32 +335,48 @@ async def _load(plan: dict[str, Any]) -> list[dict[str, Any]]:
             for token in plan["page_tokens"]
         ]
         results = []
-        for target, method, round_number in plan["schedule"]:
+        for target, method, key, round_number in plan["schedule"]:
             stub = stubs[target]
             if method == "GetLora":
                 call: Callable[..., Any] = stub.GetLora
                 requests: Iterator[Any] = itertools.cycle(get_requests)
             else:
                 call, requests = stub.ListLoras, itertools.cycle(list_requests)
-            latencies, errors, first_error = await _measure(
-                call, requests, plan["concurrency"], plan["warmup"], plan["seconds"]
+            latencies, errors, first_error, cpu = await _measure(
+                call,
+                requests,
+                plan["concurrency"],
+                plan["warmup"],
+                plan["seconds"],
+                plan["pids"][target],
             )
             result = Measurement(
-                target, method, round_number, plan["seconds"], latencies, errors, first_error
+                target,
+                method,
+                key,
+                round_number,
+                plan["seconds"],
+                latencies,
+                errors,
+                first_error,
+                cpu,
             )
             log(
-                f"{method:<9} {target:<7} round {round_number}: {result.qps:8.1f} calls/s"
+                f"{key:<22} {target:<7} round {round_number}: {result.qps:8.1f} calls/s, "
+                f"{1000 * cpu / max(1, len(latencies)):.3f} server CPU ms per call"
                 + (f", {errors} errors ({first_error})" if errors else "")
             )
             results.append(
                 {
                     "target": target,
                     "method": method,
+                    "key": key,
                     "round": round_number,
                     "seconds": plan["seconds"],
                     "latencies_ms": [round(v, 4) for v in latencies],
                     "errors": errors,
                     "first_error": first_error,
+                    "server_cpu_seconds": cpu,
                 }
             )
         return results
@@ -338,11 +388,12 @@ async def _load(plan: dict[str, Any]) -> list[dict[str, Any]]:
 # --- orchestration ------------------------------------------------------------------------
 
 
-def schedule() -> list[tuple[str, str, int]]:
-    """A/B/A/B per workload: drift over the run lands on both targets alike."""
+def schedule(phase: str) -> list[tuple[str, str, str, int]]:
+    """A/B/A/B per workload of `phase`: drift over the run lands on both targets alike."""
     return [
-        (target, method, round_number)
-        for _label, method, _key in WORKLOADS
+        (target, method, key, round_number)
+        for _label, method, key, workload_phase in WORKLOADS
+        if workload_phase == phase
         for round_number in range(1, ROUNDS + 1)
         for target in TARGETS
     ]
@@ -350,13 +401,15 @@ def schedule() -> list[tuple[str, str, int]]:
 
 def summarize(measurements: list[Measurement]) -> dict[str, dict[str, float]]:
     summary: dict[str, dict[str, float]] = {}
-    for _label, method, key in WORKLOADS:
+    for _label, _method, key, _phase in WORKLOADS:
         figures: dict[str, float] = {}
         for target in TARGETS:
-            runs = [m for m in measurements if m.target == target and m.method == method]
+            runs = [m for m in measurements if m.target == target and m.key == key]
             calls = sum(len(m.latencies_ms) for m in runs)
             pooled = sorted(v for m in runs for v in m.latencies_ms)
             figures[f"{target}_qps"] = round(calls / sum(m.seconds for m in runs), 1)
+            cpu = sum(m.server_cpu_seconds for m in runs)
+            figures[f"{target}_cpu_ms_per_call"] = round(1000 * cpu / max(1, calls), 3)
             figures[f"{target}_p50_ms"] = round(percentile(pooled, 50), 3)
             figures[f"{target}_p99_ms"] = round(percentile(pooled, 99), 3)
         echo = figures["echo_qps"]
@@ -369,6 +422,15 @@ def summarize(measurements: list[Measurement]) -> dict[str, dict[str, float]]:
             "loracle_p99_ms": figures["loracle_p99_ms"],
             "echo_p50_ms": figures["echo_p50_ms"],
             "echo_p99_ms": figures["echo_p99_ms"],
+            "loracle_cpu_ms_per_call": figures["loracle_cpu_ms_per_call"],
+            "echo_cpu_ms_per_call": figures["echo_cpu_ms_per_call"],
+            # Echo's server CPU per call over Loracle's: the throughput ratio the two would
+            # have if each had a core of its own (less sensitive to other load on the machine).
+            "cpu_ratio": round(
+                figures["echo_cpu_ms_per_call"] / figures["loracle_cpu_ms_per_call"], 3
+            )
+            if figures["loracle_cpu_ms_per_call"]
+            else 0.0,
         }
     return summary
 
@@ -399,18 +461,25 @@ def print_table(
         f"{os.cpu_count()} CPUs, Python {platform.python_version()}"
     )
     print()
-    print(f"{'workload':<24}{'target':<9}{'calls/s':>10}{'p50 ms':>9}{'p99 ms':>9}  rounds")
-    for label, method, key in WORKLOADS:
+    print(
+        f"{'workload':<24}{'target':<9}{'calls/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'CPU ms':>9}  rounds"
+    )
+    for label, _method, key, _phase in WORKLOADS:
         figures = summary[key]
         for target in TARGETS:
             rounds = " / ".join(
-                f"{m.qps:.0f}" for m in measurements if m.target == target and m.method == method
+                f"{m.qps:.0f}" for m in measurements if m.target == target and m.key == key
             )
             print(
                 f"{label:<24}{target:<9}{figures[f'{target}_qps']:>10.1f}"
-                f"{figures[f'{target}_p50_ms']:>9.2f}{figures[f'{target}_p99_ms']:>9.2f}  {rounds}"
+                f"{figures[f'{target}_p50_ms']:>9.2f}{figures[f'{target}_p99_ms']:>9.2f}"
+                f"{figures[f'{target}_cpu_ms_per_call']:>9.3f}  {rounds}"
             )
-        print(f"{'':<24}{'ratio':<9}{figures['ratio']:>10.3f}  (loracle / echo)")
+        print(
+            f"{'':<24}{'ratio':<9}{figures['ratio']:>10.3f}  (loracle / echo calls/s; "
+            f"echo / loracle server CPU per call: {figures['cpu_ratio']:.3f})"
+        )
     print()
 
 
@@ -435,6 +504,15 @@ def storage(url: str) -> Iterator[tuple[list[str], str]]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.synthetic:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from bench.catalog_scale import run_scale, summary_lines
+
+        with storage(args.storage_url) as (storage_args, storage_name):
+            report: dict[str, Any] = run_scale(args, storage_args, storage_name)
+        if not args.json:
+            print("\n".join(summary_lines(report)))
+        return report
     with (
         tempfile.TemporaryDirectory(prefix="loracle-bench-") as tmp,
         storage(args.storage_url) as (storage_args, storage_name),
@@ -444,19 +522,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             data_dir = workdir / "data"
             (data_dir / "loras").mkdir(parents=True)
-            loracle = children.start(
-                "loracle",
-                [
-                    "-m",
-                    "server",
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--data-dir",
-                    str(data_dir),
-                    "--no-embedded-model",
-                    *storage_args,
-                ],
-            )
+            server_args = [
+                "-m",
+                "server",
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                str(data_dir),
+                "--no-embedded-model",
+                *storage_args,
+            ]
+            loracle = children.start("loracle", server_args)
             loracle_address = f"127.0.0.1:{loracle.wait_for_port()}"
             log(f"Loracle serving on {loracle_address} ({storage_name})")
 
@@ -481,32 +557,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"ListLoras {len(prepared.list_response)} B per response)"
             )
 
-            plan_path, out_path = workdir / "plan.json", workdir / "results.json"
-            steps = schedule()
-            plan_path.write_text(
-                json.dumps(
-                    {
-                        "targets": [["loracle", loracle_address], ["echo", echo_address]],
-                        "ids": prepared.ids,
-                        "page_tokens": prepared.page_tokens,
-                        "schedule": steps,
-                        "concurrency": args.concurrency,
-                        "warmup": WARMUP_SECONDS,
-                        "seconds": args.seconds,
-                    }
-                )
-            )
-            load = children.start(
-                "load", [str(Path(__file__).resolve()), "_load", tmp], share_stderr=True
-            )
-            budget = len(steps) * (WARMUP_SECONDS + args.seconds + CALL_TIMEOUT) + START_TIMEOUT
-            try:
-                code = load.process.wait(timeout=budget)
-            except subprocess.TimeoutExpired:
-                raise RuntimeError(f"load generator still running after {budget:.0f} s") from None
-            if code != 0:
-                raise RuntimeError(f"load generator exited with {code}:\n{load.tail()}")
-            measurements = [Measurement(**m) for m in json.loads(out_path.read_text())]
+            measurements = []
+            for phase in PHASES:
+                if phase == "uncached":
+                    # The same data, served by a server whose query cache keeps nothing.
+                    loracle.stop()
+                    loracle = children.start("loracle-uncached", server_args, env=NO_CACHE_ENV)
+                    loracle_address = f"127.0.0.1:{loracle.wait_for_port()}"
+                    log(f"Loracle restarted without its query cache on {loracle_address}")
+                # Cached: a few ids over and over. Uncached: all of them (no cache either way).
+                ids = prepared.ids[:HOT_IDS] if phase == "cached" else prepared.ids
+                plan = {
+                    "targets": [["loracle", loracle_address], ["echo", echo_address]],
+                    "pids": {"loracle": loracle.process.pid, "echo": echo.process.pid},
+                    "ids": ids,
+                    "page_tokens": prepared.page_tokens,
+                    "schedule": schedule(phase),
+                    "concurrency": args.concurrency,
+                    "warmup": WARMUP_SECONDS,
+                    "seconds": args.seconds,
+                }
+                measurements += measure(children, workdir, phase, plan)
         finally:
             children.stop_all()
 
@@ -523,6 +594,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "concurrency": args.concurrency,
         "seconds": args.seconds,
     }
+
+
+def measure(
+    children: Children, workdir: Path, phase: str, plan: dict[str, Any]
+) -> list[Measurement]:
+    """Runs the load generator on `plan` in its own process and reads back what it measured."""
+    (workdir / "plan.json").write_text(json.dumps(plan))
+    load = children.start(
+        f"load-{phase}", [str(Path(__file__).resolve()), "_load", str(workdir)], share_stderr=True
+    )
+    steps = len(plan["schedule"])
+    budget = steps * (WARMUP_SECONDS + plan["seconds"] + CALL_TIMEOUT) + START_TIMEOUT
+    try:
+        code = load.process.wait(timeout=budget)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"load generator still running after {budget:.0f} s") from None
+    if code != 0:
+        raise RuntimeError(f"load generator exited with {code}:\n{load.tail()}")
+    return [Measurement(**m) for m in json.loads((workdir / "results.json").read_text())]
 
 
 def imports_report(prepared: Prepared, storage_name: str) -> dict[str, Any]:
@@ -583,6 +673,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--import-only",
         action="store_true",
         help="time the two imports and stop (no GetLora/ListLoras measurement)",
+    )
+    parser.add_argument(
+        "--synthetic",
+        type=_positive(int, 10_000_000),
+        default=0,
+        help="run the scale benchmark on N synthetic records (bench/catalog_scale.py) instead",
     )
     parser.add_argument(
         "--json", action="store_true", help="print only the JSON line on stdout, no table"

@@ -3,12 +3,28 @@
 from __future__ import annotations
 
 import contextvars
-import threading
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+
+
+class Cancellation:
+    """A flag set once from any thread and polled by handlers: made for every call, so
+    cheaper than a `threading.Event` (a lock and a condition each), whose waiting nobody
+    here needs."""
+
+    __slots__ = ("_set",)
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,7 +38,7 @@ class DispatchContext:
     min_position: int = 0
     scopes: frozenset[str] = frozenset()
     # Set by the transport when the caller goes away: long streams stop working for nobody.
-    cancellation: threading.Event = field(default_factory=threading.Event, compare=False)
+    cancellation: Cancellation = field(default_factory=lambda: Cancellation(), compare=False)
     # Set by the transport when the request itself is wrong (undecodable or oversized bytes, a
     # field over its limit, an undefined enum number, a malformed id, a bad request_id or
     # consistency token): raised once authorization passed (RejectedRequestMiddleware), so a

@@ -101,6 +101,10 @@ class Consistency(Protocol):
         ConsistencyTimeoutError when `timeout` runs out first."""
         ...
 
+    def reached(self, position: int) -> bool:
+        """Whether the read models have projected `position` already (never blocks)."""
+        ...
+
 
 # -- generation ----------------------------------------------------------------------------
 

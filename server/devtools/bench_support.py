@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -103,8 +103,16 @@ class Children:
     workdir: Path
     started: list[Child] = field(default_factory=list)
 
-    def start(self, name: str, args: Sequence[str], *, share_stderr: bool = False) -> Child:
-        """`share_stderr` lets the child's progress lines reach the terminal as they happen."""
+    def start(
+        self,
+        name: str,
+        args: Sequence[str],
+        *,
+        share_stderr: bool = False,
+        env: Mapping[str, str] | None = None,
+    ) -> Child:
+        """`share_stderr` lets the child's progress lines reach the terminal as they happen;
+        `env` adds to (or overrides) the environment it inherits."""
         stdout_path = self.workdir / f"{name}.stdout"
         stderr_path = self.workdir / f"{name}.stderr"
         with stdout_path.open("wb") as out, stderr_path.open("wb") as err:
@@ -114,7 +122,7 @@ class Children:
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=None if share_stderr else err,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
             )
         child = Child(name, process, stdout_path, stderr_path)
         self.started.append(child)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 import re
 import uuid
 from collections.abc import Iterable, Iterator
@@ -83,8 +84,11 @@ _LINEAGE_PATTERNS: tuple[tuple[re.Pattern[str], Architecture], ...] = tuple(
 )
 
 
+@functools.lru_cache(maxsize=4096)
 def architecture_of(lineage: str) -> Architecture:
-    """Maps a base-model name from any source to its architecture (OTHER when unknown)."""
+    """Maps a base-model name from any source to its architecture (OTHER when unknown).
+    Memoised: a catalog spells its base models a few dozen ways, and an import asks for each
+    of them thousands of times."""
     name = lineage.strip()
     if not name:
         return Architecture.UNSPECIFIED

@@ -87,6 +87,13 @@ def configure_logging(level: str, log_format: str = "text") -> None:
     else:
         handler.setFormatter(logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    # Every call writes an audit line, and neither format shows where a record was made,
+    # by which thread or process: the logging HOWTO's "Optimization" switches, so a record
+    # no longer walks the stack (findCaller) or asks for the thread and process on each call.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     quiet_libraries(verbose=level.upper() == "DEBUG")
     if hasattr(signal, "SIGUSR1"):
         # `kill -USR1 PID` writes every thread's stack to stderr and the process goes on:

@@ -119,6 +119,9 @@ class Projector:
             pass
         return self._position
 
+    def reached(self, position: int) -> bool:
+        return position <= self._position
+
     def wait_for(self, position: int, timeout: float | None) -> None:
         if position <= self._position:
             return

@@ -3,6 +3,7 @@ One SQLAlchemy Core implementation serves SQLite and PostgreSQL alike."""
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -17,15 +18,18 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from server.domain.errors import UnavailableError
 from server.domain.generation import GenerationState, GenerationView, ImageRecord
-from server.domain.lora import file_from_dict, file_to_dict, metadata_from_dict, metadata_to_dict
+from server.domain.lora import metadata_to_dict
 from server.domain.models import (
     Architecture,
     AuditEntry,
+    BaseModelRef,
     EventFilter,
     FileEntry,
     HistoryEntry,
+    LoraFile,
     LoraFilter,
     LoraKind,
+    LoraMetadata,
     LoraSource,
     LoraView,
     Page,
@@ -37,6 +41,11 @@ from server.infrastructure.storage_url import POSTGRES_TCP, StorageUrl
 
 metadata = sa.MetaData()
 
+# One column per field of a LoraView, so rows become views without decoding a document per
+# row (the lists are short JSON arrays, "[]" mostly); times are ISO 8601 text, which keeps
+# their offset on SQLite too. Listings are keyset-paged on (name_key, id): each filter
+# ListLoras offers has an index that leads with it and ends in that order, so a page is read
+# in order and stops after page_size + 1 rows, and its count reads only the index.
 loras = sa.Table(
     "rm_loras",
     metadata,
@@ -52,22 +61,41 @@ loras = sa.Table(
     sa.Column("file_path", sa.String(4096), nullable=False),
     sa.Column("file_name_key", sa.String(512), nullable=False),
     sa.Column("version", sa.Integer, nullable=False),
-    sa.Column("view_json", sa.Text, nullable=False),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("lineage", sa.Text, nullable=False),
+    sa.Column("file_name", sa.Text, nullable=False),
+    sa.Column("description", sa.Text, nullable=False),
+    sa.Column("trigger_words", sa.Text, nullable=False),  # JSON array of strings
+    sa.Column("tags", sa.Text, nullable=False),  # JSON array of strings, as written
+    sa.Column("training_tags", sa.Text, nullable=False),  # JSON array of [tag, count]
+    sa.Column("preferred_weight", sa.Float, nullable=True),
+    sa.Column("rank", sa.Integer, nullable=False),
+    sa.Column("downloads", sa.BigInteger, nullable=False),
+    # The file's size and modification time; NULL for a LoRA without a file.
+    sa.Column("file_size", sa.BigInteger, nullable=True),
+    sa.Column("file_modified", sa.String(64), nullable=True),
+    sa.Column("create_time", sa.String(64), nullable=True),
+    sa.Column("update_time", sa.String(64), nullable=True),
     sa.Index("rm_loras_order", "name_key", "id"),
     sa.Index("rm_loras_arch", "architecture", "name_key", "id"),
     sa.Index("rm_loras_kind", "kind", "name_key", "id"),
+    sa.Index("rm_loras_available", "available", "name_key", "id"),
     sa.Index("rm_loras_sha", "sha256"),
     sa.Index("rm_loras_path", "file_path"),
     sa.Index("rm_loras_file_name", "file_name_key"),
 )
 
+# A LoRA's case-folded tags, with its name_key: a tag's listing is read in page order from
+# rm_lora_tags_page alone, joined to rm_loras only for the page's rows.
 lora_tags = sa.Table(
     "rm_lora_tags",
     metadata,
     sa.Column("lora_id", sa.String(36), nullable=False),
     sa.Column("tag_key", sa.String(256), nullable=False),
+    sa.Column("name_key", sa.String(512), nullable=False),
     sa.PrimaryKeyConstraint("tag_key", "lora_id"),
     sa.Index("rm_lora_tags_lora", "lora_id"),
+    sa.Index("rm_lora_tags_page", "tag_key", "name_key", "lora_id"),
 )
 
 audit_events = sa.Table(
@@ -143,7 +171,8 @@ schema = sa.Table(
 TRACKING_NAME = "catalog"
 # Bump when an rm_* table changes: a database at another version has its read models dropped
 # and rebuilt from the event log (they are projections; there is nothing to migrate).
-SCHEMA_VERSION = 4  # 3: rm_loras.kind; 4: rm_recommendation_feedback
+SCHEMA_VERSION = 5  # 3: rm_loras.kind; 4: a column per view field, the paging indexes;
+# 5: rm_recommendation_feedback
 SCHEMA_NAME = "read_model"
 
 
@@ -164,36 +193,150 @@ class ProjectedChange:
     catalog: frozenset[str] = frozenset()
 
 
-def view_to_json(view: LoraView) -> str:
-    return json.dumps(
-        {
-            "id": view.id,
-            "metadata": metadata_to_dict(view.metadata),
-            "source": view.source.value,
-            "source_id": view.source_id,
-            "file": None if view.file is None else file_to_dict(view.file),
-            "available": view.available,
-            "create_time": view.create_time.isoformat() if view.create_time else None,
-            "update_time": view.update_time.isoformat() if view.update_time else None,
-            "version": view.version,
-        },
-        separators=(",", ":"),
-    )
+# The columns a LoraView is read from, in the order `_view` takes them.
+VIEW_COLUMNS = (
+    loras.c.id,
+    loras.c.name,
+    loras.c.architecture,
+    loras.c.lineage,
+    loras.c.file_name,
+    loras.c.trigger_words,
+    loras.c.tags,
+    loras.c.description,
+    loras.c.preferred_weight,
+    loras.c.training_tags,
+    loras.c.rank,
+    loras.c.downloads,
+    loras.c.kind,
+    loras.c.source,
+    loras.c.source_id,
+    loras.c.file_path,
+    loras.c.file_size,
+    loras.c.sha256,
+    loras.c.file_modified,
+    loras.c.available,
+    loras.c.create_time,
+    loras.c.update_time,
+    loras.c.version,
+)
+_ARCHITECTURES = {a.value: a for a in Architecture}
+_KINDS = {k.value: k for k in LoraKind}
+_SOURCES = {s.value: s for s in LoraSource}
 
 
-def view_from_json(text: str) -> LoraView:
-    d = json.loads(text)
+def _view(row: Sequence[Any]) -> LoraView:
+    """A LoraView from a row of VIEW_COLUMNS."""
+    (
+        lora_id,
+        name,
+        architecture,
+        lineage,
+        file_name,
+        trigger_words,
+        tags,
+        description,
+        preferred_weight,
+        training_tags,
+        rank,
+        downloads,
+        kind,
+        source,
+        source_id,
+        file_path,
+        file_size,
+        sha256,
+        file_modified,
+        available,
+        create_time,
+        update_time,
+        version,
+    ) = row
     return LoraView(
-        id=d["id"],
-        metadata=metadata_from_dict(d["metadata"]),
-        source=LoraSource(d["source"]),
-        source_id=d["source_id"],
-        file=None if d["file"] is None else file_from_dict(d["file"]),
-        available=bool(d["available"]),
-        create_time=datetime.fromisoformat(d["create_time"]) if d["create_time"] else None,
-        update_time=datetime.fromisoformat(d["update_time"]) if d["update_time"] else None,
-        version=int(d["version"]),
+        id=lora_id,
+        metadata=LoraMetadata(
+            name=name,
+            base_model=BaseModelRef(_ARCHITECTURES[architecture], lineage),
+            file_name=file_name,
+            trigger_words=_strings(trigger_words),
+            tags=_strings(tags),
+            description=description,
+            preferred_weight=None if preferred_weight is None else float(preferred_weight),
+            training_tags=(
+                ()
+                if training_tags == "[]"
+                else tuple((str(t), int(c)) for t, c in json.loads(training_tags))
+            ),
+            rank=int(rank),
+            downloads=int(downloads),
+            kind=_KINDS[kind],
+        ),
+        source=_SOURCES[source],
+        source_id=source_id,
+        file=(
+            None
+            if file_size is None
+            else LoraFile(file_path, int(file_size), sha256, _time(file_modified))
+        ),
+        available=bool(available),
+        create_time=None if create_time is None else _time(create_time),
+        update_time=None if update_time is None else _time(update_time),
+        version=int(version),
     )
+
+
+_GET = sa.select(*VIEW_COLUMNS).where(loras.c.id == sa.bindparam("lora_id"))
+
+
+@functools.cache
+def _listing(
+    architecture: bool, kind: bool, available: bool, tag: bool, after: bool
+) -> tuple[sa.Select[Any], sa.Select[Any]]:
+    """The count and the page statements of a listing with these filters, made once per
+    combination with bound parameters (architecture, kind, tag, after_name, after_id, limit):
+    building a 23-column select per call cost four times its execution on SQLite.
+
+    A tag's listing walks rm_lora_tags in page order (its own copy of name_key), any other
+    one rm_loras through the index of its first filter; the count reads the same index."""
+    where: list[sa.ColumnElement[bool]] = []
+    if architecture:
+        where.append(loras.c.architecture == sa.bindparam("architecture"))
+    if kind:
+        where.append(loras.c.kind == sa.bindparam("kind"))
+    if available:
+        where.append(loras.c.available == sa.true())  # `IS` would not use the index
+    source: sa.FromClause = loras
+    name_key, lora_id = loras.c.name_key, loras.c.id
+    if tag:
+        name_key, lora_id = lora_tags.c.name_key, lora_tags.c.lora_id
+        where.append(lora_tags.c.tag_key == sa.bindparam("tag"))
+        source = lora_tags.join(loras, loras.c.id == lora_tags.c.lora_id)
+    # A tag alone is counted from its index, without the join.
+    counted = lora_tags if tag and len(where) == 1 else source
+    count = sa.select(sa.func.count()).select_from(counted).where(*where)
+    page_where = list(where)
+    if after:
+        bound = sa.tuple_(sa.bindparam("after_name"), sa.bindparam("after_id"))
+        page_where.append(sa.tuple_(name_key, lora_id) > bound)
+    page = (
+        sa.select(*VIEW_COLUMNS)
+        .select_from(source)
+        .where(*page_where)
+        .order_by(name_key, lora_id)
+        .limit(sa.bindparam("limit"))
+    )
+    return count, page
+
+
+def _strings(text: str) -> tuple[str, ...]:
+    return () if text == "[]" else tuple(json.loads(text))
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _time(text: str) -> datetime:
+    return datetime.fromisoformat(text)
 
 
 def _after_lora(p: dict[str, Any]) -> tuple[str, str]:
@@ -235,10 +378,42 @@ def read_model_engine(url: StorageUrl) -> Engine:
     return engine
 
 
+class _Totals:
+    """ListLoras' `total_size` per filter, counted once per catalog change rather than on
+    every page: counting reads every matching index entry, which at a million LoRAs costs more
+    than the page. A count that began before a change finished is not kept (the generation
+    moved on while it ran)."""
+
+    MAX_FILTERS = 4096
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._generation = 0
+        self._counts: dict[tuple[str, bool], int] = {}
+
+    def get(self, key: tuple[str, bool]) -> tuple[int | None, int]:
+        with self._lock:
+            return self._counts.get(key), self._generation
+
+    def put(self, key: tuple[str, bool], total: int, generation: int) -> None:
+        with self._lock:
+            if generation != self._generation:
+                return
+            if len(self._counts) >= self.MAX_FILTERS:  # tags are the caller's: stay bounded
+                self._counts.clear()
+            self._counts[key] = total
+
+    def forget(self) -> None:
+        with self._lock:
+            self._generation += 1
+            self._counts.clear()
+
+
 class SqlReadModel:
     def __init__(self, url: StorageUrl, tokens: TokenSigner) -> None:
         self.engine: Engine = read_model_engine(url)
         self._tokens = tokens
+        self._totals = _Totals()
         # The in-memory database is one SQLite connection every thread shares (StaticPool):
         # a read and the projector's commit interleaved on it fail ("cannot rollback - no
         # transaction is active"), so there each use of it holds this lock.
@@ -255,6 +430,13 @@ class SqlReadModel:
     def apply(self, change: ProjectedChange) -> bool:
         """Applies the batch with its tracking position in one transaction. Returns False and
         changes nothing when another projector got there first (tracking moved on)."""
+        try:
+            return self._apply(change)
+        finally:  # after the commit, whoever made it: this process's counts are stale now
+            if change.upserts or change.deletes:
+                self._totals.forget()
+
+    def _apply(self, change: ProjectedChange) -> bool:
         with self._begin() as conn:
             current = conn.execute(
                 sa.select(tracking.c.position)
@@ -270,7 +452,7 @@ class SqlReadModel:
             if change.upserts:
                 conn.execute(loras.insert(), [_lora_row(v) for v in change.upserts])
                 tag_rows = [
-                    {"lora_id": v.id, "tag_key": tag}
+                    {"lora_id": v.id, "tag_key": tag, "name_key": v.metadata.name.casefold()}
                     for v in change.upserts
                     for tag in sorted({t.casefold() for t in v.metadata.tags})
                 ]
@@ -334,6 +516,7 @@ class SqlReadModel:
                 tracking,
             ):
                 conn.execute(table.delete())
+        self._totals.forget()
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -346,8 +529,8 @@ class SqlReadModel:
 
     def get(self, lora_id: str) -> LoraView | None:
         with self._connect() as conn:
-            text = conn.execute(sa.select(loras.c.view_json).where(loras.c.id == lora_id)).scalar()
-        return None if text is None else view_from_json(text)
+            row = conn.execute(_GET, {"lora_id": lora_id}).first()
+        return None if row is None else _view(row)
 
     def lora_metadata(self, lora_ids: Sequence[str]) -> dict[str, tuple[int, dict[str, Any]]]:
         """(version, metadata as events carry it) of each LoRA among `lora_ids` the read
@@ -356,30 +539,29 @@ class SqlReadModel:
         with self._connect() as conn:
             for start in range(0, len(lora_ids), 1000):
                 rows = conn.execute(
-                    sa.select(loras.c.id, loras.c.version, loras.c.view_json).where(
-                        loras.c.id.in_(lora_ids[start : start + 1000])
-                    )
+                    sa.select(*VIEW_COLUMNS).where(loras.c.id.in_(lora_ids[start : start + 1000]))
                 ).all()
-                for lora_id, version, text in rows:
-                    out[lora_id] = (int(version), json.loads(text)["metadata"])
+                for row in rows:
+                    view = _view(row)
+                    out[view.id] = (view.version, metadata_to_dict(view.metadata))
         return out
 
     def find_by_sha256(self, sha256: str) -> LoraView | None:
         with self._connect() as conn:
-            text = conn.execute(
-                sa.select(loras.c.view_json).where(loras.c.sha256 == sha256).limit(1)
-            ).scalar()
-        return None if text is None else view_from_json(text)
+            row = conn.execute(
+                sa.select(*VIEW_COLUMNS).where(loras.c.sha256 == sha256).limit(1)
+            ).first()
+        return None if row is None else _view(row)
 
     def find_by_path(self, path: str) -> LoraView | None:
         with self._connect() as conn:
-            text = conn.execute(
-                sa.select(loras.c.view_json)
+            row = conn.execute(
+                sa.select(*VIEW_COLUMNS)
                 .where(loras.c.file_path == path)
                 .where(loras.c.source == LoraSource.FILE.value)
                 .limit(1)
-            ).scalar()
-        return None if text is None else view_from_json(text)
+            ).first()
+        return None if row is None else _view(row)
 
     def find_by_file_name(self, file_name: str) -> list[LoraView]:
         return self._find(loras.c.file_name_key, file_name)
@@ -392,71 +574,61 @@ class SqlReadModel:
         """The available textual-inversion embeddings of `architecture` (a prompt may name
         any of them)."""
         with self._connect() as conn:
-            rows = (
-                conn.execute(
-                    sa.select(loras.c.view_json)
-                    .where(loras.c.kind == LoraKind.EMBEDDING.value)
-                    .where(loras.c.architecture == architecture.value)
-                    .where(loras.c.available.is_(True))
-                    .order_by(loras.c.id)
-                )
-                .scalars()
-                .all()
-            )
-        return [view_from_json(t) for t in rows]
+            rows = conn.execute(
+                sa.select(*VIEW_COLUMNS)
+                .where(loras.c.kind == LoraKind.EMBEDDING.value)
+                .where(loras.c.architecture == architecture.value)
+                .where(loras.c.available.is_(True))
+                .order_by(loras.c.id)
+            ).all()
+        return [_view(r) for r in rows]
 
     def _find(self, key: sa.Column[str], value: str) -> list[LoraView]:
         """LoRAs whose case-folded `key` column equals `value`, those with a file first."""
         with self._connect() as conn:
-            rows = (
-                conn.execute(
-                    sa.select(loras.c.view_json)
-                    .where(key == value.casefold())
-                    .order_by(loras.c.available.desc(), loras.c.id)
-                )
-                .scalars()
-                .all()
-            )
-        return [view_from_json(t) for t in rows]
+            rows = conn.execute(
+                sa.select(*VIEW_COLUMNS)
+                .where(key == value.casefold())
+                .order_by(loras.c.available.desc(), loras.c.id)
+            ).all()
+        return [_view(r) for r in rows]
 
     def list_loras(self, flt: LoraFilter, page_size: int, page_token: str = "") -> Page[LoraView]:
+        """Keyset-paged on (name_key, id), with the statements of `_listing`."""
         filter_key = f"{flt.architecture}|{flt.tag.casefold()}|{flt.available_only}"
         if flt.kind is not None:  # (the key of a listing of every kind is unchanged)
             filter_key += f"|{flt.kind}"
-        where = []
+        params: dict[str, Any] = {"limit": page_size + 1}
         if flt.architecture is not None:
-            where.append(loras.c.architecture == flt.architecture.value)
+            params["architecture"] = flt.architecture.value
         if flt.kind is not None:
-            where.append(loras.c.kind == flt.kind.value)
-        if flt.available_only:
-            where.append(loras.c.available.is_(True))
+            params["kind"] = flt.kind.value
         if flt.tag:
-            where.append(
-                loras.c.id.in_(
-                    sa.select(lora_tags.c.lora_id).where(lora_tags.c.tag_key == flt.tag.casefold())
-                )
-            )
-        page_where = list(where)
+            params["tag"] = flt.tag.casefold()
         if page_token:
-            name_key, lora_id = self._tokens.page_position(page_token, filter_key, _after_lora)
-            page_where.append(
-                sa.tuple_(loras.c.name_key, loras.c.id)
-                > sa.tuple_(sa.literal(name_key), sa.literal(lora_id))
+            params["after_name"], params["after_id"] = self._tokens.page_position(
+                page_token, filter_key, _after_lora
             )
+        count, page = _listing(
+            flt.architecture is not None,
+            flt.kind is not None,
+            flt.available_only,
+            bool(flt.tag),
+            bool(page_token),
+        )
+        count_key = (filter_key, flt.available_only)
+        total, generation = self._totals.get(count_key)
         with self._connect() as conn:
-            total = conn.execute(
-                sa.select(sa.func.count()).select_from(loras).where(*where)
-            ).scalar_one()
-            rows = conn.execute(
-                sa.select(loras.c.name_key, loras.c.id, loras.c.view_json)
-                .where(*page_where)
-                .order_by(loras.c.name_key, loras.c.id)
-                .limit(page_size + 1)
-            ).all()
-        more = len(rows) > page_size
-        rows = rows[:page_size]
-        token = self._tokens.page_token(filter_key, n=rows[-1][0], i=rows[-1][1]) if more else ""
-        return Page(tuple(view_from_json(r[2]) for r in rows), token, int(total))
+            if total is None:
+                total = int(conn.execute(count, params).scalar_one())
+                self._totals.put(count_key, total, generation)
+            rows = conn.execute(page, params).all()
+        views = tuple(_view(r) for r in rows[:page_size])
+        token = ""
+        if len(rows) > page_size:  # name_key is the name case-folded (_lora_row)
+            last = views[-1]
+            token = self._tokens.page_token(filter_key, n=last.name.casefold(), i=last.id)
+        return Page(views, token, int(total))
 
     def all_views(self, batch: int = 2000) -> Iterable[LoraView]:
         """Every catalogued LoRA, streamed in id order (for indexes that follow the catalog)."""
@@ -464,7 +636,7 @@ class SqlReadModel:
         while True:
             with self._connect() as conn:
                 rows = conn.execute(
-                    sa.select(loras.c.id, loras.c.view_json)
+                    sa.select(*VIEW_COLUMNS)
                     .where(loras.c.id > last)
                     .order_by(loras.c.id)
                     .limit(batch)
@@ -472,7 +644,7 @@ class SqlReadModel:
             if not rows:
                 return
             for row in rows:
-                yield view_from_json(row[1])
+                yield _view(row)
             last = rows[-1][0]
 
     def history(self, batch: int = 5000) -> Iterable[HistoryEntry]:
@@ -560,15 +732,15 @@ class SqlReadModel:
 
     def files_under(self, root_prefix: str) -> list[FileEntry]:
         """File-backed LoRAs whose path lies in `root_prefix` ("" for the whole root)."""
-        query = sa.select(loras.c.view_json).where(loras.c.source == LoraSource.FILE.value)
+        query = sa.select(*VIEW_COLUMNS).where(loras.c.source == LoraSource.FILE.value)
         if root_prefix:
             prefix = root_prefix.rstrip("/") + "/"
             query = query.where(loras.c.file_path.startswith(prefix, autoescape=True))
         with self._connect() as conn:
-            texts = conn.execute(query).scalars().all()
+            rows = conn.execute(query).all()
         entries = []
-        for text in texts:
-            view = view_from_json(text)
+        for row in rows:
+            view = _view(row)
             if view.file is not None:
                 entries.append(
                     FileEntry(
@@ -729,19 +901,33 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 
 def _lora_row(v: LoraView) -> dict[str, Any]:
+    m = v.metadata
     return {
         "id": v.id,
-        "name_key": v.metadata.name.casefold(),
-        "architecture": v.metadata.base_model.architecture.value,
-        "kind": v.metadata.kind.value,
+        "name_key": m.name.casefold(),
+        "architecture": m.base_model.architecture.value,
+        "kind": m.kind.value,
         "available": v.available,
         "source": v.source.value,
         "source_id": v.source_id,
         "sha256": v.file.sha256 if v.file else "",
         "file_path": v.file.path if v.file else "",
-        "file_name_key": v.metadata.file_name.casefold(),
+        "file_name_key": m.file_name.casefold(),
         "version": v.version,
-        "view_json": view_to_json(v),
+        "name": m.name,
+        "lineage": m.base_model.lineage,
+        "file_name": m.file_name,
+        "description": m.description,
+        "trigger_words": _json(list(m.trigger_words)),
+        "tags": _json(list(m.tags)),
+        "training_tags": _json([[t, c] for t, c in m.training_tags]),
+        "preferred_weight": m.preferred_weight,
+        "rank": m.rank,
+        "downloads": m.downloads,
+        "file_size": v.file.size_bytes if v.file else None,
+        "file_modified": v.file.modified_time.isoformat() if v.file else None,
+        "create_time": v.create_time.isoformat() if v.create_time else None,
+        "update_time": v.update_time.isoformat() if v.update_time else None,
     }
 
 

@@ -99,8 +99,18 @@ class CatalogRecommender:
         """Queues a projected batch for the index (see the module's docstring)."""
         if not (change.upserts or change.deletes or change.history or change.feedback):
             return
+        # Only what the index reads: a batch's audit rows (every event's data) would otherwise
+        # stay in memory until it is indexed, which during a long import is the whole import.
+        slim = ProjectedChange(
+            change.after,
+            change.position,
+            change.upserts,
+            change.deletes,
+            history=change.history,
+            feedback=change.feedback,
+        )
         with self._queue_lock:
-            self._queue.append(change)
+            self._queue.append(slim)
         self._queued.set()
 
     def catch_up(self) -> None:

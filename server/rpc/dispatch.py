@@ -8,7 +8,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar, cast
 
 import grpc
 
@@ -24,6 +24,7 @@ from server.rpc.mapping import position_from_token
 from server.rpc.validation import RejectionLog, request_error
 
 T = TypeVar("T")
+R = TypeVar("R")
 _STREAM_WINDOW = 32
 MAX_REQUEST_ID = 128
 
@@ -102,6 +103,26 @@ class Dispatcher:
         except Exception as exc:
             await abort(rpc, exc, ctx.correlation_id)
         return result.data
+
+    async def respond(
+        self,
+        rpc: grpc.aio.ServicerContext[Any, Any],
+        query: IQuery[Any],
+        build: Callable[[Any], R],
+        consistency_token: str = "",
+    ) -> R:
+        """`build(data)` of the query's answer: the response message, which the query cache
+        keeps (so `build` must be a module-level function, the same object every call, and
+        its message is shared: never modify it). A cached answer is given on the event loop,
+        through the bus's whole middleware chain; only a miss takes a worker thread."""
+        ctx = await self._context_or_abort(rpc, consistency_token=consistency_token)
+        try:
+            result = self.queries.answer_cached(query, ctx, build)
+            if result is None:
+                result = await _in_thread(self.queries.dispatch, query, ctx, build)
+        except Exception as exc:
+            await abort(rpc, exc, ctx.correlation_id)
+        return cast(R, result.data)
 
     async def stream_command(
         self, rpc: grpc.aio.ServicerContext[Any, Any], command: IStreamCommand[T], request_id: str

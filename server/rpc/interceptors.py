@@ -55,6 +55,8 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, metrics: RpcMetrics) -> None:
         self._metrics = metrics
+        # Per method: the handler below and its counted version.
+        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -64,6 +66,16 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             self._metrics.requests.labels("unknown", "UNIMPLEMENTED").inc()
             return None
         method = handler_call_details.method
+        known = self._wrapped.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        wrapped = self._wrap(method, handler)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, method: str, handler: Handler) -> Handler:
+        """`handler`, counted; made once per method (the handlers below are made once, the
+        validation interceptor's included), not once per call."""
         wrap = grpc.unary_unary_rpc_method_handler
         behavior: Any = handler.unary_unary
         if handler.unary_stream is not None:

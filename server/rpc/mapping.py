@@ -96,11 +96,14 @@ def time_bound_from_proto(value: timestamp_pb2.Timestamp) -> datetime:
 
 
 def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
+    """What `Timestamp.FromDatetime` makes (a naive time taken as UTC), by subtraction: its
+    time-tuple route took a third of building a `Lora`."""
     if value is None:
         return None
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(value)
-    return ts
+    delta = (value if value.tzinfo is not None else value.replace(tzinfo=UTC)) - _EPOCH
+    return timestamp_pb2.Timestamp(
+        seconds=delta.days * 86400 + delta.seconds, nanos=delta.microseconds * 1000
+    )
 
 
 def kind_filter_from_proto(kind: types_pb2.LoraKind.ValueType) -> LoraKind | None:

@@ -39,6 +39,9 @@ from server.application.queries import (
     SearchLoRAsByPromptQuery,
     WatchGenerationQuery,
 )
+from server.domain.generation import GenerationView
+from server.domain.models import AuditEntry, LoraView, Page
+from server.domain.recommendation import LoRARecommendation
 from server.rpc.dispatch import Dispatcher
 from server.rpc.mapping import (
     STATE_NAMES,
@@ -232,10 +235,9 @@ class QueryServicer(qry_grpc.QueryServiceServicer):
         self._d = dispatcher
 
     async def GetLora(self, request: qry_pb.GetLoraRequest, context: Ctx) -> qry_pb.GetLoraResponse:
-        view = await self._d.query(
-            context, GetLoRAByIdQuery(lora_id=request.id), request.consistency_token
+        return await self._d.respond(
+            context, GetLoRAByIdQuery(lora_id=request.id), _lora_response, request.consistency_token
         )
-        return qry_pb.GetLoraResponse(lora=lora_to_proto(view))
 
     async def ListLoras(
         self, request: qry_pb.ListLorasRequest, context: Ctx
@@ -258,12 +260,7 @@ class QueryServicer(qry_grpc.QueryServiceServicer):
                 available_only=request.available_only,
                 kind=kind_filter_from_proto(request.kind),
             )
-        page = await self._d.query(context, query, request.consistency_token)
-        return qry_pb.ListLorasResponse(
-            loras=[lora_to_proto(v) for v in page.items],
-            next_page_token=page.next_page_token,
-            total_size=page.total_size,
-        )
+        return await self._d.respond(context, query, _loras_response, request.consistency_token)
 
     async def SearchLoras(
         self, request: qry_pb.SearchLorasRequest, context: Ctx
@@ -274,30 +271,20 @@ class QueryServicer(qry_grpc.QueryServiceServicer):
             page_size=request.page_size,
             page_token=request.page_token,
         )
-        page = await self._d.query(context, query, request.consistency_token)
-        return qry_pb.SearchLorasResponse(
-            results=[
-                qry_pb.LoraSearchResult(
-                    lora=lora_to_proto(hit.lora), score=hit.confidence, reasons=hit.reasons
-                )
-                for hit in page.items
-            ],
-            next_page_token=page.next_page_token,
-        )
+        return await self._d.respond(context, query, _search_response, request.consistency_token)
 
     async def ListBaseModels(
         self, request: qry_pb.ListBaseModelsRequest, context: Ctx
     ) -> qry_pb.ListBaseModelsResponse:
-        listing = await self._d.query(context, ListBaseModelsQuery())
-        return model_listing_to_proto(listing)
+        return await self._d.respond(context, ListBaseModelsQuery(), model_listing_to_proto)
 
     async def GetGeneration(
         self, request: qry_pb.GetGenerationRequest, context: Ctx
     ) -> qry_pb.GetGenerationResponse:
-        view = await self._d.query(
-            context, GetGenerationQuery(generation_id=request.id), request.consistency_token
+        query = GetGenerationQuery(generation_id=request.id)
+        return await self._d.respond(
+            context, query, _generation_response, request.consistency_token
         )
-        return qry_pb.GetGenerationResponse(generation=generation_to_proto(view))
 
     async def ListGenerations(
         self, request: qry_pb.ListGenerationsRequest, context: Ctx
@@ -309,10 +296,8 @@ class QueryServicer(qry_grpc.QueryServiceServicer):
             all_owners=request.all_owners,
             owner=request.owner,
         )
-        page = await self._d.query(context, query, request.consistency_token)
-        return qry_pb.ListGenerationsResponse(
-            generations=[generation_to_proto(v) for v in page.items],
-            next_page_token=page.next_page_token,
+        return await self._d.respond(
+            context, query, _generations_response, request.consistency_token
         )
 
     async def WatchGeneration(
@@ -336,11 +321,53 @@ class QueryServicer(qry_grpc.QueryServiceServicer):
             start_time=_time(request.start_time, request.HasField("start_time")),
             end_time=_time(request.end_time, request.HasField("end_time")),
         )
-        page = await self._d.query(context, query, request.consistency_token)
-        return qry_pb.ListEventsResponse(
-            events=[audit_to_proto(e) for e in page.items], next_page_token=page.next_page_token
-        )
+        return await self._d.respond(context, query, _events_response, request.consistency_token)
 
 
 def _time(value: timestamp_pb2.Timestamp, present: bool) -> datetime | None:
     return time_bound_from_proto(value) if present else None
+
+
+# Response builders for Dispatcher.respond: module-level, so each is one object, and part of
+# the query cache's key; the cache keeps what they build.
+
+
+def _lora_response(view: LoraView) -> qry_pb.GetLoraResponse:
+    return qry_pb.GetLoraResponse(lora=lora_to_proto(view))
+
+
+def _loras_response(page: Page[LoraView]) -> qry_pb.ListLorasResponse:
+    return qry_pb.ListLorasResponse(
+        loras=[lora_to_proto(v) for v in page.items],
+        next_page_token=page.next_page_token,
+        total_size=page.total_size,
+    )
+
+
+def _search_response(page: Page[LoRARecommendation]) -> qry_pb.SearchLorasResponse:
+    return qry_pb.SearchLorasResponse(
+        results=[
+            qry_pb.LoraSearchResult(
+                lora=lora_to_proto(hit.lora), score=hit.confidence, reasons=hit.reasons
+            )
+            for hit in page.items
+        ],
+        next_page_token=page.next_page_token,
+    )
+
+
+def _generation_response(view: GenerationView) -> qry_pb.GetGenerationResponse:
+    return qry_pb.GetGenerationResponse(generation=generation_to_proto(view))
+
+
+def _generations_response(page: Page[GenerationView]) -> qry_pb.ListGenerationsResponse:
+    return qry_pb.ListGenerationsResponse(
+        generations=[generation_to_proto(v) for v in page.items],
+        next_page_token=page.next_page_token,
+    )
+
+
+def _events_response(page: Page[AuditEntry]) -> qry_pb.ListEventsResponse:
+    return qry_pb.ListEventsResponse(
+        events=[audit_to_proto(e) for e in page.items], next_page_token=page.next_page_token
+    )

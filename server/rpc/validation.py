@@ -190,6 +190,8 @@ class RequestValidationInterceptor(grpc.aio.ServerInterceptor):
     ) -> None:
         self._sizes = method_limits(max_message_bytes)
         self._table = table if table is not None else limits()
+        # Per method: the handler the service gave and its wrapped version.
+        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -198,6 +200,16 @@ class RequestValidationInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or not method.startswith(PACKAGE_PREFIX):
             return handler
+        known = self._wrapped.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        wrapped = self._wrap(method, handler)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, method: str, handler: Handler) -> Handler:
+        """`handler` with the checking deserializer; made once per method (the servicer's
+        handlers are made once), not once per call."""
         parse: Any = handler.request_deserializer
         if parse is None:
             return handler
@@ -219,16 +231,16 @@ class RequestValidationInterceptor(grpc.aio.ServerInterceptor):
         table = self._table
 
         def deserialize(raw: bytes) -> Any:
-            empty: Any = parse(b"")  # the method's own type, every field unset
+            # A refused frame becomes parse(b""): the method's own type, every field unset.
             if len(raw) > limit:
                 edge_rejection.set(RequestTooLargeError(rpc_name, len(raw), limit))
-                return empty
+                return parse(b"")
             try:
                 request = parse(raw)
             except Exception:  # DecodeError, or a UnicodeDecodeError on some runtimes
                 name = input_type.name if input_type is not None else rpc_name
                 edge_rejection.set(UndecodableRequestError(name))
-                return empty
+                return parse(b"")
             edge_rejection.set(check_request(request, table))
             return request
 

@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from server.application.commands import CatalogRecordInput, ImportLoRACatalogCommand
 from server.application.context import DispatchContext
 from server.application.queries import ListEventsQuery, ListGenerationsQuery
 from server.domain.generation import Generation
+from server.domain.models import Architecture, LoraFilter
 from server.infrastructure.read_model import SCHEMA_VERSION
 from tests.support import POSTGRES_URL, make_container, postgres_schema, sqlite_url
 
@@ -88,3 +90,51 @@ def test_an_old_read_model_is_dropped_and_rebuilt_with_owners(tmp_path: Path, ur
         assert again.read_model.position() >= position
     finally:
         again.close()
+
+
+# rm_loras and rm_lora_tags as schema 3 created them: the view as one JSON document per row.
+SCHEMA_3_LORA_TABLES = [
+    """CREATE TABLE rm_loras (
+        id VARCHAR(36) PRIMARY KEY, name_key VARCHAR(512) NOT NULL,
+        architecture VARCHAR(16) NOT NULL, kind VARCHAR(16) NOT NULL, available BOOLEAN NOT NULL,
+        source VARCHAR(16) NOT NULL, source_id VARCHAR(256) NOT NULL, sha256 VARCHAR(64) NOT NULL,
+        file_path VARCHAR(4096) NOT NULL, file_name_key VARCHAR(512) NOT NULL,
+        version INTEGER NOT NULL, view_json TEXT NOT NULL)""",
+    """CREATE TABLE rm_lora_tags (
+        lora_id VARCHAR(36) NOT NULL, tag_key VARCHAR(256) NOT NULL,
+        PRIMARY KEY (tag_key, lora_id))""",
+]
+
+
+def test_a_schema_3_catalog_is_rebuilt_into_columns(tmp_path: Path, url: str) -> None:
+    c = make_container(tmp_path, url)
+    records = tuple(
+        CatalogRecordInput(
+            source_id=f"civitai:{i}", name=f"LoRA {i}", base_model="SDXL 1.0", tags=("Style",)
+        )
+        for i in range(12)
+    )
+    result = c.commands.dispatch(
+        ImportLoRACatalogCommand(records=records), DispatchContext(request_id="r")
+    )
+    c.projector.wait_for(result.position, 5.0)
+    before = sorted(c.read_model.all_views(), key=lambda v: v.id)
+    c.projector.stop()
+    with c.read_model.engine.begin() as conn:
+        for table in ("rm_loras", "rm_lora_tags"):
+            conn.execute(sa.text(f"DROP TABLE {table}"))
+        for ddl in SCHEMA_3_LORA_TABLES:
+            conn.execute(sa.text(ddl))
+        conn.execute(sa.text("UPDATE rm_schema SET version = 3"))
+    c.close()
+
+    reopened = make_container(tmp_path, url)
+    try:
+        assert reopened.read_model.rebuilt
+        reopened.projector.wait_for(reopened.store.max_position(), 10.0)
+        assert sorted(reopened.read_model.all_views(), key=lambda v: v.id) == before
+        page = reopened.read_model.list_loras(LoraFilter(Architecture.SDXL, "style"), 5)
+        assert page.total_size == 12
+        assert [v.name for v in page.items] == sorted(v.name for v in before)[:5]
+    finally:
+        reopened.close()

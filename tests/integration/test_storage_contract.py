@@ -4,6 +4,7 @@ Each back end subclasses StorageContract and says how to make a fresh store URL.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import os
 import socket
 import threading
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
+from sqlalchemy import event as sa_event
 
 from server.application.commands import (
     CatalogRecordInput,
@@ -38,9 +40,20 @@ from server.bootstrap import Container
 from server.devtools.synthetic_loras import write_synthetic_lora
 from server.domain.errors import ConflictError, ConsistencyTimeoutError, ValidationError
 from server.domain.generation import Generation, GenerationState
-from server.domain.lora import Lora
-from server.domain.models import Architecture, EventFilter, LoraFilter, LoraKind
+from server.domain.lora import Lora, metadata_to_dict
+from server.domain.models import (
+    Architecture,
+    BaseModelRef,
+    EventFilter,
+    LoraFile,
+    LoraFilter,
+    LoraKind,
+    LoraMetadata,
+    LoraSource,
+    LoraView,
+)
 from server.domain.recommend.engine import RecommendationEngine
+from server.infrastructure.read_model import ProjectedChange
 from server.infrastructure.storage_url import POSTGRES_TCP
 from tests.support import make_container, postgres_schema, sqlite_url
 
@@ -438,6 +451,140 @@ class StorageContract:
         finally:
             reopened.close()
 
+    def test_read_model_rows_give_back_every_field_of_a_view(self, c: Container) -> None:
+        views = read_model_views(24)
+        write_views(c, views)
+        for view in views:
+            assert c.read_model.get(view.id) == view
+        assert sorted(c.read_model.all_views(batch=5), key=lambda v: v.id) == views
+        metadata = c.read_model.lora_metadata([v.id for v in views])
+        assert metadata == {v.id: (v.version, metadata_to_dict(v.metadata)) for v in views}
+
+    def test_listings_page_through_every_filter_in_name_order(self, c: Container) -> None:
+        views = read_model_views(60)
+        write_views(c, views)
+        filters = [
+            LoraFilter(),
+            LoraFilter(Architecture.SDXL),
+            LoraFilter(None, "Red"),
+            LoraFilter(available_only=True),
+            LoraFilter(kind=LoraKind.EMBEDDING),
+            LoraFilter(Architecture.SD1, "red"),
+            LoraFilter(None, "BLUE", available_only=True, kind=LoraKind.LORA),
+            LoraFilter(None, "absent"),
+        ]
+        for flt in filters:
+            expected = [
+                v.id
+                for v in sorted(views, key=lambda v: (v.name.casefold(), v.id))
+                if _matches(v, flt)
+            ]
+            seen: list[str] = []
+            token = ""
+            while True:
+                page = c.read_model.list_loras(flt, 7, token)
+                assert page.total_size == len(expected), flt
+                seen += [v.id for v in page]
+                token = page.next_page_token
+                if not token:
+                    break
+            assert seen == expected, flt
+
+    def test_a_listing_counts_its_total_once_per_catalog_change(self, c: Container) -> None:
+        views = read_model_views(40)
+        write_views(c, views[:30])
+        counts: list[str] = []
+
+        def capture(*args: Any) -> None:
+            if "count(" in str(args[2]).lower():
+                counts.append(args[2])
+
+        sa_event.listen(c.read_model.engine, "before_cursor_execute", capture)
+        try:
+            token, pages = "", 0
+            while True:
+                page = c.read_model.list_loras(LoraFilter(Architecture.SDXL), 4, token)
+                assert page.total_size == 15
+                pages, token = pages + 1, page.next_page_token
+                if not token:
+                    break
+            assert pages == 4
+            assert len(counts) == 1
+            assert c.read_model.list_loras(LoraFilter(None, "red"), 4).total_size == len(
+                [v for v in views[:30] if _matches(v, LoraFilter(None, "red"))]
+            )
+            assert len(counts) == 2  # another filter is counted on its own
+            write_views(c, views[30:])  # a change: every total is counted again
+            assert c.read_model.list_loras(LoraFilter(Architecture.SDXL), 4).total_size == 20
+            assert len(counts) == 3
+            after = c.read_model.position()
+            deleted = [
+                v.id for v in views if v.metadata.base_model.architecture is Architecture.SDXL
+            ][:3]
+            assert c.read_model.apply(
+                ProjectedChange(after=after, position=after + 1, deletes=deleted)
+            )
+            assert c.read_model.list_loras(LoraFilter(Architecture.SDXL), 4).total_size == 17
+        finally:
+            sa_event.remove(c.read_model.engine, "before_cursor_execute", capture)
+
+
+def read_model_views(n: int) -> list[LoraView]:
+    """Views with every field set, or left empty, in turns; some share a name but for case
+    (the id breaks the tie in a listing)."""
+    offset = dt.timezone(dt.timedelta(hours=5, minutes=30))
+    views = []
+    for i in range(n):
+        created = dt.datetime(2026, 1, 1 + i % 28, 12, i % 60, tzinfo=dt.UTC)
+        file = None
+        if i % 3 == 0:
+            modified = dt.datetime(2025, 6, 1, 8, 30, 15, 123456, tzinfo=offset)
+            file = LoraFile(f"dir/{i}.safetensors", 1000 + i, f"{i:064x}", modified)
+        metadata = LoraMetadata(
+            name=f"name {i // 2:03d}" if i % 2 else f"NAME {i // 2:03d}",
+            base_model=BaseModelRef(
+                [Architecture.SD1, Architecture.SDXL][i % 2], ["SD 1.5", "SDXL 1.0"][i % 2]
+            ),
+            file_name=f"file_{i}",
+            trigger_words=() if i % 4 == 0 else (f"trig{i}", 'a "quoted", word'),
+            tags=(("Red", "blue"), ("red",), ("BLUE",), ())[i % 4],
+            description="" if i % 5 == 0 else f"line one\nline two of {i} \u00e9",
+            preferred_weight=None if i % 2 else 0.25 * (i % 5),
+            training_tags=() if i % 3 else (("1girl", i), ("solo", 2)),
+            rank=[0, 8, 32][i % 3],
+            downloads=i * 1_000_003,
+            kind=LoraKind.EMBEDDING if i % 7 == 0 else LoraKind.LORA,
+        )
+        views.append(
+            LoraView(
+                id=str(uuid.UUID(int=i + 1)),
+                metadata=metadata,
+                source=LoraSource.FILE if file else LoraSource.CATALOG,
+                source_id="" if file else f"civitai:{i}",
+                file=file,
+                available=file is not None,
+                create_time=None if i % 11 == 0 else created,
+                update_time=None if i % 11 == 0 else created + dt.timedelta(seconds=i),
+                version=1 + i % 4,
+            )
+        )
+    return sorted(views, key=lambda v: v.id)
+
+
+def write_views(c: Container, views: list[LoraView]) -> None:
+    """Straight into the read model, as the projector writes a batch."""
+    after = c.read_model.position()
+    assert c.read_model.apply(ProjectedChange(after=after, position=after + 1, upserts=views))
+
+
+def _matches(view: LoraView, flt: LoraFilter) -> bool:
+    return (
+        (flt.architecture is None or view.metadata.base_model.architecture == flt.architecture)
+        and (not flt.tag or flt.tag.casefold() in {t.casefold() for t in view.metadata.tags})
+        and (not flt.available_only or view.available)
+        and (flt.kind is None or view.kind == flt.kind)
+    )
+
 
 def castles() -> tuple[CatalogRecordInput, ...]:
     return tuple(
@@ -468,6 +615,44 @@ class TestSQLite(StorageContract):
     @pytest.fixture
     def url(self, tmp_path: Path) -> str:
         return sqlite_url(tmp_path)
+
+    def test_each_listing_filter_reads_an_index_in_page_order(self, c: Container) -> None:
+        """No filter ListLoras offers sorts its matches or scans the table for a page or its
+        count (SQLite's plans; PostgreSQL's depend on its statistics)."""
+        write_views(c, read_model_views(60))
+        engine = c.read_model.engine
+        statements: list[tuple[str, Any]] = []
+
+        def capture(*args: Any) -> None:
+            statements.append((args[2], args[3]))  # (conn, cursor, statement, parameters, ...)
+
+        filters = [
+            LoraFilter(),
+            LoraFilter(Architecture.SDXL),
+            LoraFilter(None, "red"),
+            LoraFilter(available_only=True),
+            LoraFilter(kind=LoraKind.EMBEDDING),
+        ]
+        for flt in filters:
+            statements.clear()
+            sa_event.listen(engine, "before_cursor_execute", capture)
+            try:  # the first page counts (once per catalog change), the second only reads
+                first = c.read_model.list_loras(flt, 5)
+                c.read_model.list_loras(flt, 5, first.next_page_token)
+            finally:
+                sa_event.remove(engine, "before_cursor_execute", capture)
+            (count,) = [s for s in statements if "count(" in s[0].lower()]
+            page = statements[-1]
+            with engine.connect() as conn:
+                for statement, parameters in (count, page):
+                    plan = " | ".join(
+                        str(row[-1])
+                        for row in conn.exec_driver_sql(
+                            "EXPLAIN QUERY PLAN " + statement, parameters
+                        ).all()
+                    )
+                    assert "TEMP B-TREE" not in plan, (flt, plan)
+                    assert plan.startswith("SEARCH") or "COVERING INDEX" in plan, (flt, plan)
 
 
 @pytest.mark.postgres

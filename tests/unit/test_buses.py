@@ -226,6 +226,9 @@ def test_queries_wait_for_their_consistency_token() -> None:
             if position > 10:
                 raise ConsistencyTimeoutError("not yet")
 
+        def reached(self, position: int) -> bool:
+            return False
+
     waiter = Waiter()
     bus = QueryBus([], consistency=waiter)
     bus.register(Square, SquareHandler())
@@ -259,3 +262,87 @@ def test_result_factories_carry_the_domain_error_the_transport_maps() -> None:
     failed = CommandResult[int].failure("disk on fire").error
     assert type(failed) is DomainError
     assert failed.message == "disk on fire"
+
+
+def _as_text(value: int) -> str:
+    return f"<{value}>"
+
+
+def test_a_built_answer_is_cached_per_builder_and_given_without_the_handler() -> None:
+    handler = SquareHandler()
+    log: list[str] = []
+    bus = QueryBus([Recorder("outer", log)])
+    bus.register(Square, handler)
+    ctx = DispatchContext()
+    assert bus.answer_cached(Square(x=3), ctx, _as_text) is None  # a miss runs nothing
+    assert (handler.calls, log) == (0, [])
+    assert bus.dispatch(Square(x=3), ctx, _as_text).data == "<9>"
+    assert bus.dispatch(Square(x=3), ctx).data == 9  # another builder: another entry
+    assert handler.calls == 2
+    log.clear()
+    answer = bus.answer_cached(Square(x=3), ctx, _as_text)
+    assert answer is not None
+    assert answer.data == "<9>"
+    assert (handler.calls, log) == (2, ["outer>", "<outer"])  # the chain ran, the handler not
+    bus.invalidate({"numbers"})
+    assert bus.answer_cached(Square(x=3), ctx, _as_text) is None
+
+
+def test_a_cached_answer_still_passes_authorization_rejection_and_the_deadline() -> None:
+    from server.application.middleware import AuthorizationMiddleware, RejectedRequestMiddleware
+    from server.domain.errors import DeadlineExceededError, PermissionDeniedError
+
+    class OnlyAlice:
+        def authorize(self, message: object, ctx: DispatchContext) -> None:
+            if ctx.principal != "alice":
+                raise PermissionDeniedError("not alice")
+
+    bus = QueryBus([AuthorizationMiddleware(OnlyAlice()), RejectedRequestMiddleware()])
+    bus.register(Square, SquareHandler())
+    bus.dispatch(Square(x=2), DispatchContext(principal="alice"), _as_text)
+    with pytest.raises(PermissionDeniedError):
+        bus.answer_cached(Square(x=2), DispatchContext(principal="bob"), _as_text)
+    bad = ValidationError(FieldViolation("x", "bad"))
+    with pytest.raises(ValidationError):
+        bus.answer_cached(Square(x=2), DispatchContext(principal="alice", rejected=bad), _as_text)
+    with pytest.raises(DeadlineExceededError):
+        bus.answer_cached(Square(x=2), DispatchContext(principal="alice", deadline=0.0), _as_text)
+    answer = bus.answer_cached(Square(x=2), DispatchContext(principal="alice"), _as_text)
+    assert answer is not None
+    assert answer.data == "<4>"
+
+
+def test_a_cached_answer_waits_for_nothing_it_is_left_to_the_blocking_dispatch() -> None:
+    class Projected:
+        position = 5
+
+        def wait_for(self, position: int, timeout: float | None) -> None:
+            if position > self.position:
+                raise ConsistencyTimeoutError("not yet")
+
+        def reached(self, position: int) -> bool:
+            return position <= self.position
+
+    bus = QueryBus([], consistency=Projected())
+    bus.register(Square, SquareHandler())
+    bus.dispatch(Square(x=4), DispatchContext(), _as_text)
+    assert bus.answer_cached(Square(x=4), DispatchContext(min_position=5), _as_text) is not None
+    assert bus.answer_cached(Square(x=4), DispatchContext(min_position=6), _as_text) is None
+
+
+def test_a_nested_dispatch_does_not_inherit_the_outer_builder() -> None:
+    bus = QueryBus([])
+
+    @dataclass(frozen=True, kw_only=True)
+    class Outer(IQuery[int]):
+        x: int
+
+    class OuterHandler(IQueryHandler[Outer, int]):
+        def handle(self, query: Outer) -> QueryResult[int]:
+            inner = bus.dispatch(Square(x=query.x)).data
+            assert inner == query.x * query.x
+            return QueryResult.success(inner + 1)
+
+    bus.register(Square, SquareHandler())
+    bus.register(Outer, OuterHandler())
+    assert bus.dispatch(Outer(x=3), DispatchContext(), _as_text).data == "<10>"

@@ -3,14 +3,16 @@ result is dropped when a projected event touches what the query reads (its `read
 
 from __future__ import annotations
 
+import contextvars
 import sys
 import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, fields, is_dataclass
 from enum import Enum
-from typing import Any, ClassVar, Generic, TypeVar, cast
+from types import FunctionType
+from typing import Any, ClassVar, Generic, TypeVar, cast, overload
 
 from server.application.context import DispatchContext, current_context, use_context
 from server.application.middleware import Middleware, Next, build_chain, default_middlewares
@@ -18,6 +20,7 @@ from server.application.ports import Consistency
 from server.domain.errors import DeadlineExceededError, NotImplementedYetError
 
 R = TypeVar("R")
+B = TypeVar("B")
 R_co = TypeVar("R_co", covariant=True)
 Q = TypeVar("Q", bound="IQuery[Any]")
 SQ = TypeVar("SQ", bound="IStreamQuery[Any]")
@@ -67,23 +70,32 @@ ConsistencyWaiter = Consistency
 
 def approx_size(obj: object, depth: int = 6) -> int:
     """A cheap over-estimate of the bytes `obj` holds (shared objects counted each time they
-    appear), so a cache can bound itself by memory: strings, containers, dataclasses and
-    arrays (`nbytes`) to a few levels; deeper parts count as one object each."""
+    appear), so a cache can bound itself by memory: strings, containers, dataclasses, arrays
+    (`nbytes`) and messages (`ByteSize()`, their encoded size) to a few levels; deeper parts
+    count as one object each."""
     size = sys.getsizeof(obj)
-    if depth == 0 or isinstance(obj, str | bytes | bytearray | int | float | bool | Enum):
+    if depth == 0 or isinstance(obj, _ATOMS):
         return size
-    nbytes = getattr(obj, "nbytes", None)
-    if isinstance(nbytes, int):
-        return size + nbytes
     if isinstance(obj, dict):
         return size + sum(
             approx_size(k, depth - 1) + approx_size(v, depth - 1) for k, v in obj.items()
         )
     if isinstance(obj, tuple | list | set | frozenset):
         return size + sum(approx_size(v, depth - 1) for v in obj)
-    if is_dataclass(obj) and not isinstance(obj, type):
+    if is_dataclass(obj):
         return size + sum(approx_size(getattr(obj, f.name), depth - 1) for f in fields(obj))
+    nbytes = getattr(obj, "nbytes", None)
+    if isinstance(nbytes, int):
+        return size + nbytes
+    byte_size = getattr(obj, "ByteSize", None)  # a built response message: its wire size
+    if callable(byte_size):
+        return size + int(byte_size())
     return size
+
+
+# Sized by sys.getsizeof alone: scalars, and classes and functions (a cache key holds the
+# query's type and the answer's builder, shared by every entry).
+_ATOMS = (str, bytes, bytearray, int, float, bool, Enum, type, FunctionType)
 
 
 class QueryCache:
@@ -128,6 +140,8 @@ class QueryCache:
     def put(
         self, key: Hashable, topics: frozenset[str], generation: tuple[int, ...], value: Any
     ) -> None:
+        if self._max <= 0:  # a cache that keeps nothing (query_cache_entries = 0)
+            return
         size = approx_size(key) + approx_size(value)  # outside the lock: it walks the value
         if size > self._max_entry_bytes:
             return
@@ -160,7 +174,24 @@ class QueryCache:
         return len(self._entries)
 
 
+# What a query's answer becomes before it is cached and returned: the transport's response
+# message, built once per cache entry instead of once per call. Module-level functions, so
+# equal builders are the same object (the builder is part of the cache key).
+Build = Callable[[Any], Any]
+# What a dispatch hands to the end of its chain past the middlewares (which pass on only the
+# message and the context): the builder, and the cached answer of a dispatch on the loop.
+_builder: contextvars.ContextVar[Build | None] = contextvars.ContextVar(
+    "loracle_query_builder", default=None
+)
+_cached_answer: contextvars.ContextVar[QueryResult[Any]] = contextvars.ContextVar(
+    "loracle_cached_answer"
+)
+
+
 class QueryBus:
+    """Runs queries through the middleware chain. A cached answer can be had without blocking
+    (`answer_cached`, for the event loop); anything else blocks (`dispatch`, on a thread)."""
+
     def __init__(
         self,
         middlewares: list[Middleware] | None = None,
@@ -170,6 +201,8 @@ class QueryBus:
     ) -> None:
         self._middlewares = default_middlewares() if middlewares is None else middlewares
         self._routes: dict[type[Any], Next] = {}
+        # The same chain ending in the cached answer instead of the handler.
+        self._cached_routes: dict[type[Any], Next] = {}
         self.cache = cache if cache is not None else QueryCache()
         self._consistency = consistency
 
@@ -185,35 +218,85 @@ class QueryBus:
         is_stream = issubclass(query_type, IStreamQuery)
         if is_stream != isinstance(handler, IStreamQueryHandler):
             raise TypeError(f"{query_type.__name__}: stream queries need stream handlers")
+        unary = cast(IQueryHandler[Any, Any], handler)
 
         def call(message: Any, ctx: DispatchContext) -> Any:
             with use_context(ctx):
-                remaining = ctx.time_remaining()
-                if remaining is not None and remaining <= 0:
-                    raise DeadlineExceededError("the deadline passed before the query ran")
+                _check_deadline(ctx)
                 if ctx.min_position and self._consistency is not None:
                     self._consistency.wait_for(ctx.min_position, ctx.time_remaining())
-                if is_stream or not message.cacheable:
+                if is_stream:
                     return handler.handle(message)
-                key = message.cache_key()
+                build = _builder.get()
+                if not message.cacheable:
+                    return _built(unary.handle(message), build)
+                key = _key(message, build)
                 hit, value = self.cache.get(key)
                 if hit:
                     return value
                 generation = self.cache.generation(message.reads)
-                result = handler.handle(message)
+                result = _built(unary.handle(message), build)
                 self.cache.put(key, message.reads, generation, result)
                 return result
 
+        def cached(message: Any, ctx: DispatchContext) -> Any:
+            _check_deadline(ctx)
+            return _cached_answer.get()
+
         self._routes[query_type] = build_chain(self._middlewares, call)
+        if not is_stream and query_type.cacheable:
+            self._cached_routes[query_type] = build_chain(self._middlewares, cached)
 
     def is_registered(self, query_type: type[Any]) -> bool:
         return query_type in self._routes
 
-    def dispatch(self, query: IQuery[R], ctx: DispatchContext | None = None) -> QueryResult[R]:
+    @overload
+    def dispatch(self, query: IQuery[R], ctx: DispatchContext | None = None) -> QueryResult[R]: ...
+
+    @overload
+    def dispatch(
+        self, query: IQuery[R], ctx: DispatchContext | None, build: Callable[[R], B]
+    ) -> QueryResult[B]: ...
+
+    def dispatch(
+        self, query: IQuery[Any], ctx: DispatchContext | None = None, build: Build | None = None
+    ) -> QueryResult[Any]:
+        """Runs the query (blocking: the read model, a consistency wait). With `build`, the
+        result's data is `build(data)`, and that is what the cache keeps."""
         route = self._routes.get(type(query))
         if route is None:
             raise NotImplementedYetError(f"{type(query).__name__} is not implemented yet")
-        return cast(QueryResult[R], route(query, ctx or current_context()))
+        token = _builder.set(build)  # None too: a nested dispatch must not inherit one
+        try:
+            return cast(QueryResult[Any], route(query, ctx or current_context()))
+        finally:
+            _builder.reset(token)
+
+    def answer_cached(
+        self, query: IQuery[Any], ctx: DispatchContext, build: Build | None = None
+    ) -> QueryResult[Any] | None:
+        """The cached answer to `query` through the whole middleware chain (authorization,
+        limits, rejected requests, the deadline, logging, timing and audit, as `dispatch`),
+        or None, having run nothing, when answering would block: no cached answer, or a
+        consistency position the read models have not reached yet. Never blocks, so the
+        transport calls it on its event loop and sends only misses to a thread."""
+        route = self._cached_routes.get(type(query))
+        if route is None:
+            return None
+        if ctx.min_position and (
+            self._consistency is None or not self._consistency.reached(ctx.min_position)
+        ):
+            return None
+        with use_context(ctx):  # a key may depend on who asks (ListEventsQuery)
+            key = _key(query, build)
+        hit, value = self.cache.get(key)
+        if not hit:
+            return None
+        token = _cached_answer.set(value)
+        try:
+            return cast(QueryResult[Any], route(query, ctx))
+        finally:
+            _cached_answer.reset(token)
 
     def stream(self, query: IStreamQuery[R], ctx: DispatchContext | None = None) -> Iterator[R]:
         route = self._routes.get(type(query))
@@ -223,3 +306,18 @@ class QueryBus:
 
     def invalidate(self, topics: set[str] | frozenset[str]) -> None:
         self.cache.invalidate(frozenset(topics))
+
+
+def _check_deadline(ctx: DispatchContext) -> None:
+    remaining = ctx.time_remaining()
+    if remaining is not None and remaining <= 0:
+        raise DeadlineExceededError("the deadline passed before the query ran")
+
+
+def _key(query: IQuery[Any], build: Build | None) -> Hashable:
+    key = query.cache_key()
+    return key if build is None else (key, build)
+
+
+def _built(result: QueryResult[Any], build: Build | None) -> QueryResult[Any]:
+    return result if build is None else QueryResult(build(result.data))
