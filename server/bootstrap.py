@@ -216,7 +216,7 @@ def bootstrap(
         topics = {"events"} if change.audit else set()
         if change.upserts or change.deletes:
             topics.add("loras")
-        if change.history:
+        if change.history or change.feedback:
             topics.add("history")
         if change.generations:
             topics.add("generations")

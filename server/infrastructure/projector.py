@@ -21,10 +21,22 @@ from server.domain.errors import (
 )
 from server.domain.generation import Generation, GenerationView
 from server.domain.lora import CommandRecord, Lora
-from server.domain.models import AuditEntry, HistoryEntry, LoraView
-from server.domain.recommendation import PastGeneration
+from server.domain.models import AuditEntry, HistoryEntry, LoraView, is_uuid
+from server.domain.recommend.feedback import (
+    LINK_WINDOW,
+    MAX_CANDIDATES,
+    Feedback,
+    MadeRecommendation,
+    UsedLoras,
+    link,
+)
+from server.domain.recommendation import PastGeneration, Recommendation
 from server.infrastructure.event_store import EventStore, fold
-from server.infrastructure.read_model import ProjectedChange, SqlReadModel
+from server.infrastructure.read_model import (
+    ProjectedChange,
+    SqlReadModel,
+    made_recommendation,
+)
 
 log = logging.getLogger("loracle.projector")
 
@@ -58,6 +70,9 @@ class Projector:
         self._poll_interval = poll_interval
         self._default_wait = default_wait
         self._position = read_model.position()
+        # Whether any recommendation was ever projected: until one is, a generation's history
+        # record has nothing to answer and linking it costs no query (a bulk history replay).
+        self._recommended = read_model.has_recommendations()
         self._cond = threading.Condition()
         # One batch at a time in this process; other processes are fenced by tracking.
         self._project_lock = threading.Lock()
@@ -93,6 +108,7 @@ class Projector:
         """Drops the read models and replays the whole log into them."""
         with self._project_lock:
             self._read_model.reset()
+            self._recommended = False
             with self._cond:
                 self._position = 0
         return self.catch_up()
@@ -153,16 +169,23 @@ class Projector:
             ]
             if not notifications:
                 return
-            change = self._change(after, notifications)
+            change = self._change(after, notifications, link=False)
             yield change
             after = change.position
 
-    def _change(self, after: int, notifications: Sequence[Any]) -> ProjectedChange:
+    def _change(
+        self, after: int, notifications: Sequence[Any], *, link: bool = True
+    ) -> ProjectedChange:
+        """The batch as the read models take it. `link=False` (a batch built again, already
+        applied) reads its answered recommendations back from the read model: linking them
+        again would find them answered."""
         # Each LoRA's and generation's events in this batch, oldest first.
         batch_events: dict[uuid.UUID, list[Any]] = {}
         audit: list[AuditEntry] = []
         history: list[HistoryEntry] = []
         catalog: set[str] = set()
+        recommended: list[tuple[int, MadeRecommendation]] = []
+        past: list[tuple[int, Any]] = []
         for n in notifications:
             if n.topic.startswith(_COMMAND_RECORD):
                 continue
@@ -174,6 +197,9 @@ class Projector:
                 batch_events.setdefault(uuid.UUID(str(n.originator_id)), []).append(event)
             elif n.topic.startswith(_PAST_GENERATION):
                 history.append(HistoryEntry(n.id, event.prompt, tuple(event.lora_ids)))
+                past.append((n.id, event))
+            elif n.topic.startswith(_RECOMMENDATION_MADE):
+                recommended.append((n.id, made_recommendation(audit[-1])))
         upserts: list[LoraView] = []
         deletes: list[str] = []
         generations: list[GenerationView] = []
@@ -195,6 +221,9 @@ class Projector:
             audit,
             history,
             generations,
+            self._feedback(past, recommended, {g.id: g for g in generations})
+            if link
+            else list(self._read_model.feedback(after=after, until=notifications[-1].id)),
             frozenset(catalog),
         )
 
@@ -219,6 +248,44 @@ class Projector:
             self._cond.notify_all()
         return len(notifications) == self._batch_size
 
+    def _feedback(
+        self,
+        past: list[tuple[int, Any]],
+        recommended: list[tuple[int, MadeRecommendation]],
+        generations: dict[str, GenerationView],
+    ) -> list[Feedback]:
+        """Links each recorded generation of the batch to the recommendation it answers, if
+        any (server.domain.recommend.feedback): the generation's owner and submission time
+        come from its view (this batch's or the read model's), else from the record."""
+        out: list[Feedback] = []
+        answered: set[str] = set()
+        if not (self._recommended or recommended):
+            return out
+        self._recommended = True
+        for position, event in past:
+            key = str(event.key)
+            view = generations.get(key)
+            if view is None and is_uuid(key):
+                view = self._read_model.get_generation(key)
+            principal = view.owner if view is not None else str(event.principal)
+            submitted = _aware(
+                view.create_time if view is not None and view.create_time else event.timestamp
+            )
+            used = UsedLoras(principal, str(event.prompt), tuple(event.lora_ids), submitted)
+            in_batch = [
+                rec
+                for p, rec in reversed(recommended)
+                if p < position and rec.principal == principal
+            ]
+            earlier = self._read_model.recent_recommendations(
+                principal, submitted - LINK_WINDOW, submitted, MAX_CANDIDATES
+            )
+            found = link(position, used, [*in_batch, *earlier], answered)
+            if found is not None:
+                out.append(found)
+                answered.add(found.recommendation_id)
+        return out
+
     def _aggregates(self, batch_events: dict[uuid.UUID, list[Any]]) -> dict[uuid.UUID, Any]:
         """Each aggregate as of its last event in the batch. One that begins in the batch is
         built from the batch's events alone (the log is contiguous, so it holds all of them);
@@ -242,6 +309,7 @@ def _topic_prefix(cls: type[Any]) -> str:
 _COMMAND_RECORD = _topic_prefix(CommandRecord)
 _LORA = _topic_prefix(Lora)
 _PAST_GENERATION = _topic_prefix(PastGeneration)
+_RECOMMENDATION_MADE = f"{_topic_prefix(Recommendation)}Made"
 _GENERATION = (
     _topic_prefix(Generation),
     # Events stored before the aggregate moved from server.domain.generation_job.
@@ -249,13 +317,18 @@ _GENERATION = (
 )
 
 
+def _aware(moment: Any) -> Any:
+    """An event's time in UTC (stored naive times are UTC)."""
+    if isinstance(moment, datetime):
+        moment = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+        moment = moment.astimezone(UTC)
+    return moment
+
+
 def _audit_entry(position: int, event: Any) -> AuditEntry:
     owner, _, name = type(event).__qualname__.rpartition(".")
     data = {k: v for k, v in vars(event).items() if k not in _EVENT_FIELDS_NOT_IN_DATA}
-    occurred = event.timestamp
-    if isinstance(occurred, datetime):
-        occurred = occurred if occurred.tzinfo else occurred.replace(tzinfo=UTC)
-        occurred = occurred.astimezone(UTC)
+    occurred = _aware(event.timestamp)
     return AuditEntry(
         position=position,
         aggregate_id=str(event.originator_id),

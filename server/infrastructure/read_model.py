@@ -35,6 +35,7 @@ from server.domain.models import (
     Page,
     aware,
 )
+from server.domain.recommend.feedback import Feedback, MadeRecommendation
 from server.domain.tokens import TokenSigner, typed
 from server.infrastructure.storage_url import POSTGRES_TCP, StorageUrl
 
@@ -117,6 +118,8 @@ audit_events = sa.Table(
     sa.Index("rm_audit_aggregate", "aggregate_id", "position"),
     sa.Index("rm_audit_type", "type", "position"),
     sa.Index("rm_audit_principal", "principal", "position"),
+    # A principal's recent recommendations, for linking generations to them (projector).
+    sa.Index("rm_audit_principal_type", "principal", "type", "position"),
     sa.Index("rm_audit_time", "occurred_at"),
     sa.Index("rm_audit_owner", "owner", "position"),
 )
@@ -127,6 +130,18 @@ generation_history = sa.Table(
     sa.Column("position", sa.BigInteger, primary_key=True, autoincrement=False),
     sa.Column("prompt", sa.Text, nullable=False),
     sa.Column("lora_ids", sa.Text, nullable=False),
+)
+
+# What answered recommendations taught (server.domain.recommend.feedback), one row per
+# recommendation, at the position of the generation's history record that answered it.
+recommendation_feedback = sa.Table(
+    "rm_recommendation_feedback",
+    metadata,
+    sa.Column("position", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("recommendation_id", sa.String(36), nullable=False, unique=True),
+    sa.Column("prompt", sa.Text, nullable=False),
+    sa.Column("accepted", sa.Text, nullable=False),
+    sa.Column("skipped", sa.Text, nullable=False),
 )
 
 generations = sa.Table(
@@ -159,7 +174,8 @@ schema = sa.Table(
 TRACKING_NAME = "catalog"
 # Bump when an rm_* table changes: a database at another version has its read models dropped
 # and rebuilt from the event log (they are projections; there is nothing to migrate).
-SCHEMA_VERSION = 4  # 3: rm_loras.kind; 4: a column per view field, the paging keys
+SCHEMA_VERSION = 5  # 3: rm_loras.kind; 4: a column per view field, the paging keys;
+# 5: rm_recommendation_feedback
 SCHEMA_NAME = "read_model"
 
 
@@ -175,6 +191,7 @@ class ProjectedChange:
     audit: Sequence[AuditEntry] = ()
     history: Sequence[HistoryEntry] = ()
     generations: Sequence[GenerationView] = ()
+    feedback: Sequence[Feedback] = ()
     # Aggregates of the catalog (LoRAs): their audit events are everyone's to see.
     catalog: frozenset[str] = frozenset()
 
@@ -494,6 +511,20 @@ class SqlReadModel:
                         for h in change.history
                     ],
                 )
+            if change.feedback:
+                conn.execute(
+                    recommendation_feedback.insert(),
+                    [
+                        {
+                            "position": f.position,
+                            "recommendation_id": f.recommendation_id,
+                            "prompt": f.prompt,
+                            "accepted": json.dumps(list(f.accepted)),
+                            "skipped": json.dumps(list(f.skipped)),
+                        }
+                        for f in change.feedback
+                    ],
+                )
             if change.generations:
                 ids = [g.id for g in change.generations]
                 conn.execute(generations.delete().where(generations.c.id.in_(ids)))
@@ -515,6 +546,7 @@ class SqlReadModel:
                 loras,
                 audit_events,
                 generation_history,
+                recommendation_feedback,
                 generations,
                 tracking,
             ):
@@ -684,6 +716,74 @@ class SqlReadModel:
                     int(row["position"]), row["prompt"], tuple(json.loads(row["lora_ids"]))
                 )
             last = int(rows[-1]["position"])
+
+    def feedback(
+        self, batch: int = 5000, *, after: int = 0, until: int | None = None
+    ) -> Iterable[Feedback]:
+        """Every answered recommendation's feedback linked at a position in (after, until],
+        oldest first."""
+        last = after
+        while True:
+            with self._connect() as conn:
+                rows = (
+                    conn.execute(
+                        sa.select(recommendation_feedback)
+                        .where(recommendation_feedback.c.position > last)
+                        .where(
+                            sa.true()
+                            if until is None
+                            else recommendation_feedback.c.position <= until
+                        )
+                        .order_by(recommendation_feedback.c.position)
+                        .limit(batch)
+                    )
+                    .mappings()
+                    .all()
+                )
+            if not rows:
+                return
+            for row in rows:
+                yield Feedback(
+                    int(row["position"]),
+                    row["recommendation_id"],
+                    row["prompt"],
+                    tuple(json.loads(row["accepted"])),
+                    tuple(json.loads(row["skipped"])),
+                )
+            last = int(rows[-1]["position"])
+
+    def has_recommendations(self) -> bool:
+        """Whether any recommendation was projected (linking needs none before the first)."""
+        with self._connect() as conn:
+            found = conn.execute(
+                sa.select(audit_events.c.position)
+                .where(audit_events.c.type == RECOMMENDATION_MADE)
+                .limit(1)
+            ).first()
+        return found is not None
+
+    def recent_recommendations(
+        self, principal: str, since: datetime, until: datetime, limit: int
+    ) -> list[MadeRecommendation]:
+        """The principal's recorded recommendations made in [since, until], newest first,
+        that no generation has answered yet (what a generation may answer)."""
+        answered = sa.select(recommendation_feedback.c.recommendation_id)
+        with self._connect() as conn:
+            rows = (
+                conn.execute(
+                    sa.select(audit_events)
+                    .where(audit_events.c.principal == principal)
+                    .where(audit_events.c.type == RECOMMENDATION_MADE)
+                    .where(audit_events.c.occurred_at >= since.astimezone(UTC))
+                    .where(audit_events.c.occurred_at <= until.astimezone(UTC))
+                    .where(audit_events.c.aggregate_id.not_in(answered))
+                    .order_by(audit_events.c.position.desc())
+                    .limit(limit)
+                )
+                .mappings()
+                .all()
+            )
+        return [made_recommendation(_audit_entry(r)) for r in rows]
 
     def files_under(self, root_prefix: str) -> list[FileEntry]:
         """File-backed LoRAs whose path lies in `root_prefix` ("" for the whole root)."""
@@ -904,6 +1004,26 @@ def _audit_row(a: AuditEntry, owners: dict[str, str], catalog: frozenset[str]) -
         "occurred_at": a.occurred_at,
         "data_json": json.dumps(a.data, default=str, separators=(",", ":")),
     }
+
+
+RECOMMENDATION_MADE = "RecommendationMade"
+
+
+def made_recommendation(entry: AuditEntry) -> MadeRecommendation:
+    """A RecommendationMade audit entry as linking reads it."""
+    items = entry.data.get("items")
+    lora_ids = (
+        tuple(str(i["lora_id"]) for i in items if isinstance(i, dict) and "lora_id" in i)
+        if isinstance(items, list)
+        else ()
+    )
+    return MadeRecommendation(
+        entry.aggregate_id,
+        entry.principal,
+        str(entry.data.get("prompt", "")),
+        lora_ids,
+        entry.occurred_at,
+    )
 
 
 def _audit_entry(row: Any) -> AuditEntry:

@@ -6,7 +6,8 @@ than projecting it, so the projector only queues each batch here: a batch is vis
 ListLoras and GetLora without waiting for the index. The queue is indexed, in order, by
 whichever comes first: the next recommendation or search (which indexes what is queued before
 it answers, so it never misses a LoRA the read model shows), or a background thread once the
-catalog has been quiet for `settle` seconds.
+catalog has been quiet for `settle` seconds. Answered recommendations (the feedback the
+projector linked, server.domain.recommend.feedback) are applied in log order with history.
 
 With a snapshot file, the same thread also saves the index's state with the projection
 position it reflects, at most every `snapshot_interval` seconds while the catalog changes
@@ -17,6 +18,7 @@ back to indexing the whole catalog from the read models."""
 from __future__ import annotations
 
 import gc
+import heapq
 import logging
 import threading
 import time
@@ -25,8 +27,9 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 from server.application.ports import LoraReadModel
-from server.domain.models import Architecture, LoraKind, resolve_architecture
+from server.domain.models import Architecture, HistoryEntry, LoraKind, resolve_architecture
 from server.domain.recommend.engine import RecommendationEngine, Scored
+from server.domain.recommend.feedback import Feedback
 from server.domain.recommendation import LoRARecommendation
 from server.infrastructure.read_model import ProjectedChange
 from server.infrastructure.recommend_snapshot import SnapshotFile
@@ -178,26 +181,39 @@ class CatalogRecommender:
         for view in self._read_model.all_views():
             if view.kind is LoraKind.LORA:
                 self.engine.upsert(view)
-        past = 0
-        for entry in self._read_model.history():
-            self.engine.record_generation(entry.prompt, entry.lora_ids)
-            past += 1
+        past = answered = 0
+        # In log order, as they were first applied: history is bounded per LoRA and an
+        # acceptance clears earlier skips.
+        for entry in _in_log_order(self._read_model.history(), self._read_model.feedback()):
+            if isinstance(entry, Feedback):
+                self.engine.record_feedback(entry.prompt, entry.accepted, entry.skipped)
+                answered += 1
+            else:
+                self.engine.record_generation(entry.prompt, entry.lora_ids)
+                past += 1
         log.info(
-            "recommendation index: %d LoRAs, %d past generations in %.2fs; arrays %d bytes",
+            "recommendation index: %d LoRAs, %d past generations, %d answered "
+            "recommendations in %.2fs; arrays %d bytes",
             len(self.engine),
             past,
+            answered,
             time.perf_counter() - start,
             self.engine.nbytes(),
         )
 
     def on_change(self, change: ProjectedChange) -> None:
         """Queues a projected batch for the index (see the module's docstring)."""
-        if not (change.upserts or change.deletes or change.history):
+        if not (change.upserts or change.deletes or change.history or change.feedback):
             return
         # Only what the index reads: a batch's audit rows (every event's data) would otherwise
         # stay in memory until it is indexed, which during a long import is the whole import.
         slim = ProjectedChange(
-            change.after, change.position, change.upserts, change.deletes, (), change.history
+            change.after,
+            change.position,
+            change.upserts,
+            change.deletes,
+            history=change.history,
+            feedback=change.feedback,
         )
         with self._queue_lock:
             self._queue.append(slim)
@@ -249,8 +265,12 @@ class CatalogRecommender:
                 self.engine.remove(view.id)
         for lora_id in change.deletes:
             self.engine.remove(lora_id)
-        for entry in change.history:
-            self.engine.record_generation(entry.prompt, entry.lora_ids)
+        # A batch's feedback comes after the history record it was linked at.
+        for entry in _in_log_order(change.history, change.feedback):
+            if isinstance(entry, Feedback):
+                self.engine.record_feedback(entry.prompt, entry.accepted, entry.skipped)
+            else:
+                self.engine.record_generation(entry.prompt, entry.lora_ids)
 
     def recommend(
         self,
@@ -289,6 +309,16 @@ def _collector_paused() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
+
+
+def _in_log_order(
+    history: Iterable[HistoryEntry], feedback: Iterable[Feedback]
+) -> Iterator[HistoryEntry | Feedback]:
+    def position(entry: HistoryEntry | Feedback) -> int:
+        return entry.position
+
+    both: tuple[Iterable[HistoryEntry | Feedback], ...] = (history, feedback)
+    return heapq.merge(*both, key=position)
 
 
 def _recommendation(s: Scored) -> LoRARecommendation:

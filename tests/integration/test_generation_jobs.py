@@ -29,7 +29,7 @@ from server.application.commands.generation import (
     SubmitGenerationCommand,
 )
 from server.application.commands.import_loras import ImportLoRAsCommand
-from server.application.commands.recommend import LoRARecommendation
+from server.application.commands.recommend import LoRARecommendation, RecommendLoRAsCommand
 from server.application.context import DispatchContext, use_context
 from server.application.queries import (
     GetGenerationQuery,
@@ -384,6 +384,48 @@ def test_lifecycle_events_are_the_audit_trail_and_lora_use_is_learned(c: Contain
     assert trail == ["GenerationSubmitted", "GenerationStarted", "GenerationSucceeded"]
     history = list(c.read_model.history())
     assert [h.prompt for h in history] == ["ink fox"]
+
+
+def test_a_recommendation_answered_by_generate_image_is_learned_across_a_restart(
+    tmp_path: Path, models: dict[str, Path], lora_files: Path
+) -> None:
+    """RecommendLoRAs, then GenerateImage by the same principal with one of the LoRAs: the
+    one used ranks first for that prompt next time, the one not used loses confidence, and
+    both hold after a restart."""
+    c = make(tmp_path, models, lora_files)
+    alice = DispatchContext(principal="alice")
+    prompt = "ink glow, a red fox"
+
+    def ranked(container: Container) -> dict[str, float]:
+        found = container.recommender.search(prompt, Architecture.SD1, 10)
+        return {r.lora.name: r.confidence for r in found}
+
+    try:
+        before = ranked(c)
+        made = c.commands.dispatch(
+            RecommendLoRAsCommand(prompt=prompt, base_model="SD 1.5", max_loras=2), alice
+        ).unwrap()
+        names = [r.lora.name for r in made]
+        assert sorted(names) == ["glow", "ink"]
+        chosen, other = names[1], names[0]
+        assert next(iter(before)) == other
+        events = run(c, alice, prompt=prompt, loras=(LoraChoice(chosen, 0.8),))
+        assert isinstance(final(events), gen.Completed)
+        c.recorder.flush()
+        c.projector.catch_up()
+        [learned] = list(c.read_model.feedback())
+        assert learned.recommendation_id == made.recommendation_id
+        assert len(learned.accepted) == len(learned.skipped) == 1
+        after = ranked(c)
+        assert next(iter(after)) == chosen
+        assert after[other] < before[other]
+    finally:
+        c.close()
+    again = make(tmp_path, models, lora_files)
+    try:
+        assert ranked(again) == after
+    finally:
+        again.close()
 
 
 def test_jobs_a_dead_process_left_running_are_marked_failed_on_start(

@@ -23,10 +23,12 @@ from server.application.commands import (
     CatalogRecordInput,
     ImportLoRACatalogCommand,
     ImportLoRAsCommand,
+    RecommendLoRAsCommand,
+    RecordGenerationCommand,
     RegisterLoRACommand,
     UpdateLoRACommand,
 )
-from server.application.context import DispatchContext
+from server.application.context import SYSTEM_CONTEXT, DispatchContext
 from server.application.queries import (
     GetAllLoRAsQuery,
     GetGenerationQuery,
@@ -50,7 +52,9 @@ from server.domain.models import (
     LoraSource,
     LoraView,
 )
+from server.domain.recommend.engine import RecommendationEngine
 from server.infrastructure.read_model import ProjectedChange
+from server.infrastructure.recommend_snapshot import FILE_NAME as SNAPSHOT_FILE
 from server.infrastructure.storage_url import POSTGRES_TCP
 from tests.support import make_container, postgres_schema, sqlite_url
 
@@ -369,6 +373,97 @@ class StorageContract:
             "GenerationFailed",
         ]
 
+    def test_an_answered_recommendation_is_learned_and_survives_a_restart(
+        self, tmp_path: Path, url: str
+    ) -> None:
+        """RecommendLoRAs, then a generation of the same principal that used one of the LoRAs
+        (saved and recorded as the generation recorder does): the projector links them, the
+        LoRA used ranks higher for that prompt and the ones not used lower, for everyone, and
+        so again after a restart (rebuilt from the read models)."""
+        c = make_container(tmp_path, url)
+        prompt = "gothcstl, ruincstl, faircstl, a stone castle on a cliff at dusk"
+        c.commands.dispatch(
+            ImportLoRACatalogCommand(records=castles()), DispatchContext(request_id="cat")
+        ).unwrap()
+        c.projector.wait_for(c.store.max_position(), 5)
+        alice = DispatchContext(principal="alice", request_id="rec-1")
+        before = confidences(c, prompt)
+        made = c.commands.dispatch(
+            RecommendLoRAsCommand(
+                prompt=prompt, base_model="SD 1.5", max_loras=3, include_unavailable=True
+            ),
+            alice,
+        ).unwrap()
+        recommended = [r.lora.id for r in made]
+        assert len(recommended) == 3
+        c.projector.wait_for(c.store.max_position(), 5)
+        c.recommender.catch_up()
+        c.recommender.save_snapshot()
+        taken = (tmp_path / SNAPSHOT_FILE).read_bytes()  # between recommendation and answer
+        chosen = recommended[1]
+        g = Generation(
+            generation_id=str(uuid.uuid4()),
+            spec={"model": "m", "prompt": prompt, "steps": 2},
+            principal="alice",
+            request_id="gen-1",
+        )
+        g.start(1, "alice", "gen-1")
+        g.succeed([], {}, "alice", "gen-1")
+        c.store.save(g)
+        c.commands.dispatch(
+            RecordGenerationCommand(
+                prompt=f"{prompt}, <lora:x:0.8>", lora_ids=(chosen,), generation_key=str(g.id)
+            ),
+            SYSTEM_CONTEXT,
+        ).unwrap()
+        c.projector.wait_for(c.store.max_position(), 5)
+        [learned] = list(c.read_model.feedback())
+        assert learned.recommendation_id == made.recommendation_id
+        assert learned.prompt == prompt
+        assert learned.accepted == (chosen,)
+        assert set(learned.skipped) == set(recommended) - {chosen}
+        after = confidences(c, prompt)
+        assert after[chosen] >= before[chosen]
+        assert ranking(before)[0] != chosen
+        assert ranking(after)[0] == chosen
+        # The control: the same catalog, history and acceptance, without the skips.
+        plain = RecommendationEngine()
+        for view in c.read_model.all_views():
+            plain.upsert(view)
+        for past in c.read_model.history():
+            plain.record_generation(past.prompt, past.lora_ids)
+        plain.record_feedback(learned.prompt, learned.accepted, ())
+        control = {
+            r.lora.id: round(r.confidence, 4)
+            for r in plain.search(prompt, Architecture.SD1, limit=20)
+        }
+        for skipped in learned.skipped:
+            assert after[skipped] < control[skipped]
+        # A plain generation of bob's (no recommendation of his) teaches no feedback.
+        c.commands.dispatch(
+            RecordGenerationCommand(prompt=prompt, lora_ids=(chosen,)),
+            DispatchContext(principal="bob"),
+        ).unwrap()
+        c.projector.wait_for(c.store.max_position(), 5)
+        assert len(list(c.read_model.feedback())) == 1
+        after = confidences(c, prompt)
+        c.close()
+        reopened = make_container(tmp_path, url)  # restores the snapshot saved at close
+        try:
+            assert confidences(reopened, prompt) == after
+        finally:
+            reopened.close()
+        # A snapshot from before the answer: it is replayed from the log, linked to a
+        # recommendation the snapshot's batches held.
+        (tmp_path / SNAPSHOT_FILE).write_bytes(taken)
+        replayed = make_container(tmp_path, url)
+        try:
+            assert confidences(replayed, prompt) == after
+            replayed.projector.rebuild()  # linked again from the log alone: the same answer
+            assert list(replayed.read_model.feedback()) == [learned]
+        finally:
+            replayed.close()
+
     def test_read_model_rows_give_back_every_field_of_a_view(self, c: Container) -> None:
         views = read_model_views(24)
         write_views(c, views)
@@ -502,6 +597,31 @@ def _matches(view: LoraView, flt: LoraFilter) -> bool:
         and (not flt.available_only or view.available)
         and (flt.kind is None or view.kind == flt.kind)
     )
+
+
+def castles() -> tuple[CatalogRecordInput, ...]:
+    return tuple(
+        CatalogRecordInput(
+            source_id=f"castle:{i}",
+            name=f"{style} castles",
+            base_model="SD 1.5",
+            tags=("style", "castle", style),
+            trigger_words=(f"{style[:4]}cstl",),
+            description=f"{style} stone castles on cliffs at dusk",
+            downloads=100,
+        )
+        for i, style in enumerate(("gothic", "ruined", "fairytale", "medieval", "snowy"))
+    )
+
+
+def confidences(c: Container, prompt: str) -> dict[str, float]:
+    """Each LoRA's confidence for `prompt`, best first (the search ranking: writes nothing)."""
+    found = c.recommender.search(prompt, Architecture.SD1, 20)
+    return {r.lora.id: r.confidence for r in found}
+
+
+def ranking(scores: dict[str, float]) -> list[str]:
+    return list(scores)
 
 
 class TestSQLite(StorageContract):

@@ -11,7 +11,7 @@ import pytest
 
 from server.domain.models import Architecture, LoraView
 from server.domain.recommend import index
-from server.domain.recommend.engine import RecommendationEngine
+from server.domain.recommend.engine import STATE_VERSION, RecommendationEngine
 from server.infrastructure.recommend_snapshot import SnapshotFile
 from tests.unit.test_recommend_engine import lora
 
@@ -122,8 +122,10 @@ def test_a_state_of_another_shape_is_refused() -> None:
     e = RecommendationEngine()
     e.upsert(make(1, random.Random(0)))
     state = e.state()
+    current = f'"version": {STATE_VERSION}'.encode()
+    assert current in state["text"].tobytes()
     state["text"] = np.frombuffer(
-        state["text"].tobytes().replace(b'"version": 1', b'"version": 0'), dtype=np.uint8
+        state["text"].tobytes().replace(current, b'"version": 0'), dtype=np.uint8
     )
     with pytest.raises(ValueError, match="shape"):
         RecommendationEngine().restore(state)

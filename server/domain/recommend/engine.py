@@ -7,7 +7,7 @@ import array
 import json
 import math
 import threading
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -38,6 +38,19 @@ CANDIDATES = 100
 DEFAULT_WEIGHT = 0.8
 MAX_DESCRIPTION_TERMS = 300
 MAX_HISTORY_TERMS = 3000
+# Learning from use (feedback.py): an accepted recommendation's prompt joins the history of
+# the LoRA used, on top of the generation's own prompt (so an accepted generation counts as
+# two prompts, a plain one as one; repeating the same words instead scores lower, BM25's
+# length normalisation outweighing the term frequency). A skipped LoRA's confidence for
+# prompts near the ones it was skipped for is lowered by at most SKIP_PENALTY, reached after
+# SKIPS_FOR_FULL_PENALTY skips there. A LoRA keeps its last MAX_SKIPS skipped prompts
+# (MAX_SKIP_TERMS words each); an acceptance clears those it covers.
+SKIP_PENALTY = 0.3
+SKIPS_FOR_FULL_PENALTY = 3
+# A skip is cleared by an acceptance of the same LoRA whose prompt holds this share of it.
+PROMPT_NEAR = 0.5
+MAX_SKIPS = 32
+MAX_SKIP_TERMS = 40
 # A LoRA's kind, for the ranker: its first Civitai tag among these (catalog text only).
 LORA_TYPES = ("style", "character", "celebrity", "clothing", "concept")
 # Fields whose scores the ranker also sees relative to the best candidate of the query.
@@ -70,7 +83,7 @@ ViewLookup = Callable[[Sequence[str]], Mapping[str, LoraView]]
 
 # Bump when what the engine keeps per LoRA, or how it derives it from a view, changes: a
 # snapshot of another version is then rebuilt from the catalog instead of restored.
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: skips of answered recommendations
 _STATE_SHAPE = {
     "version": STATE_VERSION,
     "fields": FIELDS,
@@ -162,6 +175,8 @@ class RecommendationEngine:
         self._by_first: dict[str, set[int]] = {}
         self._by_file_name: dict[str, list[int]] = {}
         self._pending_history: dict[str, list[list[str]]] = defaultdict(list)
+        # lora id -> content words of the prompts it was recently skipped for
+        self._skips: dict[str, deque[frozenset[str]]] = {}
 
     # -- maintenance ---------------------------------------------------------------------
 
@@ -199,6 +214,7 @@ class RecommendationEngine:
             if slot is None:
                 return
             self._forget(slot)
+            self._skips.pop(lora_id, None)
             self.index.delete(slot)
             self._ids[slot] = None
             self._info[slot] = None
@@ -213,18 +229,45 @@ class RecommendationEngine:
         if not terms:
             return
         with self._lock:
-            for lora_id in lora_ids:
-                slot = self._slot_of.get(lora_id)
-                if slot is None:
-                    self._pending_history[lora_id].append(terms)
-                    continue
-                history = (self._history_terms(slot) + terms)[-MAX_HISTORY_TERMS:]
-                self._set_history(slot, history)
-                # The view as the catalog has it now: a later change to it is queued behind
-                # this entry and re-indexes the LoRA again with its history.
-                view = self._lookup([lora_id]).get(lora_id)
-                if view is not None:
-                    self.index.put(slot, self._fields(view, history))
+            self._add_history(terms, lora_ids)
+
+    def record_feedback(self, prompt: str, accepted: Iterable[str], skipped: Iterable[str]) -> None:
+        """An answered recommendation (feedback.py): the prompt it was asked for joins the
+        history of each accepted LoRA (whose generation's own prompt arrives as plain history
+        too: an accepted generation counts twice) and clears skips of that LoRA it covers;
+        each skipped LoRA remembers the prompt as a mild negative for prompts near it."""
+        terms = list(content_terms(parse_prompt(prompt).text))
+        if not terms:
+            return
+        asked = frozenset(terms[:MAX_SKIP_TERMS])
+        with self._lock:
+            used = list(accepted)
+            self._add_history(terms, used)
+            for lora_id in used:
+                kept = [
+                    s for s in self._skips.get(lora_id, ()) if len(s & asked) < PROMPT_NEAR * len(s)
+                ]
+                if kept:
+                    self._skips[lora_id] = deque(kept, maxlen=MAX_SKIPS)
+                else:
+                    self._skips.pop(lora_id, None)
+            for lora_id in skipped:
+                if lora_id in self._slot_of:
+                    self._skips.setdefault(lora_id, deque(maxlen=MAX_SKIPS)).append(asked)
+
+    def _add_history(self, terms: list[str], lora_ids: Iterable[str]) -> None:
+        for lora_id in lora_ids:
+            slot = self._slot_of.get(lora_id)
+            if slot is None:
+                self._pending_history[lora_id].append(terms)
+                continue
+            history = (self._history_terms(slot) + terms)[-MAX_HISTORY_TERMS:]
+            self._set_history(slot, history)
+            # The view as the catalog has it now: a later change to it is queued behind
+            # this entry and re-indexes the LoRA again with its history.
+            view = self._lookup([lora_id]).get(lora_id)
+            if view is not None:
+                self.index.put(slot, self._fields(view, history))
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -326,6 +369,8 @@ class RecommendationEngine:
                 "keys": self._keys,
                 "free": self._free,
                 "pending": self._pending_history,
+                # answered recommendations' skips (feedback.py), oldest first per LoRA
+                "skips": {k: [sorted(s) for s in v] for k, v in self._skips.items()},
             }
             out["text"] = np.frombuffer(json.dumps(text).encode(), dtype=np.uint8)
             return out
@@ -368,6 +413,10 @@ class RecommendationEngine:
             }
             self._free = [int(s) for s in text["free"]]
             self._pending_history = defaultdict(list, text["pending"])
+            self._skips = {
+                k: deque((frozenset(s) for s in v), maxlen=MAX_SKIPS)
+                for k, v in text["skips"].items()
+            }
             self._phrase_terms = [tuple(p) for p in text["phrases"]]
             self._phrases = {p: i for i, p in enumerate(self._phrase_terms)}
             self._trigger_docs, self._by_first, self._by_file_name = {}, {}, {}  # rebuilt
@@ -722,6 +771,8 @@ class RecommendationEngine:
         if found is None:
             return []
         probabilities = self.ranker.predict(found.matrix)
+        if self._skips:
+            probabilities = probabilities * self._skip_factors(parsed, found.slots)
         order = sorted(
             range(len(found.slots)),
             key=lambda r: (
@@ -742,6 +793,29 @@ class RecommendationEngine:
                 )
             )
         return ranked
+
+    def _skip_factors(self, parsed: ParsedPrompt, slots: npt.NDArray[np.int64]) -> FloatArray:
+        """1 for a candidate never skipped near this prompt, down to 1 - SKIP_PENALTY for one
+        skipped SKIPS_FOR_FULL_PENALTY times for prompts holding all of its words. Each word
+        counts by its IDF, so shared boilerplate (`masterpiece`) says little."""
+        factors = np.ones(len(slots))
+        terms = set(parsed.terms)
+        if not terms:
+            return factors
+        n = len(self._slot_of)
+        idf = {t: math.log1p(n / (1 + self.index.document_frequency("all", t))) for t in terms}
+        total = sum(idf.values())
+        if total <= 0:
+            return factors
+        for row, slot in enumerate(slots.tolist()):
+            skips = self._skips.get(self._ids[slot] or "")
+            if not skips:
+                continue
+            near = sum(
+                w * min(SKIPS_FOR_FULL_PENALTY, sum(t in s for s in skips)) for t, w in idf.items()
+            )
+            factors[row] = 1.0 - SKIP_PENALTY * near / (SKIPS_FOR_FULL_PENALTY * total)
+        return factors
 
     def _phrase_idf(self, pid: int) -> float:
         df = len(self._trigger_docs.get(pid, ()))
