@@ -76,7 +76,12 @@ def test_tiles_do_not_change_the_image(tmp_path: Path) -> None:
     compact = write_tiny_compact(tmp_path / "c.safetensors")
     whole = run(compact, picture(200, 150), tile=1000)
     tiled = run(compact, picture(200, 150), tile=64)  # 4 x 3 tiles, 8 pixels of overlap
-    assert np.array_equal(whole, tiled)  # its receptive field is within the overlap
+    # Its receptive field is within the overlap, so tiles change nothing but float rounding:
+    # a convolution over another shape may round one value the other way (seen: 1 value of
+    # 1.44 million off by 1 with torch 2.13's CPU kernels); a seam would differ by far more.
+    difference = np.abs(whole.astype(np.int16) - tiled.astype(np.int16))
+    assert int(difference.max()) <= 1
+    assert np.count_nonzero(difference) <= difference.size // 10_000
     calls: list[tuple[int, int]] = []
     net, shape = load_upscaler(compact, "cpu", torch.float32)
     upscale(net, shape.scale, picture(200, 150), tile=64, on_tile=lambda d, t: calls.append((d, t)))
