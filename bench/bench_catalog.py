@@ -61,6 +61,7 @@ from server.devtools.bench_support import (
     log,
     run_bench,
     serve_echo,
+    server_args,
 )
 
 IMPORT_BATCH = 2000
@@ -520,19 +521,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         workdir = Path(tmp)
         children = Children(workdir)
         try:
-            data_dir = workdir / "data"
-            (data_dir / "loras").mkdir(parents=True)
-            server_args = [
-                "-m",
-                "server",
-                "--listen",
-                "127.0.0.1:0",
-                "--data-dir",
-                str(data_dir),
-                "--no-embedded-model",
-                *storage_args,
-            ]
-            loracle = children.start("loracle", server_args)
+            args_of_server = server_args(workdir, storage_args)
+            loracle = children.start("loracle", args_of_server)
             loracle_address = f"127.0.0.1:{loracle.wait_for_port()}"
             log(f"Loracle serving on {loracle_address} ({storage_name})")
 
@@ -562,7 +552,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if phase == "uncached":
                     # The same data, served by a server whose query cache keeps nothing.
                     loracle.stop()
-                    loracle = children.start("loracle-uncached", server_args, env=NO_CACHE_ENV)
+                    loracle = children.start("loracle-uncached", args_of_server, env=NO_CACHE_ENV)
                     loracle_address = f"127.0.0.1:{loracle.wait_for_port()}"
                     log(f"Loracle restarted without its query cache on {loracle_address}")
                 # Cached: a few ids over and over. Uncached: all of them (no cache either way).

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from client import LoracleClient
-from server.devtools.bench_support import START_TIMEOUT, Child, Children, log
+from server.devtools.bench_support import START_TIMEOUT, Child, Children, log, server_args
 from server.devtools.synthetic_catalog import SyntheticCatalog
 from server.domain.lora import lora_id_for_source
 
@@ -95,20 +95,10 @@ def run_scale(
     with tempfile.TemporaryDirectory(prefix="loracle-scale-") as tmp:
         workdir = Path(tmp)
         data_dir = workdir / "data"
-        (data_dir / "loras").mkdir(parents=True)
-        server_args = [
-            "-m",
-            "server",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            str(data_dir),
-            "--no-embedded-model",
-            *storage_args,
-        ]
+        args_of_server = server_args(workdir, storage_args)
         children = Children(workdir)
         try:
-            server, address, start_empty = _start(children, "loracle", server_args)
+            server, address, start_empty = _start(children, "loracle", args_of_server)
             report["start_empty_seconds"] = round(start_empty, 2)
             log(f"Loracle serving on {address} ({storage_name}) after {start_empty:.1f} s")
             with LoracleClient(address, timeout=600.0) as client:
@@ -130,7 +120,7 @@ def run_scale(
             children.started.remove(server)
             prompt = _prompts(catalog, rng, 1)[0]
             began = time.perf_counter()
-            server, address, restart = _start(children, "loracle-restart", server_args)
+            server, address, restart = _start(children, "loracle-restart", args_of_server)
             with LoracleClient(address, timeout=600.0) as client:
                 client.recommend_loras(prompt, "SD 1.5", max_loras=5)
             ready_total = time.perf_counter() - began

@@ -134,6 +134,23 @@ class Children:
                 child.stop()
 
 
+def server_args(workdir: Path, storage_args: Sequence[str]) -> list[str]:
+    """Arguments of a benchmark's Loracle server process: an empty data directory under
+    `workdir` (made here), any port, no embedded model, the store `storage_args` names."""
+    data_dir = workdir / "data"
+    (data_dir / "loras").mkdir(parents=True)
+    return [
+        "-m",
+        "server",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        str(data_dir),
+        "--no-embedded-model",
+        *storage_args,
+    ]
+
+
 def raise_system_exit(signum: int, _frame: object) -> NoReturn:
     """Turns SIGTERM into an exception so that the `finally` blocks stop the children."""
     log("terminated")
